@@ -1,0 +1,121 @@
+"""Frozen, validated configuration objects.
+
+Every config checks its fields on construction, so a bad value fails where it was written, not
+deep inside a decode step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+NEIGHBORHOODS = ("causal", "full")
+BORDERS = ("skip", "zero")
+DEDUP_MODES = ("nearest", "sum")
+
+
+def _normalise_hops(hops) -> tuple[int, ...]:
+    if isinstance(hops, int):
+        hops = (hops,)
+    elif isinstance(hops, str):  # "12" is the paper's spelling of hops (1, 2)
+        if not hops.isdigit():
+            raise ValueError(f"hops: expected digits like '1' or '12', got {hops!r}")
+        hops = tuple(int(ch) for ch in hops)
+    hops = tuple(sorted(set(int(h) for h in hops)))
+    if not hops or any(h < 1 for h in hops):
+        raise ValueError(f"hops: expected a non-empty set of positive integers, got {hops!r}")
+    return hops
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """Which neighbours of a target patch form its retrieval key, and in which order.
+
+    ``neighborhood="causal"`` takes the already generated cells of the (2R+1)x(2R+1) window centred
+    on the target, R = max(hops): hop 1 gives UL, U, UR, L (4 cells, the official key); R = 2 gives
+    12 cells (rows r-2 and r-1 at columns c-2..c+2, then row r at c-2, c-1). Keys depend only on
+    the window radius, so ``hops=(2,)`` and ``hops=(1, 2)`` describe the same key.
+    ``neighborhood="full"`` takes every cell of the window except the centre (8 cells for R = 1),
+    for masked / parallel decoders.
+
+    Cells are always listed top-to-bottom, left-to-right; each contributes ``embed_dim`` values, so
+    a key has ``num_cells * embed_dim`` values.
+
+    ``border="skip"`` (official) keeps only targets whose neighbours all lie inside the grid;
+    ``border="zero"`` (paper) keeps every target and zero-fills neighbours outside the grid.
+    Neighbours inside the grid that are not generated yet are always zero-filled.
+    """
+
+    neighborhood: str = "causal"
+    hops: tuple[int, ...] = (1,)
+    border: str = "skip"
+
+    def __post_init__(self):
+        if self.neighborhood not in NEIGHBORHOODS:
+            raise ValueError(f"neighborhood: expected one of {NEIGHBORHOODS}, got {self.neighborhood!r}")
+        if self.border not in BORDERS:
+            raise ValueError(f"border: expected one of {BORDERS}, got {self.border!r}")
+        object.__setattr__(self, "hops", _normalise_hops(self.hops))
+
+    @property
+    def radius(self) -> int:
+        return max(self.hops)
+
+    @property
+    def offsets(self) -> tuple[tuple[int, int], ...]:
+        """(dr, dc) of each key cell relative to the target, in key order."""
+        r = self.radius
+        cells = []
+        for dr in range(-r, r + 1):
+            for dc in range(-r, r + 1):
+                if (dr, dc) == (0, 0):
+                    continue
+                if self.neighborhood == "causal" and (dr > 0 or (dr == 0 and dc > 0)):
+                    continue
+                cells.append((dr, dc))
+        return tuple(cells)
+
+    @property
+    def num_cells(self) -> int:
+        return len(self.offsets)
+
+    def key_dim(self, embed_dim: int) -> int:
+        return self.num_cells * embed_dim
+
+    def to_dict(self) -> dict:
+        return {"neighborhood": self.neighborhood, "hops": list(self.hops), "border": self.border}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KeyLayout":
+        return cls(neighborhood=d["neighborhood"], hops=tuple(d["hops"]), border=d["border"])
+
+
+@dataclass(frozen=True)
+class DAiDConfig:
+    """Distribution-augmented decoding (training-free AR-RAG).
+
+    At every retrieval step the ``k`` nearest database entries of the step's neighbourhood query
+    give distances d_j and token ids t_j. With ``dedup="nearest"`` (official code) each distinct
+    token keeps its smallest distance and ``p_ret = softmax(-d / tau)`` over the distinct tokens;
+    with ``dedup="sum"`` (paper formula) ``p_ret(v) = sum_{j: t_j = v} softmax_j(-d_j / tau)``.
+    The sampled distribution is ``(1 - lam) * p_model + lam * p_ret`` where ``p_model`` is the
+    model's distribution after CFG, temperature and any other logits processing.
+    """
+
+    lam: float = 0.05
+    tau: float = 0.6
+    k: int = 2048
+    dedup: str = "nearest"
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.lam) <= 1.0:
+            raise ValueError(f"DAiDConfig.lam: expected a value in [0, 1], got {self.lam}")
+        if not float(self.tau) > 0.0:
+            raise ValueError(f"DAiDConfig.tau: expected a temperature > 0, got {self.tau}")
+        if int(self.k) < 1:
+            raise ValueError(f"DAiDConfig.k: expected k >= 1, got {self.k}")
+        if self.dedup not in DEDUP_MODES:
+            raise ValueError(f"DAiDConfig.dedup: expected one of {DEDUP_MODES}, got {self.dedup!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,7 @@
+"""The KV-cached image decode loop and the per-step retrieval state it drives."""
+
+from .daid import DAiDSampler
+from .hf_generate import hf_image_generate
+from .loop import DecodeStats, decode_image_tokens
+
+__all__ = ["DAiDSampler", "DecodeStats", "decode_image_tokens", "hf_image_generate"]

@@ -1,0 +1,82 @@
+"""Adapter for Hugging Face ``JanusForConditionalGeneration`` (Janus / Janus-Pro)."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from .base import codebook_fingerprint
+
+
+class JanusAdapter:
+    """Locates the AR-RAG pieces of a HF Janus model. Holds references only; changes nothing."""
+
+    model_type = "janus"
+
+    def __init__(self, model):
+        self.model = model
+        inner = model.model
+        self.vq = inner.vqmodel
+        self.language_model = inner.language_model
+        self.generation_head = inner.generation_head
+        side = int(self.vq.quantize.quant_state_dims[0])
+        self.grid = (side, side)
+        self.codebook_size = int(self.vq.quantize.num_embeddings)
+        self.embed_dim = int(self.vq.quantize.embedding_dim)
+        self.image_size = int(model.config.vision_config.image_size)
+        num_tokens = int(inner.vision_model.config.num_image_tokens)
+        if num_tokens != side * side:
+            raise ValueError(
+                f"Janus config generates {num_tokens} image tokens but the VQ grid is {side}x{side}; "
+                "set vision_config.num_image_tokens = (image_size // patch_size) ** 2"
+            )
+        # The cache keyword is `past_key_values` in transformers 5.17 and `cache` in 5.24.
+        params = inspect.signature(self.language_model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    @property
+    def device(self) -> torch.device:
+        return self.generation_head.vision_head.weight.device
+
+    # ---- tokenizer side -------------------------------------------------------------------
+    def codebook(self) -> torch.Tensor:
+        return F.normalize(self.vq.quantize.embedding.weight.detach(), p=2, dim=-1)
+
+    def fingerprint(self) -> str:
+        return codebook_fingerprint(self.vq.quantize.embedding.weight)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-quantisation latents ``quant_conv(encoder(x))`` (L2-normalised per cell) and token ids."""
+        dtype = self.vq.quant_conv.weight.dtype
+        hidden = self.vq.encoder(pixels.to(self.device, dtype))
+        latent = self.vq.quant_conv(hidden)  # (B, d, H, W)
+        _, _, tokens = self.vq.quantize(latent)
+        B, _, H, W = latent.shape
+        latents = F.normalize(latent.permute(0, 2, 3, 1).float(), p=2, dim=-1)
+        return latents, tokens.view(B, H, W)
+
+    # ---- decoder side ---------------------------------------------------------------------
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.language_model.config)
+
+    def step(self, inputs_embeds, attention_mask, cache):
+        out = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True, **{self._cache_kw: cache}
+        )
+        return out.last_hidden_state[:, -1, :]
+
+    def image_logits(self, hidden):
+        return self.generation_head(hidden)
+
+    def embed_image_tokens(self, tokens):
+        return self.model.prepare_embeddings_for_image_generation(tokens)
+
+    def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, H*W) token ids -> (B, S, S, 3) pixels in [-1, 1]."""
+        return self.model.decode_image_tokens(tokens)
+

@@ -1,0 +1,27 @@
+"""Stateless operations of the AR-RAG decode step, each with a pure PyTorch reference (``*_ref``).
+
+The public functions validate their inputs and dispatch to the best available backend (see
+:mod:`arrag_kernels.ops._dispatch`).
+"""
+
+from ._dispatch import BACKENDS, BackendUnavailable, current_backend, use_backend
+from .daid import daid_mix, daid_mix_ref, retrieval_distribution_ref
+from .knn import MAX_K, knn, knn_ref
+from .neighborhood import feature_neighbor_keys, neighbor_keys, neighbor_keys_ref, retrieval_positions
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "MAX_K",
+    "current_backend",
+    "daid_mix",
+    "daid_mix_ref",
+    "feature_neighbor_keys",
+    "knn",
+    "knn_ref",
+    "neighbor_keys",
+    "neighbor_keys_ref",
+    "retrieval_distribution_ref",
+    "retrieval_positions",
+    "use_backend",
+]

@@ -1,0 +1,90 @@
+"""Backend selection for the public ops.
+
+Each op owns an :class:`OpDispatcher`. Implementations register under a backend name together with
+a ``check`` function that returns ``None`` when the implementation can run on the given arguments,
+or a short reason why it cannot (wrong device, dtype, shape limit, extension not built).
+
+The backend is chosen by ``ARRAG_KERNELS_BACKEND`` (``auto`` by default) or, for a block of code,
+by ``with arrag_kernels.use_backend(name):``. An explicit backend that cannot run raises with its
+reason; ``auto`` walks the preference order and raises, listing every backend's reason, only when
+none fits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Callable
+
+BACKENDS = ("reference", "triton", "cpp", "cuda")
+# Preference of "auto": compiled backends first, the reference last (it always runs).
+_AUTO_ORDER = ("cuda", "triton", "cpp", "reference")
+
+_local = threading.local()
+
+
+def current_backend() -> str:
+    name = getattr(_local, "backend", None) or os.environ.get("ARRAG_KERNELS_BACKEND", "auto")
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"ARRAG_KERNELS_BACKEND: expected 'auto' or one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend ('auto', 'reference', 'triton', 'cpp', 'cuda') for the ops called inside."""
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"use_backend: expected 'auto' or one of {BACKENDS}, got {name!r}")
+    previous = getattr(_local, "backend", None)
+    _local.backend = name
+    try:
+        yield
+    finally:
+        _local.backend = previous
+
+
+class BackendUnavailable(RuntimeError):
+    """No implementation of an op can run on the given arguments under the requested backend."""
+
+
+class OpDispatcher:
+    def __init__(self, op_name: str):
+        self.op_name = op_name
+        self._impls: dict[str, tuple[Callable, Callable]] = {}
+
+    def register(self, backend: str, check: Callable[..., str | None] | None = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}")
+
+        def deco(fn):
+            self._impls[backend] = (fn, check or (lambda *a, **k: None))
+            return fn
+
+        return deco
+
+    def _reason(self, backend: str, args, kwargs) -> str | None:
+        if backend not in self._impls:
+            return "not implemented for this op"
+        return self._impls[backend][1](*args, **kwargs)
+
+    def select(self, *args, **kwargs) -> tuple[str, Callable]:
+        requested = current_backend()
+        if requested != "auto":
+            reason = self._reason(requested, args, kwargs)
+            if reason is not None:
+                raise BackendUnavailable(
+                    f"{self.op_name}: backend {requested!r} was requested (ARRAG_KERNELS_BACKEND or use_backend) "
+                    f"but cannot run here: {reason}. Use 'auto' to fall back."
+                )
+            return requested, self._impls[requested][0]
+        reasons = []
+        for backend in _AUTO_ORDER:
+            reason = self._reason(backend, args, kwargs)
+            if reason is None:
+                return backend, self._impls[backend][0]
+            reasons.append(f"{backend}: {reason}")
+        raise BackendUnavailable(f"{self.op_name}: no backend can run these inputs; " + "; ".join(reasons))
+
+    def __call__(self, *args, **kwargs):
+        return self.select(*args, **kwargs)[1](*args, **kwargs)

@@ -1,0 +1,71 @@
+"""Exact k-nearest-neighbour search under squared L2 distance (FAISS ``IndexFlatL2`` semantics).
+
+``dist[q, j] = ||x_q||^2 + ||y_i||^2 - 2 <x_q, y_i>`` (clamped at 0) for the j-th nearest key i,
+computed in fp32 whatever the key dtype, ascending. Ties are broken by the smaller key id, so the
+result is deterministic; the same expansion FAISS uses gives the same ranking.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._dispatch import OpDispatcher
+
+MAX_K = 2048
+# Keys scanned per block by the reference: bounds its temporary memory to Q * block floats.
+_REF_BLOCK = 1 << 16
+
+
+def _check_knn(queries, keys, k):
+    if queries.dim() != 2 or keys.dim() != 2:
+        raise ValueError(f"knn: queries and keys must be 2-D (Q, D) and (N, D), got {tuple(queries.shape)} and {tuple(keys.shape)}")
+    if queries.shape[1] != keys.shape[1]:
+        raise ValueError(
+            f"knn: query dimension {queries.shape[1]} does not match key dimension {keys.shape[1]} "
+            "(was the database built with another key layout or model?)"
+        )
+    if not (queries.is_floating_point() and keys.is_floating_point()):
+        raise TypeError(f"knn: queries and keys must be floating point, got {queries.dtype} and {keys.dtype}")
+    if queries.device != keys.device:
+        raise ValueError(f"knn: queries on {queries.device} but keys on {keys.device}; move them to one device")
+    if not 1 <= k <= min(MAX_K, keys.shape[0]):
+        raise ValueError(f"knn: k must be in [1, min({MAX_K}, number of keys = {keys.shape[0]})], got {k}")
+
+
+def knn_ref(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pure PyTorch reference of :func:`knn`: blocked distances, stable sort per block, merge."""
+    q = queries.float()
+    q_norm = (q * q).sum(1, keepdim=True)
+    best_d = q.new_empty(q.shape[0], 0)
+    best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
+    for start in range(0, keys.shape[0], _REF_BLOCK):
+        y = keys[start : start + _REF_BLOCK].float()
+        d = (q_norm + (y * y).sum(1) - 2.0 * (q @ y.T)).clamp_min_(0.0)
+        kk = min(k, d.shape[1])
+        d, i = torch.sort(d, dim=1, stable=True)  # stable: equal distances stay in id order
+        # Earlier blocks hold smaller ids and come first, so a stable merge keeps ties by id.
+        best_d = torch.cat([best_d, d[:, :kk]], 1)
+        best_i = torch.cat([best_i, i[:, :kk] + start], 1)
+        best_d, order = torch.sort(best_d, dim=1, stable=True)
+        best_d, best_i = best_d[:, :k], torch.gather(best_i, 1, order)[:, :k]
+    return best_d, best_i
+
+
+knn_dispatcher = OpDispatcher("knn")
+knn_dispatcher.register("reference")(knn_ref)
+
+
+def knn(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k-NN.
+
+    Args:
+        queries: (Q, D) float.
+        keys: (N, D) float (fp32, fp16 or bf16); distances are accumulated in fp32.
+        k: neighbours per query, 1 <= k <= min(2048, N).
+
+    Returns:
+        dist: (Q, k) float32 squared L2 distances, ascending.
+        ids: (Q, k) int64 row indices into ``keys``; equal distances are ordered by id.
+    """
+    _check_knn(queries, keys, k)
+    return knn_dispatcher(queries, keys, k)
