@@ -1,0 +1,32 @@
+"""Comparison helpers: one tolerance table per dtype, informative failure messages."""
+
+from __future__ import annotations
+
+import torch
+
+# (atol, rtol) per compute dtype, for kernel-vs-reference comparisons.
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float32, what: str = ""):
+    """Like torch.testing.assert_close with the table's tolerance; reports max error and first mismatch."""
+    atol, rtol = TOLERANCES[dtype]
+    actual, expected = actual.detach().float().cpu(), expected.detach().float().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    bad = ~torch.isclose(actual, expected, atol=atol, rtol=rtol, equal_nan=False)
+    if bad.any():
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        err = (actual - expected).abs().nan_to_num(float("inf")).max().item()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements differ (atol={atol}, rtol={rtol}); max abs error {err:.3g}; "
+            f"first mismatch at {idx}: got {actual[idx].item()!r}, expected {expected[idx].item()!r}"
+        )
+
+
+def poison(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """A fresh tensor full of NaN, so elements a kernel forgets to write fail the comparison."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
