@@ -82,7 +82,8 @@ def _cmd_generate(args):
     ids, mask = ids.to(args.device), mask.to(args.device)
     gen = model.generation_config
     gen = GenerationConfig(**{**gen.to_dict(), "do_sample": not args.greedy, "temperature": args.temperature,
-                              "guidance_scale": args.cfg, "num_return_sequences": args.num_images})
+                              "top_k": args.top_k, "guidance_scale": args.cfg,
+                              "num_return_sequences": args.num_images})
     db, cfg = None, None
     if args.daid:
         if not args.db:
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1, help="images per prompt")
     g.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
     g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="top-k filtering before sampling (default 0 = off, as Janus)")
     g.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--daid", action="store_true", help="retrieval-augmented decoding (needs --db)")

@@ -81,7 +81,7 @@ def run_demo(out: str | Path = "demo_out", grid: int = 16, num_images: int = 64,
 
     prompts = tiny_prompt_ids(batch, seed=seed).to(device)
     mask = torch.ones_like(prompts)
-    gen = GenerationConfig(do_sample=True, temperature=1.0, guidance_scale=5.0, bos_token_id=1, pad_token_id=0,
+    gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, guidance_scale=5.0, bos_token_id=1, pad_token_id=0,
                            generation_kwargs={"boi_token_id": 100})
     results = {}
 
