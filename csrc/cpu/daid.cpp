@@ -1,0 +1,129 @@
+// DAiD decode step: CFG combine, temperature, softmax, retrieval distribution, mix, sample.
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace arrag {
+namespace {
+
+// p_model for one row, written to p (vocab floats).
+void model_probs(const float* lc, const float* lu, int64_t vocab, float w, float temperature, float* p) {
+  float mx = -std::numeric_limits<float>::infinity();
+  if (lu != nullptr) {
+    for (int64_t v = 0; v < vocab; ++v) {
+      p[v] = (lu[v] + w * (lc[v] - lu[v])) / temperature;
+      mx = p[v] > mx ? p[v] : mx;
+    }
+  } else {
+    for (int64_t v = 0; v < vocab; ++v) {
+      p[v] = lc[v] / temperature;
+      mx = p[v] > mx ? p[v] : mx;
+    }
+  }
+  float sum = 0.0f;
+  for (int64_t v = 0; v < vocab; ++v) {
+    p[v] = std::exp(p[v] - mx);
+    sum += p[v];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t v = 0; v < vocab; ++v) p[v] *= inv;
+}
+
+// Adds lam * p_ret to p (already scaled by 1 - lam). best is a vocab-sized scratch of +inf that is
+// restored before returning; touched lists the distinct tokens.
+void add_retrieval(const float* dist, const int64_t* tok, int64_t k, float tau, float lam, arrag_dedup dedup,
+                   float* p, float* best, std::vector<int64_t>& touched) {
+  touched.clear();
+  float mx = -std::numeric_limits<float>::infinity();
+  if (dedup == ARRAG_DEDUP_NEAREST) {
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t t = tok[j];
+      if (t < 0) continue;
+      if (best[t] == std::numeric_limits<float>::infinity()) touched.push_back(t);
+      best[t] = dist[j] < best[t] ? dist[j] : best[t];
+    }
+    for (int64_t t : touched) {
+      const float x = -best[t] / tau;
+      mx = x > mx ? x : mx;
+    }
+    float sum = 0.0f;
+    for (int64_t t : touched) {
+      best[t] = std::exp(-best[t] / tau - mx);  // reuse the slot for the weight
+      sum += best[t];
+    }
+    for (int64_t t : touched) {
+      p[t] += lam * (best[t] / sum);
+      best[t] = std::numeric_limits<float>::infinity();
+    }
+  } else {
+    for (int64_t j = 0; j < k; ++j) {
+      if (tok[j] < 0) continue;
+      const float x = -dist[j] / tau;
+      mx = x > mx ? x : mx;
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < k; ++j)
+      if (tok[j] >= 0) sum += std::exp(-dist[j] / tau - mx);
+    for (int64_t j = 0; j < k; ++j)
+      if (tok[j] >= 0) p[tok[j]] += lam * (std::exp(-dist[j] / tau - mx) / sum);
+  }
+}
+
+int64_t sample_row(const float* p, int64_t vocab, const float* u) {
+  if (u == nullptr) {
+    int64_t arg = 0;
+    for (int64_t v = 1; v < vocab; ++v)
+      if (p[v] > p[arg]) arg = v;
+    return arg;
+  }
+  float total = 0.0f;
+  for (int64_t v = 0; v < vocab; ++v) total += p[v];
+  const float target = *u * total;
+  float cum = 0.0f;
+  int64_t last_positive = 0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    cum += p[v];
+    if (cum > target) return v;
+    if (p[v] > 0.0f) last_positive = v;
+  }
+  return last_positive;  // u * total rounded up to the full sum: the last token with mass
+}
+
+}  // namespace
+
+void daid_sample(const float* logits, int64_t batch, int64_t vocab, bool cfg, const float* dist,
+                 const int64_t* tokens, int64_t k, const uint8_t* active, const float* uniforms,
+                 float guidance_scale, float temperature, float lam, float tau, arrag_dedup dedup,
+                 int64_t* tokens_out, float* probs_out) {
+  for (int64_t i = 0; i < batch * k; ++i)
+    if (tokens[i] >= vocab)
+      throw InvalidArgument{"retrieved token id " + std::to_string(tokens[i]) + " at (row " +
+                            std::to_string(i / k) + ", hit " + std::to_string(i % k) +
+                            ") is outside the vocabulary [0, " + std::to_string(vocab) + ")"};
+  const float keep = static_cast<float>(1.0 - static_cast<double>(lam));
+#pragma omp parallel
+  {
+    std::vector<float> row_probs(probs_out == nullptr ? vocab : 0);
+    std::vector<float> best;
+    std::vector<int64_t> touched;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < batch; ++b) {
+      float* p = probs_out != nullptr ? probs_out + b * vocab : row_probs.data();
+      const float* lc = logits + b * vocab;
+      model_probs(lc, cfg ? logits + (batch + b) * vocab : nullptr, vocab, guidance_scale, temperature, p);
+      bool any_hit = false;
+      for (int64_t j = 0; j < k && !any_hit; ++j) any_hit = tokens[b * k + j] >= 0;
+      if (active[b] && any_hit && lam > 0.0f) {
+        if (best.empty()) best.assign(vocab, std::numeric_limits<float>::infinity());
+        for (int64_t v = 0; v < vocab; ++v) p[v] *= keep;
+        add_retrieval(dist + b * k, tokens + b * k, k, tau, lam, dedup, p, best.data(), touched);
+      }
+      tokens_out[b] = sample_row(p, vocab, uniforms != nullptr ? uniforms + b : nullptr);
+    }
+  }
+}
+
+}  // namespace arrag

@@ -1,0 +1,99 @@
+// Blocked distance scan for one ISA level; see knn_block.h. Compiled with ARRAG_ISA = generic, v3
+// (AVX2 + FMA + F16C) or v4 (AVX-512). Everything here is written as fixed-trip-count loops over
+// contiguous floats so that the compiler vectorises it for the target of this translation unit.
+#include "knn_block.h"
+
+#ifndef ARRAG_ISA
+#error "compile knn_block.cpp with -DARRAG_ISA=<generic|v3|v4>"
+#endif
+
+namespace arrag {
+namespace ARRAG_ISA {
+namespace {
+
+constexpr int BK = kKeyBlock;
+constexpr int LANES = 16;  // keys per register tile: 2 AVX2 or 1 AVX-512 vector
+
+// out[j][b] = <q_j, y_b> for QB queries and all BK keys of the transposed block kt (dim x BK).
+template <int QB>
+inline void dot_tile(const float* __restrict kt, int64_t dim, const float* __restrict q, float* __restrict out) {
+  for (int b0 = 0; b0 < BK; b0 += LANES) {
+    float acc[QB][LANES] = {};
+    for (int64_t d = 0; d < dim; ++d) {
+      const float* __restrict row = kt + d * BK + b0;
+      for (int j = 0; j < QB; ++j) {
+        const float qd = q[j * dim + d];
+        for (int l = 0; l < LANES; ++l) acc[j][l] += qd * row[l];
+      }
+    }
+    for (int j = 0; j < QB; ++j)
+      for (int l = 0; l < LANES; ++l) out[j * BK + b0 + l] = acc[j][l];
+  }
+}
+
+template <class T>
+inline void load_transposed(const T* __restrict keys, int64_t dim, int count, float* __restrict kt) {
+  for (int b = 0; b < count; ++b)
+    for (int64_t d = 0; d < dim; ++d) kt[d * BK + b] = static_cast<float>(keys[b * dim + d]);
+  for (int64_t d = 0; d < dim; ++d)
+    for (int b = count; b < BK; ++b) kt[d * BK + b] = 0.0f;
+}
+
+inline void select_row(const float* __restrict dots, const float* __restrict knorm, float qn, float thr, int count,
+                       float* __restrict dist, float* __restrict cand_dist, int32_t* __restrict cand_off,
+                       int32_t* __restrict cand_count) {
+  int hits = 0;
+  for (int b = 0; b < BK; ++b) {
+    float v = (qn + knorm[b]) - 2.0f * dots[b];
+    v = v < 0.0f ? 0.0f : v;
+    v = v == v ? v : __builtin_inff();
+    dist[b] = v;
+    hits += (v <= thr) & (b < count);
+  }
+  int n = 0;
+  if (hits > 0) {
+    for (int b = 0; b < count; ++b) {
+      if (dist[b] <= thr) {
+        cand_dist[n] = dist[b];
+        cand_off[n] = b;
+        ++n;
+      }
+    }
+  }
+  *cand_count = n;
+}
+
+}  // namespace
+
+void scan_block(const float* queries, const float* qnorm, int64_t num_queries, int64_t dim, const void* keys,
+                int key_dtype, int64_t start, int count, const float* threshold, float* scratch, float* cand_dist,
+                int32_t* cand_off, int32_t* cand_count) {
+  float* kt = scratch;              // dim x BK
+  float* knorm = kt + dim * BK;     // BK
+  float* dist = knorm + BK;         // BK
+  if (key_dtype == ARRAG_FLOAT16)
+    load_transposed(static_cast<const _Float16*>(keys) + start * dim, dim, count, kt);
+  else
+    load_transposed(static_cast<const float*>(keys) + start * dim, dim, count, kt);
+  for (int b = 0; b < BK; ++b) knorm[b] = 0.0f;
+  for (int64_t d = 0; d < dim; ++d)
+    for (int b = 0; b < BK; ++b) knorm[b] += kt[d * BK + b] * kt[d * BK + b];
+
+  constexpr int QB = 4;
+  float dots[QB * BK];
+  int64_t j0 = 0;
+  for (; j0 + QB <= num_queries; j0 += QB) {
+    dot_tile<QB>(kt, dim, queries + j0 * dim, dots);
+    for (int j = 0; j < QB; ++j)
+      select_row(dots + j * BK, knorm, qnorm[j0 + j], threshold[j0 + j], count, dist, cand_dist + (j0 + j) * BK,
+                 cand_off + (j0 + j) * BK, cand_count + j0 + j);
+  }
+  for (; j0 < num_queries; ++j0) {
+    dot_tile<1>(kt, dim, queries + j0 * dim, dots);
+    select_row(dots, knorm, qnorm[j0], threshold[j0], count, dist, cand_dist + j0 * BK, cand_off + j0 * BK,
+               cand_count + j0);
+  }
+}
+
+}  // namespace ARRAG_ISA
+}  // namespace arrag
