@@ -9,6 +9,8 @@ from .daid import daid_mix, daid_mix_ref, retrieval_distribution_ref
 from .knn import MAX_K, knn, knn_ref
 from .neighborhood import feature_neighbor_keys, neighbor_keys, neighbor_keys_ref, retrieval_positions
 
+from . import _cpp  # noqa: E402,F401  registers the C++ backend (works without the extension)
+
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",

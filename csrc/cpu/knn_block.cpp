@@ -12,22 +12,55 @@ namespace ARRAG_ISA {
 namespace {
 
 constexpr int BK = kKeyBlock;
-constexpr int LANES = 16;  // keys per register tile: 2 AVX2 or 1 AVX-512 vector
+// One native vector register of floats for this translation unit's ISA; GCC/Clang vector
+// extensions keep the tile below identical (and vectorised) on every target.
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+#elif defined(__AVX__)
+constexpr int VW = 8;
+#else
+constexpr int VW = 4;
+#endif
+typedef float vecf __attribute__((vector_size(VW * sizeof(float)), aligned(sizeof(float))));
+static_assert(BK % (2 * VW) == 0, "key block must be a multiple of two vectors");
 
-// out[j][b] = <q_j, y_b> for QB queries and all BK keys of the transposed block kt (dim x BK).
-template <int QB>
-inline void dot_tile(const float* __restrict kt, int64_t dim, const float* __restrict q, float* __restrict out) {
-  for (int b0 = 0; b0 < BK; b0 += LANES) {
-    float acc[QB][LANES] = {};
+inline vecf load(const float* p) { return *reinterpret_cast<const vecf*>(p); }
+inline void store(float* p, vecf v) { *reinterpret_cast<vecf*>(p) = v; }
+
+// out[j][b] = <q_j, y_b> for 4 queries (rows of q) and all BK keys of the transposed block kt
+// (dim x BK). The 4 x 2 vector accumulators are named variables so they stay in registers; each
+// key row is loaded once for the 4 queries.
+inline void dot_tile4(const float* __restrict kt, int64_t dim, const float* __restrict q, float* __restrict out) {
+  const float *q0 = q, *q1 = q + dim, *q2 = q + 2 * dim, *q3 = q + 3 * dim;
+  for (int b0 = 0; b0 < BK; b0 += 2 * VW) {
+    vecf a0{}, a1{}, a2{}, a3{}, c0{}, c1{}, c2{}, c3{};
     for (int64_t d = 0; d < dim; ++d) {
-      const float* __restrict row = kt + d * BK + b0;
-      for (int j = 0; j < QB; ++j) {
-        const float qd = q[j * dim + d];
-        for (int l = 0; l < LANES; ++l) acc[j][l] += qd * row[l];
-      }
+      const vecf x = load(kt + d * BK + b0), y = load(kt + d * BK + b0 + VW);
+      a0 += q0[d] * x;
+      c0 += q0[d] * y;
+      a1 += q1[d] * x;
+      c1 += q1[d] * y;
+      a2 += q2[d] * x;
+      c2 += q2[d] * y;
+      a3 += q3[d] * x;
+      c3 += q3[d] * y;
     }
-    for (int j = 0; j < QB; ++j)
-      for (int l = 0; l < LANES; ++l) out[j * BK + b0 + l] = acc[j][l];
+    store(out + b0, a0);
+    store(out + b0 + VW, c0);
+    store(out + BK + b0, a1);
+    store(out + BK + b0 + VW, c1);
+    store(out + 2 * BK + b0, a2);
+    store(out + 2 * BK + b0 + VW, c2);
+    store(out + 3 * BK + b0, a3);
+    store(out + 3 * BK + b0 + VW, c3);
+  }
+}
+
+inline void dot_tile1(const float* __restrict kt, int64_t dim, const float* __restrict q, float* __restrict out) {
+  for (int b0 = 0; b0 < BK; b0 += VW) {
+    vecf a{};
+    for (int64_t d = 0; d < dim; ++d) a += q[d] * load(kt + d * BK + b0);
+    store(out + b0, a);
   }
 }
 
@@ -83,13 +116,13 @@ void scan_block(const float* queries, const float* qnorm, int64_t num_queries, i
   float dots[QB * BK];
   int64_t j0 = 0;
   for (; j0 + QB <= num_queries; j0 += QB) {
-    dot_tile<QB>(kt, dim, queries + j0 * dim, dots);
+    dot_tile4(kt, dim, queries + j0 * dim, dots);
     for (int j = 0; j < QB; ++j)
       select_row(dots + j * BK, knorm, qnorm[j0 + j], threshold[j0 + j], count, dist, cand_dist + (j0 + j) * BK,
                  cand_off + (j0 + j) * BK, cand_count + j0 + j);
   }
   for (; j0 < num_queries; ++j0) {
-    dot_tile<1>(kt, dim, queries + j0 * dim, dots);
+    dot_tile1(kt, dim, queries + j0 * dim, dots);
     select_row(dots, knorm, qnorm[j0], threshold[j0], count, dist, cand_dist + j0 * BK, cand_off + j0 * BK,
                cand_count + j0);
   }

@@ -1,0 +1,98 @@
+"""The C++ extension's kernels as the ``cpp`` backend of the ops (and the CUDA k-selection).
+
+Imported by :mod:`arrag_kernels.ops`; registers an implementation with each op's dispatcher whose
+``check`` explains why it cannot run (extension not built, tensor not on the CPU, dtype). Tensors
+cross into ``_C`` as zero-copy numpy views, so the extension does not depend on torch's C++ ABI.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._ext import _C, CUDA_EXT_ERROR, EXT_ERROR, HAS_CUDA_EXT, HAS_EXT
+from .knn import knn_dispatcher
+from .neighborhood import neighbor_keys_dispatcher
+
+
+def _np(t: torch.Tensor, dtype: torch.dtype | None = None):
+    t = t.detach()
+    if dtype is not None:
+        t = t.to(dtype)
+    return t.contiguous().numpy()
+
+
+def _unavailable(*tensors: torch.Tensor) -> str | None:
+    if not HAS_EXT:
+        return f"C++ extension unavailable: {EXT_ERROR}"
+    for t in tensors:
+        if t.device.type != "cpu":
+            return f"input on {t.device}; the C++ kernels run on CPU tensors"
+    return None
+
+
+def _check_neighbor_keys(tokens, codebook, positions, grid, layout):
+    reason = _unavailable(tokens, codebook, positions)
+    if reason is None and codebook.dtype != torch.float32:
+        reason = f"codebook is {codebook.dtype}; the C++ kernel takes float32"
+    return reason
+
+
+@neighbor_keys_dispatcher.register("cpp", check=_check_neighbor_keys)
+def neighbor_keys_cpp(tokens, codebook, positions, grid, layout):
+    squeeze = positions.dim() == 1
+    pos = positions.reshape(positions.shape[0], -1)
+    offsets = torch.tensor(layout.offsets, dtype=torch.int32)
+    keys, valid = _C.neighbor_keys(
+        _np(tokens, torch.int64), _np(codebook), _np(pos, torch.int64), grid[0], grid[1], offsets.numpy(), layout.border == "skip"
+    )
+    keys, valid = torch.from_numpy(keys), torch.from_numpy(valid)
+    if squeeze:
+        keys, valid = keys[:, 0], valid[:, 0]
+    return keys, valid
+
+
+def _check_knn(queries, keys, k):
+    reason = _unavailable(queries, keys)
+    if reason is None and keys.dtype not in (torch.float32, torch.float16):
+        reason = f"keys are {keys.dtype}; the C++ kernel takes float32 or float16"
+    return reason
+
+
+@knn_dispatcher.register("cpp", check=_check_knn)
+def knn_cpp(queries, keys, k):
+    dist, ids = _C.knn(_np(queries, torch.float32), _np(keys), k)
+    return torch.from_numpy(dist), torch.from_numpy(ids)
+
+
+def cuda_kselect(dist: torch.Tensor, ids: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest (distance, id) pairs of each row, sorted, on the GPU (CUDA kernel of the extension).
+
+    Args:
+        dist: (Q, C) float32 CUDA tensor of candidate distances (e.g. per-block candidate lists).
+        ids: (Q, C) int64 CUDA tensor of their ids, or None for the column index.
+        k: 1 <= k <= min(2048, C).
+
+    Returns:
+        (Q, k) float32 distances ascending (NaN ordered as +inf) and (Q, k) int64 ids; equal
+        distances are ordered by smaller id. Runs on the current CUDA stream.
+    """
+    if not HAS_CUDA_EXT:
+        raise RuntimeError(f"cuda_kselect: the CUDA kernels are unavailable: {CUDA_EXT_ERROR}")
+    if dist.dim() != 2 or dist.dtype != torch.float32 or not dist.is_cuda:
+        raise ValueError(f"cuda_kselect: dist must be a (Q, C) float32 CUDA tensor, got {tuple(dist.shape)} {dist.dtype} on {dist.device}")
+    if ids is not None and (ids.shape != dist.shape or ids.dtype != torch.int64 or ids.device != dist.device):
+        raise ValueError(
+            f"cuda_kselect: ids must be int64 of dist's shape {tuple(dist.shape)} on {dist.device}, "
+            f"got {tuple(ids.shape)} {ids.dtype} on {ids.device}"
+        )
+    Q, C = dist.shape
+    if not 1 <= k <= min(_C.MAX_K, C):
+        raise ValueError(f"cuda_kselect: k must be in [1, min({_C.MAX_K}, C = {C})], got {k}")
+    dist = dist.contiguous()
+    ids = ids.contiguous() if ids is not None else None
+    out_d = torch.empty(Q, k, dtype=torch.float32, device=dist.device)
+    out_i = torch.empty(Q, k, dtype=torch.int64, device=dist.device)
+    with torch.cuda.device(dist.device):
+        stream = torch.cuda.current_stream().cuda_stream
+        _C.cuda_kselect(dist.data_ptr(), ids.data_ptr() if ids is not None else 0, Q, C, k, out_d.data_ptr(), out_i.data_ptr(), stream)
+    return out_d, out_i
