@@ -11,6 +11,7 @@ Quick start::
 
 from .config import DAiDConfig, KeyLayout
 from .decoding import DAiDSampler, DecodeStats, decode_image_tokens
+from .faid import FAiDConfig
 from .ops import use_backend
 from .patching import PatchHandle, is_patched, patch_model, patched, unpatch_model
 from .retrieval import DatabaseError, PatchDatabase
@@ -22,6 +23,7 @@ __all__ = [
     "DAiDSampler",
     "DatabaseError",
     "DecodeStats",
+    "FAiDConfig",
     "KeyLayout",
     "PatchDatabase",
     "PatchHandle",

@@ -12,6 +12,7 @@ import contextlib
 
 from .config import DAiDConfig
 from .decoding import DAiDSampler, DecodeStats, hf_image_generate
+from .faid import FAiDConfig, FAiDRuntime, load_blenders
 from .models import get_adapter
 
 # The live handle sits in the instance's __dict__ beside the bound generate (a reference cycle the
@@ -27,20 +28,33 @@ def _handle_of(model):
 class PatchHandle:
     """The live patch of one model. ``remove()`` undoes it; ``generate_images`` exposes timings."""
 
-    def __init__(self, model, db, config: DAiDConfig | None, device=None):
+    def __init__(self, model, db, config, device=None, blender_weights=None):
         self.adapter = get_adapter(model)
         self.db = db
         self.config = config
         self.daid = None
-        if config is not None:
-            if not isinstance(config, DAiDConfig):
-                raise TypeError(f"config: expected an arrag_kernels.DAiDConfig, got {type(config).__name__}")
-            if db is None:
-                raise ValueError("DAiD needs a PatchDatabase: patch_model(model, db, DAiDConfig(...))")
-            self.daid = DAiDSampler(db, config, self.adapter, device=device)
-        elif db is not None:
+        self.faid = None
+        configs = config if isinstance(config, tuple) else (() if config is None else (config,))
+        for c in configs:
+            if not isinstance(c, (DAiDConfig, FAiDConfig)):
+                raise TypeError(
+                    f"config: expected an arrag_kernels.DAiDConfig, FAiDConfig or a tuple of both, got {type(c).__name__}"
+                )
+        if len({type(c) for c in configs}) != len(configs):
+            raise ValueError("config: give at most one DAiDConfig and one FAiDConfig")
+        if configs and db is None:
+            raise ValueError("DAiD and FAiD need a PatchDatabase: patch_model(model, db, config)")
+        if db is not None and not configs:
             raise ValueError("a database was given without a config; pass e.g. arrag_kernels.DAiDConfig()")
+        faid_config = next((c for c in configs if isinstance(c, FAiDConfig)), None)
+        if (faid_config is None) != (blender_weights is None):
+            raise ValueError("blender_weights are needed with a FAiDConfig, and only with one")
         self.model = model
+        for c in configs:
+            if isinstance(c, DAiDConfig):
+                self.daid = DAiDSampler(db, c, self.adapter, device=device)
+            else:
+                self.faid = FAiDRuntime(model, self.adapter, db, load_blenders(blender_weights, model, c), device=device)
         self._saved_generate = model.__dict__.get("generate", _MISSING)
         self._original_generate = model.generate  # bound method (or the instance's own override)
 
@@ -48,7 +62,7 @@ class PatchHandle:
                         progress: bool = False, **kwargs):
         """Image generation with HF ``generate`` arguments; fills ``stats`` with timings if given."""
         return hf_image_generate(
-            self.model, self.adapter, daid=self.daid, inputs=inputs, attention_mask=attention_mask,
+            self.model, self.adapter, daid=self.daid, faid=self.faid, inputs=inputs, attention_mask=attention_mask,
             logits_processor=logits_processor, stats=stats, progress=progress, **kwargs,
         )
 
@@ -66,6 +80,8 @@ class PatchHandle:
         model = self.model
         if _handle_of(model) is not self:
             return
+        if self.faid is not None:
+            self.faid.remove()
         if self._saved_generate is _MISSING:
             model.__dict__.pop("generate", None)
         else:
@@ -73,16 +89,18 @@ class PatchHandle:
         del model.__dict__[_HANDLE_ATTR]
 
 
-def patch_model(model, db=None, config: DAiDConfig | None = None, device=None) -> PatchHandle:
+def patch_model(model, db=None, config=None, device=None, blender_weights=None) -> PatchHandle:
     """Make ``model.generate(..., generation_mode="image")`` generate with AR-RAG.
 
     Args:
         model: a supported model instance (HF ``JanusForConditionalGeneration``).
         db: the :class:`arrag_kernels.PatchDatabase` to retrieve from; it must have been built for
             this model's codebook size and grid.
-        config: :class:`arrag_kernels.DAiDConfig`; ``None`` runs the library's decode loop without
-            retrieval.
+        config: :class:`arrag_kernels.DAiDConfig`, :class:`arrag_kernels.FAiDConfig` or a tuple of
+            both; ``None`` runs the library's decode loop without retrieval.
         device: where retrieval runs (default: the model's device).
+        blender_weights: FAiD only: a path (ours or the official naming), a state dict or a
+            :class:`arrag_kernels.faid.FAiDBlenders`; its hooks are removed on unpatch.
 
     Returns:
         A :class:`PatchHandle`; ``handle.remove()`` or :func:`unpatch_model` undoes the patch.
@@ -92,7 +110,7 @@ def patch_model(model, db=None, config: DAiDConfig | None = None, device=None) -
             f"{type(model).__name__} instance is already patched by arrag_kernels; "
             "call arrag_kernels.unpatch_model(model) before patching it again"
         )
-    handle = PatchHandle(model, db, config, device=device)
+    handle = PatchHandle(model, db, config, device=device, blender_weights=blender_weights)
     handle._install()
     return handle
 
@@ -110,9 +128,9 @@ def is_patched(model) -> bool:
 
 
 @contextlib.contextmanager
-def patched(model, db=None, config: DAiDConfig | None = None, device=None):
+def patched(model, db=None, config=None, device=None, blender_weights=None):
     """``with patched(model, db, cfg) as handle:`` patch for the block, restore on exit (also on error)."""
-    handle = patch_model(model, db, config, device=device)
+    handle = patch_model(model, db, config, device=device, blender_weights=blender_weights)
     try:
         yield handle
     finally:

@@ -1,0 +1,28 @@
+"""FAiD: retrieval-feature blenders inside the decoder layers (AR-RAG, method.md section 4).
+
+``FAiDConfig`` places and shapes the blenders, :mod:`.modules` holds the modules and their literal,
+composed and dense evaluations, :mod:`.runtime` the decode-time hooks, :mod:`.checkpoint` our and the
+official weight formats, :mod:`.train` fine-tuning.
+"""
+
+from .checkpoint import CheckpointError, convert_official, load_blenders, load_official_checkpoint, save_blenders
+from .config import FAiDConfig
+from .modules import Blender, ComposedBlender, FAiDBlenders, FAiDLayer, blend_dense, blend_literal, composed_taps
+from .runtime import FAiDRuntime
+
+__all__ = [
+    "Blender",
+    "CheckpointError",
+    "ComposedBlender",
+    "FAiDBlenders",
+    "FAiDConfig",
+    "FAiDLayer",
+    "FAiDRuntime",
+    "blend_dense",
+    "blend_literal",
+    "composed_taps",
+    "convert_official",
+    "load_blenders",
+    "load_official_checkpoint",
+    "save_blenders",
+]

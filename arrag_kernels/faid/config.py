@@ -1,0 +1,65 @@
+"""``FAiDConfig``: where the blender modules sit and what they read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import _normalise_hops
+
+VALID_HOPS = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class FAiDConfig:
+    """Feature-augmented decoding (AR-RAG FAiD, method.md section 4).
+
+    Blender modules sit in the decoder layers with ``layer_idx % (L // blenders) == 0`` (official
+    placement; L = 24, blenders = 2 -> layers 0 and 12). When ``blenders`` does not divide L this
+    rule places more than ``blenders`` modules (L = 30, blenders = 4 -> 0, 7, 14, 21, 28), exactly as
+    the official code does.
+
+    Each step retrieves ``k`` database entries; their token ids are embedded
+    (``generation_embeddings`` -> ``generation_aligner`` -> per-blender RMSNorm) into e_k in R^D and
+    smoothed with the causal context of every hop h in ``hops`` ((2h+1) x (2h+1) windows, two valid
+    convolutions of kernel h+1): ``hhat_k = sum_h softmax(omega)_h conv_h2(conv_h1(window_h(e_k)))``,
+    ``w_k = sigmoid(mlp(hhat_k))`` and ``blended = mean_k w_k hhat_k`` is added to the residual
+    after attention, at the current position of the conditional CFG rows.
+
+    ``hops`` accepts an int, an iterable or the paper's string spelling ("12" = (1, 2)).
+    """
+
+    k: int = 10
+    hops: tuple[int, ...] = (1, 2)
+    blenders: int = 2
+
+    def __post_init__(self):
+        hops = _normalise_hops(self.hops)
+        if any(h not in VALID_HOPS for h in hops):
+            raise ValueError(f"FAiDConfig.hops: expected a non-empty subset of {VALID_HOPS}, got {hops}")
+        object.__setattr__(self, "hops", hops)
+        if int(self.k) < 1:
+            raise ValueError(f"FAiDConfig.k: expected k >= 1 retrieved tokens per step, got {self.k}")
+        if int(self.blenders) < 1:
+            raise ValueError(f"FAiDConfig.blenders: expected >= 1 blender modules, got {self.blenders}")
+
+    @property
+    def radius(self) -> int:
+        """Largest hop: the context window is (2R+1) x (2R+1)."""
+        return max(self.hops)
+
+    def layer_indices(self, num_layers: int) -> tuple[int, ...]:
+        """Decoder layers that hold a blender, ``layer_idx % (num_layers // blenders) == 0``."""
+        if not 1 <= self.blenders <= num_layers:
+            raise ValueError(
+                f"FAiDConfig.blenders = {self.blenders} but the model has {num_layers} decoder layers; "
+                f"use 1 <= blenders <= {num_layers}"
+            )
+        every = num_layers // self.blenders
+        return tuple(i for i in range(num_layers) if i % every == 0)
+
+    def to_dict(self) -> dict:
+        return {"k": int(self.k), "hops": list(self.hops), "blenders": int(self.blenders)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FAiDConfig":
+        return cls(k=int(d["k"]), hops=tuple(d["hops"]), blenders=int(d["blenders"]))

@@ -1,0 +1,241 @@
+"""FAiD blender modules (official parameterisation) and the three ways to evaluate them.
+
+Notation: D hidden size, K retrieved tokens, hop h in ``hops``, R = max(hops), (H, W) token grid,
+e_k in R^D the normalised retrieved features, x the context map (B, H, W, D) holding the blender
+layer's normalised input ``input_layernorm(h)`` of already generated positions.
+
+* :func:`blend_literal`: the official formulation, literally: pad the full context map, cut the
+  (2h+1)^2 window of every target, make K copies with e_k in the centre cell, run the two valid
+  convolutions per hop on each copy. The test oracle and the memory baseline of training.
+* the affine form used by decoding (:class:`ComposedBlender`, :func:`arrag_kernels.ops.faid_blend`):
+  the conv pair of hop h is one (2h+1)^2-tap linear map A_h plus a bias, so with
+  ``T = sum_h softmax(omega)_h A_h`` (zero-padded to radius R)::
+
+      hhat_k = sum_{causal cells u} T[u] x[p + u]  +  T[centre] e_k  +  bias
+
+  the first term is shared by all K candidates; only the causal cells u of the window are non-zero.
+* :func:`blend_dense`: the same affine form for every position at once (training): the context
+  term is one masked convolution of the whole map with T, the centre term a per-position product.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import KeyLayout
+from .config import FAiDConfig
+
+
+class Blender(nn.Module):
+    """One blender: per hop h a pair ``conv{h}`` -> ``conv{h}2`` of Conv2d(D, D, h+1) (valid, no
+    non-linearity), hop weights ``conv_weights`` (omega, initialised to 1) and the score MLP
+    ``mlp = Linear(D, D), ReLU, Linear(D, 1)``. Parameter names follow the official checkpoints."""
+
+    def __init__(self, dim: int, hops: tuple[int, ...]):
+        super().__init__()
+        self.dim = dim
+        self.hops = tuple(hops)
+        for h in self.hops:
+            setattr(self, f"conv{h}", nn.Conv2d(dim, dim, h + 1))
+            setattr(self, f"conv{h}2", nn.Conv2d(dim, dim, h + 1))
+        self.conv_weights = nn.Parameter(torch.ones(len(self.hops)))
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
+
+    @property
+    def radius(self) -> int:
+        return max(self.hops)
+
+    def hop_convs(self, h: int) -> tuple[nn.Conv2d, nn.Conv2d]:
+        return getattr(self, f"conv{h}"), getattr(self, f"conv{h}2")
+
+    def hop_mix(self) -> torch.Tensor:
+        """(len(hops),) softmax(omega)."""
+        return torch.softmax(self.conv_weights.float(), dim=0)
+
+    def score_blend(self, hhat: torch.Tensor) -> torch.Tensor:
+        """(..., K, D) smoothed candidates -> (..., D) ``mean_k sigmoid(mlp(hhat_k)) * hhat_k``."""
+        w = torch.sigmoid(self.mlp(hhat))
+        return (w * hhat).mean(dim=-2)
+
+
+class FAiDLayer(nn.Module):
+    """What one decoder layer gains: ``blender`` and its ``retrieval_layernorm`` (RMSNorm on e_k)."""
+
+    def __init__(self, dim: int, hops: tuple[int, ...], eps: float = 1e-6):
+        super().__init__()
+        self.blender = Blender(dim, hops)
+        self.retrieval_layernorm = nn.RMSNorm(dim, eps=eps)
+
+
+class FAiDBlenders(nn.Module):
+    """All blenders of a model, keyed by decoder-layer index: ``layers.{i}.blender.*`` and
+    ``layers.{i}.retrieval_layernorm.weight`` (the official names without ``language_model.model.``).
+
+    Chaining (official): the first blender reads RMSNorm(aligner(embeddings(ids))); every later one
+    reads its own RMSNorm of the previous blender's smoothed candidates hhat (B, K, D).
+    """
+
+    def __init__(self, dim: int, num_layers: int, config: FAiDConfig, eps: float = 1e-6):
+        super().__init__()
+        self.config = config
+        self.dim = dim
+        self.num_layers = num_layers
+        self.layer_ids = config.layer_indices(num_layers)
+        self.layers = nn.ModuleDict({str(i): FAiDLayer(dim, config.hops, eps) for i in self.layer_ids})
+
+    def layer(self, i: int) -> FAiDLayer:
+        return self.layers[str(i)]
+
+    @classmethod
+    def for_model(cls, model, config: FAiDConfig) -> "FAiDBlenders":
+        """Blenders sized for a HF Janus model, on its device and dtype (default initialisation)."""
+        text = model.config.text_config
+        blenders = cls(int(text.hidden_size), int(text.num_hidden_layers), config, float(text.rms_norm_eps))
+        ref = model.model.generation_head.vision_head.weight
+        return blenders.to(device=ref.device, dtype=ref.dtype)
+
+
+# ---- the affine form ------------------------------------------------------------------------------
+def compose_hop(blender: Blender, h: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conv pair of hop h as one linear map: A (D, D, 2h+1, 2h+1) and bias (D,), such that
+    ``conv_h2(conv_h1(window)) = sum_{i,j} A[:, :, i, j] @ window[:, i, j] + bias``.
+
+    A[u] = sum_{t2 + t1 = u} W2[t2] @ W1[t1];  bias = b2 + sum_{t2} W2[t2] @ b1. Differentiable.
+    """
+    conv_a, conv_b = blender.hop_convs(h)
+    w1, w2 = conv_a.weight.float(), conv_b.weight.float()  # (D, D, h+1, h+1)
+    parts = []
+    for i in range(h + 1):
+        for j in range(h + 1):
+            prod = torch.einsum("om,mikl->oikl", w2[:, :, i, j], w1)  # window cells (i + k, j + l)
+            parts.append(F.pad(prod, (j, h - j, i, h - i)))
+    taps = torch.stack(parts).sum(0)
+    bias = conv_b.bias.float() + w2.sum(dim=(2, 3)) @ conv_a.bias.float()
+    return taps, bias
+
+
+def composed_taps(blender: Blender) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hop-mixed taps T (D, D, 2R+1, 2R+1) and bias (D,), fp32: ``sum_h softmax(omega)_h (A_h, b_h)``."""
+    R = blender.radius
+    mix = blender.hop_mix()
+    taps, bias = 0.0, 0.0
+    for a, h in zip(mix, blender.hops):
+        A, b = compose_hop(blender, h)
+        taps = taps + a * F.pad(A, (R - h,) * 4)
+        bias = bias + a * b
+    return taps, bias
+
+
+def causal_offsets(radius: int) -> tuple[tuple[int, int], ...]:
+    """(dr, dc) of the already generated cells of the (2R+1)^2 window, raster order."""
+    return KeyLayout(neighborhood="causal", hops=(radius,)).offsets
+
+
+def causal_tap_mask(radius: int, device=None) -> torch.Tensor:
+    """(2R+1, 2R+1) float: 1 on the cells strictly before the centre in raster order, else 0."""
+    n = 2 * radius + 1
+    mask = torch.zeros(n, n, device=device)
+    for dr, dc in causal_offsets(radius):
+        mask[radius + dr, radius + dc] = 1.0
+    return mask
+
+
+class ComposedBlender:
+    """Inference weights of one blender in the layouts :func:`arrag_kernels.ops.faid_blend` reads.
+
+    Attributes (``dtype`` on ``device``): ``taps_t`` (n, D_in, D_out) for the n causal offsets
+    ``offsets``; ``center_t`` (D_in, D_out); ``bias`` (D,); ``w1_t`` (D_in, D_out), ``b1`` (D,),
+    ``w2`` (D,), ``b2`` (1,) of the score MLP. Built once at load time (fp32 composition).
+    """
+
+    def __init__(self, blender: Blender, dtype=None):
+        with torch.no_grad():
+            T, bias = composed_taps(blender)
+            R = blender.radius
+            dtype = dtype or blender.mlp[0].weight.dtype
+            self.radius = R
+            self.offsets = causal_offsets(R)
+            self.taps_t = torch.stack([T[:, :, R + dr, R + dc].t() for dr, dc in self.offsets]).to(dtype).contiguous()
+            self.center_t = T[:, :, R, R].t().to(dtype).contiguous()
+            self.bias = bias.to(dtype).contiguous()
+            self.w1_t = blender.mlp[0].weight.t().to(dtype).contiguous()
+            self.b1 = blender.mlp[0].bias.to(dtype).contiguous()
+            self.w2 = blender.mlp[2].weight[0].to(dtype).contiguous()
+            self.b2 = blender.mlp[2].bias.to(dtype).contiguous()
+
+    def blend(self, cells: torch.Tensor, retrieved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, n, D) causal context cells (zeros where absent), (B, K, D) e_k -> (blended (B, D), hhat (B, K, D))."""
+        from ..ops import faid_blend
+
+        return faid_blend(cells, retrieved, self.taps_t, self.center_t, self.bias, self.w1_t, self.b1, self.w2, self.b2)
+
+
+# ---- whole-map evaluations --------------------------------------------------------------------------
+def _causal_windows(context: torch.Tensor, positions: torch.Tensor, h: int) -> torch.Tensor:
+    """(B, H, W, D) map, (B, P) flat targets -> (B, P, D, 2h+1, 2h+1) windows from the zero-padded full
+    map, with every cell at or after the target (raster order) zeroed: what was generated before it."""
+    B, H, W, D = context.shape
+    n = 2 * h + 1
+    padded = F.pad(context.permute(0, 3, 1, 2), (h, h, h, h))  # (B, D, H+2h, W+2h), zeros outside
+    windows = F.unfold(padded, n)  # (B, D*n*n, H*W)
+    idx = positions.unsqueeze(1).expand(B, windows.shape[1], positions.shape[1])
+    windows = torch.gather(windows, 2, idx).view(B, D, n, n, -1).permute(0, 4, 1, 2, 3)
+    raster = torch.arange(H * W, device=context.device, dtype=torch.float32).view(1, 1, H, W)
+    raster = F.pad(raster, (h, h, h, h), value=float("inf"))
+    cell_pos = F.unfold(raster, n)[0]  # (n*n, H*W) raster index of each window cell
+    cell_pos = cell_pos[:, positions].permute(1, 2, 0).reshape(B, -1, 1, n, n)  # (B, P, 1, n, n)
+    return windows * (cell_pos < positions.view(B, -1, 1, 1, 1)).to(windows.dtype)
+
+
+def blend_literal(layer: FAiDLayer, context: torch.Tensor, positions: torch.Tensor, retrieved: torch.Tensor):
+    """Official formulation, literally (K conv stacks per target).
+
+    Args:
+        layer: the blender layer.
+        context: (B, H, W, D) normalised layer inputs on the grid (cells at or after a target are
+            ignored for that target).
+        positions: (B, P) flat target positions r * W + c.
+        retrieved: (B, P, K, D) e_k (already through ``retrieval_layernorm``).
+
+    Returns:
+        blended (B, P, D), hhat (B, P, K, D).
+    """
+    blender = layer.blender
+    B, P, K, D = retrieved.shape
+    mix = blender.hop_mix()
+    hhat = 0.0
+    for a, h in zip(mix, blender.hops):
+        win = _causal_windows(context, positions, h)  # (B, P, D, n, n)
+        win = win.unsqueeze(2).repeat(1, 1, K, 1, 1, 1)  # K copies
+        win[..., h, h] = retrieved
+        conv_a, conv_b = blender.hop_convs(h)
+        out = conv_b(conv_a(win.reshape(B * P * K, D, 2 * h + 1, 2 * h + 1)))
+        hhat = hhat + a * out.view(B, P, K, D)
+    hhat = hhat.to(retrieved.dtype)
+    return blender.score_blend(hhat), hhat
+
+
+def blend_dense(layer: FAiDLayer, context: torch.Tensor, retrieved: torch.Tensor):
+    """Affine form at every grid position at once (training; memory-efficient).
+
+    Args:
+        context: (B, H, W, D) normalised inputs of every position (teacher forcing).
+        retrieved: (B, H*W, K, D) e_k per target position.
+
+    Returns:
+        blended (B, H*W, D), hhat (B, H*W, K, D): equal to :func:`blend_literal` at all positions.
+        The context term is ``conv2d(x, T * causal_mask, padding=R)``: one D x D map per position
+        instead of K copies of every window.
+    """
+    blender = layer.blender
+    R = blender.radius
+    T, bias = composed_taps(blender)
+    dtype = retrieved.dtype
+    masked = (T * causal_tap_mask(R, T.device)).to(dtype)
+    ctx = F.conv2d(context.permute(0, 3, 1, 2).to(dtype), masked, padding=R)  # (B, D, H, W)
+    ctx = ctx.flatten(2).transpose(1, 2)  # (B, H*W, D)
+    center = T[:, :, R, R].to(dtype)
+    hhat = ctx.unsqueeze(2) + retrieved @ center.t() + bias.to(dtype)
+    return blender.score_blend(hhat), hhat

@@ -1,0 +1,130 @@
+"""FAiD at decode time: per-step retrieval, context ring buffers and the decoder-layer hooks.
+
+Hooks are registered on the *instances* ``layers[i].input_layernorm`` (records the normalised input
+of the newest position: the context cell of the token fed this step) and ``layers[i].self_attn``
+(adds ``blended`` to the attention output, i.e. to the residual before ``post_attention_layernorm``
+and the FFN) of every blender layer ``i``. Nothing of transformers is reassigned; ``remove()``
+deletes the hooks.
+
+Step s (predicting grid cell p = s) feeds the embedding of token s-1, so at step s >= 1 each
+blender layer writes cell s-1 into its ring buffer before attention and then reads the causal
+window of p. Step 0 is the prompt prefill: nothing is written and the blend (if position 0
+retrieves) goes to the last prompt position. The ring buffer keeps R*W + R cells (the last R rows
+plus R cells), the only ones a window of radius R can read.
+
+The hooks act only during a forward that follows :meth:`FAiDRuntime.begin_step`; any other forward
+(text generation, a plain call) passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import DAiDConfig
+from ..decoding import DAiDSampler
+from .modules import ComposedBlender, FAiDBlenders
+
+
+class FAiDRuntime:
+    """Decode-time FAiD state of one patched model (the ``faid=`` object of the decode loop).
+
+    Args:
+        model: HF ``JanusForConditionalGeneration``.
+        adapter: its :class:`arrag_kernels.models.JanusAdapter`.
+        db: :class:`arrag_kernels.PatchDatabase` retrieved from with ``blenders.config.k``.
+        blenders: trained :class:`FAiDBlenders` (composed into the fast form here, once).
+        device: where retrieval runs (default: the model's device).
+    """
+
+    def __init__(self, model, adapter, db, blenders: FAiDBlenders, device=None):
+        config = blenders.config
+        layers = adapter.language_model.layers
+        if blenders.num_layers != len(layers) or blenders.dim != adapter.language_model.config.hidden_size:
+            raise ValueError(
+                f"blenders were built for {blenders.num_layers} layers of width {blenders.dim}, the model has "
+                f"{len(layers)} layers of width {adapter.language_model.config.hidden_size}"
+            )
+        # Retrieval is DAiD's (same queries, same database search); only k is FAiD's.
+        self.retriever = DAiDSampler(db, DAiDConfig(k=config.k), adapter, device=device)
+        self.adapter = adapter
+        self.blenders = blenders
+        self.grid = self.retriever.grid
+        self.retrieves_at = self.retriever.retrieves_at
+        self.composed = {i: ComposedBlender(blenders.layer(i).blender) for i in blenders.layer_ids}
+        H, W = self.grid
+        R = config.radius
+        self.ring_size = R * W + R
+        self._slots, self._present = self._window_table(H, W, self.composed[blenders.layer_ids[0]].offsets)
+        self._armed: set[int] = set()
+        self._rings: dict[int, torch.Tensor] = {}
+        self.step = -1
+        self._hooks = []
+        for i in blenders.layer_ids:
+            self._hooks.append(layers[i].input_layernorm.register_forward_hook(self._capture_hook(i)))
+            self._hooks.append(layers[i].self_attn.register_forward_hook(self._blend_hook(i)))
+
+    def _window_table(self, H, W, offsets):
+        """Ring-buffer slot (H*W, n) and presence (H*W, n) of every causal window cell of every target."""
+        p = torch.arange(H * W)
+        r, c = (p // W).unsqueeze(1), (p % W).unsqueeze(1)
+        dr = torch.tensor([o[0] for o in offsets])
+        dc = torch.tensor([o[1] for o in offsets])
+        rr, cc = r + dr, c + dc
+        present = (rr >= 0) & (rr < H) & (cc >= 0) & (cc < W)
+        slots = ((rr * W + cc) % self.ring_size).clamp(min=0)
+        device = self.retriever.codebook.device
+        return slots.to(device), present.to(device)
+
+    def remove(self) -> None:
+        """Remove every hook this runtime registered. Idempotent."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._armed.clear()
+
+    @torch.no_grad()
+    def begin_step(self, tokens: torch.Tensor, step: int) -> None:
+        """Prepare the model step that predicts token ``step``: retrieval (needs tokens < step only)."""
+        B = tokens.shape[0]
+        if step == 0:
+            ref = self.adapter.generation_head.vision_head.weight
+            self._rings = {i: ref.new_zeros(B, self.ring_size, self.blenders.dim) for i in self.blenders.layer_ids}
+        self.step = step
+        self.batch = B
+        self.features = None
+        if self.retrieves_at[step]:
+            _, ids, valid = self.retriever.retrieve(tokens, step)
+            self.features = self.adapter.embed_image_tokens(ids)  # (B, K, D) aligner(embeddings(ids))
+            self.valid = (valid & (ids >= 0).all(dim=1)).to(self.features.dtype).unsqueeze(-1)
+        self._armed = set(self.blenders.layer_ids)
+
+    def _capture_hook(self, i):
+        def hook(module, args, output):
+            if i not in self._armed or self.step < 1:
+                return None
+            self._rings[i][:, (self.step - 1) % self.ring_size] = output[: self.batch, -1].to(self._rings[i].dtype)
+            return None
+
+        return hook
+
+    def _blend_hook(self, i):
+        def hook(module, args, output):
+            if i not in self._armed:
+                return None
+            self._armed.discard(i)
+            if self.features is None:
+                return None
+            layer = self.blenders.layer(i)
+            with torch.no_grad():
+                e = layer.retrieval_layernorm(self.features)
+                slots, present = self._slots[self.step], self._present[self.step]
+                cells = self._rings[i][:, slots] * present.to(self._rings[i].dtype).unsqueeze(-1)  # (B, n, D)
+                blended, hhat = self.composed[i].blend(cells.to(e.dtype), e)
+                self.features = hhat  # official chaining: the next blender reads these candidates
+            attn = output[0] if isinstance(output, tuple) else output
+            delta = torch.zeros_like(attn)
+            delta[: self.batch, -1] = (blended * self.valid).to(attn.dtype)
+            attn = attn + delta
+            return (attn, *output[1:]) if isinstance(output, tuple) else attn
+
+        return hook

@@ -1,0 +1,124 @@
+"""FAiD blend math: affine fast path (reference and Triton) == the literal official formulation."""
+
+import pytest
+import torch
+
+from arrag_kernels.faid import ComposedBlender, FAiDConfig, FAiDLayer, blend_dense, blend_literal
+from arrag_kernels.ops import faid_blend, faid_blend_ref, use_backend
+from arrag_kernels.ops.faid import faid_blend_dispatcher
+
+from .utils import assert_close
+
+BACKENDS = ["reference", "triton"]
+# (D, hops, H, W): small widths including non-multiples of the Triton tile, odd grids.
+CASES = [(32, (1,), 5, 7), (48, (1, 2), 7, 5), (32, (2,), 3, 3), (48, (1, 2, 3), 5, 6)]
+
+
+def _random_layer(D, hops, seed):
+    torch.manual_seed(seed)
+    layer = FAiDLayer(D, hops)
+    with torch.no_grad():  # make every parameter matter (default conv_weights / norm are all ones)
+        layer.blender.conv_weights.normal_()
+        layer.retrieval_layernorm.weight.uniform_(0.5, 1.5)
+    return layer.double()
+
+
+def _gather_cells(context, positions, offsets):
+    """(B, H, W, D), (B, P) -> (B*P, n, D) causal window cells, zeros outside the grid (test oracle)."""
+    B, H, W, D = context.shape
+    out = torch.zeros(B, positions.shape[1], len(offsets), D, dtype=context.dtype)
+    for b in range(B):
+        for j, p in enumerate(positions[b].tolist()):
+            r, c = divmod(p, W)
+            for n, (dr, dc) in enumerate(offsets):
+                if 0 <= r + dr < H and 0 <= c + dc < W:
+                    out[b, j, n] = context[b, r + dr, c + dc]
+    return out.flatten(0, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D,hops,H,W", CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_fast_equals_literal(D, hops, H, W, backend):
+    K, B = 10, 2
+    layer = _random_layer(D, hops, seed=D + H * W)
+    g = torch.Generator().manual_seed(1)
+    context = torch.randn(B, H, W, D, generator=g, dtype=torch.float64)
+    # borders, corners, first and last position, interior
+    positions = torch.tensor([[0, W - 1, W, H * W - 1], [W + 1, 2 * W - 1, (H - 1) * W, H * W // 2]])
+    e = layer.retrieval_layernorm(torch.randn(B, 4, K, D, generator=g, dtype=torch.float64))
+    with torch.no_grad():
+        want_blend, want_hhat = blend_literal(layer, context, positions, e)
+        fast = ComposedBlender(layer.blender, torch.float32)
+        cells = _gather_cells(context, positions, fast.offsets).float()
+        with use_backend(backend):
+            got_blend, got_hhat = fast.blend(cells, e.flatten(0, 1).float().contiguous())
+    assert_close(got_hhat, want_hhat.flatten(0, 1), what=f"hhat ({backend})")
+    assert_close(got_blend, want_blend.flatten(0, 1), what=f"blended ({backend})")
+
+
+@pytest.mark.parametrize("D,hops,H,W", CASES[1:3], ids=lambda v: str(v).replace(" ", ""))
+def test_dense_equals_literal_every_position(D, hops, H, W):
+    """The training formulation (masked conv + centre product) equals the literal one at all positions."""
+    K, B = 3, 2
+    layer = _random_layer(D, hops, seed=7)
+    g = torch.Generator().manual_seed(2)
+    context = torch.randn(B, H, W, D, generator=g, dtype=torch.float64)
+    e = torch.randn(B, H * W, K, D, generator=g, dtype=torch.float64)
+    positions = torch.arange(H * W).expand(B, -1)
+    with torch.no_grad():
+        want_blend, want_hhat = blend_literal(layer, context, positions, e)
+        got_blend, got_hhat = blend_dense(layer, context, e)
+    assert_close(got_hhat, want_hhat, what="hhat")
+    assert_close(got_blend, want_blend, what="blended")
+
+
+def test_literal_is_causal():
+    """Changing context at or after the target position must not change its output."""
+    layer = _random_layer(32, (1, 2), seed=3)
+    g = torch.Generator().manual_seed(3)
+    context = torch.randn(1, 4, 5, 32, generator=g, dtype=torch.float64)
+    e = torch.randn(1, 1, 2, 32, generator=g, dtype=torch.float64)
+    pos = torch.tensor([[7]])
+    with torch.no_grad():
+        a, _ = blend_literal(layer, context, pos, e)
+        changed = context.clone().view(1, 20, 32)
+        changed[:, 7:] += 1.0
+        b, _ = blend_literal(layer, changed.view(1, 4, 5, 32), pos, e)
+        changed[:, 6] += 1.0  # the left neighbour is context
+        c, _ = blend_literal(layer, changed.view(1, 4, 5, 32), pos, e)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("B,n,K,D", [(3, 4, 10, 48), (1, 12, 7, 97), (2, 1, 16, 64)])
+def test_faid_blend_triton_vs_ref(B, n, K, D, dtype):
+    g = torch.Generator().manual_seed(B * 100 + D)
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.2).to(dtype)  # noqa: E731
+    args = (r(B, n, D), r(B, K, D), r(n, D, D), r(D, D), r(D), r(D, D), r(D), r(D), r(1))
+    want = faid_blend_ref(*args)
+    with use_backend("triton"):
+        got = faid_blend(*args)
+    for g_, w_, name in zip(got, want, ("blended", "hhat")):
+        assert_close(g_, w_, dtype=dtype, what=f"{name} {dtype}")
+
+
+def test_faid_blend_errors():
+    D = 32
+    z = torch.zeros
+    with pytest.raises(ValueError, match="taps_t must be"):
+        faid_blend(z(1, 4, D), z(1, 10, D), z(3, D, D), z(D, D), z(D), z(D, D), z(D), z(D), z(1))
+    reason = faid_blend_dispatcher._reason("triton", (z(1, 4, 8), z(1, 10, 8)), {})
+    assert reason is not None and "D = 8" in reason
+
+
+def test_config_validation():
+    assert FAiDConfig(hops="12").hops == (1, 2)
+    assert FAiDConfig(blenders=2).layer_indices(24) == (0, 12)
+    assert FAiDConfig(blenders=4).layer_indices(30) == (0, 7, 14, 21, 28)  # official rule, verbatim
+    with pytest.raises(ValueError, match="subset of"):
+        FAiDConfig(hops=(1, 4))
+    with pytest.raises(ValueError, match="decoder layers"):
+        FAiDConfig(blenders=3).layer_indices(2)
+    with pytest.raises(ValueError, match="k >= 1"):
+        FAiDConfig(k=0)
