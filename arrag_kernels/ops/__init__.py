@@ -5,12 +5,22 @@ The public functions validate their inputs and dispatch to the best available ba
 """
 
 from ._dispatch import BACKENDS, BackendUnavailable, current_backend, use_backend
-from .daid import daid_mix, daid_mix_ref, retrieval_distribution_ref
+from .daid import daid_mix, daid_mix_ref, daid_sample, daid_sample_ref, retrieval_distribution_ref
 from .faid import faid_blend, faid_blend_ref
 from .knn import MAX_K, knn, knn_ref
 from .neighborhood import feature_neighbor_keys, neighbor_keys, neighbor_keys_ref, retrieval_positions
 
 from . import _cpp  # noqa: E402,F401  registers the C++ backend (works without the extension)
+
+try:
+    from . import _triton  # noqa: E402,F401  registers the Triton backend
+except ImportError as _exc:  # a forced "triton" backend then says why it cannot run
+    from .daid import daid_sample_dispatcher as _d1
+    from .knn import knn_dispatcher as _d2
+    from .neighborhood import neighbor_keys_dispatcher as _d3
+
+    for _d in (_d1, _d2, _d3):
+        _d.register("triton", check=lambda *a, _r=f"triton is not importable ({_exc})", **k: _r)(None)
 
 __all__ = [
     "BACKENDS",
@@ -19,6 +29,8 @@ __all__ = [
     "current_backend",
     "daid_mix",
     "daid_mix_ref",
+    "daid_sample",
+    "daid_sample_ref",
     "faid_blend",
     "faid_blend_ref",
     "feature_neighbor_keys",

@@ -90,3 +90,77 @@ def daid_mix(
     """
     _check_daid(model_probs, dist, tokens, active, lam, tau, dedup)
     return daid_mix_dispatcher(model_probs, dist, tokens, active, lam, tau, dedup)
+
+
+def _check_daid_sample(logits, dist, tokens, active, uniforms, guidance_scale, temperature, lam, tau, dedup):
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"daid_sample: logits must be a float (2B, V) or (B, V) matrix, got {tuple(logits.shape)} {logits.dtype}")
+    B = dist.shape[0] if dist.dim() == 2 else -1
+    rows = 2 * B if guidance_scale is not None else B
+    if logits.shape[0] != rows:
+        raise ValueError(
+            f"daid_sample: logits has {logits.shape[0]} rows but dist has B = {B}; expected {rows} "
+            + ("([cond rows; uncond rows] because guidance_scale is set)" if guidance_scale is not None else "(guidance_scale is None)")
+        )
+    if uniforms is not None and (uniforms.shape != (B,) or not uniforms.is_floating_point()):
+        raise ValueError(f"daid_sample: uniforms must be (B,) = ({B},) floats in [0, 1), got {tuple(uniforms.shape)} {uniforms.dtype}")
+    if not temperature > 0.0:
+        raise ValueError(f"daid_sample: temperature must be > 0, got {temperature}")
+    _check_daid(logits[:B], dist, tokens, active, lam, tau, dedup)
+
+
+def daid_sample_ref(logits, dist, tokens, active, uniforms, *, guidance_scale, temperature, lam, tau, dedup):
+    """Pure PyTorch reference of :func:`daid_sample`."""
+    scores = logits.float()
+    if guidance_scale is not None:
+        cond, uncond = scores.chunk(2)
+        scores = uncond + guidance_scale * (cond - uncond)
+    probs = daid_mix_ref(torch.softmax(scores / temperature, dim=-1), dist, tokens, active, lam, tau, dedup)
+    if uniforms is None:
+        return probs.argmax(-1)
+    cdf = probs.cumsum(-1)
+    threshold = uniforms.float().unsqueeze(1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, threshold, right=True).squeeze(1).clamp_max(probs.shape[1] - 1)
+
+
+daid_sample_dispatcher = OpDispatcher("daid_sample")
+daid_sample_dispatcher.register("reference")(daid_sample_ref)
+
+
+def daid_sample(
+    logits: torch.Tensor,
+    dist: torch.Tensor,
+    tokens: torch.Tensor,
+    active: torch.Tensor,
+    uniforms: torch.Tensor | None,
+    *,
+    guidance_scale: float | None,
+    temperature: float = 1.0,
+    lam: float,
+    tau: float,
+    dedup: str = "nearest",
+) -> torch.Tensor:
+    """CFG, temperature, softmax, DAiD merge and sampling of the next token, fused.
+
+    Math per row b: ``l = l_u + w (l_c - l_u)`` (or the logits as given when ``guidance_scale`` is
+    None), ``p_model = softmax(l / T)``, ``p = daid_mix(p_model, ...)``; the sampled token is the
+    smallest v with ``cumsum(p)[v] > u_b * sum(p)`` (inverse CDF), or ``argmax(p)`` when
+    ``uniforms`` is None.
+
+    Args:
+        logits: (2B, V) raw head logits, conditional rows then unconditional rows, or (B, V) when
+            ``guidance_scale`` is None.
+        dist, tokens, active, lam, tau, dedup: as in :func:`daid_mix`, with (B, K) hits.
+        uniforms: (B,) explicit uniform numbers in [0, 1) (deterministic, graph-replay safe), or
+            None for greedy decoding.
+        guidance_scale: CFG weight w, or None for no CFG.
+        temperature: T > 0.
+
+    Returns:
+        (B,) int64 next tokens.
+    """
+    _check_daid_sample(logits, dist, tokens, active, uniforms, guidance_scale, temperature, lam, tau, dedup)
+    return daid_sample_dispatcher(
+        logits, dist, tokens, active, uniforms,
+        guidance_scale=guidance_scale, temperature=temperature, lam=lam, tau=tau, dedup=dedup,
+    )
