@@ -271,3 +271,14 @@ def test_failed_build_is_skipped_in_auto_and_an_error_when_forced(tmp_path):
     assert info["ext"] is False and info["reason"].startswith("build failed")
     run, _ = _build_ext(tmp_path / "forced", ARRAG_KERNELS_BUILD_EXT="1", **broken)
     assert run.returncode != 0 and "ARRAG_KERNELS_BUILD_EXT=1 but the extension failed to build" in run.stderr
+
+
+@needs_ext
+def test_opcheck_custom_ops():
+    from arrag_kernels.ops import _cpp
+
+    g = _gen(11)
+    torch.library.opcheck(_cpp._knn_op, (torch.randn(5, 12, generator=g), torch.randn(97, 12, generator=g), 7))
+    tokens = torch.randint(-1, 50, (2, 35), generator=g)
+    offsets = torch.tensor(KeyLayout().offsets, dtype=torch.int32)
+    torch.library.opcheck(_cpp._neighbor_keys_op, (tokens, torch.randn(50, 4, generator=g), torch.randint(0, 35, (2, 3), generator=g), offsets, 5, 7, True))

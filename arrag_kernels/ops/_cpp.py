@@ -1,8 +1,10 @@
 """The C++ extension's kernels as the ``cpp`` backend of the ops (and the CUDA k-selection).
 
 Imported by :mod:`arrag_kernels.ops`; registers an implementation with each op's dispatcher whose
-``check`` explains why it cannot run (extension not built, tensor not on the CPU, dtype). Tensors
-cross into ``_C`` as zero-copy numpy views, so the extension does not depend on torch's C++ ABI.
+``check`` explains why it cannot run (extension not built, tensor not on the CPU, dtype). Each
+kernel is a ``torch.library.custom_op`` (``arrag_kernels::*_cpp``) with a fake implementation, so
+``torch.compile`` traces through it. Tensors cross into ``_C`` as zero-copy numpy views, so the
+extension does not depend on torch's C++ ABI.
 """
 
 from __future__ import annotations
@@ -37,15 +39,26 @@ def _check_neighbor_keys(tokens, codebook, positions, grid, layout):
     return reason
 
 
+@torch.library.custom_op("arrag_kernels::neighbor_keys_cpp", mutates_args=())
+def _neighbor_keys_op(
+    tokens: torch.Tensor, codebook: torch.Tensor, positions: torch.Tensor, offsets: torch.Tensor, height: int, width: int, border_skip: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    keys, valid = _C.neighbor_keys(_np(tokens, torch.int64), _np(codebook), _np(positions, torch.int64), height, width, _np(offsets), border_skip)
+    return torch.from_numpy(keys), torch.from_numpy(valid)
+
+
+@_neighbor_keys_op.register_fake
+def _(tokens, codebook, positions, offsets, height, width, border_skip):
+    B, P = positions.shape
+    keys = codebook.new_empty(B, P, offsets.shape[0] * codebook.shape[1])
+    return keys, torch.empty(B, P, dtype=torch.bool, device=codebook.device)
+
+
 @neighbor_keys_dispatcher.register("cpp", check=_check_neighbor_keys)
 def neighbor_keys_cpp(tokens, codebook, positions, grid, layout):
     squeeze = positions.dim() == 1
-    pos = positions.reshape(positions.shape[0], -1)
     offsets = torch.tensor(layout.offsets, dtype=torch.int32)
-    keys, valid = _C.neighbor_keys(
-        _np(tokens, torch.int64), _np(codebook), _np(pos, torch.int64), grid[0], grid[1], offsets.numpy(), layout.border == "skip"
-    )
-    keys, valid = torch.from_numpy(keys), torch.from_numpy(valid)
+    keys, valid = _neighbor_keys_op(tokens, codebook, positions.reshape(positions.shape[0], -1), offsets, grid[0], grid[1], layout.border == "skip")
     if squeeze:
         keys, valid = keys[:, 0], valid[:, 0]
     return keys, valid
@@ -58,10 +71,21 @@ def _check_knn(queries, keys, k):
     return reason
 
 
-@knn_dispatcher.register("cpp", check=_check_knn)
-def knn_cpp(queries, keys, k):
+@torch.library.custom_op("arrag_kernels::knn_cpp", mutates_args=())
+def _knn_op(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     dist, ids = _C.knn(_np(queries, torch.float32), _np(keys), k)
     return torch.from_numpy(dist), torch.from_numpy(ids)
+
+
+@_knn_op.register_fake
+def _(queries, keys, k):
+    Q = queries.shape[0]
+    return queries.new_empty(Q, k, dtype=torch.float32), queries.new_empty(Q, k, dtype=torch.int64)
+
+
+@knn_dispatcher.register("cpp", check=_check_knn)
+def knn_cpp(queries, keys, k):
+    return _knn_op(queries, keys, k)
 
 
 def cuda_kselect(dist: torch.Tensor, ids: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
