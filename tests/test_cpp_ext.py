@@ -16,7 +16,17 @@ import torch
 
 from arrag_kernels import _ext
 from arrag_kernels.config import KeyLayout
-from arrag_kernels.ops import BackendUnavailable, knn, knn_ref, neighbor_keys, neighbor_keys_ref, use_backend
+from arrag_kernels.ops import (
+    BackendUnavailable,
+    daid_mix_ref,
+    daid_sample,
+    daid_sample_ref,
+    knn,
+    knn_ref,
+    neighbor_keys,
+    neighbor_keys_ref,
+    use_backend,
+)
 from arrag_kernels.ops.knn import knn_dispatcher
 
 from .utils import assert_close
@@ -111,6 +121,71 @@ def test_neighbor_keys_matches_reference(layout, pos_rank, tok_dtype):
         keys, valid = neighbor_keys(tokens, codebook, positions, (H, W), layout)
     assert torch.equal(keys, ref_k), f"max error {(keys - ref_k).abs().max().item()}"
     assert torch.equal(valid, ref_v)
+
+
+# ---------------------------------------------------------------- DAiD merge + sample
+
+
+DAID_CASES = [  # (batch, vocab, hits, guidance_scale, dedup)
+    (5, 1025, 63, 5.0, "nearest"),
+    (3, 97, 200, None, "sum"),
+    (7, 1031, 2048, 1.5, "sum"),
+    (16, 16384, 2048, 5.0, "nearest"),
+]
+
+
+def _daid_inputs(B, V, K, guidance, seed):
+    g = _gen(seed)
+    logits = torch.randn(2 * B if guidance is not None else B, V, generator=g) * 3
+    dist = torch.rand(B, K, generator=g) * 4
+    tokens = torch.randint(-1, min(V, 61), (B, K), generator=g)  # many duplicates, some padding
+    tokens[0] = -1  # a row without any valid hit keeps p_model
+    active = torch.rand(B, generator=g) > 0.3
+    active[0] = True
+    return logits, dist, tokens, active, torch.rand(B, generator=g)
+
+
+@needs_ext
+@pytest.mark.parametrize("greedy", [False, True], ids=["uniforms", "greedy"])
+@pytest.mark.parametrize("case", DAID_CASES, ids=[f"B{b}-V{v}-K{k}-w{w}-{d}" for b, v, k, w, d in DAID_CASES])
+def test_daid_sample_matches_reference(case, greedy):
+    B, V, K, guidance, dedup = case
+    logits, dist, tokens, active, uniforms = _daid_inputs(B, V, K, guidance, seed=V + K)
+    if greedy:
+        uniforms = None
+    kw = dict(guidance_scale=guidance, temperature=0.9, lam=0.4, tau=0.6, dedup=dedup)
+    want = daid_sample_ref(logits, dist, tokens, active, uniforms, **kw)
+    with use_backend("cpp"):
+        got = daid_sample(logits, dist, tokens, active, uniforms, **kw)
+    assert got.dtype == torch.int64 and torch.equal(got, want), f"tokens {got.tolist()} != reference {want.tolist()}"
+
+
+@needs_ext
+@pytest.mark.parametrize("dedup", ["nearest", "sum"])
+def test_daid_probabilities_match_reference(dedup):
+    B, V, K = 6, 1025, 97
+    logits, dist, tokens, active, uniforms = _daid_inputs(B, V, K, 5.0, seed=7)
+    scores = logits[B:] + 5.0 * (logits[:B] - logits[B:])
+    want = daid_mix_ref(torch.softmax(scores / 0.9, dim=-1), dist, tokens, active, 0.4, 0.6, dedup)
+    _, probs = _ext._C.daid_sample(
+        logits.numpy(), dist.numpy(), tokens.numpy(), active.numpy(), uniforms.numpy(),
+        guidance_scale=5.0, temperature=0.9, lam=0.4, tau=0.6, dedup=dedup, return_probs=True,
+    )
+    assert_close(torch.from_numpy(probs), want, what=f"DAiD probabilities ({dedup})")
+
+
+@needs_ext
+def test_daid_sample_uniform_extremes():
+    """u = 0 gives the first token with mass; u just below 1 the last one (never past the end)."""
+    V = 33
+    logits = torch.full((2, V), -1e4)
+    logits[:, [3, 20]] = 0.0  # only tokens 3 and 20 have mass
+    dist, tokens, active = torch.zeros(2, 1), torch.full((2, 1), -1), torch.ones(2, dtype=torch.bool)
+    uniforms = torch.tensor([0.0, 1.0 - 2**-24])
+    kw = dict(guidance_scale=None, temperature=1.0, lam=0.5, tau=0.6, dedup="nearest")
+    with use_backend("cpp"):
+        got = daid_sample(logits, dist, tokens, active, uniforms, **kw)
+    assert got.tolist() == daid_sample_ref(logits, dist, tokens, active, uniforms, **kw).tolist() == [3, 20]
 
 
 # ---------------------------------------------------------------- bad input through the bindings
@@ -281,4 +356,6 @@ def test_opcheck_custom_ops():
     torch.library.opcheck(_cpp._knn_op, (torch.randn(5, 12, generator=g), torch.randn(97, 12, generator=g), 7))
     tokens = torch.randint(-1, 50, (2, 35), generator=g)
     offsets = torch.tensor(KeyLayout().offsets, dtype=torch.int32)
+    logits, dist, hits, active, uniforms = _daid_inputs(3, 65, 9, 2.0, seed=3)
+    torch.library.opcheck(_cpp._daid_sample_op, (logits, dist, hits, active, uniforms, 2.0, 1.0, 0.1, 0.6, "sum"))
     torch.library.opcheck(_cpp._neighbor_keys_op, (tokens, torch.randn(50, 4, generator=g), torch.randint(0, 35, (2, 3), generator=g), offsets, 5, 7, True))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .._ext import _C, CUDA_EXT_ERROR, EXT_ERROR, HAS_CUDA_EXT, HAS_EXT
+from .daid import daid_sample_dispatcher
 from .knn import knn_dispatcher
 from .neighborhood import neighbor_keys_dispatcher
 
@@ -86,6 +87,42 @@ def _(queries, keys, k):
 @knn_dispatcher.register("cpp", check=_check_knn)
 def knn_cpp(queries, keys, k):
     return _knn_op(queries, keys, k)
+
+
+def _check_daid_sample(logits, dist, tokens, active, uniforms, *, guidance_scale, temperature, lam, tau, dedup):
+    return _unavailable(*(t for t in (logits, dist, tokens, active, uniforms) if t is not None))
+
+
+@torch.library.custom_op("arrag_kernels::daid_sample_cpp", mutates_args=())
+def _daid_sample_op(
+    logits: torch.Tensor,
+    dist: torch.Tensor,
+    tokens: torch.Tensor,
+    active: torch.Tensor,
+    uniforms: torch.Tensor | None,
+    guidance_scale: float | None,
+    temperature: float,
+    lam: float,
+    tau: float,
+    dedup: str,
+) -> torch.Tensor:
+    out = _C.daid_sample(
+        _np(logits, torch.float32), _np(dist, torch.float32), _np(tokens, torch.int64), _np(active, torch.bool),
+        None if uniforms is None else _np(uniforms, torch.float32),
+        guidance_scale=0.0 if guidance_scale is None else guidance_scale, temperature=temperature, lam=lam, tau=tau,
+        dedup=dedup, cfg=guidance_scale is not None,
+    )
+    return torch.from_numpy(out)
+
+
+@_daid_sample_op.register_fake
+def _(logits, dist, tokens, active, uniforms, guidance_scale, temperature, lam, tau, dedup):
+    return torch.empty(dist.shape[0], dtype=torch.int64, device=dist.device)
+
+
+@daid_sample_dispatcher.register("cpp", check=_check_daid_sample)
+def daid_sample_cpp(logits, dist, tokens, active, uniforms, *, guidance_scale, temperature, lam, tau, dedup):
+    return _daid_sample_op(logits, dist, tokens, active, uniforms, guidance_scale, temperature, lam, tau, dedup)
 
 
 def cuda_kselect(dist: torch.Tensor, ids: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:

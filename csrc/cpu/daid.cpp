@@ -72,6 +72,8 @@ void add_retrieval(const float* dist, const int64_t* tok, int64_t k, float tau, 
   }
 }
 
+// Inverse CDF like the reference (torch.cumsum accumulates fp32 in double on the CPU, then rounds
+// each prefix to fp32): the smallest v with cdf[v] > u * cdf[V-1], else V - 1.
 int64_t sample_row(const float* p, int64_t vocab, const float* u) {
   if (u == nullptr) {
     int64_t arg = 0;
@@ -79,17 +81,15 @@ int64_t sample_row(const float* p, int64_t vocab, const float* u) {
       if (p[v] > p[arg]) arg = v;
     return arg;
   }
-  float total = 0.0f;
+  double total = 0.0;
   for (int64_t v = 0; v < vocab; ++v) total += p[v];
-  const float target = *u * total;
-  float cum = 0.0f;
-  int64_t last_positive = 0;
+  const float target = *u * static_cast<float>(total);
+  double cum = 0.0;
   for (int64_t v = 0; v < vocab; ++v) {
     cum += p[v];
-    if (cum > target) return v;
-    if (p[v] > 0.0f) last_positive = v;
+    if (static_cast<float>(cum) > target) return v;
   }
-  return last_positive;  // u * total rounded up to the full sum: the last token with mass
+  return vocab - 1;
 }
 
 }  // namespace
