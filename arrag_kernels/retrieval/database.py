@@ -6,6 +6,11 @@ On disk a database is a directory with two files:
 * ``meta.json``: the key layout, codebook size and width, grid, key source, model fingerprint and
   the SHA-256 of the arrays file.
 
+An IVF-PQ database (``index="ivfpq"``) stores the official layout instead: ``faiss_ivf_pq_opq.index``
+(OPQ + IVF-PQ, ids 0..N-1) and ``next_codes.npy`` ((N,) int32 token ids), plus ``meta.json`` with
+their SHA-256 and, when the exact keys were kept (small databases), ``arrays.safetensors``. Such a
+database may hold no keys at all (``keys is None``): it is searched through its index only.
+
 Saving writes a complete temporary directory first and renames it into place, so a crash leaves
 either the previous database or none, never a half-written one.
 """
@@ -22,15 +27,20 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import KeyLayout
 from ..models import get_adapter
 from ..ops import feature_neighbor_keys
+from . import ivfpq_build
+from .faiss_index import INDEX_FILE, VALUES_FILE, IndexFormatError, import_faiss, inner_ivfpq, set_nprobe, validate_ivfpq
 from .images import iter_image_batches, normalise_image_source
 from .search import INDEX_TYPES, make_search
 
 FORMAT_VERSION = 1
+# index="ivfpq" builds keep the exact keys (in RAM and on disk) up to this many bytes by default.
+KEEP_KEYS_MAX_BYTES = 1 << 28
 KEY_SOURCES = ("latent", "codebook")
 _ARRAYS, _META = "arrays.safetensors", "meta.json"
 
@@ -74,6 +84,23 @@ class DatabaseMeta:
         )
 
 
+def _read_faiss_index(file: Path):
+    try:
+        return import_faiss().read_index(str(file))
+    except RuntimeError as e:
+        raise DatabaseError(f"{str(file)!r} is not a readable FAISS index: {str(e).splitlines()[0]}") from e
+
+
+def _read_values(file: Path) -> np.ndarray:
+    try:
+        values = np.load(file)
+    except (OSError, ValueError) as e:
+        raise DatabaseError(f"{str(file)!r} is not a readable .npy array: {e}") from e
+    if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
+        raise DatabaseError(f"{str(file)!r}: expected a 1-D integer array of token ids, got {values.dtype} {values.shape}")
+    return values
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -86,21 +113,42 @@ class PatchDatabase:
     """Keys (N, key_dim) and token-id values (N,) of real image patches, with their metadata.
 
     Build with :meth:`build`, persist with :meth:`save` / :meth:`load`, query with :meth:`retrieve`.
+    An ``index="ivfpq"`` database also holds a trained FAISS index (``index``) with one entry per
+    value, searched with ``nprobe`` lists; its ``keys`` may be None.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, meta: DatabaseMeta):
-        if keys.dim() != 2 or keys.shape[1] != meta.key_dim:
+    def __init__(self, keys: torch.Tensor | None, values: torch.Tensor, meta: DatabaseMeta, index=None,
+                 nprobe: int | None = None):
+        if (meta.index == "ivfpq") != (index is not None):
+            raise DatabaseError(f"a FAISS index is given exactly for index='ivfpq' databases, got index={meta.index!r} "
+                                f"with {'an' if index is not None else 'no'} index")
+        if keys is None and index is None:
+            raise DatabaseError("keys may be None only for an index='ivfpq' database (index-only)")
+        if values.dim() != 1:
+            raise DatabaseError(f"values must be (N,), got {tuple(values.shape)}")
+        if index is not None:
+            try:
+                nprobe = inner_ivfpq(index).nprobe if nprobe is None else nprobe
+                validate_ivfpq(index, values.cpu().numpy(), meta.key_dim, meta.codebook_size, nprobe)
+            except IndexFormatError as e:
+                raise DatabaseError(str(e)) from e
+            set_nprobe(index, nprobe)
+        if keys is None:
+            keys_shape = (values.shape[0], meta.key_dim)
+        elif keys.dim() != 2 or keys.shape[1] != meta.key_dim:
             raise DatabaseError(
                 f"keys must be (N, {meta.key_dim}) for layout {meta.layout} and embed_dim {meta.embed_dim}, "
                 f"got {tuple(keys.shape)}"
             )
-        if values.shape != (keys.shape[0],):
-            raise DatabaseError(f"values must be ({keys.shape[0]},) to match the keys, got {tuple(values.shape)}")
+        else:
+            keys_shape = tuple(keys.shape)
+        if values.shape != (keys_shape[0],):
+            raise DatabaseError(f"values must be ({keys_shape[0]},) to match the keys, got {tuple(values.shape)}")
         if meta.key_source not in KEY_SOURCES:
             raise DatabaseError(f"key_source: expected one of {KEY_SOURCES}, got {meta.key_source!r}")
         if meta.index not in INDEX_TYPES:
             raise DatabaseError(f"index: expected one of {INDEX_TYPES}, got {meta.index!r}")
-        if keys.shape[0] == 0:
+        if keys_shape[0] == 0:
             raise DatabaseError("a database needs at least one entry")
         if values.numel() and (int(values.min()) < 0 or int(values.max()) >= meta.codebook_size):
             raise DatabaseError(
@@ -110,10 +158,23 @@ class PatchDatabase:
         self.keys = keys
         self.values = values.long()
         self.meta = meta
+        self.index = index
         self._search = None
 
     def __len__(self) -> int:
-        return self.keys.shape[0]
+        return self.values.shape[0]
+
+    @property
+    def nprobe(self) -> int | None:
+        """IVF lists probed per query (``index="ivfpq"`` only, else None)."""
+        return None if self.index is None else inner_ivfpq(self.index).nprobe
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Probe ``nprobe`` IVF lists per query (set on the inner IVF, unlike the official code)."""
+        if self.index is None:
+            raise ValueError(f"nprobe applies to index='ivfpq' databases, this one is {self.meta.index!r}")
+        set_nprobe(self.index, nprobe)
+        self._search = None
 
     def __repr__(self) -> str:
         m = self.meta
@@ -135,6 +196,16 @@ class PatchDatabase:
         index: str = "flat",
         batch_size: int = 16,
         progress: bool = True,
+        path: str | os.PathLike | None = None,
+        nlist: int = 800,
+        m: int = 8,
+        nbits: int = 8,
+        opq: bool = True,
+        nprobe: int = 1,
+        train_size: int | None = None,
+        keep_keys: bool | None = None,
+        chunk_images: int = 1024,
+        resume: bool = True,
     ) -> "PatchDatabase":
         """Encode images with the model's own VQ tokenizer and collect one entry per kept target patch.
 
@@ -146,7 +217,17 @@ class PatchDatabase:
             key_source: "latent" (official: pre-quantisation encoder latents, L2-normalised per cell)
                 or "codebook" (normalised codebook vectors of the patches' token ids, exactly what
                 queries look like at decode time).
-            index: "flat" (exact search) or "faiss-flat" (faiss IndexFlatL2 on the CPU).
+            index: "flat" (exact search), "faiss-flat" (faiss IndexFlatL2 on the CPU) or "ivfpq"
+                (FAISS ``[OPQMatrix ->] IndexIVFPQ(IndexFlatL2)`` in the official layout, see below).
+
+        ``index="ivfpq"`` builds on disk at ``path`` (required) and returns the saved database:
+        keys are encoded in chunks of ``chunk_images`` images into a work directory next to
+        ``path`` (resumed when ``resume`` and the inputs match), ``train_size`` sampled keys train
+        ``nlist`` lists, ``m`` sub-quantizers of ``nbits`` bits and (``opq``) an OPQ rotation, the
+        chunks are added in order and the database replaces ``path`` atomically. ``keep_keys``
+        (default: when the keys take <= 256 MiB) keeps the exact keys too. Under
+        ``torch.distributed`` every rank encodes its share of the chunks and rank 0 trains,
+        fills and saves; every rank returns the saved database.
         """
         layout = KeyLayout(neighborhood=neighborhood, hops=hops, border=border)
         if key_source not in KEY_SOURCES:
@@ -161,17 +242,19 @@ class PatchDatabase:
 
         from tqdm.auto import tqdm
 
-        keys, values = [], []
-        bar = tqdm(total=count, desc="encoding images", unit="img", disable=not progress)
-        for batch in iter_image_batches(source, adapter.image_size, batch_size):
-            latents, tokens = adapter.encode(batch)
-            if key_source == "codebook":
-                latents = codebook[tokens]
-            k, valid = feature_neighbor_keys(latents.float(), layout)
-            keys.append(k[:, valid].reshape(-1, k.shape[-1]).cpu())
-            values.append(tokens.reshape(tokens.shape[0], -1)[:, valid].reshape(-1).cpu())
-            bar.update(batch.shape[0])
-        bar.close()
+        def encode(src, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = [], []
+            for batch in iter_image_batches(src, adapter.image_size, batch_size):
+                latents, tokens = adapter.encode(batch)
+                if key_source == "codebook":
+                    latents = codebook[tokens]
+                k, valid = feature_neighbor_keys(latents.float(), layout)
+                keys.append(k[:, valid].reshape(-1, k.shape[-1]).cpu())
+                values.append(tokens.reshape(tokens.shape[0], -1)[:, valid].reshape(-1).cpu())
+                if bar is not None:
+                    bar.update(batch.shape[0])
+            return torch.cat(keys), torch.cat(values)
+
         meta = DatabaseMeta(
             layout=layout,
             codebook_size=adapter.codebook_size,
@@ -182,7 +265,50 @@ class PatchDatabase:
             num_images=count,
             index=index,
         )
-        return cls(torch.cat(keys), torch.cat(values), meta)
+        if index == "ivfpq":
+            if path is None:
+                raise ValueError("index='ivfpq' builds on disk: pass path=<database directory>")
+            return cls._build_ivfpq(
+                Path(path), meta, count, source, lambda lo, hi: encode(source[lo:hi]),
+                dict(nlist=nlist, m=m, nbits=nbits, opq=opq), nprobe, train_size, keep_keys, chunk_images, resume,
+                progress,
+            )
+        with tqdm(total=count, desc="encoding images", unit="img", disable=not progress) as bar:
+            keys, values = encode(source, bar)
+        return cls(keys, values, meta)
+
+    @classmethod
+    def _build_ivfpq(cls, path, meta, count, source, encode, params, nprobe, train_size, keep_keys, chunk_images,
+                     resume, progress) -> "PatchDatabase":
+        """The chunked, resumable, optionally distributed IVF-PQ build (see :mod:`.ivfpq_build`)."""
+        import torch.distributed as dist
+
+        if chunk_images < 1:
+            raise ValueError(f"chunk_images must be >= 1, got {chunk_images}")
+        if path.exists() and not (path / _META).is_file():
+            raise FileExistsError(f"{str(path)!r} exists and is not a database directory; refusing to overwrite it")
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        manifest = {"meta": meta.to_dict(), "source": ivfpq_build.source_fingerprint(source),
+                    "chunk_images": chunk_images, "train_size": train_size, **params}
+        work = ivfpq_build.prepare_work_dir(path, manifest, resume, rank)
+        if distributed:
+            dist.barrier()
+        ivfpq_build.encode_chunks(work, count, chunk_images, encode, rank, world, progress)
+        if distributed:
+            dist.barrier()
+        if rank == 0:
+            sizes = ivfpq_build.chunk_sizes(work, len(range(0, count, chunk_images)))
+            if keep_keys is None:
+                keep_keys = sum(sizes) * meta.key_dim * 4 <= KEEP_KEYS_MAX_BYTES
+            index = ivfpq_build.load_or_train(work, sizes, train_size=train_size, **params)
+            values, keys = ivfpq_build.fill_ivfpq(index, lambda i: ivfpq_build.read_chunk(work, i), len(sizes),
+                                                  keep_keys, progress)
+            cls(keys, values, meta, index=index, nprobe=nprobe).save(path)
+            shutil.rmtree(work, ignore_errors=True)
+        if distributed:
+            dist.barrier()
+        return cls.load(path)
 
     # ---- persistence ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -196,9 +322,17 @@ class PatchDatabase:
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
             arrays = tmp / _ARRAYS
-            save_file({"keys": self.keys.float().cpu().contiguous(), "values": self.values.cpu().contiguous()}, str(arrays))
-            meta = {"format_version": FORMAT_VERSION, **self.meta.to_dict(), "num_entries": len(self),
-                    "arrays_sha256": _sha256(arrays)}
+            if self.keys is not None:
+                save_file({"keys": self.keys.float().cpu().contiguous(), "values": self.values.cpu().contiguous()},
+                          str(arrays))
+            meta = {"format_version": FORMAT_VERSION, **self.meta.to_dict(), "num_entries": len(self)}
+            if self.index is None:
+                meta["arrays_sha256"] = _sha256(arrays)
+            else:
+                import_faiss().write_index(self.index, str(tmp / INDEX_FILE))
+                np.save(tmp / VALUES_FILE, self.values.cpu().numpy().astype(np.int32))
+                files = [INDEX_FILE, VALUES_FILE] + ([_ARRAYS] if self.keys is not None else [])
+                meta["files_sha256"] = {name: _sha256(tmp / name) for name in files}
             with open(tmp / _META, "w") as f:
                 json.dump(meta, f, indent=2)
                 f.flush()
@@ -223,8 +357,8 @@ class PatchDatabase:
 
         path = Path(path)
         meta_file, arrays_file = path / _META, path / _ARRAYS
-        if not meta_file.is_file() or not arrays_file.is_file():
-            raise DatabaseError(f"{str(path)!r} is not a database directory (expected {_META} and {_ARRAYS})")
+        if not meta_file.is_file():
+            raise DatabaseError(f"{str(path)!r} is not a database directory (expected {_META})")
         try:
             raw = json.loads(meta_file.read_text())
             if raw.get("format_version") != FORMAT_VERSION:
@@ -236,6 +370,10 @@ class PatchDatabase:
             if isinstance(e, DatabaseError):
                 raise
             raise DatabaseError(f"{str(meta_file)!r} is corrupted or incomplete: {e!r}") from e
+        if meta.index == "ivfpq":
+            return cls._load_ivfpq(path, raw, meta, verify)
+        if not arrays_file.is_file():
+            raise DatabaseError(f"{str(path)!r} is not a database directory (expected {_META} and {_ARRAYS})")
         if verify and _sha256(arrays_file) != raw.get("arrays_sha256"):
             raise DatabaseError(
                 f"{str(arrays_file)!r} does not match the checksum in {_META}: the file is corrupted or was changed"
@@ -248,6 +386,58 @@ class PatchDatabase:
         if len(keys) != raw.get("num_entries"):
             raise DatabaseError(f"{str(path)!r}: {len(keys)} entries on disk, {raw.get('num_entries')} in {_META}")
         return cls(keys, values, meta)
+
+    @classmethod
+    def _load_ivfpq(cls, path: Path, raw: dict, meta: DatabaseMeta, verify: bool) -> "PatchDatabase":
+        checksums = raw.get("files_sha256") or {}
+        for name in (INDEX_FILE, VALUES_FILE):
+            if name not in checksums or not (path / name).is_file():
+                raise DatabaseError(f"{str(path)!r}: an ivfpq database needs {INDEX_FILE} and {VALUES_FILE} listed in {_META}")
+        if verify:
+            for name, digest in checksums.items():
+                if _sha256(path / name) != digest:
+                    raise DatabaseError(f"{str(path / name)!r} does not match the checksum in {_META}: corrupted or changed")
+        index = _read_faiss_index(path / INDEX_FILE)
+        values = torch.from_numpy(_read_values(path / VALUES_FILE))
+        keys = None
+        if _ARRAYS in checksums:
+            from safetensors.torch import load_file
+
+            keys = load_file(str(path / _ARRAYS))["keys"]
+        if len(values) != raw.get("num_entries"):
+            raise DatabaseError(f"{str(path)!r}: {len(values)} entries on disk, {raw.get('num_entries')} in {_META}")
+        return cls(keys, values, meta, index=index)
+
+    @classmethod
+    def from_official(
+        cls,
+        path: str | os.PathLike,
+        nprobe: int = 1,
+        codebook_size: int = 16384,
+        embed_dim: int = 8,
+        grid: tuple[int, int] = (24, 24),
+        patches_per_image: int = 506,
+    ) -> "PatchDatabase":
+        """Import a released AR-RAG database: ``faiss_ivf_pq_opq.index`` + ``next_codes.npy`` in ``path``.
+
+        The key layout is the official one (causal, hop 1, border skip: 4 x ``embed_dim`` = 32-d
+        latent keys). Checks: an (OPQ +) IVF-PQ index of dimension 32 with L2 metric, one token id
+        per entry in [0, ``codebook_size``), ``1 <= nprobe <= nlist``; ``nprobe`` is set on the
+        inner IVF. The database holds no exact keys (``keys is None``).
+        """
+        path = Path(path)
+        for name in (INDEX_FILE, VALUES_FILE):
+            if not (path / name).is_file():
+                raise DatabaseError(f"{str(path)!r}: expected the official files {INDEX_FILE} and {VALUES_FILE}, "
+                                    f"{name} is missing")
+        index = _read_faiss_index(path / INDEX_FILE)
+        values = _read_values(path / VALUES_FILE)
+        meta = DatabaseMeta(
+            layout=KeyLayout(), codebook_size=codebook_size, embed_dim=embed_dim, grid=tuple(grid),
+            key_source="latent", model_fingerprint="official", num_images=len(values) // patches_per_image,
+            index="ivfpq",
+        )
+        return cls(None, torch.from_numpy(values), meta, index=index, nprobe=nprobe)
 
     # ---- use ------------------------------------------------------------------------------
     def check_compatible(self, adapter) -> None:
@@ -272,9 +462,10 @@ class PatchDatabase:
     def to(self, device=None, dtype=None) -> "PatchDatabase":
         """Move keys and values (e.g. to the model's GPU); ``dtype`` sets the key storage type."""
         db = PatchDatabase.__new__(PatchDatabase)
-        db.keys = self.keys.to(device=device, dtype=dtype or self.keys.dtype)
+        db.keys = None if self.keys is None else self.keys.to(device=device, dtype=dtype or self.keys.dtype)
         db.values = self.values.to(device=device)
         db.meta = self.meta
+        db.index = self.index  # FAISS indexes stay on the host; device searches upload their arrays
         db._search = None
         return db
 
@@ -285,10 +476,11 @@ class PatchDatabase:
         if not 1 <= k <= len(self):
             raise ValueError(f"k = {k} is larger than the database ({len(self)} entries); use k <= {len(self)}")
         if self._search is None:
-            self._search = make_search(self.meta.index, self.keys)
+            self._search = make_search(self.meta.index, self.keys, self.index, self.nprobe)
         return self._search.search(queries, k)
 
     def retrieve(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`search` but returns the entries' token ids instead of their row ids."""
         dist, ids = self.search(queries, k)
-        return dist, self.values.to(ids.device)[ids]
+        # IVF-PQ pads missing neighbours with id -1 and distance FLT_MAX (weight 0 in DAiD): any token will do.
+        return dist, self.values.to(ids.device)[ids.clamp_min(0)]

@@ -1,0 +1,187 @@
+"""Resumable, multi-process building of IVF-PQ databases from key chunks kept on disk.
+
+A build runs in a work directory next to the target (``.<name>.partial``):
+
+1. **encode**: images are cut into global chunks of ``chunk_images``; each chunk's keys (float32)
+   and values (int32) go to ``chunk-<i>.safetensors`` (written to a temporary name, then renamed,
+   so a chunk file is complete or absent). Under ``torch.distributed`` rank r encodes the chunks
+   with ``i % world_size == r``; chunk files that already exist are not encoded again.
+2. **train**: a sample of ``train_size`` keys drawn from every chunk trains the index;
+   the trained, empty index is checkpointed to ``trained.index``.
+3. **fill**: rank 0 adds the chunks in order (ids 0..N-1 follow the image order) and saves the
+   database atomically; the work directory is removed only after that.
+
+``manifest.json`` records what the chunks were made from (image count and fingerprint, chunk size,
+key layout, index parameters); a work directory with another manifest is never reused.
+Memory stays bounded by one chunk plus the training sample plus the index itself (M bytes + 8 bytes
+of id per entry), unless the exact keys are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .faiss_index import import_faiss, make_ivfpq_index
+
+MANIFEST, TRAINED = "manifest.json", "trained.index"
+
+
+def work_dir(path: Path) -> Path:
+    return path.parent / f".{path.name}.partial"
+
+
+def _chunk_file(work: Path, i: int) -> Path:
+    return work / f"chunk-{i:06d}.safetensors"
+
+
+def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    write(str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def source_fingerprint(source) -> str:
+    """A cheap identity of an image source: tensor bytes, or file names + sizes + mtimes."""
+    h = hashlib.sha256()
+    if isinstance(source, torch.Tensor):
+        h.update(source.detach().cpu().contiguous().numpy().tobytes())
+    else:
+        for item in source:
+            if isinstance(item, (str, os.PathLike)):
+                st = os.stat(item)
+                h.update(f"{os.fspath(item)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            else:
+                h.update(f"{type(item).__name__}|{getattr(item, 'size', '')}\n".encode())
+    return h.hexdigest()
+
+
+def prepare_work_dir(path: Path, manifest: dict, resume: bool, rank: int) -> Path:
+    """Rank 0 creates (or checks, or resets) the work directory; callers barrier before other ranks use it."""
+    work = work_dir(path)
+    if rank != 0:
+        return work
+    if work.exists():
+        try:
+            old = json.loads((work / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if not resume or old != manifest:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / MANIFEST).is_file():
+        _atomic_write(work / MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=2)))
+    return work
+
+
+def encode_chunks(
+    work: Path,
+    num_images: int,
+    chunk_images: int,
+    encode: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+) -> int:
+    """Encode this rank's missing chunks; ``encode(lo, hi)`` returns keys (n, D) and values (n,) of images lo..hi-1.
+
+    Returns the number of chunks encoded by this call.
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    num_chunks = -(-num_images // chunk_images)
+    todo = [i for i in range(rank, num_chunks, world_size) if not _chunk_file(work, i).is_file()]
+    bar = tqdm(todo, desc=f"encoding chunks (rank {rank})", unit="chunk", disable=not progress, position=rank)
+    for i in bar:
+        keys, values = encode(i * chunk_images, min((i + 1) * chunk_images, num_images))
+        arrays = {"keys": keys.float().cpu().contiguous(), "values": values.to(torch.int32).cpu().contiguous()}
+        _atomic_write(_chunk_file(work, i), lambda p: save_file(arrays, p))
+    return len(todo)
+
+
+def read_chunk(work: Path, i: int) -> tuple[np.ndarray, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(_chunk_file(work, i)))
+    return arrays["keys"], arrays["values"]
+
+
+def chunk_sizes(work: Path, num_chunks: int) -> list[int]:
+    from safetensors import safe_open
+
+    sizes = []
+    for i in range(num_chunks):
+        f = _chunk_file(work, i)
+        if not f.is_file():
+            raise FileNotFoundError(f"chunk {i} ({str(f)!r}) is missing: did every rank finish encoding?")
+        with safe_open(str(f), framework="numpy") as s:
+            sizes.append(s.get_slice("values").get_shape()[0])
+    return sizes
+
+
+def train_ivfpq(
+    read: Callable[[int], np.ndarray],
+    sizes: list[int],
+    nlist: int,
+    m: int,
+    nbits: int,
+    opq: bool,
+    train_size: int | None = None,
+    seed: int = 0,
+):
+    """Train an empty index on a sample of ``train_size`` keys drawn proportionally from every chunk.
+
+    ``read(i)`` returns chunk i's keys (n_i, D) float32; ``sizes`` holds n_i. The default sample is
+    ``max(64 * nlist, 64 * 2**nbits)`` keys (FAISS wants >= 39 per centroid), capped at the total.
+    """
+    total = sum(sizes)
+    if total < nlist:
+        raise ValueError(f"cannot train {nlist} IVF lists on {total} keys: use nlist <= number of keys")
+    want = min(total, train_size or max(64 * nlist, 64 * (1 << nbits)))
+    rng = np.random.default_rng(seed)
+    sample = []
+    for i, n in enumerate(sizes):
+        take = min(n, -(-want * n // total))
+        if take:
+            keys = read(i)
+            sample.append(keys[np.sort(rng.choice(n, take, replace=False))])
+    sample = np.ascontiguousarray(np.concatenate(sample)[:want], dtype=np.float32)
+    index = make_ivfpq_index(sample.shape[1], nlist, m, nbits, opq)
+    index.train(sample)
+    return index
+
+
+def fill_ivfpq(index, read: Callable[[int], tuple[np.ndarray, np.ndarray]], num_chunks: int, keep_keys: bool,
+               progress: bool = True):
+    """Add every chunk in order; return (values (N,) int64 tensor, keys (N, D) float32 tensor or None)."""
+    from tqdm.auto import tqdm
+
+    values, keys = [], []
+    for i in tqdm(range(num_chunks), desc="adding to index", unit="chunk", disable=not progress):
+        k, v = read(i)
+        index.add(np.ascontiguousarray(k, dtype=np.float32))
+        values.append(torch.from_numpy(v.astype(np.int64)))
+        if keep_keys:
+            keys.append(torch.from_numpy(k))
+    return torch.cat(values), (torch.cat(keys) if keep_keys else None)
+
+
+def load_or_train(work: Path, sizes: list[int], nlist: int, m: int, nbits: int, opq: bool, train_size: int | None):
+    """The checkpointed trained index of ``work``, training and checkpointing it first if absent."""
+    faiss = import_faiss()
+    trained = work / TRAINED
+    if trained.is_file():
+        return faiss.read_index(str(trained))
+    index = train_ivfpq(lambda i: read_chunk(work, i)[0], sizes, nlist, m, nbits, opq, train_size)
+    _atomic_write(trained, lambda p: faiss.write_index(index, p))
+    return index

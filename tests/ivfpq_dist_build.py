@@ -1,0 +1,43 @@
+"""Two-process IVF-PQ build, launched by tests/test_ivfpq.py through ``python -m torch.distributed.run``.
+
+Usage: ``python -m torch.distributed.run --nproc_per_node 2 tests/ivfpq_dist_build.py OUT_DIR``
+"""
+
+import sys
+
+import faiss
+import torch
+import torch.distributed as dist
+
+import arrag_kernels as ak
+from arrag_kernels.models import get_adapter, tiny_janus
+
+faiss.omp_set_num_threads(1)
+
+
+class CountingAdapter:
+    """The tiny model's adapter, counting the images this rank encodes."""
+
+    def __init__(self, adapter):
+        self._adapter, self.encoded = adapter, 0
+
+    def __getattr__(self, name):
+        return getattr(self._adapter, name)
+
+    def encode(self, batch):
+        self.encoded += batch.shape[0]
+        return self._adapter.encode(batch)
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    adapter = CountingAdapter(get_adapter(tiny_janus(seed=0)))
+    images = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    db = ak.PatchDatabase.build(images, adapter, index="ivfpq", path=out, nlist=16, chunk_images=6,
+                                train_size=1000, progress=False)
+    print(f"rank {dist.get_rank()} encoded {adapter.encoded} images; database has {len(db)} entries", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

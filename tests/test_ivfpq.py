@@ -1,0 +1,283 @@
+"""IVF-PQ: device search (reference / Triton) vs faiss-cpu, recall vs exact, official import, nprobe,
+atomic / resumable / two-process builds, bad-input errors."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import arrag_kernels as ak
+from arrag_kernels.models import get_adapter
+from arrag_kernels.ops import knn_ref, use_backend
+from arrag_kernels.ops.ivfpq import FLT_MAX, ivfpq_search
+from arrag_kernels.retrieval.faiss_index import INDEX_FILE, VALUES_FILE, ivfpq_arrays, make_ivfpq_index, set_nprobe
+from arrag_kernels.retrieval.ivfpq_build import work_dir
+from arrag_kernels.retrieval.search import DeviceIVFPQSearch
+
+faiss = pytest.importorskip("faiss")
+# Two cores shared with torch: OpenMP spinning makes OPQ training ~20x slower with 2 faiss threads.
+faiss.omp_set_num_threads(1)
+
+BACKENDS = ["reference", "triton"]
+NLIST = 16
+
+
+def synthetic_keys(n: int, seed: int) -> np.ndarray:
+    """(n, 32) keys shaped like official ones: 4 unit-norm 8-d cells drawn around 64 shared cell centres."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((64, 8))
+    cells = centres[rng.integers(0, 64, (n, 4))] + 0.35 * rng.standard_normal((n, 4, 8))
+    cells /= np.linalg.norm(cells, axis=-1, keepdims=True)
+    return cells.reshape(n, 32).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return synthetic_keys(3001, seed=0)
+
+
+@pytest.fixture(scope="module")
+def index(keys):
+    """Official layout: OPQMatrix + IndexIVFPQ(IndexFlatL2), nlist 16, M 8, 8 bits."""
+    idx = make_ivfpq_index(32, NLIST, m=8, nbits=8, opq=True)
+    idx.train(keys)
+    idx.add(keys)
+    return idx
+
+
+@pytest.fixture(scope="module")
+def queries():
+    return torch.from_numpy(synthetic_keys(7, seed=1))
+
+
+def assert_same_neighbours(dist, ids, ref_dist, ref_ids, atol=1e-4, what=""):
+    """Equal up to ties: distances close position by position, and ids may differ only where the
+    distance lies within ``atol`` of a neighbouring distance (or of the k-th, at the boundary)."""
+    dist, ids, ref_dist, ref_ids = (torch.as_tensor(t).cpu() for t in (dist, ids, ref_dist, ref_ids))
+    assert dist.dtype == torch.float32 and ids.dtype == torch.int64
+    torch.testing.assert_close(dist, ref_dist, atol=atol, rtol=1e-5, msg=lambda m: f"{what}: distances differ\n{m}")
+    for q in range(ids.shape[0]):
+        if torch.equal(ids[q], ref_ids[q]):
+            continue
+        kth = ref_dist[q, -1].item()
+        for j in (ids[q] != ref_ids[q]).nonzero().flatten().tolist():
+            d = ref_dist[q, j].item()
+            tied = (ref_dist[q] - d).abs() <= atol
+            tied_ids = set(ref_ids[q][tied].tolist())
+            assert ids[q, j].item() in tied_ids or abs(d - kth) <= atol, (
+                f"{what}: query {q} position {j}: id {ids[q, j].item()} (d={dist[q, j].item():.6f}) vs faiss "
+                f"id {ref_ids[q, j].item()} (d={d:.6f}), not a tie"
+            )
+
+
+def faiss_search(index, queries, nprobe, k):
+    set_nprobe(index, nprobe)
+    d, i = index.search(queries.numpy(), k)
+    return torch.from_numpy(d), torch.from_numpy(i)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nprobe,k", [(1, 10), (3, 97), (NLIST, 2048), (1, 2048)], ids=lambda v: str(v))
+def test_device_search_matches_faiss(index, queries, backend, nprobe, k):
+    search = DeviceIVFPQSearch(ivfpq_arrays(index), nprobe, "cpu")
+    with use_backend(backend):
+        dist, ids = search.search(queries, k)
+    ref_dist, ref_ids = faiss_search(index, queries, nprobe, k)
+    # nprobe 1, k 2048: fewer candidates than k, padded like faiss with (FLT_MAX, -1)
+    assert torch.equal(ids == -1, ref_ids == -1) and torch.equal(dist == FLT_MAX, ref_ids == -1)
+    assert_same_neighbours(dist, ids, ref_dist, ref_ids, what=f"{backend} nprobe={nprobe} k={k}")
+
+
+def test_triton_equals_reference_bitwise_ids(index, queries):
+    search = DeviceIVFPQSearch(ivfpq_arrays(index), 5, "cpu")
+    with use_backend("reference"):
+        ref = search.search(queries, 64)
+    with use_backend("triton"):
+        out = search.search(queries, 64)
+    assert_same_neighbours(*out, *ref, atol=1e-5, what="triton vs reference")
+
+
+def test_recall_against_exact(index, keys, queries):
+    """recall@10 of IVF-PQ (faiss and the device search) vs exact search; grows with nprobe."""
+    k = 10
+    qs = torch.from_numpy(synthetic_keys(64, seed=2))
+    _, exact = knn_ref(qs, torch.from_numpy(keys), k)
+    recalls = {}
+    for nprobe in (1, 4, NLIST):
+        _, f_ids = faiss_search(index, qs, nprobe, k)
+        with use_backend("reference"):
+            _, d_ids = DeviceIVFPQSearch(ivfpq_arrays(index), nprobe, "cpu").search(qs, k)
+        hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(f_ids, exact)]
+        d_hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(d_ids, exact)]
+        recalls[nprobe] = sum(hits) / (k * len(qs))
+        assert abs(sum(d_hits) - sum(hits)) <= 2, "device search recall departs from faiss's"
+    print(f"\nIVF-PQ recall@{k} vs exact (3001 keys, nlist {NLIST}, M 8 x 8 bits, OPQ): {recalls}")
+    assert recalls[1] <= recalls[4] <= recalls[NLIST]
+    assert recalls[NLIST] >= 0.5, f"recall@{k} with every list probed is {recalls[NLIST]:.2f}, expected >= 0.5"
+
+
+def write_official(path: Path, index, values) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index, str(path / INDEX_FILE))
+    np.save(path / VALUES_FILE, np.asarray(values))
+    return path
+
+
+@pytest.fixture(scope="module")
+def official_dir(tmp_path_factory, index, keys):
+    set_nprobe(index, 1)  # the official build script saves nprobe = 1
+    values = np.random.default_rng(3).integers(0, 16384, len(keys)).astype(np.int32)
+    return write_official(tmp_path_factory.mktemp("official"), index, values), values
+
+
+def test_from_official_sets_nprobe_on_inner_ivf(official_dir, index, queries):
+    path, values = official_dir
+    results = {}
+    for nprobe in (1, 6):
+        db = ak.PatchDatabase.from_official(path, nprobe=nprobe)
+        assert db.keys is None and len(db) == len(values) and db.meta.key_dim == 32
+        assert faiss.extract_index_ivf(db.index).nprobe == nprobe == db.nprobe
+        dist, ids = db.search(queries, 20)
+        ref_dist, ref_ids = faiss_search(index, queries, nprobe, 20)
+        assert_same_neighbours(dist, ids, ref_dist, ref_ids, what=f"from_official nprobe={nprobe}")
+        with use_backend("triton"):
+            t_dist, t_ids = db.search(queries, 20)
+        assert_same_neighbours(t_dist, t_ids, ref_dist, ref_ids, what=f"triton, from_official nprobe={nprobe}")
+        tok_dist, tokens = db.retrieve(queries, 20)
+        assert torch.equal(tokens, torch.from_numpy(values.astype(np.int64))[ids])
+        results[nprobe] = ids
+    assert not torch.equal(results[1], results[6]), "nprobe had no effect on the results"
+
+
+def test_index_only_database_roundtrip(official_dir, queries, tmp_path):
+    db = ak.PatchDatabase.from_official(official_dir[0], nprobe=4)
+    db.save(tmp_path / "db")
+    assert sorted(p.name for p in (tmp_path / "db").iterdir()) == sorted(["meta.json", INDEX_FILE, VALUES_FILE])
+    back = ak.PatchDatabase.load(tmp_path / "db")
+    assert back.keys is None and back.nprobe == 4 and torch.equal(back.values, db.values)
+    assert_same_neighbours(*back.search(queries, 16), *db.search(queries, 16), atol=0, what="reloaded")
+    assert back.to("cpu").nprobe == 4 and len(back.to("cpu")) == len(db)
+
+
+def test_bad_official_inputs(tmp_path, index, keys):
+    good_values = np.zeros(len(keys), dtype=np.int32)
+    cases = []
+    wrong_dim = make_ivfpq_index(16, 4, m=4, opq=True)
+    wrong_dim.train(keys[:, :16].copy())
+    wrong_dim.add(keys[:, :16].copy())
+    cases.append((wrong_dim, good_values, {}, "index dimension is 16, expected 32"))
+    flat = faiss.IndexFlatL2(32)
+    flat.add(keys)
+    cases.append((flat, good_values, {}, "expected an IndexIVFPQ"))
+    bad_codes = good_values.copy()
+    bad_codes[5] = 16384
+    cases.append((index, bad_codes, {}, r"codes outside the codebook: range \[0, 16384\], expected \[0, 16384\)"))
+    cases.append((index, good_values[:-1], {}, rf"expected shape \({len(keys)},\), got \({len(keys) - 1},\)"))
+    cases.append((index, good_values, {"nprobe": NLIST + 1}, rf"nprobe = {NLIST + 1} exceeds the index's nlist = {NLIST}"))
+    for i, (idx, values, kwargs, message) in enumerate(cases):
+        path = write_official(tmp_path / f"case{i}", idx, values)
+        with pytest.raises(ak.DatabaseError, match=message):
+            ak.PatchDatabase.from_official(path, **kwargs)
+    with pytest.raises(ak.DatabaseError, match="faiss_ivf_pq_opq.index is missing"):
+        ak.PatchDatabase.from_official(tmp_path / "case0" / "nowhere")
+
+
+class CrashingAdapter:
+    """The tiny model's adapter; ``encode`` raises after ``crash_after`` calls (None: never) and counts images."""
+
+    def __init__(self, adapter, crash_after=None):
+        self._adapter, self.crash_after, self.calls, self.images = adapter, crash_after, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self._adapter, name)
+
+    def encode(self, batch):
+        if self.crash_after is not None and self.calls >= self.crash_after:
+            raise KeyboardInterrupt("simulated crash")
+        self.calls += 1
+        self.images += batch.shape[0]
+        return self._adapter.encode(batch)
+
+
+def test_build_is_atomic_and_resumable(tiny_model, tiny_images, tmp_path):
+    path = tmp_path / "db"
+    params = dict(index="ivfpq", path=path, nlist=NLIST, chunk_images=4, batch_size=4, train_size=1000, progress=False)
+    adapter = get_adapter(tiny_model)
+    first = ak.PatchDatabase.build(tiny_images[:8], adapter, **params)
+    assert first.keys is not None and len(first) == 8 * 42
+
+    crashing = CrashingAdapter(adapter, crash_after=3)
+    with pytest.raises(KeyboardInterrupt):
+        ak.PatchDatabase.build(tiny_images[8:24], crashing, **params)
+    # the previous database is intact; the partial state holds the 3 finished chunks
+    survivor = ak.PatchDatabase.load(path)
+    assert torch.equal(survivor.values, first.values) and torch.equal(survivor.keys, first.keys)
+    assert len(list(work_dir(path).glob("chunk-*.safetensors"))) == 3
+
+    resumed_adapter = CrashingAdapter(adapter)
+    resumed = ak.PatchDatabase.build(tiny_images[8:24], resumed_adapter, **params)
+    assert resumed_adapter.images == 4, "the resumed build re-encoded finished chunks"
+    assert not work_dir(path).exists()
+    flat = ak.PatchDatabase.build(tiny_images[8:24], adapter, progress=False)
+    assert torch.equal(resumed.keys, flat.keys) and torch.equal(resumed.values, flat.values)
+    assert resumed.index.ntotal == len(flat) and ak.PatchDatabase.load(path).index.ntotal == len(flat)
+
+    # other inputs never reuse a stale partial state
+    with pytest.raises(KeyboardInterrupt):
+        ak.PatchDatabase.build(tiny_images[:16], CrashingAdapter(adapter, crash_after=1), **params)
+    fresh_adapter = CrashingAdapter(adapter)
+    ak.PatchDatabase.build(tiny_images[8:24], fresh_adapter, **params)
+    assert fresh_adapter.images == 16
+
+
+def test_index_only_build(tiny_model, tiny_images, tmp_path, queries):
+    db = ak.PatchDatabase.build(tiny_images[:8], tiny_model, index="ivfpq", path=tmp_path / "db", nlist=NLIST,
+                                keep_keys=False, nprobe=3, train_size=1000, progress=False)
+    assert db.keys is None and db.nprobe == 3 and not (tmp_path / "db" / "arrays.safetensors").exists()
+    with pytest.raises(ValueError, match="holds none"):
+        ak.retrieval.search.make_search("flat", db.keys)
+    dist, tokens = db.retrieve(queries, 5)
+    assert dist.shape == tokens.shape == (7, 5) and tokens.dtype == torch.int64
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_build(tiny_model, tiny_images, tmp_path):
+    out = tmp_path / "dist_db"
+    script = Path(__file__).with_name("ivfpq_dist_build.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(script), str(out)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank "))
+    # 24 images in chunks of 6: rank 0 encodes chunks 0 and 2, rank 1 chunks 1 and 3
+    assert lines == [f"rank {r} encoded 12 images; database has {24 * 42} entries" for r in (0, 1)], proc.stdout
+    merged = ak.PatchDatabase.load(out)
+    single = ak.PatchDatabase.build(tiny_images, tiny_model, index="ivfpq", path=tmp_path / "single", nlist=NLIST,
+                                    chunk_images=6, train_size=1000, progress=False)
+    assert torch.equal(merged.keys, single.keys) and torch.equal(merged.values, single.values)
+    q = single.keys[::97].contiguous()
+    assert_same_neighbours(*merged.search(q, 8), *single.search(q, 8), atol=0, what="two-process vs single build")
+
+
+def test_device_search_input_errors(index, queries):
+    a = ivfpq_arrays(index)
+    args = [a[n] for n in ("rotation", "centroids", "codebooks", "term1", "codes", "ids", "offsets")]
+    with pytest.raises(ValueError, match=r"queries must be \(Q, 32\), got \(7, 16\)"):
+        ivfpq_search(queries[:, :16], *args, 1, 10, 500)
+    with pytest.raises(ValueError, match=rf"nprobe must be in \[1, min\(2048, nlist = {NLIST}\)\], got {NLIST + 1}"):
+        ivfpq_search(queries, *args, NLIST + 1, 10, 500)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 2048\], got 2049"):
+        ivfpq_search(queries, *args, 1, 2049, 500)
