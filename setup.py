@@ -127,8 +127,10 @@ class CMakeBuild(build_ext):
             return {"cuda_reason": f"CUDA build failed with {nvcc}"}
 
     def _cmake(self, cmake: str, cuda: bool, nvcc: str | None = None) -> None:
-        import pybind11
-
+        try:
+            import pybind11
+        except ImportError as e:
+            raise RuntimeError("pybind11 is not installed in the build environment (pip install pybind11)") from e
         build_dir = Path(self.build_temp).resolve() / ("cmake-cuda" if cuda else "cmake-cpu")
         build_dir.mkdir(parents=True, exist_ok=True)
         args = [
