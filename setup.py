@@ -80,6 +80,9 @@ class CMakeBuild(build_ext):
         inplace = self.inplace or getattr(self, "editable_mode", False)
         self._out_dir = Path(self.get_ext_fullpath("arrag_kernels._C")).parent if not inplace else ROOT / "arrag_kernels"
         self._out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self._out_dir.glob("*.so"):  # outputs of an earlier build must not outlive a skipped one
+            if stale.name.startswith(("_C.", "libarrag_kernels")):
+                stale.unlink()
         info = {"ext": False, "cuda": False, "reason": "", "cuda_reason": ""}
         mode = _flag("ARRAG_KERNELS_BUILD_EXT")
         if mode == "0":
