@@ -1,0 +1,204 @@
+"""Fine-tuning FAiD blenders (AR-RAG recipe: CE on image tokens, K retrieved tokens per position).
+
+One training sequence is ``prompt + image tokens 0..N-2`` (teacher forcing, conditional rows only):
+the hidden state at prompt position P-1+j predicts grid cell j, and the normalised input of image
+token u (sequence position P+u) is context cell u. Each target position j is paired with the K
+database entries nearest to its neighbourhood query (the same query as at decode time).
+
+Memory-efficient formulation (``formulation="dense"``, default, :func:`blend_dense`): the context
+term of every position is one masked convolution of the whole map with the composed, hop-mixed
+taps, and the centre term one per-position product, so activations are O(N K D) instead of the
+literal O(N K (2R+1)^2 D) of K copies of every window (``formulation="literal"``, kept to measure
+the difference).
+
+LoRA on q/v uses ``peft`` (optional); the generation head can be trained too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from ..config import DAiDConfig
+from ..decoding import DAiDSampler
+from ..models import get_adapter
+from ..ops import neighbor_keys
+from .modules import FAiDBlenders, blend_dense, blend_literal
+
+FORMULATIONS = ("dense", "literal")
+
+
+class FAiDTrainer:
+    """Trains ``blenders`` (and optionally LoRA q/v adapters and the generation head) on ``model``.
+
+    Args:
+        model: HF ``JanusForConditionalGeneration`` (its base weights stay frozen).
+        db: :class:`arrag_kernels.PatchDatabase` for the model's grid; retrieval uses ``blenders.config.k``.
+        blenders: the :class:`FAiDBlenders` to train (e.g. ``FAiDBlenders.for_model(model, cfg)``).
+        lr: AdamW learning rate (paper: 2e-4).
+        lora_rank: > 0 adds LoRA of this rank on q_proj / v_proj through ``peft`` (must be installed).
+        train_head: also train ``generation_head``.
+        formulation: "dense" (memory-efficient) or "literal" (official K conv stacks).
+    """
+
+    def __init__(self, model, db, blenders: FAiDBlenders, lr: float = 2e-4, lora_rank: int = 0,
+                 train_head: bool = False, formulation: str = "dense"):
+        if formulation not in FORMULATIONS:
+            raise ValueError(f"formulation: expected one of {FORMULATIONS}, got {formulation!r}")
+        self.model, self.blenders, self.formulation = model, blenders, formulation
+        self.adapter = get_adapter(model)
+        self.retriever = DAiDSampler(db, DAiDConfig(k=blenders.config.k), self.adapter)
+        self.grid = self.retriever.grid
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = list(blenders.parameters())
+        if lora_rank > 0:
+            params += _add_lora(self.adapter.language_model, lora_rank)
+        if train_head:
+            params += list(self.adapter.generation_head.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=lr)
+
+    @torch.no_grad()
+    def retrieve_all(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N) ground-truth tokens -> retrieved ids (B, N, K) and valid (B, N) bool, every position."""
+        B, N = tokens.shape
+        r = self.retriever
+        positions = torch.arange(N, device=tokens.device).expand(B, N)
+        queries, valid = neighbor_keys(tokens, r.codebook, positions, r.grid, r.layout)
+        _, ids = r.db.retrieve(queries.reshape(B * N, -1), r.config.k)
+        ids = ids.view(B, N, -1)
+        return ids, valid & (ids >= 0).all(dim=-1)
+
+    def loss(self, prompt_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean CE of the image tokens ``tokens`` (B, N) after prompts ``prompt_ids`` (B, P)."""
+        B, N = tokens.shape
+        if N != self.grid[0] * self.grid[1]:
+            raise ValueError(f"tokens must be (B, {self.grid[0] * self.grid[1]}) for grid {self.grid}, got {tuple(tokens.shape)}")
+        ids, valid = self.retrieve_all(tokens)
+        prompt = self.model.get_input_embeddings()(prompt_ids)
+        image = self.adapter.embed_image_tokens(tokens[:, :-1])
+        embeds = torch.cat([prompt, image], dim=1)
+        P = prompt_ids.shape[1]
+        features = self.adapter.embed_image_tokens(ids)  # (B, N, K, D)
+        with _training_hooks(self, features, valid.unsqueeze(-1).to(features.dtype), P):
+            out = self.adapter.language_model(inputs_embeds=embeds, use_cache=False)
+        hidden = out.last_hidden_state[:, P - 1 : P - 1 + N]
+        logits = self.adapter.image_logits(hidden)
+        return F.cross_entropy(logits.reshape(B * N, -1).float(), tokens.reshape(-1))
+
+    def step(self, prompt_ids: torch.Tensor, tokens: torch.Tensor) -> float:
+        """One optimisation step; returns the loss before the update."""
+        self.blenders.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(prompt_ids, tokens)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+
+@contextlib.contextmanager
+def _training_hooks(trainer: FAiDTrainer, features, valid, prompt_len: int):
+    """Hooks adding ``blended`` at every image-predicting position of a full teacher-forced sequence."""
+    H, W = trainer.grid
+    N = H * W
+    layers = trainer.adapter.language_model.layers
+    state = {"features": features, "context": {}}
+
+    def capture(i):
+        def hook(module, args, output):
+            cells = output[:, prompt_len:]  # context cells 0..N-2 (cell N-1 is never anyone's context)
+            cells = F.pad(cells, (0, 0, 0, N - cells.shape[1]))
+            state["context"][i] = cells.reshape(cells.shape[0], H, W, -1)
+
+        return hook
+
+    def blend(i):
+        def hook(module, args, output):
+            layer = trainer.blenders.layer(i)
+            e = layer.retrieval_layernorm(state["features"])
+            ctx = state["context"][i]
+            if trainer.formulation == "dense":
+                blended, hhat = blend_dense(layer, ctx, e)
+            else:
+                positions = torch.arange(N, device=ctx.device).expand(ctx.shape[0], N)
+                blended, hhat = blend_literal(layer, ctx, positions, e)
+            state["features"] = hhat
+            attn = output[0]
+            delta = F.pad(blended * valid, (0, 0, prompt_len - 1, attn.shape[1] - (prompt_len - 1 + N)))
+            return (attn + delta.to(attn.dtype), *output[1:])
+
+        return hook
+
+    handles = []
+    try:
+        for i in trainer.blenders.layer_ids:
+            handles.append(layers[i].input_layernorm.register_forward_hook(capture(i)))
+            handles.append(layers[i].self_attn.register_forward_hook(blend(i)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _add_lora(language_model, rank: int) -> list:
+    """LoRA (rank ``rank``, alpha = 2 * rank) on q_proj / v_proj through peft; returns its parameters."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise ImportError("lora_rank > 0 needs the 'peft' package: pip install peft (or use lora_rank=0)") from e
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"]), language_model)
+    return [p for n, p in language_model.named_parameters() if "lora_" in n]
+
+
+def saved_activation_bytes(fn) -> tuple[object, int]:
+    """Run ``fn()`` and count the bytes autograd saves for backward (activation memory)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+def encode_images(model, images, batch_size: int = 16) -> torch.Tensor:
+    """Training targets: (B, N) token ids of images (folder, paths or a (B, 3, S, S) tensor in [-1, 1])."""
+    from ..retrieval.images import iter_image_batches, normalise_image_source
+
+    adapter = get_adapter(model)
+    _, source = normalise_image_source(images)
+    out = [adapter.encode(batch)[1].flatten(1) for batch in iter_image_batches(source, adapter.image_size, batch_size)]
+    return torch.cat(out)
+
+
+def train_faid(model, db, config, images, prompt_ids: torch.Tensor, steps: int = 100, batch_size: int = 4,
+               lr: float = 2e-4, lora_rank: int = 0, train_head: bool = False, seed: int = 0,
+               log=print) -> tuple[FAiDBlenders, list[float]]:
+    """Train fresh blenders for ``config`` on ``images`` with one prompt row per image or a shared (1, P) prompt.
+
+    Returns the trained blenders and the loss of every step.
+    """
+    torch.manual_seed(seed)
+    tokens = encode_images(model, images).to(db.keys.device)
+    prompts = prompt_ids.to(tokens.device)
+    if prompts.shape[0] == 1:
+        prompts = prompts.expand(tokens.shape[0], -1)
+    elif prompts.shape[0] != tokens.shape[0]:
+        raise ValueError(f"prompt_ids: expected 1 or {tokens.shape[0]} rows (one per image), got {prompts.shape[0]}")
+    blenders = FAiDBlenders.for_model(model, config)
+    trainer = FAiDTrainer(model, db, blenders, lr=lr, lora_rank=lora_rank, train_head=train_head)
+    losses = []
+    g = torch.Generator().manual_seed(seed)
+    for s in range(steps):
+        idx = torch.randint(0, tokens.shape[0], (min(batch_size, tokens.shape[0]),), generator=g).to(tokens.device)
+        losses.append(trainer.step(prompts[idx], tokens[idx]))
+        log(f"step {s + 1}/{steps}: loss {losses[-1]:.4f}")
+    return blenders.eval(), losses
