@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 # Modules with an ``add_subcommands(subparsers)`` function, imported lazily.
-_SUBCOMMAND_PROVIDERS: list[str] = []
+_SUBCOMMAND_PROVIDERS: list[str] = [
+    "arrag_kernels.faid.cli",
+]
 
 
 def _load_model(spec: str, device: str):
@@ -45,12 +47,25 @@ def _cmd_build_db(args):
     import arrag_kernels as ak
 
     model, _ = _load_model(args.model, args.device)
-    db = ak.PatchDatabase.build(
-        args.images, model, neighborhood=args.neighborhood, hops=args.hops, border=args.border,
-        key_source=args.key_source, batch_size=args.batch_size,
-    )
+    kwargs = dict(neighborhood=args.neighborhood, hops=args.hops, border=args.border, key_source=args.key_source,
+                  batch_size=args.batch_size, index=args.index)
+    if args.index == "ivfpq":  # built on disk: chunked, resumable, saved atomically at --out
+        db = ak.PatchDatabase.build(args.images, model, path=args.out, nlist=args.nlist, m=args.m, nbits=args.nbits,
+                                    opq=args.opq, nprobe=args.nprobe, chunk_images=args.chunk_images, **kwargs)
+        print(f"wrote {db} (nlist {args.nlist}, nprobe {db.nprobe}) to {args.out}")
+        return
+    db = ak.PatchDatabase.build(args.images, model, **kwargs)
     path = db.save(args.out)
     print(f"wrote {db} to {path}")
+
+
+def _cmd_import_official(args):
+    import arrag_kernels as ak
+
+    db = ak.PatchDatabase.from_official(args.dir, nprobe=args.nprobe, codebook_size=args.codebook_size)
+    print(f"{args.dir}: {db}, nprobe {db.nprobe} (set on the inner IVF)")
+    if args.out:
+        print(f"wrote {db.save(args.out)}")
 
 
 def _prompt_inputs(args, model, processor):
@@ -123,7 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--key-source", choices=["latent", "codebook"], default="latent")
     b.add_argument("--batch-size", type=int, default=16)
     b.add_argument("--device", default="cpu")
+    b.add_argument("--index", choices=["flat", "faiss-flat", "ivfpq"], default="flat",
+                   help="flat (exact), faiss-flat, or ivfpq (FAISS OPQ + IVF-PQ, official layout; needs faiss)")
+    b.add_argument("--nlist", type=int, default=800, help="ivfpq: IVF lists (official: 800)")
+    b.add_argument("--m", type=int, default=8, help="ivfpq: PQ sub-quantizers (official: 8)")
+    b.add_argument("--nbits", type=int, default=8, help="ivfpq: bits per PQ code (official: 8)")
+    b.add_argument("--opq", action=argparse.BooleanOptionalAction, default=True, help="ivfpq: OPQ rotation (official: on)")
+    b.add_argument("--nprobe", type=int, default=1, help="ivfpq: lists probed per query, saved with the index")
+    b.add_argument("--chunk-images", type=int, default=1024, help="ivfpq: images per resumable chunk")
     b.set_defaults(func=_cmd_build_db)
+
+    o = sub.add_parser("import-official", help="validate a released AR-RAG database (faiss_ivf_pq_opq.index + "
+                       "next_codes.npy) and optionally save it as a database directory")
+    o.add_argument("dir", help="directory holding faiss_ivf_pq_opq.index and next_codes.npy")
+    o.add_argument("--nprobe", type=int, default=1, help="lists probed per query (set on the inner IVF)")
+    o.add_argument("--codebook-size", type=int, default=16384, help="VQ codebook size (Janus-Pro: 16384)")
+    o.add_argument("--out", help="database directory to write (atomically); omit to only validate")
+    o.set_defaults(func=_cmd_import_official)
 
     g = sub.add_parser("generate", help="generate images from prompts, optionally with DAiD")
     g.add_argument("--model", default="tiny", help="'tiny' or a local Janus checkpoint directory")

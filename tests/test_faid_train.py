@@ -68,3 +68,30 @@ def test_lora_needs_peft(setup):
             FAiDTrainer(model, db, FAiDBlenders.for_model(model, CFG), lora_rank=4)
     else:
         pytest.skip("peft is installed; LoRA training is exercised on real runs")
+
+
+def test_cli_train_and_convert(tiny_images, tmp_path):
+    """``train-faid`` on the tiny model, then ``convert`` of the result written in the official layout."""
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    from arrag_kernels.cli import main
+
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for i, img in enumerate(tiny_images[:4]):
+        arr = ((img.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()
+        Image.fromarray(arr).save(img_dir / f"{i}.png")
+    model = tiny_janus(seed=0)
+    ak.PatchDatabase.build(img_dir, model, progress=False).save(tmp_path / "db")
+    out = tmp_path / "b.safetensors"
+    assert main(["train-faid", "--db", str(tmp_path / "db"), "--images", str(img_dir), "--out", str(out),
+                 "--k", "4", "--steps", "2", "--batch-size", "2"]) == 0
+    official = {f"language_model.model.{k}": v for k, v in load_file(str(out)).items()}
+    save_file(official, str(tmp_path / "official.safetensors"))
+    assert main(["convert", str(tmp_path / "official.safetensors"), "--out", str(tmp_path / "c.safetensors"),
+                 "--num-layers", "2", "--hidden-size", "64", "--k", "4"]) == 0
+    a, b = load_file(str(out)), load_file(str(tmp_path / "c.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["convert", str(tmp_path / "official.safetensors"), "--out", str(tmp_path / "x.safetensors"),
+                 "--num-layers", "2", "--hidden-size", "32"]) == 2  # wrong width: clear error, exit 2

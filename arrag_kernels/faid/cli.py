@@ -1,0 +1,59 @@
+"""FAiD commands: ``train-faid`` (fine-tune blenders) and ``convert`` (official checkpoint -> ours)."""
+
+from __future__ import annotations
+
+
+def _cmd_train_faid(args):
+    import torch
+
+    import arrag_kernels as ak
+    from arrag_kernels.cli import _load_model
+    from arrag_kernels.faid import FAiDConfig, save_blenders
+    from arrag_kernels.faid.train import train_faid
+
+    model, _ = _load_model(args.model, args.device)
+    db = ak.PatchDatabase.load(args.db)
+    bos = model.generation_config.bos_token_id
+    boi = model.generation_config.generation_kwargs.get("boi_token_id")
+    ids = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else [bos, boi]
+    config = FAiDConfig(k=args.k, hops=args.hops, blenders=args.blenders)
+    blenders, losses = train_faid(model, db, config, args.images, torch.tensor([ids]), steps=args.steps,
+                                  batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank,
+                                  train_head=args.train_head, seed=args.seed)
+    path = save_blenders(blenders, args.out)
+    print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; wrote blenders to {path}")
+
+
+def _cmd_convert(args):
+    from arrag_kernels.faid import convert_official
+
+    path = convert_official(args.checkpoint, args.out, num_layers=args.num_layers, hidden_size=args.hidden_size, k=args.k)
+    print(f"wrote blenders to {path}")
+
+
+def add_subcommands(subparsers) -> None:
+    p = subparsers.add_parser("train-faid", help="fine-tune FAiD blenders on images (CE on image tokens)")
+    p.add_argument("--model", default="tiny", help="'tiny' or a local HF Janus checkpoint directory")
+    p.add_argument("--db", required=True, help="database directory (arrag-kernels build-db)")
+    p.add_argument("--images", required=True, help="folder of training images")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--prompt-ids", default=None, help="comma-separated prompt ids (default: BOS,BOI)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--hops", default="12")
+    p.add_argument("--blenders", type=int, default=2)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA on q/v via peft")
+    p.add_argument("--train-head", action="store_true", help="also train generation_head")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_train_faid)
+
+    c = subparsers.add_parser("convert", help="official AR-RAG FAiD checkpoint -> arrag_kernels blender file")
+    c.add_argument("checkpoint", help="official .safetensors / .bin (DeepSeek-Janus naming)")
+    c.add_argument("--out", required=True, help="output .safetensors file")
+    c.add_argument("--num-layers", type=int, required=True, help="decoder layers of the model (Janus-Pro-1B: 24)")
+    c.add_argument("--hidden-size", type=int, required=True, help="hidden size (Janus-Pro-1B: 2048)")
+    c.add_argument("--k", type=int, default=10, help="retrieved tokens per step stored in the file's config")
+    c.set_defaults(func=_cmd_convert)
