@@ -9,6 +9,7 @@ from transformers import DynamicCache, GenerationConfig
 
 import arrag_kernels as ak
 from arrag_kernels.models import get_adapter, tiny_prompt_ids
+from tests.janus_reference import teacher_forced_cfg_probs
 
 
 def _gen(do_sample, **kw):
@@ -93,18 +94,8 @@ def test_merged_distribution_matches_independent_computation(tiny_model, db):
         tokens = _generate(tiny_model, ids, do_sample=True, seed=2, top_k=0)
     assert len(recorded) == 42
 
-    # Independent model distribution: one forward over prompt + image tokens, CFG rows built by hand.
-    m = tiny_model.model
-    B, S = ids.shape
-    uncond = ids.clone()
-    uncond[:, 1:-1] = 0  # pad everything but BOS and BOI
-    prompt_emb = tiny_model.get_input_embeddings()(torch.cat([ids, uncond]))
-    img_emb = tiny_model.prepare_embeddings_for_image_generation(torch.cat([tokens, tokens]))
-    with torch.no_grad():
-        h = m.language_model(inputs_embeds=torch.cat([prompt_emb, img_emb], 1)).last_hidden_state
-        logits = m.generation_head(h[:, S - 1 : S - 1 + 64])  # position S-1+i predicts image token i
-    guided = logits[B:] + 5.0 * (logits[:B] - logits[B:])
-    p_model = torch.softmax(guided.double(), -1)
+    p_model = teacher_forced_cfg_probs(tiny_model, ids, tokens)
+    B = ids.shape[0]
     codebook = get_adapter(tiny_model).codebook()
     for step, got in recorded.items():
         for b in range(B):

@@ -3,5 +3,6 @@
 from .daid import DAiDSampler
 from .hf_generate import hf_image_generate
 from .loop import DecodeStats, decode_image_tokens
+from .static import StaticImageDecoder, StaticKVCache
 
-__all__ = ["DAiDSampler", "DecodeStats", "decode_image_tokens", "hf_image_generate"]
+__all__ = ["DAiDSampler", "DecodeStats", "StaticImageDecoder", "StaticKVCache", "decode_image_tokens", "hf_image_generate"]

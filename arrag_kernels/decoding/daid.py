@@ -28,9 +28,16 @@ class DAiDSampler:
         self.codebook = tokenizer.codebook().to(device=device, dtype=torch.float32)
         self.retrieves_at = retrieval_positions(self.grid, self.layout).tolist()
 
-    def retrieve(self, tokens: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Nearest entries for position ``step`` of each image: (dist (B, k), token ids (B, k), valid (B,))."""
-        positions = torch.full((tokens.shape[0],), step, dtype=torch.long, device=tokens.device)
+    def retrieve(self, tokens: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Nearest entries for position ``step`` of each image: (dist (B, k), token ids (B, k), valid (B,)).
+
+        ``step`` is an int, or a (B,) device tensor of positions (read on the device only, so the call
+        can be captured in a CUDA graph).
+        """
+        if isinstance(step, torch.Tensor):
+            positions = step
+        else:
+            positions = torch.full((tokens.shape[0],), step, dtype=torch.long, device=tokens.device)
         queries, valid = neighbor_keys(tokens, self.codebook, positions, self.grid, self.layout)
         dist, ret_tokens = self.db.retrieve(queries, self.config.k)
         return dist, ret_tokens, valid

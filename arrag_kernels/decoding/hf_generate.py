@@ -13,6 +13,9 @@ import logging
 import torch
 
 from .loop import DecodeStats, decode_image_tokens
+from .static import StaticImageDecoder, fusable_cfg
+
+LOOPS = ("dynamic", "static", "cuda-graph")
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +31,17 @@ def hf_image_generate(
     logits_processor=None,
     stats: DecodeStats | None = None,
     progress: bool = False,
+    loop: str = "dynamic",
     **kwargs,
 ) -> torch.Tensor:
-    """Generate (B * num_return_sequences, H * W) image tokens for prompt ids ``inputs``."""
+    """Generate (B * num_return_sequences, H * W) image tokens for prompt ids ``inputs``.
+
+    ``loop="dynamic"`` (default) samples with ``torch.multinomial`` exactly like HF; ``"static"``
+    and ``"cuda-graph"`` run :class:`StaticImageDecoder` (pre-allocated buffers, inverse-CDF
+    sampling with up-front uniforms; the latter records one step in a CUDA graph and replays it).
+    """
+    if loop not in LOOPS:
+        raise ValueError(f"loop: expected one of {LOOPS}, got {loop!r}")
     from transformers.generation import ClassifierFreeGuidanceLogitsProcessor, GenerationMode, LogitsProcessorList
 
     kwargs.pop("generation_mode", None)
@@ -91,6 +102,12 @@ def hf_image_generate(
         return logits_processor(input_ids, scores)
 
     num_tokens = decoder.grid[0] * decoder.grid[1]
+    if loop != "dynamic":
+        if stats is not None or progress:
+            raise ValueError(f"stats and progress are reported by loop='dynamic' only, not {loop!r}")
+        static = StaticImageDecoder(decoder, process_logits, fused_cfg=fusable_cfg(logits_processor) if use_cfg else None,
+                                    daid=daid, faid=faid, cuda_graph=loop == "cuda-graph")
+        return static.run(inputs_embeds, attention_mask.repeat(2, 1), num_tokens, bool(generation_config.do_sample))
     return decode_image_tokens(
         decoder,
         inputs_embeds,

@@ -36,8 +36,16 @@ class ImageDecoder(Protocol):
 
     def new_cache(self) -> Any: ...
 
-    def step(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache: Any) -> torch.Tensor:
-        """Run the language model on new input embeddings; return the last hidden state (2B, D)."""
+    def step(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
+             position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the language model on new input embeddings; return the last hidden state (2B, D).
+
+        ``attention_mask`` is 2-D (2B, seen + new) for the library's dynamic cache, or a prepared
+        4-D additive mask with explicit ``position_ids`` for its static cache.
+        """
+
+    def kv_spec(self) -> tuple[int, int, int]:
+        """(layers, key/value heads, head dim): the shape of a pre-allocated KV cache."""
 
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(2B, D) -> (2B, V) image-token logits."""

@@ -64,11 +64,18 @@ class JanusAdapter:
 
         return DynamicCache(config=self.language_model.config)
 
-    def step(self, inputs_embeds, attention_mask, cache):
+    def step(self, inputs_embeds, attention_mask, cache, position_ids=None):
         out = self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True, **{self._cache_kw: cache}
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+            **{self._cache_kw: cache},
         )
         return out.last_hidden_state[:, -1, :]
+
+    def kv_spec(self) -> tuple[int, int, int]:
+        """(layers, key/value heads, head dim) of the language model's attention cache."""
+        c = self.language_model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return c.num_hidden_layers, c.num_key_value_heads, head_dim
 
     def image_logits(self, hidden):
         return self.generation_head(hidden)

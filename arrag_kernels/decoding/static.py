@@ -1,0 +1,169 @@
+"""A decode loop on pre-allocated buffers whose step can be captured once in a CUDA graph and replayed.
+
+Everything a decode step reads or writes lives in a buffer allocated before the loop: the KV cache
+(written at a device-side position), a 4-D additive attention mask (one column opened per step),
+position ids, the step counter, the token grid, the next input embedding and the uniforms for
+sampling (drawn up front from torch's RNG). A step is therefore the same sequence of kernels with
+the same shapes every time, reads no device value on the host, and
+``torch.cuda.CUDAGraph`` can record it once and replay it for the remaining steps.
+
+Sampling uses the inverse CDF of the (DAiD-merged) distribution with those explicit uniforms, so it
+is deterministic for a seed but not the same random stream as HF's ``torch.multinomial``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops import daid_sample
+
+
+class StaticKVCache:
+    """Per-layer K/V buffers (batch, kv_heads, max_len, head_dim) written at ``write_pos``.
+
+    Implements the ``update`` call HF attention layers make (transformers 5.17 and 5.24), returning
+    the whole buffer: positions not written yet are hidden by the attention mask.
+    """
+
+    def __init__(self, num_layers, batch, kv_heads, head_dim, max_len, dtype, device):
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.write_pos = torch.zeros(1, dtype=torch.long, device=device)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.keys[layer_idx].index_copy_(2, self.write_pos, key_states)
+        self.values[layer_idx].index_copy_(2, self.write_pos, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+def fusable_cfg(processors) -> tuple[float, float] | None:
+    """(guidance_scale, temperature) if a HF logits-processor list is only CFG and temperature, else None.
+
+    Then CFG and temperature run inside the fused sampling op instead of as separate kernels.
+    """
+    from transformers.generation import ClassifierFreeGuidanceLogitsProcessor, TemperatureLogitsWarper
+
+    guidance, temperature = None, 1.0
+    for p in processors:
+        if isinstance(p, ClassifierFreeGuidanceLogitsProcessor) and guidance is None:
+            guidance = float(p.guidance_scale)
+        elif isinstance(p, TemperatureLogitsWarper):
+            temperature *= float(p.temperature)
+        else:
+            return None
+    return (guidance, temperature) if guidance is not None else None
+
+
+class StaticImageDecoder:
+    """Static-buffer decode of ``num_tokens`` image tokens for 2B CFG rows; optional CUDA graph.
+
+    Args:
+        decoder: an :class:`arrag_kernels.models.ImageDecoder` with ``kv_spec()``.
+        process_logits: (2B, V) head logits -> (B, V) processed logits.
+        fused_cfg: (guidance_scale, temperature) when ``process_logits`` is exactly that (see
+            :func:`fusable_cfg`): the sampling op then applies them to the raw logits itself.
+        daid: optional :class:`arrag_kernels.decoding.DAiDSampler`.
+        faid: optional FAiD step state (eager steps only: it is not graph-capturable yet).
+        cuda_graph: capture one decode step and replay it (CUDA only).
+    """
+
+    def __init__(self, decoder, process_logits, fused_cfg=None, daid=None, faid=None, cuda_graph: bool = False):
+        self.decoder = decoder
+        self.process_logits = process_logits
+        self.fused = fused_cfg
+        self.daid = daid
+        self.faid = faid
+        if cuda_graph and faid is not None:
+            raise NotImplementedError("FAiD steps are not graph-capturable yet; use cuda_graph=False with FAiD")
+        self.cuda_graph = cuda_graph
+
+    # ---- one step: retrieval, head, merge, sample, next input ------------------------------------
+    def _select(self, hidden):
+        B = self.tokens.shape[0]
+        logits = self.decoder.image_logits(hidden)
+        if self.fused is not None:
+            guidance, temperature = self.fused
+        else:
+            logits, guidance, temperature = self.process_logits(logits), None, 1.0
+        if self.daid is not None:
+            dist, ret_tokens, valid = self.daid.retrieve(self.tokens, self.step.repeat(B))
+            c = self.daid.config
+            lam, tau, dedup = c.lam, c.tau, c.dedup
+        else:  # one padding hit per row: ignored, so the op samples from the model distribution
+            dist, ret_tokens, valid = self.no_hits
+            lam, tau, dedup = 0.0, 1.0, "nearest"
+        u = None if self.uniforms is None else self.uniforms.index_select(0, self.step).squeeze(0)
+        next_token = daid_sample(logits, dist, ret_tokens, valid, u, guidance_scale=guidance,
+                                 temperature=temperature, lam=lam, tau=tau, dedup=dedup)
+        self.tokens.index_copy_(1, self.step, next_token.unsqueeze(1))
+        self.embeds.copy_(self.decoder.embed_image_tokens(torch.cat([next_token, next_token]).unsqueeze(-1)))
+
+    def _decode_step(self):
+        self.mask.index_fill_(3, self.cache.write_pos, 0.0)  # open the column of the input being written
+        hidden = self.decoder.step(self.embeds, self.mask, self.cache, position_ids=self.position_ids)
+        self._select(hidden)
+        self.step += 1
+        self.cache.write_pos += 1
+        self.position_ids += 1
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, inputs_embeds, attention_mask, num_tokens: int, do_sample: bool) -> torch.Tensor:
+        """(2B, S, D) prompt embeddings and (2B, S) mask -> (B, num_tokens) image tokens."""
+        device, dtype = inputs_embeds.device, inputs_embeds.dtype
+        rows, S, _ = inputs_embeds.shape
+        B, L = rows // 2, S + num_tokens
+        if self.cuda_graph and device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs CUDA tensors, got {device}")
+        layers, kv_heads, head_dim = self.decoder.kv_spec()
+        self.cache = StaticKVCache(layers, rows, kv_heads, head_dim, L, dtype, device)
+        self.tokens = torch.full((B, num_tokens), -1, dtype=torch.long, device=device)
+        self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self.uniforms = torch.rand(num_tokens, B, device=device) if do_sample else None
+        self.no_hits = (torch.zeros(B, 1, device=device), torch.full((B, 1), -1, dtype=torch.long, device=device),
+                        torch.zeros(B, dtype=torch.bool, device=device))
+        self.embeds = torch.empty(rows, 1, inputs_embeds.shape[-1], dtype=dtype, device=device)
+        neg = torch.finfo(dtype).min
+        pad = attention_mask.bool()
+
+        # Prefill: causal over the prompt, padding hidden; every row may see itself (no empty softmax row).
+        idx = torch.arange(L, device=device)
+        allowed = (idx[None, :] <= idx[:S, None]) & (idx[None, :] < S)
+        allowed = allowed[None] & torch.nn.functional.pad(pad, (0, num_tokens))[:, None, :]
+        allowed |= torch.eye(S, L, dtype=torch.bool, device=device)[None]
+        prefill_mask = torch.zeros(rows, 1, S, L, dtype=dtype, device=device).masked_fill_(~allowed[:, None], neg)
+        self.cache.write_pos = torch.arange(S, device=device)
+        if self.faid is not None:
+            self.faid.begin_step(self.tokens, 0)
+        hidden = self.decoder.step(inputs_embeds, prefill_mask, self.cache, position_ids=idx[:S].expand(rows, S))
+        self._select(hidden)
+
+        # Decode buffers: the mask row sees the prompt (minus padding); columns open as tokens arrive.
+        self.mask = torch.zeros(rows, 1, 1, L, dtype=dtype, device=device)
+        self.mask[:, 0, 0, S:] = neg
+        self.mask[:, 0, 0, :S].masked_fill_(~pad, neg)
+        self.cache.write_pos = torch.full((1,), S, dtype=torch.long, device=device)
+        self.position_ids = torch.full((rows, 1), S, dtype=torch.long, device=device)
+        self.step += 1
+
+        if self.cuda_graph and num_tokens > 3:
+            # Warm up (kernel compilation, allocator) on a side stream with two real steps, then record
+            # step 3 without running it and replay the recording for steps 3 .. num_tokens - 1.
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                self._decode_step()
+                self._decode_step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._decode_step()
+            for _ in range(3, num_tokens):
+                graph.replay()
+        else:
+            for i in range(1, num_tokens):
+                if self.faid is not None:
+                    self.faid.begin_step(self.tokens, i)
+                self._decode_step()
+        return self.tokens
