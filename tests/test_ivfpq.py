@@ -281,3 +281,26 @@ def test_device_search_input_errors(index, queries):
         ivfpq_search(queries, *args, NLIST + 1, 10, 500)
     with pytest.raises(ValueError, match=r"k must be in \[1, 2048\], got 2049"):
         ivfpq_search(queries, *args, 1, 2049, 500)
+
+
+def test_cli_build_ivfpq_and_import_official(tmp_path, capsys):
+    from arrag_kernels.cli import main
+    from arrag_kernels.demo import procedural_images
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, im in enumerate(procedural_images(8, 32)):
+        im.save(folder / f"{i}.png")
+    db_dir = tmp_path / "db"
+    assert main(["build-db", str(folder), "--out", str(db_dir), "--index", "ivfpq", "--nlist", "400"]) == 2
+    assert "need at least max(nlist, 2**nbits) = 400 keys" in capsys.readouterr().err
+    assert main(["build-db", str(folder), "--out", str(db_dir), "--index", "ivfpq", "--nlist", "8", "--nprobe", "2",
+                 "--chunk-images", "4"]) == 0
+    db = ak.PatchDatabase.load(db_dir)
+    assert len(db) == 8 * 42 and db.nprobe == 2 and db.meta.index == "ivfpq"
+    # our ivfpq databases hold the official files, so they import as released ones
+    assert main(["import-official", str(db_dir), "--nprobe", "8", "--out", str(tmp_path / "imported")]) == 0
+    imported = ak.PatchDatabase.load(tmp_path / "imported")
+    assert imported.nprobe == 8 and torch.equal(imported.values, db.values)
+    assert main(["import-official", str(db_dir), "--nprobe", "9"]) == 2
+    assert "nprobe = 9 exceeds the index's nlist = 8" in capsys.readouterr().err

@@ -7,6 +7,7 @@ The public functions validate their inputs and dispatch to the best available ba
 from ._dispatch import BACKENDS, BackendUnavailable, current_backend, use_backend
 from .daid import daid_mix, daid_mix_ref, daid_sample, daid_sample_ref, retrieval_distribution_ref
 from .faid import faid_blend, faid_blend_ref
+from .ivfpq import ivfpq_search, ivfpq_search_ref
 from .knn import MAX_K, knn, knn_ref
 from .neighborhood import feature_neighbor_keys, neighbor_keys, neighbor_keys_ref, retrieval_positions
 
@@ -34,6 +35,8 @@ __all__ = [
     "faid_blend",
     "faid_blend_ref",
     "feature_neighbor_keys",
+    "ivfpq_search",
+    "ivfpq_search_ref",
     "knn",
     "knn_ref",
     "neighbor_keys",

@@ -16,9 +16,10 @@ Distances are FAISS's asymmetric (ADC) squared L2 with residual encoding and pre
 where y is the rotated query and l the list of entry t, for the ``nprobe`` lists nearest to y.
 Every step runs on the queries' device with static shapes (no host synchronisation): the rotation,
 coarse top-nprobe and the query-side table are torch ops, the list scan is a Triton kernel (or
-vectorised torch in the reference), and the final top-k is ``torch.topk`` over a candidate buffer
+vectorised torch in the reference), and the final top-k is ``torch.topk`` over a distance buffer
 of ``max_candidates`` slots per query (the sum of the nprobe largest list sizes, known from the
-index). Slots beyond the candidates found are padded like FAISS: distance ``FLT_MAX``, id -1.
+index: 4 bytes per slot); the ids of the k selected slots are looked up afterwards. Slots beyond the
+candidates found are padded like FAISS: distance ``FLT_MAX``, id -1.
 """
 
 from __future__ import annotations
@@ -61,11 +62,16 @@ def _slots(lists, offsets):
     return torch.cumsum(sizes, 1) - sizes
 
 
-def _select(cand_d, cand_i, k):
-    """Top-k of the candidate buffers (Q, C) -> (Q, k), padded with (FLT_MAX, -1) when C < k."""
+def _select(cand_d, lists, slot0, offsets, ids, k):
+    """Top-k of the distance buffer (Q, C) -> (Q, k) distances and entry ids, padded with (FLT_MAX, -1)."""
     kk = min(k, cand_d.shape[1])
-    dist, pos = torch.topk(cand_d, kk, dim=1, largest=False, sorted=True)
-    ids = torch.gather(cand_i, 1, pos)
+    dist, slot = torch.topk(cand_d, kk, dim=1, largest=False, sorted=True)
+    sizes = offsets[lists + 1] - offsets[lists]
+    ends = slot0 + sizes
+    j = torch.searchsorted(ends, slot, right=True).clamp_max_(lists.shape[1] - 1)  # probe of each slot
+    pos = torch.gather(offsets[lists], 1, j) + slot - torch.gather(slot0, 1, j)
+    valid = slot < ends[:, -1:]
+    ids = torch.where(valid, ids[torch.where(valid, pos, torch.zeros_like(pos))], torch.full_like(pos, -1))
     if kk < k:
         pad = k - kk
         dist = torch.cat([dist, dist.new_full((dist.shape[0], pad), FLT_MAX)], 1)
@@ -83,23 +89,20 @@ def ivfpq_search_ref(queries, rotation, centroids, codebooks, term1, codes, ids,
     j = torch.searchsorted(slot0 + sizes, s, right=True).clamp_max_(nprobe - 1)  # probe of each slot
     pos = torch.gather(offsets[lists], 1, j) + s - torch.gather(slot0, 1, j)
     valid = s < (slot0 + sizes)[:, -1:]
-    pos = torch.where(valid, pos, torch.zeros_like(pos))
-    c = codes[pos].long()  # (Q, C, M)
+    c = codes[torch.where(valid, pos, torch.zeros_like(pos))].long()  # (Q, C, M)
     lst = torch.gather(lists, 1, j)
     m_idx = torch.arange(codes.shape[1], device=queries.device)
     t1 = term1[lst.unsqueeze(-1), m_idx, c].sum(-1)
     t2 = term2[torch.arange(q, device=queries.device)[:, None, None], m_idx, c].sum(-1)
     cand_d = torch.where(valid, torch.gather(dis0, 1, j) + t1 + t2, torch.full_like(t1, FLT_MAX))
-    cand_i = torch.where(valid, ids[pos], torch.full_like(pos, -1))
-    return _select(cand_d, cand_i, k)
+    return _select(cand_d, lists, slot0, offsets, ids, k)
 
 
 if HAS_TRITON:
 
     @triton.jit
     def _ivfpq_scan_kernel(
-        lists_ptr, dis0_ptr, slot0_ptr, term1_ptr, term2_ptr, codes_ptr, ids_ptr, offsets_ptr,
-        cand_d_ptr, cand_i_ptr, nprobe, max_candidates,
+        lists_ptr, dis0_ptr, slot0_ptr, term1_ptr, term2_ptr, codes_ptr, offsets_ptr, cand_d_ptr, nprobe, max_candidates,
         M: tl.constexpr, KSUB: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """One program per (query, probed list): ADC distances of every entry of the list."""
@@ -121,24 +124,21 @@ if HAS_TRITON:
             lut = tl.load(t1_base[None, :] + c, mask=mask[:, None], other=0.0)
             lut += tl.load(t2_base[None, :] + c, mask=mask[:, None], other=0.0)
             d = d0 + tl.sum(lut, axis=1)
-            i = tl.load(ids_ptr + t, mask=mask, other=-1)
             tl.store(cand_d_ptr + out + (t - start), d, mask=mask)
-            tl.store(cand_i_ptr + out + (t - start), i, mask=mask)
 
 
 def ivfpq_search_triton(queries, rotation, centroids, codebooks, term1, codes, ids, offsets, nprobe, k, max_candidates):
-    """Torch probe stage, Triton list scan into per-query candidate buffers, ``torch.topk`` selection."""
+    """Torch probe stage, Triton list scan into per-query distance buffers, ``torch.topk`` selection."""
     lists, dis0, term2 = _probe(queries, rotation, centroids, codebooks, nprobe)
     slot0 = _slots(lists, offsets)
     q = queries.shape[0]
     m, ksub, _ = codebooks.shape
     cand_d = torch.full((q, max_candidates), FLT_MAX, dtype=torch.float32, device=queries.device)
-    cand_i = torch.full((q, max_candidates), -1, dtype=torch.int64, device=queries.device)
     _ivfpq_scan_kernel[(q, nprobe)](
-        lists.contiguous(), dis0.contiguous(), slot0.contiguous(), term1, term2.contiguous(), codes, ids, offsets,
-        cand_d, cand_i, nprobe, max_candidates, M=m, KSUB=ksub, BLOCK=256,
+        lists.contiguous(), dis0.contiguous(), slot0.contiguous(), term1, term2.contiguous(), codes, offsets,
+        cand_d, nprobe, max_candidates, M=m, KSUB=ksub, BLOCK=256,
     )
-    return _select(cand_d, cand_i, k)
+    return _select(cand_d, lists, slot0, offsets, ids, k)
 
 
 def _check_triton(queries, rotation, centroids, codebooks, term1, codes, ids, offsets, nprobe, k, max_candidates):

@@ -145,8 +145,11 @@ def train_ivfpq(
     ``max(64 * nlist, 64 * 2**nbits)`` keys (FAISS wants >= 39 per centroid), capped at the total.
     """
     total = sum(sizes)
-    if total < nlist:
-        raise ValueError(f"cannot train {nlist} IVF lists on {total} keys: use nlist <= number of keys")
+    if total < max(nlist, 1 << nbits):
+        raise ValueError(
+            f"cannot train {nlist} IVF lists and {1 << nbits} PQ centroids per sub-quantizer on {total} keys: "
+            f"need at least max(nlist, 2**nbits) = {max(nlist, 1 << nbits)} keys (use more images or smaller nlist/nbits)"
+        )
     want = min(total, train_size or max(64 * nlist, 64 * (1 << nbits)))
     rng = np.random.default_rng(seed)
     sample = []

@@ -1,0 +1,181 @@
+"""IVF-PQ search latency per decode step vs nprobe and database size, build throughput.
+
+    pytest benchmarks/bench_ivfpq.py --benchmark-only -s
+    ARRAG_BENCH_IVFPQ_SIZES=100000 pytest benchmarks/bench_ivfpq.py --benchmark-only   # smaller run
+
+One decode step searches BATCH = 16 queries (one per image) for K = 2048 neighbours (DAiD's K).
+
+* CPU (synthetic official-style keys: 4 unit-norm 8-d cells around shared centres; 100k and 1M keys):
+  a FAISS OPQ + IVF-PQ index (M = 8, 8 bits) is trained and filled once per size; build throughput
+  (keys/s for train + add, and add alone) goes to ``extra_info``. Providers in the same run:
+  ``exact`` (:func:`arrag_kernels.ops.knn`, auto backend), ``faiss`` (faiss-cpu IVF-PQ) and
+  ``torch`` (:func:`arrag_kernels.ops.ivfpq_search` reference on the CPU). recall@K against the
+  exact neighbours is recorded next to each latency (computed outside the timed call).
+* GPU only (skipped without CUDA): ``triton`` and ``torch`` device searches over 1M / 10M / 100M
+  entries with synthetic IVF-PQ arrays (random codebooks and codes, balanced lists, nlist = 4 sqrt N):
+  latency depends on the shapes only, so no FAISS training is needed (the GPU machine has no faiss).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from arrag_kernels.ops import knn, knn_ref, use_backend
+from arrag_kernels.ops.ivfpq import ivfpq_search
+from arrag_kernels.retrieval.faiss_index import ivfpq_arrays, set_nprobe
+from arrag_kernels.retrieval.ivfpq_build import train_ivfpq
+from arrag_kernels.retrieval.search import DeviceIVFPQSearch
+
+BATCH, K, DIM, M = 16, 2048, 32, 8
+CPU_SIZES = [int(s) for s in os.environ.get("ARRAG_BENCH_IVFPQ_SIZES", "100000,1000000").split(",")]
+GPU_SIZES = [1_000_000, 10_000_000, 100_000_000]
+NPROBES = [1, 8, 32, 128]
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _env(**extra) -> dict:
+    env = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+           "torch": torch.__version__, **extra}
+    if HAS_CUDA:
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def synthetic_keys(n: int, seed: int) -> np.ndarray:
+    """(n, 32) float32: 4 unit-norm 8-d cells drawn around 64 shared cell centres (official key shape)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((64, 8)).astype(np.float32)
+    out = np.empty((n, DIM), dtype=np.float32)
+    for lo in range(0, n, 1 << 18):
+        hi = min(n, lo + (1 << 18))
+        cells = centres[rng.integers(0, 64, (hi - lo, 4))] + 0.35 * rng.standard_normal((hi - lo, 4, 8), dtype=np.float32)
+        cells /= np.linalg.norm(cells, axis=-1, keepdims=True)
+        out[lo:hi] = cells.reshape(hi - lo, DIM)
+    return out
+
+
+_cpu_cache: dict[int, dict] = {}
+
+
+def cpu_case(n: int) -> dict:
+    """Keys, queries, exact neighbours and a trained + filled FAISS index for ``n`` keys (built once)."""
+    if n not in _cpu_cache:
+        import faiss
+
+        keys = synthetic_keys(n, seed=0)
+        queries = torch.from_numpy(synthetic_keys(BATCH, seed=1))
+        nlist = 256 if n <= 200_000 else 1024
+        chunk = 1 << 18
+        chunks = [(lo, min(n, lo + chunk)) for lo in range(0, n, chunk)]
+        t0 = time.perf_counter()
+        index = train_ivfpq(lambda i: keys[chunks[i][0]:chunks[i][1]], [hi - lo for lo, hi in chunks],
+                            nlist=nlist, m=M, nbits=8, opq=True, train_size=40 * nlist)
+        t1 = time.perf_counter()
+        for lo, hi in chunks:
+            index.add(keys[lo:hi])
+        t2 = time.perf_counter()
+        exact = knn_ref(queries, torch.from_numpy(keys), K)[1]
+        _cpu_cache[n] = {
+            "keys": torch.from_numpy(keys), "queries": queries, "exact": exact, "index": index, "nlist": nlist,
+            "build": {"train_s": t1 - t0, "add_s": t2 - t1, "build_keys_per_s": n / (t2 - t0),
+                      "add_keys_per_s": n / (t2 - t1), "faiss_threads": faiss.omp_get_max_threads()},
+            "arrays": ivfpq_arrays(index),
+        }
+    return _cpu_cache[n]
+
+
+def recall(ids: torch.Tensor, exact: torch.Tensor) -> float:
+    return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact)) / exact.numel()
+
+
+def _run(benchmark, group, provider, fn, rounds, **extra):
+    benchmark.group = group
+    benchmark.extra_info.update(_env(provider=provider, batch=BATCH, k=K, **extra))
+    return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("n", CPU_SIZES, ids=lambda n: f"N{n // 1000}k")
+def test_cpu_exact(benchmark, n):
+    case = cpu_case(n)
+    dist, ids = _run(benchmark, f"ivfpq-cpu-N{n}", "exact", lambda: knn(case["queries"], case["keys"], K), rounds=3)
+    assert recall(ids, case["exact"]) > 0.99
+
+
+@pytest.mark.parametrize("nprobe", NPROBES, ids=lambda p: f"nprobe{p}")
+@pytest.mark.parametrize("provider", ["faiss", "torch"])
+@pytest.mark.parametrize("n", CPU_SIZES, ids=lambda n: f"N{n // 1000}k")
+def test_cpu_ivfpq(benchmark, n, provider, nprobe):
+    case = cpu_case(n)
+    if provider == "faiss":
+        index = case["index"]
+        set_nprobe(index, nprobe)
+        q = case["queries"].numpy()
+
+        def fn():
+            d, i = index.search(q, K)
+            return torch.from_numpy(d), torch.from_numpy(i)
+    else:
+        search = DeviceIVFPQSearch(case["arrays"], nprobe, "cpu")
+
+        def fn():
+            with use_backend("reference"):
+                return search.search(case["queries"], K)
+    dist, ids = _run(benchmark, f"ivfpq-cpu-N{n}", provider, fn, rounds=5, nprobe=nprobe, nlist=case["nlist"],
+                     **case["build"])
+    benchmark.extra_info["recall_at_k"] = recall(ids, case["exact"])
+    assert dist.shape == (BATCH, K) and ids.dtype == torch.int64
+
+
+_gpu_cache: dict[int, dict] = {}
+
+
+def gpu_arrays(n: int, device="cuda") -> dict:
+    """Synthetic IVF-PQ arrays on the GPU: nlist = 4 sqrt(n) balanced lists, random codebooks and codes."""
+    if n in _gpu_cache:
+        return _gpu_cache[n]
+    _gpu_cache.clear()  # one size at a time on the device
+    g = torch.Generator(device=device).manual_seed(0)
+    nlist = int(4 * math.sqrt(n))
+    centroids = torch.randn(nlist, DIM, device=device, generator=g)
+    codebooks = torch.randn(M, 256, DIM // M, device=device, generator=g) * 0.1
+    term1 = (codebooks * codebooks).sum(-1) + 2.0 * torch.einsum("lmd,mjd->lmj", centroids.view(nlist, M, -1), codebooks)
+    codes = torch.randint(0, 256, (n, M), device=device, generator=g, dtype=torch.uint8)
+    offsets = torch.linspace(0, n, nlist + 1, device=device).long()
+    _gpu_cache[n] = {"rotation": torch.linalg.qr(torch.randn(DIM, DIM, device=device, generator=g))[0],
+                     "centroids": centroids, "codebooks": codebooks, "term1": term1.contiguous(), "codes": codes,
+                     "ids": torch.arange(n, device=device), "offsets": offsets}
+    return _gpu_cache[n]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="GPU-only sizes (1M/10M/100M device IVF-PQ search) need CUDA")
+@pytest.mark.parametrize("nprobe", NPROBES, ids=lambda p: f"nprobe{p}")
+@pytest.mark.parametrize("provider", ["triton", "torch"])
+@pytest.mark.parametrize("n", GPU_SIZES, ids=lambda n: f"N{n // 1_000_000}M")
+def test_gpu_ivfpq(benchmark, n, provider, nprobe):
+    a = gpu_arrays(n)
+    sizes = (a["offsets"][1:] - a["offsets"][:-1]).sort(descending=True).values
+    max_candidates = int(sizes[:nprobe].sum())
+    if provider == "torch" and BATCH * max_candidates * M * 8 > 16 << 30:
+        pytest.skip(f"the torch reference would gather {BATCH * max_candidates * M * 8 / 2**30:.0f} GiB")
+    queries = torch.randn(BATCH, DIM, device="cuda")
+    names = ("rotation", "centroids", "codebooks", "term1", "codes", "ids", "offsets")
+
+    def fn():
+        with use_backend("triton" if provider == "triton" else "reference"):
+            out = ivfpq_search(queries, *(a[k] for k in names), nprobe, K, max_candidates)
+        torch.cuda.synchronize()
+        return out
+
+    dist, ids = _run(benchmark, f"ivfpq-gpu-N{n}", provider, fn, rounds=20, nprobe=nprobe,
+                     nlist=a["offsets"].numel() - 1)
+    if provider == "triton" and BATCH * max_candidates * M * 8 <= 16 << 30:
+        with use_backend("reference"):
+            ref_dist, _ = ivfpq_search(queries, *(a[k] for k in names), nprobe, K, max_candidates)
+        torch.testing.assert_close(dist, ref_dist, atol=1e-3, rtol=1e-4)
