@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from .._dispatch import current_backend
+
 # triton.jit picks the interpreter at decoration time, so what counts is the value at import.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -17,13 +19,17 @@ def device_reason(*tensors: torch.Tensor) -> str | None:
     for t in tensors:
         if t.device.type == "cuda":
             continue
-        if t.device.type == "cpu" and INTERPRETED:
-            continue
-        if t.device.type == "cpu":
+        if t.device.type == "cpu" and not INTERPRETED:
             return (
                 "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing arrag_kernels "
                 "(or move the tensors to CUDA)"
             )
+        if t.device.type == "cpu" and current_backend() != "triton":
+            # The interpreter is orders of magnitude slower than the reference: a test vehicle that
+            # runs only when "triton" is forced, never an "auto" choice.
+            return "the Triton interpreter runs CPU tensors only when the 'triton' backend is forced"
+        if t.device.type == "cpu":
+            continue
         return f"tensors on {t.device} are not supported (CUDA, or CPU under TRITON_INTERPRET=1)"
     return None
 
