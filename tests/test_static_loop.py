@@ -75,3 +75,47 @@ def test_loop_option_errors(tiny_model):
             handle.generate_images(ids, generation_config=_gen(False), loop="fast")
         with pytest.raises(ValueError, match="needs CUDA tensors"):
             handle.generate_images(ids, generation_config=_gen(False), loop="cuda-graph")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay_equals_static_without_host_sync(tiny_images):
+    from arrag_kernels.models import tiny_janus
+
+    model = tiny_janus(seed=0).cuda()
+    db = ak.PatchDatabase.build(tiny_images, model, progress=False)
+    ids = tiny_prompt_ids(2, seed=3).cuda()
+    with ak.patched(model, db, ak.DAiDConfig(lam=0.5, k=16)) as handle:
+        for do_sample in (False, True):
+            gen = _gen(do_sample, top_k=0)
+            torch.manual_seed(0)
+            static = handle.generate_images(ids, generation_config=gen, loop="static")
+            torch.manual_seed(0)
+            graphed = handle.generate_images(ids, generation_config=gen, loop="cuda-graph")
+            assert torch.equal(graphed, static), f"do_sample={do_sample}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_steps_never_synchronise(tiny_images):
+    """Replays run with torch's sync debug mode set to error: any host synchronisation raises."""
+    from arrag_kernels.decoding import StaticImageDecoder
+    from arrag_kernels.decoding.daid import DAiDSampler
+    from arrag_kernels.models import get_adapter, tiny_janus
+
+    model = tiny_janus(seed=0).cuda()
+    adapter = get_adapter(model)
+    db = ak.PatchDatabase.build(tiny_images, model, progress=False)
+    daid = DAiDSampler(db, ak.DAiDConfig(lam=0.5, k=16), adapter)
+    ids = tiny_prompt_ids(2, seed=3).cuda()
+    uncond = ids.clone()
+    uncond[:, 1:-1] = 0
+    embeds = model.get_input_embeddings()(torch.cat([ids, uncond]))
+    mask = torch.ones(4, ids.shape[1], dtype=torch.long, device="cuda")
+    loop = StaticImageDecoder(adapter, process_logits=None, fused_cfg=(5.0, 1.0), daid=daid, cuda_graph=True)
+    loop.run(embeds, mask, 64, do_sample=True)  # compile kernels and fill caches first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = loop.run(embeds, mask, 64, do_sample=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert (tokens >= 0).all()

@@ -57,12 +57,23 @@ def _check_neighbor_keys(tokens, codebook, positions, grid, layout):
         )
 
 
+_OFFSET_TENSORS: dict = {}
+
+
+def _offset_tensor(layout: KeyLayout, device: torch.device) -> torch.Tensor:
+    """(n, 2) offsets on ``device``, made once: a host-to-device copy per call would break graph capture."""
+    key = (layout.offsets, device)
+    if key not in _OFFSET_TENSORS:
+        _OFFSET_TENSORS[key] = torch.tensor(layout.offsets, dtype=torch.long, device=device)
+    return _OFFSET_TENSORS[key]
+
+
 def neighbor_keys_ref(tokens, codebook, positions, grid, layout):
     """Pure PyTorch reference of :func:`neighbor_keys` (any device)."""
     H, W = grid
     squeeze = positions.dim() == 1
     pos = positions.long().reshape(positions.shape[0], -1)  # (B, P)
-    off = torch.tensor(layout.offsets, dtype=torch.long, device=tokens.device)  # (n, 2)
+    off = _offset_tensor(layout, tokens.device)  # (n, 2)
     r = (pos // W).unsqueeze(-1) + off[:, 0]  # (B, P, n)
     c = (pos % W).unsqueeze(-1) + off[:, 1]
     inside = (r >= 0) & (r < H) & (c >= 0) & (c < W)
