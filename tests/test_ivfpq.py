@@ -93,7 +93,20 @@ def test_device_search_matches_faiss(index, queries, backend, nprobe, k):
     assert_same_neighbours(dist, ids, ref_dist, ref_ids, what=f"{backend} nprobe={nprobe} k={k}")
 
 
-def test_triton_equals_reference_bitwise_ids(index, queries):
+def test_long_lists_split_over_programs(keys, queries):
+    """nlist 4 (~750 entries per list, 3 blocks): the Triton scan splits each list over several programs;
+    no OPQ, to cover the bare IndexIVFPQ form too."""
+    idx = make_ivfpq_index(32, 4, m=8, nbits=8, opq=False)
+    idx.train(keys)
+    idx.add(keys)
+    search = DeviceIVFPQSearch(ivfpq_arrays(idx), 2, "cpu")
+    assert search.arrays["rotation"] is None and search.max_candidates(2) > 2 * 2 * 256
+    with use_backend("triton"):
+        dist, ids = search.search(queries, 300)
+    assert_same_neighbours(dist, ids, *faiss_search(idx, queries, 2, 300), what="split lists")
+
+
+def test_triton_equals_reference(index, queries):
     search = DeviceIVFPQSearch(ivfpq_arrays(index), 5, "cpu")
     with use_backend("reference"):
         ref = search.search(queries, 64)
@@ -304,3 +317,16 @@ def test_cli_build_ivfpq_and_import_official(tmp_path, capsys):
     assert imported.nprobe == 8 and torch.equal(imported.values, db.values)
     assert main(["import-official", str(db_dir), "--nprobe", "9"]) == 2
     assert "nprobe = 9 exceeds the index's nlist = 8" in capsys.readouterr().err
+
+
+def test_set_nprobe_keeps_uploaded_arrays(official_dir, index, queries):
+    db = ak.PatchDatabase.from_official(official_dir[0], nprobe=1)
+    with use_backend("reference"):
+        db.search(queries, 8)
+        uploaded = db._search._device[queries.device]
+        db.set_nprobe(5)
+        dist, ids = db.search(queries, 8)
+    assert db._search._device[queries.device] is uploaded and uploaded.nprobe == 5
+    assert_same_neighbours(dist, ids, *faiss_search(index, queries, 5, 8), what="after set_nprobe")
+    with pytest.raises(ValueError, match=rf"nprobe must be in \[1, nlist = {NLIST}\], got 0"):
+        db.set_nprobe(0)

@@ -31,6 +31,8 @@ from ._dispatch import OpDispatcher
 MAX_K = 2048
 MAX_NPROBE = 2048
 FLT_MAX = torch.finfo(torch.float32).max
+_BLOCK = 256  # list entries per scan step
+_TARGET_PROGRAMS = 4096  # scan programs per launch when lists are long enough to split
 
 try:
     import triton
@@ -105,9 +107,11 @@ if HAS_TRITON:
         lists_ptr, dis0_ptr, slot0_ptr, term1_ptr, term2_ptr, codes_ptr, offsets_ptr, cand_d_ptr, nprobe, max_candidates,
         M: tl.constexpr, KSUB: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        """One program per (query, probed list): ADC distances of every entry of the list."""
+        """Program (query, probed list, split s) computes the ADC distances of blocks s, s + S, s + 2S, ... of the list."""
         qi = tl.program_id(0)
         pj = tl.program_id(1)
+        split = tl.program_id(2)
+        num_splits = tl.num_programs(2)
         lst = tl.load(lists_ptr + qi * nprobe + pj)
         d0 = tl.load(dis0_ptr + qi * nprobe + pj)
         slot = tl.load(slot0_ptr + qi * nprobe + pj)
@@ -117,7 +121,7 @@ if HAS_TRITON:
         t1_base = term1_ptr + lst * (M * KSUB) + m * KSUB
         t2_base = term2_ptr + qi * (M * KSUB) + m * KSUB
         out = qi.to(tl.int64) * max_candidates + slot
-        for t0 in range(start, end, BLOCK):
+        for t0 in range(start + split * BLOCK, end, num_splits * BLOCK):
             t = t0 + tl.arange(0, BLOCK)
             mask = t < end
             c = tl.load(codes_ptr + t[:, None] * M + m[None, :], mask=mask[:, None], other=0).to(tl.int32)
@@ -134,9 +138,13 @@ def ivfpq_search_triton(queries, rotation, centroids, codebooks, term1, codes, i
     q = queries.shape[0]
     m, ksub, _ = codebooks.shape
     cand_d = torch.full((q, max_candidates), FLT_MAX, dtype=torch.float32, device=queries.device)
-    _ivfpq_scan_kernel[(q, nprobe)](
+    # Long lists are split over several programs (enough of them to fill a GPU, no more than an
+    # average probed list has blocks); all three numbers are host integers: no synchronisation.
+    avg_blocks = -(-max_candidates // (nprobe * _BLOCK))
+    splits = max(1, min(-(-_TARGET_PROGRAMS // (q * nprobe)), avg_blocks))
+    _ivfpq_scan_kernel[(q, nprobe, splits)](
         lists.contiguous(), dis0.contiguous(), slot0.contiguous(), term1, term2.contiguous(), codes, offsets,
-        cand_d, nprobe, max_candidates, M=m, KSUB=ksub, BLOCK=256,
+        cand_d, nprobe, max_candidates, M=m, KSUB=ksub, BLOCK=_BLOCK,
     )
     return _select(cand_d, lists, slot0, offsets, ids, k)
 

@@ -174,7 +174,8 @@ class PatchDatabase:
         if self.index is None:
             raise ValueError(f"nprobe applies to index='ivfpq' databases, this one is {self.meta.index!r}")
         set_nprobe(self.index, nprobe)
-        self._search = None
+        if self._search is not None:
+            self._search.set_nprobe(nprobe)  # keeps arrays already uploaded to a device
 
     def __repr__(self) -> str:
         m = self.meta
@@ -465,7 +466,7 @@ class PatchDatabase:
         db.keys = None if self.keys is None else self.keys.to(device=device, dtype=dtype or self.keys.dtype)
         db.values = self.values.to(device=device)
         db.meta = self.meta
-        db.index = self.index  # FAISS indexes stay on the host; device searches upload their arrays
+        db.index = self.index  # shared (nprobe included), on the host; device searches upload their arrays
         db._search = None
         return db
 

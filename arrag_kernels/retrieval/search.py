@@ -60,8 +60,13 @@ class FaissIVFPQSearch:
 
         self.faiss = import_faiss()
         self.index = index
-        set_nprobe(index, nprobe)
-        self._gpu_index = None
+        self.set_nprobe(nprobe)
+
+    def set_nprobe(self, nprobe: int) -> None:
+        from .faiss_index import set_nprobe
+
+        set_nprobe(self.index, nprobe)
+        self._gpu_index = None  # copied again, with the new nprobe, at the next CUDA search
 
     def _index_for(self, device: torch.device):
         if device.type != "cuda" or not hasattr(self.faiss, "StandardGpuResources"):
@@ -90,6 +95,12 @@ class DeviceIVFPQSearch:
         sizes = (arrays["offsets"][1:] - arrays["offsets"][:-1]).sort(descending=True).values
         self._largest_cumsum = torch.cumsum(sizes, 0).tolist()
 
+    def set_nprobe(self, nprobe: int) -> None:
+        nlist = self.arrays["centroids"].shape[0]
+        if not 1 <= nprobe <= nlist:
+            raise ValueError(f"nprobe must be in [1, nlist = {nlist}], got {nprobe}")
+        self.nprobe = nprobe
+
     def max_candidates(self, nprobe: int) -> int:
         return max(1, self._largest_cumsum[nprobe - 1])
 
@@ -109,6 +120,13 @@ class IVFPQSearch:
         self.nprobe = nprobe
         self._faiss = None
         self._device: dict[torch.device, DeviceIVFPQSearch] = {}
+
+    def set_nprobe(self, nprobe: int) -> None:
+        """Change nprobe without uploading the device arrays again."""
+        for backend in [self._faiss, *self._device.values()]:
+            if backend is not None:
+                backend.set_nprobe(nprobe)
+        self.nprobe = nprobe
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if queries.device.type == "cpu" and current_backend() == "auto":
