@@ -1,0 +1,225 @@
+"""Retrieval-step ops per provider: reference, triton, and the official per-step pattern.
+
+Groups: ``neighbor_keys`` (query of the next position for every image), ``knn`` (exact top-K over
+the database keys), ``daid_sample`` (CFG + softmax + DAiD merge + sampling), and ``step`` (all
+three plus the id -> token lookup: what DAiD adds to one decode step).
+
+Providers:
+* ``reference``: the library's pure PyTorch ops, on the input's device;
+* ``triton``: the fused kernels (CUDA only: on CPU they would run in the interpreter);
+* ``official``: the official AR-RAG pattern: tokens copied to the host, the query assembled there
+  image by image, a host-side flat search, ids sent back, then dedup / softmax / mix in several
+  small per-row device ops.
+
+Each timed call ends with ``torch.cuda.synchronize()`` on CUDA; outputs are checked against the
+reference outside the timed call. Speed-ups against the other providers of the same run are
+written into ``extra_info``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from arrag_kernels.config import KeyLayout
+from arrag_kernels.ops import daid_sample, knn, neighbor_keys, use_backend
+from shapes import SHAPES, RetrievalShape
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+PROVIDERS = ["reference", "triton", "official"]
+LAM, TAU, TEMPERATURE = 0.05, 0.6, 1.0
+_times: dict[tuple[str, str, str], float] = {}
+_cache: dict[str, dict] = {}
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _inputs(shape: RetrievalShape) -> dict:
+    """Random database and decode state of one shape (built once per shape)."""
+    if shape.name in _cache:
+        return _cache[shape.name]
+    _cache.clear()  # one large database in memory at a time
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    H, W = shape.grid
+    B, N, V, d = shape.batch, shape.db_size, shape.vocab, shape.embed_dim
+    layout = KeyLayout(hops=(shape.hops,))
+    dtype = getattr(torch, shape.key_dtype)
+    # Official keys: per-cell L2-normalised 8-d vectors.
+    keys = torch.randn(N, shape.key_dim // d, d, generator=g, device=DEVICE)
+    keys = torch.nn.functional.normalize(keys, dim=-1).flatten(1).to(dtype)
+    codebook = torch.nn.functional.normalize(torch.randn(V, d, generator=g, device=DEVICE), dim=-1)
+    step = (H // 2) * W + W // 2  # a retrieval position mid-image
+    tokens = torch.randint(0, V, (B, H * W), generator=g, device=DEVICE)
+    tokens[:, step:] = -1
+    host_keys = keys.float().cpu()
+    _cache[shape.name] = dict(
+        layout=layout,
+        keys=keys,
+        values=torch.randint(0, V, (N,), generator=g, device=DEVICE, dtype=torch.int32),
+        codebook=codebook,
+        tokens=tokens,
+        positions=torch.full((B,), step, device=DEVICE, dtype=torch.long),
+        logits=torch.randn(2 * B, V, generator=g, device=DEVICE) * 3,
+        uniforms=torch.rand(B, generator=g, device=DEVICE),
+        active=torch.ones(B, dtype=torch.bool, device=DEVICE),
+        host_keys=host_keys,
+        host_key_norms=(host_keys * host_keys).sum(1),
+        host_codebook=codebook.cpu(),
+    )
+    return _cache[shape.name]
+
+
+# --- the official per-step pattern --------------------------------------------------------------
+
+
+def official_neighbor_keys(x, shape):
+    H, W = shape.grid
+    toks = x["tokens"].cpu()  # device -> host round trip
+    step = int(x["positions"][0])
+    r, c = divmod(step, W)
+    rows = []
+    for b in range(toks.shape[0]):  # one image at a time, one neighbour at a time
+        cells = [x["host_codebook"][toks[b, (r + dr) * W + c + dc]] for dr, dc in x["layout"].offsets]
+        rows.append(torch.cat(cells))
+    return torch.stack(rows).to(DEVICE)
+
+
+def official_knn(queries, x, k):
+    q = queries.float().cpu()  # query to the host, flat search there, ids back
+    dist = (q * q).sum(1, keepdim=True) + x["host_key_norms"] - 2.0 * (q @ x["host_keys"].T)
+    d, i = torch.topk(dist.clamp_min_(0.0), k, dim=1, largest=False, sorted=True)
+    return d.to(DEVICE), i.to(DEVICE)
+
+
+def official_daid_sample(logits, dist, ret_tokens, uniforms, shape):
+    cond, uncond = logits.float().chunk(2)
+    probs = torch.softmax((uncond + shape.guidance * (cond - uncond)) / TEMPERATURE, dim=-1)
+    for b in range(probs.shape[0]):  # per row: unique, nearest per token, softmax, scatter, mix
+        uniq, inv = torch.unique(ret_tokens[b].long(), return_inverse=True)
+        nearest = torch.full(uniq.shape, float("inf"), device=DEVICE).scatter_reduce(0, inv, dist[b], "amin")
+        p_ret = torch.zeros_like(probs[b]).index_put_((uniq,), torch.softmax(-nearest / TAU, 0))
+        probs[b] = (1 - LAM) * probs[b] + LAM * p_ret
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, uniforms.unsqueeze(1) * cdf[:, -1:], right=True).squeeze(1)
+
+
+# --- one function per (group, provider) ----------------------------------------------------------
+
+
+def _library_ops(backend):
+    def nk(x, shape):
+        with use_backend(backend):
+            return neighbor_keys(x["tokens"], x["codebook"], x["positions"], shape.grid, x["layout"])[0]
+
+    def search(q, x, k):
+        with use_backend(backend):
+            return knn(q, x["keys"], k)
+
+    def sample(logits, dist, ret_tokens, uniforms, shape):
+        with use_backend(backend):
+            return daid_sample(
+                logits, dist, ret_tokens, torch.ones_like(uniforms, dtype=torch.bool), uniforms,
+                guidance_scale=shape.guidance, temperature=TEMPERATURE, lam=LAM, tau=TAU,
+            )
+
+    return nk, search, sample
+
+
+OPS = {
+    "reference": _library_ops("reference"),
+    "triton": _library_ops("triton"),
+    "official": (official_neighbor_keys, official_knn, official_daid_sample),
+}
+
+
+def _step(provider, x, shape):
+    nk, search, sample = OPS[provider]
+    q = nk(x, shape)
+    dist, ids = search(q, x, shape.k)
+    return sample(x["logits"], dist, x["values"][ids], x["uniforms"], shape)
+
+
+def _skip_reason(provider, shape) -> str | None:
+    if shape.gpu_only and not CUDA:
+        return f"{shape.name} is a GPU shape ({shape.db_size} keys); no CUDA device here"
+    if provider == "triton" and not CUDA:
+        return "Triton on CPU runs only in the interpreter: far too slow to be a meaningful timing"
+    return None
+
+
+def _run(benchmark, group, provider, shape, fn, nbytes=None):
+    slow = provider == "official" or (provider == "reference" and not CUDA)
+    rounds = 3 if slow and shape.db_size >= 1_000_000 else 20
+
+    def timed():
+        out = fn()
+        _sync()
+        return out
+
+    out = benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+    t = benchmark.stats.stats.min
+    _times[(group, shape.name, provider)] = t
+    benchmark.extra_info.update(provider=provider, shape=shape.name, batch=shape.batch, db_size=shape.db_size, k=shape.k)
+    if nbytes is not None:
+        benchmark.extra_info["GB/s"] = nbytes / t / 1e9
+    for other in PROVIDERS:
+        if other != provider and (group, shape.name, other) in _times:
+            benchmark.extra_info[f"speedup_vs_{other}"] = _times[(group, shape.name, other)] / t
+    return out
+
+
+SHAPE_IDS = [s.name for s in SHAPES]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_neighbor_keys(benchmark, shape, provider):
+    if (reason := _skip_reason(provider, shape)) is not None:
+        pytest.skip(reason)
+    x = _inputs(shape)
+    out = _run(benchmark, "neighbor_keys", provider, shape, lambda: OPS[provider][0](x, shape))
+    torch.testing.assert_close(out, OPS["reference"][0](x, shape))
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_knn(benchmark, shape, provider):
+    if (reason := _skip_reason(provider, shape)) is not None:
+        pytest.skip(reason)
+    x = _inputs(shape)
+    q = OPS["reference"][0](x, shape)
+    nbytes = x["keys"].numel() * x["keys"].element_size()
+    dist, ids = _run(benchmark, "knn", provider, shape, lambda: OPS[provider][1](q, x, shape.k), nbytes)
+    ref_dist, ref_ids = OPS["reference"][1](q, x, shape.k)
+    torch.testing.assert_close(dist, ref_dist, atol=1e-4, rtol=1e-4)
+    # Ids may differ only among (near-)equal distances.
+    assert (ids == ref_ids).float().mean().item() > 0.99
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_daid_sample(benchmark, shape, provider):
+    if (reason := _skip_reason(provider, shape)) is not None:
+        pytest.skip(reason)
+    x = _inputs(shape)
+    q = OPS["reference"][0](x, shape)
+    dist, ids = OPS["reference"][1](q, x, shape.k)
+    ret_tokens = x["values"][ids]
+    args = (x["logits"], dist, ret_tokens, x["uniforms"], shape)
+    out = _run(benchmark, "daid_sample", provider, shape, lambda: OPS[provider][2](*args))
+    # Inverse-CDF draws can differ only when a uniform falls within rounding of a CDF step.
+    assert (out == OPS["reference"][2](*args)).float().mean().item() >= 0.9
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_step(benchmark, shape, provider):
+    if (reason := _skip_reason(provider, shape)) is not None:
+        pytest.skip(reason)
+    x = _inputs(shape)
+    out = _run(benchmark, "step", provider, shape, lambda: _step(provider, x, shape))
+    assert (out == _step("reference", x, shape)).float().mean().item() >= 0.9

@@ -1,0 +1,64 @@
+"""Benchmark set-up: collect ``bench_*.py`` and record the environment in every result.
+
+Run with ``pytest benchmarks/ --benchmark-only`` (add ``--benchmark-json=...`` to keep results).
+Triton kernels are timed compiled on CUDA only; nothing here turns the interpreter on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def pytest_collect_file(file_path: Path, parent):
+    # Files named on the command line are collected by pytest itself, whatever their name.
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
+
+
+def environment() -> dict:
+    """GPU name, library versions, date and git commit of this run."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=Path(__file__).parent,
+                           capture_output=True, text=True).stdout.strip()
+        )
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+
+
+@pytest.fixture(scope="session")
+def env_info() -> dict:
+    return environment()
+
+
+@pytest.fixture(autouse=True)
+def _record_environment(request, env_info):
+    if "benchmark" in request.fixturenames:
+        request.getfixturevalue("benchmark").extra_info.update(env_info)
