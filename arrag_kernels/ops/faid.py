@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from ._dispatch import OpDispatcher
+from ._dispatch import OpDispatcher, current_backend
 
 
 def _check_faid_blend(cells, retrieved, taps_t, center_t, bias, w1_t, b1, w2, b2):
@@ -158,6 +158,8 @@ def _check_triton(cells, retrieved, *weights):
         return "triton is not installed"
     if cells.device.type == "cpu" and not _INTERPRET:
         return "CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 before importing arrag_kernels)"
+    if cells.device.type == "cpu" and current_backend() != "triton":
+        return "the Triton interpreter runs CPU tensors only when the 'triton' backend is forced"
     if cells.device.type not in ("cpu", "cuda"):
         return f"device {cells.device.type} is not supported"
     dtypes = {t.dtype for t in (cells, retrieved, *weights)}
