@@ -5,8 +5,8 @@ to >= 0, whose IEEE bits order like the floats, so ordering packed integers orde
 then by id, which is exactly the reference's tie rule.
 
 Stage 1 (``_knn_block_kernel``, grid (Q, N / BLOCK_N)): one program scans BLOCK_N keys for one
-query (dot products accumulated column by column in fp32, so registers hold only BLOCK_N values)
-and keeps its KB = next_pow2(k) smallest packed candidates. The query id varies fastest in the
+query, in coalesced tiles of SUB rows (distances in fp32), and keeps its KB = next_pow2(k)
+smallest packed candidates. The query id varies fastest in the
 grid, so the Q programs reading one key block run together and share it through L2.
 Stage 2 (``_topk_merge_kernel``): each program reduces a CHUNK of candidates to KB, repeated until
 one chunk is left (a tree; the number of launches depends on shapes only, never on data).
@@ -45,26 +45,29 @@ def _store_smallest(x, out_ptr, KB: tl.constexpr, SORT: tl.constexpr):
 @triton.jit
 def _knn_block_kernel(
     q_ptr, k_ptr, out_ptr, N, D, q_stride, k_stride, out_stride,
-    BLOCK_N: tl.constexpr, KB: tl.constexpr, SORT: tl.constexpr,
+    BLOCK_N: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, KB: tl.constexpr, SORT: tl.constexpr,
 ):
     qi = tl.program_id(0)
     blk = tl.program_id(1)
-    n = blk.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    inb = n < N
-    rows = k_ptr + n * k_stride
-    dot = tl.zeros([BLOCK_N], tl.float32)
-    kn = tl.zeros([BLOCK_N], tl.float32)
-    qn = tl.zeros([], tl.float32)
-    for d in range(D):
-        qd = tl.load(q_ptr + qi * q_stride + d).to(tl.float32)
-        kd = tl.load(rows + d, mask=inb, other=0.0).to(tl.float32)  # upcast: bf16 math is wrong in the interpreter
-        dot += qd * kd
-        kn += kd * kd
-        qn += qd * qd
-    dist = tl.maximum(qn + kn - 2.0 * dot, 0.0)
-    bits = (dist.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)  # & drops the sign of a -0.0
-    packed = tl.where(inb, (bits << 32) | n, 0x7FFFFFFFFFFFFFFF)
-    _store_smallest(packed, out_ptr + qi.to(tl.int64) * out_stride + blk * KB, KB, SORT)
+    cols = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + qi * q_stride + cols, mask=cols < D, other=0.0).to(tl.float32)
+    qn = tl.sum(q * q, axis=0)
+    # The block's candidates as (R, SUB): keys are read in coalesced (SUB, D) row tiles, and tile i
+    # is written into row i with a select (registers cannot be indexed dynamically).
+    R: tl.constexpr = BLOCK_N // SUB
+    tile = tl.arange(0, R)
+    packed = tl.full([R, SUB], 0x7FFFFFFFFFFFFFFF, tl.int64)
+    for i in range(R):
+        n = blk.to(tl.int64) * BLOCK_N + i * SUB + tl.arange(0, SUB)
+        inb = n < N
+        mask = inb[:, None] & (cols[None, :] < D)
+        # Upcast at once: bf16 arithmetic is wrong in the interpreter, and accumulation is fp32 anyway.
+        k = tl.load(k_ptr + n[:, None] * k_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dist = tl.maximum(qn + tl.sum(k * k, axis=1) - 2.0 * tl.sum(k * q[None, :], axis=1), 0.0)
+        bits = (dist.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)  # & drops the sign of a -0.0
+        cand = tl.where(inb, (bits << 32) | n, 0x7FFFFFFFFFFFFFFF)
+        packed = tl.where(tile[:, None] == i, cand[None, :], packed)
+    _store_smallest(tl.reshape(packed, [BLOCK_N]), out_ptr + qi.to(tl.int64) * out_stride + blk * KB, KB, SORT)
 
 
 @triton.jit
@@ -99,9 +102,10 @@ def knn_packed(queries: torch.Tensor, keys: torch.Tensor, k: int, sort: bool | N
     kb, block_n, chunk, sort = _plan(k, sort)
     nblk = triton.cdiv(N, block_n)
     cand = torch.empty(Q, nblk * kb, dtype=torch.int64, device=keys.device)
+    block_d = max(next_pow2(D), 2)
     torch.library.wrap_triton(_knn_block_kernel)[(Q, nblk)](
         queries, keys, cand, N, D, queries.stride(0), keys.stride(0), cand.stride(0),
-        BLOCK_N=block_n, KB=kb, SORT=sort,
+        BLOCK_N=block_n, SUB=min(block_n, max(16, 8192 // block_d)), BLOCK_D=block_d, KB=kb, SORT=sort,
     )
     while cand.shape[1] > kb:
         nch = triton.cdiv(cand.shape[1], chunk)
