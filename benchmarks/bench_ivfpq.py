@@ -3,7 +3,9 @@
     pytest benchmarks/bench_ivfpq.py --benchmark-only -s
     ARRAG_BENCH_IVFPQ_SIZES=100000 pytest benchmarks/bench_ivfpq.py --benchmark-only   # smaller run
 
-One decode step searches BATCH = 16 queries (one per image) for K = 2048 neighbours (DAiD's K).
+One decode step searches the Janus-Pro-1B batch-16 shape of ``shapes.py`` (16 queries, one per
+image, K = 2048 neighbours: DAiD's K, 32-d official keys). The environment (GPU, versions, commit)
+is recorded by ``conftest.py``.
 
 * CPU (synthetic official-style keys: 4 unit-norm 8-d cells around shared centres; 100k and 1M keys):
   a FAISS OPQ + IVF-PQ index (M = 8, 8 bits) is trained and filled once per size; build throughput
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import time
 
 import numpy as np
@@ -32,24 +33,18 @@ from arrag_kernels.ops.ivfpq import ivfpq_search
 from arrag_kernels.retrieval.faiss_index import ivfpq_arrays, set_nprobe
 from arrag_kernels.retrieval.ivfpq_build import train_ivfpq
 from arrag_kernels.retrieval.search import DeviceIVFPQSearch
+from shapes import BY_NAME
 
-BATCH, K, DIM, M = 16, 2048, 32, 8
+SHAPE = BY_NAME["janus1b-b16-db1M"]
+BATCH, K, DIM, M = SHAPE.batch, SHAPE.k, SHAPE.key_dim, 8
 CPU_SIZES = [int(s) for s in os.environ.get("ARRAG_BENCH_IVFPQ_SIZES", "100000,1000000").split(",")]
 GPU_SIZES = [1_000_000, 10_000_000, 100_000_000]
 NPROBES = [1, 8, 32, 128]
 HAS_CUDA = torch.cuda.is_available()
 
 
-def _env(**extra) -> dict:
-    env = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-           "torch": torch.__version__, **extra}
-    if HAS_CUDA:
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
-
-
 def synthetic_keys(n: int, seed: int) -> np.ndarray:
-    """(n, 32) float32: 4 unit-norm 8-d cells drawn around 64 shared cell centres (official key shape)."""
+    """(n, DIM) float32: 4 unit-norm 8-d cells drawn around 64 shared cell centres (official key shape)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((64, 8)).astype(np.float32)
     out = np.empty((n, DIM), dtype=np.float32)
@@ -97,7 +92,8 @@ def recall(ids: torch.Tensor, exact: torch.Tensor) -> float:
 
 def _run(benchmark, group, provider, fn, rounds, **extra):
     benchmark.group = group
-    benchmark.extra_info.update(_env(provider=provider, batch=BATCH, k=K, **extra))
+    benchmark.extra_info.update(provider=provider, shape=SHAPE.name, batch=BATCH, k=K,
+                                threads=torch.get_num_threads(), **extra)
     return benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
 
 
