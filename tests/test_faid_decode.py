@@ -182,3 +182,11 @@ def test_bad_inputs(tiny_model, db, tmp_path):
     with pytest.raises(ValueError, match="blender_weights"):
         ak.patch_model(tiny_model, db, CFG)
     assert not ak.is_patched(tiny_model)
+
+
+def test_static_loop_with_faid_equals_dynamic(tiny_model, db):
+    with ak.patched(tiny_model, db, (ak.DAiDConfig(lam=0.3, k=8), CFG),
+                    blender_weights=_random_blenders(tiny_model, scale=0.3)):
+        dynamic = _generate(tiny_model)
+        static = _generate(tiny_model, loop="static")
+    assert torch.equal(static, dynamic)
