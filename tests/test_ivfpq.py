@@ -330,3 +330,16 @@ def test_set_nprobe_keeps_uploaded_arrays(official_dir, index, queries):
     assert_same_neighbours(dist, ids, *faiss_search(index, queries, 5, 8), what="after set_nprobe")
     with pytest.raises(ValueError, match=rf"nprobe must be in \[1, nlist = {NLIST}\], got 0"):
         db.set_nprobe(0)
+
+
+def test_opcheck_triton_op(index, queries):
+    """Full opcheck compiled on CUDA; under the interpreter only the schema and autograd checks can run
+    (wrap_triton returns the raw interpreted kernel, which fake tensors cannot launch)."""
+    from arrag_kernels.ops.ivfpq import ivfpq_search_op
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = {n: (t.to(device) if t is not None else None) for n, t in ivfpq_arrays(index).items()}
+    args = (queries.to(device), a["rotation"], a["centroids"], a["codebooks"], a["term1"], a["codes"], a["ids"],
+            a["offsets"], 2, 16, DeviceIVFPQSearch(ivfpq_arrays(index), 2, "cpu").max_candidates(2))
+    utils = None if device == "cuda" else ("test_schema", "test_autograd_registration")
+    torch.library.opcheck(ivfpq_search_op, args, test_utils=utils)

@@ -131,7 +131,19 @@ if HAS_TRITON:
             tl.store(cand_d_ptr + out + (t - start), d, mask=mask)
 
 
-def ivfpq_search_triton(queries, rotation, centroids, codebooks, term1, codes, ids, offsets, nprobe, k, max_candidates):
+def _ivfpq_search_triton(
+    queries: torch.Tensor,
+    rotation: torch.Tensor | None,
+    centroids: torch.Tensor,
+    codebooks: torch.Tensor,
+    term1: torch.Tensor,
+    codes: torch.Tensor,
+    ids: torch.Tensor,
+    offsets: torch.Tensor,
+    nprobe: int,
+    k: int,
+    max_candidates: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch probe stage, Triton list scan into per-query distance buffers, ``torch.topk`` selection."""
     lists, dis0, term2 = _probe(queries, rotation, centroids, codebooks, nprobe)
     slot0 = _slots(lists, offsets)
@@ -142,11 +154,21 @@ def ivfpq_search_triton(queries, rotation, centroids, codebooks, term1, codes, i
     # average probed list has blocks); all three numbers are host integers: no synchronisation.
     avg_blocks = -(-max_candidates // (nprobe * _BLOCK))
     splits = max(1, min(-(-_TARGET_PROGRAMS // (q * nprobe)), avg_blocks))
-    _ivfpq_scan_kernel[(q, nprobe, splits)](
+    torch.library.wrap_triton(_ivfpq_scan_kernel)[(q, nprobe, splits)](
         lists.contiguous(), dis0.contiguous(), slot0.contiguous(), term1, term2.contiguous(), codes, offsets,
         cand_d, nprobe, max_candidates, M=m, KSUB=ksub, BLOCK=_BLOCK,
     )
     return _select(cand_d, lists, slot0, offsets, ids, k)
+
+
+if HAS_TRITON:
+    # A torch.library op, so torch.compile and CUDA graphs see one opaque, shape-static operation.
+    ivfpq_search_op = torch.library.triton_op("arrag_kernels::ivfpq_search_triton", mutates_args=())(_ivfpq_search_triton)
+
+
+def ivfpq_search_triton(queries, rotation, centroids, codebooks, term1, codes, ids, offsets, nprobe, k, max_candidates):
+    """Triton implementation of :func:`ivfpq_search` (same contract)."""
+    return ivfpq_search_op(queries, rotation, centroids, codebooks, term1, codes, ids, offsets, nprobe, k, max_candidates)
 
 
 def _check_triton(queries, rotation, centroids, codebooks, term1, codes, ids, offsets, nprobe, k, max_candidates):
