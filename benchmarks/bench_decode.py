@@ -30,12 +30,17 @@ from arrag_kernels.retrieval import DatabaseMeta
 CUDA = torch.cuda.is_available()
 GPU_ONLY = pytest.mark.skipif(not CUDA, reason="Janus-Pro-1B-shaped decoding needs a GPU")
 
-# name -> (model kwargs, device, dtype, batches, database sizes, K, loops)
+# name -> (model kwargs, device, dtype, batches, K, [(loop, database size or None), ...]).
+# The GPU list is trimmed so that scripts/gpu_check.sh fits its time limit: eager loops cost
+# ~25 ms per step at this size (Python dispatch of 24 layers), graph replays ~1-2 ms.
 CASES = {
-    "tiny-cpu": (dict(grid=8), "cpu", torch.float32, (1, 4), (20_000,), 256, ("dynamic", "static")),
+    "tiny-cpu": (dict(grid=8), "cpu", torch.float32, (1, 4), 256,
+                 [("dynamic", None), ("dynamic", 20_000), ("static", None), ("static", 20_000)]),
     "janus-pro-1b-shape": (
         dict(grid=24, hidden_size=2048, num_layers=24, codebook_size=16384, text_vocab_size=102400, patch_size=16),
-        "cuda", torch.bfloat16, (1, 16), (1_000_000, 10_000_000), 2048, ("dynamic", "static", "cuda-graph"),
+        "cuda", torch.bfloat16, (1, 16), 2048,
+        [("dynamic", None), ("static", None), ("static", 10_000_000),
+         ("cuda-graph", None), ("cuda-graph", 1_000_000), ("cuda-graph", 10_000_000)],
     ),
 }
 
@@ -86,7 +91,7 @@ def _synthetic_db(model, num_keys: int, device) -> ak.PatchDatabase:
     return ak.PatchDatabase(keys, values, meta)
 
 
-def _time(fn, device, repeats=3) -> float:
+def _time(fn, device, repeats=2) -> float:
     """Median wall time of ``fn()`` with the device synchronised around each call."""
     fn()
     times = []
@@ -119,20 +124,18 @@ def _synchronised(fn):
 
 
 def _params():
-    for name, (_, device, _, batches, sizes, _, loops) in CASES.items():
+    for name, (_, device, _, batches, _, runs) in CASES.items():
         marks = [GPU_ONLY] if device == "cuda" else []
         for batch in batches:
-            for loop in loops:
-                yield pytest.param(name, batch, loop, None, id=f"{name}-b{batch}-{loop}-plain", marks=marks)
-                for size in sizes:
-                    yield pytest.param(name, batch, loop, size, id=f"{name}-b{batch}-{loop}-daid{size // 1000}k",
-                                       marks=marks)
+            for loop, size in runs:
+                kind = f"daid{size // 1000}k" if size else "plain"
+                yield pytest.param(name, batch, loop, size, id=f"{name}-b{batch}-{loop}-{kind}", marks=marks)
 
 
 @pytest.mark.parametrize("name,batch,loop,db_size", list(_params()))
 def test_decode(benchmark, setups, name, batch, loop, db_size):
     model = setups(name)
-    _, device, _, _, _, k, _ = CASES[name]
+    _, device, _, _, k, _ = CASES[name]
     ids, gen = _inputs(model, batch)
     mask = torch.ones_like(ids)
     if (name, batch, "hf") not in _baselines:  # plain HF generate on the unpatched model, same run
@@ -146,7 +149,7 @@ def test_decode(benchmark, setups, name, batch, loop, db_size):
         assert tokens.shape == (batch, get_adapter(model).grid[0] ** 2) and bool((tokens >= 0).all())
         benchmark.group = f"{name}-b{batch}"
         benchmark.extra_info.update(_environment(), loop=loop, batch=batch, db_keys=db_size or 0, k=k if db_size else 0)
-        benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+        benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=1)
     seconds = benchmark.stats.stats.median
     benchmark.extra_info["ms_per_image"] = 1e3 * seconds / batch
     benchmark.extra_info["ratio_to_hf_generate"] = seconds / _baselines[(name, batch, "hf")]
