@@ -22,7 +22,7 @@ from arrag_kernels.ops import (
 
 from .utils import TOLERANCES, assert_close
 
-triton_kernels = pytest.importorskip("arrag_kernels.ops._triton", reason="triton is not installed")
+pytest.importorskip("arrag_kernels.ops._triton", reason="triton is not installed")
 from arrag_kernels.ops._triton import _common  # noqa: E402
 from arrag_kernels.ops._triton.daid import daid_sample_op  # noqa: E402
 from arrag_kernels.ops._triton.knn import knn_op, knn_packed  # noqa: E402
@@ -250,15 +250,17 @@ def test_daid_sample_distribution():
 
 
 def test_forced_triton_unavailable_raises(monkeypatch):
-    q, keys = torch.randn(2, 32, dtype=torch.float64), torch.randn(50, 32, dtype=torch.float64)
+    q = torch.randn(2, 32, dtype=torch.float64, device=DEVICE)
+    keys = torch.randn(50, 32, dtype=torch.float64, device=DEVICE)
     with ak.use_backend("triton"), pytest.raises(BackendUnavailable, match="dtype"):
         knn(q, keys, 3)
     ref = knn_ref(q, keys, 3)
     got = knn(q, keys, 3)  # auto falls back
     assert torch.equal(got[1], ref[1])
+    # CPU tensors without the interpreter (what a CUDA machine sees for CPU inputs).
     monkeypatch.setattr(_common, "INTERPRETED", False)
     with ak.use_backend("triton"), pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
-        knn(q.float(), keys.float(), 3)
+        knn(q.float().cpu(), keys.float().cpu(), 3)
 
 
 def test_auto_does_not_pick_the_interpreter():
