@@ -92,6 +92,12 @@ def _plan(k: int, sort: bool | None):
     return kb, max(2 * kb, 1024), max(4 * kb, 1024), sort
 
 
+def _warps(block: int) -> int:
+    # A block's int64 candidates live in registers: 8 warps keep large blocks at <= 32 per thread
+    # (an estimate from register budgets, not yet tuned on a GPU).
+    return 8 if block >= 4096 else 4
+
+
 def knn_packed(queries: torch.Tensor, keys: torch.Tensor, k: int, sort: bool | None = None) -> torch.Tensor:
     """(Q, KB) int64 packed candidates of the KB = next_pow2(k) nearest keys, ascending.
 
@@ -106,12 +112,14 @@ def knn_packed(queries: torch.Tensor, keys: torch.Tensor, k: int, sort: bool | N
     torch.library.wrap_triton(_knn_block_kernel)[(Q, nblk)](
         queries, keys, cand, N, D, queries.stride(0), keys.stride(0), cand.stride(0),
         BLOCK_N=block_n, SUB=min(block_n, max(16, 8192 // block_d)), BLOCK_D=block_d, KB=kb, SORT=sort,
+        num_warps=_warps(block_n),
     )
     while cand.shape[1] > kb:
         nch = triton.cdiv(cand.shape[1], chunk)
         nxt = torch.empty(Q, nch * kb, dtype=torch.int64, device=keys.device)
         torch.library.wrap_triton(_topk_merge_kernel)[(Q, nch)](
             cand, nxt, cand.shape[1], cand.stride(0), nxt.stride(0), CHUNK=chunk, KB=kb, SORT=sort,
+            num_warps=_warps(chunk),
         )
         cand = nxt
     return cand
