@@ -1,50 +1,84 @@
 #!/usr/bin/env bash
-# GPU check of the Triton backend, one command on a CUDA machine:
-#   bash scripts/gpu_check.sh
-# 1. tests/test_triton_kernels.py compiled (TRITON_INTERPRET unset; bf16 and full opcheck included);
-# 2. benchmarks/bench_retrieval_ops.py (reference vs triton vs official pattern, Janus-Pro-1B shapes).
-# Writes env.json, the junit XML, logs and the pytest-benchmark JSON to $OUT if set, else to
-# benchmarks/results/. pytest and pytest-benchmark must be importable; if they are not, wheels in
-# $WHEELS are installed (make them on a networked machine with:
-#   pip download --only-binary=:all: --python-version 3.12 -d wheels pytest pytest-benchmark).
+# Everything GPU-side in one call, on a CUDA machine (the H200 lent to some sessions):
+#
+#   bash scripts/gpu_check.sh            # all stages
+#   bash scripts/gpu_check.sh tests      # or any of: build tests bench-ops bench-decode bench-rest
+#
+# Stages (each under its own time limit, so one slow stage cannot starve the others; the defaults
+# add up to under 10 minutes, the device tool's per-call limit):
+#   build         C++/CUDA extension in place (ARRAG_KERNELS_BUILD_CUDA=1)
+#   tests         the whole test suite compiled (no Triton interpreter): kernels vs references incl.
+#                 bf16, CUDA k-selection, CUDA-graph decode replay and its no-host-sync check
+#   bench-ops     retrieval ops per provider (reference / triton / official per-step pattern)
+#   bench-decode  end-to-end decoding, Janus-Pro-1B shape: HF generate vs our loops, plain vs DAiD
+#   bench-rest    FAiD blend step and IVF-PQ search
+# Results go to $OUT (the device tool's folder) or else benchmarks/results/: env JSON, logs,
+# junit XML and pytest-benchmark JSON, stamped with the UTC time; commit them under
+# benchmarks/results/.
+#
+# The GPU machine has no pytest: bash scripts/fetch_gpu_wheels.sh on a networked machine puts the
+# wheels in .gpu_wheels/ (git-ignored; pass it to the device tool with carry=[".gpu_wheels"]) and
+# this script installs them into .gpu_site/ on first use.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-unset TRITON_INTERPRET  # the interpreter is broken with the GPU machine's numpy, and not what we test
+unset TRITON_INTERPRET  # compiled kernels are what this checks (the interpreter breaks on numpy 2.5)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
 DEST="${OUT:-benchmarks/results}"
-mkdir -p "$DEST"
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+STAGES="${*:-build tests bench-ops bench-decode bench-rest}"
+mkdir -p "$DEST"
 
 if ! "$PY" -c "import pytest, pytest_benchmark" 2>/dev/null; then
-    if [ -n "${WHEELS:-}" ] && [ -d "$WHEELS" ]; then
-        "$PY" -m pip install --no-index --find-links "$WHEELS" pytest pytest-benchmark || exit 1
+    if [ -d .gpu_wheels ]; then
+        "$PY" -m pip install --quiet --no-index --find-links .gpu_wheels --target .gpu_site pytest pytest-benchmark || exit 1
+        export PYTHONPATH="$PWD/.gpu_site:$PYTHONPATH"
     else
-        echo "gpu_check: pytest / pytest-benchmark missing; set WHEELS=<dir with their wheels>" >&2
+        echo "gpu_check: pytest / pytest-benchmark missing and no .gpu_wheels/ (see scripts/fetch_gpu_wheels.sh)" >&2
         exit 1
     fi
 fi
 
-"$PY" - > "$DEST/env_$STAMP.json" <<'PYEOF'
+"$PY" - > "$DEST/env_$STAMP.json" <<'PYEOF' || exit 1
 import json, sys
 sys.path.insert(0, "benchmarks")
 from conftest import environment
 import torch
-env = environment()
 if not torch.cuda.is_available():
     sys.exit("gpu_check: no CUDA device")
-json.dump(env, sys.stdout, indent=2)
+json.dump(environment(), sys.stdout, indent=2)
 PYEOF
-[ $? -eq 0 ] || exit 1
 cat "$DEST/env_$STAMP.json"
 
-"$PY" -m pytest tests/test_triton_kernels.py -q -p no:cacheprovider --durations=10 \
-    --junitxml="$DEST/triton_tests_$STAMP.xml" 2>&1 | tee "$DEST/triton_tests_$STAMP.log"
-tests_rc=${PIPESTATUS[0]}
+declare -A RC
+stage() {  # stage NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    case " $STAGES " in *" $name "*) ;; *) return ;; esac
+    echo "=== gpu_check: $name (limit ${limit}s)"
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$DEST/${name}_$STAMP.log" 2>&1
+    RC[$name]=$?
+    tail -n 25 "$DEST/${name}_$STAMP.log"
+    echo "=== gpu_check: $name rc=${RC[$name]} in $((SECONDS - t0))s"
+}
+bench() {  # bench NAME SECONDS FILES...
+    local name=$1 limit=$2
+    shift 2
+    stage "$name" "$limit" "$PY" -m pytest "$@" --benchmark-only -q -p no:cacheprovider \
+        --benchmark-json="$DEST/${name}_$STAMP.json"
+}
 
-"$PY" -m pytest benchmarks/bench_retrieval_ops.py --benchmark-only -q -p no:cacheprovider \
-    --benchmark-json="$DEST/bench_retrieval_ops_$STAMP.json" 2>&1 | tee "$DEST/bench_retrieval_ops_$STAMP.log"
-bench_rc=${PIPESTATUS[0]}
+stage build 120 env ARRAG_KERNELS_BUILD_EXT=1 ARRAG_KERNELS_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace
+stage tests 180 "$PY" -m pytest tests/ -q -p no:cacheprovider --durations=15 --junitxml="$DEST/tests_$STAMP.xml"
+bench bench-ops 60 benchmarks/bench_retrieval_ops.py
+bench bench-decode 150 benchmarks/bench_decode.py
+bench bench-rest 60 benchmarks/bench_faid.py benchmarks/bench_ivfpq.py
 
-echo "gpu_check: tests rc=$tests_rc, benchmarks rc=$bench_rc, results in $DEST"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+status=0
+for name in "${!RC[@]}"; do
+    echo "gpu_check: $name rc=${RC[$name]}"
+    [ "${RC[$name]}" -eq 0 ] || status=1
+done
+echo "gpu_check: results in $DEST"
+exit $status
