@@ -343,3 +343,15 @@ def test_opcheck_triton_op(index, queries):
             a["offsets"], 2, 16, DeviceIVFPQSearch(ivfpq_arrays(index), 2, "cpu").max_candidates(2))
     utils = None if device == "cuda" else ("test_schema", "test_autograd_registration")
     torch.library.opcheck(ivfpq_search_op, args, test_utils=utils)
+
+
+def test_padded_neighbours_come_back_as_token_minus_one(official_dir, queries):
+    """nprobe = 1 over 16 lists of ~190 entries cannot fill k = 1000: the rest is padding (id -1)."""
+    db = ak.PatchDatabase.from_official(official_dir[0], nprobe=1)
+    _, ids = db.search(queries, 1000)
+    dist, tokens = db.retrieve(queries, 1000)
+    assert (ids == -1).any()
+    assert torch.equal(tokens == -1, ids == -1)
+    probs = torch.softmax(torch.randn(len(queries), 16384), 1)
+    merged = ak.ops.daid_mix(probs, dist, tokens, torch.ones(len(queries), dtype=torch.bool), 0.5, 0.6)
+    assert torch.isfinite(merged).all() and torch.allclose(merged.sum(1), torch.ones(len(queries)), atol=1e-5)

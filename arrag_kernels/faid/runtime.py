@@ -94,7 +94,8 @@ class FAiDRuntime:
         self.features = None
         if self.retrieves_at[step]:
             _, ids, valid = self.retriever.retrieve(tokens, step)
-            self.features = self.adapter.embed_image_tokens(ids)  # (B, K, D) aligner(embeddings(ids))
+            # (B, K, D) aligner(embeddings(ids)); padding (-1, rows masked by `valid`) looks up token 0
+            self.features = self.adapter.embed_image_tokens(ids.clamp_min(0))
             self.valid = (valid & (ids >= 0).all(dim=1)).to(self.features.dtype).unsqueeze(-1)
         self._armed = set(self.blenders.layer_ids)
 

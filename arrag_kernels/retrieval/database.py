@@ -481,7 +481,9 @@ class PatchDatabase:
         return self._search.search(queries, k)
 
     def retrieve(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like :meth:`search` but returns the entries' token ids instead of their row ids."""
+        """Like :meth:`search` but returns the entries' token ids (-1 for padding) instead of row ids."""
         dist, ids = self.search(queries, k)
-        # IVF-PQ pads missing neighbours with id -1 and distance FLT_MAX (weight 0 in DAiD): any token will do.
-        return dist, self.values.to(ids.device)[ids.clamp_min(0)]
+        # IVF-PQ pads missing neighbours with id -1; they come back as token -1, which the DAiD and
+        # FAiD steps ignore.
+        tokens = self.values.to(ids.device)[ids.clamp_min(0)]
+        return dist, torch.where(ids >= 0, tokens, -1)
