@@ -21,9 +21,6 @@ class ExactSearch:
     def __init__(self, keys: torch.Tensor):
         self.keys = keys
 
-    def to(self, device, dtype=None) -> "ExactSearch":
-        return ExactSearch(self.keys.to(device=device, dtype=dtype or self.keys.dtype))
-
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return knn(queries.to(self.keys.dtype), self.keys, k)
 
@@ -40,9 +37,6 @@ class FaissFlatSearch:
         self.index = faiss.IndexFlatL2(keys.shape[1])
         self.index.add(keys.detach().float().cpu().contiguous().numpy())
 
-    def to(self, device, dtype=None) -> "FaissFlatSearch":
-        return self  # the index lives on the host
-
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if queries.shape[1] != self.index.d:
             raise ValueError(f"query dimension {queries.shape[1]} does not match index dimension {self.index.d}")
@@ -56,7 +50,7 @@ class FaissIVFPQSearch:
     """A FAISS (OPQ +) IVF-PQ index searched by FAISS: faiss-cpu, or faiss-gpu for CUDA queries when installed."""
 
     def __init__(self, index, nprobe: int):
-        from .faiss_index import import_faiss, set_nprobe
+        from .faiss_index import import_faiss
 
         self.faiss = import_faiss()
         self.index = index
