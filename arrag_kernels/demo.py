@@ -62,6 +62,7 @@ def run_demo(out: str | Path = "demo_out", grid: int = 16, num_images: int = 64,
 
     import arrag_kernels as ak
     from arrag_kernels.models import get_adapter, tiny_janus, tiny_prompt_ids
+    from arrag_kernels.ops.knn import knn_dispatcher
 
     out = Path(out)
     model = tiny_janus(seed=seed, grid=grid).to(device)
@@ -109,8 +110,11 @@ def run_demo(out: str | Path = "demo_out", grid: int = 16, num_images: int = 64,
             print(f"       plain loop reproduces HF generate's sampled tokens: {same}")
             results["plain_equals_hf"] = same
     overhead = results["daid"].total_s / results["plain"].total_s - 1
+    queries, keys = torch.zeros(1, db.meta.key_dim, device=device), db.keys.to(device)
+    search_backend = knn_dispatcher.select(queries, keys, 1)[0]
     print(f"HF generate (no retrieval), whole call: {1e3 * results['hf_generate_s'] / (grid * grid):.2f} ms/step")
     print(f"DAiD overhead over the same loop without retrieval: {100 * overhead:+.1f}% "
-          f"(reference ops on {device}; retrieval is {100 * results['daid'].retrieval_fraction:.1f}% of DAiD decode)")
+          f"(search backend {search_backend!r} on {device}; retrieval is "
+          f"{100 * results['daid'].retrieval_fraction:.1f}% of DAiD decode)")
     results["daid_overhead"] = overhead
     return results
