@@ -113,6 +113,24 @@ def test_faid_blend_errors():
     assert reason is not None and "D = 8" in reason
 
 
+def test_faid_blend_opcheck():
+    """torch.library registration of the Triton op. As in test_triton_kernels.test_opcheck: full
+    opcheck compiled on CUDA; under the interpreter only the schema and autograd-registration checks
+    (fake-tensor tracing would launch the interpreter on fake tensors)."""
+    op = pytest.importorskip("arrag_kernels.ops._triton.faid", reason="triton is not installed").faid_blend_op
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    g = torch.Generator().manual_seed(5)
+    B, n, K, D = 2, 4, 10, 32
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.2).to(device)  # noqa: E731
+    args = (r(B, n, D), r(B, K, D), r(n, D, D), r(D, D), r(D), r(D, D), r(D), r(D), r(1))
+    torch.library.opcheck(op, args, test_utils=None if cuda else ("test_schema", "test_autograd_registration"))
+    blended, hhat = op(*args)
+    want = faid_blend_ref(*args)
+    assert_close(blended, want[0], what="blended (registered op)")
+    assert_close(hhat, want[1], what="hhat (registered op)")
+
+
 def test_config_validation():
     assert FAiDConfig(hops="12").hops == (1, 2)
     assert FAiDConfig(blenders=2).layer_indices(24) == (0, 12)
