@@ -136,7 +136,7 @@ def test_daid_and_faid_combined(tiny_model, db):
     assert out.shape == plain.shape and not torch.equal(out, plain)
 
 
-def test_checkpoint_roundtrip_and_official_layout(tiny_model, db, tmp_path):
+def test_checkpoint_roundtrip(tiny_model, db, tmp_path):
     blenders = _random_blenders(tiny_model, seed=2, scale=0.2)
     path = save_blenders(blenders, tmp_path / "blenders.safetensors")
     with ak.patched(tiny_model, db, CFG, blender_weights=blenders):
@@ -144,23 +144,114 @@ def test_checkpoint_roundtrip_and_official_layout(tiny_model, db, tmp_path):
     with ak.patched(tiny_model, db, CFG, blender_weights=path):
         assert torch.equal(_generate(tiny_model), want)
 
-    # the official DeepSeek-Janus layout, written here: blenders + part of the LM body + a foreign key
-    official = {f"language_model.model.{k}": v.clone() for k, v in blenders.state_dict().items()}
-    lm_key = "layers.0.self_attn.q_proj.weight"
-    original = tiny_model.model.language_model.state_dict()[lm_key].clone()
-    official[f"language_model.model.{lm_key}"] = original.clone()
-    official["gen_head.output_mlp_projector.weight"] = torch.zeros(3)
+
+# ---- the official release layout: DeepSeek-Janus names for the base model + blenders --------------
+def _to_deepseek(name, value):
+    """HF JanusForConditionalGeneration name -> DeepSeek MultiModalityCausalLM name(s), written from
+    the DeepSeek module layout (test oracle; the inverse of arrag_kernels' mapping)."""
+    import re
+
+    rules = [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+             ("model.generation_embeddings.", "gen_embed."), ("model.generation_head.proj_out.", "gen_head.output_mlp_projector."),
+             ("model.generation_head.vision_head.", "gen_head.vision_head.")]
+    for hf, ds in rules:
+        if name.startswith(hf):
+            return {ds + name[len(hf):]: value}
+    m = re.match(r"model\.(generation_aligner|aligner)\.(fc1|hidden_layers\.(\d+))\.(\w+)$", name)
+    if m:
+        idx = 0 if m.group(2) == "fc1" else 2 * int(m.group(3)) + 2
+        return {f"{'gen_aligner' if m.group(1) == 'generation_aligner' else 'aligner'}.layers.{idx}.{m.group(4)}": value}
+    if name.startswith("model.vqmodel."):
+        n = name[len("model.vqmodel."):]
+        n = re.sub(r"^(encoder\.down|decoder\.up)\.(\d+)\.block\.", r"\1.\2.res.", n)
+        n = re.sub(r"^encoder\.down\.", "encoder.conv_blocks.", n)
+        n = re.sub(r"^decoder\.up\.", "decoder.conv_blocks.", n)
+        for hf, ds in (("mid.block_1.", "mid.0."), ("mid.attn_1.", "mid.1."), ("mid.block_2.", "mid.2.")):
+            n = n.replace(hf, ds)
+        return {"gen_vision_model." + n: value}
+    vit = "vision_model.vision_tower."
+    if name == "model.vision_model.embeddings.position_embedding.weight":
+        return {vit + "pos_embed": value.unsqueeze(0)}
+    n = name[len("model.vision_model."):]
+    for hf, ds in (("embeddings.patch_embedding.", "patch_embed.proj."), ("post_layernorm.", "norm.")):
+        if n.startswith(hf):
+            return {vit + ds + n[len(hf):]: value}
+    m = re.match(r"encoder\.layers\.(\d+)\.(.+)$", n)
+    i, rest = m.group(1), m.group(2)
+    if re.match(r"self_attn\.[qkv]_proj\.", rest):
+        return {}  # fused below
+    for hf, ds in (("layer_norm1.", "norm1."), ("layer_norm2.", "norm2."), ("self_attn.projection_layer.", "attn.proj."),
+                   ("mlp.", "mlp.")):
+        if rest.startswith(hf):
+            return {f"{vit}blocks.{i}.{ds}{rest[len(hf):]}": value}
+    raise AssertionError(f"test oracle has no DeepSeek name for {name}")
+
+
+def _write_official(model, blenders, path):
+    """An official-layout checkpoint of ``model`` + ``blenders`` (plus a tensor HF has no place for)."""
     from safetensors.torch import save_file
-    save_file(official, str(tmp_path / "official.safetensors"))
-    loaded, skipped = load_official_checkpoint(tiny_model, tmp_path / "official.safetensors", CFG)
-    assert skipped == ["gen_head.output_mlp_projector.weight"]
-    assert torch.equal(tiny_model.model.language_model.state_dict()[lm_key], original)
-    for k, v in blenders.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k
-    converted = convert_official(tmp_path / "official.safetensors", tmp_path / "ours.safetensors", num_layers=2,
-                                 hidden_size=64, k=CFG.k)
-    with ak.patched(tiny_model, db, CFG, blender_weights=converted):
-        assert torch.equal(_generate(tiny_model), want)
+
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    official = {}
+    for name, value in sd.items():
+        official.update(_to_deepseek(name, value))
+    for i in range(model.config.vision_config.num_hidden_layers):
+        attn = f"model.vision_model.encoder.layers.{i}.self_attn."
+        for p in ("weight", "bias"):
+            official[f"vision_model.vision_tower.blocks.{i}.attn.qkv.{p}"] = torch.cat([sd[f"{attn}{x}_proj.{p}"] for x in "qkv"])
+    official.update({f"language_model.model.{k}": v.clone() for k, v in blenders.state_dict().items()})
+    official["gen_vision_model.quantize.codebook_used"] = torch.zeros(8)  # dropped by design
+    save_file(official, str(path))
+    return path
+
+
+def test_official_checkpoint_loads_base_and_blenders(tiny_model, db, tmp_path):
+    """Released-checkpoint layout -> a fresh HF Janus (other random weights) + blenders: same generation."""
+    from safetensors.torch import load_file, save_file
+
+    blenders = _random_blenders(tiny_model, seed=4, scale=0.2)
+    path = _write_official(tiny_model, blenders, tmp_path / "official.safetensors")
+    with ak.patched(tiny_model, db, CFG, blender_weights=blenders):
+        want = _generate(tiny_model)
+
+    fresh = ak.models.tiny_janus(seed=5)
+    head = "model.generation_head.vision_head.weight"
+    assert not torch.equal(fresh.state_dict()[head], tiny_model.state_dict()[head])
+    loaded = load_official_checkpoint(fresh, path, CFG)
+    assert loaded.unmapped == [] and loaded.missing == []
+    ref = tiny_model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in fresh.state_dict().items())
+    with ak.patched(fresh, db, CFG, blender_weights=loaded.blenders):
+        assert torch.equal(_generate(fresh), want)
+
+    # converter: our blender file plus HF-named base weights that load into a third model exactly
+    ours = convert_official(path, tmp_path / "b.safetensors", num_layers=2, hidden_size=64, k=CFG.k,
+                            base_out=tmp_path / "base.safetensors")
+    assert load_blenders(ours, tiny_model).config == CFG
+    assert all(torch.equal(v, blenders.state_dict()[k]) for k, v in load_file(str(ours)).items())
+    other = ak.models.tiny_janus(seed=6)
+    other.load_state_dict(load_file(str(tmp_path / "base.safetensors")), strict=True)
+    assert all(torch.equal(v, ref[k]) for k, v in other.state_dict().items())
+
+    # unknown and missing keys: strict lists them, non-strict reports them
+    official = load_file(str(path))
+    official["gen_head.extra.weight"] = torch.zeros(3)
+    del official["gen_embed.weight"]
+    with pytest.raises(CheckpointError, match=r"gen_head\.extra\.weight.*model\.generation_embeddings\.weight"):
+        load_official_checkpoint(fresh, official, CFG)
+    result = load_official_checkpoint(fresh, official, CFG, strict=False)
+    assert result.unmapped == ["gen_head.extra.weight"] and result.missing == ["model.generation_embeddings.weight"]
+    save_file(official, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError, match=r"no HF Janus name: \['gen_head\.extra\.weight'\]"):
+        convert_official(tmp_path / "bad.safetensors", tmp_path / "x.safetensors", 2, 64, base_out=tmp_path / "y.safetensors")
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+    official = load_file(str(path))
+    official["language_model.lm_head.weight"] = official["language_model.lm_head.weight"] + 1  # tiny model ties it
+    with pytest.raises(CheckpointError, match="ties"):
+        load_official_checkpoint(fresh, official, CFG)
+    official["language_model.model.embed_tokens.weight"] = torch.zeros(3, 64)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_official_checkpoint(fresh, official, CFG)
 
 
 def test_bad_inputs(tiny_model, db, tmp_path):

@@ -5,7 +5,7 @@ import torch
 
 import arrag_kernels as ak
 from arrag_kernels.faid import FAiDBlenders, FAiDConfig, load_blenders, save_blenders
-from arrag_kernels.faid.train import FAiDTrainer, encode_images, saved_activation_bytes
+from arrag_kernels.faid.train import FAiDTrainer, encode_images, load_finetuned, save_finetuned, saved_activation_bytes
 from arrag_kernels.models import tiny_janus, tiny_prompt_ids
 
 CFG = FAiDConfig(k=4, hops=(1, 2), blenders=2)
@@ -59,15 +59,40 @@ def test_dense_matches_literal_and_uses_less_memory(setup):
     assert bytes_l > 2 * bytes_d
 
 
-def test_lora_needs_peft(setup):
-    model, db, _, _ = setup
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="peft"):
-            FAiDTrainer(model, db, FAiDBlenders.for_model(model, CFG), lora_rank=4)
-    else:
-        pytest.skip("peft is installed; LoRA training is exercised on real runs")
+def test_lora_training_changes_only_lora_blenders_and_head(setup, tmp_path):
+    """LoRA r=4 on q/v + blenders + head: loss goes down, nothing else moves, save/reload is exact."""
+    pytest.importorskip("peft", reason="LoRA training needs peft (pip install peft)")
+    _, db, tokens, prompts = setup
+    model = tiny_janus(seed=0)  # LoRA is injected into this instance
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(2)
+    blenders = FAiDBlenders.for_model(model, CFG)
+    blenders_before = {n: p.detach().clone() for n, p in blenders.named_parameters()}
+    trainer = FAiDTrainer(model, db, blenders, lr=3e-3, lora_rank=4, train_head=True)
+    losses = [trainer.step(prompts, tokens) for _ in range(6)]
+    with torch.no_grad():
+        final = float(trainer.loss(prompts, tokens))
+    assert final < losses[0] - 0.03, losses + [final]
+
+    params = dict(model.named_parameters())
+    lora = {n for n in params if "lora_" in n}
+    assert len(lora) == 8  # lora_A / lora_B of q_proj and v_proj in both layers
+    assert all(not torch.equal(params[n], torch.zeros_like(params[n])) for n in lora if "lora_B" in n)
+    changed = {n.replace(".base_layer", "") for n, p in params.items()
+               if n not in lora and not torch.equal(p, before[n.replace(".base_layer", "")])}
+    assert changed == {n for n in before if n.startswith("model.generation_head.")}, changed
+    assert all(not torch.equal(p, blenders_before[n]) for n, p in blenders.named_parameters())
+
+    save_blenders(blenders, tmp_path / "b.safetensors")
+    save_finetuned(model, tmp_path / "tuned.safetensors", head=True)
+    fresh = tiny_janus(seed=0)
+    reloaded = FAiDTrainer(fresh, db, load_blenders(tmp_path / "b.safetensors", fresh))
+    with torch.no_grad():
+        untuned = float(reloaded.loss(prompts, tokens))
+        load_finetuned(fresh, tmp_path / "tuned.safetensors")
+        assert float(reloaded.loss(prompts, tokens)) == final != untuned
+    with pytest.raises(ValueError, match="already has LoRA"):
+        load_finetuned(fresh, tmp_path / "tuned.safetensors")
 
 
 def test_cli_train_and_convert(tiny_images, tmp_path):
@@ -86,7 +111,9 @@ def test_cli_train_and_convert(tiny_images, tmp_path):
     ak.PatchDatabase.build(img_dir, model, progress=False).save(tmp_path / "db")
     out = tmp_path / "b.safetensors"
     assert main(["train-faid", "--db", str(tmp_path / "db"), "--images", str(img_dir), "--out", str(out),
-                 "--k", "4", "--steps", "2", "--batch-size", "2"]) == 0
+                 "--k", "4", "--steps", "2", "--batch-size", "2", "--lora-rank", "2", "--train-head"]) == 0
+    tuned = load_file(str(tmp_path / "b.finetuned.safetensors"))
+    assert len(tuned) == 8 + 4 and tuned["generation_head.vision_head.weight"].shape == (512, 64)
     official = {f"language_model.model.{k}": v for k, v in load_file(str(out)).items()}
     save_file(official, str(tmp_path / "official.safetensors"))
     assert main(["convert", str(tmp_path / "official.safetensors"), "--out", str(tmp_path / "c.safetensors"),

@@ -5,7 +5,8 @@ composed and dense evaluations, :mod:`.runtime` the decode-time hooks, :mod:`.ch
 official weight formats, :mod:`.train` fine-tuning.
 """
 
-from .checkpoint import CheckpointError, convert_official, load_blenders, load_official_checkpoint, save_blenders
+from .checkpoint import (CheckpointError, OfficialLoad, convert_official, load_blenders, load_official_checkpoint,
+                         official_to_hf, save_blenders)
 from .config import FAiDConfig
 from .modules import Blender, ComposedBlender, FAiDBlenders, FAiDLayer, blend_dense, blend_literal, composed_taps
 from .runtime import FAiDRuntime
@@ -18,11 +19,13 @@ __all__ = [
     "FAiDConfig",
     "FAiDLayer",
     "FAiDRuntime",
+    "OfficialLoad",
     "blend_dense",
     "blend_literal",
     "composed_taps",
     "convert_official",
     "load_blenders",
     "load_official_checkpoint",
+    "official_to_hf",
     "save_blenders",
 ]

@@ -7,7 +7,9 @@ Official (AR-RAG release, e.g. ``jingyq1/arrag_faid``): the same tensors under
 ``language_model.model.layers.{i}.blender.{conv1,conv12,conv2,conv22,conv3,conv32}.{weight,bias}``,
 ``...blender.conv_weights``, ``...blender.mlp.{0,2}.{weight,bias}`` and
 ``language_model.model.layers.{i}.retrieval_layernorm.weight``, next to the base model's weights
-(``language_model.model.*`` is the Llama body, HF ``model.language_model.*``).
+in DeepSeek ``MultiModalityCausalLM`` names, which :func:`official_to_hf` maps to HF
+``JanusForConditionalGeneration`` (``language_model.model.*`` -> ``model.language_model.*``,
+``gen_vision_model`` -> ``model.vqmodel``, ``gen_head`` -> ``model.generation_head``, ...).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -124,37 +127,184 @@ def save_blenders(blenders: FAiDBlenders, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_official_checkpoint(model, source, config: FAiDConfig | None = None) -> tuple[FAiDBlenders, list[str]]:
-    """Load an official AR-RAG FAiD checkpoint into a HF Janus ``model`` plus our blenders.
+# ---- DeepSeek-Janus base weights -> HF JanusForConditionalGeneration ------------------------------
+# Plain prefix renames (DeepSeek ``MultiModalityCausalLM`` -> HF), checked in order.
+_BASE_PREFIXES = (
+    ("language_model.model.", "model.language_model."),  # LlamaForCausalLM body: same inner names
+    ("language_model.lm_head.", "lm_head."),
+    ("gen_embed.", "model.generation_embeddings."),
+    ("gen_head.output_mlp_projector.", "model.generation_head.proj_out."),
+    ("gen_head.vision_head.", "model.generation_head.vision_head."),
+)
+# VQ model (LlamaGen VQModel) -> HF JanusVQVAE, applied to the name after ``gen_vision_model.``.
+_VQ_RENAMES = (
+    (re.compile(r"^encoder\.conv_blocks\."), "encoder.down."),
+    (re.compile(r"^decoder\.conv_blocks\."), "decoder.up."),
+    (re.compile(r"^((?:en|de)coder\.(?:down|up)\.\d+)\.res\."), r"\1.block."),
+    (re.compile(r"^((?:en|de)coder)\.mid\.0\."), r"\1.mid.block_1."),
+    (re.compile(r"^((?:en|de)coder)\.mid\.1\."), r"\1.mid.attn_1."),
+    (re.compile(r"^((?:en|de)coder)\.mid\.2\."), r"\1.mid.block_2."),
+)
+# MlpProjector ``layers`` = [Linear, GELU, Linear, GELU, ...]: layers.0 -> fc1, layers.2i -> hidden_layers.(i-1).
+_MLP_PROJECTOR = re.compile(r"^(gen_aligner|aligner)\.layers\.(\d+)\.(weight|bias)$")
+_ALIGNERS = {"gen_aligner": "model.generation_aligner", "aligner": "model.aligner"}
+# SigLIP ViT (timm layout inside CLIPVisionTower) -> HF JanusVisionModel.
+_VIT = "vision_model.vision_tower."
+_VIT_BLOCK = re.compile(r"^blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$")
+_VIT_BLOCK_PARTS = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.projection_layer",
+                    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_VIT_TOP = {"patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+            "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+            "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}
+# Tensors with no HF counterpart, by design: the VQ usage counter, timm's unused attention-pool head,
+# rotary caches of older transformers. Never loaded, never reported.
+DROPPED = re.compile(r"^gen_vision_model\.quantize\.codebook_used$|^vision_model\.vision_tower\.attn_pool\."
+                     r"|\.rotary_emb\.inv_freq$")
 
-    The language-model body (``language_model.model.*`` without blender keys) is loaded into
-    ``model.model.language_model`` (LoRA must already be merged, as in the release); the blender
-    tensors become :class:`FAiDBlenders`. Returns the blenders and the keys that were not loaded
-    (other base-model parts in DeepSeek naming, e.g. ``gen_head.*``).
+
+def _hf_base_names(key: str, value: torch.Tensor) -> dict | None:
+    """One DeepSeek-Janus base tensor -> {HF name: tensor} (several for a fused qkv), or None if unknown."""
+    for old, new in _BASE_PREFIXES:
+        if key.startswith(old):
+            return {new + key[len(old):]: value}
+    if key.startswith("gen_vision_model."):
+        name = key[len("gen_vision_model."):]
+        for pattern, repl in _VQ_RENAMES:
+            name = pattern.sub(repl, name)
+        return {"model.vqmodel." + name: value}
+    m = _MLP_PROJECTOR.match(key)
+    if m:
+        module, idx, param = m.group(1), int(m.group(2)), m.group(3)
+        if idx % 2:  # odd entries are the activations: they hold no tensors
+            return None
+        layer = "fc1" if idx == 0 else f"hidden_layers.{idx // 2 - 1}"
+        return {f"{_ALIGNERS[module]}.{layer}.{param}": value}
+    if key.startswith(_VIT):
+        name = key[len(_VIT):]
+        if name == "pos_embed":  # (1, N, C) parameter -> (N, C) embedding table
+            return {"model.vision_model.embeddings.position_embedding.weight": value.squeeze(0)}
+        if name in _VIT_TOP:
+            return {"model.vision_model." + _VIT_TOP[name]: value}
+        m = _VIT_BLOCK.match(name)
+        if m:
+            layer, part, param = m.groups()
+            prefix = f"model.vision_model.encoder.layers.{layer}."
+            if part == "attn.qkv":  # fused (3C, ...) -> q, k, v
+                q, k, v = value.chunk(3, dim=0)
+                return {f"{prefix}self_attn.{n}_proj.{param}": t.clone() for n, t in zip("qkv", (q, k, v))}
+            return {f"{prefix}{_VIT_BLOCK_PARTS[part]}.{param}": value}
+    return None
+
+
+def _map_official(state_dict: dict) -> tuple[dict, dict, dict, list[str]]:
+    """-> (HF-named base tensors, blender tensors in our naming, HF name -> official key, unmapped keys)."""
+    faid, rest = split_official(state_dict)
+    base, origin, unmapped = {}, {}, []
+    for key, value in rest.items():
+        if DROPPED.search(key):
+            continue
+        mapped = _hf_base_names(key, value)
+        if mapped is None:
+            unmapped.append(key)
+            continue
+        for name, tensor in mapped.items():
+            if name in base:
+                raise CheckpointError(f"official checkpoint: {key!r} and {origin[name]!r} both map to {name!r}")
+            base[name], origin[name] = tensor, key
+    return base, faid, origin, sorted(unmapped)
+
+
+def official_to_hf(state_dict: dict) -> tuple[dict, dict, list[str]]:
+    """Split an official AR-RAG FAiD / DeepSeek-Janus state dict.
+
+    Returns ``(base, blenders, unmapped)``: the base-model tensors under HF
+    ``JanusForConditionalGeneration`` names, the blender tensors in our naming
+    (``layers.{i}.blender.*``), and the keys that have no known HF name (sorted). Tensors in
+    :data:`DROPPED` (no HF counterpart by design) are left out of all three.
+    """
+    base, faid, _, unmapped = _map_official(state_dict)
+    return base, faid, unmapped
+
+
+class OfficialLoad(NamedTuple):
+    """What :func:`load_official_checkpoint` loaded and what it could not."""
+
+    blenders: FAiDBlenders
+    unmapped: list[str]  # checkpoint keys with no place in the model (not loaded)
+    missing: list[str]  # model tensors the checkpoint did not provide (left as they were)
+
+
+def _tied_groups(state: dict) -> list[list[str]]:
+    """Names of the model's state-dict tensors grouped by shared storage (tied weights)."""
+    groups: dict[tuple, list[str]] = {}
+    for name, t in state.items():
+        groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)), []).append(name)
+    return list(groups.values())
+
+
+def load_official_checkpoint(model, source, config: FAiDConfig | None = None, strict: bool = True) -> OfficialLoad:
+    """Load an official AR-RAG FAiD checkpoint (base model + blenders, DeepSeek-Janus naming) into a
+    HF Janus ``model`` plus our blenders.
+
+    The base tensors are renamed by :func:`official_to_hf` (language model, ``gen_*`` parts, the VQ
+    model, the understanding tower and its aligner; LoRA must already be merged, as in the
+    release) and copied into ``model`` in place, in its dtype; the blender tensors become
+    :class:`FAiDBlenders` (``config`` as in :func:`load_blenders`).
+
+    ``strict=True`` raises :class:`CheckpointError` listing every checkpoint key that has no place in
+    the model and every model tensor the checkpoint lacks; ``strict=False`` loads what fits and
+    returns those lists. Shape mismatches always raise. Weights the model ties (``lm_head`` and
+    ``embed_tokens`` with ``tie_word_embeddings=True``) must be equal in the checkpoint.
     """
     state, _ = _read_state_dict(source)
-    faid, base = split_official(state)
-    body = {k[len(OFFICIAL_PREFIX):]: v for k, v in base.items() if k.startswith(OFFICIAL_PREFIX)}
-    lm = model.model.language_model
-    expected = lm.state_dict()
-    bad = [f"{k}: {tuple(v.shape)} (model needs {tuple(expected[k].shape)})" for k, v in body.items()
-           if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
-    unknown = [k for k in body if k not in expected]
-    if bad or unknown:
-        raise CheckpointError(f"language-model weights do not fit the model: {(bad + unknown)[:4]}")
-    if body:
-        with torch.no_grad():
-            for k, v in body.items():
-                expected[k].copy_(v)
-    blenders = load_blenders(faid, model, config)
-    skipped = sorted(k for k in base if not k.startswith(OFFICIAL_PREFIX))
-    return blenders, skipped
+    base, faid, origin, unmapped = _map_official(state)
+    target = model.state_dict()
+    unmapped += sorted(f"{origin[n]} (as {n}, not in the model)" for n in base if n not in target)
+    loadable = {n: v for n, v in base.items() if n in target}
+    bad = [f"{n}: {tuple(v.shape)} (model needs {tuple(target[n].shape)})" for n, v in loadable.items()
+           if tuple(v.shape) != tuple(target[n].shape)]
+    if bad:
+        raise CheckpointError(f"official base weights do not fit the model: {'; '.join(bad[:4])}"
+                              + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
+    missing = []
+    for group in _tied_groups(target):
+        given = [n for n in group if n in loadable]
+        if not given:
+            missing += group
+        elif any(not torch.equal(loadable[n], loadable[given[0]]) for n in given[1:]):
+            raise CheckpointError(
+                f"the model ties {group} (one tensor) but the checkpoint holds different values for them; build "
+                f"the model with tie_word_embeddings=False to load both"
+            )
+    missing = sorted(missing)
+    if strict and (unmapped or missing):
+        raise CheckpointError(
+            f"official checkpoint does not match the model: {len(unmapped)} checkpoint keys not loadable "
+            f"{unmapped[:8]}{' ...' if len(unmapped) > 8 else ''}, {len(missing)} model tensors missing "
+            f"{missing[:8]}{' ...' if len(missing) > 8 else ''}; pass strict=False to load the rest"
+        )
+    blenders = load_blenders(faid, model, config)  # validated before the model is touched
+    with torch.no_grad():
+        for n, v in loadable.items():
+            target[n].copy_(v)
+    return OfficialLoad(blenders, unmapped, missing)
 
 
-def convert_official(source, out: str | os.PathLike, num_layers: int, hidden_size: int, k: int = 10) -> Path:
-    """Extract the blender weights of an official checkpoint into our format at ``out``."""
+def convert_official(source, out: str | os.PathLike, num_layers: int, hidden_size: int, k: int = 10,
+                     base_out: str | os.PathLike | None = None) -> Path:
+    """Extract the blender weights of an official checkpoint into our format at ``out``.
+
+    With ``base_out``, also write the base-model tensors under HF ``JanusForConditionalGeneration``
+    names (safetensors, the checkpoint's dtypes) for ``model.load_state_dict``; raises
+    :class:`CheckpointError` listing the keys that have no HF name, before writing anything.
+    """
     state, _ = _read_state_dict(source)
-    faid, _ = split_official(state)
+    base, faid, unmapped = official_to_hf(state)
+    if base_out is not None and unmapped:
+        raise CheckpointError(
+            f"{len(unmapped)} base tensors of the official checkpoint have no HF Janus name: "
+            f"{unmapped[:8]}{' ...' if len(unmapped) > 8 else ''}"
+        )
     config = infer_config(faid, num_layers, k=k)
     blenders = FAiDBlenders(hidden_size, num_layers, config)
     expected = blenders.state_dict()
@@ -167,4 +317,9 @@ def convert_official(source, out: str | os.PathLike, num_layers: int, hidden_siz
             + "; ".join(f"{k}: {tuple(faid[k].shape)} vs {tuple(expected[k].shape)}" for k in bad[:4])
         )
     blenders.load_state_dict({k: v.float() for k, v in faid.items()})
+    if base_out is not None:
+        from safetensors.torch import save_file
+
+        Path(base_out).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in base.items()}, str(base_out))
     return save_blenders(blenders, out)

@@ -1,4 +1,5 @@
-"""FAiD commands: ``train-faid`` (fine-tune blenders) and ``convert`` (official checkpoint -> ours)."""
+"""FAiD commands: ``train-faid`` (fine-tune blenders) and ``convert`` (official checkpoint -> our blender
+file, optionally the base weights under HF names)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ def _cmd_train_faid(args):
     import arrag_kernels as ak
     from arrag_kernels.cli import _load_model
     from arrag_kernels.faid import FAiDConfig, save_blenders
-    from arrag_kernels.faid.train import train_faid
+    from arrag_kernels.faid.train import save_finetuned, train_faid
 
     model, _ = _load_model(args.model, args.device)
     db = ak.PatchDatabase.load(args.db)
@@ -22,13 +23,18 @@ def _cmd_train_faid(args):
                                   train_head=args.train_head, seed=args.seed)
     path = save_blenders(blenders, args.out)
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; wrote blenders to {path}")
+    if args.lora_rank > 0 or args.train_head:
+        tuned_path = args.finetuned_out or path.with_suffix(".finetuned.safetensors")
+        tuned = save_finetuned(model, tuned_path, head=args.train_head)
+        print(f"wrote the trained base-model parts (LoRA q/v, generation head) to {tuned}")
 
 
 def _cmd_convert(args):
     from arrag_kernels.faid import convert_official
 
-    path = convert_official(args.checkpoint, args.out, num_layers=args.num_layers, hidden_size=args.hidden_size, k=args.k)
-    print(f"wrote blenders to {path}")
+    path = convert_official(args.checkpoint, args.out, num_layers=args.num_layers, hidden_size=args.hidden_size,
+                            k=args.k, base_out=args.base_out)
+    print(f"wrote blenders to {path}" + (f" and HF-named base weights to {args.base_out}" if args.base_out else ""))
 
 
 def add_subcommands(subparsers) -> None:
@@ -46,6 +52,8 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA on q/v via peft")
     p.add_argument("--train-head", action="store_true", help="also train generation_head")
+    p.add_argument("--finetuned-out", default=None,
+                   help="where LoRA / head weights go (default: <out stem>.finetuned.safetensors)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_train_faid)
@@ -56,4 +64,6 @@ def add_subcommands(subparsers) -> None:
     c.add_argument("--num-layers", type=int, required=True, help="decoder layers of the model (Janus-Pro-1B: 24)")
     c.add_argument("--hidden-size", type=int, required=True, help="hidden size (Janus-Pro-1B: 2048)")
     c.add_argument("--k", type=int, default=10, help="retrieved tokens per step stored in the file's config")
+    c.add_argument("--base-out", default=None,
+                   help="also write the base-model weights under HF JanusForConditionalGeneration names (.safetensors)")
     c.set_defaults(func=_cmd_convert)

@@ -11,12 +11,15 @@ taps, and the centre term one per-position product, so activations are O(N K D) 
 literal O(N K (2R+1)^2 D) of K copies of every window (``formulation="literal"``, kept to measure
 the difference).
 
-LoRA on q/v uses ``peft`` (optional); the generation head can be trained too.
+LoRA on q/v uses ``peft`` (optional); the generation head can be trained too. Both change the base
+model in place: :func:`save_finetuned` / :func:`load_finetuned` store and re-apply them, next to the
+blender file.
 """
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,7 @@ from ..config import DAiDConfig
 from ..decoding import DAiDSampler
 from ..models import get_adapter
 from ..ops import neighbor_keys
+from .checkpoint import CheckpointError, _read_state_dict
 from .modules import FAiDBlenders, blend_dense, blend_literal
 
 FORMULATIONS = ("dense", "literal")
@@ -151,8 +155,64 @@ def _add_lora(language_model, rank: int) -> list:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as e:
         raise ImportError("lora_rank > 0 needs the 'peft' package: pip install peft (or use lora_rank=0)") from e
+    if _lora_params(language_model):
+        raise ValueError("the model already has LoRA adapters; start from a model without them")
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"]), language_model)
-    return [p for n, p in language_model.named_parameters() if "lora_" in n]
+    return list(_lora_params(language_model).values())
+
+
+def _lora_params(language_model) -> dict:
+    return {n: p for n, p in language_model.named_parameters() if "lora_" in n}
+
+
+def _finetuned_params(adapter, lora: bool, head: bool) -> dict:
+    """Names in the finetuned file -> the model's parameters."""
+    params = {f"language_model.{n}": p for n, p in _lora_params(adapter.language_model).items()} if lora else {}
+    if head:
+        params.update({f"generation_head.{n}": p for n, p in adapter.generation_head.named_parameters()})
+    return params
+
+
+def save_finetuned(model, path, head: bool = False) -> Path:
+    """Write what training changed in the base model: its LoRA q/v adapters (if any) and, with
+    ``head=True``, the generation head. Safetensors; metadata ``lora_rank`` (alpha = 2 * rank).
+    Load with :func:`load_finetuned`; the blenders are saved apart (:func:`save_blenders`)."""
+    from safetensors.torch import save_file
+
+    adapter = get_adapter(model)
+    lora = _lora_params(adapter.language_model)
+    if not lora and not head:
+        raise ValueError("save_finetuned: the model has no LoRA adapters and head=False: nothing to save")
+    rank = next(p.shape[0] for n, p in lora.items() if ".lora_A." in n) if lora else 0  # lora_A: (r, in)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().cpu().contiguous() for n, p in _finetuned_params(adapter, bool(lora), head).items()}
+    save_file(tensors, str(path), metadata={"lora_rank": str(rank)})
+    return path
+
+
+def load_finetuned(model, path) -> None:
+    """Apply a :func:`save_finetuned` file to ``model`` in place: adds LoRA q/v adapters of the stored
+    rank (peft) and loads them, and the generation head if the file has it. Raises
+    :class:`CheckpointError` when keys or shapes do not match the model."""
+    state, meta = _read_state_dict(path)
+    if "lora_rank" not in meta:
+        raise CheckpointError(f"{path}: not a save_finetuned file (no 'lora_rank' metadata)")
+    adapter = get_adapter(model)
+    rank = int(meta["lora_rank"])
+    if rank:
+        _add_lora(adapter.language_model, rank)
+    head = any(k.startswith("generation_head.") for k in state)
+    expected = _finetuned_params(adapter, rank > 0, head)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    bad = [f"{k}: {tuple(state[k].shape)} (model needs {tuple(p.shape)})" for k, p in expected.items()
+           if k in state and state[k].shape != p.shape]
+    if missing or unexpected or bad:
+        raise CheckpointError(f"{path} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}, "
+                              f"shapes {bad[:4]}")
+    with torch.no_grad():
+        for k, p in expected.items():
+            p.copy_(state[k])
 
 
 def saved_activation_bytes(fn) -> tuple[object, int]:
@@ -184,7 +244,8 @@ def train_faid(model, db, config, images, prompt_ids: torch.Tensor, steps: int =
                log=print) -> tuple[FAiDBlenders, list[float]]:
     """Train fresh blenders for ``config`` on ``images`` with one prompt row per image or a shared (1, P) prompt.
 
-    Returns the trained blenders and the loss of every step.
+    Returns the trained blenders and the loss of every step; LoRA (``lora_rank > 0``) and the head
+    (``train_head``) are trained in ``model`` itself (save them with :func:`save_finetuned`).
     """
     torch.manual_seed(seed)
     tokens = encode_images(model, images).to(db.keys.device)
