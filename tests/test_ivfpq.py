@@ -335,7 +335,7 @@ def test_set_nprobe_keeps_uploaded_arrays(official_dir, index, queries):
 def test_opcheck_triton_op(index, queries):
     """Full opcheck compiled on CUDA; under the interpreter only the schema and autograd checks can run
     (wrap_triton returns the raw interpreted kernel, which fake tensors cannot launch)."""
-    from arrag_kernels.ops.ivfpq import ivfpq_search_op
+    from arrag_kernels.ops._triton.ivfpq import ivfpq_search_op
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     a = {n: (t.to(device) if t is not None else None) for n, t in ivfpq_arrays(index).items()}

@@ -17,11 +17,12 @@ try:
     from . import _triton  # noqa: E402,F401  registers the Triton backend
 except ImportError as _exc:  # a forced "triton" backend then says why it cannot run
     from .daid import daid_sample_dispatcher as _d1
-    from .faid import faid_blend_dispatcher as _d4
-    from .knn import knn_dispatcher as _d2
-    from .neighborhood import neighbor_keys_dispatcher as _d3
+    from .faid import faid_blend_dispatcher as _d2
+    from .ivfpq import ivfpq_dispatcher as _d3
+    from .knn import knn_dispatcher as _d4
+    from .neighborhood import neighbor_keys_dispatcher as _d5
 
-    for _d in (_d1, _d2, _d3, _d4):
+    for _d in (_d1, _d2, _d3, _d4, _d5):
         _d.register("triton", check=lambda *a, _r=f"triton is not importable ({_exc})", **k: _r)(None)
 
 __all__ = [

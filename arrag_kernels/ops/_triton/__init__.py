@@ -7,4 +7,4 @@ works without triton and a forced "triton" backend reports that it is not implem
 
 import triton  # noqa: F401  fail early, before any kernel module is half-imported
 
-from . import daid, faid, knn, neighborhood  # noqa: F401,E402
+from . import daid, faid, ivfpq, knn, neighborhood  # noqa: F401,E402
