@@ -50,11 +50,12 @@ class PatchHandle:
         if (faid_config is None) != (blender_weights is None):
             raise ValueError("blender_weights are needed with a FAiDConfig, and only with one")
         self.model = model
-        for c in configs:
-            if isinstance(c, DAiDConfig):
-                self.daid = DAiDSampler(db, c, self.adapter, device=device)
-            else:
-                self.faid = FAiDRuntime(model, self.adapter, db, load_blenders(blender_weights, model, c), device=device)
+        daid_config = next((c for c in configs if isinstance(c, DAiDConfig)), None)
+        if daid_config is not None:
+            self.daid = DAiDSampler(db, daid_config, self.adapter, device=device)
+        if faid_config is not None:  # last: its forward hooks are the only side effect of a failed patch
+            self.faid = FAiDRuntime(model, self.adapter, db, load_blenders(blender_weights, model, faid_config),
+                                    device=device)
         self._saved_generate = model.__dict__.get("generate", _MISSING)
         self._original_generate = model.generate  # bound method (or the instance's own override)
 

@@ -281,3 +281,14 @@ def test_static_loop_with_faid_equals_dynamic(tiny_model, db):
         dynamic = _generate(tiny_model)
         static = _generate(tiny_model, loop="static")
     assert torch.equal(static, dynamic)
+
+
+def test_failed_patch_leaves_no_hooks(tiny_model, db):
+    def hook_counts():
+        return [(len(l.input_layernorm._forward_hooks), len(l.self_attn._forward_hooks))
+                for l in tiny_model.model.language_model.layers]
+
+    before = hook_counts()
+    with pytest.raises(ValueError, match="larger than the database"):
+        ak.patch_model(tiny_model, db, (CFG, ak.DAiDConfig(k=len(db) + 1)), blender_weights=_random_blenders(tiny_model))
+    assert hook_counts() == before and not ak.is_patched(tiny_model)
