@@ -175,22 +175,24 @@ def _run(benchmark, group, provider, shape, fn, nbytes=None):
 SHAPE_IDS = [s.name for s in SHAPES]
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_neighbor_keys(benchmark, shape, provider):
+@pytest.fixture
+def x(shape, provider) -> dict:
+    """The case's inputs, or a skip with the reason this provider cannot run this shape."""
     if (reason := _skip_reason(provider, shape)) is not None:
         pytest.skip(reason)
-    x = _inputs(shape)
+    return _inputs(shape)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_neighbor_keys(benchmark, shape, provider, x):
     out = _run(benchmark, "neighbor_keys", provider, shape, lambda: OPS[provider][0](x, shape))
     torch.testing.assert_close(out, OPS["reference"][0](x, shape))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_knn(benchmark, shape, provider):
-    if (reason := _skip_reason(provider, shape)) is not None:
-        pytest.skip(reason)
-    x = _inputs(shape)
+def test_knn(benchmark, shape, provider, x):
     q = OPS["reference"][0](x, shape)
     nbytes = x["keys"].numel() * x["keys"].element_size()
     dist, ids = _run(benchmark, "knn", provider, shape, lambda: OPS[provider][1](q, x, shape.k), nbytes)
@@ -202,10 +204,7 @@ def test_knn(benchmark, shape, provider):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_daid_sample(benchmark, shape, provider):
-    if (reason := _skip_reason(provider, shape)) is not None:
-        pytest.skip(reason)
-    x = _inputs(shape)
+def test_daid_sample(benchmark, shape, provider, x):
     q = OPS["reference"][0](x, shape)
     dist, ids = OPS["reference"][1](q, x, shape.k)
     ret_tokens = x["values"][ids]
@@ -217,9 +216,6 @@ def test_daid_sample(benchmark, shape, provider):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_step(benchmark, shape, provider):
-    if (reason := _skip_reason(provider, shape)) is not None:
-        pytest.skip(reason)
-    x = _inputs(shape)
+def test_step(benchmark, shape, provider, x):
     out = _run(benchmark, "step", provider, shape, lambda: _step(provider, x, shape))
     assert (out == _step("reference", x, shape)).float().mean().item() >= 0.9
