@@ -275,11 +275,16 @@ def test_bad_inputs(tiny_model, db, tmp_path):
     assert not ak.is_patched(tiny_model)
 
 
-def test_static_loop_with_faid_equals_dynamic(tiny_model, db):
-    with ak.patched(tiny_model, db, (ak.DAiDConfig(lam=0.3, k=8), CFG),
-                    blender_weights=_random_blenders(tiny_model, scale=0.3)):
+@pytest.mark.parametrize("daid", [False, True], ids=["faid", "daid+faid"])
+def test_static_loop_with_faid_equals_dynamic(tiny_model, db, daid):
+    """The static loop runs FAiD with the device step (every step blends, masked to zero where the
+    position does not retrieve); the dynamic loop skips those steps on the host: same tokens."""
+    cfg = (ak.DAiDConfig(lam=0.3, k=8), CFG) if daid else CFG
+    plain = _generate(tiny_model)
+    with ak.patched(tiny_model, db, cfg, blender_weights=_random_blenders(tiny_model, scale=0.3)):
         dynamic = _generate(tiny_model)
         static = _generate(tiny_model, loop="static")
+    assert not torch.equal(dynamic, plain)
     assert torch.equal(static, dynamic)
 
 
@@ -292,3 +297,44 @@ def test_failed_patch_leaves_no_hooks(tiny_model, db):
     with pytest.raises(ValueError, match="larger than the database"):
         ak.patch_model(tiny_model, db, (CFG, ak.DAiDConfig(k=len(db) + 1)), blender_weights=_random_blenders(tiny_model))
     assert hook_counts() == before and not ak.is_patched(tiny_model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("daid", [False, True], ids=["faid", "daid+faid"])
+def test_cuda_graph_with_faid_equals_static_without_host_sync(tiny_images, daid):
+    """FAiD steps recorded in the CUDA graph (DAiD retrieval inline or overlapped): same tokens as the
+    eager static loop, and the replays run with torch's sync debug mode set to error (any host
+    synchronisation raises)."""
+    from arrag_kernels.decoding import StaticImageDecoder
+    from arrag_kernels.models import tiny_janus
+
+    model = tiny_janus(seed=0).cuda()
+    gpu_db = ak.PatchDatabase.build(tiny_images, model, progress=False)
+    cfg = (ak.DAiDConfig(lam=0.3, k=8), CFG) if daid else CFG
+    ids = tiny_prompt_ids(2, seed=3).cuda()
+    blenders = _random_blenders(model, scale=0.3)
+    with ak.use_backend("auto"), ak.patched(model, gpu_db, cfg, blender_weights=blenders) as h:
+        for do_sample in (False, True):
+            kw = dict(attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=do_sample,
+                      guidance_scale=5.0, top_k=0)
+            torch.manual_seed(0)
+            static = model.generate(ids, loop="static", **kw)
+            for overlap in (False, True):
+                torch.manual_seed(0)
+                graphed = model.generate(ids, loop="cuda-graph", overlap_retrieval=overlap, **kw)
+                assert torch.equal(graphed, static), f"do_sample={do_sample} overlap={overlap}"
+
+        uncond = ids.clone()
+        uncond[:, 1:-1] = 0
+        embeds = model.get_input_embeddings()(torch.cat([ids, uncond]))
+        mask = torch.ones(4, ids.shape[1], dtype=torch.long, device="cuda")
+        loop = StaticImageDecoder(h.adapter, process_logits=None, fused_cfg=(5.0, 1.0), daid=h.daid, faid=h.faid,
+                                  cuda_graph=True)
+        loop.run(embeds, mask, 64, do_sample=True)  # compile kernels and fill caches first
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            tokens = loop.run(embeds, mask, 64, do_sample=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert (tokens >= 0).all()

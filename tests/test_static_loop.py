@@ -41,6 +41,25 @@ def test_static_greedy_equals_dynamic(tiny_model, db, daid, top_k):
     assert torch.equal(static, dynamic)
 
 
+@pytest.mark.parametrize("loop", ["static"] + (["cuda-graph"] if torch.cuda.is_available() else []))
+def test_overlap_retrieval_gives_identical_tokens(tiny_images, loop):
+    """DAiD retrieval on a side stream (CUDA) or inline (CPU, where the option is a no-op): same tokens."""
+    from arrag_kernels.models import tiny_janus
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_janus(seed=0).to(device)
+    db = ak.PatchDatabase.build(tiny_images, model, progress=False)
+    ids = tiny_prompt_ids(2, seed=3).to(device)
+    with ak.patched(model, db, ak.DAiDConfig(lam=0.5, k=16)) as handle:
+        for do_sample in (False, True):
+            gen = _gen(do_sample, top_k=0)
+            torch.manual_seed(0)
+            inline = handle.generate_images(ids, generation_config=gen, loop=loop)
+            torch.manual_seed(0)
+            overlapped = handle.generate_images(ids, generation_config=gen, loop=loop, overlap_retrieval=True)
+            assert torch.equal(overlapped, inline), f"do_sample={do_sample}"
+
+
 def test_static_sampling_is_inverse_cdf_of_the_model_distribution(tiny_model):
     ids = tiny_prompt_ids(2, seed=9)
     with ak.patched(tiny_model) as handle:
@@ -75,6 +94,8 @@ def test_loop_option_errors(tiny_model):
             handle.generate_images(ids, generation_config=_gen(False), loop="fast")
         with pytest.raises(ValueError, match="needs CUDA tensors"):
             handle.generate_images(ids, generation_config=_gen(False), loop="cuda-graph")
+        with pytest.raises(ValueError, match="overlap_retrieval needs loop="):
+            handle.generate_images(ids, generation_config=_gen(False), overlap_retrieval=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -95,7 +116,8 @@ def test_cuda_graph_replay_equals_static_without_host_sync(tiny_images):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_decode_steps_never_synchronise(tiny_images):
+@pytest.mark.parametrize("overlap", [False, True], ids=["inline", "overlap"])
+def test_cuda_graph_decode_steps_never_synchronise(tiny_images, overlap):
     """Replays run with torch's sync debug mode set to error: any host synchronisation raises."""
     from arrag_kernels.decoding import StaticImageDecoder
     from arrag_kernels.decoding.daid import DAiDSampler
@@ -110,7 +132,8 @@ def test_cuda_graph_decode_steps_never_synchronise(tiny_images):
     uncond[:, 1:-1] = 0
     embeds = model.get_input_embeddings()(torch.cat([ids, uncond]))
     mask = torch.ones(4, ids.shape[1], dtype=torch.long, device="cuda")
-    loop = StaticImageDecoder(adapter, process_logits=None, fused_cfg=(5.0, 1.0), daid=daid, cuda_graph=True)
+    loop = StaticImageDecoder(adapter, process_logits=None, fused_cfg=(5.0, 1.0), daid=daid, cuda_graph=True,
+                              overlap_retrieval=overlap)
     loop.run(embeds, mask, 64, do_sample=True)  # compile kernels and fill caches first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -32,6 +32,7 @@ def hf_image_generate(
     stats: DecodeStats | None = None,
     progress: bool = False,
     loop: str = "dynamic",
+    overlap_retrieval: bool = False,
     **kwargs,
 ) -> torch.Tensor:
     """Generate (B * num_return_sequences, H * W) image tokens for prompt ids ``inputs``.
@@ -39,9 +40,13 @@ def hf_image_generate(
     ``loop="dynamic"`` (default) samples with ``torch.multinomial`` exactly like HF; ``"static"``
     and ``"cuda-graph"`` run :class:`StaticImageDecoder` (pre-allocated buffers, inverse-CDF
     sampling with up-front uniforms; the latter records one step in a CUDA graph and replays it).
+    ``overlap_retrieval=True`` (static loops, CUDA) runs DAiD retrieval on a side stream
+    concurrently with the model forward; the tokens are the same.
     """
     if loop not in LOOPS:
         raise ValueError(f"loop: expected one of {LOOPS}, got {loop!r}")
+    if overlap_retrieval and loop == "dynamic":
+        raise ValueError("overlap_retrieval needs loop='static' or 'cuda-graph', not 'dynamic'")
     from transformers.generation import ClassifierFreeGuidanceLogitsProcessor, GenerationMode, LogitsProcessorList
 
     kwargs.pop("generation_mode", None)
@@ -106,7 +111,8 @@ def hf_image_generate(
         if stats is not None or progress:
             raise ValueError(f"stats and progress are reported by loop='dynamic' only, not {loop!r}")
         static = StaticImageDecoder(decoder, process_logits, fused_cfg=fusable_cfg(logits_processor) if use_cfg else None,
-                                    daid=daid, faid=faid, cuda_graph=loop == "cuda-graph")
+                                    daid=daid, faid=faid, cuda_graph=loop == "cuda-graph",
+                                    overlap_retrieval=overlap_retrieval)
         return static.run(inputs_embeds, attention_mask.repeat(2, 1), num_tokens, bool(generation_config.do_sample))
     return decode_image_tokens(
         decoder,

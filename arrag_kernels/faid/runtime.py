@@ -14,6 +14,11 @@ plus R cells), the only ones a window of radius R can read.
 
 The hooks act only during a forward that follows :meth:`FAiDRuntime.begin_step`; any other forward
 (text generation, a plain call) passes through unchanged.
+
+A decode step given as a device tensor is read on the device only (retrieval positions, ring write
+slot and window slots are gathered with it), so ``begin_step`` and the hooked forward can be
+recorded once in a CUDA graph and replayed: every such step retrieves and blends, and the retrieval
+``valid`` mask zeroes the blend exactly where the position has no key.
 """
 
 from __future__ import annotations
@@ -55,9 +60,11 @@ class FAiDRuntime:
         R = config.radius
         self.ring_size = R * W + R
         self._slots, self._present = self._window_table(H, W, self.composed[blenders.layer_ids[0]].offsets)
+        self._steps = torch.arange(H * W, device=self._slots.device)
+        self._write_slots = (self._steps - 1) % self.ring_size  # step s writes cell s - 1 here
         self._armed: set[int] = set()
         self._rings: dict[int, torch.Tensor] = {}
-        self.step = -1
+        self.prefill = False
         self._hooks = []
         for i in blenders.layer_ids:
             self._hooks.append(layers[i].input_layernorm.register_forward_hook(self._capture_hook(i)))
@@ -83,17 +90,29 @@ class FAiDRuntime:
         self._armed.clear()
 
     @torch.no_grad()
-    def begin_step(self, tokens: torch.Tensor, step: int) -> None:
-        """Prepare the model step that predicts token ``step``: retrieval (needs tokens < step only)."""
+    def begin_step(self, tokens: torch.Tensor, step) -> None:
+        """Prepare the model step that predicts token ``step``: retrieval (needs tokens < step only).
+
+        ``step`` is an int (step 0, the prefill, must come first: it allocates the ring buffers), or a
+        (1,) long device tensor holding a decode step >= 1. With an int, steps that do not retrieve skip
+        the blend; with a tensor nothing is read on the host (CUDA-graph capturable): every step
+        retrieves and blends, and the blend is multiplied by the retrieval's ``valid`` mask, False
+        exactly where the position has no key (``retrieves_at``), so it contributes zero there.
+        """
         B = tokens.shape[0]
-        if step == 0:
+        on_device = isinstance(step, torch.Tensor)
+        if not on_device and step == 0:
             ref = self.adapter.generation_head.vision_head.weight
             self._rings = {i: ref.new_zeros(B, self.ring_size, self.blenders.dim) for i in self.blenders.layer_ids}
-        self.step = step
+        at = step if on_device else self._steps[step : step + 1]  # (1,) on the device; a view for ints
+        self.prefill = not on_device and step == 0
         self.batch = B
+        self.write_slot = self._write_slots.index_select(0, at)  # (1,)
+        self.window_slots = self._slots.index_select(0, at)[0]  # (n,)
+        self.window_present = self._present.index_select(0, at)[0]
         self.features = None
-        if self.retrieves_at[step]:
-            _, ids, valid = self.retriever.retrieve(tokens, step)
+        if on_device or self.retrieves_at[step]:
+            _, ids, valid = self.retriever.retrieve(tokens, at.repeat(B))
             # (B, K, D) aligner(embeddings(ids)); padding (-1, rows masked by `valid`) looks up token 0
             self.features = self.adapter.embed_image_tokens(ids.clamp_min(0))
             self.valid = (valid & (ids >= 0).all(dim=1)).to(self.features.dtype).unsqueeze(-1)
@@ -101,9 +120,10 @@ class FAiDRuntime:
 
     def _capture_hook(self, i):
         def hook(module, args, output):
-            if i not in self._armed or self.step < 1:
+            if i not in self._armed or self.prefill:
                 return None
-            self._rings[i][:, (self.step - 1) % self.ring_size] = output[: self.batch, -1].to(self._rings[i].dtype)
+            ring = self._rings[i]
+            ring.index_copy_(1, self.write_slot, output[: self.batch, -1:].to(ring.dtype))
             return None
 
         return hook
@@ -116,11 +136,11 @@ class FAiDRuntime:
             if self.features is None:
                 return None
             layer = self.blenders.layer(i)
+            ring = self._rings[i]
             with torch.no_grad():
                 e = layer.retrieval_layernorm(self.features)
-                slots, present = self._slots[self.step], self._present[self.step]
-                cells = self._rings[i][:, slots] * present.to(self._rings[i].dtype).unsqueeze(-1)  # (B, n, D)
-                blended, hhat = self.composed[i].blend(cells.to(e.dtype), e)
+                cells = ring.index_select(1, self.window_slots) * self.window_present.to(ring.dtype).unsqueeze(-1)
+                blended, hhat = self.composed[i].blend(cells.to(e.dtype), e)  # cells: (B, n, D)
                 self.features = hhat  # official chaining: the next blender reads these candidates
             attn = output[0] if isinstance(output, tuple) else output
             delta = torch.zeros_like(attn)
