@@ -1,16 +1,19 @@
-"""End-to-end image decoding: plain HF ``generate`` vs the library's loops, without and with DAiD.
+"""End-to-end image decoding: plain HF ``generate`` vs the library's loops, without and with DAiD / FAiD.
 
     pytest benchmarks/bench_decode.py --benchmark-only
 
 One benchmark = one full image generation (all image tokens, CFG, sampling) for a batch; the
 per-image time is in ``extra_info``. Every row also records, measured in the same run on the same
 model, its ratio to HF ``generate`` and to the library's loop without retrieval (same loop kind),
-so the DAiD overhead and the speed-up over HF are read off directly.
+so the DAiD / FAiD overhead and the speed-up over HF are read off directly; ``daid-overlap`` rows
+(DAiD retrieval on a side stream, concurrent with the model forward) also record their ratio to
+the same DAiD row without overlap.
 
 Cases: on CUDA, a Janus-Pro-1B-shaped model (24 layers, hidden 2048, codebook 16384, 24x24 grid,
 random bf16 weights) at batch 1 and 16 with exact-search databases of 1M and 10M synthetic fp16
-keys, K = 2048; on CPU, the tiny model with a 20k-key database (reference ops; correctness and
-plumbing, not speed claims). GPU-only cases are skipped with a reason on CPU.
+keys, DAiD with K = 2048, FAiD as in its overhead target (K = 10, hops (1, 2), 2 blenders with
+random weights, batch 16); on CPU, the tiny model with a 20k-key database (reference ops;
+correctness and plumbing, not speed claims). GPU-only cases are skipped with a reason on CPU.
 """
 
 from __future__ import annotations
@@ -24,25 +27,36 @@ import torch
 from transformers import GenerationConfig
 
 import arrag_kernels as ak
+from arrag_kernels.faid import FAiDBlenders
 from arrag_kernels.models import get_adapter, tiny_janus, tiny_prompt_ids
 from arrag_kernels.retrieval import DatabaseMeta
 
 CUDA = torch.cuda.is_available()
 GPU_ONLY = pytest.mark.skipif(not CUDA, reason="Janus-Pro-1B-shaped decoding needs a GPU")
 
-# name -> (model kwargs, device, dtype, batches, K, [(loop, database size or None), ...]).
-# The GPU list is trimmed so that scripts/gpu_check.sh fits its time limit: eager loops cost
-# ~25 ms per step at this size (Python dispatch of 24 layers), graph replays ~1-2 ms.
+# name -> (model kwargs, device, dtype, DAiD K, [(batches, loop, method, database size or None), ...]);
+# method: "plain" (no retrieval), "daid", "daid-overlap" (overlap_retrieval=True) or "faid" (FAID).
+# The GPU list is trimmed for the GPU time limit: eager loops cost ~25 ms per step at this size
+# (Python dispatch of 24 layers), graph replays ~1-2 ms.
+BOTH, B16 = (1, 16), (16,)
 CASES = {
-    "tiny-cpu": (dict(grid=8), "cpu", torch.float32, (1, 4), 256,
-                 [("dynamic", None), ("dynamic", 20_000), ("static", None), ("static", 20_000)]),
+    "tiny-cpu": (dict(grid=8), "cpu", torch.float32, 256,
+                 [((1, 4), "dynamic", "plain", None), ((1, 4), "dynamic", "daid", 20_000),
+                  ((1, 4), "static", "plain", None), ((1, 4), "static", "daid", 20_000),
+                  ((4,), "static", "daid-overlap", 20_000), ((4,), "static", "faid", 20_000)]),
     "janus-pro-1b-shape": (
         dict(grid=24, hidden_size=2048, num_layers=24, codebook_size=16384, text_vocab_size=102400, patch_size=16),
-        "cuda", torch.bfloat16, (1, 16), 2048,
-        [("dynamic", None), ("static", None), ("static", 10_000_000),
-         ("cuda-graph", None), ("cuda-graph", 1_000_000), ("cuda-graph", 10_000_000)],
+        "cuda", torch.bfloat16, 2048,
+        [(BOTH, "dynamic", "plain", None), (BOTH, "static", "plain", None), (BOTH, "static", "daid", 10_000_000),
+         (B16, "static", "faid", 1_000_000),
+         (BOTH, "cuda-graph", "plain", None), (BOTH, "cuda-graph", "daid", 1_000_000),
+         (BOTH, "cuda-graph", "daid-overlap", 1_000_000), (BOTH, "cuda-graph", "daid", 10_000_000),
+         (BOTH, "cuda-graph", "daid-overlap", 10_000_000), (B16, "cuda-graph", "faid", 1_000_000)],
     ),
 }
+# Issue-4 target: FAiD (its K = 10 retrieval included) adds <= 8% to the same loop without retrieval.
+FAID = ak.FAiDConfig(k=10, hops=(1, 2), blenders=2)
+FAID_TARGET_OVERHEAD = 0.08
 
 _baselines: dict = {}
 
@@ -124,36 +138,57 @@ def _synchronised(fn):
 
 
 def _params():
-    for name, (_, device, _, batches, _, runs) in CASES.items():
+    for name, (_, device, _, _, runs) in CASES.items():
         marks = [GPU_ONLY] if device == "cuda" else []
-        for batch in batches:
-            for loop, size in runs:
-                kind = f"daid{size // 1000}k" if size else "plain"
-                yield pytest.param(name, batch, loop, size, id=f"{name}-b{batch}-{loop}-{kind}", marks=marks)
+        # batch-major, so that a batch's plain rows run before the rows compared to them
+        for batch in sorted({b for batches, *_ in runs for b in batches}):
+            for batches, loop, method, size in runs:
+                if batch in batches:
+                    db = f"-db{size // 1000}k" if size else ""
+                    yield pytest.param(name, batch, loop, method, size, id=f"{name}-b{batch}-{loop}-{method}{db}",
+                                       marks=marks)
 
 
-@pytest.mark.parametrize("name,batch,loop,db_size", list(_params()))
-def test_decode(benchmark, setups, name, batch, loop, db_size):
+def _patch_args(model, method: str, k: int):
+    """(config, blender_weights) for ``patch_model``: nothing, DAiD with K = ``k``, or FAiD with
+    default-initialised (random) blenders."""
+    if method == "plain":
+        return None, None
+    if method == "faid":
+        torch.manual_seed(0)
+        return FAID, FAiDBlenders.for_model(model, FAID)
+    return ak.DAiDConfig(lam=0.05, tau=0.6, k=k), None
+
+
+@pytest.mark.parametrize("name,batch,loop,method,db_size", list(_params()))
+def test_decode(benchmark, setups, name, batch, loop, method, db_size):
     model = setups(name)
-    _, device, _, _, k, _ = CASES[name]
+    _, device, _, k, _ = CASES[name]
     ids, gen = _inputs(model, batch)
     mask = torch.ones_like(ids)
     if (name, batch, "hf") not in _baselines:  # plain HF generate on the unpatched model, same run
         hf = _synchronised(lambda: model.generate(ids, attention_mask=mask, generation_config=gen, generation_mode="image"))
         _baselines[(name, batch, "hf")] = _time(hf, device)
     db = _synthetic_db(model, db_size, device) if db_size else None
-    cfg = ak.DAiDConfig(lam=0.05, tau=0.6, k=k) if db_size else None
-    with ak.patched(model, db, cfg) as handle:
-        run = _synchronised(lambda: handle.generate_images(ids, attention_mask=mask, generation_config=gen, loop=loop))
+    config, blender_weights = _patch_args(model, method, k)
+    overlap = method == "daid-overlap"
+    with ak.patched(model, db, config, blender_weights=blender_weights) as handle:
+        run = _synchronised(lambda: handle.generate_images(ids, attention_mask=mask, generation_config=gen, loop=loop,
+                                                           overlap_retrieval=overlap))
         tokens = run()  # correctness outside the timed calls
         assert tokens.shape == (batch, get_adapter(model).grid[0] ** 2) and bool((tokens >= 0).all())
         benchmark.group = f"{name}-b{batch}"
-        benchmark.extra_info.update(_environment(), loop=loop, batch=batch, db_keys=db_size or 0, k=k if db_size else 0)
+        benchmark.extra_info.update(_environment(), loop=loop, method=method, batch=batch, db_keys=db_size or 0,
+                                    k=0 if config is None else config.k, overlap_retrieval=overlap)
         benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=1)
     seconds = benchmark.stats.stats.median
     benchmark.extra_info["ms_per_image"] = 1e3 * seconds / batch
     benchmark.extra_info["ratio_to_hf_generate"] = seconds / _baselines[(name, batch, "hf")]
-    if db_size is None:
-        _baselines[(name, batch, loop)] = seconds
-    elif (name, batch, loop) in _baselines:
-        benchmark.extra_info["overhead_vs_same_loop_plain"] = seconds / _baselines[(name, batch, loop)] - 1
+    _baselines[(name, batch, loop, method, db_size)] = seconds
+    plain = _baselines.get((name, batch, loop, "plain", None))
+    if method != "plain" and plain is not None:
+        benchmark.extra_info["overhead_vs_same_loop_plain"] = seconds / plain - 1
+    if method == "faid":
+        benchmark.extra_info["target_overhead"] = FAID_TARGET_OVERHEAD
+    if overlap and (name, batch, loop, "daid", db_size) in _baselines:
+        benchmark.extra_info["ratio_to_no_overlap"] = seconds / _baselines[(name, batch, loop, "daid", db_size)]
