@@ -1,5 +1,6 @@
-"""IVF-PQ: device search (reference / Triton) vs faiss-cpu, recall vs exact, official import, nprobe,
-atomic / resumable / two-process builds, bad-input errors."""
+"""IVF-PQ: device search (reference / Triton fused top-k) vs faiss-cpu, recall vs exact, empty lists,
+negative ADC distances, multi-device list sharding, official import, nprobe, atomic / resumable /
+two-process builds, bad-input errors."""
 
 import os
 import socket
@@ -14,10 +15,11 @@ import torch
 import arrag_kernels as ak
 from arrag_kernels.models import get_adapter
 from arrag_kernels.ops import knn_ref, use_backend
-from arrag_kernels.ops.ivfpq import FLT_MAX, ivfpq_search
+from arrag_kernels.ops._triton import ivfpq as triton_ivfpq
+from arrag_kernels.ops.ivfpq import EMPTY, FLT_MAX, finish, ivfpq_scan, ivfpq_scan_ref, ivfpq_search, pack, probe
 from arrag_kernels.retrieval.faiss_index import INDEX_FILE, VALUES_FILE, ivfpq_arrays, make_ivfpq_index, set_nprobe
 from arrag_kernels.retrieval.ivfpq_build import work_dir
-from arrag_kernels.retrieval.search import DeviceIVFPQSearch
+from arrag_kernels.retrieval.search import DeviceIVFPQSearch, make_search
 
 faiss = pytest.importorskip("faiss")
 # Two cores shared with torch: OpenMP spinning makes OPQ training ~20x slower with 2 faiss threads.
@@ -93,17 +95,18 @@ def test_device_search_matches_faiss(index, queries, backend, nprobe, k):
     assert_same_neighbours(dist, ids, ref_dist, ref_ids, what=f"{backend} nprobe={nprobe} k={k}")
 
 
-def test_long_lists_split_over_programs(keys, queries):
-    """nlist 4 (~750 entries per list, 3 blocks): the Triton scan splits each list over several programs;
-    no OPQ, to cover the bare IndexIVFPQ form too."""
+def test_long_lists_over_several_programs(keys, queries):
+    """nlist 4 (~750 entries per list): a query's ~1500 candidate slots are cut into two programs
+    whose ranges cross list boundaries; no OPQ, to cover the bare IndexIVFPQ form too."""
     idx = make_ivfpq_index(32, 4, m=8, nbits=8, opq=False)
     idx.train(keys)
     idx.add(keys)
     search = DeviceIVFPQSearch(ivfpq_arrays(idx), 2, "cpu")
-    assert search.arrays["rotation"] is None and search.max_candidates(2) > 2 * 2 * 256
+    max_candidates = search.shards[0].max_candidates(2)
+    assert search.rotation is None and triton_ivfpq._plan(len(queries), 300, max_candidates, None)[4] == 2
     with use_backend("triton"):
         dist, ids = search.search(queries, 300)
-    assert_same_neighbours(dist, ids, *faiss_search(idx, queries, 2, 300), what="split lists")
+    assert_same_neighbours(dist, ids, *faiss_search(idx, queries, 2, 300), what="several programs")
 
 
 def test_triton_equals_reference(index, queries):
@@ -113,6 +116,135 @@ def test_triton_equals_reference(index, queries):
     with use_backend("triton"):
         out = search.search(queries, 64)
     assert_same_neighbours(*out, *ref, atol=1e-5, what="triton vs reference")
+
+
+def scan_inputs(index, queries, nprobe):
+    """(lists, dis0, term2, term1, codes, ids, offsets) and max_candidates of ``index`` for ``queries``."""
+    a = ivfpq_arrays(index)
+    lists, dis0, term2 = probe(queries, a["rotation"], a["centroids"], a["codebooks"], nprobe)
+    sizes = (a["offsets"][1:] - a["offsets"][:-1]).sort(descending=True).values
+    return [lists, dis0, term2, a["term1"], a["codes"], a["ids"], a["offsets"]], int(sizes[:nprobe].sum())
+
+
+@pytest.mark.parametrize("method", ["topk", "scan", "bisect"])
+def test_triton_selection_methods(index, queries, method):
+    """Each in-kernel selection (bitonic tl.topk, min-and-mask, bisection) against the reference; two
+    programs per query and a merge; k = 13 is not a power of two."""
+    args, max_candidates = scan_inputs(index, queries[:2], 1)
+    packed = triton_ivfpq.ivfpq_scan_packed(*args[:5], args[6], 13, max_candidates, method=method)
+    assert packed.shape == (2, 16) and torch.equal(packed, packed.sort(1).values)
+    dist, ids = finish(packed, args[0], args[6], args[5], 13)
+    assert_same_neighbours(dist, ids, *ivfpq_scan_ref(*args, 13, max_candidates), atol=1e-5, what=method)
+
+
+def test_one_program_scans_several_rounds(index, queries, monkeypatch):
+    """One program per query: ~3000 slots in rounds of 1024, each reading back the candidates kept so far."""
+    monkeypatch.setattr(triton_ivfpq, "_TARGET_PROGRAMS", 1)
+    args, max_candidates = scan_inputs(index, queries, NLIST)
+    _, _, _, _, programs, per_program, _ = triton_ivfpq._plan(len(queries), 97, max_candidates, None)
+    assert programs == 1 and per_program >= 3 * 1024
+    with use_backend("triton"):
+        out = ivfpq_scan(*args, 97, max_candidates)
+    assert_same_neighbours(*out, *ivfpq_scan_ref(*args, 97, max_candidates), atol=1e-5, what="several rounds")
+
+
+def test_negative_distances(index, queries):
+    """ADC distances are approximations and can be negative: shifted below zero, they keep their order."""
+    args, max_candidates = scan_inputs(index, queries, 4)
+    args[1] = args[1] - args[1].mean() - 1.0  # dis0: most candidates below zero, some above
+    ref = ivfpq_scan_ref(*args, 200, max_candidates)
+    assert (ref[0] < 0).any() and (ref[0] > 0).any()
+    with use_backend("triton"):
+        out = ivfpq_scan(*args, 200, max_candidates)
+    assert_same_neighbours(*out, *ref, atol=1e-5, what="negative distances")
+
+
+def test_packing_orders_like_floats():
+    d = torch.tensor([3.0, -0.5, 0.0, -7.25, FLT_MAX, -FLT_MAX, 1e-30, -1e-30, 2.5, 3.0])
+    packed = pack(d, torch.arange(len(d)))
+    assert torch.equal(packed.sort().indices, torch.sort(d, stable=True).indices)
+    lists, offsets = torch.zeros(1, 1, dtype=torch.long), torch.tensor([0, len(d)])
+    dist, ids = finish(torch.cat([packed.sort().values, torch.tensor([EMPTY])])[None], lists, offsets,
+                       torch.arange(len(d)) + 100, len(d) + 1)
+    assert torch.equal(dist[0, :-1], torch.sort(d).values) and dist[0, -1] == FLT_MAX
+    assert torch.equal(ids[0], torch.cat([torch.sort(d, stable=True).indices + 100, torch.tensor([-1])]))
+
+
+@pytest.fixture(scope="module")
+def index_with_empty_lists(index, queries):
+    """The index without list 0 and the lists nearest to the first four queries."""
+    a = ivfpq_arrays(index)
+    lists = probe(queries, a["rotation"], a["centroids"], a["codebooks"], 1)[0]
+    emptied = sorted({0, *lists[:4, 0].tolist()})
+    idx = faiss.clone_index(index)
+    doomed = torch.cat([a["ids"][a["offsets"][l]:a["offsets"][l + 1]] for l in emptied])
+    idx.remove_ids(faiss.IDSelectorBatch(doomed.numpy()))
+    offsets = ivfpq_arrays(idx)["offsets"]
+    assert all(offsets[l] == offsets[l + 1] for l in emptied) and idx.ntotal == len(a["ids"]) - len(doomed)
+    return idx
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nprobe,k", [(1, 5), (3, 200)], ids=lambda v: str(v))
+def test_empty_lists(index_with_empty_lists, queries, backend, nprobe, k):
+    """Probed lists may be empty; with nprobe 1 the first four queries find nothing (all padding)."""
+    search = DeviceIVFPQSearch(ivfpq_arrays(index_with_empty_lists), nprobe, "cpu")
+    with use_backend(backend):
+        dist, ids = search.search(queries, k)
+    ref_dist, ref_ids = faiss_search(index_with_empty_lists, queries, nprobe, k)
+    assert torch.equal(ids == -1, ref_ids == -1) and torch.equal(dist == FLT_MAX, ref_ids == -1)
+    if nprobe == 1:
+        assert (ids[:4] == -1).all() and (ids[4:] >= 0).any()
+    assert_same_neighbours(dist, ids, ref_dist, ref_ids, what=f"{backend} empty lists nprobe={nprobe}")
+
+
+@pytest.mark.parametrize("backend,shards,nprobe,k", [
+    ("reference", 2, 3, 97), ("reference", 3, 2, 2048), ("reference", 3, NLIST, 50), ("triton", 3, 2, 10),
+], ids=lambda v: str(v))
+def test_sharded_search_equals_unsharded(index, queries, backend, shards, nprobe, k):
+    """Lists sharded over 2 / 3 devices ("cpu" repeated: the logic is the device-independent part):
+    exactly the unsharded ids and distances, including queries none of whose probed lists a shard holds."""
+    arrays = ivfpq_arrays(index)
+    single = DeviceIVFPQSearch(arrays, nprobe, "cpu")
+    sharded = DeviceIVFPQSearch(arrays, nprobe, "cpu", shards=["cpu"] * shards)
+    assert len(sharded.shards) == shards
+    sizes = [len(s.ids) for s in sharded.shards]
+    largest = int((arrays["offsets"][1:] - arrays["offsets"][:-1]).max())
+    assert sum(sizes) == len(arrays["ids"]) and max(sizes) - min(sizes) <= 2 * largest, sizes
+    lists = probe(queries, arrays["rotation"], arrays["centroids"], arrays["codebooks"], nprobe)[0]
+    held = torch.stack([(s.offsets[lists + 1] > s.offsets[lists]).any(1) for s in sharded.shards])  # (shard, Q)
+    assert nprobe == NLIST or not held.all(), "no shard without probed lists: the case is not covered"
+    with use_backend(backend):
+        expected = single.search(queries, k)
+        dist, ids = sharded.search(queries, k)
+    assert torch.equal(dist, expected[0]) and torch.equal(ids, expected[1])
+
+
+def test_database_shard(official_dir, queries):
+    db = ak.PatchDatabase.from_official(official_dir[0], nprobe=3)
+    with use_backend("reference"):
+        expected = db.search(queries, 40)
+    sharded = db.shard(["cpu", "cpu"]).to("cpu")  # to() keeps the sharding
+    assert sharded._shards == ["cpu", "cpu"] and db._shards is None
+    dist, ids = sharded.search(queries, 40)  # CPU queries under "auto": the sharded device search, not FAISS
+    assert len(sharded._search._device[queries.device].shards) == 2
+    assert torch.equal(dist, expected[0]) and torch.equal(ids, expected[1])
+    assert torch.equal(sharded.retrieve(queries, 40)[1], db.values[ids])
+    assert db.shard(["cpu"]).shard(None)._shards is None
+
+
+def test_shard_errors(index, official_dir, keys):
+    db = ak.PatchDatabase.from_official(official_dir[0], nprobe=1)
+    with pytest.raises(ValueError, match=r"expected a non-empty list of devices"):
+        db.shard([])
+    with pytest.raises(ValueError, match=r"expected a list of devices.*got 'cpu'"):
+        db.shard("cpu")
+    with pytest.raises(ValueError, match=r"expected devices of one type, got \['cpu', 'cuda'\]"):
+        db.shard(["cpu", "cuda"])
+    with pytest.raises(ValueError, match=r"queries on cpu but shards on \['cuda:0', 'cuda:1'\]; shard over cpu"):
+        DeviceIVFPQSearch(ivfpq_arrays(index), 1, "cpu", shards=["cuda:0", "cuda:1"])
+    with pytest.raises(ValueError, match=r"only index='ivfpq' databases .* got 'flat'"):
+        make_search("flat", torch.from_numpy(keys), shards=["cpu"])
 
 
 def test_recall_against_exact(index, keys, queries):
@@ -294,6 +426,11 @@ def test_device_search_input_errors(index, queries):
         ivfpq_search(queries, *args, NLIST + 1, 10, 500)
     with pytest.raises(ValueError, match=r"k must be in \[1, 2048\], got 2049"):
         ivfpq_search(queries, *args, 1, 2049, 500)
+    with pytest.raises(ValueError, match=r"max_candidates must be in \[1, 2\^32\), got 4294967296"):
+        ivfpq_search(queries, *args, 1, 10, 1 << 32)
+    scan_args, max_candidates = scan_inputs(index, queries, 2)
+    with pytest.raises(ValueError, match=r"term2 \(Q, 8, 256\) from ivfpq_probe, got \(7, 2\), \(7, 2\) and \(6, 8"):
+        ivfpq_scan(*scan_args[:2], scan_args[2][:6], *scan_args[3:], 10, max_candidates)
 
 
 def test_cli_build_ivfpq_and_import_official(tmp_path, capsys):
@@ -335,14 +472,11 @@ def test_set_nprobe_keeps_uploaded_arrays(official_dir, index, queries):
 def test_opcheck_triton_op(index, queries):
     """Full opcheck compiled on CUDA; under the interpreter only the schema and autograd checks can run
     (wrap_triton returns the raw interpreted kernel, which fake tensors cannot launch)."""
-    from arrag_kernels.ops._triton.ivfpq import ivfpq_search_op
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = {n: (t.to(device) if t is not None else None) for n, t in ivfpq_arrays(index).items()}
-    args = (queries.to(device), a["rotation"], a["centroids"], a["codebooks"], a["term1"], a["codes"], a["ids"],
-            a["offsets"], 2, 16, DeviceIVFPQSearch(ivfpq_arrays(index), 2, "cpu").max_candidates(2))
+    args, max_candidates = scan_inputs(index, queries, 2)
     utils = None if device == "cuda" else ("test_schema", "test_autograd_registration")
-    torch.library.opcheck(ivfpq_search_op, args, test_utils=utils)
+    torch.library.opcheck(triton_ivfpq.ivfpq_scan_op, (*(t.to(device) for t in args), 16, max_candidates),
+                          test_utils=utils)
 
 
 def test_padded_neighbours_come_back_as_token_minus_one(official_dir, queries):

@@ -159,6 +159,7 @@ class PatchDatabase:
         self.values = values.long()
         self.meta = meta
         self.index = index
+        self._shards = None
         self._search = None
 
     def __len__(self) -> int:
@@ -467,7 +468,23 @@ class PatchDatabase:
         db.values = self.values.to(device=device)
         db.meta = self.meta
         db.index = self.index  # shared (nprobe included), on the host; device searches upload their arrays
+        db._shards = self._shards
         db._search = None
+        return db
+
+    def shard(self, devices) -> "PatchDatabase":
+        """A view of this ``index="ivfpq"`` database whose device search spreads the inverted lists over
+        ``devices`` (e.g. ``["cuda:0", "cuda:1"]``; None: no sharding), kept by :meth:`to`.
+
+        Each device holds contiguous lists with about equal entry counts; queries are probed on their
+        own device (of the same type as ``devices``), each device scans the probed lists it holds and
+        the partial top-k are merged on the queries' device: the same neighbours as unsharded. CPU
+        queries then use the device search too, not FAISS. See
+        :class:`arrag_kernels.retrieval.search.DeviceIVFPQSearch`.
+        """
+        db = self.to()
+        db._shards = devices
+        make_search(db.meta.index, db.keys, db.index, db.nprobe, db._shards)  # raises now if it cannot shard
         return db
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,7 +494,7 @@ class PatchDatabase:
         if not 1 <= k <= len(self):
             raise ValueError(f"k = {k} is larger than the database ({len(self)} entries); use k <= {len(self)}")
         if self._search is None:
-            self._search = make_search(self.meta.index, self.keys, self.index, self.nprobe)
+            self._search = make_search(self.meta.index, self.keys, self.index, self.nprobe, self._shards)
         return self._search.search(queries, k)
 
     def retrieve(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

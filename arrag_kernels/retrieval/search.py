@@ -2,15 +2,18 @@
 
 All backends return float32 squared L2 distances (ascending) and int64 ids on the queries' device.
 IVF-PQ search pads missing neighbours (fewer than k entries in the probed lists) with distance
-FLT_MAX and id -1, like FAISS.
+FLT_MAX and id -1, like FAISS; the device IVF-PQ search can shard its inverted lists over several
+devices (:class:`DeviceIVFPQSearch`).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..ops import current_backend, knn
-from ..ops.ivfpq import ivfpq_search
+from ..ops.ivfpq import ivfpq_probe, ivfpq_scan, pack
 
 INDEX_TYPES = ("flat", "faiss-flat", "ivfpq")
 
@@ -76,42 +79,118 @@ class FaissIVFPQSearch:
         return torch.from_numpy(d).to(queries.device), torch.from_numpy(i).to(queries.device)
 
 
-class DeviceIVFPQSearch:
-    """The arrays of a FAISS-trained IVF-PQ index on one device, searched by :func:`arrag_kernels.ops.ivfpq_search`.
+def check_shard_devices(devices) -> list[torch.device]:
+    """Check a list of devices to shard IVF-PQ lists over: non-empty, one device type, repeats allowed."""
+    if isinstance(devices, (str, torch.device)):
+        raise ValueError(f"shards: expected a list of devices, e.g. ['cuda:0', 'cuda:1'], got {devices!r}")
+    devices = [torch.device(d) for d in devices]
+    if not devices:
+        raise ValueError("shards: expected a non-empty list of devices, e.g. ['cuda:0', 'cuda:1'], got []")
+    if len({d.type for d in devices}) > 1:
+        raise ValueError(f"shards: expected devices of one type, got {[str(d) for d in devices]}; the shards' "
+                         "results are merged on the queries' device, which must be of that type too")
+    return devices
 
-    The arrays are uploaded once; ``search`` runs without host synchronisation (the candidate
-    buffer size for an nprobe is computed once, on the host, from the list sizes).
-    """
 
-    def __init__(self, arrays: dict, nprobe: int, device):
-        self.arrays = {n: (t.to(device) if t is not None else None) for n, t in arrays.items()}
-        self.nprobe = nprobe
-        sizes = (arrays["offsets"][1:] - arrays["offsets"][:-1]).sort(descending=True).values
+def split_lists(offsets: torch.Tensor, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ranges [lo, hi) of list ids with about equal entry counts (``offsets`` on the host)."""
+    total, nlist = int(offsets[-1]), offsets.numel() - 1
+    cuts = [int(torch.searchsorted(offsets, round(total * i / parts))) for i in range(1, parts)]
+    bounds = [0, *(min(c, nlist) for c in cuts), nlist]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+class _ListShard:
+    """Inverted lists [lo, hi) of an index on one device: their codes and ids, ``offsets`` over all
+    nlist lists (the others empty, so probing them scans nothing) and the list-side table ``term1``."""
+
+    def __init__(self, arrays: dict, lo: int, hi: int, device: torch.device):
+        offsets = arrays["offsets"].cpu()
+        first, last = int(offsets[lo]), int(offsets[hi])
+        local = (offsets - first).clamp(0, last - first)
+        self.device = device
+        self.term1 = arrays["term1"].to(device)
+        self.codes = arrays["codes"][first:last].to(device)
+        self.ids = arrays["ids"][first:last].to(device)
+        self.offsets = local.to(device)
+        sizes = (local[1:] - local[:-1]).sort(descending=True).values
         self._largest_cumsum = torch.cumsum(sizes, 0).tolist()
 
+    def max_candidates(self, nprobe: int) -> int:
+        """Candidate slots per query: the sum of the nprobe largest lists this shard holds."""
+        return max(1, self._largest_cumsum[nprobe - 1])
+
+    def search(self, lists, dis0, term2, k: int, nprobe: int, out_device: torch.device):
+        # Triton launches on the current CUDA device, not on the tensors' device.
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            probes = [t.to(self.device, non_blocking=True) for t in (lists, dis0, term2)]
+            dist, ids = ivfpq_scan(*probes, self.term1, self.codes, self.ids, self.offsets, k,
+                                   self.max_candidates(nprobe))
+        return dist.to(out_device, non_blocking=True), ids.to(out_device, non_blocking=True)
+
+
+class DeviceIVFPQSearch:
+    """The arrays of a FAISS-trained IVF-PQ index on the queries' ``device``, searched by
+    :func:`arrag_kernels.ops.ivfpq.ivfpq_probe` then :func:`arrag_kernels.ops.ivfpq.ivfpq_scan`.
+
+    ``shards`` (devices of ``device``'s type, repeats allowed, e.g. ``["cuda:0", "cuda:1"]``) spreads
+    the inverted lists over several devices: contiguous ranges of list ids with about equal entry
+    counts, one per device, each holding its lists' codes, ids and offsets plus ``term1``
+    (nlist x M x ksub floats); rotation, centroids and codebooks stay on ``device``. A query is probed
+    once on ``device``, every shard scans the probed lists it holds (the others are empty in its
+    offsets: same shapes, nothing scanned), and the shards' top-k come back to ``device``, where
+    ordering them by (distance, shard) reproduces the unsharded order exactly: same ids, same
+    distances. None (default): all lists on ``device``.
+
+    The arrays are uploaded once; copies between devices are non-blocking and ``search`` never
+    waits on the host (each shard's candidate slots per nprobe are computed once, on the host).
+    """
+
+    def __init__(self, arrays: dict, nprobe: int, device, shards=None):
+        self.device = torch.device(device)
+        devices = [self.device] if shards is None else check_shard_devices(shards)
+        if devices[0].type != self.device.type:
+            raise ValueError(f"shards: queries on {self.device} but shards on {[str(d) for d in devices]}; shard over "
+                             f"{self.device.type} devices (results are merged on the queries' device without a host "
+                             "synchronisation)")
+        offsets = arrays["offsets"].cpu()
+        if int(offsets[-1]) == 0:
+            raise ValueError("the IVF-PQ index holds no entries")
+        self.rotation, self.centroids, self.codebooks = (
+            None if arrays[n] is None else arrays[n].to(self.device) for n in ("rotation", "centroids", "codebooks"))
+        # Shards whose lists hold no entry could only return padding: they are left out.
+        self.shards = [_ListShard(arrays, lo, hi, d) for (lo, hi), d in zip(split_lists(offsets, len(devices)), devices)
+                       if offsets[hi] > offsets[lo]]
+        self.nprobe = nprobe
+
     def set_nprobe(self, nprobe: int) -> None:
-        nlist = self.arrays["centroids"].shape[0]
+        nlist = self.centroids.shape[0]
         if not 1 <= nprobe <= nlist:
             raise ValueError(f"nprobe must be in [1, nlist = {nlist}], got {nprobe}")
         self.nprobe = nprobe
 
-    def max_candidates(self, nprobe: int) -> int:
-        return max(1, self._largest_cumsum[nprobe - 1])
-
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        a = self.arrays
-        return ivfpq_search(queries, a["rotation"], a["centroids"], a["codebooks"], a["term1"], a["codes"], a["ids"],
-                            a["offsets"], self.nprobe, k, self.max_candidates(self.nprobe))
+        lists, dis0, term2 = ivfpq_probe(queries, self.rotation, self.centroids, self.codebooks, self.nprobe)
+        parts = [shard.search(lists, dis0, term2, k, self.nprobe, queries.device) for shard in self.shards]
+        if len(parts) == 1:
+            return parts[0]
+        dist, ids = (torch.cat(t, 1) for t in zip(*parts))
+        # Shards hold ascending list ranges and each returns (distance, slot) order, so (distance,
+        # column) is the unsharded (distance, slot) order.
+        column = torch.arange(dist.shape[1], device=dist.device)
+        order = torch.topk(pack(dist, column), k, dim=1, largest=False, sorted=True).indices
+        return torch.gather(dist, 1, order), torch.gather(ids, 1, order)
 
 
 class IVFPQSearch:
-    """IVF-PQ search that follows the queries: FAISS for CPU queries under the ``auto`` backend, the
-    device search (:class:`DeviceIVFPQSearch`, Triton or reference) otherwise, its arrays uploaded
-    once per device."""
+    """IVF-PQ search that follows the queries: FAISS for CPU queries under the ``auto`` backend
+    (unless ``shards`` is given), the device search (:class:`DeviceIVFPQSearch`, Triton or
+    reference, its lists on ``shards`` if given) otherwise, its arrays uploaded once per device."""
 
-    def __init__(self, index, nprobe: int):
+    def __init__(self, index, nprobe: int, shards=None):
         self.index = index
         self.nprobe = nprobe
+        self.shard_devices = None if shards is None else check_shard_devices(shards)
         self._faiss = None
         self._device: dict[torch.device, DeviceIVFPQSearch] = {}
 
@@ -123,23 +202,27 @@ class IVFPQSearch:
         self.nprobe = nprobe
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if queries.device.type == "cpu" and current_backend() == "auto":
+        if self.shard_devices is None and queries.device.type == "cpu" and current_backend() == "auto":
             if self._faiss is None:
                 self._faiss = FaissIVFPQSearch(self.index, self.nprobe)
             return self._faiss.search(queries, k)
         if queries.device not in self._device:
             from .faiss_index import ivfpq_arrays
 
-            self._device[queries.device] = DeviceIVFPQSearch(ivfpq_arrays(self.index), self.nprobe, queries.device)
+            self._device[queries.device] = DeviceIVFPQSearch(ivfpq_arrays(self.index), self.nprobe, queries.device,
+                                                             self.shard_devices)
         return self._device[queries.device].search(queries, k)
 
 
-def make_search(index: str, keys: torch.Tensor | None, faiss_index=None, nprobe: int = 1):
-    """The search backend of a database: exact over ``keys``, or IVF-PQ over ``faiss_index`` with ``nprobe``."""
+def make_search(index: str, keys: torch.Tensor | None, faiss_index=None, nprobe: int = 1, shards=None):
+    """The search backend of a database: exact over ``keys``, or IVF-PQ over ``faiss_index`` with ``nprobe``,
+    its inverted lists sharded over the devices ``shards`` if given (see :class:`DeviceIVFPQSearch`)."""
+    if shards is not None and index != "ivfpq":
+        raise ValueError(f"shards: only index='ivfpq' databases spread their lists over devices, got {index!r}")
     if index == "ivfpq":
         if faiss_index is None:
             raise ValueError("index='ivfpq' needs a trained FAISS IVF-PQ index")
-        return IVFPQSearch(faiss_index, nprobe)
+        return IVFPQSearch(faiss_index, nprobe, shards)
     if keys is None:
         raise ValueError(f"index={index!r} searches the exact keys, but this database holds none (index-only)")
     if index == "flat":
