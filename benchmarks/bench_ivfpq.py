@@ -13,14 +13,18 @@ is recorded by ``conftest.py``.
   ``exact`` (:func:`arrag_kernels.ops.knn`, auto backend), ``faiss`` (faiss-cpu IVF-PQ) and
   ``torch`` (:func:`arrag_kernels.ops.ivfpq_search` reference on the CPU). recall@K against the
   exact neighbours is recorded next to each latency (computed outside the timed call).
-* GPU only (skipped without CUDA): ``triton`` and ``torch`` device searches over 1M / 10M / 100M
-  entries with synthetic IVF-PQ arrays (random codebooks and codes, balanced lists, nlist = 4 sqrt N):
-  latency depends on the shapes only, so no FAISS training is needed (the GPU machine has no faiss).
+  Skipped without faiss (the GPU machine has none).
+* GPU only (skipped without CUDA): ``triton`` (the fused scan + in-kernel top-k) and ``torch``
+  device searches with synthetic IVF-PQ arrays (random codebooks and codes, balanced lists): 1M and
+  10M entries with nlist = 4 sqrt N, and the official database's layout, 506M entries in 800 lists,
+  where one distance per candidate slot would take 1.3 GB at nprobe 32. Latency depends on the
+  shapes only, so no FAISS training is needed. Next to each latency: the candidate buffer the
+  provider allocates (``candidate_buffer_bytes``), what one fp32 distance per candidate slot would
+  take (``dense_buffer_bytes``) and the measured peak of extra GPU memory (``peak_extra_bytes``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -38,7 +42,8 @@ from shapes import BY_NAME
 SHAPE = BY_NAME["janus1b-b16-db1M"]
 BATCH, K, DIM, M = SHAPE.batch, SHAPE.k, SHAPE.key_dim, 8
 CPU_SIZES = [int(s) for s in os.environ.get("ARRAG_BENCH_IVFPQ_SIZES", "100000,1000000").split(",")]
-GPU_SIZES = [1_000_000, 10_000_000, 100_000_000]
+# (entries, nlist): 4 sqrt(N) lists, and the official layout (506M entries, 800 lists of ~630k).
+GPU_CASES = [(1_000_000, 4000), (10_000_000, 12649), (506_000_000, 800)]
 NPROBES = [1, 8, 32, 128]
 HAS_CUDA = torch.cuda.is_available()
 
@@ -62,7 +67,7 @@ _cpu_cache: dict[int, dict] = {}
 def cpu_case(n: int) -> dict:
     """Keys, queries, exact neighbours and a trained + filled FAISS index for ``n`` keys (built once)."""
     if n not in _cpu_cache:
-        import faiss
+        faiss = pytest.importorskip("faiss", reason="CPU cases train a FAISS index: pip install faiss-cpu")
 
         keys = synthetic_keys(n, seed=0)
         queries = torch.from_numpy(synthetic_keys(BATCH, seed=1))
@@ -129,49 +134,60 @@ def test_cpu_ivfpq(benchmark, n, provider, nprobe):
     assert dist.shape == (BATCH, K) and ids.dtype == torch.int64
 
 
-_gpu_cache: dict[int, dict] = {}
+_gpu_cache: dict[tuple[int, int], dict] = {}
 
 
-def gpu_arrays(n: int, device="cuda") -> dict:
-    """Synthetic IVF-PQ arrays on the GPU: nlist = 4 sqrt(n) balanced lists, random codebooks and codes."""
-    if n in _gpu_cache:
-        return _gpu_cache[n]
+def gpu_arrays(n: int, nlist: int, device="cuda") -> dict:
+    """Synthetic IVF-PQ arrays on the GPU: nlist balanced lists, random codebooks and codes."""
+    if (n, nlist) in _gpu_cache:
+        return _gpu_cache[n, nlist]
     _gpu_cache.clear()  # one size at a time on the device
     g = torch.Generator(device=device).manual_seed(0)
-    nlist = int(4 * math.sqrt(n))
     centroids = torch.randn(nlist, DIM, device=device, generator=g)
     codebooks = torch.randn(M, 256, DIM // M, device=device, generator=g) * 0.1
     term1 = (codebooks * codebooks).sum(-1) + 2.0 * torch.einsum("lmd,mjd->lmj", centroids.view(nlist, M, -1), codebooks)
     codes = torch.randint(0, 256, (n, M), device=device, generator=g, dtype=torch.uint8)
-    offsets = torch.linspace(0, n, nlist + 1, device=device).long()
-    _gpu_cache[n] = {"rotation": torch.linalg.qr(torch.randn(DIM, DIM, device=device, generator=g))[0],
-                     "centroids": centroids, "codebooks": codebooks, "term1": term1.contiguous(), "codes": codes,
-                     "ids": torch.arange(n, device=device), "offsets": offsets}
-    return _gpu_cache[n]
+    offsets = torch.linspace(0, n, nlist + 1, device=device, dtype=torch.float64).long()
+    _gpu_cache[n, nlist] = {"rotation": torch.linalg.qr(torch.randn(DIM, DIM, device=device, generator=g))[0],
+                            "centroids": centroids, "codebooks": codebooks, "term1": term1.contiguous(),
+                            "codes": codes, "ids": torch.arange(n, device=device), "offsets": offsets}
+    return _gpu_cache[n, nlist]
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="GPU-only sizes (1M/10M/100M device IVF-PQ search) need CUDA")
+@pytest.mark.skipif(not HAS_CUDA, reason="GPU-only sizes (1M/10M/506M device IVF-PQ search) need CUDA")
 @pytest.mark.parametrize("nprobe", NPROBES, ids=lambda p: f"nprobe{p}")
 @pytest.mark.parametrize("provider", ["triton", "torch"])
-@pytest.mark.parametrize("n", GPU_SIZES, ids=lambda n: f"N{n // 1_000_000}M")
-def test_gpu_ivfpq(benchmark, n, provider, nprobe):
-    a = gpu_arrays(n)
+@pytest.mark.parametrize("n,nlist", GPU_CASES, ids=lambda v: f"N{v // 1_000_000}M" if v >= 1_000_000 else f"nlist{v}")
+def test_gpu_ivfpq(benchmark, n, nlist, provider, nprobe):
+    from arrag_kernels.ops._triton.ivfpq import candidate_buffer_bytes
+
+    a = gpu_arrays(n, nlist)
     sizes = (a["offsets"][1:] - a["offsets"][:-1]).sort(descending=True).values
     max_candidates = int(sizes[:nprobe].sum())
-    if provider == "torch" and BATCH * max_candidates * M * 8 > 16 << 30:
-        pytest.skip(f"the torch reference would gather {BATCH * max_candidates * M * 8 / 2**30:.0f} GiB")
+    gather_bytes = BATCH * max_candidates * M * 8  # the torch reference's (Q, C, M) int64 code gather
+    if provider == "torch" and gather_bytes > 16 << 30:
+        pytest.skip(f"the torch reference would gather {gather_bytes / 2**30:.0f} GiB")
     queries = torch.randn(BATCH, DIM, device="cuda")
     names = ("rotation", "centroids", "codebooks", "term1", "codes", "ids", "offsets")
+    backend = "triton" if provider == "triton" else "reference"
 
     def fn():
-        with use_backend("triton" if provider == "triton" else "reference"):
+        with use_backend(backend):
             out = ivfpq_search(queries, *(a[k] for k in names), nprobe, K, max_candidates)
         torch.cuda.synchronize()
         return out
 
-    dist, ids = _run(benchmark, f"ivfpq-gpu-N{n}", provider, fn, rounds=20, nprobe=nprobe,
-                     nlist=a["offsets"].numel() - 1)
-    if provider == "triton" and BATCH * max_candidates * M * 8 <= 16 << 30:
+    fn()  # compile outside the peak-memory measurement
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    peak = torch.cuda.max_memory_allocated() - base
+    dist, ids = _run(benchmark, f"ivfpq-gpu-N{n}", provider, fn, rounds=10 if n > 100_000_000 else 20, nprobe=nprobe,
+                     nlist=nlist, max_candidates=max_candidates, peak_extra_bytes=peak,
+                     dense_buffer_bytes=BATCH * max_candidates * 4,
+                     candidate_buffer_bytes=(candidate_buffer_bytes(BATCH, K, max_candidates) if provider == "triton"
+                                             else BATCH * max_candidates * 8))
+    if provider == "triton" and gather_bytes <= 16 << 30:
         with use_backend("reference"):
             ref_dist, _ = ivfpq_search(queries, *(a[k] for k in names), nprobe, K, max_candidates)
         torch.testing.assert_close(dist, ref_dist, atol=1e-3, rtol=1e-4)
