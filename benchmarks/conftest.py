@@ -2,11 +2,17 @@
 
 Run with ``pytest benchmarks/ --benchmark-only`` (add ``--benchmark-json=...`` to keep results).
 Triton kernels are timed compiled on CUDA only; nothing here turns the interpreter on.
+
+pytest-benchmark writes its JSON only when the session ends normally; with ``ARRAG_BENCH_JSONL=path``
+every finished benchmark is also appended to that file at once, so a run cut off by a time limit
+(scripts/gpu_check.sh) keeps what it measured.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -31,6 +37,12 @@ def environment() -> dict:
     except ImportError:
         triton_version = None
     try:
+        import transformers
+
+        transformers_version = transformers.__version__
+    except ImportError:
+        transformers_version = None
+    try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
         ).stdout.strip()
@@ -47,6 +59,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton_version,
+        "transformers": transformers_version,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": commit,
         "git_dirty": dirty,
@@ -60,5 +73,17 @@ def env_info() -> dict:
 
 @pytest.fixture(autouse=True)
 def _record_environment(request, env_info):
-    if "benchmark" in request.fixturenames:
-        request.getfixturevalue("benchmark").extra_info.update(env_info)
+    if "benchmark" not in request.fixturenames:
+        yield
+        return
+    benchmark = request.getfixturevalue("benchmark")
+    benchmark.extra_info.update(env_info)
+    yield
+    path = os.environ.get("ARRAG_BENCH_JSONL")
+    stats = getattr(benchmark.stats, "stats", None)
+    if path and stats is not None and stats.data:
+        row = {"name": request.node.name, "group": benchmark.group, "rounds": stats.rounds,
+               "seconds": {key: getattr(stats, key) for key in ("min", "median", "mean", "max")},
+               "extra_info": benchmark.extra_info}
+        with open(path, "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
