@@ -8,6 +8,7 @@ from arrag_kernels.decoding import hf_image_generate
 from arrag_kernels.faid import (CheckpointError, FAiDBlenders, FAiDConfig, blend_literal, convert_official,
                                 load_blenders, load_official_checkpoint, save_blenders)
 from arrag_kernels.models import tiny_prompt_ids
+from tests.utils import replay_without_host_sync
 
 CFG = FAiDConfig(k=4, hops=(1, 2), blenders=2)
 
@@ -324,17 +325,7 @@ def test_cuda_graph_with_faid_equals_static_without_host_sync(tiny_images, daid)
                 graphed = model.generate(ids, loop="cuda-graph", overlap_retrieval=overlap, **kw)
                 assert torch.equal(graphed, static), f"do_sample={do_sample} overlap={overlap}"
 
-        uncond = ids.clone()
-        uncond[:, 1:-1] = 0
-        embeds = model.get_input_embeddings()(torch.cat([ids, uncond]))
-        mask = torch.ones(4, ids.shape[1], dtype=torch.long, device="cuda")
         loop = StaticImageDecoder(h.adapter, process_logits=None, fused_cfg=(5.0, 1.0), daid=h.daid, faid=h.faid,
                                   cuda_graph=True)
-        loop.run(embeds, mask, 64, do_sample=True)  # compile kernels and fill caches first
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            tokens = loop.run(embeds, mask, 64, do_sample=True)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        tokens = replay_without_host_sync(loop, model, ids)
     assert (tokens >= 0).all()

@@ -8,6 +8,7 @@ import arrag_kernels as ak
 from arrag_kernels.decoding import StaticKVCache
 from arrag_kernels.models import tiny_prompt_ids
 from tests.janus_reference import teacher_forced_cfg_probs
+from tests.utils import replay_without_host_sync
 
 
 def _gen(do_sample, **kw):
@@ -128,17 +129,7 @@ def test_cuda_graph_decode_steps_never_synchronise(tiny_images, overlap):
     db = ak.PatchDatabase.build(tiny_images, model, progress=False)
     daid = DAiDSampler(db, ak.DAiDConfig(lam=0.5, k=16), adapter)
     ids = tiny_prompt_ids(2, seed=3).cuda()
-    uncond = ids.clone()
-    uncond[:, 1:-1] = 0
-    embeds = model.get_input_embeddings()(torch.cat([ids, uncond]))
-    mask = torch.ones(4, ids.shape[1], dtype=torch.long, device="cuda")
     loop = StaticImageDecoder(adapter, process_logits=None, fused_cfg=(5.0, 1.0), daid=daid, cuda_graph=True,
                               overlap_retrieval=overlap)
-    loop.run(embeds, mask, 64, do_sample=True)  # compile kernels and fill caches first
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        tokens = loop.run(embeds, mask, 64, do_sample=True)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    tokens = replay_without_host_sync(loop, model, ids)
     assert (tokens >= 0).all()

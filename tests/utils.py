@@ -30,3 +30,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 def poison(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
     """A fresh tensor full of NaN, so elements a kernel forgets to write fail the comparison."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def replay_without_host_sync(loop, model, ids: torch.Tensor, num_tokens: int = 64) -> torch.Tensor:
+    """Run a CUDA-graph ``StaticImageDecoder`` on CFG inputs for prompt ``ids`` twice (the first call
+    compiles kernels and fills caches) and return the second call's tokens, run with torch's sync debug
+    mode set to error: any host synchronisation inside it raises."""
+    uncond = ids.clone()
+    uncond[:, 1:-1] = 0  # keep BOS and the image-start token, pad the text: the unconditional rows
+    embeds = model.get_input_embeddings()(torch.cat([ids, uncond]))
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=ids.device)
+    loop.run(embeds, mask, num_tokens, do_sample=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return loop.run(embeds, mask, num_tokens, do_sample=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
