@@ -1,11 +1,19 @@
-"""FAiD training on the tiny model: loss goes down, save/reload is exact, memory vs literal."""
+"""FAiD training on the tiny model: loss goes down, save/reload is exact, memory vs literal and with
+activation checkpointing."""
 
 import pytest
 import torch
 
 import arrag_kernels as ak
 from arrag_kernels.faid import FAiDBlenders, FAiDConfig, load_blenders, save_blenders
-from arrag_kernels.faid.train import FAiDTrainer, encode_images, load_finetuned, save_finetuned, saved_activation_bytes
+from arrag_kernels.faid.train import (
+    FAiDTrainer,
+    allocated_bytes,
+    encode_images,
+    load_finetuned,
+    save_finetuned,
+    saved_activation_bytes,
+)
 from arrag_kernels.models import tiny_janus, tiny_prompt_ids
 
 CFG = FAiDConfig(k=4, hops=(1, 2), blenders=2)
@@ -24,6 +32,14 @@ def setup(tiny_images):
     db = ak.PatchDatabase.build(tiny_images, model, progress=False)
     tokens = encode_images(model, tiny_images[:4])
     return model, db, tokens, tiny_prompt_ids(4)
+
+
+@pytest.fixture(scope="module")
+def deep_setup(tiny_images):
+    """4 decoder layers: blenders in layers 0 and 2, layers 1 and 3 without one."""
+    model = tiny_janus(seed=0, num_layers=4)
+    db = ak.PatchDatabase.build(tiny_images, model, progress=False)
+    return model, db, encode_images(model, tiny_images[:4]), tiny_prompt_ids(4)
 
 
 def test_loss_decreases_and_roundtrip(setup, tmp_path):
@@ -57,6 +73,34 @@ def test_dense_matches_literal_and_uses_less_memory(setup):
     print(f"saved activations per training step: dense {bytes_d / 2**20:.2f} MiB, literal {bytes_l / 2**20:.2f} MiB, "
           f"ratio {bytes_l / bytes_d:.1f}x")
     assert bytes_l > 2 * bytes_d
+
+
+@pytest.mark.parametrize("formulation", ["dense", "literal"])
+def test_activation_checkpointing_same_gradients_less_memory(deep_setup, formulation):
+    """Checkpointed decoder layers (blender hooks rerun in backward, after the hooks' context has
+    exited; the second blender reads the first one's output): same loss and blender gradients, fewer
+    bytes kept by the forward, model left as it was."""
+    model, db, tokens, prompts = deep_setup
+    torch.manual_seed(3)
+    blenders = FAiDBlenders.for_model(model, CFG)
+    layers = model.model.language_model.layers
+    results = {}
+    for ckpt in (False, True):
+        trainer = FAiDTrainer(model, db, blenders, formulation=formulation, activation_checkpointing=ckpt)
+        retrieved = trainer.retrieve_all(tokens)
+        blenders.zero_grad(set_to_none=True)
+        (loss, saved), retained, _ = allocated_bytes(
+            lambda: saved_activation_bytes(lambda: trainer.loss(prompts, tokens, retrieved)))
+        assert all("forward" not in layer.__dict__ for layer in layers), "the layer wrappers must be gone"
+        loss.backward()
+        results[ckpt] = loss.detach(), {n: p.grad for n, p in blenders.named_parameters()}, saved, retained
+    (loss, grads, saved, retained), (loss_c, grads_c, saved_c, retained_c) = results[False], results[True]
+    torch.testing.assert_close(loss_c, loss, rtol=0, atol=0)
+    for n, g in grads.items():
+        torch.testing.assert_close(grads_c[n], g, rtol=1e-6, atol=1e-8, msg=lambda m: f"{n}: {m}")
+    print(f"{formulation}: saved {saved / 2**20:.2f} -> {saved_c / 2**20:.2f} MiB, "
+          f"retained {retained / 2**20:.2f} -> {retained_c / 2**20:.2f} MiB")
+    assert saved_c < saved / 4 and retained_c < retained / 2
 
 
 def test_lora_training_changes_only_lora_blenders_and_head(setup, tmp_path):
@@ -111,7 +155,8 @@ def test_cli_train_and_convert(tiny_images, tmp_path):
     ak.PatchDatabase.build(img_dir, model, progress=False).save(tmp_path / "db")
     out = tmp_path / "b.safetensors"
     assert main(["train-faid", "--db", str(tmp_path / "db"), "--images", str(img_dir), "--out", str(out),
-                 "--k", "4", "--steps", "2", "--batch-size", "2", "--lora-rank", "2", "--train-head"]) == 0
+                 "--k", "4", "--steps", "2", "--batch-size", "2", "--lora-rank", "2", "--train-head",
+                 "--activation-checkpointing"]) == 0
     tuned = load_file(str(tmp_path / "b.finetuned.safetensors"))
     assert len(tuned) == 8 + 4 and tuned["generation_head.vision_head.weight"].shape == (512, 64)
     official = {f"language_model.model.{k}": v for k, v in load_file(str(out)).items()}

@@ -20,7 +20,8 @@ def _cmd_train_faid(args):
     config = FAiDConfig(k=args.k, hops=args.hops, blenders=args.blenders)
     blenders, losses = train_faid(model, db, config, args.images, torch.tensor([ids]), steps=args.steps,
                                   batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank,
-                                  train_head=args.train_head, seed=args.seed)
+                                  train_head=args.train_head, seed=args.seed,
+                                  activation_checkpointing=args.activation_checkpointing)
     path = save_blenders(blenders, args.out)
     print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; wrote blenders to {path}")
     if args.lora_rank > 0 or args.train_head:
@@ -54,6 +55,9 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--train-head", action="store_true", help="also train generation_head")
     p.add_argument("--finetuned-out", default=None,
                    help="where LoRA / head weights go (default: <out stem>.finetuned.safetensors)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute the decoder layers in backward instead of keeping their activations "
+                        "(same gradients, less memory, about one more forward of compute)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_train_faid)

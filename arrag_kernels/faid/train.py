@@ -9,7 +9,9 @@ Memory-efficient formulation (``formulation="dense"``, default, :func:`blend_den
 term of every position is one masked convolution of the whole map with the composed, hop-mixed
 taps, and the centre term one per-position product, so activations are O(N K D) instead of the
 literal O(N K (2R+1)^2 D) of K copies of every window (``formulation="literal"``, kept to measure
-the difference).
+the difference). That only shrinks the blenders' share; ``activation_checkpointing=True`` also drops
+the decoder layers' own activations (each layer, blender included, is recomputed in backward), so
+a step keeps one (B, S, D) input per layer plus the blender inputs instead of every intermediate.
 
 LoRA on q/v uses ``peft`` (optional); the generation head can be trained too. Both change the base
 model in place: :func:`save_finetuned` / :func:`load_finetuned` store and re-apply them, next to the
@@ -19,10 +21,12 @@ blender file.
 from __future__ import annotations
 
 import contextlib
+import gc
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..config import DAiDConfig
 from ..decoding import DAiDSampler
@@ -32,6 +36,7 @@ from .checkpoint import CheckpointError, _read_state_dict
 from .modules import FAiDBlenders, blend_dense, blend_literal
 
 FORMULATIONS = ("dense", "literal")
+_MISSING = object()
 
 
 class FAiDTrainer:
@@ -45,13 +50,18 @@ class FAiDTrainer:
         lora_rank: > 0 adds LoRA of this rank on q_proj / v_proj through ``peft`` (must be installed).
         train_head: also train ``generation_head``.
         formulation: "dense" (memory-efficient) or "literal" (official K conv stacks).
+        activation_checkpointing: recompute every decoder layer (blenders included) in backward
+            instead of keeping its activations (non-reentrant ``torch.utils.checkpoint``, applied
+            only while :meth:`loss` runs; the model's own checkpointing flags are not touched).
+            Same loss and gradients, about one extra forward of compute.
     """
 
     def __init__(self, model, db, blenders: FAiDBlenders, lr: float = 2e-4, lora_rank: int = 0,
-                 train_head: bool = False, formulation: str = "dense"):
+                 train_head: bool = False, formulation: str = "dense", activation_checkpointing: bool = False):
         if formulation not in FORMULATIONS:
             raise ValueError(f"formulation: expected one of {FORMULATIONS}, got {formulation!r}")
         self.model, self.blenders, self.formulation = model, blenders, formulation
+        self.activation_checkpointing = bool(activation_checkpointing)
         self.adapter = get_adapter(model)
         self.retriever = DAiDSampler(db, DAiDConfig(k=blenders.config.k), self.adapter)
         self.grid = self.retriever.grid
@@ -78,75 +88,117 @@ class FAiDTrainer:
         ids = ids.view(B, N, -1)
         return ids, valid & (ids >= 0).all(dim=-1)
 
-    def loss(self, prompt_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean CE of the image tokens ``tokens`` (B, N) after prompts ``prompt_ids`` (B, P)."""
+    def loss(self, prompt_ids: torch.Tensor, tokens: torch.Tensor, retrieved=None) -> torch.Tensor:
+        """Mean CE of the image tokens ``tokens`` (B, N) after prompts ``prompt_ids`` (B, P).
+
+        ``retrieved``: ``retrieve_all(tokens)`` computed beforehand (it depends on the ground truth
+        only, so it can be cached per image); None retrieves here.
+        """
         B, N = tokens.shape
         if N != self.grid[0] * self.grid[1]:
             raise ValueError(f"tokens must be (B, {self.grid[0] * self.grid[1]}) for grid {self.grid}, got {tuple(tokens.shape)}")
-        ids, valid = self.retrieve_all(tokens)
+        ids, valid = self.retrieve_all(tokens) if retrieved is None else retrieved
+        if ids.shape[:2] != (B, N) or valid.shape != (B, N):
+            raise ValueError(f"retrieved: expected ids (B, N, K) and valid (B, N) with (B, N) = {(B, N)}, got "
+                             f"{tuple(ids.shape)} and {tuple(valid.shape)}; pass retrieve_all(tokens)")
         prompt = self.model.get_input_embeddings()(prompt_ids)
         image = self.adapter.embed_image_tokens(tokens[:, :-1])
         embeds = torch.cat([prompt, image], dim=1)
         P = prompt_ids.shape[1]
         features = self.adapter.embed_image_tokens(ids)  # (B, N, K, D)
-        with _training_hooks(self, features, valid.unsqueeze(-1).to(features.dtype), P):
+        with _training_hooks(self, features, valid.unsqueeze(-1).to(features.dtype), P, self.activation_checkpointing):
             out = self.adapter.language_model(inputs_embeds=embeds, use_cache=False)
         hidden = out.last_hidden_state[:, P - 1 : P - 1 + N]
         logits = self.adapter.image_logits(hidden)
         return F.cross_entropy(logits.reshape(B * N, -1).float(), tokens.reshape(-1))
 
-    def step(self, prompt_ids: torch.Tensor, tokens: torch.Tensor) -> float:
-        """One optimisation step; returns the loss before the update."""
+    def step(self, prompt_ids: torch.Tensor, tokens: torch.Tensor, retrieved=None) -> float:
+        """One optimisation step; returns the loss before the update (``retrieved``: see :meth:`loss`)."""
         self.blenders.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(prompt_ids, tokens)
+        loss = self.loss(prompt_ids, tokens, retrieved)
         loss.backward()
         self.optimizer.step()
         return float(loss.detach())
 
 
 @contextlib.contextmanager
-def _training_hooks(trainer: FAiDTrainer, features, valid, prompt_len: int):
-    """Hooks adding ``blended`` at every image-predicting position of a full teacher-forced sequence."""
+def _training_hooks(trainer: FAiDTrainer, features, valid, prompt_len: int, checkpointing: bool = False):
+    """Adds ``blended`` at every image-predicting position of a full teacher-forced sequence.
+
+    Each blender layer's ``forward`` is wrapped (on the instance, undone on exit) so that the hooks
+    capturing the context (``input_layernorm``) and adding the blend (``self_attn``) exist exactly
+    for the duration of that layer's call. With ``checkpointing`` every decoder layer runs under
+    non-reentrant ``torch.utils.checkpoint``: backward recomputes the layer, hooks included, after
+    this context has exited. The recomputation must see what the forward saw, so a blender reads its
+    input from the tensor the previous blender produced in the forward (``hhat``, written once),
+    never from state a later layer has overwritten.
+    """
     H, W = trainer.grid
     N = H * W
     layers = trainer.adapter.language_model.layers
-    state = {"features": features, "context": {}}
+    ids = list(trainer.blenders.layer_ids)
+    previous = dict(zip(ids, [None] + ids[:-1]))
+    hhat_of = {}  # blender layer -> its hhat from the forward: the next blender's retrieved features
 
-    def capture(i):
+    def capture(ctx):
         def hook(module, args, output):
             cells = output[:, prompt_len:]  # context cells 0..N-2 (cell N-1 is never anyone's context)
             cells = F.pad(cells, (0, 0, 0, N - cells.shape[1]))
-            state["context"][i] = cells.reshape(cells.shape[0], H, W, -1)
+            ctx["map"] = cells.reshape(cells.shape[0], H, W, -1)
 
         return hook
 
-    def blend(i):
+    def blend(i, ctx):
         def hook(module, args, output):
             layer = trainer.blenders.layer(i)
-            e = layer.retrieval_layernorm(state["features"])
-            ctx = state["context"][i]
+            e = layer.retrieval_layernorm(features if previous[i] is None else hhat_of[previous[i]])
             if trainer.formulation == "dense":
-                blended, hhat = blend_dense(layer, ctx, e)
+                blended, hhat = blend_dense(layer, ctx["map"], e)
             else:
-                positions = torch.arange(N, device=ctx.device).expand(ctx.shape[0], N)
-                blended, hhat = blend_literal(layer, ctx, positions, e)
-            state["features"] = hhat
+                positions = torch.arange(N, device=e.device).expand(e.shape[0], N)
+                blended, hhat = blend_literal(layer, ctx["map"], positions, e)
+            if i != ids[-1]:
+                hhat_of.setdefault(i, hhat)  # a recomputation must not replace the forward's tensor
             attn = output[0]
             delta = F.pad(blended * valid, (0, 0, prompt_len - 1, attn.shape[1] - (prompt_len - 1 + N)))
             return (attn + delta.to(attn.dtype), *output[1:])
 
         return hook
 
-    handles = []
+    def with_blender(i, forward):
+        def run(*args, **kwargs):
+            ctx = {}
+            handles = [layers[i].input_layernorm.register_forward_hook(capture(ctx)),
+                       layers[i].self_attn.register_forward_hook(blend(i, ctx))]
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
+
+        return run
+
+    def checkpointed(forward):
+        def run(*args, **kwargs):
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+        return run
+
+    saved = {}
     try:
-        for i in trainer.blenders.layer_ids:
-            handles.append(layers[i].input_layernorm.register_forward_hook(capture(i)))
-            handles.append(layers[i].self_attn.register_forward_hook(blend(i)))
+        for i, layer in enumerate(layers):
+            if i not in ids and not checkpointing:
+                continue
+            saved[i] = layer.__dict__.get("forward", _MISSING)
+            forward = with_blender(i, layer.forward) if i in ids else layer.forward
+            layer.forward = checkpointed(forward) if checkpointing else forward
         yield
     finally:
-        for h in handles:
-            h.remove()
+        for i, original in saved.items():
+            del layers[i].forward
+            if original is not _MISSING:
+                layers[i].forward = original
 
 
 def _add_lora(language_model, rank: int) -> list:
@@ -215,18 +267,63 @@ def load_finetuned(model, path) -> None:
             p.copy_(state[k])
 
 
-def saved_activation_bytes(fn) -> tuple[object, int]:
-    """Run ``fn()`` and count the bytes autograd saves for backward (activation memory)."""
+def saved_activation_bytes(fn, exclude=()) -> tuple[object, int]:
+    """Run ``fn()`` and count the bytes autograd saves for backward (activation memory).
+
+    Each storage counts once, whole (a saved view keeps its base alive); storages of the tensors in
+    ``exclude`` do not count (pass the model's and the blenders' parameters: ops save weights by
+    reference, which costs no memory).
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen = set()
     total = 0
 
     def pack(t):
         nonlocal total
-        total += t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in skip and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, total
+
+
+def allocated_bytes(fn, device="cpu") -> tuple[object, int, int]:
+    """Run ``fn()`` and account the allocator of ``device``: ``(out, retained, peak)`` with ``retained``
+    the bytes allocated during ``fn`` and still alive after it (for a forward: everything the graph
+    keeps, checkpoint inputs included) and ``peak`` the highest allocation above the start.
+
+    CUDA reads the caching allocator's statistics; CPU replays the profiler's allocation events
+    (slow for many small ops; meant for measurements, not training). The profiler cannot see the
+    release of a block allocated while no profile ran: such a release counts as still allocated
+    (an overestimate), so garbage is collected first.
+    """
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out, torch.cuda.memory_allocated(device) - start, torch.cuda.max_memory_allocated(device) - start
+    if device.type != "cpu":
+        raise ValueError(f"allocated_bytes: expected a cpu or cuda device, got {device}")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()
+        peak = max(peak, current)
+    return out, current, peak
 
 
 def encode_images(model, images, batch_size: int = 16) -> torch.Tensor:
@@ -241,11 +338,12 @@ def encode_images(model, images, batch_size: int = 16) -> torch.Tensor:
 
 def train_faid(model, db, config, images, prompt_ids: torch.Tensor, steps: int = 100, batch_size: int = 4,
                lr: float = 2e-4, lora_rank: int = 0, train_head: bool = False, seed: int = 0,
-               log=print) -> tuple[FAiDBlenders, list[float]]:
+               activation_checkpointing: bool = False, log=print) -> tuple[FAiDBlenders, list[float]]:
     """Train fresh blenders for ``config`` on ``images`` with one prompt row per image or a shared (1, P) prompt.
 
     Returns the trained blenders and the loss of every step; LoRA (``lora_rank > 0``) and the head
     (``train_head``) are trained in ``model`` itself (save them with :func:`save_finetuned`).
+    ``activation_checkpointing`` recomputes the decoder layers in backward (see :class:`FAiDTrainer`).
     """
     torch.manual_seed(seed)
     tokens = encode_images(model, images).to(db.keys.device)
@@ -255,7 +353,8 @@ def train_faid(model, db, config, images, prompt_ids: torch.Tensor, steps: int =
     elif prompts.shape[0] != tokens.shape[0]:
         raise ValueError(f"prompt_ids: expected 1 or {tokens.shape[0]} rows (one per image), got {prompts.shape[0]}")
     blenders = FAiDBlenders.for_model(model, config)
-    trainer = FAiDTrainer(model, db, blenders, lr=lr, lora_rank=lora_rank, train_head=train_head)
+    trainer = FAiDTrainer(model, db, blenders, lr=lr, lora_rank=lora_rank, train_head=train_head,
+                          activation_checkpointing=activation_checkpointing)
     losses = []
     g = torch.Generator().manual_seed(seed)
     for s in range(steps):
