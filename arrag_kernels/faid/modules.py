@@ -14,8 +14,9 @@ layer's normalised input ``input_layernorm(h)`` of already generated positions.
       hhat_k = sum_{causal cells u} T[u] x[p + u]  +  T[centre] e_k  +  bias
 
   the first term is shared by all K candidates; only the causal cells u of the window are non-zero.
-* :func:`blend_dense`: the same affine form for every position at once (training): the context
-  term is one masked convolution of the whole map with T, the centre term a per-position product.
+* :func:`blend_dense`: the same affine split for every position at once (training): the context
+  term runs each hop's conv pair once per position on its causal window (centre zeroed), the
+  centre term is a per-position product with the composed centre tap.
 """
 
 from __future__ import annotations
@@ -226,16 +227,28 @@ def blend_dense(layer: FAiDLayer, context: torch.Tensor, retrieved: torch.Tensor
 
     Returns:
         blended (B, H*W, D), hhat (B, H*W, K, D): equal to :func:`blend_literal` at all positions.
-        The context term is ``conv2d(x, T * causal_mask, padding=R)``: one D x D map per position
-        instead of K copies of every window.
+        The context term of hop h is its conv pair run once per position on the causal window with
+        the centre cell zeroed (the biases come with it); the centre term is one product with the
+        composed centre tap. Activations are one window per position, not K copies of it, and the
+        full taps T are never built: at D = 2048 their D x D x (2R+1)^2 autograd graph alone would
+        outweigh the literal formulation.
     """
     blender = layer.blender
-    R = blender.radius
-    T, bias = composed_taps(blender)
+    B, H, W, D = context.shape
+    N = H * W
     dtype = retrieved.dtype
-    masked = (T * causal_tap_mask(R, T.device)).to(dtype)
-    ctx = F.conv2d(context.permute(0, 3, 1, 2).to(dtype), masked, padding=R)  # (B, D, H, W)
-    ctx = ctx.flatten(2).transpose(1, 2)  # (B, H*W, D)
-    center = T[:, :, R, R].to(dtype)
-    hhat = ctx.unsqueeze(2) + retrieved @ center.t() + bias.to(dtype)
+    x = context.permute(0, 3, 1, 2).to(dtype)
+    ctx, centre = 0.0, 0.0
+    for a, h in zip(blender.hop_mix(), blender.hops):
+        n = 2 * h + 1
+        windows = F.unfold(F.pad(x, (h,) * 4), n).view(B, D, n, n, N)
+        windows = windows * causal_tap_mask(h, x.device).to(dtype)[:, :, None]
+        windows = windows.permute(0, 4, 1, 2, 3).reshape(B * N, D, n, n)
+        conv_a, conv_b = blender.hop_convs(h)
+        ctx = ctx + a.to(dtype) * conv_b(conv_a(windows)).view(B, N, D)
+        # centre tap of the pair: output cell (i, j) of conv_a sees the window centre through w1[h-i, h-j]
+        w1, w2 = conv_a.weight, conv_b.weight
+        tap = sum(w2[:, :, i, j] @ w1[:, :, h - i, h - j] for i in range(h + 1) for j in range(h + 1))
+        centre = centre + a * tap.float()
+    hhat = ctx.unsqueeze(2) + retrieved @ centre.to(dtype).t()
     return blender.score_blend(hhat), hhat

@@ -6,9 +6,9 @@ token u (sequence position P+u) is context cell u. Each target position j is pai
 database entries nearest to its neighbourhood query (the same query as at decode time).
 
 Memory-efficient formulation (``formulation="dense"``, default, :func:`blend_dense`): the context
-term of every position is one masked convolution of the whole map with the composed, hop-mixed
-taps, and the centre term one per-position product, so activations are O(N K D) instead of the
-literal O(N K (2R+1)^2 D) of K copies of every window (``formulation="literal"``, kept to measure
+term of every position comes from one causal window (each hop's conv pair run once on it), and the
+centre term from one per-position product with the composed centre tap, so activations are
+O(N (K + (2R+1)^2) D) instead of the literal O(N K (2R+1)^2 D) of K copies of every window (``formulation="literal"``, kept to measure
 the difference). That only shrinks the blenders' share; ``activation_checkpointing=True`` also drops
 the decoder layers' own activations (each layer, blender included, is recomputed in backward), so
 a step keeps one (B, S, D) input per layer plus the blender inputs instead of every intermediate.
