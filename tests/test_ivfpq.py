@@ -83,15 +83,22 @@ def faiss_search(index, queries, nprobe, k):
     return torch.from_numpy(d), torch.from_numpy(i)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("nprobe,k", [(1, 10), (3, 97), (NLIST, 2048), (1, 2048)], ids=lambda v: str(v))
-def test_device_search_matches_faiss(index, queries, backend, nprobe, k):
+
+def _device_and_faiss(index, queries, backend, nprobe, k):
+    """(dist, ids) of the device search with ``backend`` and of faiss-cpu, after checking that both
+    pad the same slots (distance FLT_MAX, id -1)."""
     search = DeviceIVFPQSearch(ivfpq_arrays(index), nprobe, "cpu")
     with use_backend(backend):
         dist, ids = search.search(queries, k)
     ref_dist, ref_ids = faiss_search(index, queries, nprobe, k)
-    # nprobe 1, k 2048: fewer candidates than k, padded like faiss with (FLT_MAX, -1)
     assert torch.equal(ids == -1, ref_ids == -1) and torch.equal(dist == FLT_MAX, ref_ids == -1)
+    return dist, ids, ref_dist, ref_ids
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nprobe,k", [(1, 10), (3, 97), (NLIST, 2048), (1, 2048)], ids=lambda v: str(v))
+def test_device_search_matches_faiss(index, queries, backend, nprobe, k):
+    # nprobe 1, k 2048: fewer candidates than k, padded like faiss (checked by _device_and_faiss)
+    dist, ids, ref_dist, ref_ids = _device_and_faiss(index, queries, backend, nprobe, k)
     assert_same_neighbours(dist, ids, ref_dist, ref_ids, what=f"{backend} nprobe={nprobe} k={k}")
 
 
@@ -188,11 +195,7 @@ def index_with_empty_lists(index, queries):
 @pytest.mark.parametrize("nprobe,k", [(1, 5), (3, 200)], ids=lambda v: str(v))
 def test_empty_lists(index_with_empty_lists, queries, backend, nprobe, k):
     """Probed lists may be empty; with nprobe 1 the first four queries find nothing (all padding)."""
-    search = DeviceIVFPQSearch(ivfpq_arrays(index_with_empty_lists), nprobe, "cpu")
-    with use_backend(backend):
-        dist, ids = search.search(queries, k)
-    ref_dist, ref_ids = faiss_search(index_with_empty_lists, queries, nprobe, k)
-    assert torch.equal(ids == -1, ref_ids == -1) and torch.equal(dist == FLT_MAX, ref_ids == -1)
+    dist, ids, ref_dist, ref_ids = _device_and_faiss(index_with_empty_lists, queries, backend, nprobe, k)
     if nprobe == 1:
         assert (ids[:4] == -1).all() and (ids[4:] >= 0).any()
     assert_same_neighbours(dist, ids, ref_dist, ref_ids, what=f"{backend} empty lists nprobe={nprobe}")

@@ -101,12 +101,17 @@ KNN_CASES = [  # (Q, N, D, k)
 ]
 
 
+def _knn_inputs(Q, N, D, k, dtype):
+    """Random fp32 queries (Q, D) and keys (N, D) of ``dtype`` on DEVICE, seeded by the shape."""
+    g = _gen(Q * N + k)
+    queries = torch.randn(Q, D, generator=g).to(DEVICE)
+    return queries, torch.randn(N, D, generator=g).to(dtype).to(DEVICE)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("Q,N,D,k", KNN_CASES, ids=[f"q{q}-n{n}-d{d}-k{k}" for q, n, d, k in KNN_CASES])
 def test_knn(Q, N, D, k, dtype):
-    g = _gen(Q * N + k)
-    queries = torch.randn(Q, D, generator=g).to(DEVICE)
-    keys = torch.randn(N, D, generator=g).to(dtype).to(DEVICE)
+    queries, keys = _knn_inputs(Q, N, D, k, dtype)
     with ak.use_backend("triton"):
         dist, ids = knn(queries, keys, k)
     ref_dist, ref_ids = knn_ref(queries, keys, k)
@@ -142,9 +147,7 @@ THRESHOLD_CASES = [  # (Q, N, D, k)
 @pytest.mark.parametrize("Q,N,D,k", THRESHOLD_CASES, ids=[f"q{q}-n{n}-d{d}-k{k}" for q, n, d, k in THRESHOLD_CASES])
 def test_knn_threshold(Q, N, D, k, dtype):
     """Bound + filter + select (forced: the automatic choice needs >= 2^18 keys)."""
-    g = _gen(Q * N + k)
-    queries = torch.randn(Q, D, generator=g).to(DEVICE)
-    keys = torch.randn(N, D, generator=g).to(dtype).to(DEVICE)
+    queries, keys = _knn_inputs(Q, N, D, k, dtype)
     dist, ids = _unpack(knn_packed(queries, keys, k, threshold=True), k)
     assert_knn_matches(dist, ids, *knn_ref(queries, keys, k), queries, keys.float())
 
