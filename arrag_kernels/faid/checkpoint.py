@@ -6,7 +6,8 @@ and metadata ``faid_config`` (JSON of :class:`FAiDConfig`), ``hidden_size`` and 
 Official (AR-RAG release, e.g. ``jingyq1/arrag_faid``): the same tensors under
 ``language_model.model.layers.{i}.blender.{conv1,conv12,conv2,conv22,conv3,conv32}.{weight,bias}``,
 ``...blender.conv_weights``, ``...blender.mlp.{0,2}.{weight,bias}`` and
-``language_model.model.layers.{i}.retrieval_layernorm.weight``, next to the base model's weights
+``language_model.model.layers.{i}.retrieval_layernorm.weight`` (``conv_weights`` only with more than
+one hop, in both formats), next to the base model's weights
 in DeepSeek ``MultiModalityCausalLM`` names, which :func:`official_to_hf` maps to HF
 ``JanusForConditionalGeneration`` (``language_model.model.*`` -> ``model.language_model.*``,
 ``gen_vision_model`` -> ``model.vqmodel``, ``gen_head`` -> ``model.generation_head``, ...).
@@ -94,6 +95,8 @@ def load_blenders(source, model, config: FAiDConfig | None = None) -> FAiDBlende
     num_layers = int(model.config.text_config.num_hidden_layers)
     if config is None:
         config = FAiDConfig.from_dict(json.loads(meta["faid_config"])) if "faid_config" in meta else infer_config(state, num_layers)
+    if len(config.hops) == 1:  # files of earlier versions store a one-hop omega; softmax of it is 1
+        state = {k: v for k, v in state.items() if not (k.endswith(".blender.conv_weights") and v.numel() == 1)}
     blenders = FAiDBlenders.for_model(model, config)
     expected = blenders.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -17,6 +17,16 @@ layer's normalised input ``input_layernorm(h)`` of already generated positions.
 * :func:`blend_dense`: the same affine split for every position at once (training): the context
   term runs each hop's conv pair once per position on its causal window (centre zeroed), the
   centre term is a per-position product with the composed centre tap.
+
+All three return ``blended = mean_k w_k hhat_k`` and the weighted candidates ``w_k hhat_k``, which the
+official code hands to the next blender (``total_feature = conv_out * w_k``).
+
+Official semantics (``llama_conv.py``; README "Semantics"), shared by decoding and training through
+:func:`retrieved_masks` and :func:`blender_input`: every blender runs at every image position and its
+output is always added; positions that retrieve nothing get zero retrieved features (the context
+term and the biases still act); padded ids (-1) zero only their own slot of the first blender; a
+later blender reads ``retrieval_layernorm`` of the previous blender's ``w_k hhat_k``, zero where the
+position retrieves nothing.
 """
 
 from __future__ import annotations
@@ -31,8 +41,9 @@ from .config import FAiDConfig
 
 class Blender(nn.Module):
     """One blender: per hop h a pair ``conv{h}`` -> ``conv{h}2`` of Conv2d(D, D, h+1) (valid, no
-    non-linearity), hop weights ``conv_weights`` (omega, initialised to 1) and the score MLP
-    ``mlp = Linear(D, D), ReLU, Linear(D, 1)``. Parameter names follow the official checkpoints."""
+    non-linearity), hop weights ``conv_weights`` (omega, initialised to 1; only with more than one
+    hop, as in the official module) and the score MLP ``mlp = Linear(D, D), ReLU, Linear(D, 1)``.
+    Parameter names follow the official checkpoints."""
 
     def __init__(self, dim: int, hops: tuple[int, ...]):
         super().__init__()
@@ -41,7 +52,8 @@ class Blender(nn.Module):
         for h in self.hops:
             setattr(self, f"conv{h}", nn.Conv2d(dim, dim, h + 1))
             setattr(self, f"conv{h}2", nn.Conv2d(dim, dim, h + 1))
-        self.conv_weights = nn.Parameter(torch.ones(len(self.hops)))
+        if len(self.hops) > 1:
+            self.conv_weights = nn.Parameter(torch.ones(len(self.hops)))
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, 1))
 
     @property
@@ -52,13 +64,16 @@ class Blender(nn.Module):
         return getattr(self, f"conv{h}"), getattr(self, f"conv{h}2")
 
     def hop_mix(self) -> torch.Tensor:
-        """(len(hops),) softmax(omega)."""
+        """(len(hops),) softmax(omega); a single hop has weight 1 (the official one has no omega)."""
+        if len(self.hops) == 1:
+            return torch.ones(1, device=self.mlp[0].weight.device)
         return torch.softmax(self.conv_weights.float(), dim=0)
 
-    def score_blend(self, hhat: torch.Tensor) -> torch.Tensor:
-        """(..., K, D) smoothed candidates -> (..., D) ``mean_k sigmoid(mlp(hhat_k)) * hhat_k``."""
-        w = torch.sigmoid(self.mlp(hhat))
-        return (w * hhat).mean(dim=-2)
+    def score_blend(self, hhat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., K, D) smoothed candidates -> blended (..., D) ``mean_k w_k hhat_k`` and the weighted
+        candidates (..., K, D) ``w_k hhat_k``, ``w_k = sigmoid(mlp(hhat_k))``."""
+        weighted = torch.sigmoid(self.mlp(hhat)) * hhat
+        return weighted.mean(dim=-2), weighted
 
 
 class FAiDLayer(nn.Module):
@@ -75,7 +90,8 @@ class FAiDBlenders(nn.Module):
     ``layers.{i}.retrieval_layernorm.weight`` (the official names without ``language_model.model.``).
 
     Chaining (official): the first blender reads RMSNorm(aligner(embeddings(ids))); every later one
-    reads its own RMSNorm of the previous blender's smoothed candidates hhat (B, K, D).
+    reads its own RMSNorm of the previous blender's weighted candidates ``w_k hhat_k`` (see
+    :func:`blender_input`).
     """
 
     def __init__(self, dim: int, num_layers: int, config: FAiDConfig, eps: float = 1e-6):
@@ -96,6 +112,30 @@ class FAiDBlenders(nn.Module):
         blenders = cls(int(text.hidden_size), int(text.num_hidden_layers), config, float(text.rms_norm_eps))
         ref = model.model.generation_head.vision_head.weight
         return blenders.to(device=ref.device, dtype=ref.dtype)
+
+
+def retrieved_masks(ids: torch.Tensor, valid: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which retrieved features the blenders see (the official training forward).
+
+    Args:
+        ids: (..., K) retrieved token ids, -1 for padding.
+        valid: (...) bool, True where the position retrieves (official: not row 0, column 0 or the
+            last column).
+
+    Returns:
+        ``first`` (..., K, 1): the first blender keeps slot k where the position retrieves and
+        ``ids[k] >= 0`` (official: the embeddings of -1 slots are zeroed, the rest of the step is
+        not); ``chained`` (..., 1, 1): later blenders keep every slot where the position retrieves
+        (official: each blender zeroes its retrieved input at non-retrieving positions). In ``dtype``.
+    """
+    v = valid.unsqueeze(-1)
+    return (v & (ids >= 0)).unsqueeze(-1).to(dtype), v.unsqueeze(-1).to(dtype)
+
+
+def blender_input(layer: FAiDLayer, features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """e_k = ``retrieval_layernorm(features) * keep`` (a mask of :func:`retrieved_masks`). RMSNorm maps
+    0 to 0, so zeroing after the norm equals the official zeroing before it."""
+    return layer.retrieval_layernorm(features) * keep
 
 
 # ---- the affine form ------------------------------------------------------------------------------
@@ -167,7 +207,8 @@ class ComposedBlender:
             self.b2 = blender.mlp[2].bias.to(dtype).contiguous()
 
     def blend(self, cells: torch.Tensor, retrieved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, n, D) causal context cells (zeros where absent), (B, K, D) e_k -> (blended (B, D), hhat (B, K, D))."""
+        """(B, n, D) causal context cells (zeros where absent), (B, K, D) e_k -> (blended (B, D),
+        weighted candidates w_k hhat_k (B, K, D))."""
         from ..ops import faid_blend
 
         return faid_blend(cells, retrieved, self.taps_t, self.center_t, self.bias, self.w1_t, self.b1, self.w2, self.b2)
@@ -201,7 +242,7 @@ def blend_literal(layer: FAiDLayer, context: torch.Tensor, positions: torch.Tens
         retrieved: (B, P, K, D) e_k (already through ``retrieval_layernorm``).
 
     Returns:
-        blended (B, P, D), hhat (B, P, K, D).
+        blended (B, P, D), weighted candidates w_k hhat_k (B, P, K, D).
     """
     blender = layer.blender
     B, P, K, D = retrieved.shape
@@ -214,8 +255,7 @@ def blend_literal(layer: FAiDLayer, context: torch.Tensor, positions: torch.Tens
         conv_a, conv_b = blender.hop_convs(h)
         out = conv_b(conv_a(win.reshape(B * P * K, D, 2 * h + 1, 2 * h + 1)))
         hhat = hhat + a * out.view(B, P, K, D)
-    hhat = hhat.to(retrieved.dtype)
-    return blender.score_blend(hhat), hhat
+    return blender.score_blend(hhat.to(retrieved.dtype))
 
 
 def blend_dense(layer: FAiDLayer, context: torch.Tensor, retrieved: torch.Tensor):
@@ -226,7 +266,8 @@ def blend_dense(layer: FAiDLayer, context: torch.Tensor, retrieved: torch.Tensor
         retrieved: (B, H*W, K, D) e_k per target position.
 
     Returns:
-        blended (B, H*W, D), hhat (B, H*W, K, D): equal to :func:`blend_literal` at all positions.
+        blended (B, H*W, D), weighted candidates (B, H*W, K, D): equal to :func:`blend_literal` at all
+        positions.
         The context term of hop h is its conv pair run once per position on the causal window with
         the centre cell zeroed (the biases come with it); the centre term is one product with the
         composed centre tap. Activations are one window per position, not K copies of it, and the
@@ -251,4 +292,4 @@ def blend_dense(layer: FAiDLayer, context: torch.Tensor, retrieved: torch.Tensor
         tap = sum(w2[:, :, i, j] @ w1[:, :, h - i, h - j] for i in range(h + 1) for j in range(h + 1))
         centre = centre + a * tap.float()
     hhat = ctx.unsqueeze(2) + retrieved @ centre.to(dtype).t()
-    return blender.score_blend(hhat), hhat
+    return blender.score_blend(hhat)

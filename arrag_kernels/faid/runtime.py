@@ -8,17 +8,23 @@ deletes the hooks.
 
 Step s (predicting grid cell p = s) feeds the embedding of token s-1, so at step s >= 1 each
 blender layer writes cell s-1 into its ring buffer before attention and then reads the causal
-window of p. Step 0 is the prompt prefill: nothing is written and the blend (if position 0
-retrieves) goes to the last prompt position. The ring buffer keeps R*W + R cells (the last R rows
-plus R cells), the only ones a window of radius R can read.
+window of p. Step 0 is the prompt prefill: nothing is written and the blend goes to the last
+prompt position. The ring buffer keeps R*W + R cells (the last R rows plus R cells), the only ones
+a window of radius R can read.
+
+Every step blends, as in the official code (:mod:`.modules`): where the position retrieves nothing
+(official layout: row 0, column 0, last column) the retrieved features are zero and the context
+term and biases are still added; only the conditional CFG rows get the blend.
 
 The hooks act only during a forward that follows :meth:`FAiDRuntime.begin_step`; any other forward
 (text generation, a plain call) passes through unchanged.
 
 A decode step given as a device tensor is read on the device only (retrieval positions, ring write
 slot and window slots are gathered with it), so ``begin_step`` and the hooked forward can be
-recorded once in a CUDA graph and replayed: every such step retrieves and blends, and the retrieval
-``valid`` mask zeroes the blend exactly where the position has no key.
+recorded once in a CUDA graph and replayed: every such step retrieves, and the retrieval ``valid``
+mask zeroes the retrieved features exactly where the position has no key. A host step that does
+not retrieve skips the search and hands the same blend all-padding ids; both paths run the same
+blend code.
 """
 
 from __future__ import annotations
@@ -27,7 +33,16 @@ import torch
 
 from ..config import DAiDConfig
 from ..decoding import DAiDSampler
-from .modules import ComposedBlender, FAiDBlenders
+from .config import FAiDConfig
+from .modules import ComposedBlender, FAiDBlenders, blender_input, retrieved_masks
+
+
+def faid_retriever(db, config: FAiDConfig, adapter, device=None) -> DAiDSampler:
+    """FAiD's retrieval: DAiD's queries and search with ``config.k`` neighbours per step."""
+    if config.k > len(db):
+        raise ValueError(f"FAiDConfig.k = {config.k} is larger than the database ({len(db)} entries); "
+                         f"use k <= {len(db)}")
+    return DAiDSampler(db, DAiDConfig(k=config.k), adapter, device=device)
 
 
 class FAiDRuntime:
@@ -49,8 +64,7 @@ class FAiDRuntime:
                 f"blenders were built for {blenders.num_layers} layers of width {blenders.dim}, the model has "
                 f"{len(layers)} layers of width {adapter.language_model.config.hidden_size}"
             )
-        # Retrieval is DAiD's (same queries, same database search); only k is FAiD's.
-        self.retriever = DAiDSampler(db, DAiDConfig(k=config.k), adapter, device=device)
+        self.retriever = faid_retriever(db, config, adapter, device)
         self.adapter = adapter
         self.blenders = blenders
         self.grid = self.retriever.grid
@@ -95,9 +109,10 @@ class FAiDRuntime:
 
         ``step`` is an int (step 0, the prefill, must come first: it allocates the ring buffers), or a
         (1,) long device tensor holding a decode step >= 1. With an int, steps that do not retrieve skip
-        the blend; with a tensor nothing is read on the host (CUDA-graph capturable): every step
-        retrieves and blends, and the blend is multiplied by the retrieval's ``valid`` mask, False
-        exactly where the position has no key (``retrieves_at``), so it contributes zero there.
+        the search (all ids padding, ``valid`` False); with a tensor nothing is read on the host
+        (CUDA-graph capturable): every step retrieves, and the retrieval's ``valid`` mask is False
+        exactly where the position has no key (``retrieves_at``). Either way every step blends, with
+        the retrieved features masked by :func:`retrieved_masks`.
         """
         B = tokens.shape[0]
         on_device = isinstance(step, torch.Tensor)
@@ -110,12 +125,14 @@ class FAiDRuntime:
         self.write_slot = self._write_slots.index_select(0, at)  # (1,)
         self.window_slots = self._slots.index_select(0, at)[0]  # (n,)
         self.window_present = self._present.index_select(0, at)[0]
-        self.features = None
         if on_device or self.retrieves_at[step]:
             _, ids, valid = self.retriever.retrieve(tokens, at.repeat(B))
-            # (B, K, D) aligner(embeddings(ids)); padding (-1, rows masked by `valid`) looks up token 0
-            self.features = self.adapter.embed_image_tokens(ids.clamp_min(0))
-            self.valid = (valid & (ids >= 0).all(dim=1)).to(self.features.dtype).unsqueeze(-1)
+        else:
+            ids = torch.full((B, self.blenders.config.k), -1, dtype=torch.long, device=tokens.device)
+            valid = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        # (B, K, D) aligner(embeddings(ids)); padding (-1) looks up token 0, masked in the blend
+        self.features = self.adapter.embed_image_tokens(ids.clamp_min(0))
+        self.keep, self.keep_chained = retrieved_masks(ids, valid, self.features.dtype)
         self._armed = set(self.blenders.layer_ids)
 
     def _capture_hook(self, i):
@@ -133,18 +150,17 @@ class FAiDRuntime:
             if i not in self._armed:
                 return None
             self._armed.discard(i)
-            if self.features is None:
-                return None
             layer = self.blenders.layer(i)
             ring = self._rings[i]
             with torch.no_grad():
-                e = layer.retrieval_layernorm(self.features)
+                e = blender_input(layer, self.features, self.keep)
                 cells = ring.index_select(1, self.window_slots) * self.window_present.to(ring.dtype).unsqueeze(-1)
-                blended, hhat = self.composed[i].blend(cells.to(e.dtype), e)  # cells: (B, n, D)
-                self.features = hhat  # official chaining: the next blender reads these candidates
+                blended, weighted = self.composed[i].blend(cells.to(e.dtype), e)  # cells: (B, n, D)
+                # official chaining: the next blender reads these weighted candidates
+                self.features, self.keep = weighted, self.keep_chained
             attn = output[0] if isinstance(output, tuple) else output
             delta = torch.zeros_like(attn)
-            delta[: self.batch, -1] = (blended * self.valid).to(attn.dtype)
+            delta[: self.batch, -1] = blended.to(attn.dtype)  # conditional rows only
             attn = attn + delta
             return (attn, *output[1:]) if isinstance(output, tuple) else attn
 

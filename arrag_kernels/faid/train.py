@@ -3,7 +3,9 @@
 One training sequence is ``prompt + image tokens 0..N-2`` (teacher forcing, conditional rows only):
 the hidden state at prompt position P-1+j predicts grid cell j, and the normalised input of image
 token u (sequence position P+u) is context cell u. Each target position j is paired with the K
-database entries nearest to its neighbourhood query (the same query as at decode time).
+database entries nearest to its neighbourhood query (the same query as at decode time). As in the
+official training forward, every blender blends at every position: positions without a key get
+zero retrieved features, padded ids zero their own slot (:func:`retrieved_masks`).
 
 Memory-efficient formulation (``formulation="dense"``, default, :func:`blend_dense`): the context
 term of every position comes from one causal window (each hop's conv pair run once on it), and the
@@ -28,12 +30,11 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from ..config import DAiDConfig
-from ..decoding import DAiDSampler
 from ..models import get_adapter
 from ..ops import neighbor_keys
 from .checkpoint import CheckpointError, _read_state_dict
-from .modules import FAiDBlenders, blend_dense, blend_literal
+from .modules import FAiDBlenders, blend_dense, blend_literal, blender_input, retrieved_masks
+from .runtime import faid_retriever
 
 FORMULATIONS = ("dense", "literal")
 _MISSING = object()
@@ -63,7 +64,7 @@ class FAiDTrainer:
         self.model, self.blenders, self.formulation = model, blenders, formulation
         self.activation_checkpointing = bool(activation_checkpointing)
         self.adapter = get_adapter(model)
-        self.retriever = DAiDSampler(db, DAiDConfig(k=blenders.config.k), self.adapter)
+        self.retriever = faid_retriever(db, blenders.config, self.adapter)
         self.grid = self.retriever.grid
         for p in model.parameters():
             p.requires_grad_(False)
@@ -79,14 +80,14 @@ class FAiDTrainer:
 
     @torch.no_grad()
     def retrieve_all(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N) ground-truth tokens -> retrieved ids (B, N, K) and valid (B, N) bool, every position."""
+        """(B, N) ground-truth tokens -> retrieved ids (B, N, K) (-1: padding) and valid (B, N) bool (the
+        position has a key), every position. Works on any database, index-only ones included."""
         B, N = tokens.shape
         r = self.retriever
         positions = torch.arange(N, device=tokens.device).expand(B, N)
         queries, valid = neighbor_keys(tokens, r.codebook, positions, r.grid, r.layout)
         _, ids = r.db.retrieve(queries.reshape(B * N, -1), r.config.k)
-        ids = ids.view(B, N, -1)
-        return ids, valid & (ids >= 0).all(dim=-1)
+        return ids.view(B, N, -1), valid
 
     def loss(self, prompt_ids: torch.Tensor, tokens: torch.Tensor, retrieved=None) -> torch.Tensor:
         """Mean CE of the image tokens ``tokens`` (B, N) after prompts ``prompt_ids`` (B, P).
@@ -105,8 +106,9 @@ class FAiDTrainer:
         image = self.adapter.embed_image_tokens(tokens[:, :-1])
         embeds = torch.cat([prompt, image], dim=1)
         P = prompt_ids.shape[1]
-        features = self.adapter.embed_image_tokens(ids)  # (B, N, K, D)
-        with _training_hooks(self, features, valid.unsqueeze(-1).to(features.dtype), P, self.activation_checkpointing):
+        features = self.adapter.embed_image_tokens(ids.clamp_min(0))  # (B, N, K, D); padding masked in the blend
+        masks = retrieved_masks(ids, valid, features.dtype)
+        with _training_hooks(self, features, masks, P, self.activation_checkpointing):
             out = self.adapter.language_model(inputs_embeds=embeds, use_cache=False)
         hidden = out.last_hidden_state[:, P - 1 : P - 1 + N]
         logits = self.adapter.image_logits(hidden)
@@ -123,23 +125,24 @@ class FAiDTrainer:
 
 
 @contextlib.contextmanager
-def _training_hooks(trainer: FAiDTrainer, features, valid, prompt_len: int, checkpointing: bool = False):
-    """Adds ``blended`` at every image-predicting position of a full teacher-forced sequence.
+def _training_hooks(trainer: FAiDTrainer, features, masks, prompt_len: int, checkpointing: bool = False):
+    """Adds ``blended`` at every image-predicting position of a full teacher-forced sequence
+    (``masks``: the first and the chained blenders' masks of :func:`retrieved_masks`).
 
     Each blender layer's ``forward`` is wrapped (on the instance, undone on exit) so that the hooks
     capturing the context (``input_layernorm``) and adding the blend (``self_attn``) exist exactly
     for the duration of that layer's call. With ``checkpointing`` every decoder layer runs under
     non-reentrant ``torch.utils.checkpoint``: backward recomputes the layer, hooks included, after
     this context has exited. The recomputation must see what the forward saw, so a blender reads its
-    input from the tensor the previous blender produced in the forward (``hhat``, written once),
-    never from state a later layer has overwritten.
+    input from the tensor the previous blender produced in the forward (``w_k hhat_k``, written
+    once), never from state a later layer has overwritten.
     """
     H, W = trainer.grid
     N = H * W
     layers = trainer.adapter.language_model.layers
     ids = list(trainer.blenders.layer_ids)
     previous = dict(zip(ids, [None] + ids[:-1]))
-    hhat_of = {}  # blender layer -> its hhat from the forward: the next blender's retrieved features
+    weighted_of = {}  # blender layer -> its w_k hhat_k from the forward: the next blender's retrieved features
 
     def capture(ctx):
         def hook(module, args, output):
@@ -152,16 +155,19 @@ def _training_hooks(trainer: FAiDTrainer, features, valid, prompt_len: int, chec
     def blend(i, ctx):
         def hook(module, args, output):
             layer = trainer.blenders.layer(i)
-            e = layer.retrieval_layernorm(features if previous[i] is None else hhat_of[previous[i]])
+            if previous[i] is None:
+                e = blender_input(layer, features, masks[0])
+            else:
+                e = blender_input(layer, weighted_of[previous[i]], masks[1])
             if trainer.formulation == "dense":
-                blended, hhat = blend_dense(layer, ctx["map"], e)
+                blended, weighted = blend_dense(layer, ctx["map"], e)
             else:
                 positions = torch.arange(N, device=e.device).expand(e.shape[0], N)
-                blended, hhat = blend_literal(layer, ctx["map"], positions, e)
+                blended, weighted = blend_literal(layer, ctx["map"], positions, e)
             if i != ids[-1]:
-                hhat_of.setdefault(i, hhat)  # a recomputation must not replace the forward's tensor
+                weighted_of.setdefault(i, weighted)  # a recomputation must not replace the forward's tensor
             attn = output[0]
-            delta = F.pad(blended * valid, (0, 0, prompt_len - 1, attn.shape[1] - (prompt_len - 1 + N)))
+            delta = F.pad(blended, (0, 0, prompt_len - 1, attn.shape[1] - (prompt_len - 1 + N)))
             return (attn + delta.to(attn.dtype), *output[1:])
 
         return hook
@@ -345,8 +351,10 @@ def train_faid(model, db, config, images, prompt_ids: torch.Tensor, steps: int =
     (``train_head``) are trained in ``model`` itself (save them with :func:`save_finetuned`).
     ``activation_checkpointing`` recomputes the decoder layers in backward (see :class:`FAiDTrainer`).
     """
+    if int(steps) < 1:
+        raise ValueError(f"steps: expected at least 1 training step, got {steps}")
     torch.manual_seed(seed)
-    tokens = encode_images(model, images).to(db.keys.device)
+    tokens = encode_images(model, images)  # on the model's device, where the trainer retrieves
     prompts = prompt_ids.to(tokens.device)
     if prompts.shape[0] == 1:
         prompts = prompts.expand(tokens.shape[0], -1)

@@ -6,6 +6,8 @@ For one image b with n causal context cells c_j (D,), K retrieved features e_k (
     w_k      = sigmoid(relu(hhat_k @ w1_t + b1) . w2 + b2)                 scalar
     blended  = (1 / K) sum_k w_k hhat_k                                    (D,)
 
+and the weighted candidates w_k hhat_k (K, D), which the official code hands to the next blender.
+
 Weights are stored input-major (``x @ W_t``) so a program reading a block of output columns reads
 contiguous rows. The Triton implementation (``_triton/faid.py``, op ``arrag_kernels::faid_blend_triton``)
 never materialises anything of size K x D x D.
@@ -50,8 +52,8 @@ def faid_blend_ref(cells, retrieved, taps_t, center_t, bias, w1_t, b1, w2, b2):
     ctx = torch.einsum("bnd,nde->be", cells.to(f), taps_t.to(f)) + bias.to(f)  # (B, D)
     hhat = ctx.unsqueeze(1) + retrieved.to(f) @ center_t.to(f)  # (B, K, D)
     w = torch.sigmoid(torch.relu(hhat @ w1_t.to(f) + b1.to(f)) @ w2.to(f) + b2.to(f))  # (B, K)
-    blended = (w.unsqueeze(-1) * hhat).mean(dim=1)
-    return blended.to(retrieved.dtype), hhat.to(retrieved.dtype)
+    weighted = w.unsqueeze(-1) * hhat
+    return weighted.mean(dim=1).to(retrieved.dtype), weighted.to(retrieved.dtype)
 
 
 faid_blend_dispatcher = OpDispatcher("faid_blend")
@@ -69,7 +71,7 @@ def faid_blend(cells, retrieved, taps_t, center_t, bias, w1_t, b1, w2, b2):
         bias: (D,) composed bias. w1_t (D, D), b1 (D,), w2 (D,), b2 (1,): the score MLP.
 
     Returns:
-        blended (B, D) and hhat (B, K, D), in ``retrieved``'s dtype.
+        blended (B, D) and the weighted candidates w_k hhat_k (B, K, D), in ``retrieved``'s dtype.
     """
     _check_faid_blend(cells, retrieved, taps_t, center_t, bias, w1_t, b1, w2, b2)
     return faid_blend_dispatcher(cells, retrieved, taps_t, center_t, bias, w1_t, b1, w2, b2)

@@ -3,7 +3,8 @@
 1. ``_faid_candidates_kernel``: the shared context term (one row, broadcast-reduce over the n*D
    context values) plus the centre term, one [K x D] x [D x BLOCK_N] tile product -> hhat;
 2. ``_faid_score_partial_kernel``: relu(hhat @ w1 + b1) . w2 partial sums per column block;
-3. ``_faid_mean_kernel``: sigmoid of the summed partials + b2, weighted mean over K.
+3. ``_faid_mean_kernel``: sigmoid of the summed partials + b2, weighted mean over K; the weighted
+   candidates w_k hhat_k overwrite hhat in place (each program reads and writes only its columns).
 
 Accumulation is fp32; nothing of size K x D x D is materialised.
 """
@@ -83,7 +84,8 @@ def _faid_score_partial_kernel(hhat, w1_t, b1, w2, partial, K, D, NB,
 @triton.jit
 def _faid_mean_kernel(hhat, partial, b2, out, K, D, NB,
                       KP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[b, cols] = (1/K) sum_k sigmoid(sum_blk partial[b, blk, k] + b2) * hhat[b, k, cols]."""
+    """hhat[b, k, cols] *= w_k and out[b, cols] = (1/K) sum_k hhat[b, k, cols] (after the scaling), with
+    w_k = sigmoid(sum_blk partial[b, blk, k] + b2)."""
     b = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < D
@@ -94,8 +96,11 @@ def _faid_mean_kernel(hhat, partial, b2, out, K, D, NB,
         logit += tl.load(partial + (b * NB + blk) * KP + rows)
     w = tl.sigmoid(logit + tl.load(b2).to(tl.float32))
     w = tl.where(row_ok, w, 0.0)
-    h = tl.load(hhat + (b * K + rows[:, None]) * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    res = tl.sum(w[:, None] * h.to(tl.float32), axis=0) / K
+    tile = (b * K + rows[:, None]) * D + cols[None, :]
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    weighted = w[:, None] * tl.load(hhat + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    tl.store(hhat + tile, weighted.to(hhat.dtype.element_ty), mask=tile_ok)
+    res = tl.sum(weighted, axis=0) / K
     tl.store(out + b * D + cols, res.to(out.dtype.element_ty), mask=col_ok)
 
 
@@ -104,7 +109,7 @@ def faid_blend_op(
     cells: torch.Tensor, retrieved: torch.Tensor, taps_t: torch.Tensor, center_t: torch.Tensor, bias: torch.Tensor,
     w1_t: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """See :func:`arrag_kernels.ops.faid_blend`; returns blended (B, D) and hhat (B, K, D)."""
+    """See :func:`arrag_kernels.ops.faid_blend`; returns blended (B, D) and w_k hhat_k (B, K, D)."""
     B, n, D = cells.shape
     K = retrieved.shape[1]
     KP = max(16, next_pow2(K))
