@@ -7,6 +7,7 @@ import arrag_kernels as ak
 from arrag_kernels.decoding import hf_image_generate
 from arrag_kernels.faid import (CheckpointError, FAiDBlenders, FAiDConfig, blend_literal, convert_official,
                                 load_blenders, load_official_checkpoint, save_blenders)
+from arrag_kernels.faid.modules import blender_input, retrieved_masks
 from arrag_kernels.models import tiny_prompt_ids
 from tests.utils import replay_without_host_sync
 
@@ -26,9 +27,9 @@ def db(tiny_model, tiny_images):
     return ak.PatchDatabase.build(tiny_images, tiny_model, progress=False)
 
 
-def _random_blenders(model, seed=0, scale=0.05):
+def _random_blenders(model, seed=0, scale=0.05, config=CFG):
     torch.manual_seed(seed)
-    blenders = FAiDBlenders.for_model(model, CFG)
+    blenders = FAiDBlenders.for_model(model, config)
     with torch.no_grad():
         for p in blenders.parameters():
             p.normal_(0, scale)
@@ -68,7 +69,8 @@ def test_random_blenders_change_output_and_unpatch_restores(tiny_model, db):
 
 
 class _LiteralFAiD:
-    """Test oracle: the official formulation on the full context map, no ring buffer, no composition."""
+    """Test oracle: the literal formulation on the full context map, no ring buffer, no composition
+    (the semantics, masks and chaining, are pinned to the official code in test_faid_official.py)."""
 
     def __init__(self, model, runtime, blenders):
         self.r, self.blenders = runtime, blenders
@@ -83,10 +85,10 @@ class _LiteralFAiD:
         H, W = self.r.grid
         if step == 0:
             self.maps = {i: torch.zeros(B, N, self.blenders.dim) for i in self.blenders.layer_ids}
-        self.step, self.B, self.feats = step, B, None
-        if self.r.retrieves_at[step]:
-            _, ids, _ = self.r.retriever.retrieve(tokens, step)
-            self.feats = self.r.adapter.embed_image_tokens(ids)
+        self.step, self.B = step, B
+        _, ids, valid = self.r.retriever.retrieve(tokens, step)  # every step, also where nothing is valid
+        self.feats = self.r.adapter.embed_image_tokens(ids.clamp_min(0))
+        self.keep, self.keep_chained = retrieved_masks(ids, valid, self.feats.dtype)
 
     def _capture(self, i):
         def hook(m, a, out):
@@ -96,14 +98,12 @@ class _LiteralFAiD:
 
     def _blend(self, i):
         def hook(m, a, out):
-            if self.feats is None:
-                return None
             H, W = self.r.grid
             layer = self.blenders.layer(i)
-            e = layer.retrieval_layernorm(self.feats).unsqueeze(1)
+            e = blender_input(layer, self.feats, self.keep).unsqueeze(1)
             pos = torch.full((self.B, 1), self.step)
-            blended, hhat = blend_literal(layer, self.maps[i].view(self.B, H, W, -1), pos, e)
-            self.feats = hhat[:, 0]
+            blended, weighted = blend_literal(layer, self.maps[i].view(self.B, H, W, -1), pos, e)
+            self.feats, self.keep = weighted[:, 0], self.keep_chained
             attn = out[0].clone()
             attn[: self.B, -1] += blended[:, 0]
             return (attn, *out[1:])
@@ -255,6 +255,32 @@ def test_official_checkpoint_loads_base_and_blenders(tiny_model, db, tmp_path):
         load_official_checkpoint(fresh, official, CFG)
 
 
+def test_single_hop_official_checkpoint_loads_and_generates(tiny_model, db, tmp_path):
+    """The official single-hop blender has no conv_weights: such a release loads (config inferred from the
+    tensors: hops (1,), k = 10), generates like the blenders it was written from, and converts."""
+    one_hop = FAiDConfig(k=10, hops=(1,), blenders=2)
+    blenders = _random_blenders(tiny_model, seed=8, scale=0.2, config=one_hop)
+    path = _write_official(tiny_model, blenders, tmp_path / "official.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+    assert "language_model.model.layers.0.blender.conv1.weight" in names
+    assert not any("conv_weights" in n for n in names)
+    with ak.patched(tiny_model, db, one_hop, blender_weights=blenders):
+        want = _generate(tiny_model)
+    fresh = ak.models.tiny_janus(seed=5)
+    loaded = load_official_checkpoint(fresh, path)
+    assert loaded.blenders.config == one_hop
+    with ak.patched(fresh, db, one_hop, blender_weights=loaded.blenders):
+        assert torch.equal(_generate(fresh), want)
+    ours = convert_official(path, tmp_path / "b.safetensors", num_layers=2, hidden_size=64)
+    assert load_blenders(ours, tiny_model).config == one_hop
+    # a file of an earlier version with a one-hop omega still loads (softmax over one hop is 1)
+    legacy = dict(blenders.state_dict(), **{f"layers.{i}.blender.conv_weights": torch.ones(1) for i in (0, 1)})
+    assert load_blenders(legacy, tiny_model, one_hop).state_dict().keys() == blenders.state_dict().keys()
+
+
 def test_bad_inputs(tiny_model, db, tmp_path):
     blenders = _random_blenders(tiny_model)
     sd = blenders.state_dict()
@@ -273,13 +299,16 @@ def test_bad_inputs(tiny_model, db, tmp_path):
                        blender_weights=FAiDBlenders.for_model(other, FAiDConfig(k=4, hops=(1,), blenders=1)))
     with pytest.raises(ValueError, match="blender_weights"):
         ak.patch_model(tiny_model, db, CFG)
+    big = FAiDConfig(k=len(db) + 1, hops=(1, 2), blenders=2)
+    with pytest.raises(ValueError, match=rf"FAiDConfig\.k = {len(db) + 1} is larger than the database"):
+        ak.patch_model(tiny_model, db, big, blender_weights=_random_blenders(tiny_model, config=big))
     assert not ak.is_patched(tiny_model)
 
 
 @pytest.mark.parametrize("daid", [False, True], ids=["faid", "daid+faid"])
 def test_static_loop_with_faid_equals_dynamic(tiny_model, db, daid):
-    """The static loop runs FAiD with the device step (every step blends, masked to zero where the
-    position does not retrieve); the dynamic loop skips those steps on the host: same tokens."""
+    """The static loop runs FAiD with the device step (every step retrieves; the retrieved features are
+    zeroed where the position has no key); the dynamic loop skips those searches on the host: same tokens."""
     cfg = (ak.DAiDConfig(lam=0.3, k=8), CFG) if daid else CFG
     plain = _generate(tiny_model)
     with ak.patched(tiny_model, db, cfg, blender_weights=_random_blenders(tiny_model, scale=0.3)):

@@ -31,6 +31,7 @@ from torch import nn
 
 import arrag_kernels as ak
 from arrag_kernels.faid import FAiDConfig
+from arrag_kernels.faid.train import FAiDTrainer
 from arrag_kernels.models import tiny_janus, tiny_prompt_ids
 
 K = 10
@@ -176,9 +177,9 @@ def official_decoder_layer(layer, parts, hidden_states, attention_mask, position
     return hidden_states, retrieved_features
 
 
-@torch.no_grad()
 def official_logits(model, parts, prompt_ids, uncond_ids, image_tokens, retrieved_codes):
-    """(2B, N, V) image-head logits of every image position: conditional rows, then unconditional.
+    """(2B, N, V) image-head logits of every image position: conditional rows, then unconditional
+    (only the B conditional rows when ``uncond_ids`` is None, as in official training).
 
     ``parts``: {layer index: BlenderParts}; ``retrieved_codes`` (B, N, K) with -1 for padding.
     """
@@ -186,9 +187,10 @@ def official_logits(model, parts, prompt_ids, uncond_ids, image_tokens, retrieve
     lm = inner.language_model
     B, N = image_tokens.shape
     P = prompt_ids.shape[1]
-    text_input_ids = torch.cat([prompt_ids, uncond_ids])
-    ground_truth_image_tokens = torch.cat([image_tokens, image_tokens])
-    retrieved_codes = torch.cat([retrieved_codes, retrieved_codes])
+    rows = 1 if uncond_ids is None else 2
+    text_input_ids = prompt_ids if uncond_ids is None else torch.cat([prompt_ids, uncond_ids])
+    ground_truth_image_tokens = image_tokens.repeat(rows, 1)
+    retrieved_codes = retrieved_codes.repeat(rows, 1, 1)
     # MultiModalityCausalLM.forward
     text_emb = lm.get_input_embeddings()(text_input_ids)
     final_img_emb = inner.generation_aligner(inner.generation_embeddings(ground_truth_image_tokens))
@@ -201,7 +203,7 @@ def official_logits(model, parts, prompt_ids, uncond_ids, image_tokens, retrieve
     T = input_embeds.shape[1]
     position_embeddings = lm.rotary_emb(input_embeds, torch.arange(T)[None])
     causal = torch.full((T, T), torch.finfo(input_embeds.dtype).min).triu(1)[None, None]
-    uncond_rows = torch.arange(2 * B) >= B
+    uncond_rows = torch.arange(rows * B) >= B
     hidden_states, retrieved_features = input_embeds, retrieved_emb_aligned
     for idx, layer in enumerate(lm.layers):
         hidden_states, retrieved_features = official_decoder_layer(
@@ -311,8 +313,9 @@ def test_logits_equal_official_every_position(model, db, hops, loop):
     padded = codes == -1
     assert (padded.any(-1) & ~padded.all(-1)).any() and padded.all(-1).any(), "want partly and fully padded steps"
     uncond = uncond_prompts(prompts, model.generation_config.pad_token_id)
-    want = official_logits(model, parts, prompts, uncond, tokens, codes)
-    plain = official_logits(model, {}, prompts, uncond, tokens, codes)
+    with torch.no_grad():
+        want = official_logits(model, parts, prompts, uncond, tokens, codes)
+        plain = official_logits(model, {}, prompts, uncond, tokens, codes)
 
     abs_err, rel_err = max_errors(ours, want)
     print(f"hops={hops} loop={loop}: max |ours - official| = {abs_err:.3g} (relative to max |logit|: {rel_err:.3g})")
@@ -331,3 +334,34 @@ def test_logits_equal_official_every_position(model, db, hops, loop):
     # greedy decoding of the official logits gives the same tokens
     guided = want[B:] + model.generation_config.guidance_scale * (want[:B] - want[B:])
     assert torch.equal(guided.argmax(-1), tokens)
+
+
+@pytest.mark.parametrize("formulation", ["dense", "literal"])
+def test_training_loss_and_gradients_equal_official(db, formulation):
+    """FAiDTrainer (both formulations) against the official training forward: same CE loss over all image
+    positions and the same gradient for every blender parameter (hops (1, 2), 2 blenders, K = 10, padded slots)."""
+    model = tiny_janus(seed=0, num_layers=NUM_LAYERS)  # own instance: the trainer freezes the base weights
+    parts = official_parts(model, (1, 2), seed=12)
+    config = FAiDConfig(k=K, hops=(1, 2), blenders=BLENDERS)
+    blenders = ak.faid.load_blenders(official_state_dict(parts), model, config)
+    with ak.use_backend("reference"):
+        trainer = FAiDTrainer(model, db, blenders, formulation=formulation)
+        pad_some_slots(trainer.retriever.db)
+        tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(5))
+        codes, valid = trainer.retrieve_all(tokens)
+        loss = trainer.loss(tiny_prompt_ids(2, seed=7), tokens, (codes, valid))
+    loss.backward()
+    padded = codes == -1
+    assert (padded.any(-1) & ~padded.all(-1)).any() and padded.all(-1).any()
+
+    logits = official_logits(model, parts, tiny_prompt_ids(2, seed=7), None, tokens, codes)
+    want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+    want.backward()
+    print(f"{formulation}: loss {loss.item():.6f} vs official {want.item():.6f}")
+    torch.testing.assert_close(loss, want, rtol=RTOL, atol=0)
+    theirs = {f"layers.{i}.{n}": p.grad for i, part in parts.items() for n, p in part.named_parameters()}
+    ours = {n: p.grad for n, p in blenders.named_parameters()}
+    assert ours.keys() == theirs.keys()
+    for n, g in theirs.items():
+        assert g.abs().max() > 0, n
+        torch.testing.assert_close(ours[n], g, rtol=1e-4, atol=1e-4 * g.abs().max().item(), msg=lambda m: f"{n}: {m}")

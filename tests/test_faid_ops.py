@@ -1,4 +1,5 @@
-"""FAiD blend math: affine fast path (reference and Triton) == the literal official formulation."""
+"""FAiD blend math: affine fast path (reference and Triton) == the literal official formulation, for the
+blend and for the weighted candidates w_k hhat_k the next blender reads."""
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ def _random_layer(D, hops, seed):
     torch.manual_seed(seed)
     layer = FAiDLayer(D, hops)
     with torch.no_grad():  # make every parameter matter (default conv_weights / norm are all ones)
-        layer.blender.conv_weights.normal_()
+        if len(hops) > 1:  # a single hop has no hop weights (official)
+            layer.blender.conv_weights.normal_()
         layer.retrieval_layernorm.weight.uniform_(0.5, 1.5)
     return layer.double()
 
@@ -47,12 +49,12 @@ def test_fast_equals_literal(D, hops, H, W, backend):
     positions = torch.tensor([[0, W - 1, W, H * W - 1], [W + 1, 2 * W - 1, (H - 1) * W, H * W // 2]])
     e = layer.retrieval_layernorm(torch.randn(B, 4, K, D, generator=g, dtype=torch.float64))
     with torch.no_grad():
-        want_blend, want_hhat = blend_literal(layer, context, positions, e)
+        want_blend, want_weighted = blend_literal(layer, context, positions, e)
         fast = ComposedBlender(layer.blender, torch.float32)
         cells = _gather_cells(context, positions, fast.offsets).float()
         with use_backend(backend):
-            got_blend, got_hhat = fast.blend(cells, e.flatten(0, 1).float().contiguous())
-    assert_close(got_hhat, want_hhat.flatten(0, 1), what=f"hhat ({backend})")
+            got_blend, got_weighted = fast.blend(cells, e.flatten(0, 1).float().contiguous())
+    assert_close(got_weighted, want_weighted.flatten(0, 1), what=f"w_k hhat_k ({backend})")
     assert_close(got_blend, want_blend.flatten(0, 1), what=f"blended ({backend})")
 
 
@@ -66,9 +68,9 @@ def test_dense_equals_literal_every_position(D, hops, H, W):
     e = torch.randn(B, H * W, K, D, generator=g, dtype=torch.float64)
     positions = torch.arange(H * W).expand(B, -1)
     with torch.no_grad():
-        want_blend, want_hhat = blend_literal(layer, context, positions, e)
-        got_blend, got_hhat = blend_dense(layer, context, e)
-    assert_close(got_hhat, want_hhat, what="hhat")
+        want_blend, want_weighted = blend_literal(layer, context, positions, e)
+        got_blend, got_weighted = blend_dense(layer, context, e)
+    assert_close(got_weighted, want_weighted, what="w_k hhat_k")
     assert_close(got_blend, want_blend, what="blended")
 
 
@@ -99,7 +101,7 @@ def test_faid_blend_triton_vs_ref(B, n, K, D, dtype):
     want = faid_blend_ref(*args)
     with use_backend("triton"):
         got = faid_blend(*args)
-    for g_, w_, name in zip(got, want, ("blended", "hhat")):
+    for g_, w_, name in zip(got, want, ("blended", "w_k hhat_k")):
         assert_close(g_, w_, dtype=dtype, what=f"{name} {dtype}")
 
 
@@ -125,10 +127,10 @@ def test_faid_blend_opcheck():
     r = lambda *s: (torch.randn(*s, generator=g) * 0.2).to(device)  # noqa: E731
     args = (r(B, n, D), r(B, K, D), r(n, D, D), r(D, D), r(D), r(D, D), r(D), r(D), r(1))
     torch.library.opcheck(op, args, test_utils=None if cuda else ("test_schema", "test_autograd_registration"))
-    blended, hhat = op(*args)
+    blended, weighted = op(*args)
     want = faid_blend_ref(*args)
     assert_close(blended, want[0], what="blended (registered op)")
-    assert_close(hhat, want[1], what="hhat (registered op)")
+    assert_close(weighted, want[1], what="w_k hhat_k (registered op)")
 
 
 def test_config_validation():

@@ -1,5 +1,7 @@
 """FAiD training on the tiny model: loss goes down, save/reload is exact, memory vs literal and with
-activation checkpointing."""
+activation checkpointing, index-only (imported official) databases, CLI errors."""
+
+import math
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from arrag_kernels.faid.train import (
     load_finetuned,
     save_finetuned,
     saved_activation_bytes,
+    train_faid,
 )
 from arrag_kernels.models import tiny_janus, tiny_prompt_ids
 
@@ -139,18 +142,23 @@ def test_lora_training_changes_only_lora_blenders_and_head(setup, tmp_path):
         load_finetuned(fresh, tmp_path / "tuned.safetensors")
 
 
+def _save_images(images, folder):
+    from PIL import Image
+
+    folder.mkdir()
+    for i, img in enumerate(images):
+        arr = ((img.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()
+        Image.fromarray(arr).save(folder / f"{i}.png")
+    return folder
+
+
 def test_cli_train_and_convert(tiny_images, tmp_path):
     """``train-faid`` on the tiny model, then ``convert`` of the result written in the official layout."""
-    from PIL import Image
     from safetensors.torch import load_file, save_file
 
     from arrag_kernels.cli import main
 
-    img_dir = tmp_path / "imgs"
-    img_dir.mkdir()
-    for i, img in enumerate(tiny_images[:4]):
-        arr = ((img.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()
-        Image.fromarray(arr).save(img_dir / f"{i}.png")
+    img_dir = _save_images(tiny_images[:4], tmp_path / "imgs")
     model = tiny_janus(seed=0)
     ak.PatchDatabase.build(img_dir, model, progress=False).save(tmp_path / "db")
     out = tmp_path / "b.safetensors"
@@ -167,3 +175,33 @@ def test_cli_train_and_convert(tiny_images, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert main(["convert", str(tmp_path / "official.safetensors"), "--out", str(tmp_path / "x.safetensors"),
                  "--num-layers", "2", "--hidden-size", "32"]) == 2  # wrong width: clear error, exit 2
+
+
+def test_train_on_index_only_databases(tiny_images, tmp_path, capsys):
+    """Databases without exact keys (an IVF-PQ build with keep_keys=False, an imported official release):
+    ``train_faid`` and ``train-faid`` retrieve through the index. ``--steps 0``: one-line error, no file."""
+    pytest.importorskip("faiss")
+    from arrag_kernels.cli import main
+
+    model = tiny_janus(seed=0)
+    img_dir = _save_images(tiny_images[:4], tmp_path / "imgs")
+    built = ak.PatchDatabase.build(tiny_images, model, index="ivfpq", path=tmp_path / "ivf", nlist=8, keep_keys=False,
+                                   nprobe=2, train_size=1000, progress=False)
+    assert built.keys is None
+    _, losses = train_faid(model, built, CFG, img_dir, tiny_prompt_ids(1), steps=2, batch_size=2, log=lambda _: None)
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+
+    # the released layout: faiss_ivf_pq_opq.index + next_codes.npy, imported and saved as a database
+    official = ak.PatchDatabase.from_official(tmp_path / "ivf", nprobe=4, codebook_size=512, grid=(8, 8),
+                                              patches_per_image=42)
+    assert official.keys is None
+    official.save(tmp_path / "imported")
+    args = ["train-faid", "--db", str(tmp_path / "imported"), "--images", str(img_dir), "--k", "4", "--batch-size", "2"]
+    with pytest.warns(UserWarning, match="different VQ codebook"):  # an imported release has no model fingerprint
+        assert main(args + ["--out", str(tmp_path / "b.safetensors"), "--steps", "1"]) == 0
+    assert (tmp_path / "b.safetensors").is_file()
+    capsys.readouterr()
+    assert main(args + ["--out", str(tmp_path / "zero.safetensors"), "--steps", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "arrag-kernels train-faid: error: steps: expected at least 1 training step, got 0"
+    assert not (tmp_path / "zero.safetensors").exists()
