@@ -115,7 +115,7 @@ def test_fast_decode_equals_literal_decode(tiny_model, db):
     blenders = _random_blenders(tiny_model, seed=1, scale=0.2)
     prompts = tiny_prompt_ids(2, seed=3)
     kw = dict(inputs=prompts, attention_mask=torch.ones_like(prompts), generation_mode="image", do_sample=False)
-    with ak.patched(tiny_model, db, CFG, blender_weights=blenders) as handle, ak.use_backend("auto"):  # Triton faid_blend
+    with ak.patched(tiny_model, db, CFG, blender_weights=blenders) as handle, ak.use_backend("auto"):  # Triton on CUDA
         fast = handle.generate_images(**kw)
         runtime = handle.faid
         runtime.remove()  # keep the retrieval state, drop the fast hooks
