@@ -302,12 +302,13 @@ def max_errors(got, want):
 
 # The decodes use the reference faid_blend: the Triton kernel interpreted on CPU takes minutes for a
 # whole decode; test_faid_ops.py checks it against the reference (blend and weighted candidates).
-CASES = [((1,), "dynamic"), ((1,), "static"), ((1, 2), "dynamic"), ((1, 2), "static")]
+CASES = [((1,), "dynamic"), ((1,), "static"), ((1, 2), "dynamic"), ((1, 2), "static"), ((3,), "static"),
+         ((1, 2, 3), "dynamic")]
 
 
 @pytest.mark.parametrize("hops,loop", CASES, ids=lambda v: "hops" + "".join(map(str, v)) if isinstance(v, tuple) else v)
 def test_logits_equal_official_every_position(model, db, hops, loop):
-    """hops (1,) and (1, 2), 2 blenders (layer 1 between them: chaining passes through it), K = 10 with
+    """hops (1,), (1, 2), (3,), (1, 2, 3), 2 blenders (layer 1 between them: chaining passes through it), K = 10 with
     partly and fully padded steps, all 64 positions (row 0, column 0, last column), both CFG rows."""
     prompts = tiny_prompt_ids(2, seed=7)
     parts = official_parts(model, hops, seed=11)
