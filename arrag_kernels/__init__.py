@@ -12,6 +12,7 @@ Quick start::
 from .config import DAiDConfig, KeyLayout
 from .decoding import DAiDSampler, DecodeStats, decode_image_tokens
 from .faid import FAiDConfig
+from .models import register_adapter
 from .ops import use_backend
 from .patching import PatchHandle, is_patched, patch_model, patched, unpatch_model
 from .retrieval import DatabaseError, PatchDatabase
@@ -31,6 +32,7 @@ __all__ = [
     "is_patched",
     "patch_model",
     "patched",
+    "register_adapter",
     "unpatch_model",
     "use_backend",
 ]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..config import KeyLayout
-from ..models import get_adapter
+from ..models import as_tokenizer
 from ..ops import feature_neighbor_keys
 from . import ivfpq_build
 from .faiss_index import INDEX_FILE, VALUES_FILE, IndexFormatError, import_faiss, inner_ivfpq, set_nprobe, validate_ivfpq
@@ -214,7 +214,8 @@ class PatchDatabase:
         Args:
             images: a folder (searched recursively), a list of paths or PIL images, or a float tensor
                 (B, 3, H, W) in [-1, 1]. Images are centre-cropped and resized to the model's size.
-            model: a supported model (e.g. HF ``JanusForConditionalGeneration``) or its adapter.
+            model: a supported model (e.g. HF ``JanusForConditionalGeneration``), its adapter, or any
+                :class:`arrag_kernels.models.ImageTokenizer`.
             neighborhood, hops, border: the key layout, see :class:`arrag_kernels.KeyLayout`.
             key_source: "latent" (official: pre-quantisation encoder latents, L2-normalised per cell)
                 or "codebook" (normalised codebook vectors of the patches' token ids, exactly what
@@ -238,7 +239,7 @@ class PatchDatabase:
             raise ValueError(f"index: expected one of {INDEX_TYPES}, got {index!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        adapter = model if hasattr(model, "encode") and hasattr(model, "grid") else get_adapter(model)
+        adapter = as_tokenizer(model)
         count, source = normalise_image_source(images)
         codebook = adapter.codebook().float()
 
