@@ -19,8 +19,18 @@ from .retrieval import DatabaseError, PatchDatabase
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    if name == "DAiDLogitsProcessor":  # imported on first use: it loads transformers' generation module
+        from .logits import DAiDLogitsProcessor
+
+        return DAiDLogitsProcessor
+    raise AttributeError(f"module 'arrag_kernels' has no attribute {name!r}")
+
+
 __all__ = [
     "DAiDConfig",
+    "DAiDLogitsProcessor",
     "DAiDSampler",
     "DatabaseError",
     "DecodeStats",
