@@ -6,11 +6,13 @@ from typing import Callable
 
 from .base import (ImageDecoder, ImageTokenizer, ModelAdapter, check_protocol, codebook_fingerprint,
                    protocol_members)
+from .emu3 import Emu3Adapter
 from .janus import JanusAdapter
 from .tiny import tiny_janus, tiny_janus_config, tiny_prompt_ids
 
 # model_type -> factory(model) -> adapter. Extend with register_adapter, not by editing this dict.
-ADAPTERS: dict[str, Callable] = {JanusAdapter.model_type: JanusAdapter}
+# Emu3's adapter has the tokenizer side only (DAiD runs in its own generate through a logits processor).
+ADAPTERS: dict[str, Callable] = {JanusAdapter.model_type: JanusAdapter, Emu3Adapter.model_type: Emu3Adapter}
 
 
 def register_adapter(model_type: str, factory: Callable, replace: bool = False) -> None:
@@ -31,8 +33,8 @@ def register_adapter(model_type: str, factory: Callable, replace: bool = False) 
     ADAPTERS[model_type] = factory
 
 
-def get_adapter(model) -> ModelAdapter:
-    """The checked adapter of ``model``'s family; raises listing the supported families otherwise."""
+def get_adapter(model, protocol: type = ModelAdapter):
+    """The adapter of ``model``'s family, checked against ``protocol``; raises listing the supported families otherwise."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ADAPTERS:
         raise TypeError(
@@ -40,18 +42,25 @@ def get_adapter(model) -> ModelAdapter:
             f"with config.model_type={model_type!r}; add yours with arrag_kernels.register_adapter(model_type, factory)"
         )
     adapter = ADAPTERS[model_type](model)
-    return check_protocol(adapter, ModelAdapter, f"the adapter for model_type {model_type!r} ({type(adapter).__name__})")
+    try:
+        return check_protocol(adapter, protocol, f"the adapter for model_type {model_type!r} ({type(adapter).__name__})")
+    except TypeError as e:
+        if not hasattr(adapter, "logits_processor"):
+            raise
+        raise TypeError(f"{e}. This family has no library decode loop: run DAiD inside the model's own generate "
+                        "with arrag_kernels.models.get_adapter(model, ImageTokenizer).logits_processor(db, config)") from None
 
 
 def as_tokenizer(model_or_tokenizer) -> ImageTokenizer:
     """A registered model's adapter, or ``model_or_tokenizer`` itself if it is not a model (checked)."""
     if hasattr(model_or_tokenizer, "config"):  # a model: look up its family
-        return get_adapter(model_or_tokenizer)
+        return get_adapter(model_or_tokenizer, ImageTokenizer)
     return check_protocol(model_or_tokenizer, ImageTokenizer)
 
 
 __all__ = [
     "ADAPTERS",
+    "Emu3Adapter",
     "ImageDecoder",
     "ImageTokenizer",
     "JanusAdapter",

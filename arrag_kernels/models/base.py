@@ -94,6 +94,8 @@ def check_protocol(obj, protocol: type, what: str | None = None):
         except AttributeError:  # also a property that raises AttributeError
             missing.append(name + ("()" if is_method else ""))
             continue
+        except Exception:  # present, but its value needs more set-up (e.g. a grid): reported when it is used
+            continue
         if is_method and not callable(value):
             not_callable.append(name)
     if missing or not_callable:
