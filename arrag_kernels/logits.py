@@ -19,7 +19,7 @@ import torch
 from transformers import LogitsProcessor
 
 from .config import DAiDConfig
-from .ops import daid_mix, neighbor_keys, retrieval_positions
+from .ops import daid_mix, neighbor_keys
 from .ops.daid import top_k_top_p_filter_ref
 
 
@@ -83,7 +83,6 @@ class DAiDLogitsProcessor(LogitsProcessor):
         self.temperature, self.top_k, self.top_p = float(temperature), top_k, float(top_p)
         self.grid = tuple(m.grid)
         self.row_len = self.grid[1] + (eol_token_id is not None)
-        self.retrieves = retrieval_positions(self.grid, m.layout)
         self._vocab_to_code = None
 
     def _image_state(self, input_ids: torch.Tensor):
@@ -119,7 +118,6 @@ class DAiDLogitsProcessor(LogitsProcessor):
             self.db = self.db.to(device)
             self.code_to_vocab = self.code_to_vocab.to(device)
             self.codebook = self.codebook.to(device)
-            self.retrieves = self.retrieves.to(device)
             self._vocab_to_code = torch.full((V,), -1, dtype=torch.long, device=device)
             self._vocab_to_code[self.code_to_vocab] = torch.arange(len(self.code_to_vocab), device=device)
         state = self._image_state(input_ids)
@@ -136,7 +134,7 @@ class DAiDLogitsProcessor(LogitsProcessor):
         queries, valid = neighbor_keys(tokens, self.codebook, step, self.grid, self.db.meta.layout)
         dist, codes = self.db.retrieve(queries, self.config.k)
         hit_ids = torch.where(codes >= 0, self.code_to_vocab[codes.clamp_min(0)], -1)
-        active = in_image & valid & self.retrieves[step]
+        active = in_image & valid  # valid: the cell has a database key (border policy)
         c = self.config
         merged = daid_mix(probs, dist, hit_ids, active, c.lam, c.tau, c.dedup)
         return torch.where(in_image[:, None], merged.log().to(scores.dtype), scores)
