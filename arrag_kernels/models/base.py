@@ -45,6 +45,12 @@ class ImageDecoder(Protocol):
 
     grid: tuple[int, int]  # (H, W): the loop generates H * W tokens in raster order
 
+    def cfg_inputs(self, input_ids: torch.Tensor, generation_config: Any) -> torch.Tensor:
+        """(B, S) prompt ids -> (2B, S, D) input embeddings: conditional rows, then the unconditional ones.
+
+        ``generation_config`` is HF's prepared ``GenerationConfig`` (special token ids, kwargs).
+        """
+
     def new_cache(self) -> Any:
         """A fresh KV cache for :meth:`step` (dynamic loop)."""
 
