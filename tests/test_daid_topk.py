@@ -139,3 +139,18 @@ def test_static_loop_fuses_top_k_top_p(tiny_model, tiny_images, monkeypatch):
     fused = run()
     monkeypatch.setattr(hf_generate, "fusable_cfg", lambda processors: None)  # HF's warpers, then the op unfiltered
     assert torch.equal(fused, run())
+
+
+@pytest.mark.skipif(not _ext.HAS_EXT, reason=f"C++ extension not built: {_ext.EXT_ERROR}")
+@pytest.mark.parametrize("top_k,top_p", [(7, 1.0), (0, 0.6), (30, 0.85)])
+def test_cpp_filtered_probabilities_match_reference(top_k, top_p):
+    from tests.utils import assert_close
+
+    logits, dist, tokens, active, uniforms = [t.cpu() for t in _inputs(5, 97, 13, 4.0, seed=top_k)]
+    _, probs = _ext._C.daid_sample(
+        logits.numpy(), dist.numpy(), tokens.numpy(), active.numpy(), uniforms.numpy(), guidance_scale=4.0,
+        temperature=0.7, lam=0.3, tau=0.6, dedup="nearest", return_probs=True, top_k=top_k, top_p=top_p)
+    want = _merged(logits, dist, tokens, active, guidance_scale=4.0, temperature=0.7, lam=0.3, tau=0.6,
+                   dedup="nearest", top_k=top_k, top_p=top_p)
+    assert torch.equal(torch.from_numpy(probs) > 0, want > 0), "kept sets differ"
+    assert_close(torch.from_numpy(probs), want, what=f"filtered DAiD probabilities (top_k={top_k}, top_p={top_p})")
