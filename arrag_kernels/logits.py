@@ -79,7 +79,6 @@ class DAiDLogitsProcessor(LogitsProcessor):
         self.codebook = codebook.detach().float()
         self.image_start = int(image_start_token_id)
         self.code_to_vocab = image_token_ids.long()
-        self.eol = eol_token_id
         self.temperature, self.top_k, self.top_p = float(temperature), top_k, float(top_p)
         self.grid = tuple(m.grid)
         self.row_len = self.grid[1] + (eol_token_id is not None)
