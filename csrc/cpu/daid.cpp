@@ -3,8 +3,8 @@
 #include <cmath>
 #include <functional>
 #include <limits>
-#include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -16,7 +16,7 @@ namespace {
 // scores become -inf. top-k keeps s >= the k-th largest (ties kept); top-p removes, in ascending
 // order, the scores whose cumulative softmax mass is <= 1 - top_p, never the largest.
 void filter_top_k_top_p(float* s, int64_t vocab, int64_t top_k, float top_p, std::vector<float>& scratch,
-                        std::vector<int64_t>& order) {
+                        std::vector<std::pair<float, int64_t>>& order) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   if (top_k > 0 && top_k < vocab) {
     scratch.assign(s, s + vocab);
@@ -26,26 +26,29 @@ void filter_top_k_top_p(float* s, int64_t vocab, int64_t top_k, float top_p, std
       if (s[v] < kth) s[v] = neg_inf;
   }
   if (top_p < 1.0f) {
-    order.resize(vocab);
-    std::iota(order.begin(), order.end(), int64_t{0});
-    std::sort(order.begin(), order.end(), [s](int64_t a, int64_t b) { return s[a] < s[b]; });
-    const float mx = s[order[vocab - 1]];
+    // Only finite scores need ordering: removed (-inf) ones add zero mass at the front of HF's ascending order.
+    order.clear();
+    for (int64_t v = 0; v < vocab; ++v)
+      if (s[v] > neg_inf) order.emplace_back(s[v], v);
+    if (order.empty()) return;
+    std::sort(order.begin(), order.end());
+    const float mx = order.back().first;
     float sum = 0.0f;
-    for (int64_t v = 0; v < vocab; ++v) sum += std::exp(s[v] - mx);
+    for (const auto& e : order) sum += std::exp(e.first - mx);
     // like torch: fp32 softmax, cumsum accumulated in double and rounded per prefix, fp32 threshold
     const float limit = static_cast<float>(1.0 - static_cast<double>(top_p));
     double cum = 0.0;
-    for (int64_t i = 0; i + 1 < vocab; ++i) {
-      cum += std::exp(s[order[i]] - mx) / sum;
+    for (size_t i = 0; i + 1 < order.size(); ++i) {
+      cum += std::exp(order[i].first - mx) / sum;
       if (static_cast<float>(cum) > limit) break;
-      s[order[i]] = neg_inf;
+      s[order[i].second] = neg_inf;
     }
   }
 }
 
 // p_model for one row, written to p (vocab floats).
 void model_probs(const float* lc, const float* lu, int64_t vocab, float w, float temperature, int64_t top_k,
-                 float top_p, float* p, std::vector<float>& scratch, std::vector<int64_t>& order) {
+                 float top_p, float* p, std::vector<float>& scratch, std::vector<std::pair<float, int64_t>>& order) {
   float mx = -std::numeric_limits<float>::infinity();
   if (lu != nullptr) {
     for (int64_t v = 0; v < vocab; ++v) {
@@ -144,7 +147,8 @@ void daid_sample(const float* logits, int64_t batch, int64_t vocab, bool cfg, co
   {
     std::vector<float> row_probs(probs_out == nullptr ? vocab : 0);
     std::vector<float> best, scratch;
-    std::vector<int64_t> touched, order;
+    std::vector<int64_t> touched;
+    std::vector<std::pair<float, int64_t>> order;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < batch; ++b) {
       float* p = probs_out != nullptr ? probs_out + b * vocab : row_probs.data();
