@@ -81,7 +81,8 @@ def test_square_grid_builds_from_images_through_the_registry(setup):
     square = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * 2 - 1
     built = ak.PatchDatabase.build(square, Emu3Adapter(model, grid=(4, 4)), progress=False)
     latents, tokens = Emu3Adapter(model, grid=(4, 4)).encode(square)
-    from_latents = ak.PatchDatabase.from_latents(latents, tokens, Emu3Adapter(model).codebook(), fingerprint=built.meta.model_fingerprint)
+    from_latents = ak.PatchDatabase.from_latents(latents, tokens, Emu3Adapter(model).codebook(),
+                                                 fingerprint=built.meta.model_fingerprint)
     assert torch.equal(built.keys, from_latents.keys) and torch.equal(built.values, from_latents.values)
     assert built.meta == from_latents.meta
     with pytest.raises(ValueError, match="chooses the image grid per call"):

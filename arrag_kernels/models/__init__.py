@@ -24,7 +24,8 @@ def register_adapter(model_type: str, factory: Callable, replace: bool = False) 
     if not isinstance(model_type, str) or not model_type:
         raise TypeError(f"register_adapter: model_type must be a non-empty str (a config.model_type), got {model_type!r}")
     if not callable(factory):
-        raise TypeError(f"register_adapter: factory must be callable as factory(model) -> adapter, got {type(factory).__name__}")
+        raise TypeError("register_adapter: factory must be callable as factory(model) -> adapter, "
+                        f"got {type(factory).__name__}")
     if model_type in ADAPTERS and not replace and ADAPTERS[model_type] is not factory:
         raise ValueError(
             f"register_adapter: model_type {model_type!r} already has the adapter {ADAPTERS[model_type]!r}; "

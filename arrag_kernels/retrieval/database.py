@@ -338,8 +338,9 @@ class PatchDatabase:
         """
         codebook = _check_codebook(codebook)
         _check_token_grids(tokens, codebook.shape[0])
-        if not (torch.is_tensor(latents) and latents.is_floating_point()) or latents.shape != (*tokens.shape, codebook.shape[1]):
-            raise ValueError(f"latents: expected a float tensor (N, H, W, d) = {(*tokens.shape, codebook.shape[1])} "
+        expected = (*tokens.shape, codebook.shape[1])
+        if not (torch.is_tensor(latents) and latents.is_floating_point()) or latents.shape != expected:
+            raise ValueError(f"latents: expected a float tensor (N, H, W, d) = {expected} "
                              f"matching tokens and the codebook width, got {getattr(latents, 'dtype', type(latents))} "
                              f"{tuple(getattr(latents, 'shape', ()))}")
         return cls._from_grids(lambda lo, hi: latents[lo:hi], tokens, codebook, "latent",
