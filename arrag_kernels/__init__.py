@@ -12,14 +12,25 @@ Quick start::
 from .config import DAiDConfig, KeyLayout
 from .decoding import DAiDSampler, DecodeStats, decode_image_tokens
 from .faid import FAiDConfig
+from .models import register_adapter
 from .ops import use_backend
 from .patching import PatchHandle, is_patched, patch_model, patched, unpatch_model
 from .retrieval import DatabaseError, PatchDatabase
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    if name == "DAiDLogitsProcessor":  # imported on first use: it loads transformers' generation module
+        from .logits import DAiDLogitsProcessor
+
+        return DAiDLogitsProcessor
+    raise AttributeError(f"module 'arrag_kernels' has no attribute {name!r}")
+
+
 __all__ = [
     "DAiDConfig",
+    "DAiDLogitsProcessor",
     "DAiDSampler",
     "DatabaseError",
     "DecodeStats",
@@ -31,6 +42,7 @@ __all__ = [
     "is_patched",
     "patch_model",
     "patched",
+    "register_adapter",
     "unpatch_model",
     "use_backend",
 ]

@@ -92,14 +92,7 @@ def hf_image_generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
 
-    # CFG rows: the unconditional prompt keeps only BOS and begin-of-image, the rest is padding.
-    input_tokens = input_ids.repeat(2, 1)
-    boi = generation_config.generation_kwargs.get("boi_token_id")
-    if boi is None:
-        raise ValueError("image generation needs generation_config.generation_kwargs['boi_token_id']")
-    uncond = input_tokens[batch_size:]
-    uncond.masked_fill_((uncond != generation_config.bos_token_id) & (uncond != boi), generation_config.pad_token_id)
-    inputs_embeds = model.get_input_embeddings()(input_tokens)
+    inputs_embeds = decoder.cfg_inputs(input_ids, generation_config)  # the family's [cond; uncond] prompt rows
 
     def process_logits(scores):
         if not use_cfg:

@@ -43,22 +43,32 @@ class StaticKVCache:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
-def fusable_cfg(processors) -> tuple[float, float] | None:
-    """(guidance_scale, temperature) if a HF logits-processor list is only CFG and temperature, else None.
+def fusable_cfg(processors) -> tuple[float, float, int, float] | None:
+    """(guidance_scale, temperature, top_k, top_p) if a HF logits-processor list is only CFG, temperature,
+    top-k and top-p in HF's order (each at most once, default filter value and min_tokens_to_keep), else None.
 
-    Then CFG and temperature run inside the fused sampling op instead of as separate kernels.
+    Then they run inside the fused sampling op instead of as separate kernels (top_k 0 / top_p 1: off).
     """
-    from transformers.generation import ClassifierFreeGuidanceLogitsProcessor, TemperatureLogitsWarper
+    from transformers.generation import (ClassifierFreeGuidanceLogitsProcessor, TemperatureLogitsWarper,
+                                         TopKLogitsWarper, TopPLogitsWarper)
 
-    guidance, temperature = None, 1.0
+    order = (ClassifierFreeGuidanceLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+    found = {}
     for p in processors:
-        if isinstance(p, ClassifierFreeGuidanceLogitsProcessor) and guidance is None:
-            guidance = float(p.guidance_scale)
-        elif isinstance(p, TemperatureLogitsWarper):
-            temperature *= float(p.temperature)
-        else:
+        kind = type(p)
+        if kind not in order or any(order.index(k) >= order.index(kind) for k in found):
+            return None  # another processor, a repeat, or out of HF's order
+        if kind in (TopKLogitsWarper, TopPLogitsWarper) and (p.filter_value != float("-inf") or p.min_tokens_to_keep != 1):
             return None
-    return (guidance, temperature) if guidance is not None else None
+        found[kind] = p
+    if ClassifierFreeGuidanceLogitsProcessor not in found:
+        return None
+    return (
+        float(found[ClassifierFreeGuidanceLogitsProcessor].guidance_scale),
+        float(found[TemperatureLogitsWarper].temperature) if TemperatureLogitsWarper in found else 1.0,
+        int(found[TopKLogitsWarper].top_k) if TopKLogitsWarper in found else 0,
+        float(found[TopPLogitsWarper].top_p) if TopPLogitsWarper in found else 1.0,
+    )
 
 
 class StaticImageDecoder:
@@ -67,8 +77,8 @@ class StaticImageDecoder:
     Args:
         decoder: an :class:`arrag_kernels.models.ImageDecoder` with ``kv_spec()``.
         process_logits: (2B, V) head logits -> (B, V) processed logits.
-        fused_cfg: (guidance_scale, temperature) when ``process_logits`` is exactly that (see
-            :func:`fusable_cfg`): the sampling op then applies them to the raw logits itself.
+        fused_cfg: (guidance_scale, temperature[, top_k, top_p]) when ``process_logits`` is exactly
+            that (see :func:`fusable_cfg`): the sampling op then applies them to the raw logits itself.
         daid: optional :class:`arrag_kernels.decoding.DAiDSampler`.
         faid: optional :class:`arrag_kernels.faid.FAiDRuntime` (or any state with its ``begin_step``
             accepting a device step tensor).
@@ -110,9 +120,9 @@ class StaticImageDecoder:
     def _select(self, hidden, hits):
         logits = self.decoder.image_logits(hidden)
         if self.fused is not None:
-            guidance, temperature = self.fused
+            guidance, temperature, top_k, top_p = (*self.fused, 0, 1.0)[:4]
         else:
-            logits, guidance, temperature = self.process_logits(logits), None, 1.0
+            logits, guidance, temperature, top_k, top_p = self.process_logits(logits), None, 1.0, 0, 1.0
         if self.daid is not None:
             c = self.daid.config
             lam, tau, dedup = c.lam, c.tau, c.dedup
@@ -122,7 +132,7 @@ class StaticImageDecoder:
             torch.cuda.current_stream(self.side.device).wait_stream(self.side)
         u = None if self.uniforms is None else self.uniforms.index_select(0, self.step).squeeze(0)
         next_token = daid_sample(logits, *hits, u, guidance_scale=guidance, temperature=temperature,
-                                 lam=lam, tau=tau, dedup=dedup)
+                                 lam=lam, tau=tau, dedup=dedup, top_k=top_k, top_p=top_p)
         self.tokens.index_copy_(1, self.step, next_token.unsqueeze(1))
         self.embeds.copy_(self.decoder.embed_image_tokens(torch.cat([next_token, next_token]).unsqueeze(-1)))
 

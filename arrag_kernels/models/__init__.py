@@ -1,32 +1,77 @@
-"""Model adapters, looked up by ``model.config.model_type``."""
+"""Model adapters, looked up by ``model.config.model_type`` in a registry that users extend."""
 
 from __future__ import annotations
 
-from .base import ImageDecoder, ImageTokenizer, codebook_fingerprint
+from typing import Callable
+
+from .base import (ImageDecoder, ImageTokenizer, ModelAdapter, check_protocol, codebook_fingerprint,
+                   protocol_members)
+from .emu3 import Emu3Adapter
 from .janus import JanusAdapter
 from .tiny import tiny_janus, tiny_janus_config, tiny_prompt_ids
 
-ADAPTERS = {JanusAdapter.model_type: JanusAdapter}
+# model_type -> factory(model) -> adapter. Extend with register_adapter, not by editing this dict.
+# Emu3's adapter has the tokenizer side only (DAiD runs in its own generate through a logits processor).
+ADAPTERS: dict[str, Callable] = {JanusAdapter.model_type: JanusAdapter, Emu3Adapter.model_type: Emu3Adapter}
 
 
-def get_adapter(model):
-    """The adapter of ``model``'s family; raises listing the supported families otherwise."""
+def register_adapter(model_type: str, factory: Callable, replace: bool = False) -> None:
+    """Make ``patch_model``, ``PatchDatabase.build`` etc. accept models with ``config.model_type == model_type``.
+
+    ``factory(model)`` returns an object implementing :class:`ModelAdapter` (checked when it is
+    built). Registering a taken ``model_type`` raises unless ``replace=True``.
+    """
+    if not isinstance(model_type, str) or not model_type:
+        raise TypeError(f"register_adapter: model_type must be a non-empty str (a config.model_type), got {model_type!r}")
+    if not callable(factory):
+        raise TypeError("register_adapter: factory must be callable as factory(model) -> adapter, "
+                        f"got {type(factory).__name__}")
+    if model_type in ADAPTERS and not replace and ADAPTERS[model_type] is not factory:
+        raise ValueError(
+            f"register_adapter: model_type {model_type!r} already has the adapter {ADAPTERS[model_type]!r}; "
+            "pass replace=True to override it"
+        )
+    ADAPTERS[model_type] = factory
+
+
+def get_adapter(model, protocol: type = ModelAdapter):
+    """The adapter of ``model``'s family, checked against ``protocol``; raises listing the supported families otherwise."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in ADAPTERS:
         raise TypeError(
             f"arrag_kernels supports model types {sorted(ADAPTERS)}, got {type(model).__name__} "
-            f"with config.model_type={model_type!r}"
+            f"with config.model_type={model_type!r}; add yours with arrag_kernels.register_adapter(model_type, factory)"
         )
-    return ADAPTERS[model_type](model)
+    adapter = ADAPTERS[model_type](model)
+    try:
+        return check_protocol(adapter, protocol, f"the adapter for model_type {model_type!r} ({type(adapter).__name__})")
+    except TypeError as e:
+        if not hasattr(adapter, "logits_processor"):
+            raise
+        raise TypeError(f"{e}. This family has no library decode loop: run DAiD inside the model's own generate "
+                        "with arrag_kernels.models.get_adapter(model, ImageTokenizer).logits_processor(db, config)") from None
+
+
+def as_tokenizer(model_or_tokenizer) -> ImageTokenizer:
+    """A registered model's adapter, or ``model_or_tokenizer`` itself if it is not a model (checked)."""
+    if hasattr(model_or_tokenizer, "config"):  # a model: look up its family
+        return get_adapter(model_or_tokenizer, ImageTokenizer)
+    return check_protocol(model_or_tokenizer, ImageTokenizer)
 
 
 __all__ = [
     "ADAPTERS",
+    "Emu3Adapter",
     "ImageDecoder",
     "ImageTokenizer",
     "JanusAdapter",
+    "ModelAdapter",
+    "as_tokenizer",
+    "check_protocol",
     "codebook_fingerprint",
     "get_adapter",
+    "protocol_members",
+    "register_adapter",
     "tiny_janus",
     "tiny_janus_config",
     "tiny_prompt_ids",

@@ -3,7 +3,12 @@
 An adapter tells the library where a model family keeps the pieces AR-RAG needs: the VQ tokenizer
 (to build databases and to turn generated tokens into queries) and the decoding pieces (one KV-cached
 language-model step, the image head, the next-input embedding). Supporting a new generator means
-writing one adapter; ops, databases and the decode loop stay untouched.
+writing one adapter and registering it (:func:`arrag_kernels.register_adapter`); ops, databases and
+the decode loop stay untouched.
+
+The protocols list every member the library calls; :func:`check_protocol` verifies an object
+against one and names all missing members in a single error. Any object with these members works:
+no base class is needed.
 """
 
 from __future__ import annotations
@@ -16,15 +21,19 @@ import torch
 
 @runtime_checkable
 class ImageTokenizer(Protocol):
-    """What database building and query construction need from a model."""
+    """What database building, query construction and DAiD need from a model's VQ tokenizer."""
 
     grid: tuple[int, int]  # (H, W) image tokens per image
     codebook_size: int
     embed_dim: int  # width of one codebook vector
     image_size: int  # pixels per side expected by the encoder
+    device: torch.device  # where the codebook and the encoder live (default device of retrieval)
 
     def codebook(self) -> torch.Tensor:
         """(V, d) L2-normalised codebook rows: what a generated token contributes to a query."""
+
+    def fingerprint(self) -> str:
+        """Short hash of the codebook (see :func:`codebook_fingerprint`), stored in databases."""
 
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, S, S) in [-1, 1] -> (latents (B, H, W, d) L2-normalised per cell, tokens (B, H, W))."""
@@ -32,9 +41,18 @@ class ImageTokenizer(Protocol):
 
 @runtime_checkable
 class ImageDecoder(Protocol):
-    """What the KV-cached decode loop needs from a model (CFG rows doubled: [cond; uncond])."""
+    """What the KV-cached decode loops need from a model (CFG rows doubled: [cond; uncond])."""
 
-    def new_cache(self) -> Any: ...
+    grid: tuple[int, int]  # (H, W): the loop generates H * W tokens in raster order
+
+    def cfg_inputs(self, input_ids: torch.Tensor, generation_config: Any) -> torch.Tensor:
+        """(B, S) prompt ids -> (2B, S, D) input embeddings: conditional rows, then the unconditional ones.
+
+        ``generation_config`` is HF's prepared ``GenerationConfig`` (special token ids, kwargs).
+        """
+
+    def new_cache(self) -> Any:
+        """A fresh KV cache for :meth:`step` (dynamic loop)."""
 
     def step(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
              position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,6 +70,48 @@ class ImageDecoder(Protocol):
 
     def embed_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(2B, 1) token ids -> (2B, 1, D) next-step input embeddings."""
+
+
+@runtime_checkable
+class ModelAdapter(ImageTokenizer, ImageDecoder, Protocol):
+    """A full adapter, what :func:`arrag_kernels.register_adapter` factories return: both protocols."""
+
+
+def protocol_members(protocol: type) -> dict[str, bool]:
+    """{member name: is it a method} for a protocol class and the protocols it extends."""
+    members: dict[str, bool] = {}
+    for cls in protocol.__mro__:
+        if cls in (object, Protocol) or not getattr(cls, "_is_protocol", False):
+            continue
+        for name in vars(cls).get("__annotations__", {}):
+            members.setdefault(name, False)
+        for name, value in vars(cls).items():
+            if not name.startswith("_") and callable(value):
+                members.setdefault(name, True)
+    return members
+
+
+def check_protocol(obj, protocol: type, what: str | None = None):
+    """Return ``obj`` if it has every member of ``protocol``; otherwise raise one TypeError naming them all."""
+    missing, not_callable = [], []
+    for name, is_method in protocol_members(protocol).items():
+        try:
+            value = getattr(obj, name)
+        except AttributeError:  # also a property that raises AttributeError
+            missing.append(name + ("()" if is_method else ""))
+            continue
+        except Exception:  # present, but its value needs more set-up (e.g. a grid): reported when it is used
+            continue
+        if is_method and not callable(value):
+            not_callable.append(name)
+    if missing or not_callable:
+        problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"not callable: {', '.join(not_callable)}"] if not_callable else [])
+        raise TypeError(
+            f"{what or type(obj).__name__} does not implement arrag_kernels.models.{protocol.__name__}: "
+            f"{'; '.join(problems)}. Add these members (see the {protocol.__name__} docstrings)"
+        )
+    return obj
 
 
 def codebook_fingerprint(codebook: torch.Tensor) -> str:

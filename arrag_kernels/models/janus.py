@@ -71,6 +71,19 @@ class JanusAdapter:
         )
         return out.last_hidden_state[:, -1, :]
 
+    def cfg_inputs(self, input_ids: torch.Tensor, generation_config) -> torch.Tensor:
+        """(B, S) prompt ids -> (2B, S, D) prompt embeddings, conditional rows then unconditional rows.
+
+        Janus's unconditional prompt keeps only BOS and begin-of-image; the rest becomes padding.
+        """
+        boi = generation_config.generation_kwargs.get("boi_token_id")
+        if boi is None:
+            raise ValueError("image generation needs generation_config.generation_kwargs['boi_token_id']")
+        tokens = input_ids.repeat(2, 1)
+        uncond = tokens[input_ids.shape[0]:]
+        uncond.masked_fill_((uncond != generation_config.bos_token_id) & (uncond != boi), generation_config.pad_token_id)
+        return self.model.get_input_embeddings()(tokens)
+
     def kv_spec(self) -> tuple[int, int, int]:
         """(layers, key/value heads, head dim) of the language model's attention cache."""
         c = self.language_model.config

@@ -89,7 +89,8 @@ def knn_cpp(queries, keys, k):
     return _knn_op(queries, keys, k)
 
 
-def _check_daid_sample(logits, dist, tokens, active, uniforms, *, guidance_scale, temperature, lam, tau, dedup):
+def _check_daid_sample(logits, dist, tokens, active, uniforms, *, guidance_scale, temperature, lam, tau, dedup,
+                       top_k=0, top_p=1.0):
     return _unavailable(*(t for t in (logits, dist, tokens, active, uniforms) if t is not None))
 
 
@@ -105,24 +106,28 @@ def _daid_sample_op(
     lam: float,
     tau: float,
     dedup: str,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     out = _C.daid_sample(
         _np(logits, torch.float32), _np(dist, torch.float32), _np(tokens, torch.int64), _np(active, torch.bool),
         None if uniforms is None else _np(uniforms, torch.float32),
         guidance_scale=0.0 if guidance_scale is None else guidance_scale, temperature=temperature, lam=lam, tau=tau,
-        dedup=dedup, cfg=guidance_scale is not None,
+        dedup=dedup, cfg=guidance_scale is not None, top_k=top_k, top_p=top_p,
     )
     return torch.from_numpy(out)
 
 
 @_daid_sample_op.register_fake
-def _(logits, dist, tokens, active, uniforms, guidance_scale, temperature, lam, tau, dedup):
+def _(logits, dist, tokens, active, uniforms, guidance_scale, temperature, lam, tau, dedup, top_k=0, top_p=1.0):
     return torch.empty(dist.shape[0], dtype=torch.int64, device=dist.device)
 
 
 @daid_sample_dispatcher.register("cpp", check=_check_daid_sample)
-def daid_sample_cpp(logits, dist, tokens, active, uniforms, *, guidance_scale, temperature, lam, tau, dedup):
-    return _daid_sample_op(logits, dist, tokens, active, uniforms, guidance_scale, temperature, lam, tau, dedup)
+def daid_sample_cpp(logits, dist, tokens, active, uniforms, *, guidance_scale, temperature, lam, tau, dedup,
+                    top_k=0, top_p=1.0):
+    return _daid_sample_op(logits, dist, tokens, active, uniforms, guidance_scale, temperature, lam, tau, dedup,
+                           top_k, top_p)
 
 
 def cuda_kselect(dist: torch.Tensor, ids: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:

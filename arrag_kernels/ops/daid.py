@@ -92,7 +92,8 @@ def daid_mix(
     return daid_mix_dispatcher(model_probs, dist, tokens, active, lam, tau, dedup)
 
 
-def _check_daid_sample(logits, dist, tokens, active, uniforms, guidance_scale, temperature, lam, tau, dedup):
+def _check_daid_sample(logits, dist, tokens, active, uniforms, guidance_scale, temperature, lam, tau, dedup,
+                       top_k=0, top_p=1.0):
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"daid_sample: logits must be a float (2B, V) or (B, V) matrix, got {tuple(logits.shape)} {logits.dtype}")
     B = dist.shape[0] if dist.dim() == 2 else -1
@@ -106,16 +107,40 @@ def _check_daid_sample(logits, dist, tokens, active, uniforms, guidance_scale, t
         raise ValueError(f"daid_sample: uniforms must be (B,) = ({B},) floats in [0, 1), got {tuple(uniforms.shape)} {uniforms.dtype}")
     if not temperature > 0.0:
         raise ValueError(f"daid_sample: temperature must be > 0, got {temperature}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"daid_sample: top_k must be an int >= 0 (0: no top-k), got {top_k!r}")
+    if not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"daid_sample: top_p must be in [0, 1] (1: no top-p), got {top_p!r}")
     _check_daid(logits[:B], dist, tokens, active, lam, tau, dedup)
 
 
-def daid_sample_ref(logits, dist, tokens, active, uniforms, *, guidance_scale, temperature, lam, tau, dedup):
+def top_k_top_p_filter_ref(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """HF's ``TopKLogitsWarper`` then ``TopPLogitsWarper`` (``min_tokens_to_keep=1``): removed scores become -inf.
+
+    top-k keeps every score >= the k-th largest (ties kept); top-p keeps the smallest set of highest
+    scores whose softmax mass reaches ``top_p`` (a token is removed when the ascending cumulative
+    mass up to it is <= 1 - top_p), always at least the top token. 0 / 1 switch them off.
+    """
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        remove = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        scores = scores.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return scores
+
+
+def daid_sample_ref(logits, dist, tokens, active, uniforms, *, guidance_scale, temperature, lam, tau, dedup,
+                    top_k=0, top_p=1.0):
     """Pure PyTorch reference of :func:`daid_sample`."""
     scores = logits.float()
     if guidance_scale is not None:
         cond, uncond = scores.chunk(2)
         scores = uncond + guidance_scale * (cond - uncond)
-    probs = daid_mix_ref(torch.softmax(scores / temperature, dim=-1), dist, tokens, active, lam, tau, dedup)
+    scores = top_k_top_p_filter_ref(scores / temperature, top_k, top_p)
+    probs = daid_mix_ref(torch.softmax(scores, dim=-1), dist, tokens, active, lam, tau, dedup)
     if uniforms is None:
         return probs.argmax(-1)
     cdf = probs.cumsum(-1)
@@ -139,13 +164,22 @@ def daid_sample(
     lam: float,
     tau: float,
     dedup: str = "nearest",
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
-    """CFG, temperature, softmax, DAiD merge and sampling of the next token, fused.
+    """CFG, temperature, top-k / top-p, softmax, DAiD merge and sampling of the next token, fused.
 
     Math per row b: ``l = l_u + w (l_c - l_u)`` (or the logits as given when ``guidance_scale`` is
-    None), ``p_model = softmax(l / T)``, ``p = daid_mix(p_model, ...)``; the sampled token is the
-    smallest v with ``cumsum(p)[v] > u_b * sum(p)`` (inverse CDF), or ``argmax(p)`` when
-    ``uniforms`` is None.
+    None), ``p_model = softmax(filter(l / T))``, ``p = daid_mix(p_model, ...)``; the sampled token is
+    the smallest v with ``cumsum(p)[v] > u_b * sum(p)`` (inverse CDF), or ``argmax(p)`` when
+    ``uniforms`` is None. ``filter`` is HF's top-k then top-p (:func:`top_k_top_p_filter_ref`).
+
+    top-k / top-p act on the model distribution *before* the DAiD merge, in HF's order (CFG,
+    temperature, top-k, top-p), exactly where HF ``generate`` applies them and where the dynamic
+    loop's logits processors run: they cut the model's unreliable tail, while the retrieval
+    distribution (already limited to the k retrieved tokens) keeps its mass, so a retrieved token
+    outside the model's top-k can still be drawn with probability ``lam * p_ret``. Filtering after
+    the merge would instead let the model's top-k veto retrieval.
 
     Args:
         logits: (2B, V) raw head logits, conditional rows then unconditional rows, or (B, V) when
@@ -155,12 +189,16 @@ def daid_sample(
             None for greedy decoding.
         guidance_scale: CFG weight w, or None for no CFG.
         temperature: T > 0.
+        top_k: keep the ``top_k`` highest model scores (ties kept); 0 keeps all.
+        top_p: keep the highest model scores up to softmax mass ``top_p`` (at least one); 1 keeps all.
 
     Returns:
         (B,) int64 next tokens.
     """
-    _check_daid_sample(logits, dist, tokens, active, uniforms, guidance_scale, temperature, lam, tau, dedup)
+    _check_daid_sample(logits, dist, tokens, active, uniforms, guidance_scale, temperature, lam, tau, dedup,
+                       top_k, top_p)
     return daid_sample_dispatcher(
         logits, dist, tokens, active, uniforms,
         guidance_scale=guidance_scale, temperature=temperature, lam=lam, tau=tau, dedup=dedup,
+        top_k=top_k, top_p=float(top_p),
     )

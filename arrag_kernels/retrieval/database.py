@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..config import KeyLayout
-from ..models import get_adapter
+from ..models import as_tokenizer
 from ..ops import feature_neighbor_keys
 from . import ivfpq_build
 from .faiss_index import INDEX_FILE, VALUES_FILE, IndexFormatError, import_faiss, inner_ivfpq, set_nprobe, validate_ivfpq
@@ -99,6 +99,28 @@ def _read_values(file: Path) -> np.ndarray:
     if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
         raise DatabaseError(f"{str(file)!r}: expected a 1-D integer array of token ids, got {values.dtype} {values.shape}")
     return values
+
+
+def _check_codebook(codebook) -> torch.Tensor:
+    if not (torch.is_tensor(codebook) and codebook.is_floating_point() and codebook.dim() == 2 and codebook.shape[0] > 0):
+        raise ValueError(f"codebook: expected a float tensor (V, d), got {getattr(codebook, 'dtype', type(codebook))} "
+                         f"{tuple(getattr(codebook, 'shape', ()))}")
+    return codebook.detach().float()
+
+
+def _check_token_grids(tokens, vocab_size: int) -> None:
+    if not (torch.is_tensor(tokens) and not tokens.is_floating_point() and tokens.dim() == 3 and tokens.numel()):
+        raise ValueError(f"tokens: expected a non-empty integer tensor (N, H, W) of token grids, got "
+                         f"{getattr(tokens, 'dtype', type(tokens))} {tuple(getattr(tokens, 'shape', ()))}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"tokens: expected ids in [0, {vocab_size}) (the codebook's rows), got range [{lo}, {hi}]")
+
+
+def _grid_entries(features: torch.Tensor, tokens: torch.Tensor, layout: KeyLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, W, d) per-cell vectors and (B, H, W) token ids -> (keys, values) on the CPU of the kept targets."""
+    k, valid = feature_neighbor_keys(features.float(), layout)
+    return k[:, valid].reshape(-1, k.shape[-1]).cpu(), tokens.reshape(tokens.shape[0], -1)[:, valid].reshape(-1).cpu()
 
 
 def _sha256(path: Path) -> str:
@@ -214,7 +236,8 @@ class PatchDatabase:
         Args:
             images: a folder (searched recursively), a list of paths or PIL images, or a float tensor
                 (B, 3, H, W) in [-1, 1]. Images are centre-cropped and resized to the model's size.
-            model: a supported model (e.g. HF ``JanusForConditionalGeneration``) or its adapter.
+            model: a supported model (e.g. HF ``JanusForConditionalGeneration``), its adapter, or any
+                :class:`arrag_kernels.models.ImageTokenizer`.
             neighborhood, hops, border: the key layout, see :class:`arrag_kernels.KeyLayout`.
             key_source: "latent" (official: pre-quantisation encoder latents, L2-normalised per cell)
                 or "codebook" (normalised codebook vectors of the patches' token ids, exactly what
@@ -238,7 +261,7 @@ class PatchDatabase:
             raise ValueError(f"index: expected one of {INDEX_TYPES}, got {index!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        adapter = model if hasattr(model, "encode") and hasattr(model, "grid") else get_adapter(model)
+        adapter = as_tokenizer(model)
         count, source = normalise_image_source(images)
         codebook = adapter.codebook().float()
 
@@ -248,11 +271,9 @@ class PatchDatabase:
             keys, values = [], []
             for batch in iter_image_batches(src, adapter.image_size, batch_size):
                 latents, tokens = adapter.encode(batch)
-                if key_source == "codebook":
-                    latents = codebook[tokens]
-                k, valid = feature_neighbor_keys(latents.float(), layout)
-                keys.append(k[:, valid].reshape(-1, k.shape[-1]).cpu())
-                values.append(tokens.reshape(tokens.shape[0], -1)[:, valid].reshape(-1).cpu())
+                k, v = _grid_entries(codebook[tokens] if key_source == "codebook" else latents, tokens, layout)
+                keys.append(k)
+                values.append(v)
                 if bar is not None:
                     bar.update(batch.shape[0])
             return torch.cat(keys), torch.cat(values)
@@ -278,6 +299,79 @@ class PatchDatabase:
         with tqdm(total=count, desc="encoding images", unit="img", disable=not progress) as bar:
             keys, values = encode(source, bar)
         return cls(keys, values, meta)
+
+    @classmethod
+    def from_tokens(cls, tokens: torch.Tensor, codebook: torch.Tensor, neighborhood: str = "causal", hops=(1,),
+                    border: str = "skip", fingerprint: str | None = None, chunk_images: int = 256) -> "PatchDatabase":
+        """A database from token grids, without a model adapter (``key_source="codebook"``).
+
+        Args:
+            tokens: (N, H, W) integer token ids of N real images (e.g. a VQ tokenizer's output).
+            codebook: (V, d) the vectors a generated token contributes to a decode-time query, used
+                as given: pass the same (usually L2-normalised) rows to the decode-time query.
+            neighborhood, hops, border: the key layout, see :class:`arrag_kernels.KeyLayout`.
+            fingerprint: stored model fingerprint; default :func:`arrag_kernels.models.codebook_fingerprint`
+                of ``codebook``.
+
+        Equals :meth:`build` with ``key_source="codebook"`` on the same tokens (keys, values, metadata).
+        """
+        codebook = _check_codebook(codebook)
+        _check_token_grids(tokens, codebook.shape[0])
+        table = codebook.to(tokens.device)
+        return cls._from_grids(lambda lo, hi: table[tokens[lo:hi].long()], tokens, codebook, "codebook",
+                               KeyLayout(neighborhood=neighborhood, hops=hops, border=border), fingerprint, chunk_images)
+
+    @classmethod
+    def from_latents(cls, latents: torch.Tensor, tokens: torch.Tensor, codebook: torch.Tensor,
+                     neighborhood: str = "causal", hops=(1,), border: str = "skip", fingerprint: str | None = None,
+                     chunk_images: int = 256) -> "PatchDatabase":
+        """A database from per-cell latents and token grids, without a model adapter (``key_source="latent"``).
+
+        Args:
+            latents: (N, H, W, d) per-cell vectors that form the keys, used as given (official keys:
+                the pre-quantisation encoder latents, L2-normalised per cell).
+            tokens: (N, H, W) token ids of the same cells: the values.
+            codebook: (V, d) the model's codebook (its size and width go into the metadata; and its
+                fingerprint unless ``fingerprint`` is given).
+
+        Equals :meth:`build` with ``key_source="latent"`` on the same latents and tokens.
+        """
+        codebook = _check_codebook(codebook)
+        _check_token_grids(tokens, codebook.shape[0])
+        expected = (*tokens.shape, codebook.shape[1])
+        if not (torch.is_tensor(latents) and latents.is_floating_point()) or latents.shape != expected:
+            raise ValueError(f"latents: expected a float tensor (N, H, W, d) = {expected} "
+                             f"matching tokens and the codebook width, got {getattr(latents, 'dtype', type(latents))} "
+                             f"{tuple(getattr(latents, 'shape', ()))}")
+        return cls._from_grids(lambda lo, hi: latents[lo:hi], tokens, codebook, "latent",
+                               KeyLayout(neighborhood=neighborhood, hops=hops, border=border), fingerprint, chunk_images)
+
+    @classmethod
+    def _from_grids(cls, features, tokens, codebook, key_source, layout, fingerprint, chunk_images) -> "PatchDatabase":
+        if chunk_images < 1:
+            raise ValueError(f"chunk_images must be >= 1, got {chunk_images}")
+        from ..models import codebook_fingerprint
+
+        N, H, W = tokens.shape
+        parts = [_grid_entries(features(lo, lo + chunk_images), tokens[lo:lo + chunk_images], layout)
+                 for lo in range(0, N, chunk_images)]
+        meta = DatabaseMeta(
+            layout=layout, codebook_size=codebook.shape[0], embed_dim=codebook.shape[1], grid=(H, W),
+            key_source=key_source, model_fingerprint=fingerprint or codebook_fingerprint(codebook), num_images=N,
+        )
+        return cls(torch.cat([k for k, _ in parts]), torch.cat([v for _, v in parts]), meta)
+
+    @classmethod
+    def from_keys(cls, keys: torch.Tensor, values: torch.Tensor, codebook_size: int, embed_dim: int,
+                  grid: tuple[int, int], neighborhood: str = "causal", hops=(1,), border: str = "skip",
+                  key_source: str = "latent", fingerprint: str = "unknown", num_images: int = 0) -> "PatchDatabase":
+        """A database from precomputed (N, key_dim) keys and (N,) token-id values, checked against the layout."""
+        meta = DatabaseMeta(
+            layout=KeyLayout(neighborhood=neighborhood, hops=hops, border=border), codebook_size=int(codebook_size),
+            embed_dim=int(embed_dim), grid=tuple(int(g) for g in grid), key_source=key_source,
+            model_fingerprint=fingerprint, num_images=int(num_images),
+        )
+        return cls(keys.float(), values, meta)
 
     @classmethod
     def _build_ivfpq(cls, path, meta, count, source, encode, params, nprobe, train_size, keep_keys, chunk_images,

@@ -94,12 +94,23 @@ arrag_status arrag_daid_sample(const float* logits, int64_t batch, int64_t vocab
                                const int64_t* tokens, int64_t k, const uint8_t* active, const float* uniforms,
                                float guidance_scale, float temperature, float lam, float tau, arrag_dedup dedup,
                                int64_t* tokens_out, float* probs_out) {
+  return arrag_daid_sample_filtered(logits, batch, vocab, cfg, dist, tokens, k, active, uniforms, guidance_scale,
+                                    temperature, lam, tau, dedup, 0, 1.0f, tokens_out, probs_out);
+}
+
+arrag_status arrag_daid_sample_filtered(const float* logits, int64_t batch, int64_t vocab, int cfg, const float* dist,
+                                        const int64_t* tokens, int64_t k, const uint8_t* active, const float* uniforms,
+                                        float guidance_scale, float temperature, float lam, float tau,
+                                        arrag_dedup dedup, int64_t top_k, float top_p, int64_t* tokens_out,
+                                        float* probs_out) {
   const char* op = "arrag_daid_sample";
   ARRAG_REQUIRE(batch >= 0 && vocab > 0 && k >= 0,
                 "expected batch >= 0, vocab > 0, k >= 0; got " + str(batch) + ", " + str(vocab) + ", " + str(k));
   ARRAG_REQUIRE(temperature > 0.0f && std::isfinite(temperature), "temperature must be finite and > 0, got " +
                                                                        std::to_string(temperature));
   ARRAG_REQUIRE(lam >= 0.0f && lam <= 1.0f, "lam must be in [0, 1], got " + std::to_string(lam));
+  ARRAG_REQUIRE(top_k >= 0, "top_k must be >= 0 (0: no top-k), got " + str(top_k));
+  ARRAG_REQUIRE(top_p >= 0.0f && top_p <= 1.0f, "top_p must be in [0, 1] (1: no top-p), got " + std::to_string(top_p));
   ARRAG_REQUIRE(tau > 0.0f && std::isfinite(tau), "tau must be finite and > 0, got " + std::to_string(tau));
   ARRAG_REQUIRE(std::isfinite(guidance_scale), "guidance_scale must be finite, got " + std::to_string(guidance_scale));
   ARRAG_REQUIRE(dedup == ARRAG_DEDUP_NEAREST || dedup == ARRAG_DEDUP_SUM,
@@ -112,7 +123,7 @@ arrag_status arrag_daid_sample(const float* logits, int64_t batch, int64_t vocab
                     "uniforms must lie in [0, 1), got " + std::to_string(uniforms[b]) + " at row " + str(b));
   return arrag::guarded(op, [&] {
     arrag::daid_sample(logits, batch, vocab, cfg != 0, dist, tokens, k, active, uniforms, guidance_scale, temperature,
-                       lam, tau, dedup, tokens_out, probs_out);
+                       lam, tau, dedup, top_k, top_p, tokens_out, probs_out);
     return arrag::ok();
   });
 }

@@ -44,6 +44,6 @@ const char* cpu_isa_name();
 void daid_sample(const float* logits, int64_t batch, int64_t vocab, bool cfg, const float* dist,
                  const int64_t* tokens, int64_t k, const uint8_t* active, const float* uniforms,
                  float guidance_scale, float temperature, float lam, float tau, arrag_dedup dedup,
-                 int64_t* tokens_out, float* probs_out);
+                 int64_t top_k, float top_p, int64_t* tokens_out, float* probs_out);
 
 }  // namespace arrag

@@ -1,7 +1,10 @@
 // DAiD decode step: CFG combine, temperature, softmax, retrieval distribution, mix, sample.
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common.h"
@@ -9,8 +12,43 @@
 namespace arrag {
 namespace {
 
+// HF's TopKLogitsWarper then TopPLogitsWarper (min_tokens_to_keep = 1) on the scores s: removed
+// scores become -inf. top-k keeps s >= the k-th largest (ties kept); top-p removes, in ascending
+// order, the scores whose cumulative softmax mass is <= 1 - top_p, never the largest.
+void filter_top_k_top_p(float* s, int64_t vocab, int64_t top_k, float top_p, std::vector<float>& scratch,
+                        std::vector<std::pair<float, int64_t>>& order) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  if (top_k > 0 && top_k < vocab) {
+    scratch.assign(s, s + vocab);
+    std::nth_element(scratch.begin(), scratch.begin() + (top_k - 1), scratch.end(), std::greater<float>());
+    const float kth = scratch[top_k - 1];
+    for (int64_t v = 0; v < vocab; ++v)
+      if (s[v] < kth) s[v] = neg_inf;
+  }
+  if (top_p < 1.0f) {
+    // Only finite scores need ordering: removed (-inf) ones add zero mass at the front of HF's ascending order.
+    order.clear();
+    for (int64_t v = 0; v < vocab; ++v)
+      if (s[v] > neg_inf) order.emplace_back(s[v], v);
+    if (order.empty()) return;
+    std::sort(order.begin(), order.end());
+    const float mx = order.back().first;
+    float sum = 0.0f;
+    for (const auto& e : order) sum += std::exp(e.first - mx);
+    // like torch: fp32 softmax, cumsum accumulated in double and rounded per prefix, fp32 threshold
+    const float limit = static_cast<float>(1.0 - static_cast<double>(top_p));
+    double cum = 0.0;
+    for (size_t i = 0; i + 1 < order.size(); ++i) {
+      cum += std::exp(order[i].first - mx) / sum;
+      if (static_cast<float>(cum) > limit) break;
+      s[order[i].second] = neg_inf;
+    }
+  }
+}
+
 // p_model for one row, written to p (vocab floats).
-void model_probs(const float* lc, const float* lu, int64_t vocab, float w, float temperature, float* p) {
+void model_probs(const float* lc, const float* lu, int64_t vocab, float w, float temperature, int64_t top_k,
+                 float top_p, float* p, std::vector<float>& scratch, std::vector<std::pair<float, int64_t>>& order) {
   float mx = -std::numeric_limits<float>::infinity();
   if (lu != nullptr) {
     for (int64_t v = 0; v < vocab; ++v) {
@@ -23,6 +61,7 @@ void model_probs(const float* lc, const float* lu, int64_t vocab, float w, float
       mx = p[v] > mx ? p[v] : mx;
     }
   }
+  filter_top_k_top_p(p, vocab, top_k, top_p, scratch, order);  // keeps the maximum mx
   float sum = 0.0f;
   for (int64_t v = 0; v < vocab; ++v) {
     p[v] = std::exp(p[v] - mx);
@@ -97,7 +136,7 @@ int64_t sample_row(const float* p, int64_t vocab, const float* u) {
 void daid_sample(const float* logits, int64_t batch, int64_t vocab, bool cfg, const float* dist,
                  const int64_t* tokens, int64_t k, const uint8_t* active, const float* uniforms,
                  float guidance_scale, float temperature, float lam, float tau, arrag_dedup dedup,
-                 int64_t* tokens_out, float* probs_out) {
+                 int64_t top_k, float top_p, int64_t* tokens_out, float* probs_out) {
   for (int64_t i = 0; i < batch * k; ++i)
     if (tokens[i] >= vocab)
       throw InvalidArgument{"retrieved token id " + std::to_string(tokens[i]) + " at (row " +
@@ -107,13 +146,15 @@ void daid_sample(const float* logits, int64_t batch, int64_t vocab, bool cfg, co
 #pragma omp parallel
   {
     std::vector<float> row_probs(probs_out == nullptr ? vocab : 0);
-    std::vector<float> best;
+    std::vector<float> best, scratch;
     std::vector<int64_t> touched;
+    std::vector<std::pair<float, int64_t>> order;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < batch; ++b) {
       float* p = probs_out != nullptr ? probs_out + b * vocab : row_probs.data();
       const float* lc = logits + b * vocab;
-      model_probs(lc, cfg ? logits + (batch + b) * vocab : nullptr, vocab, guidance_scale, temperature, p);
+      model_probs(lc, cfg ? logits + (batch + b) * vocab : nullptr, vocab, guidance_scale, temperature, top_k, top_p,
+                  p, scratch, order);
       bool any_hit = false;
       for (int64_t j = 0; j < k && !any_hit; ++j) any_hit = tokens[b * k + j] >= 0;
       if (active[b] && any_hit && lam > 0.0f) {

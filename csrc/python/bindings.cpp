@@ -121,7 +121,7 @@ py::tuple knn(const py::array& queries, const py::array& keys, int64_t k) {
 
 py::object daid_sample(const py::array& logits, const py::array& dist, const py::array& tokens, const py::array& active,
                        const py::object& uniforms, float guidance_scale, float temperature, float lam, float tau,
-                       const std::string& dedup, bool cfg, bool return_probs) {
+                       const std::string& dedup, bool cfg, bool return_probs, int64_t top_k, float top_p) {
   const char* op = "daid_sample";
   require<float>(op, "logits", logits, 2);
   require<float>(op, "dist", dist, 2);
@@ -150,9 +150,10 @@ py::object daid_sample(const py::array& logits, const py::array& dist, const py:
   arrag_status s;
   {
     py::gil_scoped_release nogil;
-    s = arrag_daid_sample(ptr<float>(logits), B, V, cfg ? 1 : 0, ptr<float>(dist), ptr<int64_t>(tokens), K,
-                          reinterpret_cast<const uint8_t*>(active.data()), u, guidance_scale, temperature, lam, tau, dd,
-                          out.mutable_data(), return_probs ? probs.mutable_data() : nullptr);
+    s = arrag_daid_sample_filtered(ptr<float>(logits), B, V, cfg ? 1 : 0, ptr<float>(dist), ptr<int64_t>(tokens), K,
+                                   reinterpret_cast<const uint8_t*>(active.data()), u, guidance_scale, temperature, lam,
+                                   tau, dd, top_k, top_p, out.mutable_data(),
+                                   return_probs ? probs.mutable_data() : nullptr);
   }
   check(s);
   if (return_probs) return py::make_tuple(out, probs);
@@ -187,7 +188,8 @@ PYBIND11_MODULE(_C, m) {
         "(queries f32 (Q, D), keys f32/f16 (N, D), k) -> (dist f32 (Q, k), ids int64 (Q, k))");
   m.def("daid_sample", &daid_sample, py::arg("logits"), py::arg("dist"), py::arg("tokens"), py::arg("active"),
         py::arg("uniforms"), py::arg("guidance_scale"), py::arg("temperature"), py::arg("lam"), py::arg("tau"),
-        py::arg("dedup"), py::arg("cfg") = true, py::arg("return_probs") = false,
+        py::arg("dedup"), py::arg("cfg") = true, py::arg("return_probs") = false, py::arg("top_k") = 0,
+        py::arg("top_p") = 1.0f,
         "DAiD merge + sample -> tokens int64 (B,) [, probs f32 (B, V)]");
   m.def("cuda_kselect", &cuda_kselect, py::arg("dist_ptr"), py::arg("ids_ptr"), py::arg("rows"),
         py::arg("candidates"), py::arg("k"), py::arg("dist_out_ptr"), py::arg("ids_out_ptr"), py::arg("stream"),

@@ -8,6 +8,10 @@ One program per image row b:
    ``exp(s_k - max s)`` (``"sum"``: duplicates add up); the program initialises its own row first;
 3. pass A over the vocabulary: online max / sum of the CFG-combined, temperature-scaled logits,
    and the total retrieval mass Z;
+3b. top-k / top-p (optional): the kept scores are those >= a threshold, found by bisection over the
+   scores' order-preserving int32 images (32 passes each: the largest t with ``count(x >= t) >= k``,
+   then the largest t with ``sum(exp(x - m) [x >= t]) >= top_p * S``), no sort; then S is
+   recomputed over the kept scores;
 4. pass B: ``p = (1 - lam) exp(l - m) / S + lam * mass / Z`` chunk by chunk, with a running
    cumulative sum; the token is the first v whose cumsum exceeds ``u * ((1 - lam) + lam)``
    (the exact total; the reference uses its fp32 sum, which can differ in the last bits), or the
@@ -36,6 +40,36 @@ def _load_scores(logits_ptr, row, B, stride, v, vmask, guidance, temperature, HA
 
 
 @triton.jit
+def _order_key(x):
+    """float32 -> int32 with the same order (negative floats: flip the magnitude bits)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _bisect_threshold(logits_ptr, row, B, stride, V, guidance, temperature, lo, hi, m, target,
+                      BY_MASS: tl.constexpr, HAS_CFG: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The largest key t in [lo, hi] with f(t) >= target, f(t) = count(key >= t) or sum(exp(x - m) [key >= t])
+    (both non-increasing in t); lo itself when none is larger. lo, hi: int64 scalars, f(lo) >= target."""
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        acc = tl.zeros([], tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            v = v0 + tl.arange(0, BLOCK_V)
+            vmask = v < V
+            x = _load_scores(logits_ptr, row, B, stride, v, vmask, guidance, temperature, HAS_CFG)
+            keep = vmask & (_order_key(x).to(tl.int64) >= mid)
+            if BY_MASS:
+                acc += tl.sum(tl.where(keep, tl.exp(x - m), 0.0), axis=0)
+            else:
+                acc += tl.sum(keep.to(tl.float32), axis=0)
+        ok = acc >= target
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    return lo
+
+
+@triton.jit
 def _ret_mass(ws_row, v, vmask, s_max, DEDUP_SUM: tl.constexpr):
     # .cg: read from L2, where the atomics landed, not from a stale L1 line.
     w = tl.load(ws_row + v, mask=vmask, other=0.0 if DEDUP_SUM else float("-inf"), cache_modifier=".cg")
@@ -48,9 +82,9 @@ def _ret_mass(ws_row, v, vmask, s_max, DEDUP_SUM: tl.constexpr):
 def _daid_sample_kernel(
     logits_ptr, dist_ptr, tok_ptr, active_ptr, u_ptr, ws_ptr, out_ptr,
     B, V, K, logit_stride, dist_stride, tok_stride,
-    guidance, temperature, lam, tau,
-    HAS_CFG: tl.constexpr, SAMPLE: tl.constexpr, DEDUP_SUM: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    guidance, temperature, lam, tau, top_k, top_p,
+    HAS_CFG: tl.constexpr, SAMPLE: tl.constexpr, DEDUP_SUM: tl.constexpr, HAS_TOPK: tl.constexpr,
+    HAS_TOPP: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     row = tl.program_id(0)
     kk = tl.arange(0, BLOCK_K)
@@ -87,6 +121,29 @@ def _daid_sample_kernel(
         z += tl.sum(_ret_mass(ws_row, v, vmask, s_max, DEDUP_SUM), axis=0)
     z = tl.where(use, z, 1.0)
 
+    # Top-k / top-p: keep x with key(x) >= thr. The maximum is always kept, so m stays the max.
+    thr = tl.full([], -2147483648, tl.int64)
+    if HAS_TOPK or HAS_TOPP:
+        hi = _order_key(m).to(tl.int64)
+        if HAS_TOPK:
+            thr = _bisect_threshold(logits_ptr, row, B, logit_stride, V, guidance, temperature, thr, hi, m,
+                                    top_k, False, HAS_CFG, BLOCK_V)
+        ssum = tl.zeros([], tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            v = v0 + tl.arange(0, BLOCK_V)
+            vmask = v < V
+            x = _load_scores(logits_ptr, row, B, logit_stride, v, vmask, guidance, temperature, HAS_CFG)
+            ssum += tl.sum(tl.where(_order_key(x).to(tl.int64) >= thr, tl.exp(x - m), 0.0), axis=0)
+        if HAS_TOPP:
+            thr = _bisect_threshold(logits_ptr, row, B, logit_stride, V, guidance, temperature, thr, hi, m,
+                                    top_p * ssum, True, HAS_CFG, BLOCK_V)
+            ssum = tl.zeros([], tl.float32)
+            for v0 in range(0, V, BLOCK_V):
+                v = v0 + tl.arange(0, BLOCK_V)
+                vmask = v < V
+                x = _load_scores(logits_ptr, row, B, logit_stride, v, vmask, guidance, temperature, HAS_CFG)
+                ssum += tl.sum(tl.where(_order_key(x).to(tl.int64) >= thr, tl.exp(x - m), 0.0), axis=0)
+
     # Pass B: merged probabilities in vocabulary order; inverse CDF or argmax.
     threshold = tl.load(u_ptr + row).to(tl.float32) * ((1.0 - lam_eff) + lam_eff) if SAMPLE else 0.0
     running = tl.zeros([], tl.float32)
@@ -98,6 +155,8 @@ def _daid_sample_kernel(
         v = v0 + tl.arange(0, BLOCK_V)
         vmask = v < V
         x = _load_scores(logits_ptr, row, B, logit_stride, v, vmask, guidance, temperature, HAS_CFG)
+        if HAS_TOPK or HAS_TOPP:
+            x = tl.where(_order_key(x).to(tl.int64) >= thr, x, float("-inf"))
         p_ret = _ret_mass(ws_row, v, vmask, s_max, DEDUP_SUM) / z
         p = tl.where(vmask, (1.0 - lam_eff) * (tl.exp(x - m) / ssum) + lam_eff * p_ret, 0.0)
         if SAMPLE:
@@ -124,7 +183,7 @@ def _daid_sample_kernel(
 def daid_sample_op(
     logits: torch.Tensor, dist: torch.Tensor, tokens: torch.Tensor, active: torch.Tensor,
     uniforms: torch.Tensor | None, guidance_scale: float | None, temperature: float,
-    lam: float, tau: float, dedup_sum: bool,
+    lam: float, tau: float, dedup_sum: bool, top_k: int = 0, top_p: float = 1.0,
 ) -> torch.Tensor:
     """See :func:`arrag_kernels.ops.daid_sample`; returns (B,) int64."""
     B, K = dist.shape
@@ -136,8 +195,9 @@ def daid_sample_op(
         torch.library.wrap_triton(_daid_sample_kernel)[(B,)](
             logits, dist, tokens, active, uniforms if sample else dist, workspace, out,
             B, V, K, logits.stride(0), dist.stride(0), tokens.stride(0),
-            1.0 if guidance_scale is None else guidance_scale, temperature, lam, tau,
+            1.0 if guidance_scale is None else guidance_scale, temperature, lam, tau, float(top_k), top_p,
             HAS_CFG=guidance_scale is not None, SAMPLE=sample, DEDUP_SUM=dedup_sum,
+            HAS_TOPK=0 < top_k < V, HAS_TOPP=top_p < 1.0,
             BLOCK_V=min(next_pow2(V), 1024 if INTERPRETED else 2048), BLOCK_K=max(next_pow2(K), 2),
         )
     return out
@@ -159,6 +219,8 @@ def _check(logits, dist, tokens, active, uniforms, **_):
 
 
 @daid_sample_dispatcher.register("triton", check=_check)
-def daid_sample_triton(logits, dist, tokens, active, uniforms, *, guidance_scale, temperature, lam, tau, dedup):
+def daid_sample_triton(logits, dist, tokens, active, uniforms, *, guidance_scale, temperature, lam, tau, dedup,
+                       top_k=0, top_p=1.0):
     """Triton implementation of :func:`arrag_kernels.ops.daid_sample` (same contract)."""
-    return daid_sample_op(logits, dist, tokens, active, uniforms, guidance_scale, temperature, lam, tau, dedup == "sum")
+    return daid_sample_op(logits, dist, tokens, active, uniforms, guidance_scale, temperature, lam, tau, dedup == "sum",
+                          top_k, top_p)

@@ -100,6 +100,18 @@ ARRAG_API arrag_status arrag_daid_sample(const float* logits, int64_t batch, int
                                          float tau, arrag_dedup dedup, int64_t* tokens_out, float* probs_out);
 
 /*
+ * arrag_daid_sample with HF's top-k then top-p filter on l / temperature before the softmax (the
+ * merge adds the retrieval distribution after it): top_k >= 0 (0: off) keeps the scores >= the
+ * top_k-th largest; top_p in [0, 1] (1: off) keeps the highest scores up to softmax mass top_p
+ * (at least the largest). arrag_daid_sample is this with top_k = 0, top_p = 1.
+ */
+ARRAG_API arrag_status arrag_daid_sample_filtered(const float* logits, int64_t batch, int64_t vocab, int cfg,
+                                                  const float* dist, const int64_t* tokens, int64_t k,
+                                                  const uint8_t* active, const float* uniforms, float guidance_scale,
+                                                  float temperature, float lam, float tau, arrag_dedup dedup,
+                                                  int64_t top_k, float top_p, int64_t* tokens_out, float* probs_out);
+
+/*
  * CUDA k-selection (device pointers; needs a library built with CUDA, see arrag_has_cuda()).
  *   dist (num_rows, num_candidates) float32 candidate distances, ids the matching int64 ids, or NULL
  *   to use the column index; 1 <= k <= min(ARRAG_MAX_K, num_candidates).

@@ -1,0 +1,139 @@
+"""DAiD as a ``transformers`` logits processor, for models whose own ``generate`` does the image decode.
+
+HF ``generate`` hands every logits processor the growing sequence ``input_ids`` (B, L) and the
+next-token scores (B, vocab). For generators that keep image tokens in the sequence (Emu3,
+LlamaGen-style GPTs) and apply classifier-free guidance as a logits processor
+(``UnbatchedClassifierFreeGuidanceLogitsProcessor``, from ``guidance_scale`` +
+``negative_prompt_ids``), that is all DAiD needs: HF puts user processors after its own (CFG,
+``prefix_allowed_tokens_fn``, ...) and before its sampling warpers, so this processor sees post-CFG
+scores, reads the image generated so far from ``input_ids``, and returns the log of the merged
+distribution, which HF then samples (or takes the argmax of) as usual.
+
+HF Janus is different: its processors see the doubled pre-CFG scores and an ``input_ids`` that
+never grows, so this processor refuses it (use :func:`arrag_kernels.patch_model` there).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LogitsProcessor
+
+from .config import DAiDConfig
+from .ops import daid_mix, neighbor_keys
+from .ops.daid import top_k_top_p_filter_ref
+
+
+class DAiDLogitsProcessor(LogitsProcessor):
+    """A ``transformers.LogitsProcessor`` applying DAiD after CFG at retrieval positions.
+
+    The image stream of each row starts right after the last ``image_start_token_id`` in
+    ``input_ids``; it is laid out in raster order, ``grid[1]`` image tokens per row, followed by
+    ``eol_token_id`` when given (Emu3: an end-of-line token after every row). At the next position:
+
+    * an image cell with a database key: ``p = (1 - lam) softmax(filter(s / T)) + lam p_ret``, with
+      ``p_ret`` over the retrieved image tokens (mapped to vocabulary ids) and ``filter`` HF's top-k
+      then top-p; the processor returns ``log p``;
+    * any other image cell: ``log softmax(filter(s / T))`` (same sampling distribution as HF);
+    * an end-of-line position, or after the image (or no image start yet): the scores unchanged.
+
+    So pass ``temperature``, ``top_k``, ``top_p`` here (they act before the merge, like the fused
+    sampler) and call ``generate`` with ``temperature=1.0, top_k=0, top_p=1.0``: HF's warpers run
+    after user processors and would otherwise act on the merged distribution (HF fills in
+    ``top_k=50`` when sampling unless told otherwise).
+
+    Kept HF features: sampling and greedy search, ``prefix_allowed_tokens_fn`` and every other
+    processor that runs before it (CFG processors included), streamers, stopping criteria,
+    ``return_dict_in_generate`` / ``output_scores`` (scores are the merged log-probabilities),
+    ``num_return_sequences``. Not meaningful: beam search (DAiD is a sampling rule).
+
+    Args:
+        db: the :class:`arrag_kernels.PatchDatabase`; its grid is the image grid.
+        config: :class:`arrag_kernels.DAiDConfig` (``lam``, ``tau``, ``k``, ``dedup``).
+        codebook: (V_img, d) the L2-normalised codebook rows that form queries (as in the database).
+        image_start_token_id: vocabulary id after which the image tokens start.
+        image_token_ids: (V_img,) vocabulary id of each image code; None when vocabulary id == code.
+        eol_token_id: vocabulary id closing each row of the stream, or None.
+    """
+
+    def __init__(self, db, config: DAiDConfig, codebook: torch.Tensor, image_start_token_id: int,
+                 image_token_ids: torch.Tensor | None = None, eol_token_id: int | None = None,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+        if not isinstance(config, DAiDConfig):
+            raise TypeError(f"config: expected an arrag_kernels.DAiDConfig, got {type(config).__name__}")
+        m = db.meta
+        if codebook.dim() != 2 or tuple(codebook.shape) != (m.codebook_size, m.embed_dim):
+            raise ValueError(f"codebook: expected ({m.codebook_size}, {m.embed_dim}) to match the database, "
+                             f"got {tuple(codebook.shape)}")
+        if config.k > len(db):
+            raise ValueError(f"DAiDConfig.k = {config.k} is larger than the database ({len(db)} entries)")
+        if image_token_ids is None:
+            image_token_ids = torch.arange(m.codebook_size)
+        if image_token_ids.shape != (m.codebook_size,):
+            raise ValueError(f"image_token_ids: expected ({m.codebook_size},) vocabulary ids, one per code, "
+                             f"got {tuple(image_token_ids.shape)}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0 or not 0.0 <= top_p <= 1.0:
+            raise ValueError(f"top_k must be an int >= 0 and top_p in [0, 1], got top_k={top_k!r}, top_p={top_p!r}")
+        self.db, self.config = db, config
+        self.codebook = codebook.detach().float()
+        self.image_start = int(image_start_token_id)
+        self.code_to_vocab = image_token_ids.long()
+        self.temperature, self.top_k, self.top_p = float(temperature), top_k, float(top_p)
+        self.grid = tuple(m.grid)
+        self.row_len = self.grid[1] + (eol_token_id is not None)
+        self._vocab_to_code = None
+
+    def _image_state(self, input_ids: torch.Tensor):
+        """(grid tokens (B, H*W) with -1 where not generated, next stream position j (B,)), or None."""
+        B, L = input_ids.shape
+        is_start = input_ids == self.image_start
+        if not bool(is_start.any(1).all()):
+            return None
+        stream_begin = L - is_start.flip(1).int().argmax(1)  # (B,) first position after the last start token
+        H, W = self.grid
+        j = torch.arange(H * self.row_len, device=input_ids.device)
+        pos = stream_begin[:, None] + j
+        generated = pos < L
+        ids = input_ids.gather(1, pos.clamp_max(L - 1))
+        codes = self._vocab_to_code[ids.clamp_min(0)]
+        cell = (j // self.row_len) * W + j % self.row_len
+        is_cell = (j % self.row_len < W)[None] & generated
+        # non-cells (end-of-line, not generated yet) go to a spare last column, dropped after
+        tokens = torch.full((B, H * W + 1), -1, dtype=torch.long, device=input_ids.device)
+        tokens.scatter_(1, torch.where(is_cell, cell, H * W), torch.where(is_cell, codes, -1))
+        return tokens[:, :-1], L - stream_begin
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != input_ids.shape[0]:
+            raise ValueError(
+                f"DAiDLogitsProcessor: scores has {scores.shape[0]} rows for {input_ids.shape[0]} sequences: this model "
+                "applies CFG after the logits processors on a doubled batch (HF Janus); use arrag_kernels.patch_model"
+            )
+        device, V = scores.device, scores.shape[1]
+        if self._vocab_to_code is None or self._vocab_to_code.device != device or len(self._vocab_to_code) != V:
+            if int(self.code_to_vocab.max()) >= V:
+                raise ValueError(f"image_token_ids reach {int(self.code_to_vocab.max())} but the vocabulary has {V} ids")
+            self.db = self.db.to(device)
+            self.code_to_vocab = self.code_to_vocab.to(device)
+            self.codebook = self.codebook.to(device)
+            self._vocab_to_code = torch.full((V,), -1, dtype=torch.long, device=device)
+            self._vocab_to_code[self.code_to_vocab] = torch.arange(len(self.code_to_vocab), device=device)
+        state = self._image_state(input_ids)
+        if state is None:
+            return scores
+        tokens, j = state
+        H, W = self.grid
+        in_image = (j < H * self.row_len) & (j % self.row_len < W)  # (B,) next position is an image cell
+        if not bool(in_image.any()):
+            return scores
+        step = torch.where(in_image, (j // self.row_len) * W + j % self.row_len, 0)
+        filtered = top_k_top_p_filter_ref(scores.float() / self.temperature, self.top_k, self.top_p)
+        probs = torch.softmax(filtered, dim=-1)
+        queries, valid = neighbor_keys(tokens, self.codebook, step, self.grid, self.db.meta.layout)
+        dist, codes = self.db.retrieve(queries, self.config.k)
+        hit_ids = torch.where(codes >= 0, self.code_to_vocab[codes.clamp_min(0)], -1)
+        active = in_image & valid  # valid: the cell has a database key (border policy)
+        c = self.config
+        merged = daid_mix(probs, dist, hit_ids, active, c.lam, c.tau, c.dedup)
+        return torch.where(in_image[:, None], merged.log().to(scores.dtype), scores)

@@ -1,0 +1,87 @@
+"""DAiDLogitsProcessor inside a model's own HF generate (tiny Llama with image tokens in its vocabulary,
+an end-of-line token per row, CFG through a negative prompt, prefix_allowed_tokens_fn)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+
+import arrag_kernels as ak
+
+BOS, EOS, BOI, CODE0, CODES, GRID, D = 1, 2, 3, 32, 64, (5, 6), 8
+EOL = CODE0 + CODES
+ROW = GRID[1] + 1  # image tokens of a row, then end-of-line
+
+
+@pytest.fixture(scope="module")
+def setup():
+    g = torch.Generator().manual_seed(0)
+    codebook = torch.nn.functional.normalize(torch.randn(CODES, D, generator=g), dim=-1)
+    db = ak.PatchDatabase.from_tokens(torch.randint(0, CODES, (12, *GRID), generator=g), codebook)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=EOL + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0,
+        )).eval()
+    return model, db, codebook
+
+
+def _allowed(batch_id, sent):
+    """Image grammar: GRID[1] codes then end-of-line per row, then end of sequence."""
+    j = len(sent) - 1 - int((sent == BOI).nonzero().max())
+    if j >= GRID[0] * ROW:
+        return [EOS]
+    return [EOL] if j % ROW == GRID[1] else list(range(CODE0, EOL))
+
+
+def _generate(model, processor=None, do_sample=True, temperature=1.0, seed=0):
+    g = torch.Generator().manual_seed(3)
+    ids = torch.cat([torch.full((3, 1), BOS), torch.randint(4, 32, (3, 5), generator=g), torch.full((3, 1), BOI)], 1)
+    neg = torch.tensor([[BOS, BOI]]).expand(3, -1)
+    torch.manual_seed(seed)
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=GRID[0] * ROW, do_sample=do_sample,
+        temperature=temperature, top_k=0, guidance_scale=3.0, negative_prompt_ids=neg,
+        negative_prompt_attention_mask=torch.ones_like(neg), prefix_allowed_tokens_fn=_allowed,
+        logits_processor=LogitsProcessorList([processor] if processor else []), pad_token_id=0,
+    )
+    return out[:, ids.shape[1]:]
+
+
+def _processor(db, codebook, lam, **kw):
+    return ak.DAiDLogitsProcessor(db, ak.DAiDConfig(lam=lam, k=6), codebook, image_start_token_id=BOI,
+                                  image_token_ids=torch.arange(CODE0, EOL), eol_token_id=EOL, **kw)
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_lam_zero_equals_plain_generate(setup, do_sample):
+    model, db, codebook = setup
+    plain = _generate(model, do_sample=do_sample, temperature=0.9)
+    ours = _generate(model, _processor(db, codebook, 0.0, temperature=0.9), do_sample=do_sample)
+    assert torch.equal(ours, plain)
+    assert bool((plain[:, GRID[1]::ROW] == EOL).all()) and not torch.equal(plain[0], plain[1])
+
+
+def test_lam_one_draws_only_retrieved_tokens(setup):
+    model, db, codebook = setup
+    out = _generate(model, _processor(db, codebook, 1.0))
+    assert bool((out[:, GRID[1]::ROW] == EOL).all()), "end-of-line tokens must stay at the row ends"
+    cells = out.reshape(3, GRID[0], ROW)[:, :, :GRID[1]].reshape(3, -1) - CODE0  # (B, H*W) codes
+    retrieves = ak.ops.retrieval_positions(GRID, db.meta.layout)
+    checked = 0
+    for step in retrieves.nonzero().flatten().tolist():
+        prefix = cells.clone()
+        prefix[:, step:] = -1
+        queries, _ = ak.ops.neighbor_keys(prefix, codebook, torch.full((3,), step), GRID, db.meta.layout)
+        _, hits = db.retrieve(queries, 6)
+        for b in range(3):
+            assert cells[b, step].item() in hits[b].tolist(), f"image {b} step {step}"
+            checked += 1
+    assert checked == 3 * int(retrieves.sum()) > 0
+    assert not torch.equal(out, _generate(model))
+
+
+def test_refuses_doubled_cfg_scores(setup):
+    _, db, codebook = setup
+    with pytest.raises(ValueError, match="patch_model"):
+        _processor(db, codebook, 0.5)(torch.tensor([[BOS, BOI]]), torch.zeros(2, EOL + 1))
