@@ -7,8 +7,9 @@ One decode step of a MaskGIT-style generator at the first retrieving step of the
 batch 1 and 16. Providers:
 
 * ``model-step``: the generator forward over the whole grid (``generator.logits``);
-* ``daid-retrieval``: what DAiD adds to the step: 8-neighbour queries of the P unknown cells of
-  every image, ONE exact search of the B * P queries, the per-cell merge (``daid_mix`` on B * P rows);
+* ``daid-retrieval``: the retrieval part of a DAiD step: 8-neighbour queries of the P unknown cells
+  of every image, ONE exact search of the B * P queries, and the fused per-cell merge + draw
+  (``sample_cells``: ``daid_sample`` on B * P rows, which the plain step runs without hits);
 * ``faid-model-step``: the forward with FAiD blenders (K = 10 retrieval included).
 
 pytest-benchmark times every row the same way (median of the rounds). Every row also records
@@ -30,7 +31,8 @@ import torch
 
 import arrag_kernels as ak
 from arrag_kernels.faid import FAiDBlenders
-from arrag_kernels.masked import MaskedDAiD, MaskedDecodeConfig, MaskedFAiD, masked_positions, tiny_maskgit
+from arrag_kernels.masked import (MaskedDAiD, MaskedDecodeConfig, MaskedFAiD, masked_positions, sample_cells,
+                                  tiny_maskgit)
 from arrag_kernels.retrieval import DatabaseMeta
 
 CUDA = torch.cuda.is_available()
@@ -47,6 +49,10 @@ SCHEDULE = MaskedDecodeConfig(steps=12)
 FAID = ak.FAiDConfig(k=10, hops=(1, 2), blenders=2)
 _setups: dict = {}
 _interleaved: dict = {}
+
+
+def V_of(name: str) -> int:
+    return SHAPES[name][0]["codebook_size"]
 
 
 def _sync(device):
@@ -92,7 +98,13 @@ def _calls(name: str, batch: int):
     device = SHAPES[name][1]
     tokens, positions, labels, P = _step_state(gen, batch, device)
     V = gen.codebook_size
-    probs = torch.softmax(torch.randn(batch, P, V, device=device), -1)
+    logits = torch.randn(batch * P, V, device=device)
+    uniforms = torch.rand(batch * P, device=device)
+
+    def daid_step():
+        dist, ids, valid = daid.retrieve(tokens, positions)
+        hits = (dist.reshape(batch * P, -1), ids.reshape(batch * P, -1), valid.reshape(-1))
+        return sample_cells(logits, uniforms, 1.0, hits, daid.config)
 
     def run(fn):
         def call():
@@ -105,7 +117,7 @@ def _calls(name: str, batch: int):
 
     calls = {
         "model-step": run(lambda: gen.logits(tokens, labels)),
-        "daid-retrieval": run(lambda: daid.merge(probs, tokens, positions)),
+        "daid-retrieval": run(daid_step),
         "faid-model-step": run(lambda: gen.logits(tokens, labels, faid.begin_step(tokens, positions, True))),
     }
     return calls, P
@@ -141,11 +153,12 @@ def test_masked_step(benchmark, name, batch, provider):
     calls, P = _calls(name, batch)
     out = calls[provider]()  # correctness outside the timed calls
     if provider == "daid-retrieval":
-        sums = out.sum(-1)
-        torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-4, rtol=0)
+        drawn, prob = out
+        assert drawn.shape == (batch * P,) and bool(((drawn >= 0) & (drawn < V_of(name))).all())
+        assert bool(((prob > 0) & (prob <= 1 + 1e-5)).all())
     else:
         H, W = SHAPES[name][0]["grid"]
-        assert out.shape == (batch, H * W, SHAPES[name][0]["codebook_size"])
+        assert out.shape == (batch, H * W, V_of(name))
         assert bool(torch.isfinite(out).all())
     benchmark.group = f"{name}-b{batch}"
     benchmark.pedantic(calls[provider], rounds=rounds, iterations=1, warmup_rounds=1)

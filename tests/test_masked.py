@@ -10,7 +10,7 @@ from arrag_kernels._ext import HAS_EXT
 from arrag_kernels.faid import FAiDBlenders, FAiDLayer
 from arrag_kernels.masked import (MaskedDAiD, MaskedDecodeConfig, MaskedDecodeStats, MaskedFAiD, MaskedRetriever,
                                   blend_full, blend_full_literal, masked_decode, tiny_maskgit, token_database,
-                                  train_masked_faid, train_maskgit)
+                                  sample_cells, train_masked_faid, train_maskgit)
 from arrag_kernels.models import codebook_fingerprint
 from arrag_kernels.ops import retrieval_distribution_ref
 from arrag_kernels.retrieval import DatabaseError
@@ -126,28 +126,39 @@ def test_causal_database_is_refused(gen, grids):
 
 
 # ---- DAiD ---------------------------------------------------------------------------------------
-def test_per_cell_merge_equals_per_cell_formula(gen, grids):
-    """MaskedDAiD.merge (daid_mix on B*P rows) against the formula applied cell by cell, with cells whose
-    key is invalid (border 'skip') keeping the model distribution."""
+@pytest.mark.parametrize("dedup", ["nearest", "sum"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cell_sampling_equals_per_cell_formula(gen, grids, backend, dedup):
+    """sample_cells (daid_sample on B*P rows + the drawn token's probability) against the merge formula
+    applied cell by cell and an inverse-CDF draw, with cells whose key is invalid (border 'skip')
+    keeping the model distribution."""
     db = token_database(grids[:8], gen, ak.KeyLayout("full", 1, "skip"))
-    cfg = ak.DAiDConfig(lam=0.3, tau=0.7, k=9, dedup="nearest")
+    cfg = ak.DAiDConfig(lam=0.3, tau=0.7, k=9, dedup=dedup)
     daid = MaskedDAiD(db, cfg, gen)
     g = _rng(1)
-    tokens = grids[40:43].reshape(3, -1).clone()
-    positions = torch.stack([torch.randperm(64, generator=g)[:13] for _ in range(3)])
+    B, P, V, T = 3, 5, 512, 0.9
+    tokens = grids[40:43].reshape(B, -1).clone()
+    positions = torch.stack([torch.randperm(64, generator=g)[:P] for _ in range(B)])
     tokens.scatter_(1, positions, -1)
-    probs = torch.softmax(torch.randn(3, 13, 512, generator=g), -1)
-    merged = daid.merge(probs, tokens, positions)
-    dist, ids, valid = daid.retrieve(tokens, positions)
+    logits = torch.randn(B * P, V, generator=g) * 3
+    u = torch.rand(B * P, generator=g)
+    dist, ids, valid = (x.reshape(B * P, -1).squeeze(-1) for x in daid.retrieve(tokens, positions))
     assert 0 < int(valid.sum()) < valid.numel()  # both kinds of cells are covered
-    for b in range(3):
-        for j in range(13):
-            if valid[b, j]:
-                p_ret = retrieval_distribution_ref(dist[b, j][None], ids[b, j][None], 512, cfg.tau, cfg.dedup)[0]
-                expected = (1 - cfg.lam) * probs[b, j] + cfg.lam * p_ret
-            else:
-                expected = probs[b, j]
-            assert_close(merged[b, j], expected, what=f"cell {b},{j}")
+    with ak.use_backend(backend):
+        got, prob = sample_cells(logits, u, T, (dist, ids, valid), cfg)
+        plain, plain_prob = sample_cells(logits, u, T)
+    p_model = torch.softmax(logits / T, -1)
+    for row in range(B * P):
+        p = p_model[row]
+        if valid[row]:
+            p = (1 - cfg.lam) * p + cfg.lam * retrieval_distribution_ref(dist[row][None], ids[row][None], V, cfg.tau, dedup)[0]
+        cdf = p.cumsum(0)
+        expected = min(int(torch.searchsorted(cdf, u[row] * cdf[-1], right=True)), V - 1)
+        assert int(got[row]) == expected, row
+        assert_close(prob[row], p[expected], what=f"merged probability, row {row}")
+        plain_expected = min(int(torch.searchsorted(p_model[row].cumsum(0), u[row], right=True)), V - 1)
+        assert int(plain[row]) == plain_expected
+        assert_close(plain_prob[row], p_model[row, plain_expected], what=f"model probability, row {row}")
 
 
 @pytest.mark.parametrize("start_fraction", [0.0, 0.5])

@@ -17,8 +17,9 @@ retrieved features into every cell with full (non-causal) windows.
 from .base import LayerHook, MaskedGenerator
 from .config import MaskedDecodeConfig
 from .faid import MaskedFAiD, blend_full, blend_full_literal, train_masked_faid
-from .loop import MaskedDecodeStats, masked_decode, sample_inverse_cdf
-from .retrieval import MaskedDAiD, MaskedRetriever, masked_positions, token_database
+from .loop import MaskedDecodeStats, masked_decode
+from .retrieval import (MaskedDAiD, MaskedRetriever, masked_positions, merged_token_probability, sample_cells,
+                        token_database)
 from .tiny import TinyMaskGIT, TinyMaskGITAdapter, random_mask, tiny_maskgit, train_maskgit
 
 __all__ = [
@@ -35,8 +36,9 @@ __all__ = [
     "blend_full_literal",
     "masked_decode",
     "masked_positions",
+    "merged_token_probability",
     "random_mask",
-    "sample_inverse_cdf",
+    "sample_cells",
     "tiny_maskgit",
     "token_database",
     "train_masked_faid",

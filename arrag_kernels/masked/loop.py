@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import MaskedDecodeConfig
-from .retrieval import masked_positions
+from .retrieval import masked_positions, sample_cells
 
 
 @dataclass
@@ -16,14 +16,6 @@ class MaskedDecodeStats:
 
     unknown: list = field(default_factory=list)
     retrieval_steps: list = field(default_factory=list)
-
-
-def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """(..., V) probabilities (need not sum to 1), (...) uniforms in [0, 1) -> (...) int64: the smallest v
-    with ``cumsum(p)[v] > u * sum(p)``."""
-    cdf = probs.float().cumsum(-1)
-    threshold = uniforms.float().unsqueeze(-1) * cdf[..., -1:]
-    return torch.searchsorted(cdf, threshold, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -40,9 +32,10 @@ def masked_decode(
     """Generate (B, H*W) token grids by confidence-based parallel unmasking.
 
     Step t (see :class:`MaskedDecodeConfig`): the model predicts every cell; at the P unknown cells
-    ``p = softmax(logits / temperature)``, merged per cell as ``(1 - lam) p + lam p_ret`` by ``daid``
-    at retrieving steps (one search for the B * P cells); a token is drawn at every unknown cell by
-    inverse CDF from uniforms of ``rng``; the ``P - P_next`` most confident samples
+    ``p = softmax(logits / temperature)``, merged per cell as ``(1 - lam) p + lam p_ret`` with ``daid``'s
+    hits at retrieving steps (one search for the B * P cells); a token is drawn at every unknown cell
+    by inverse CDF from uniforms of ``rng`` (:func:`sample_cells`, one fused op for all B * P cells);
+    the ``P - P_next`` most confident samples
     (``log p(token) + choice_temperature (1 - (t+1)/T) gumbel``) are kept, the rest stay unknown.
     Random numbers are drawn the same way whether or not anything retrieves, so with ``lam = 0`` the
     tokens equal those of the plain loop for the same ``rng`` state.
@@ -74,15 +67,17 @@ def masked_decode(
         hook = faid.begin_step(tokens, positions, retrieve) if faid is not None else None
         logits = generator.logits(tokens, condition, hook)
         cell_logits = torch.gather(logits, 1, positions.unsqueeze(-1).expand(B, P, logits.shape[-1]))
-        probs = torch.softmax(cell_logits.float() / config.temperature, dim=-1)
+        hits = None
         if daid is not None and retrieve:
-            probs = daid.merge(probs, tokens, positions)
+            dist, ids, valid = daid.retrieve(tokens, positions)
+            hits = (dist.reshape(B * P, -1), ids.reshape(B * P, -1), valid.reshape(-1))
         u = torch.rand(B, P, generator=rng, device=device)
         g = torch.rand(B, P, generator=rng, device=device)
-        sampled = sample_inverse_cdf(probs, u)
+        sampled, prob = sample_cells(cell_logits.reshape(B * P, -1), u.reshape(-1), config.temperature, hits,
+                                     None if daid is None else daid.config)
+        sampled, prob = sampled.view(B, P), prob.view(B, P)
         gumbel = -torch.log(-torch.log(g.clamp(1e-20, 1 - 1e-7)))
-        confidence = torch.log(torch.gather(probs, 2, sampled.unsqueeze(-1)).squeeze(-1))
-        confidence = confidence + config.choice_temperature * (1.0 - (t + 1) / T) * gumbel
+        confidence = torch.log(prob) + config.choice_temperature * (1.0 - (t + 1) / T) * gumbel
         keep = torch.argsort(confidence, dim=1, descending=True, stable=True)[:, : P - P_next]
         tokens.scatter_(1, positions.gather(1, keep), sampled.gather(1, keep))
         if history is not None:

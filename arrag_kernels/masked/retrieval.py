@@ -4,8 +4,10 @@ Each decode step queries every unknown cell of every image with its 8 neighbours
 ``[UL, U, UR, L, R, LL, Lo, LR]`` (``KeyLayout(neighborhood="full")``): known neighbours contribute
 their L2-normalised codebook vector, unknown or outside neighbours zeros (:func:`neighbor_keys`
 treats negative ids as unknown). The (B, P) queries of a step go to the database in ONE search of
-B * P rows, and the DAiD merge is :func:`arrag_kernels.ops.daid_mix` on the same B * P rows:
-``p = (1 - lam) p_model + lam p_ret`` per cell.
+B * P rows. The per-cell DAiD merge ``p = (1 - lam) softmax(l / T) + lam p_ret`` and the draw from it
+are :func:`arrag_kernels.ops.daid_sample` (one fused op: reference, Triton, C++) on the same B * P
+rows; :func:`sample_cells` adds the merged probability of each drawn token, which MaskGIT's
+confidence needs, from O(V + K log K) work per cell.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DAiDConfig, KeyLayout
-from ..ops import daid_mix, feature_neighbor_keys, neighbor_keys
+from ..ops import daid_sample, feature_neighbor_keys, neighbor_keys
 from ..retrieval import DatabaseError, PatchDatabase
 from ..retrieval.database import DatabaseMeta
 
@@ -63,22 +65,69 @@ class MaskedRetriever:
 
 
 class MaskedDAiD(MaskedRetriever):
-    """DAiD for masked decoders: per-cell ``(1 - lam) p_model + lam p_ret`` (``config.k`` hits per cell)."""
+    """DAiD for masked decoders: ``config.k`` hits per unknown cell, merged per cell by :func:`sample_cells`."""
 
     def __init__(self, db: PatchDatabase, config: DAiDConfig, generator, device=None):
         super().__init__(db, config.k, generator, device)
         self.config = config
 
-    def merge(self, probs: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(B, P, V) model probabilities at ``positions`` -> (B, P, V) float32 merged probabilities.
 
-        Cells whose key is not valid, or whose search returned only padding, keep ``probs``."""
-        B, P, V = probs.shape
-        dist, ids, valid = self.retrieve(tokens, positions)
-        c = self.config
-        mixed = daid_mix(probs.reshape(B * P, V), dist.reshape(B * P, -1), ids.reshape(B * P, -1), valid.reshape(-1),
-                         c.lam, c.tau, c.dedup)
-        return mixed.view(B, P, V)
+def merged_token_probability(logits, dist, ids, active, token, temperature: float, lam: float, tau: float,
+                             dedup: str) -> torch.Tensor:
+    """(R,) probability of ``token`` under the distribution :func:`daid_sample` draws from (no CFG).
+
+    ``p(v) = (1 - lam) softmax(l / T)(v) + lam p_ret(v)`` on rows that are ``active`` with a valid hit,
+    ``softmax(l / T)(v)`` elsewhere; ``p_ret`` as in :func:`arrag_kernels.ops.retrieval_distribution_ref`
+    but evaluated at one token per row: the normaliser of ``dedup="nearest"`` runs over distinct tokens
+    (hits sorted by token, nearest first), so nothing of size (R, V) is built besides the logits.
+    """
+    scaled = logits.float() / temperature
+    p_model = torch.exp(scaled.gather(1, token[:, None])[:, 0] - torch.logsumexp(scaled, dim=1))
+    valid = ids >= 0
+    s = torch.where(valid, -dist.float() / tau, float("-inf"))
+    hit = valid & (ids == token[:, None])
+    if dedup == "nearest":
+        nearest_first = torch.argsort(s, dim=1, descending=True, stable=True)
+        by_token = torch.argsort(ids.gather(1, nearest_first), dim=1, stable=True)
+        order = nearest_first.gather(1, by_token)  # grouped by token, each group nearest first
+        ids_o, s_o = ids.gather(1, order), s.gather(1, order)
+        first = torch.ones_like(valid)
+        first[:, 1:] = ids_o[:, 1:] != ids_o[:, :-1]
+        norm = torch.logsumexp(torch.where(first, s_o, float("-inf")), dim=1)
+        p_ret = torch.exp(torch.where(hit, s, float("-inf")).amax(dim=1) - norm)
+    else:
+        p_ret = (torch.softmax(s, dim=1) * hit).sum(dim=1)
+    use = active & valid.any(dim=1)
+    return torch.where(use, (1.0 - lam) * p_model + lam * torch.nan_to_num(p_ret, nan=0.0), p_model)
+
+
+def sample_cells(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, hits=None,
+                 config: DAiDConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per cell, with the per-cell DAiD merge when ``hits`` are given.
+
+    Args:
+        logits: (R, V) logits of R cells (R = B * P).
+        uniforms: (R,) in [0, 1): the draw is the inverse CDF of the (merged) distribution.
+        temperature: T > 0.
+        hits: (dist (R, K), token ids (R, K), valid (R,)) from :meth:`MaskedRetriever.retrieve`, or None
+            (plain sampling: the same op with no active row, so ``lam = 0`` reproduces it exactly).
+        config: the :class:`DAiDConfig` (lam, tau, dedup) when ``hits`` are given.
+
+    Returns:
+        tokens (R,) int64 and their probabilities (R,) float32 under the distribution drawn from.
+    """
+    R = logits.shape[0]
+    if hits is None:
+        dist = torch.zeros(R, 1, device=logits.device)
+        ids = torch.full((R, 1), -1, dtype=torch.long, device=logits.device)
+        active = torch.zeros(R, dtype=torch.bool, device=logits.device)
+        lam, tau, dedup = 0.0, 1.0, "nearest"
+    else:
+        dist, ids, active = hits
+        lam, tau, dedup = config.lam, config.tau, config.dedup
+    tokens = daid_sample(logits, dist, ids, active, uniforms, guidance_scale=None, temperature=temperature, lam=lam,
+                         tau=tau, dedup=dedup)
+    return tokens, merged_token_probability(logits, dist, ids, active, tokens, temperature, lam, tau, dedup)
 
 
 def token_database(token_grids: torch.Tensor, generator, layout: KeyLayout | None = None) -> PatchDatabase:
