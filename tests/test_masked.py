@@ -9,7 +9,7 @@ import arrag_kernels as ak
 from arrag_kernels._ext import HAS_EXT
 from arrag_kernels.faid import FAiDBlenders, FAiDLayer
 from arrag_kernels.masked import (MaskedDAiD, MaskedDecodeConfig, MaskedDecodeStats, MaskedFAiD, MaskedRetriever,
-                                  blend_full, blend_full_literal, masked_decode, tiny_maskgit, token_database,
+                                  TinyMaskGITAdapter, blend_full, blend_full_literal, masked_decode, masked_positions, tiny_maskgit, token_database,
                                   sample_cells, train_masked_faid, train_maskgit)
 from arrag_kernels.models import codebook_fingerprint
 from arrag_kernels.ops import retrieval_distribution_ref
@@ -316,3 +316,20 @@ def test_tiny_generator_is_bidirectional_and_trains():
     data = torch.randint(0, 4, (8, 4, 4), generator=_rng())  # 4 of 32 codes used: learnable quickly
     losses = train_maskgit(gen, data, torch.zeros(8, dtype=torch.long), steps=30, batch_size=8, lr=3e-3)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_tiny_generator_guidance(gen, db):
+    guided = TinyMaskGITAdapter(gen.model, codebook=gen.codebook(), guidance_scale=3.0)
+    tokens = torch.randint(0, 512, (2, 64), generator=_rng(4))
+    tokens[:, ::3] = -1
+    labels = torch.tensor([1, 6])
+    null = torch.full_like(labels, gen.model.num_classes)
+    blenders = FAiDBlenders(gen.hidden_size, gen.num_layers, ak.FAiDConfig(k=4, hops=(1,), blenders=1))
+    faid = MaskedFAiD(gen, db, blenders)
+    positions = masked_positions(tokens, 22)
+    with torch.no_grad():
+        cond, uncond = gen.logits(tokens, labels), gen.logits(tokens, null)
+        assert_close(guided.logits(tokens, labels), uncond + 3.0 * (cond - uncond), what="CFG logits")
+        hook = faid.begin_step(tokens, positions, True)
+        cond_faid = gen.logits(tokens, labels, faid.make_hook(tokens, faid.features(tokens, positions, True)))
+        assert_close(guided.logits(tokens, labels, hook), uncond + 3.0 * (cond_faid - uncond), what="CFG with FAiD")

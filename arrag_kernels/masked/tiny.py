@@ -81,13 +81,18 @@ class TinyMaskGITAdapter:
         tokenizer: an :class:`arrag_kernels.models.ImageTokenizer` whose codebook and grid the model
             was trained on; its ``encode`` / ``image_size`` make the adapter usable with
             ``PatchDatabase.build(images, adapter, neighborhood="full", border="zero")``.
+        guidance_scale: classifier-free guidance w (None: none): ``l = l_u + w (l_c - l_u)`` with the
+            null class as the unconditional input, both in one doubled batch; a FAiD hook acts on the
+            conditional rows only (as the official FAiD does with CFG).
     """
 
-    def __init__(self, model: TinyMaskGIT, codebook: torch.Tensor | None = None, tokenizer=None):
+    def __init__(self, model: TinyMaskGIT, codebook: torch.Tensor | None = None, tokenizer=None,
+                 guidance_scale: float | None = None):
         if (codebook is None) == (tokenizer is None):
             raise ValueError("TinyMaskGITAdapter: pass exactly one of codebook= (a (V, d) tensor) or tokenizer=")
         self.model = model
         self.tokenizer = tokenizer
+        self.guidance_scale = guidance_scale
         self._codebook = None if codebook is None else F.normalize(codebook.detach().float(), dim=-1)
         cb = self.codebook()
         if cb.shape[0] != model.codebook_size:
@@ -109,7 +114,18 @@ class TinyMaskGITAdapter:
         return codebook_fingerprint(self.codebook()) if self.tokenizer is None else self.tokenizer.fingerprint()
 
     def logits(self, tokens, condition, hook=None):
-        return self.model(tokens, condition, hook)
+        if self.guidance_scale is None:
+            return self.model(tokens, condition, hook)
+        B = tokens.shape[0]
+
+        def conditional_rows(i, x):
+            extra = hook(i, x[:B])
+            return None if extra is None else torch.cat([extra, torch.zeros_like(extra)])
+
+        null = torch.full_like(condition, self.model.num_classes)
+        both = self.model(tokens.repeat(2, 1), torch.cat([condition, null]), None if hook is None else conditional_rows)
+        cond, uncond = both[:B], both[B:]
+        return uncond + self.guidance_scale * (cond - uncond)
 
     def embed_tokens(self, ids):
         return self.model.tok(ids)
