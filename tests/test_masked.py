@@ -9,8 +9,8 @@ import arrag_kernels as ak
 from arrag_kernels._ext import HAS_EXT
 from arrag_kernels.faid import FAiDBlenders, FAiDLayer
 from arrag_kernels.masked import (MaskedDAiD, MaskedDecodeConfig, MaskedDecodeStats, MaskedFAiD, MaskedRetriever,
-                                  TinyMaskGITAdapter, blend_full, blend_full_literal, masked_decode, masked_positions, tiny_maskgit, token_database,
-                                  sample_cells, train_masked_faid, train_maskgit)
+                                  TinyMaskGITAdapter, blend_full, blend_full_literal, masked_decode, masked_positions,
+                                  sample_cells, tiny_maskgit, token_database, train_masked_faid, train_maskgit)
 from arrag_kernels.models import codebook_fingerprint
 from arrag_kernels.ops import retrieval_distribution_ref
 from arrag_kernels.retrieval import DatabaseError

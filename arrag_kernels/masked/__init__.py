@@ -15,12 +15,12 @@ retrieved features into every cell with full (non-causal) windows.
 """
 
 from .base import LayerHook, MaskedGenerator
-from .config import MaskedDecodeConfig
+from .config import MaskedDecodeConfig, random_mask
 from .faid import MaskedFAiD, blend_full, blend_full_literal, train_masked_faid
 from .loop import MaskedDecodeStats, masked_decode
 from .retrieval import (MaskedDAiD, MaskedRetriever, masked_positions, merged_token_probability, sample_cells,
                         token_database)
-from .tiny import TinyMaskGIT, TinyMaskGITAdapter, random_mask, tiny_maskgit, train_maskgit
+from .tiny import TinyMaskGIT, TinyMaskGITAdapter, tiny_maskgit, train_maskgit
 
 __all__ = [
     "LayerHook",

@@ -1,10 +1,13 @@
-"""``MaskedDecodeConfig``: the unmasking schedule and the retrieval gate of masked decoding."""
+"""``MaskedDecodeConfig``: the unmasking schedule and the retrieval gate of masked decoding; the
+matching random training mask."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -62,3 +65,13 @@ class MaskedDecodeConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def random_mask(tokens: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """MaskGIT training mask: per image a ratio r = cos(pi/2 u), u ~ U[0, 1), and ceil(r N) >= 1 random
+    cells masked. (B, N) ids -> (B, N) bool, True = masked."""
+    B, N = tokens.shape
+    u = torch.rand(B, generator=generator, device=tokens.device)
+    count = torch.ceil(torch.cos(math.pi / 2 * u) * N).clamp(1, N).long()
+    rank = torch.rand(B, N, generator=generator, device=tokens.device).argsort(dim=1).argsort(dim=1)
+    return rank < count.unsqueeze(1)

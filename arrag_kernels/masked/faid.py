@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..faid import FAiDBlenders, FAiDLayer
+from .config import random_mask
 from .retrieval import MaskedRetriever
-from .tiny import random_mask
 
 REDUCTIONS = ("sum", "mean")
 

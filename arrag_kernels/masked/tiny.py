@@ -10,13 +10,12 @@ any VQ tokenizer with ``codebook()`` / ``fingerprint()`` / ``grid`` (e.g. a
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..models.base import codebook_fingerprint
+from .config import random_mask
 
 
 class _Block(nn.Module):
@@ -138,16 +137,6 @@ def tiny_maskgit(seed: int = 0, grid=(8, 8), codebook_size: int = 512, embed_dim
         model = TinyMaskGIT(grid, codebook_size, **model_kwargs).eval()
         codebook = torch.randn(codebook_size, embed_dim)
     return TinyMaskGITAdapter(model, codebook=codebook)
-
-
-def random_mask(tokens: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """MaskGIT training mask: per image a ratio r = cos(pi/2 u), u ~ U[0, 1), and ceil(r N) >= 1 random
-    cells masked. (B, N) ids -> (B, N) bool, True = masked."""
-    B, N = tokens.shape
-    u = torch.rand(B, generator=generator, device=tokens.device)
-    count = torch.ceil(torch.cos(math.pi / 2 * u) * N).clamp(1, N).long()
-    rank = torch.rand(B, N, generator=generator, device=tokens.device).argsort(dim=1).argsort(dim=1)
-    return rank < count.unsqueeze(1)
 
 
 def train_maskgit(adapter: TinyMaskGITAdapter, token_grids: torch.Tensor, labels: torch.Tensor, steps: int,
