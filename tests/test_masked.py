@@ -333,3 +333,26 @@ def test_tiny_generator_guidance(gen, db):
         hook = faid.begin_step(tokens, positions, True)
         cond_faid = gen.logits(tokens, labels, faid.make_hook(tokens, faid.features(tokens, positions, True)))
         assert_close(guided.logits(tokens, labels, hook), uncond + 3.0 * (cond_faid - uncond), what="CFG with FAiD")
+
+
+def test_retrieval_recovers_cells_of_structured_images():
+    """End to end through keys, one search and the lam = 1 draw: on images where a cell is a function of
+    its neighbours (token(r, c) = (a r + b c + s) mod 32), hiding 10% of a held-out image's cells and
+    drawing each from retrieval alone returns the true token for most cells (0.93 measured; a random
+    draw would be right 1/32 of the time)."""
+    g = _rng(0)
+
+    def images(n):
+        a, b = torch.randint(1, 4, (2, n, 1, 1), generator=g)
+        s = torch.randint(0, 32, (n, 1, 1), generator=g)
+        return (a * torch.arange(8).view(1, 8, 1) + b * torch.arange(8).view(1, 1, 8) + s) % 32
+
+    gen = tiny_maskgit(seed=0, codebook_size=32)
+    daid = MaskedDAiD(token_database(images(300), gen), ak.DAiDConfig(lam=1.0, tau=0.6, k=16), gen)
+    truth = images(50).reshape(50, 64)
+    tokens = truth.clone()
+    tokens.scatter_(1, torch.rand(50, 64, generator=g).argsort(1)[:, :6], -1)
+    positions = masked_positions(tokens, 6)
+    dist, ids, valid = (x.reshape(300, -1).squeeze(-1) for x in daid.retrieve(tokens, positions))
+    drawn, _ = sample_cells(torch.zeros(300, 32), torch.rand(300, generator=g), 1.0, (dist, ids, valid), daid.config)
+    assert (drawn == truth.gather(1, positions).reshape(-1)).float().mean() > 0.85
