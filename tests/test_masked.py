@@ -356,3 +356,24 @@ def test_retrieval_recovers_cells_of_structured_images():
     dist, ids, valid = (x.reshape(300, -1).squeeze(-1) for x in daid.retrieve(tokens, positions))
     drawn, _ = sample_cells(torch.zeros(300, 32), torch.rand(300, generator=g), 1.0, (dist, ids, valid), daid.config)
     assert (drawn == truth.gather(1, positions).reshape(-1)).float().mean() > 0.85
+
+
+def test_image_database_through_a_vq_tokenizer(tiny_model, tiny_images):
+    """A generator adapter backed by a real VQ tokenizer (the tiny Janus VQ here; any ImageTokenizer, e.g.
+    a VQ trained on real images, plugs in the same way) builds a Show-o-style database from images."""
+    from arrag_kernels.masked import TinyMaskGIT
+    from arrag_kernels.models import get_adapter
+
+    tokenizer = get_adapter(tiny_model)
+    torch.manual_seed(0)
+    gen = TinyMaskGITAdapter(TinyMaskGIT(tokenizer.grid, tokenizer.codebook_size).eval(), tokenizer=tokenizer)
+    db = ak.PatchDatabase.build(tiny_images, gen, neighborhood="full", border="zero", progress=False)
+    assert len(db) == tiny_images.shape[0] * 64 and db.meta.key_dim == 8 * tokenizer.embed_dim
+    keys = db.keys[:64].view(64, 8, -1)
+    latents, _ = tokenizer.encode(tiny_images[:1])
+    assert_close(keys[9, 0], latents[0, 0, 0], what="UL of cell (1, 1)")  # key cell 0 of (1, 1) is cell (0, 0)
+    assert_close(keys[0, 4], latents[0, 0, 1], what="R of cell (0, 0)")
+    assert bool((keys[0, [0, 1, 2, 3, 5]] == 0).all())  # cell (0, 0): UL, U, UR, L and LL are outside the grid
+    daid = MaskedDAiD(db, ak.DAiDConfig(lam=0.5, k=8), gen)
+    out = masked_decode(gen, torch.tensor([0, 1]), MaskedDecodeConfig(steps=4), daid=daid, rng=_rng())
+    assert out.shape == (2, 64) and daid.searches == 2
