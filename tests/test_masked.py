@@ -173,6 +173,23 @@ def test_lam0_equals_plain_sampler(gen, db, start_fraction):
     assert bool((plain >= 0).all())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lam0_equals_plain_sampler_per_backend(backend):
+    """The same on a 3 x 3 grid with 64 codes, keys and the fused merge + draw forced to one backend
+    (Triton: interpreted; the search itself runs the reference to keep the test fast)."""
+    small = tiny_maskgit(seed=2, grid=(3, 3), codebook_size=64, dim=32, num_layers=1)
+    daid = MaskedDAiD(token_database(torch.randint(0, 64, (20, 3, 3), generator=_rng(6)), small),
+                      ak.DAiDConfig(lam=0.0, k=8), small)
+    _Counting(daid)
+    cfg = MaskedDecodeConfig(steps=3, start_fraction=0.0)
+    labels = torch.tensor([1, 2])
+    with ak.use_backend(backend):
+        plain = masked_decode(small, labels, cfg, rng=_rng())
+        with_daid = masked_decode(small, labels, cfg, daid=daid, rng=_rng())
+    assert daid.searches == 3
+    assert torch.equal(plain, with_daid)
+
+
 def _brute_force_allowed(db, query, k):
     """Token ids of the entries at most as far as the k-th nearest (tolerates ties), by direct L2."""
     d = ((db.keys.float() - query.float()) ** 2).sum(1)
