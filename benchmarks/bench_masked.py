@@ -17,6 +17,8 @@ pytest-benchmark times every row the same way (median of the rounds). Every row 
 ``retrieval_over_model_step`` / ``faid_over_model_step`` from those interleaved medians, so the ratios
 do not depend on load drift between rows.
 
+``test_masked_faid_blend`` times one all-cell blender, fast form against the literal K conv stacks.
+
 Shapes: ``tiny-cpu`` (8 x 8 grid, 512 codes, hidden 64, 2 layers, 20k keys, K = 64, reference ops on
 CPU: plumbing, not speed claims) and ``showo-shape`` (CUDA only: Show-o's 16 x 16 grid, 8192 codes
 of 13-d LFQ vectors, a 24-layer hidden-2048 transformer with random bf16 weights, 1M keys, K = 2048).
@@ -170,3 +172,50 @@ def test_masked_step(benchmark, name, batch, provider):
         retrieval_over_model_step=medians["daid-retrieval"] / medians["model-step"],
         faid_over_model_step=medians["faid-model-step"] / medians["model-step"],
     )
+
+
+# name -> (D, K, hops, batch, grid side, device)
+BLEND_SHAPES = {
+    "tiny-cpu": (64, 10, (1, 2), 4, 8, "cpu"),
+    "showo-shape": (2048, 10, (1, 2), 16, 16, "cuda"),
+}
+
+
+def _blend_params():
+    for name, (*_, device) in BLEND_SHAPES.items():
+        marks = [pytest.mark.skipif(not CUDA, reason="the Show-o-shaped case needs a CUDA GPU")] if device == "cuda" else []
+        for provider in ("fast", "literal"):
+            yield pytest.param(name, provider, id=f"{name}-{provider}", marks=marks)
+
+
+@pytest.mark.parametrize("name,provider", list(_blend_params()))
+def test_masked_faid_blend(benchmark, name, provider):
+    """One blender over every cell of the grid: ``blend_full`` (one conv pair per hop over the map + the
+    composed centre tap) against ``blend_full_literal`` (K conv stacks per cell); equal outputs checked."""
+    from arrag_kernels.faid import FAiDLayer
+    from arrag_kernels.masked import blend_full, blend_full_literal
+
+    D, K, hops, B, side, device = BLEND_SHAPES[name]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    layer = FAiDLayer(D, hops).to(device=device, dtype=dtype)
+    known = torch.rand(B, side, side, 1, device=device) < 0.5
+    context = (torch.randn(B, side, side, D, device=device) * known).to(dtype)
+    retrieved = (torch.randn(B, side * side, K, D, device=device) * ~known.reshape(B, -1, 1, 1)).to(dtype)
+    fn = blend_full if provider == "fast" else blend_full_literal
+
+    def run():
+        with torch.no_grad():
+            out = fn(layer, context, retrieved)
+        _sync(device)
+        return out
+
+    out = run()
+    with torch.no_grad():
+        ref = blend_full_literal(layer, context, retrieved)
+    tol = 5e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out[0].float(), ref[0].float(), atol=tol, rtol=tol)
+    benchmark.group = f"masked-faid-blend-{name}"
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(provider=provider, D=D, K=K, hops=list(hops), batch=B, grid=side, dtype=str(dtype),
+                                statistic="median")
