@@ -177,7 +177,8 @@ def train_masked_faid(faid: MaskedFAiD, token_grids: torch.Tensor, condition: to
                       batch_size: int = 8, lr: float = 2e-4, seed: int = 0) -> list[float]:
     """Train ``faid.blenders`` (the generator stays frozen) for ``steps`` AdamW steps on random batches of
     ``token_grids`` (M, N) / ``condition`` (M, ...); returns the loss of every step (before its update).
-    Keep the training grids out of ``faid``'s database, or cells retrieve their own patch."""
+    Keep the training grids out of ``faid``'s database, or cells retrieve their own patch, and train
+    through an adapter without guidance (the loss reads ``generator.logits`` as it is)."""
     params = list(faid.blenders.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     g = torch.Generator(device=token_grids.device).manual_seed(seed)
