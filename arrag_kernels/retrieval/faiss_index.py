@@ -93,7 +93,7 @@ def validate_ivfpq(index, values: np.ndarray, dim: int, codebook_size: int, npro
             f"expected [0, {codebook_size})"
         )
     if nprobe is not None and not 1 <= nprobe <= ivf.nlist:
-        raise IndexFormatError(f"nprobe = {nprobe} exceeds the index's nlist = {ivf.nlist} (expected 1 <= nprobe <= nlist)")
+        raise IndexFormatError(f"nprobe: expected 1 <= nprobe <= nlist = {ivf.nlist} (the index's list count), got {nprobe}")
 
 
 def ivfpq_arrays(index) -> dict[str, torch.Tensor | None]:
