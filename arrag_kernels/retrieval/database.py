@@ -42,7 +42,8 @@ from ..config import KeyLayout
 from ..models import get_adapter
 from ..ops import feature_neighbor_keys
 from . import ivfpq_build
-from .faiss_index import INDEX_FILE, VALUES_FILE, IndexFormatError, import_faiss, inner_ivfpq, set_nprobe, validate_ivfpq
+from .faiss_index import (INDEX_FILE, VALUES_FILE, IndexFormatError, check_ivfpq_contents, import_faiss, inner_ivfpq,
+                          set_nprobe, validate_ivfpq)
 from .images import iter_image_batches, normalise_image_source
 from .search import INDEX_TYPES, make_search
 
@@ -95,11 +96,18 @@ class DatabaseMeta:
         )
 
 
-def _read_faiss_index(file: Path):
+def _read_faiss_index(file: Path, deep_check: bool = False):
+    """Read a FAISS index; ``deep_check`` also runs :func:`check_ivfpq_contents` (files without our checksums)."""
     try:
-        return import_faiss().read_index(str(file))
-    except RuntimeError as e:
-        raise DatabaseError(f"{str(file)!r} is not a readable FAISS index: {str(e).splitlines()[0]}") from e
+        index = import_faiss().read_index(str(file))
+    except (RuntimeError, MemoryError) as e:
+        raise DatabaseError(f"{str(file)!r} is not a readable FAISS index: {(str(e) or type(e).__name__).splitlines()[0]}") from e
+    if deep_check:
+        try:
+            check_ivfpq_contents(index)
+        except IndexFormatError as e:
+            raise DatabaseError(f"{str(file)!r}: {e}") from e
+    return index
 
 
 def _read_values(file: Path) -> np.ndarray:
@@ -540,7 +548,7 @@ class PatchDatabase:
             raise DatabaseError(f"{str(meta_file)!r} is corrupted or incomplete: {e!r}") from e
         index, keys = None, None
         if meta.index == "ivfpq":
-            index = _read_faiss_index(path / INDEX_FILE)
+            index = _read_faiss_index(path / INDEX_FILE, deep_check=mode == "full")
             values = torch.from_numpy(_read_values(path / VALUES_FILE))
         if _ARRAYS in records:
             try:
@@ -568,7 +576,9 @@ class PatchDatabase:
 
         The key layout is the official one (causal, hop 1, border skip: 4 x ``embed_dim`` = 32-d
         latent keys). Checks: an (OPQ +) IVF-PQ index of dimension 32 with L2 metric, one token id
-        per entry in [0, ``codebook_size``), ``1 <= nprobe <= nlist``; ``nprobe`` is set on the
+        per entry in [0, ``codebook_size``), ``1 <= nprobe <= nlist``, and the index's contents
+        (finite float arrays, list sizes, ids 0..N-1 each once: see
+        :func:`arrag_kernels.retrieval.faiss_index.check_ivfpq_contents`); ``nprobe`` is set on the
         inner IVF. The database holds no exact keys (``keys is None``).
         """
         path = Path(path)
@@ -576,7 +586,7 @@ class PatchDatabase:
             if not (path / name).is_file():
                 raise DatabaseError(f"{str(path)!r}: expected the official files {INDEX_FILE} and {VALUES_FILE}, "
                                     f"{name} is missing")
-        index = _read_faiss_index(path / INDEX_FILE)
+        index = _read_faiss_index(path / INDEX_FILE, deep_check=True)
         values = _read_values(path / VALUES_FILE)
         meta = DatabaseMeta(
             layout=KeyLayout(), codebook_size=codebook_size, embed_dim=embed_dim, grid=tuple(grid),
