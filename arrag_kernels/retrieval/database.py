@@ -442,9 +442,10 @@ class PatchDatabase:
             sizes = ivfpq_build.chunk_sizes(work, len(range(0, count, chunk_images)))
             if keep_keys is None:
                 keep_keys = sum(sizes) * meta.key_dim * 4 <= KEEP_KEYS_MAX_BYTES
-            index = ivfpq_build.load_or_train(work, sizes, train_size=train_size, **params)
+            index = ivfpq_build.load_or_train(work, sizes, train_size=train_size, progress=progress, **params)
             values, keys = ivfpq_build.fill_ivfpq(index, lambda i: ivfpq_build.read_chunk(work, i), len(sizes),
                                                   keep_keys, progress)
+            ivfpq_build.say(progress, f"saving {len(values)} entries to {str(path)!r}")
             cls(keys, values, meta, index=index, nprobe=nprobe).save(path)
             shutil.rmtree(work, ignore_errors=True)
         if distributed:
