@@ -99,8 +99,8 @@ def validate_ivfpq(index, values: np.ndarray, dim: int, codebook_size: int, npro
 def check_ivfpq_contents(index) -> None:
     """Deep checks of an (OPQ +) IVF-PQ index read from a file that carries no checksum (a released one).
 
-    Raises IndexFormatError when: a float array (pre-transform matrix and bias, coarse centroids,
-    PQ codebooks) has the wrong size or holds NaN / inf; the inverted lists' sizes do not add up to
+    Raises IndexFormatError when: a part is marked untrained; a float array (pre-transform matrix
+    and bias, coarse centroids, PQ codebooks) has the wrong size or holds NaN / inf; the inverted lists' sizes do not add up to
     ``ntotal``; their code size is not the PQ's; the ids are not 0..N-1, each exactly once. Costs
     one pass over the ids (N bytes of scratch); flipped bits inside PQ codes cannot be detected.
     """
@@ -114,9 +114,13 @@ def check_ivfpq_contents(index) -> None:
     if isinstance(index, faiss.IndexPreTransform):
         for i in range(index.chain.size()):
             vt = faiss.downcast_VectorTransform(index.chain.at(i))
+            if not vt.is_trained:
+                raise IndexFormatError(f"pre-transform {i} is marked untrained: {corrupted}")
             floats[f"pre-transform {i} matrix"] = (faiss.vector_to_array(vt.A), vt.d_in * vt.d_out)
             if vt.have_bias:
                 floats[f"pre-transform {i} bias"] = (faiss.vector_to_array(vt.b), vt.d_out)
+    if not (ivf.is_trained and ivf.quantizer.is_trained):
+        raise IndexFormatError(f"the IVF or its coarse quantizer is marked untrained: {corrupted}")
     if ivf.quantizer.ntotal != nlist:
         raise IndexFormatError(f"the coarse quantizer holds {ivf.quantizer.ntotal} centroids, expected nlist = {nlist}: {corrupted}")
     try:
