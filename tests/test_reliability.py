@@ -249,8 +249,9 @@ def test_killed_saves_leave_a_loadable_database_and_no_leftovers(db, tmp_path, m
     """SIGKILL during save used to leave full-size .NAME.tmp-* / .old-* folders that no later save removed.
 
     Every file-system step of a save is a kill point (before and after it): a child process saves a
-    new database over the old one and SIGKILLs itself there. Then the database must load (old or new,
-    never half) and the next save must leave only the database.
+    new database over the old one and SIGKILLs itself there; a kill right after the arrays are
+    written first truncates them at a seeded random length (a kill in the middle of the write).
+    Then the database must load (old or new, never half) and the next save must leave only it.
     """
     old, new, third = db, ak.PatchDatabase(db.keys[:50], db.values[:50], db.meta), \
         ak.PatchDatabase(db.keys[:20], db.values[:20], db.meta)
@@ -273,6 +274,10 @@ def test_killed_saves_leave_a_loadable_database_and_no_leftovers(db, tmp_path, m
                 def maybe_kill(name, phase):
                     seen.append((name, phase))
                     if len(seen) > point:
+                        if (name, phase) == ("_write_arrays", "after"):
+                            (arrays,) = tmp_path.glob(".db.tmp-*/arrays.safetensors")
+                            size = arrays.stat().st_size
+                            os.truncate(arrays, int(np.random.default_rng(point).integers(1, size)))
                         os.kill(os.getpid(), signal.SIGKILL)
 
                 _instrument(monkeypatch, maybe_kill)
