@@ -1,7 +1,6 @@
 import subprocess
 import sys
 
-import pytest
 
 import arrag_kernels as ak
 from arrag_kernels.cli import main

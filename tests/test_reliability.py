@@ -17,7 +17,7 @@ import arrag_kernels as ak
 from arrag_kernels.cli import USER_ERROR, main
 from arrag_kernels.demo import procedural_images
 from arrag_kernels.faid import FAiDConfig
-from arrag_kernels.models import get_adapter, tiny_janus, tiny_janus_config, tiny_prompt_ids
+from arrag_kernels.models import get_adapter, tiny_janus_config, tiny_prompt_ids
 from arrag_kernels.retrieval import database
 from arrag_kernels.retrieval.images import pil_to_tensor
 
