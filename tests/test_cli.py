@@ -1,7 +1,6 @@
 import subprocess
 import sys
 
-
 import arrag_kernels as ak
 from arrag_kernels.cli import main
 from arrag_kernels.demo import procedural_images, run_demo
