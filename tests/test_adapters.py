@@ -34,7 +34,7 @@ def test_protocol_lists_what_the_library_calls():
     assert set(protocol_members(ImageTokenizer)) == {"grid", "codebook_size", "embed_dim", "image_size", "device",
                                                      "codebook", "fingerprint", "encode"}
     assert set(protocol_members(ModelAdapter)) == set(protocol_members(ImageTokenizer)) | {
-        "cfg_inputs", "new_cache", "step", "kv_spec", "image_logits", "embed_image_tokens"}
+        "cfg_inputs", "check_image_generation", "new_cache", "step", "kv_spec", "image_logits", "embed_image_tokens"}
 
 
 def test_plain_tokenizer_builds_the_same_database(tiny_model, tiny_images, db):

@@ -106,6 +106,10 @@ class TinyMaskGITAdapter:
         if tokenizer is not None and hasattr(tokenizer, "encode"):
             self.encode, self.image_size = tokenizer.encode, tokenizer.image_size
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def codebook(self) -> torch.Tensor:
         return self._codebook if self.tokenizer is None else self.tokenizer.codebook()
 
