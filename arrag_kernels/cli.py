@@ -14,6 +14,7 @@ from pathlib import Path
 # Modules with an ``add_subcommands(subparsers)`` function, imported lazily.
 _SUBCOMMAND_PROVIDERS: list[str] = [
     "arrag_kernels.faid.cli",
+    "arrag_kernels.eval.cli",
 ]
 
 
