@@ -38,10 +38,9 @@ def _load_model(spec: str, device: str):
 
 
 def _cmd_demo(args):
-    from arrag_kernels.demo import run_demo
+    from arrag_kernels.demo import main_demo
 
-    run_demo(out=args.out, grid=args.grid, num_images=args.images, batch=args.batch, seed=args.seed,
-             lam=args.lam, k=args.k, device=args.device)
+    main_demo(args)
 
 
 def _cmd_build_db(args):
@@ -126,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lam", type=float, default=0.5, help="DAiD mixing weight (default 0.5: visible on random weights)")
     d.add_argument("--k", type=int, default=64, help="retrieved neighbours per step (default 64)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--random-weights", action="store_true",
+                   help="the random-weight demo on procedural images instead of the trained emoji model")
     d.add_argument("--device", default="cpu")
     d.set_defaults(func=_cmd_demo)
 
