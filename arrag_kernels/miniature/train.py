@@ -248,7 +248,8 @@ def train_miniature(out: str | os.PathLike, cfg: MiniatureConfig = MiniatureConf
         "losses_last50": {"vq": tail(vq_losses), "lm": tail(lm_losses), "classifier": tail(clf_losses)},
         "times_s": times,
         "torch": torch.__version__,
-        "command": f"python -m arrag_kernels.miniature.train --out {out}",
+        "command": "python -m arrag_kernels.miniature.train"
+                   + ("" if out.resolve() == WEIGHTS_DIR.resolve() else f" --out {out}") + f" --seed {cfg.seed}",
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     return meta
