@@ -37,14 +37,14 @@ def decode_tokens(model, tokens: torch.Tensor, batch_size: int = 256) -> torch.T
 
 
 def image_grid(pixels: torch.Tensor, columns: int = 16):
-    """(n, 3, S, S) pixels in [-1, 1] -> one PIL image, ``columns`` per row (white padding)."""
+    """(n, 3, H, W) pixels in [-1, 1] -> one PIL image, ``columns`` per row (white padding)."""
     from PIL import Image
 
-    n, _, S, _ = pixels.shape
+    n, _, H, W = pixels.shape
     rows = -(-n // columns)
-    canvas = torch.ones(3, rows * S, columns * S)
+    canvas = torch.ones(3, rows * H, columns * W)
     for i in range(n):
         r, c = divmod(i, columns)
-        canvas[:, r * S : (r + 1) * S, c * S : (c + 1) * S] = (pixels[i] + 1) / 2
+        canvas[:, r * H : (r + 1) * H, c * W : (c + 1) * W] = (pixels[i] + 1) / 2
     data = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     return Image.fromarray(data, "RGB")
