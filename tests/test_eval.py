@@ -154,6 +154,17 @@ def test_nll_matches_hand_computation(toy):
     assert s["nll_non_retrieval"] == pytest.approx(float(hand[:, ~ret].mean()), abs=1e-5)
 
 
+def test_nll_cfg(toy):
+    model, _, prompts, tokens, _ = toy
+    plain = image_nll(model, prompts, tokens)
+    # w = 1 is the conditional distribution; w = 0 the unconditional one (prompt padded but BOS / BOI)
+    torch.testing.assert_close(image_nll(model, prompts, tokens, guidance_scale=1.0).nll, plain.nll)
+    uncond = prompts.clone()
+    uncond[:, 1:-1] = 0
+    torch.testing.assert_close(image_nll(model, prompts, tokens, guidance_scale=0.0).nll,
+                               image_nll(model, uncond, tokens).nll, atol=1e-5, rtol=1e-5)
+
+
 def test_nll_bad_input(toy):
     model, _, prompts, tokens, db = toy
     with pytest.raises(ValueError, match="empty"):
