@@ -181,7 +181,10 @@ def load_emoji_dataset(size: int = 32, limit: int | None = None, seed: int = 0, 
     from tqdm.auto import tqdm
 
     font_path, test_path = emoji_sources(font, emoji_test)
-    entries = parse_emoji_test(test_path)
+    all_entries = parse_emoji_test(test_path)
+    group_names = list(dict.fromkeys(e.group for e in all_entries))  # label ids do not depend on ``limit``
+    subgroup_names = list(dict.fromkeys(e.subgroup for e in all_entries))
+    entries = all_entries
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit: expected a positive number of emoji or None, got {limit}")
@@ -206,7 +209,5 @@ def load_emoji_dataset(size: int = 32, limit: int | None = None, seed: int = 0, 
     if not entries:
         raise ValueError(f"no emoji could be rendered with {str(font_path)!r}")
     split = split_by_base_name(entries, fractions, seed)
-    group_names = list(dict.fromkeys(e.group for e in parse_emoji_test(test_path)))
-    subgroup_names = list(dict.fromkeys(e.subgroup for e in parse_emoji_test(test_path)))
     return EmojiDataset(torch.from_numpy(np.ascontiguousarray(images)), [e.name for e in entries],
                         [e.group for e in entries], [e.subgroup for e in entries], group_names, subgroup_names, split)
