@@ -21,6 +21,7 @@ USER_ERROR = 2
 # Modules with an ``add_subcommands(subparsers)`` function, imported lazily.
 _SUBCOMMAND_PROVIDERS: list[str] = [
     "arrag_kernels.faid.cli",
+    "arrag_kernels.eval.cli",
 ]
 
 
@@ -100,11 +101,10 @@ def _load_model(spec: str, device: str):
 
 
 def _cmd_demo(args):
-    from arrag_kernels.demo import run_demo
+    from arrag_kernels.demo import main_demo
 
     _check_device(args.device)
-    run_demo(out=args.out, grid=args.grid, num_images=args.images, batch=args.batch, seed=args.seed,
-             lam=args.lam, k=args.k, device=args.device)
+    main_demo(args)
 
 
 def _cmd_build_db(args):
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lam", type=float, default=0.5, help="DAiD mixing weight (default 0.5: visible on random weights)")
     d.add_argument("--k", type=_int_at_least(1), default=64, help="retrieved neighbours per step (default 64)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--random-weights", action="store_true",
+                   help="the random-weight demo on procedural images instead of the trained emoji model")
     d.add_argument("--device", default="cpu")
     d.set_defaults(func=_cmd_demo)
 

@@ -1,0 +1,119 @@
+"""Teacher-forced per-token negative log-likelihood of real images, plain and under DAiD.
+
+For an image with ground-truth tokens t_0..t_{N-1} after a prompt, the model's distribution at
+position j is ``p_model(. | prompt, t_<j)`` (one teacher-forced forward for all positions; with
+``guidance_scale`` w the CFG logits ``l_u + w (l_c - l_u)`` of the conditional and unconditional
+prompts). DAiD's distribution at j is the library's merge (:meth:`DAiDSampler.merge`, i.e.
+``daid_mix``) of ``p_model`` with the retrieval distribution of the query built from the
+ground-truth neighbours of j, exactly what the decoder would see had it generated t_<j. The NLL of
+t_j is ``-log p(t_j)``; it is reported per token, over all positions and over retrieval positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import DAiDConfig, KeyLayout
+from ..models import get_adapter
+
+
+def unconditional_prompt(prompt_ids: torch.Tensor, bos: int, boi: int, pad: int) -> torch.Tensor:
+    """Janus's unconditional CFG prompt: everything but BOS and begin-of-image replaced by padding."""
+    keep = (prompt_ids == bos) | (prompt_ids == boi)
+    return torch.where(keep, prompt_ids, torch.full_like(prompt_ids, pad))
+
+
+def teacher_forced_logits(model, prompt_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, P) prompts and (B, N) ground-truth image tokens -> (B, N, V) image-head logits.
+
+    Sequence: prompt, then image tokens 0..N-2 through the generation embeddings and aligner; the
+    hidden state at sequence position P-1+j predicts token j.
+    """
+    adapter = get_adapter(model)
+    P, N = prompt_ids.shape[1], tokens.shape[1]
+    embeds = torch.cat([model.get_input_embeddings()(prompt_ids), adapter.embed_image_tokens(tokens[:, :-1])], dim=1)
+    hidden = adapter.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    return adapter.image_logits(hidden[:, P - 1 : P - 1 + N])
+
+
+@dataclass
+class NLLResult:
+    """Per-token NLL (nats) of every image and position: ``nll`` (num_images, N); ``retrieval`` (N,) bool."""
+
+    nll: torch.Tensor
+    retrieval: torch.Tensor
+
+    def summary(self) -> dict:
+        r = self.retrieval
+        per_image_all = self.nll.mean(1)
+        out = {"nll_all": float(per_image_all.mean()), "nll_all_sem": _sem(per_image_all), "images": self.nll.shape[0]}
+        if r.any():
+            per_image_ret = self.nll[:, r].mean(1)
+            out.update(nll_retrieval=float(per_image_ret.mean()), nll_retrieval_sem=_sem(per_image_ret))
+        if (~r).any():
+            out["nll_non_retrieval"] = float(self.nll[:, ~r].mean())
+        out["bits_per_token"] = out["nll_all"] / math.log(2)
+        return out
+
+
+def _sem(x: torch.Tensor) -> float:
+    return float(x.std() / math.sqrt(x.numel())) if x.numel() > 1 else 0.0
+
+
+@torch.no_grad()
+def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, daid: DAiDConfig | None = None,
+              guidance_scale: float | None = None, bos: int | None = None, boi: int | None = None,
+              pad: int | None = None, batch_size: int = 64) -> NLLResult:
+    """Teacher-forced NLL of ``tokens`` (B, N) after ``prompt_ids`` (B, P), plain or under DAiD.
+
+    Args:
+        model: HF Janus (or any model with an adapter).
+        db, daid: a :class:`PatchDatabase` and :class:`DAiDConfig` for DAiD's merged distribution;
+            both None for the model alone.
+        guidance_scale: None scores the conditional distribution; w applies CFG (then ``bos``,
+            ``boi`` and ``pad`` build the unconditional prompt; default: the model's generation config).
+    """
+    from ..decoding import DAiDSampler
+    from ..ops import retrieval_positions
+
+    adapter = get_adapter(model)
+    N = adapter.grid[0] * adapter.grid[1]
+    if tokens.dim() != 2 or tokens.shape[1] != N:
+        raise ValueError(f"tokens: expected (B, {N}) image tokens for the model's {adapter.grid} grid, got "
+                         f"{tuple(tokens.shape)}")
+    if prompt_ids.dim() != 2 or prompt_ids.shape[0] != tokens.shape[0]:
+        raise ValueError(f"prompt_ids: expected (B, P) with B = {tokens.shape[0]} (one prompt per image), got "
+                         f"{tuple(prompt_ids.shape)}")
+    if tokens.shape[0] == 0:
+        raise ValueError("no images to score (B = 0): the split or image set is empty")
+    if (db is None) != (daid is None):
+        raise ValueError("DAiD NLL needs both db and daid (a PatchDatabase and a DAiDConfig); pass neither for plain NLL")
+    sampler = DAiDSampler(db, daid, adapter) if db is not None else None
+    if guidance_scale is not None:
+        gc = model.generation_config
+        bos = gc.bos_token_id if bos is None else bos
+        pad = gc.pad_token_id if pad is None else pad
+        boi = (gc.generation_kwargs or {}).get("boi_token_id") if boi is None else boi
+        if None in (bos, boi, pad):
+            raise ValueError("CFG NLL needs bos, boi and pad token ids (not found in model.generation_config); pass them")
+    device = adapter.device
+    out = []
+    for start in range(0, tokens.shape[0], batch_size):
+        t = tokens[start : start + batch_size].to(device)
+        p = prompt_ids[start : start + batch_size].to(device)
+        logits = teacher_forced_logits(model, p, t).float()
+        if guidance_scale is not None:
+            uncond = teacher_forced_logits(model, unconditional_prompt(p, bos, boi, pad), t).float()
+            logits = uncond + guidance_scale * (logits - uncond)
+        probs = torch.softmax(logits, dim=-1)  # (b, N, V)
+        if sampler is not None:
+            for j in range(N):
+                if sampler.retrieves_at[j]:
+                    probs[:, j] = sampler.merge(probs[:, j], t, j)
+        out.append(-probs.gather(-1, t.unsqueeze(-1)).squeeze(-1).clamp_min(1e-30).log().cpu())
+    # without a database, "retrieval positions" are those of the official key layout
+    layout = db.meta.layout if db is not None else KeyLayout()
+    return NLLResult(torch.cat(out), retrieval_positions(adapter.grid, layout).cpu())

@@ -1,0 +1,50 @@
+"""Seeded image generation (plain or DAiD) in batches, through the library's patched ``generate``."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def generate_tokens(model, prompts: torch.Tensor, db=None, daid=None, seed: int = 0, guidance_scale: float = 5.0,
+                    batch_size: int = 256) -> torch.Tensor:
+    """(n, P) prompt ids -> (n, H*W) sampled image tokens (T = 1, no top-k), plain when ``daid`` is None."""
+    from transformers import GenerationConfig
+
+    from ..patching import patched
+
+    if prompts.dim() != 2 or prompts.shape[0] == 0:
+        raise ValueError(f"prompts: expected (n, P) prompt ids with n >= 1, got {tuple(prompts.shape)}")
+    if (db is None) != (daid is None):
+        raise ValueError("DAiD generation needs both db and daid; pass neither for plain generation")
+    gc = model.generation_config
+    gen = GenerationConfig(**{**gc.to_dict(), "do_sample": True, "temperature": 1.0, "top_k": 0,
+                              "guidance_scale": guidance_scale})
+    torch.manual_seed(seed)
+    out = []
+    with patched(model, db, daid) as handle:
+        for i in range(0, prompts.shape[0], batch_size):
+            p = prompts[i : i + batch_size]
+            out.append(handle.generate_images(p, attention_mask=torch.ones_like(p), generation_config=gen).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_tokens(model, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """(n, H*W) tokens -> (n, 3, S, S) pixels in [-1, 1] through the model's VQ decoder."""
+    return torch.cat([model.decode_image_tokens(tokens[i : i + batch_size]).permute(0, 3, 1, 2).clamp(-1, 1).float()
+                      for i in range(0, tokens.shape[0], batch_size)])
+
+
+def image_grid(pixels: torch.Tensor, columns: int = 16):
+    """(n, 3, H, W) pixels in [-1, 1] -> one PIL image, ``columns`` per row (white padding)."""
+    from PIL import Image
+
+    n, _, H, W = pixels.shape
+    rows = -(-n // columns)
+    canvas = torch.ones(3, rows * H, columns * W)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        canvas[:, r * H : (r + 1) * H, c * W : (c + 1) * W] = (pixels[i] + 1) / 2
+    data = (canvas.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(data, "RGB")

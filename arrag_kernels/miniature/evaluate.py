@@ -1,0 +1,179 @@
+"""The miniature run's evaluation: every table and figure of the README's results section.
+
+Protocol (all seeded):
+
+* database: the train split, encoded by the model's VQ (official key layout: causal hop 1,
+  encoder latents, border skip);
+* DAiD sweep lam x tau on the **val** split: teacher-forced NLL and Frechet distance of one sample
+  per val prompt (sampling seed 0); the chosen cell minimises val FD (the paper chooses by FID);
+* **test** split: plain vs DAiD(chosen) for ``seeds`` sampling seeds: Frechet distance in the
+  emoji classifier's features, FWD, precision/recall (mean and std over seeds), teacher-forced
+  NLL (deterministic; standard error over images), plus the VQ reconstruction floor;
+* Fig. 6: retrieval accuracy on up to 1,000 train images (the paper's setting: their own patches
+  are in the database) and on the test images (never in it).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import DAiDConfig
+from ..eval.features import extract
+from ..eval.metrics import frechet_distance, fwd, precision_recall
+from ..eval.nll import image_nll
+from ..eval.retrieval import retrieval_accuracy
+from ..eval.sampling import decode_tokens, generate_tokens, image_grid
+from ..eval.sweep import best_cell, save_heatmap, save_json, sweep_grid
+from .data import load_emoji_dataset
+from .train import MiniatureConfig, dataset_prompts, encode_tokens, load_miniature
+
+DEFAULT_LAMS = (0.0, 0.05, 0.1, 0.2, 0.4)
+DEFAULT_TAUS = (0.3, 0.6, 1.2)
+
+
+class MiniatureRun:
+    """The trained model, classifier, dataset and train-split database of one miniature run."""
+
+    def __init__(self, weights=None, progress: bool = True, cache_dir=None):
+        import arrag_kernels as ak
+
+        self.model, self.classifier, self.meta = load_miniature(weights)
+        cfg = MiniatureConfig(**self.meta["config"])
+        self.ds = load_emoji_dataset(size=cfg.size, limit=cfg.limit, seed=cfg.seed, cache_dir=cache_dir,
+                                     progress=progress)
+        self.db = ak.PatchDatabase.build(self.ds.pixels("train"), self.model, progress=progress)
+        self.progress = progress
+
+    def split(self, name: str):
+        """(prompts (n, 4), pixels (n, 3, S, S), tokens (n, N)) of a split."""
+        idx = self.ds.indices(name)
+        pixels = self.ds.pixels(name)
+        return dataset_prompts(self.ds, idx), pixels, encode_tokens(self.model, pixels)
+
+    def features(self, pixels):
+        return extract(self.classifier, pixels)
+
+    def sample(self, prompts, daid: DAiDConfig | None, seed: int, cfg: float):
+        tokens = generate_tokens(self.model, prompts, self.db if daid else None, daid, seed=seed, guidance_scale=cfg)
+        return decode_tokens(self.model, tokens)
+
+
+def _mean_std(xs: list[float]) -> dict:
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
+
+
+def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 2), lams=DEFAULT_LAMS,
+                       taus=DEFAULT_TAUS, k: int = 256, cfg: float = 5.0, fig6_k: int = 32, progress: bool = True,
+                       cache_dir=None) -> dict:
+    """Run the protocol above; write ``results.json``, heatmaps, the Fig. 6 plot and sample grids to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    run = MiniatureRun(weights, progress, cache_dir)
+    val_p, val_x, val_t = run.split("val")
+    test_p, test_x, test_t = run.split("test")
+    val_f, test_f = run.features(val_x), run.features(test_x)
+    k = min(k, len(run.db))
+    results = {"weights": run.meta, "database_entries": len(run.db), "k": k, "cfg": cfg, "seeds": list(seeds),
+               "splits": {s: int(run.ds.split.count(s)) for s in ("train", "val", "test")}}
+
+    # DAiD sweep on val: NLL (teacher-forced) and FD of one sample per prompt.
+    nll_cache = {}
+
+    def val_cell(lam, tau):
+        daid = DAiDConfig(lam=lam, tau=tau, k=k) if lam > 0 else None
+        key = (lam, tau) if lam > 0 else 0.0
+        if key not in nll_cache:  # lam = 0 is the plain model whatever tau
+            nll = image_nll(run.model, val_p, val_t, run.db if daid else None, daid).summary()
+            fake = run.sample(val_p, daid, seed=0, cfg=cfg)
+            nll_cache[key] = {"val_nll": nll["nll_all"], "val_nll_retrieval": nll.get("nll_retrieval"),
+                              "val_fd": frechet_distance(val_f, run.features(fake))}
+        return nll_cache[key]
+
+    sweep = sweep_grid(val_cell, list(lams), list(taus), progress=progress)
+    chosen = best_cell(sweep, "val_fd")
+    chosen_nll = best_cell(sweep, "val_nll")
+    results["sweep"] = {**sweep, "chosen_by_val_fd": chosen, "chosen_by_val_nll": chosen_nll}
+    save_heatmap(sweep, "val_fd", out / "sweep_daid_val_fd.png", "DAiD: val Frechet distance (classifier features)")
+    save_heatmap(sweep, "val_nll", out / "sweep_daid_val_nll.png", "DAiD: val NLL (nats/token)")
+
+    # Test: plain vs the chosen DAiD (and the NLL-chosen one when it differs), several sampling seeds.
+    methods = {"plain": None}
+    if chosen["lam"] > 0:
+        methods[f"daid(lam={chosen['lam']},tau={chosen['tau']})"] = DAiDConfig(lam=chosen["lam"], tau=chosen["tau"], k=k)
+    if chosen_nll["lam"] > 0 and (chosen_nll["lam"], chosen_nll["tau"]) != (chosen["lam"], chosen["tau"]):
+        methods[f"daid(lam={chosen_nll['lam']},tau={chosen_nll['tau']})"] = DAiDConfig(
+            lam=chosen_nll["lam"], tau=chosen_nll["tau"], k=k)
+    test = {}
+    for name, daid in methods.items():
+        nll = image_nll(run.model, test_p, test_t, run.db if daid else None, daid).summary()
+        fd, fw, prec, rec = [], [], [], []
+        for seed in seeds:
+            fake = run.sample(test_p, daid, seed=seed, cfg=cfg)
+            fd.append(frechet_distance(test_f, run.features(fake)))
+            fw.append(fwd(test_x, fake))
+            pr = precision_recall(test_f, run.features(fake))
+            prec.append(pr["precision"])
+            rec.append(pr["recall"])
+            if seed == seeds[0]:
+                image_grid(fake[:128]).save(out / f"samples_{name.split('(')[0]}.png")
+        test[name] = {"nll": nll, "fd": _mean_std(fd), "fwd": _mean_std(fw), "precision": _mean_std(prec),
+                      "recall": _mean_std(rec)}
+    recon = decode_tokens(run.model, test_t)
+    test["vq_reconstruction"] = {"fd": frechet_distance(test_f, run.features(recon)), "fwd": fwd(test_x, recon),
+                                 **precision_recall(test_f, run.features(recon)),
+                                 "mse": float((recon - test_x).square().mean())}
+    image_grid(test_x[:128]).save(out / "real_test.png")
+    image_grid(recon[:128]).save(out / "reconstruction_test.png")
+    results["test"] = test
+
+    # Fig. 6.
+    train_t = encode_tokens(run.model, run.ds.pixels("train")[:1000])
+    fig6 = {"train": retrieval_accuracy(run.model, run.db, train_t, k=fig6_k),
+            "test": retrieval_accuracy(run.model, run.db, test_t, k=fig6_k)}
+    results["fig6"] = fig6
+    save_fig6(fig6, out / "fig6_retrieval_accuracy.png")
+    results["wall_s"] = time.perf_counter() - t_start
+    save_json(results, out / "results.json")
+    return results
+
+
+def save_fig6(fig6: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for (name, curve), colour in zip(fig6.items(), ("C0", "C1")):
+        ax.plot(curve["k"], curve["l2"], color=colour, label=f"k-th retrieved ({name} images)")
+        ax.axhline(curve["random_l2"], color=colour, ls="--", label=f"random code ({name})")
+    ax.set_xlabel("k (rank of the retrieved token)")
+    ax.set_ylabel("l2 distance to ground truth (codebook)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_results(results: dict) -> str:
+    """The test table as Markdown."""
+    lines = ["| method | NLL all (nats/token) | NLL retrieval pos. | FD (classifier) | FWD | precision | recall |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results["test"].items():
+        if name == "vq_reconstruction":
+            continue
+        n = r["nll"]
+        lines.append(f"| {name} | {n['nll_all']:.3f} ± {n['nll_all_sem']:.3f} | {n['nll_retrieval']:.3f} ± "
+                     f"{n['nll_retrieval_sem']:.3f} | {r['fd']['mean']:.2f} ± {r['fd']['std']:.2f} | "
+                     f"{r['fwd']['mean']:.3f} ± {r['fwd']['std']:.3f} | {r['precision']['mean']:.3f} ± "
+                     f"{r['precision']['std']:.3f} | {r['recall']['mean']:.3f} ± {r['recall']['std']:.3f} |")
+    v = results["test"]["vq_reconstruction"]
+    lines.append(f"| VQ reconstruction (floor) | - | - | {v['fd']:.2f} | {v['fwd']:.3f} | {v['precision']:.3f} | "
+                 f"{v['recall']:.3f} |")
+    return "\n".join(lines)

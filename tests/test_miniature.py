@@ -1,0 +1,95 @@
+"""The miniature workload at tiny sizes: data, each training stage, the evaluation protocol and the demo."""
+
+import argparse
+import dataclasses
+
+import pytest
+import torch
+
+from arrag_kernels.miniature.data import EmojiEntry, emoji_available, load_emoji_dataset, split_by_base_name
+
+needs_emoji = pytest.mark.skipif(not emoji_available(), reason="Debian packages fonts-noto-color-emoji and "
+                                 "unicode-data are not installed (scripts/setup.sh installs them where it can)")
+
+
+def test_split_keeps_variants_together():
+    entries = [EmojiEntry(str(i), f"hand {i % 7}" + (": medium skin tone" if i % 2 else ""), "g", "s") for i in range(40)]
+    split = split_by_base_name(entries, (0.6, 0.2, 0.2), seed=3)
+    where = {}
+    for e, s in zip(entries, split):
+        assert where.setdefault(e.base_name, s) == s
+    assert split == split_by_base_name(entries, (0.6, 0.2, 0.2), seed=3)  # seeded
+    with pytest.raises(ValueError, match="summing to 1"):
+        split_by_base_name(entries, (0.5, 0.2, 0.2))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """A few emoji rendered into a private cache and a model trained for a couple of steps."""
+    if not emoji_available():
+        pytest.skip("emoji Debian packages not installed")
+    from arrag_kernels.miniature.train import MiniatureConfig, train_miniature
+
+    root = tmp_path_factory.mktemp("mini")
+    cfg = MiniatureConfig(limit=80, hidden_size=64, num_layers=2, vq_steps=2, lm_steps=2, clf_steps=2, vq_batch=4,
+                          lm_batch=4, clf_batch=4, seed=1)
+    meta = train_miniature(root / "w", cfg, progress=False, cache_dir=root / "cache")
+    return root, cfg, meta
+
+
+@needs_emoji
+def test_render_and_cache(quick_run):
+    root, cfg, _ = quick_run
+    ds = load_emoji_dataset(limit=80, seed=1, cache_dir=root / "cache", progress=False)  # from the cache
+    assert ds.images.dtype == torch.uint8 and ds.images.shape[1:] == (32, 32, 3) and 60 <= len(ds) <= 80
+    assert ds.images.float().std() > 10  # real, varied pictures, not blank canvases
+    px = ds.pixels("train")
+    assert px.shape[1] == 3 and -1 <= float(px.min()) and float(px.max()) <= 1
+    assert not set(ds.names[i].split(":")[0] for i in ds.indices("train")) & set(
+        ds.names[i].split(":")[0] for i in ds.indices("test"))
+    with pytest.raises(ValueError, match="empty"):
+        load_emoji_dataset(limit=80, seed=1, cache_dir=root / "cache", fractions=(1.0, 0.0, 0.0),
+                           progress=False).indices("val")
+
+
+@needs_emoji
+def test_quick_training_writes_loadable_model(quick_run):
+    from arrag_kernels.miniature.train import load_miniature
+
+    root, cfg, meta = quick_run
+    assert meta["splits"]["train"] > 0 and all(torch.isfinite(torch.tensor(list(meta["losses_last50"].values()))))
+    model, clf, meta2 = load_miniature(root / "w")
+    assert meta2["config"] == dataclasses.asdict(cfg)
+    w = model.model.vqmodel.quantize.embedding.weight
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(w.shape[0]), atol=2e-3, rtol=0)  # stored normalised (fp16)
+    with pytest.raises(FileNotFoundError, match="no trained miniature model"):
+        load_miniature(root / "cache")
+
+
+@needs_emoji
+def test_quick_evaluation_protocol(quick_run):
+    pytest.importorskip("pytorchfwd")
+    pytest.importorskip("matplotlib")
+    from arrag_kernels.miniature.evaluate import evaluate_miniature, format_results
+
+    root, _, _ = quick_run
+    out = root / "eval"
+    r = evaluate_miniature(out, weights=root / "w", seeds=(0,), lams=(0.0, 0.5), taus=(1.0,), k=4, fig6_k=3,
+                           progress=False, cache_dir=root / "cache")
+    assert {"plain", "vq_reconstruction"} <= set(r["test"])
+    assert len(r["sweep"]["cells"]) == 2 and r["fig6"]["test"]["positions"] > 0
+    assert "| plain |" in format_results(r)
+    for name in ("results.json", "sweep_daid_val_fd.png", "fig6_retrieval_accuracy.png", "samples_plain.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_demo_falls_back_without_emoji(monkeypatch, tmp_path, capsys):
+    import arrag_kernels.miniature.data as data
+    from arrag_kernels.demo import main_demo
+
+    monkeypatch.setattr(data, "FONT_PATHS", (str(tmp_path / "missing.ttf"),))
+    args = argparse.Namespace(random_weights=False, out=tmp_path, grid=4, images=4, batch=1, seed=0, lam=0.5, k=4,
+                              device="cpu")
+    results = main_demo(args)
+    assert "miniature demo unavailable: the emoji data is not installed" in capsys.readouterr().out
+    assert "daid" in results and (tmp_path / "images" / "plain_0.png").is_file()
