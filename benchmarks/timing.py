@@ -9,7 +9,8 @@ median and spread (``statistic = "median"``, ``median_s``, ``iqr_s``, ``min_s``,
 (median of the row / median of the baseline, from the same rounds).
 
 Rounds: after one untimed warm-up call of each (whose times size the rounds), as many as ``--benchmark-max-time`` seconds allow for
-the row and its baselines together, at least ``MIN_ROUNDS`` (a median needs them) and at most
+the row and its baselines together, at least ``MIN_ROUNDS`` (a median needs them; a row may ask
+for fewer) and at most
 ``MAX_ROUNDS``. ``--benchmark-min-rounds`` is not applied: it would make the 1M-key reference rows
 take minutes.
 """
@@ -53,20 +54,21 @@ def spread(times: list[float]) -> dict:
     return {"median_s": statistics.median(times), "iqr_s": q[2] - q[0], "min_s": min(times), "max_s": max(times)}
 
 
-def rounds_for(benchmark, seconds_per_round: float) -> int:
+def rounds_for(benchmark, seconds_per_round: float, min_rounds: int = MIN_ROUNDS) -> int:
     budget = float(getattr(benchmark, "_max_time", 1.0))
-    return int(min(MAX_ROUNDS, max(MIN_ROUNDS, budget // max(seconds_per_round, 1e-9))))
+    return int(min(MAX_ROUNDS, max(min_rounds, budget // max(seconds_per_round, 1e-9))))
 
 
-def run(benchmark, fn: Callable, baselines: dict[str, Callable] | None = None):
-    """Time ``fn`` (synchronised) as this row, its ``baselines`` interleaved; returns ``fn()``'s output."""
+def run(benchmark, fn: Callable, baselines: dict[str, Callable] | None = None, min_rounds: int = MIN_ROUNDS):
+    """Time ``fn`` (synchronised) as this row, its ``baselines`` interleaved; returns ``fn()``'s output.
+    ``min_rounds`` below 3 only for rows whose time is a side note (e.g. memory benchmarks)."""
     fn = synchronised(fn)
     baselines = {name: synchronised(b) for name, b in (baselines or {}).items()}
     # Warm-up calls (compilation, first-call allocations), which also size the rounds.
     t0 = time.perf_counter()
     out = fn()  # the output to check
     per_round = time.perf_counter() - t0 + sum(_timed(b) for b in baselines.values())
-    rounds = rounds_for(benchmark, per_round)
+    rounds = rounds_for(benchmark, per_round, min_rounds)
     base_times: dict[str, list[float]] = {name: [] for name in baselines}
 
     def setup():
