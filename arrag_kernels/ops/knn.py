@@ -44,7 +44,7 @@ def knn_ref(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Te
     best = None  # (Q, <= k) packed candidates of the blocks so far, ascending
     for start in range(0, keys.shape[0], _REF_BLOCK):
         y = keys[start : start + _REF_BLOCK].float()
-        d = (q_norm + (y * y).sum(1) - 2.0 * (q @ y.T)).clamp_min_(0.0)
+        d = torch.addmm((y * y).sum(1), q, y.T, alpha=-2.0).add_(q_norm).clamp_min_(0.0)  # ||y||^2 - 2 q.y + ||q||^2
         cand = pack(d, torch.arange(start, start + y.shape[0], device=q.device))
         if best is not None:
             cand = torch.cat([best, cand], 1)
