@@ -115,7 +115,7 @@ def test_knn_prepared_keys_follow_in_place_changes():
     keys, q = torch.randn(700, 8, generator=g), torch.randn(3, 8, generator=g)
     with use_backend("cpp"):
         first = knn(q, keys, 5)
-        assert id(keys) in _cpp._prepared
+        assert id(keys) in _cpp._blocked_keys._entries
         keys[first[1][0, 0]] += 100.0  # move query 0's nearest key far away
         d, i = knn(q, keys, 5)
     ref_d, ref_i = knn_ref(q, keys, 5)
@@ -123,7 +123,7 @@ def test_knn_prepared_keys_follow_in_place_changes():
     assert_close(d, ref_d, torch.float32, what="distances after the in-place change")
     key_id = id(keys)
     del keys
-    assert key_id not in _cpp._prepared, "the prepared layout outlived its keys tensor"
+    assert key_id not in _cpp._blocked_keys._entries, "the prepared layout outlived its keys tensor"
 
 
 @needs_ext

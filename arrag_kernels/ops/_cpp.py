@@ -15,11 +15,10 @@ and recomputing norms on every call was most of the time at 1-16 queries.
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
 from .._ext import _C, CUDA_EXT_ERROR, EXT_ERROR, HAS_CUDA_EXT, HAS_EXT
+from ._dispatch import TensorCache
 from .daid import daid_sample_dispatcher
 from .knn import knn_dispatcher
 from .neighborhood import neighbor_keys_dispatcher
@@ -88,19 +87,8 @@ def _check_knn(queries, keys, k):
     return reason
 
 
-# id(keys) -> ((version, data_ptr, shape, dtype) of the keys when prepared, blocked keys, norms)
-_prepared: dict[int, tuple] = {}
-
-
-def _blocked_keys(keys: torch.Tensor):
-    """The blocked layout of ``keys`` (see the module docstring), prepared at its first search."""
-    stamp = (keys._version, keys.data_ptr(), tuple(keys.shape), keys.dtype)
-    entry = _prepared.get(id(keys))
-    if entry is None or entry[0] != stamp:
-        if entry is None:
-            weakref.finalize(keys, _prepared.pop, id(keys), None)
-        entry = _prepared[id(keys)] = (stamp, *_C.knn_prepare(_np(keys)))
-    return entry[1], entry[2]
+# The blocked layout of each keys tensor (see the module docstring), prepared at its first search.
+_blocked_keys = TensorCache(lambda keys: _C.knn_prepare(_np(keys)))
 
 
 def _knn_impl(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

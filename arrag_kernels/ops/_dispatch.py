@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from typing import Callable
 
 BACKENDS = ("reference", "triton", "cpp", "cuda")
@@ -104,3 +105,21 @@ class OpDispatcher:
 
     def __call__(self, *args, **kwargs):
         return self.select(*args, **kwargs)[1](*args, **kwargs)
+
+
+class TensorCache:
+    """Values derived from a tensor (e.g. a database's key norms), computed at first use and kept
+    while the tensor lives; recomputed if it is modified in place (its version counter changes)."""
+
+    def __init__(self, compute: Callable):
+        self._compute = compute
+        self._entries: dict[int, tuple] = {}  # id(tensor) -> (stamp, value)
+
+    def __call__(self, t):
+        stamp = (t._version, t.data_ptr(), tuple(t.shape), t.dtype)
+        entry = self._entries.get(id(t))
+        if entry is None or entry[0] != stamp:
+            if entry is None:
+                weakref.finalize(t, self._entries.pop, id(t), None)
+            entry = self._entries[id(t)] = (stamp, self._compute(t))
+        return entry[1]

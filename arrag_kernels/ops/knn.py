@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import OpDispatcher
-from .ivfpq import pack, unpack_dist
+from ._dispatch import OpDispatcher, TensorCache
 
 MAX_K = 2048
 # Keys scanned per block by the reference: bounds its temporary memory to Q * block floats.
@@ -36,20 +35,29 @@ def _check_knn(queries, keys, k):
         raise ValueError(f"knn: k must be in [1, min({MAX_K}, number of keys = {keys.shape[0]})], got {k}")
 
 
+# Squared norms of each keys tensor in fp32, kept while it lives: a database's keys are searched at
+# every decode step, and summing their squares again cost more than the matmul.
+_key_norms = TensorCache(lambda keys: torch.cat([(y * y).sum(1) for y in keys.float().split(_REF_BLOCK)]))
+
+
 def knn_ref(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure PyTorch reference of :func:`knn`: blocked distances, then ``torch.topk`` of (distance, id)
     packed into one int64 per candidate, which orders ties by id exactly (no full sort)."""
     q = queries.float()
     q_norm = (q * q).sum(1, keepdim=True)
+    key_norms = _key_norms(keys)
     best = None  # (Q, <= k) packed candidates of the blocks so far, ascending
     for start in range(0, keys.shape[0], _REF_BLOCK):
         y = keys[start : start + _REF_BLOCK].float()
-        d = torch.addmm((y * y).sum(1), q, y.T, alpha=-2.0).add_(q_norm).clamp_min_(0.0)  # ||y||^2 - 2 q.y + ||q||^2
-        cand = pack(d, torch.arange(start, start + y.shape[0], device=q.device))
+        # ||y||^2 - 2 q.y + ||q||^2
+        d = torch.addmm(key_norms[start : start + _REF_BLOCK], q, y.T, alpha=-2.0).add_(q_norm).clamp_min_(0.0)
+        # d >= 0: its bits order like the floats (the sign bit cleared: -0 as +0, NaN after +inf)
+        bits = d.view(torch.int32) & 0x7FFFFFFF
+        cand = (bits.long() << 32) | torch.arange(start, start + y.shape[0], device=q.device)
         if best is not None:
             cand = torch.cat([best, cand], 1)
         best = torch.topk(cand, min(k, cand.shape[1]), dim=1, largest=False, sorted=True).values
-    return unpack_dist(best), best & 0xFFFFFFFF
+    return (best >> 32).int().view(torch.float32), best & 0xFFFFFFFF
 
 
 knn_dispatcher = OpDispatcher("knn")
