@@ -3,11 +3,12 @@
     pytest benchmarks/bench_decode.py --benchmark-only
 
 One benchmark = one full image generation (all image tokens, CFG, sampling) for a batch; the
-per-image time is in ``extra_info``. Every row also records, measured in the same run on the same
-model, its ratio to HF ``generate`` and to the library's loop without retrieval (same loop kind),
-so the DAiD / FAiD overhead and the speed-up over HF are read off directly; ``daid-overlap`` rows
-(DAiD retrieval on a side stream, concurrent with the model forward) also record their ratio to
-the same DAiD row without overlap.
+per-image time is in ``extra_info``. Every row is a median (``timing.run``). DAiD / FAiD rows run
+the library's loop without retrieval (same loop kind) interleaved with them, so their overhead
+(``overhead_vs_same_loop_plain``) comes from the same rounds; ``daid-overlap`` rows (DAiD
+retrieval on a side stream, concurrent with the model forward) also interleave the same DAiD loop
+without overlap (``ratio_to_no_overlap``). Each batch's ``hf-generate`` row times plain HF
+``generate``; the others record their ratio to its median.
 
 Cases: on CUDA, a Janus-Pro-1B-shaped model (24 layers, hidden 2048, codebook 16384, 24x24 grid,
 random bf16 weights) at batch 1 and 16 with exact-search databases of 1M and 10M synthetic fp16
@@ -18,15 +19,15 @@ correctness and plumbing, not speed claims). GPU-only cases are skipped with a r
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from transformers import GenerationConfig
 
 import arrag_kernels as ak
+import timing
 from arrag_kernels.faid import FAiDBlenders
 from arrag_kernels.models import get_adapter, tiny_janus, tiny_prompt_ids
+from arrag_kernels.patching import PatchHandle
 from arrag_kernels.retrieval import DatabaseMeta
 
 CUDA = torch.cuda.is_available()
@@ -39,8 +40,7 @@ GPU_ONLY = pytest.mark.skipif(not CUDA, reason="Janus-Pro-1B-shaped decoding nee
 BOTH, B16 = (1, 16), (16,)
 CASES = {
     "tiny-cpu": (dict(grid=8), "cpu", torch.float32, 256,
-                 [((1, 4), "dynamic", "plain", None), ((1, 4), "dynamic", "daid", 20_000),
-                  ((1, 4), "static", "plain", None), ((1, 4), "static", "daid", 20_000),
+                 [((1,), "dynamic", "daid", 20_000), ((4,), "static", "daid", 20_000),
                   ((4,), "static", "daid-overlap", 20_000), ((4,), "static", "faid", 20_000)]),
     "janus-pro-1b-shape": (
         dict(grid=24, hidden_size=2048, num_layers=24, codebook_size=16384, text_vocab_size=102400, patch_size=16),
@@ -56,7 +56,7 @@ CASES = {
 FAID = ak.FAiDConfig(k=10, hops=(1, 2), blenders=2)
 FAID_TARGET_OVERHEAD = 0.08
 
-_baselines: dict = {}
+_medians: dict = {}  # (name, batch, loop, method, db size) -> median seconds of this run
 
 
 @pytest.fixture(scope="module")
@@ -87,21 +87,6 @@ def _synthetic_db(model, num_keys: int, device) -> ak.PatchDatabase:
     return ak.PatchDatabase(keys, values, meta)
 
 
-def _time(fn, device, repeats=2) -> float:
-    """Median wall time of ``fn()`` with the device synchronised around each call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def _inputs(model, batch):
     ids = tiny_prompt_ids(batch, length=12).to(model.device)
     gen = GenerationConfig(do_sample=True, top_k=0, guidance_scale=5.0, bos_token_id=1, pad_token_id=0,
@@ -109,21 +94,12 @@ def _inputs(model, batch):
     return ids, gen
 
 
-def _synchronised(fn):
-    def call():
-        out = fn()
-        if out.device.type == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    return call
-
-
 def _params():
     for name, (_, device, _, _, runs) in CASES.items():
         marks = [GPU_ONLY] if device == "cuda" else []
-        # batch-major, so that a batch's plain rows run before the rows compared to them
+        # batch-major; each batch starts with plain HF generate on the unpatched model
         for batch in sorted({b for batches, *_ in runs for b in batches}):
+            yield pytest.param(name, batch, "hf", "plain", None, id=f"{name}-b{batch}-hf-generate", marks=marks)
             for batches, loop, method, size in runs:
                 if batch in batches:
                     db = f"-db{size // 1000}k" if size else ""
@@ -142,38 +118,61 @@ def _patch_args(model, method: str, k: int):
     return ak.DAiDConfig(lam=0.05, tau=0.6, k=k), None
 
 
+def _loop(model, ids, mask, gen, loop, method="plain", db=None, k=0):
+    """One image generation with the library's ``loop``. FAiD's forward hooks live only inside the
+    call (built and removed each time, their set-up timed with it), so the baselines interleaved
+    with a FAiD row run on a model without hooks."""
+    config, blender_weights = _patch_args(model, method, k)
+    overlap = method == "daid-overlap"
+    kw = dict(attention_mask=mask, generation_config=gen, loop=loop, overlap_retrieval=overlap)
+    if method == "faid":
+        def run():
+            handle = PatchHandle(model, db, config, blender_weights=blender_weights)
+            try:
+                return handle.generate_images(ids, **kw)
+            finally:
+                handle.faid.remove()
+
+        return run
+    handle = PatchHandle(model, db, config)  # not installed: model.generate stays HF's
+    return lambda: handle.generate_images(ids, **kw)
+
+
 @pytest.mark.parametrize("name,batch,loop,method,db_size", list(_params()))
 def test_decode(benchmark, setups, name, batch, loop, method, db_size):
+    """A row per (loop, method); DAiD / FAiD rows run the same loop without retrieval interleaved
+    (``ratio_to_plain``, ``overhead_vs_same_loop_plain``), overlap rows also the same DAiD loop
+    without overlap; the ratio to HF ``generate`` comes from that row's median (not interleaved: at
+    the GPU shape one HF call costs as much as several rounds of the rest)."""
     model = setups(name)
     _, device, _, k, _ = CASES[name]
     ids, gen = _inputs(model, batch)
     mask = torch.ones_like(ids)
-    if (name, batch, "hf") not in _baselines:  # plain HF generate on the unpatched model, same run
-        hf = _synchronised(lambda: model.generate(ids, attention_mask=mask, generation_config=gen, generation_mode="image"))
-        _baselines[(name, batch, "hf")] = _time(hf, device, repeats=1 if device == "cuda" else 2)
-    db = _synthetic_db(model, db_size, device) if db_size else None
-    config, blender_weights = _patch_args(model, method, k)
-    overlap = method == "daid-overlap"
-    with ak.patched(model, db, config, blender_weights=blender_weights) as handle:
-        run = _synchronised(lambda: handle.generate_images(ids, attention_mask=mask, generation_config=gen, loop=loop,
-                                                           overlap_retrieval=overlap))
-        tokens = run()  # correctness outside the timed calls
-        assert tokens.shape == (batch, get_adapter(model).grid[0] ** 2) and bool((tokens >= 0).all())
-        benchmark.group = f"{name}-b{batch}"
-        benchmark.extra_info.update(loop=loop, method=method, batch=batch, db_keys=db_size or 0,
-                                    k=0 if config is None else config.k, overlap_retrieval=overlap)
-        # The correctness call above was the warm-up. At the GPU shape an eager loop is estimated at
-        # several seconds per call (576 steps of Python dispatch), so it gets one timed round there.
-        rounds = 3 if loop == "cuda-graph" or device == "cpu" else 1
-        benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=0)
-    seconds = benchmark.stats.stats.median
+    baselines = {}
+    if loop == "hf":
+        run = lambda: model.generate(ids, attention_mask=mask, generation_config=gen, generation_mode="image")  # noqa: E731
+    else:
+        db = _synthetic_db(model, db_size, device) if db_size else None
+        run = _loop(model, ids, mask, gen, loop, method, db, k)
+        if method != "plain":
+            baselines["plain"] = _loop(model, ids, mask, gen, loop)
+        if method == "daid-overlap":
+            baselines["no_overlap"] = _loop(model, ids, mask, gen, loop, "daid", db, k)
+    benchmark.group = f"{name}-b{batch}"
+    benchmark.extra_info.update(loop=loop, method=method, batch=batch, db_keys=db_size or 0,
+                                k={"plain": 0, "faid": FAID.k}.get(method, k),
+                                overlap_retrieval=method == "daid-overlap")
+    tokens = timing.run(benchmark, run, baselines)  # its first, untimed call is the output checked here
+    assert tokens.shape == (batch, get_adapter(model).grid[0] ** 2) and bool((tokens >= 0).all())
+    seconds = benchmark.extra_info.get("median_s")
+    if seconds is None:  # --benchmark-disable
+        return
     benchmark.extra_info["ms_per_image"] = 1e3 * seconds / batch
-    benchmark.extra_info["ratio_to_hf_generate"] = seconds / _baselines[(name, batch, "hf")]
-    _baselines[(name, batch, loop, method, db_size)] = seconds
-    plain = _baselines.get((name, batch, loop, "plain", None))
-    if method != "plain" and plain is not None:
-        benchmark.extra_info["overhead_vs_same_loop_plain"] = seconds / plain - 1
+    _medians[(name, batch, loop, method, db_size)] = seconds
+    hf = _medians.get((name, batch, "hf", "plain", None))
+    if hf is not None:
+        benchmark.extra_info["ratio_to_hf_generate"] = seconds / hf
+    if "ratio_to_plain" in benchmark.extra_info:
+        benchmark.extra_info["overhead_vs_same_loop_plain"] = benchmark.extra_info["ratio_to_plain"] - 1
     if method == "faid":
         benchmark.extra_info["target_overhead"] = FAID_TARGET_OVERHEAD
-    if overlap and (name, batch, loop, "daid", db_size) in _baselines:
-        benchmark.extra_info["ratio_to_no_overlap"] = seconds / _baselines[(name, batch, loop, "daid", db_size)]

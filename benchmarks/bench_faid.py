@@ -1,7 +1,8 @@
 """FAiD blender step: affine fast path (faid_blend) vs the literal official conv stacks.
 
 Janus-Pro-1B shape (D = 2048, K = 10, hops "12", batch 16) runs on CUDA only; a small CPU case
-(D = 64) runs both formulations with the reference op. Correctness is checked outside the timed call.
+(D = 64) runs both formulations with the reference op, interleaved. Correctness is checked outside
+the timed call.
 Run: ``pytest benchmarks/bench_faid.py --benchmark-only``.
 """
 
@@ -10,6 +11,7 @@ import platform
 import pytest
 import torch
 
+import timing
 from arrag_kernels.faid import ComposedBlender, FAiDLayer, blend_literal
 from arrag_kernels.ops import use_backend
 
@@ -18,17 +20,9 @@ SHAPES = {
     "janus-pro-1b": (2048, 10, (1, 2), 16, 24, "cuda"),
     "cpu-small": (64, 10, (1, 2), 4, 8, "cpu"),
 }
-PROVIDERS = ["fast", "literal"]
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_faid_blend_step(benchmark, shape, provider):
+def test_faid_blend_step(benchmark, shape):
+    """The fast path as the row, the literal conv stacks interleaved with it (``ratio_to_literal``)."""
     D, K, hops, B, side, device = SHAPES[shape]
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("Janus-Pro-1B shape needs a CUDA GPU")
@@ -44,19 +38,20 @@ def test_faid_blend_step(benchmark, shape, provider):
     cells = torch.stack([context[:, r + dr, c + dc] for dr, dc in fast.offsets], dim=1)
     backend = "auto" if device == "cuda" else "reference"
 
-    def run():
-        with torch.no_grad(), use_backend(backend):
-            out = fast.blend(cells, e[:, 0]) if provider == "fast" else blend_literal(layer, context, positions, e)
-        _sync(device)
-        return out
+    def run(provider):
+        def call():
+            with torch.no_grad(), use_backend(backend):
+                return fast.blend(cells, e[:, 0]) if provider == "fast" else blend_literal(layer, context, positions, e)
 
-    out = benchmark(run)
-    with torch.no_grad():
-        ref, _ = blend_literal(layer, context, positions, e)
-    got = out[0] if provider == "fast" else out[0][:, 0]
-    tol = 5e-2 if dtype == torch.bfloat16 else 1e-4
-    torch.testing.assert_close(got.float(), ref[:, 0].float(), atol=tol, rtol=tol)
+        return call
+
+    benchmark.group = f"faid-blend-{shape}"
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        torch=torch.__version__, dtype=str(dtype), D=D, K=K, hops=list(hops), batch=B, grid=side,
+        torch=torch.__version__, dtype=str(dtype), D=D, K=K, hops=list(hops), batch=B, grid=side, provider="fast",
     )
+    out = timing.run(benchmark, run("fast"), {"literal": run("literal")})
+    with torch.no_grad():
+        ref, _ = blend_literal(layer, context, positions, e)
+    tol = 5e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out[0].float(), ref[:, 0].float(), atol=tol, rtol=tol)

@@ -1,4 +1,4 @@
-"""Retrieval-step ops per provider: reference, triton, and the official per-step pattern.
+"""Retrieval-step ops per provider: reference, C++, triton, and the official per-step pattern.
 
 Groups: ``neighbor_keys`` (query of the next position for every image), ``knn`` (exact top-K over
 the database keys), ``daid_sample`` (CFG + softmax + DAiD merge + sampling), and ``step`` (all
@@ -6,6 +6,7 @@ three plus the id -> token lookup: what DAiD adds to one decode step).
 
 Providers:
 * ``reference``: the library's pure PyTorch ops, on the input's device;
+* ``cpp``: the C++ extension's CPU kernels (CPU only);
 * ``triton``: the fused kernels (CUDA only: on CPU they would run in the interpreter);
 * ``official``: the official AR-RAG pattern: tokens copied to the host, the query assembled there
   image by image, a host-side flat search, ids sent back, then dedup / softmax / mix in several
@@ -15,8 +16,8 @@ Providers:
   launches). ``knn`` cases also record ``x_h200_floor``: time over key bytes / 4.8 TB/s.
 
 Each timed call ends with ``torch.cuda.synchronize()`` on CUDA; outputs are checked against the
-reference outside the timed call. Speed-ups against the other providers of the same run are
-written into ``extra_info``.
+reference outside the timed call. Every row is a median (``timing.run``); the ``official`` pattern
+runs interleaved with every other provider's row, which records ``ratio_to_official`` (< 1: faster).
 """
 
 from __future__ import annotations
@@ -24,23 +25,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+import timing
+from arrag_kernels import _ext
 from arrag_kernels.config import KeyLayout
 from arrag_kernels.ops import daid_sample, knn, neighbor_keys, use_backend
 from shapes import SHAPES, RetrievalShape
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-PROVIDERS = ["reference", "triton", "official"]
+PROVIDERS = ["reference", "cpp", "triton", "official"]
 KNN_PROVIDERS = PROVIDERS + ["triton-graph"]
 H200_BYTES_PER_S = 4.8e12  # HBM3e datasheet (a device copy measured ~4.3e12): a key scan's floor
 LAM, TAU, TEMPERATURE = 0.05, 0.6, 1.0
-_times: dict[tuple[str, str, str], float] = {}
 _cache: dict[str, dict] = {}
-
-
-def _sync():
-    if CUDA:
-        torch.cuda.synchronize()
 
 
 def _inputs(shape: RetrievalShape) -> dict:
@@ -136,6 +133,7 @@ def _library_ops(backend):
 
 OPS = {
     "reference": _library_ops("reference"),
+    "cpp": _library_ops("cpp"),
     "triton": _library_ops("triton"),
     "official": (official_neighbor_keys, official_knn, official_daid_sample),
 }
@@ -153,27 +151,22 @@ def _skip_reason(provider, shape) -> str | None:
         return f"{shape.name} is a GPU shape ({shape.db_size} keys); no CUDA device here"
     if provider.startswith("triton") and not CUDA:
         return "Triton on CPU runs only in the interpreter: far too slow to be a meaningful timing"
+    if provider == "cpp" and CUDA:
+        return "the C++ kernels run on CPU tensors; this run's inputs are on CUDA"
+    if provider == "cpp" and not _ext.HAS_EXT:
+        return f"C++ extension unavailable: {_ext.EXT_ERROR}"
     return None
 
 
-def _run(benchmark, group, provider, shape, fn, nbytes=None):
-    slow = provider == "official" or (provider == "reference" and not CUDA)
-    rounds = 3 if slow and shape.db_size >= 1_000_000 else 20
-
-    def timed():
-        out = fn()
-        _sync()
-        return out
-
-    out = benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
-    t = benchmark.stats.stats.min
-    _times[(group, shape.name, provider)] = t
+def _run(benchmark, group, provider, shape, fn, official=None, nbytes=None):
+    """Time ``fn`` as this row, the ``official`` pattern of the same group interleaved with it."""
+    benchmark.group = f"{group}-{shape.name}"
     benchmark.extra_info.update(provider=provider, shape=shape.name, batch=shape.batch, db_size=shape.db_size, k=shape.k)
-    if nbytes is not None:
-        benchmark.extra_info["GB/s"] = nbytes / t / 1e9
-    for other in PROVIDERS:
-        if other != provider and (group, shape.name, other) in _times:
-            benchmark.extra_info[f"speedup_vs_{other}"] = _times[(group, shape.name, other)] / t
+    out = timing.run(benchmark, fn, {"official": official} if official is not None and provider != "official" else None)
+    if nbytes is not None and "median_s" in benchmark.extra_info:
+        benchmark.extra_info["GB/s"] = nbytes / benchmark.extra_info["median_s"] / 1e9
+        if CUDA:
+            benchmark.extra_info["x_h200_floor"] = benchmark.extra_info["median_s"] * H200_BYTES_PER_S / nbytes
     return out
 
 
@@ -191,7 +184,8 @@ def x(shape, provider) -> dict:
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_neighbor_keys(benchmark, shape, provider, x):
-    out = _run(benchmark, "neighbor_keys", provider, shape, lambda: OPS[provider][0](x, shape))
+    out = _run(benchmark, "neighbor_keys", provider, shape, lambda: OPS[provider][0](x, shape),
+               lambda: OPS["official"][0](x, shape))
     torch.testing.assert_close(out, OPS["reference"][0](x, shape))
 
 
@@ -209,13 +203,12 @@ def _graphed(fn):
 def test_knn(benchmark, shape, provider, x):
     q = OPS["reference"][0](x, shape)
     nbytes = x["keys"].numel() * x["keys"].element_size()
+    official = lambda: OPS["official"][1](q, x, shape.k)  # noqa: E731
     if provider == "triton-graph":
         replay, (dist, ids) = _graphed(lambda: OPS["triton"][1](q, x, shape.k))
-        _run(benchmark, "knn", provider, shape, replay, nbytes)
+        _run(benchmark, "knn", provider, shape, replay, official, nbytes)
     else:
-        dist, ids = _run(benchmark, "knn", provider, shape, lambda: OPS[provider][1](q, x, shape.k), nbytes)
-    if CUDA:
-        benchmark.extra_info["x_h200_floor"] = benchmark.stats.stats.min * H200_BYTES_PER_S / nbytes
+        dist, ids = _run(benchmark, "knn", provider, shape, lambda: OPS[provider][1](q, x, shape.k), official, nbytes)
     ref_dist, ref_ids = OPS["reference"][1](q, x, shape.k)
     torch.testing.assert_close(dist, ref_dist, atol=1e-4, rtol=1e-4)
     # Ids may differ only among (near-)equal distances.
@@ -229,7 +222,8 @@ def test_daid_sample(benchmark, shape, provider, x):
     dist, ids = OPS["reference"][1](q, x, shape.k)
     ret_tokens = x["values"][ids]
     args = (x["logits"], dist, ret_tokens, x["uniforms"], shape)
-    out = _run(benchmark, "daid_sample", provider, shape, lambda: OPS[provider][2](*args))
+    out = _run(benchmark, "daid_sample", provider, shape, lambda: OPS[provider][2](*args),
+               lambda: OPS["official"][2](*args))
     # Inverse-CDF draws can differ only when a uniform falls within rounding of a CDF step.
     assert (out == OPS["reference"][2](*args)).float().mean().item() >= 0.9
 
@@ -237,5 +231,6 @@ def test_daid_sample(benchmark, shape, provider, x):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_step(benchmark, shape, provider, x):
-    out = _run(benchmark, "step", provider, shape, lambda: _step(provider, x, shape))
+    out = _run(benchmark, "step", provider, shape, lambda: _step(provider, x, shape),
+               lambda: _step("official", x, shape))
     assert (out == _step("reference", x, shape)).float().mean().item() >= 0.9

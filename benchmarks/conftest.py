@@ -6,6 +6,11 @@ Triton kernels are timed compiled on CUDA only; nothing here turns the interpret
 pytest-benchmark writes its JSON only when the session ends normally; with ``ARRAG_BENCH_JSONL=path``
 every finished benchmark is also appended to that file at once, so a run cut off by a time limit
 (scripts/gpu_check.sh) keeps what it measured.
+
+Timing: every row goes through :func:`timing.run` (medians, spread in ``extra_info``, baselines
+interleaved with the row, rounds sized by ``--benchmark-max-time``). OpenMP threads wait passively
+(``OMP_WAIT_POLICY=PASSIVE`` unless set): spin-waiting made small ops up to 30x slower on the
+shared 2-core machines. It must be set before torch loads its OpenMP runtime, hence here.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import platform
 import subprocess
 from pathlib import Path
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def pytest_collect_file(file_path: Path, parent):
@@ -57,6 +64,8 @@ def environment() -> dict:
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "cuda": torch.version.cuda,
         "triton": triton_version,
         "transformers": transformers_version,

@@ -37,6 +37,9 @@ SHAPES = [
     RetrievalShape("janus1b-b16-db10M", batch=16, db_size=10_000_000),
     RetrievalShape("cpu-b1-db20k", batch=1, db_size=20_000, k=64, vocab=1024, grid=(8, 8), key_dtype="float32", gpu_only=False),
     RetrievalShape("cpu-b4-db100k", batch=4, db_size=100_000, k=256, vocab=1024, grid=(8, 8), key_dtype="float32", gpu_only=False),
+    # Where users decode on a CPU: batch 1-4, DAiD's K = 2048, 1M keys, Janus-Pro-1B's grid and codebook.
+    RetrievalShape("cpu-b1-db1M", batch=1, db_size=1_000_000, key_dtype="float32", gpu_only=False),
+    RetrievalShape("cpu-b4-db1M", batch=4, db_size=1_000_000, key_dtype="float32", gpu_only=False),
 ]
 
 BY_NAME = {s.name: s for s in SHAPES}

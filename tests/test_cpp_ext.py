@@ -86,6 +86,47 @@ def test_knn_ties_ordered_by_id():
 
 
 @needs_ext
+@pytest.mark.parametrize("key_dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_knn_blocked_layout_equals_row_major(key_dtype):
+    """The prepared (blocked) layout and the per-call transposition give identical results, ties
+    included (integer coordinates), over a partial last block and 1-4 queries (the single-query tile)."""
+    g = _gen(11)
+    keys = torch.randint(0, 3, (1031, 12), generator=g).to(key_dtype)
+    queries = torch.randint(0, 3, (5, 12), generator=g).float()
+    blocked, norms = _ext._C.knn_prepare(keys.numpy())
+    assert blocked.shape == (1280 * 12,) and norms.shape == (1280,) and blocked.dtype == keys.numpy().dtype
+    ref_d, ref_i = knn_ref(queries, keys, 300)
+    for nq in (1, 4, 5):
+        q = queries[:nq].numpy()
+        d, i = _ext._C.knn_blocked(q, blocked, norms, 1031, 300)
+        rd, ri = _ext._C.knn(q, keys.numpy(), 300)
+        assert np.array_equal(d, rd) and np.array_equal(i, ri), f"{nq} queries: blocked != row-major"
+        assert torch.equal(torch.from_numpy(i), ref_i[:nq]) and torch.equal(torch.from_numpy(d), ref_d[:nq])
+    with pytest.raises(ValueError, match="norms.shape"):
+        _ext._C.knn_blocked(queries.numpy(), blocked, norms[:256], 1031, 3)
+
+
+@needs_ext
+def test_knn_prepared_keys_follow_in_place_changes():
+    """The blocked layout is cached per keys tensor and rebuilt when the tensor is modified in place."""
+    from arrag_kernels.ops import _cpp
+
+    g = _gen(12)
+    keys, q = torch.randn(700, 8, generator=g), torch.randn(3, 8, generator=g)
+    with use_backend("cpp"):
+        first = knn(q, keys, 5)
+        assert id(keys) in _cpp._blocked_keys._entries
+        keys[first[1][0, 0]] += 100.0  # move query 0's nearest key far away
+        d, i = knn(q, keys, 5)
+    ref_d, ref_i = knn_ref(q, keys, 5)
+    assert torch.equal(i, ref_i) and first[1][0, 0] not in i[0]
+    assert_close(d, ref_d, torch.float32, what="distances after the in-place change")
+    key_id = id(keys)
+    del keys
+    assert key_id not in _cpp._blocked_keys._entries, "the prepared layout outlived its keys tensor"
+
+
+@needs_ext
 def test_knn_dispatch_reasons():
     q = torch.randn(2, 8)
     assert knn_dispatcher.select(q, torch.randn(10, 8), 3)[0] != "reference"

@@ -224,16 +224,21 @@ def test_sharded_search_equals_unsharded(index, queries, backend, shards, nprobe
     assert torch.equal(dist, expected[0]) and torch.equal(ids, expected[1])
 
 
-def test_database_shard(official_dir, queries):
+def test_database_shard(official_dir, index, queries):
     db = ak.PatchDatabase.from_official(official_dir[0], nprobe=3)
-    with use_backend("reference"):
+    with use_backend("triton"):  # the device search (the interpreter on CPU)
         expected = db.search(queries, 40)
     sharded = db.shard(["cpu", "cpu"]).to("cpu")  # to() keeps the sharding
     assert sharded._shards == ["cpu", "cpu"] and db._shards is None
-    dist, ids = sharded.search(queries, 40)  # CPU queries under "auto": the sharded device search, not FAISS
-    assert len(sharded._search._device[queries.device].shards) == 2
-    assert torch.equal(dist, expected[0]) and torch.equal(ids, expected[1])
-    assert torch.equal(sharded.retrieve(queries, 40)[1], db.values[ids])
+    with use_backend("triton"):
+        dist, ids = sharded.search(queries, 40)
+        assert len(sharded._search._device[queries.device].shards) == 2
+        assert torch.equal(dist, expected[0]) and torch.equal(ids, expected[1])
+        assert torch.equal(sharded.retrieve(queries, 40)[1], db.values[ids])
+    for backend in ("auto", "reference"):  # CPU queries: faiss-cpu, sharded or not
+        with use_backend(backend):
+            assert_same_neighbours(*sharded.search(queries, 40), *faiss_search(index, queries, 3, 40),
+                                   what=f"sharded database on CPU under {backend!r}")
     assert db.shard(["cpu"]).shard(None)._shards is None
 
 
@@ -463,7 +468,7 @@ def test_cli_build_ivfpq_and_import_official(tmp_path, capsys):
 
 def test_set_nprobe_keeps_uploaded_arrays(official_dir, index, queries):
     db = ak.PatchDatabase.from_official(official_dir[0], nprobe=1)
-    with use_backend("reference"):
+    with use_backend("triton"):  # the device search (the interpreter on CPU)
         db.search(queries, 8)
         uploaded = db._search._device[queries.device]
         db.set_nprobe(5)

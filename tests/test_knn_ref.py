@@ -45,6 +45,18 @@ def test_knn_spans_blocks_and_ties_by_id(monkeypatch):
     assert torch.all(d[:, 1:] >= d[:, :-1])
 
 
+def test_knn_ref_key_norms_follow_in_place_changes():
+    """knn_ref keeps each keys tensor's norms; an in-place change must not leave them stale."""
+    g = torch.Generator().manual_seed(4)
+    keys, q = torch.randn(300, 8, generator=g), torch.randn(2, 8, generator=g)
+    knn_ref(q, keys, 5)
+    keys.mul_(3.0).add_(1.0)
+    d, i = knn_ref(q, keys, 5)
+    bd, bi = _brute_force(q, keys, 5)
+    assert_close(d, bd, torch.float32, "distances after the in-place change")
+    assert torch.equal(i, bi)
+
+
 def test_knn_low_precision_keys_accumulate_in_fp32():
     g = torch.Generator().manual_seed(1)
     keys = torch.randn(501, 32, generator=g)

@@ -4,26 +4,56 @@ The public functions validate their inputs and dispatch to the best available ba
 :mod:`arrag_kernels.ops._dispatch`).
 """
 
-from ._dispatch import BACKENDS, BackendUnavailable, current_backend, use_backend
-from .daid import daid_mix, daid_mix_ref, daid_sample, daid_sample_ref, retrieval_distribution_ref
-from .faid import faid_blend, faid_blend_ref
-from .ivfpq import ivfpq_search, ivfpq_search_ref
-from .knn import MAX_K, knn, knn_ref
-from .neighborhood import feature_neighbor_keys, neighbor_keys, neighbor_keys_ref, retrieval_positions
+import os
+
+import torch
+
+from . import _dispatch
+from ._dispatch import BACKENDS, BackendUnavailable, current_backend, register_lazy_backend, use_backend
+from .daid import daid_mix, daid_mix_ref, daid_sample, daid_sample_dispatcher, daid_sample_ref, retrieval_distribution_ref
+from .faid import faid_blend, faid_blend_dispatcher, faid_blend_ref
+from .ivfpq import ivfpq_dispatcher, ivfpq_search, ivfpq_search_ref
+from .knn import MAX_K, knn, knn_dispatcher, knn_ref
+from .neighborhood import (
+    feature_neighbor_keys,
+    neighbor_keys,
+    neighbor_keys_dispatcher,
+    neighbor_keys_ref,
+    retrieval_positions,
+)
 
 from . import _cpp  # noqa: E402,F401  registers the C++ backend (works without the extension)
 
-try:
-    from . import _triton  # noqa: E402,F401  registers the Triton backend
-except ImportError as _exc:  # a forced "triton" backend then says why it cannot run
-    from .daid import daid_sample_dispatcher as _d1
-    from .faid import faid_blend_dispatcher as _d2
-    from .ivfpq import ivfpq_dispatcher as _d3
-    from .knn import knn_dispatcher as _d4
-    from .neighborhood import neighbor_keys_dispatcher as _d5
 
-    for _d in (_d1, _d2, _d3, _d4, _d5):
-        _d.register("triton", check=lambda *a, _r=f"triton is not importable ({_exc})", **k: _r)(None)
+def _import_triton() -> str | None:
+    """Imports the Triton backend, which registers its implementations; returns why it cannot, if so."""
+    _dispatch._lazy.pop("triton", None)
+    try:
+        from . import _triton  # noqa: F401
+    except ImportError as exc:  # a forced "triton" backend then says why it cannot run
+        reason = f"triton is not importable ({exc})"
+        for d in (daid_sample_dispatcher, faid_blend_dispatcher, ivfpq_dispatcher, knn_dispatcher,
+                  neighbor_keys_dispatcher):
+            d.register("triton", check=lambda *a, _r=reason, **k: _r)(None)
+        return reason
+    return None
+
+
+def _load_triton(args, kwargs) -> str | None:
+    """The Triton backend is imported at the first dispatch that can use it (CUDA tensors, or any
+    tensors under TRITON_INTERPRET=1): ``import arrag_kernels`` does not pay for triton_op's import
+    of torch._inductor / torch._dynamo (seconds on a CPU machine)."""
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if os.environ.get("TRITON_INTERPRET") != "1" and not any(t.device.type == "cuda" for t in tensors):
+        return ("Triton runs on CUDA tensors; CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 "
+                "(or move the tensors to CUDA)")
+    return _import_triton()
+
+
+register_lazy_backend("triton", _load_triton)
+if torch.cuda.is_available():
+    # Where CUDA runs, register now: torch.compile and CUDA-graph capture must not meet an import.
+    _import_triton()
 
 __all__ = [
     "BACKENDS",

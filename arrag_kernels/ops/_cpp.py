@@ -3,8 +3,14 @@
 Imported by :mod:`arrag_kernels.ops`; registers an implementation with each op's dispatcher whose
 ``check`` explains why it cannot run (extension not built, tensor not on the CPU, dtype). Each
 kernel is a ``torch.library.custom_op`` (``arrag_kernels::*_cpp``) with a fake implementation, so
-``torch.compile`` traces through it. Tensors cross into ``_C`` as zero-copy numpy views, so the
-extension does not depend on torch's C++ ABI.
+``torch.compile`` traces through it; eager calls skip the op wrapper (whose first call imports
+torch._dynamo, ~1.5 s on a CPU machine) and run the same implementation directly. Tensors cross into
+``_C`` as zero-copy numpy views, so the extension does not depend on torch's C++ ABI.
+
+Exact search prepares each keys tensor once: blocks of 256 keys transposed, with their norms
+(``_C.knn_prepare``, as much memory again as the keys), kept while the keys tensor lives and
+rebuilt if it is modified in place. Searching then streams that layout; transposing every block
+and recomputing norms on every call was most of the time at 1-16 queries.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .._ext import _C, CUDA_EXT_ERROR, EXT_ERROR, HAS_CUDA_EXT, HAS_EXT
+from ._dispatch import TensorCache
 from .daid import daid_sample_dispatcher
 from .knn import knn_dispatcher
 from .neighborhood import neighbor_keys_dispatcher
@@ -22,6 +29,11 @@ def _np(t: torch.Tensor, dtype: torch.dtype | None = None):
     if dtype is not None:
         t = t.to(dtype)
     return t.contiguous().numpy()
+
+
+def _call(op, impl, *args):
+    """The registered op while torch.compile traces, else its implementation directly."""
+    return op(*args) if torch.compiler.is_compiling() else impl(*args)
 
 
 def _unavailable(*tensors: torch.Tensor) -> str | None:
@@ -40,12 +52,14 @@ def _check_neighbor_keys(tokens, codebook, positions, grid, layout):
     return reason
 
 
-@torch.library.custom_op("arrag_kernels::neighbor_keys_cpp", mutates_args=())
-def _neighbor_keys_op(
+def _neighbor_keys_impl(
     tokens: torch.Tensor, codebook: torch.Tensor, positions: torch.Tensor, offsets: torch.Tensor, height: int, width: int, border_skip: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     keys, valid = _C.neighbor_keys(_np(tokens, torch.int64), _np(codebook), _np(positions, torch.int64), height, width, _np(offsets), border_skip)
     return torch.from_numpy(keys), torch.from_numpy(valid)
+
+
+_neighbor_keys_op = torch.library.custom_op("arrag_kernels::neighbor_keys_cpp", mutates_args=())(_neighbor_keys_impl)
 
 
 @_neighbor_keys_op.register_fake
@@ -59,7 +73,8 @@ def _(tokens, codebook, positions, offsets, height, width, border_skip):
 def neighbor_keys_cpp(tokens, codebook, positions, grid, layout):
     squeeze = positions.dim() == 1
     offsets = torch.tensor(layout.offsets, dtype=torch.int32)
-    keys, valid = _neighbor_keys_op(tokens, codebook, positions.reshape(positions.shape[0], -1), offsets, grid[0], grid[1], layout.border == "skip")
+    keys, valid = _call(_neighbor_keys_op, _neighbor_keys_impl, tokens, codebook, positions.reshape(positions.shape[0], -1),
+                        offsets, grid[0], grid[1], layout.border == "skip")
     if squeeze:
         keys, valid = keys[:, 0], valid[:, 0]
     return keys, valid
@@ -72,10 +87,17 @@ def _check_knn(queries, keys, k):
     return reason
 
 
-@torch.library.custom_op("arrag_kernels::knn_cpp", mutates_args=())
-def _knn_op(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    dist, ids = _C.knn(_np(queries, torch.float32), _np(keys), k)
+# The blocked layout of each keys tensor (see the module docstring), prepared at its first search.
+_blocked_keys = TensorCache(lambda keys: _C.knn_prepare(_np(keys)))
+
+
+def _knn_impl(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    blocked, norms = _blocked_keys(keys)
+    dist, ids = _C.knn_blocked(_np(queries, torch.float32), blocked, norms, keys.shape[0], k)
     return torch.from_numpy(dist), torch.from_numpy(ids)
+
+
+_knn_op = torch.library.custom_op("arrag_kernels::knn_cpp", mutates_args=())(_knn_impl)
 
 
 @_knn_op.register_fake
@@ -86,7 +108,7 @@ def _(queries, keys, k):
 
 @knn_dispatcher.register("cpp", check=_check_knn)
 def knn_cpp(queries, keys, k):
-    return _knn_op(queries, keys, k)
+    return _call(_knn_op, _knn_impl, queries, keys, k)
 
 
 def _check_daid_sample(logits, dist, tokens, active, uniforms, *, guidance_scale, temperature, lam, tau, dedup,
@@ -94,8 +116,7 @@ def _check_daid_sample(logits, dist, tokens, active, uniforms, *, guidance_scale
     return _unavailable(*(t for t in (logits, dist, tokens, active, uniforms) if t is not None))
 
 
-@torch.library.custom_op("arrag_kernels::daid_sample_cpp", mutates_args=())
-def _daid_sample_op(
+def _daid_sample_impl(
     logits: torch.Tensor,
     dist: torch.Tensor,
     tokens: torch.Tensor,
@@ -118,6 +139,9 @@ def _daid_sample_op(
     return torch.from_numpy(out)
 
 
+_daid_sample_op = torch.library.custom_op("arrag_kernels::daid_sample_cpp", mutates_args=())(_daid_sample_impl)
+
+
 @_daid_sample_op.register_fake
 def _(logits, dist, tokens, active, uniforms, guidance_scale, temperature, lam, tau, dedup, top_k=0, top_p=1.0):
     return torch.empty(dist.shape[0], dtype=torch.int64, device=dist.device)
@@ -126,8 +150,8 @@ def _(logits, dist, tokens, active, uniforms, guidance_scale, temperature, lam, 
 @daid_sample_dispatcher.register("cpp", check=_check_daid_sample)
 def daid_sample_cpp(logits, dist, tokens, active, uniforms, *, guidance_scale, temperature, lam, tau, dedup,
                     top_k=0, top_p=1.0):
-    return _daid_sample_op(logits, dist, tokens, active, uniforms, guidance_scale, temperature, lam, tau, dedup,
-                           top_k, top_p)
+    return _call(_daid_sample_op, _daid_sample_impl, logits, dist, tokens, active, uniforms, guidance_scale, temperature,
+                 lam, tau, dedup, top_k, top_p)
 
 
 def cuda_kselect(dist: torch.Tensor, ids: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,10 @@ The backend is chosen by ``ARRAG_KERNELS_BACKEND`` (``auto`` by default) or, for
 by ``with arrag_kernels.use_backend(name):``. An explicit backend that cannot run raises with its
 reason; ``auto`` walks the preference order and raises, listing every backend's reason, only when
 none fits.
+
+A backend whose module is expensive to import (Triton: ``torch.library.triton_op`` pulls in
+torch._inductor and torch._dynamo, seconds on a CPU machine) can be registered lazily with
+:func:`register_lazy_backend`: its loader runs at the first dispatch that could use it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from typing import Callable
 
 BACKENDS = ("reference", "triton", "cpp", "cuda")
@@ -22,6 +27,14 @@ BACKENDS = ("reference", "triton", "cpp", "cuda")
 _AUTO_ORDER = ("cuda", "triton", "cpp", "reference")
 
 _local = threading.local()
+# backend -> loader(args, kwargs): imports the backend (registering its implementations) and returns
+# None, or returns why it cannot run these arguments without importing anything.
+_lazy: dict[str, Callable[..., str | None]] = {}
+
+
+def register_lazy_backend(backend: str, loader: Callable[..., str | None]) -> None:
+    """Defer importing ``backend``'s implementations to the first dispatch ``loader`` accepts."""
+    _lazy[backend] = loader
 
 
 def current_backend() -> str:
@@ -64,6 +77,10 @@ class OpDispatcher:
         return deco
 
     def _reason(self, backend: str, args, kwargs) -> str | None:
+        if backend not in self._impls and backend in _lazy:
+            reason = _lazy[backend](args, kwargs)
+            if reason is not None:
+                return reason
         if backend not in self._impls:
             return "not implemented for this op"
         return self._impls[backend][1](*args, **kwargs)
@@ -88,3 +105,21 @@ class OpDispatcher:
 
     def __call__(self, *args, **kwargs):
         return self.select(*args, **kwargs)[1](*args, **kwargs)
+
+
+class TensorCache:
+    """Values derived from a tensor (e.g. a database's key norms), computed at first use and kept
+    while the tensor lives; recomputed if it is modified in place (its version counter changes)."""
+
+    def __init__(self, compute: Callable):
+        self._compute = compute
+        self._entries: dict[int, tuple] = {}  # id(tensor) -> (stamp, value)
+
+    def __call__(self, t):
+        stamp = (t._version, t.data_ptr(), tuple(t.shape), t.dtype)
+        entry = self._entries.get(id(t))
+        if entry is None or entry[0] != stamp:
+            if entry is None:
+                weakref.finalize(t, self._entries.pop, id(t), None)
+            entry = self._entries[id(t)] = (stamp, self._compute(t))
+        return entry[1]

@@ -76,12 +76,17 @@ def pack(dist: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
     return (key.long() << 32) | slot
 
 
+def unpack_dist(packed: torch.Tensor) -> torch.Tensor:
+    """The float32 distances of packed candidates (the inverse of :func:`pack`'s key)."""
+    key = (packed >> 32).int()
+    return (key ^ ((key >> 31) & 0x7FFFFFFF)).view(torch.float32)
+
+
 def finish(packed, lists, offsets, ids, k):
     """The k first of ascending packed candidates (Q, >= k) -> (Q, k) distances and entry ids, padded."""
     packed = packed[:, :k]
     empty = packed == EMPTY
-    key = (packed >> 32).int()
-    dist = torch.where(empty, FLT_MAX, (key ^ ((key >> 31) & 0x7FFFFFFF)).view(torch.float32))
+    dist = torch.where(empty, FLT_MAX, unpack_dist(packed))
     slot = packed & 0xFFFFFFFF
     start, slot0, ends = slots(lists, offsets)
     j = torch.searchsorted(ends, slot, right=True).clamp_max_(lists.shape[1] - 1)  # probe of each slot

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ._dispatch import OpDispatcher
+from ._dispatch import OpDispatcher, TensorCache
 
 MAX_K = 2048
 # Keys scanned per block by the reference: bounds its temporary memory to Q * block floats.
 _REF_BLOCK = 1 << 16
+_MAX_KEYS = 1 << 32
 
 
 def _check_knn(queries, keys, k):
@@ -28,27 +29,35 @@ def _check_knn(queries, keys, k):
         raise TypeError(f"knn: queries and keys must be floating point, got {queries.dtype} and {keys.dtype}")
     if queries.device != keys.device:
         raise ValueError(f"knn: queries on {queries.device} but keys on {keys.device}; move them to one device")
+    if keys.shape[0] > _MAX_KEYS:
+        raise ValueError(f"knn: at most 2^32 keys are supported (ids are packed into 32 bits), got {keys.shape[0]}")
     if not 1 <= k <= min(MAX_K, keys.shape[0]):
         raise ValueError(f"knn: k must be in [1, min({MAX_K}, number of keys = {keys.shape[0]})], got {k}")
 
 
+# Squared norms of each keys tensor in fp32, kept while it lives: a database's keys are searched at
+# every decode step, and summing their squares again cost more than the matmul.
+_key_norms = TensorCache(lambda keys: torch.cat([(y * y).sum(1) for y in keys.float().split(_REF_BLOCK)]))
+
+
 def knn_ref(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure PyTorch reference of :func:`knn`: blocked distances, stable sort per block, merge."""
+    """Pure PyTorch reference of :func:`knn`: blocked distances, then ``torch.topk`` of (distance, id)
+    packed into one int64 per candidate, which orders ties by id exactly (no full sort)."""
     q = queries.float()
     q_norm = (q * q).sum(1, keepdim=True)
-    best_d = q.new_empty(q.shape[0], 0)
-    best_i = torch.empty(q.shape[0], 0, dtype=torch.long, device=q.device)
+    key_norms = _key_norms(keys)
+    best = None  # (Q, <= k) packed candidates of the blocks so far, ascending
     for start in range(0, keys.shape[0], _REF_BLOCK):
         y = keys[start : start + _REF_BLOCK].float()
-        d = (q_norm + (y * y).sum(1) - 2.0 * (q @ y.T)).clamp_min_(0.0)
-        kk = min(k, d.shape[1])
-        d, i = torch.sort(d, dim=1, stable=True)  # stable: equal distances stay in id order
-        # Earlier blocks hold smaller ids and come first, so a stable merge keeps ties by id.
-        best_d = torch.cat([best_d, d[:, :kk]], 1)
-        best_i = torch.cat([best_i, i[:, :kk] + start], 1)
-        best_d, order = torch.sort(best_d, dim=1, stable=True)
-        best_d, best_i = best_d[:, :k], torch.gather(best_i, 1, order)[:, :k]
-    return best_d, best_i
+        # ||y||^2 - 2 q.y + ||q||^2
+        d = torch.addmm(key_norms[start : start + _REF_BLOCK], q, y.T, alpha=-2.0).add_(q_norm).clamp_min_(0.0)
+        # d >= 0: its bits order like the floats (the sign bit cleared: -0 as +0, NaN after +inf)
+        bits = d.view(torch.int32) & 0x7FFFFFFF
+        cand = (bits.long() << 32) | torch.arange(start, start + y.shape[0], device=q.device)
+        if best is not None:
+            cand = torch.cat([best, cand], 1)
+        best = torch.topk(cand, min(k, cand.shape[1]), dim=1, largest=False, sorted=True).values
+    return (best >> 32).int().view(torch.float32), best & 0xFFFFFFFF
 
 
 knn_dispatcher = OpDispatcher("knn")

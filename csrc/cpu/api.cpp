@@ -32,6 +32,26 @@ using arrag::str;
     if (!(cond)) return fail(ARRAG_ERROR_INVALID_ARGUMENT, std::string(op) + ": " + (msg)); \
   } while (0)
 
+namespace {
+// The checks shared by the exact searches.
+arrag_status check_knn(const char* op, const float* queries, int64_t num_queries, const void* keys,
+                       arrag_dtype key_dtype, int64_t num_keys, int64_t dim, int64_t k, float* dist_out,
+                       int64_t* ids_out) {
+  ARRAG_REQUIRE(key_dtype == ARRAG_FLOAT32 || key_dtype == ARRAG_FLOAT16,
+                "key_dtype must be ARRAG_FLOAT32 (0) or ARRAG_FLOAT16 (1), got " + str(key_dtype));
+  ARRAG_REQUIRE(num_queries >= 0 && num_keys > 0 && dim > 0,
+                "expected num_queries >= 0, num_keys > 0, dim > 0; got " + str(num_queries) + ", " + str(num_keys) +
+                    ", " + str(dim));
+  ARRAG_REQUIRE(k >= 1 && k <= ARRAG_MAX_K && k <= num_keys,
+                "k must be in [1, min(" + str(ARRAG_MAX_K) + ", num_keys = " + str(num_keys) + ")], got " + str(k));
+  ARRAG_REQUIRE(dim <= (1 << 16), "dim must be <= 65536, got " + str(dim));
+  ARRAG_REQUIRE((queries || num_queries == 0) && keys && (dist_out || num_queries == 0) &&
+                    (ids_out || num_queries == 0),
+                "a required pointer is NULL");
+  return ARRAG_OK;
+}
+}  // namespace
+
 extern "C" {
 
 int arrag_api_version(void) { return ARRAG_API_VERSION; }
@@ -73,19 +93,39 @@ arrag_status arrag_neighbor_keys(const int64_t* tokens, int64_t batch, int64_t h
 arrag_status arrag_knn(const float* queries, int64_t num_queries, const void* keys, arrag_dtype key_dtype,
                        int64_t num_keys, int64_t dim, int64_t k, float* dist_out, int64_t* ids_out) {
   const char* op = "arrag_knn";
-  ARRAG_REQUIRE(key_dtype == ARRAG_FLOAT32 || key_dtype == ARRAG_FLOAT16,
-                "key_dtype must be ARRAG_FLOAT32 (0) or ARRAG_FLOAT16 (1), got " + str(key_dtype));
-  ARRAG_REQUIRE(num_queries >= 0 && num_keys > 0 && dim > 0,
-                "expected num_queries >= 0, num_keys > 0, dim > 0; got " + str(num_queries) + ", " + str(num_keys) +
-                    ", " + str(dim));
-  ARRAG_REQUIRE(k >= 1 && k <= ARRAG_MAX_K && k <= num_keys,
-                "k must be in [1, min(" + str(ARRAG_MAX_K) + ", num_keys = " + str(num_keys) + ")], got " + str(k));
-  ARRAG_REQUIRE(dim <= (1 << 16), "dim must be <= 65536, got " + str(dim));
-  ARRAG_REQUIRE((queries || num_queries == 0) && keys && (dist_out || num_queries == 0) &&
-                    (ids_out || num_queries == 0),
-                "a required pointer is NULL");
+  if (arrag_status s = check_knn(op, queries, num_queries, keys, key_dtype, num_keys, dim, k, dist_out, ids_out))
+    return s;
   return arrag::guarded(op, [&] {
     arrag::knn(queries, num_queries, keys, key_dtype, num_keys, dim, k, dist_out, ids_out);
+    return arrag::ok();
+  });
+}
+
+int64_t arrag_knn_blocked_rows(int64_t num_keys) { return arrag::knn_blocked_rows(num_keys); }
+
+arrag_status arrag_knn_prepare(const void* keys, arrag_dtype key_dtype, int64_t num_keys, int64_t dim,
+                               void* blocked_out, float* norms_out) {
+  const char* op = "arrag_knn_prepare";
+  ARRAG_REQUIRE(key_dtype == ARRAG_FLOAT32 || key_dtype == ARRAG_FLOAT16,
+                "key_dtype must be ARRAG_FLOAT32 (0) or ARRAG_FLOAT16 (1), got " + str(key_dtype));
+  ARRAG_REQUIRE(num_keys > 0 && dim > 0 && dim <= (1 << 16),
+                "expected num_keys > 0 and 0 < dim <= 65536; got " + str(num_keys) + ", " + str(dim));
+  ARRAG_REQUIRE(keys && blocked_out && norms_out, "a required pointer is NULL");
+  return arrag::guarded(op, [&] {
+    arrag::knn_prepare(keys, key_dtype, num_keys, dim, blocked_out, norms_out);
+    return arrag::ok();
+  });
+}
+
+arrag_status arrag_knn_blocked(const float* queries, int64_t num_queries, const void* blocked, const float* norms,
+                               arrag_dtype key_dtype, int64_t num_keys, int64_t dim, int64_t k, float* dist_out,
+                               int64_t* ids_out) {
+  const char* op = "arrag_knn_blocked";
+  if (arrag_status s = check_knn(op, queries, num_queries, blocked, key_dtype, num_keys, dim, k, dist_out, ids_out))
+    return s;
+  ARRAG_REQUIRE(norms, "a required pointer is NULL");
+  return arrag::guarded(op, [&] {
+    arrag::knn_blocked(queries, num_queries, blocked, norms, key_dtype, num_keys, dim, k, dist_out, ids_out);
     return arrag::ok();
   });
 }

@@ -40,6 +40,10 @@ void neighbor_keys(const int64_t* tokens, int64_t batch, int64_t height, int64_t
                    uint8_t* valid_out);
 void knn(const float* queries, int64_t num_queries, const void* keys, arrag_dtype key_dtype, int64_t num_keys,
          int64_t dim, int64_t k, float* dist_out, int64_t* ids_out);
+int64_t knn_blocked_rows(int64_t num_keys);
+void knn_prepare(const void* keys, arrag_dtype key_dtype, int64_t num_keys, int64_t dim, void* blocked, float* norms);
+void knn_blocked(const float* queries, int64_t num_queries, const void* blocked, const float* norms,
+                 arrag_dtype key_dtype, int64_t num_keys, int64_t dim, int64_t k, float* dist_out, int64_t* ids_out);
 const char* cpu_isa_name();
 void daid_sample(const float* logits, int64_t batch, int64_t vocab, bool cfg, const float* dist,
                  const int64_t* tokens, int64_t k, const uint8_t* active, const float* uniforms,

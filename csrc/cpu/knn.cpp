@@ -1,4 +1,5 @@
-// Exact k-NN: each thread scans a contiguous range of key blocks (knn_block.cpp) and keeps, per
+// Exact k-NN: each thread scans a contiguous range of key blocks (knn_block.cpp), read from the
+// blocked layout prepared once per database or transposed block by block, and keeps, per
 // query, a buffer of candidates no worse than its current k-th best; the buffers are merged and
 // sorted per query at the end. Candidates are ordered by (distance, id), which gives the
 // reference's "ties by smaller id" whatever order the threads visit the keys in.
@@ -58,16 +59,17 @@ bool cpu_has(const char* feature_set) {
 }
 
 struct Isa {
-  ScanBlockFn fn;
+  ScanBlockFn scan;
+  PrepareBlockFn prepare;
   const char* name;
 };
 
 Isa pick_isa() {
 #ifdef ARRAG_HAVE_X86_VARIANTS
-  if (cpu_has("4")) return {v4::scan_block, "avx512"};
-  if (cpu_has("3")) return {v3::scan_block, "avx2"};
+  if (cpu_has("4")) return {v4::scan_block, v4::prepare_block, "avx512"};
+  if (cpu_has("3")) return {v3::scan_block, v3::prepare_block, "avx2"};
 #endif
-  return {generic::scan_block, "generic"};
+  return {generic::scan_block, generic::prepare_block, "generic"};
 }
 
 const Isa& isa() {
@@ -77,8 +79,20 @@ const Isa& isa() {
 
 constexpr int64_t kQueryGroup = 64;  // queries scanned together; bounds per-thread buffers
 
-void knn_group(const float* queries, int64_t nq, const void* keys, arrag_dtype key_dtype, int64_t num_keys,
-               int64_t dim, int64_t k, float* dist_out, int64_t* ids_out) {
+size_t elem_size(arrag_dtype dtype) { return dtype == ARRAG_FLOAT16 ? 2 : 4; }
+
+// The keys of a search: row-major (`rows`), or already in the blocked layout (`blocked`, `norms`).
+struct Keys {
+  const void* rows;
+  const void* blocked;
+  const float* norms;
+  arrag_dtype dtype;
+  int64_t num_keys, dim;
+};
+
+void knn_group(const float* queries, int64_t nq, const Keys& keys, int64_t k, float* dist_out, int64_t* ids_out) {
+  const int64_t num_keys = keys.num_keys, dim = keys.dim;
+  const size_t block_bytes = elem_size(keys.dtype) * dim * kKeyBlock;
   std::vector<float> qnorm(nq);
   for (int64_t j = 0; j < nq; ++j) {
     float s = 0.0f;
@@ -92,7 +106,7 @@ void knn_group(const float* queries, int64_t nq, const void* keys, arrag_dtype k
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), num_blocks / 8)));
 #endif
   std::vector<std::vector<TopK>> sel(threads, std::vector<TopK>(nq));
-  const ScanBlockFn scan = isa().fn;
+  const Isa& fns = isa();
 
 #pragma omp parallel num_threads(threads)
   {
@@ -102,15 +116,28 @@ void knn_group(const float* queries, int64_t nq, const void* keys, arrag_dtype k
 #endif
     std::vector<TopK>& mine = sel[t];
     for (auto& s : mine) s.init(k);
-    std::vector<float> scratch((dim + 2) * kKeyBlock), thr(nq), cand_dist(nq * kKeyBlock);
+    // Blocks transposed here when the keys are row-major (floats, so fp16 blocks fit too).
+    std::vector<float> kt(keys.blocked ? 0 : dim * kKeyBlock), knorm(keys.blocked ? 0 : kKeyBlock);
+    std::vector<float> scratch(kKeyBlock), thr(nq), cand_dist(nq * kKeyBlock);
     std::vector<int32_t> cand_off(nq * kKeyBlock), cand_count(nq);
     const int64_t b_begin = num_blocks * t / threads, b_end = num_blocks * (t + 1) / threads;
     for (int64_t blk = b_begin; blk < b_end; ++blk) {
       const int64_t start = blk * kKeyBlock;
       const int count = static_cast<int>(std::min<int64_t>(kKeyBlock, num_keys - start));
+      const void* block;
+      const float* norms;
+      if (keys.blocked) {
+        block = static_cast<const char*>(keys.blocked) + blk * block_bytes;
+        norms = keys.norms + blk * kKeyBlock;
+      } else {
+        fns.prepare(static_cast<const char*>(keys.rows) + start * dim * elem_size(keys.dtype), keys.dtype, dim, count,
+                    kt.data(), knorm.data());
+        block = kt.data();
+        norms = knorm.data();
+      }
       for (int64_t j = 0; j < nq; ++j) thr[j] = mine[j].threshold;
-      scan(queries, qnorm.data(), nq, dim, keys, key_dtype, start, count, thr.data(), scratch.data(),
-           cand_dist.data(), cand_off.data(), cand_count.data());
+      fns.scan(queries, qnorm.data(), nq, dim, block, norms, keys.dtype, count, thr.data(), scratch.data(),
+               cand_dist.data(), cand_off.data(), cand_count.data());
       for (int64_t j = 0; j < nq; ++j) {
         TopK& s = mine[j];
         for (int32_t c = 0; c < cand_count[j]; ++c)
@@ -133,16 +160,42 @@ void knn_group(const float* queries, int64_t nq, const void* keys, arrag_dtype k
   }
 }
 
+void knn_search(const float* queries, int64_t num_queries, const Keys& keys, int64_t k, float* dist_out,
+                int64_t* ids_out) {
+  for (int64_t j0 = 0; j0 < num_queries; j0 += kQueryGroup) {
+    const int64_t nq = std::min(kQueryGroup, num_queries - j0);
+    knn_group(queries + j0 * keys.dim, nq, keys, k, dist_out + j0 * k, ids_out + j0 * k);
+  }
+}
+
 }  // namespace
 
 const char* cpu_isa_name() { return isa().name; }
 
+int64_t knn_blocked_rows(int64_t num_keys) { return (num_keys + kKeyBlock - 1) / kKeyBlock * kKeyBlock; }
+
 void knn(const float* queries, int64_t num_queries, const void* keys, arrag_dtype key_dtype, int64_t num_keys,
          int64_t dim, int64_t k, float* dist_out, int64_t* ids_out) {
-  for (int64_t j0 = 0; j0 < num_queries; j0 += kQueryGroup) {
-    const int64_t nq = std::min(kQueryGroup, num_queries - j0);
-    knn_group(queries + j0 * dim, nq, keys, key_dtype, num_keys, dim, k, dist_out + j0 * k, ids_out + j0 * k);
+  knn_search(queries, num_queries, Keys{keys, nullptr, nullptr, key_dtype, num_keys, dim}, k, dist_out, ids_out);
+}
+
+void knn_prepare(const void* keys, arrag_dtype key_dtype, int64_t num_keys, int64_t dim, void* blocked,
+                 float* norms) {
+  const int64_t num_blocks = knn_blocked_rows(num_keys) / kKeyBlock;
+  const size_t row_bytes = elem_size(key_dtype) * dim;
+  const PrepareBlockFn prepare = isa().prepare;
+#pragma omp parallel for schedule(static)
+  for (int64_t blk = 0; blk < num_blocks; ++blk) {
+    const int64_t start = blk * kKeyBlock;
+    const int count = static_cast<int>(std::min<int64_t>(kKeyBlock, num_keys - start));
+    prepare(static_cast<const char*>(keys) + start * row_bytes, key_dtype, dim, count,
+            static_cast<char*>(blocked) + start * row_bytes, norms + start);
   }
+}
+
+void knn_blocked(const float* queries, int64_t num_queries, const void* blocked, const float* norms,
+                 arrag_dtype key_dtype, int64_t num_keys, int64_t dim, int64_t k, float* dist_out, int64_t* ids_out) {
+  knn_search(queries, num_queries, Keys{nullptr, blocked, norms, key_dtype, num_keys, dim}, k, dist_out, ids_out);
 }
 
 }  // namespace arrag

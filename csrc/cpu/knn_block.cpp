@@ -22,15 +22,20 @@ constexpr int VW = 8;
 constexpr int VW = 4;
 #endif
 typedef float vecf __attribute__((vector_size(VW * sizeof(float)), aligned(sizeof(float))));
-static_assert(BK % (2 * VW) == 0, "key block must be a multiple of two vectors");
+
+// fp16 vectors of the same lane count, converted on load (vcvtph2ps with F16C / AVX-512).
+typedef _Float16 vech __attribute__((vector_size(VW * sizeof(_Float16)), aligned(sizeof(_Float16))));
+static_assert(BK % (4 * VW) == 0, "key block must be a multiple of four vectors");
 
 inline vecf load(const float* p) { return *reinterpret_cast<const vecf*>(p); }
+inline vecf load(const _Float16* p) { return __builtin_convertvector(*reinterpret_cast<const vech*>(p), vecf); }
 inline void store(float* p, vecf v) { *reinterpret_cast<vecf*>(p) = v; }
 
 // out[j][b] = <q_j, y_b> for 4 queries (rows of q) and all BK keys of the transposed block kt
 // (dim x BK). The 4 x 2 vector accumulators are named variables so they stay in registers; each
 // key row is loaded once for the 4 queries.
-inline void dot_tile4(const float* __restrict kt, int64_t dim, const float* __restrict q, float* __restrict out) {
+template <class T>
+inline void dot_tile4(const T* __restrict kt, int64_t dim, const float* __restrict q, float* __restrict out) {
   const float *q0 = q, *q1 = q + dim, *q2 = q + 2 * dim, *q3 = q + 3 * dim;
   for (int b0 = 0; b0 < BK; b0 += 2 * VW) {
     vecf a0{}, a1{}, a2{}, a3{}, c0{}, c1{}, c2{}, c3{};
@@ -56,20 +61,38 @@ inline void dot_tile4(const float* __restrict kt, int64_t dim, const float* __re
   }
 }
 
-inline void dot_tile1(const float* __restrict kt, int64_t dim, const float* __restrict q, float* __restrict out) {
-  for (int b0 = 0; b0 < BK; b0 += VW) {
-    vecf a{};
-    for (int64_t d = 0; d < dim; ++d) a += q[d] * load(kt + d * BK + b0);
-    store(out + b0, a);
+// One query: four independent accumulators, so the FMA latency chain over dim does not bound it.
+template <class T>
+inline void dot_tile1(const T* __restrict kt, int64_t dim, const float* __restrict q, float* __restrict out) {
+  for (int b0 = 0; b0 < BK; b0 += 4 * VW) {
+    vecf a0{}, a1{}, a2{}, a3{};
+    for (int64_t d = 0; d < dim; ++d) {
+      const T* row = kt + d * BK + b0;
+      a0 += q[d] * load(row);
+      a1 += q[d] * load(row + VW);
+      a2 += q[d] * load(row + 2 * VW);
+      a3 += q[d] * load(row + 3 * VW);
+    }
+    store(out + b0, a0);
+    store(out + b0 + VW, a1);
+    store(out + b0 + 2 * VW, a2);
+    store(out + b0 + 3 * VW, a3);
   }
 }
 
 template <class T>
-inline void load_transposed(const T* __restrict keys, int64_t dim, int count, float* __restrict kt) {
+inline void prepare(const T* __restrict keys, int64_t dim, int count, T* __restrict kt, float* __restrict knorm) {
   for (int b = 0; b < count; ++b)
-    for (int64_t d = 0; d < dim; ++d) kt[d * BK + b] = static_cast<float>(keys[b * dim + d]);
+    for (int64_t d = 0; d < dim; ++d) kt[d * BK + b] = keys[b * dim + d];
   for (int64_t d = 0; d < dim; ++d)
-    for (int b = count; b < BK; ++b) kt[d * BK + b] = 0.0f;
+    for (int b = count; b < BK; ++b) kt[d * BK + b] = T(0);
+  float norm[BK] = {};
+  for (int64_t d = 0; d < dim; ++d)
+    for (int b0 = 0; b0 < BK; b0 += VW) {
+      const vecf x = load(kt + d * BK + b0);
+      store(norm + b0, load(norm + b0) + x * x);
+    }
+  for (int b = 0; b < BK; ++b) knorm[b] = norm[b];
 }
 
 inline void select_row(const float* __restrict dots, const float* __restrict knorm, float qn, float thr, int count,
@@ -96,22 +119,9 @@ inline void select_row(const float* __restrict dots, const float* __restrict kno
   *cand_count = n;
 }
 
-}  // namespace
-
-void scan_block(const float* queries, const float* qnorm, int64_t num_queries, int64_t dim, const void* keys,
-                int key_dtype, int64_t start, int count, const float* threshold, float* scratch, float* cand_dist,
-                int32_t* cand_off, int32_t* cand_count) {
-  float* kt = scratch;              // dim x BK
-  float* knorm = kt + dim * BK;     // BK
-  float* dist = knorm + BK;         // BK
-  if (key_dtype == ARRAG_FLOAT16)
-    load_transposed(static_cast<const _Float16*>(keys) + start * dim, dim, count, kt);
-  else
-    load_transposed(static_cast<const float*>(keys) + start * dim, dim, count, kt);
-  for (int b = 0; b < BK; ++b) knorm[b] = 0.0f;
-  for (int64_t d = 0; d < dim; ++d)
-    for (int b = 0; b < BK; ++b) knorm[b] += kt[d * BK + b] * kt[d * BK + b];
-
+template <class T>
+void scan(const float* queries, const float* qnorm, int64_t num_queries, int64_t dim, const T* kt, const float* knorm,
+          int count, const float* threshold, float* dist, float* cand_dist, int32_t* cand_off, int32_t* cand_count) {
   constexpr int QB = 4;
   float dots[QB * BK];
   int64_t j0 = 0;
@@ -126,6 +136,26 @@ void scan_block(const float* queries, const float* qnorm, int64_t num_queries, i
     select_row(dots, knorm, qnorm[j0], threshold[j0], count, dist, cand_dist + j0 * BK, cand_off + j0 * BK,
                cand_count + j0);
   }
+}
+
+}  // namespace
+
+void prepare_block(const void* keys, int key_dtype, int64_t dim, int count, void* kt, float* knorm) {
+  if (key_dtype == ARRAG_FLOAT16)
+    prepare(static_cast<const _Float16*>(keys), dim, count, static_cast<_Float16*>(kt), knorm);
+  else
+    prepare(static_cast<const float*>(keys), dim, count, static_cast<float*>(kt), knorm);
+}
+
+void scan_block(const float* queries, const float* qnorm, int64_t num_queries, int64_t dim, const void* kt,
+                const float* knorm, int key_dtype, int count, const float* threshold, float* scratch,
+                float* cand_dist, int32_t* cand_off, int32_t* cand_count) {
+  if (key_dtype == ARRAG_FLOAT16)
+    scan(queries, qnorm, num_queries, dim, static_cast<const _Float16*>(kt), knorm, count, threshold, scratch,
+         cand_dist, cand_off, cand_count);
+  else
+    scan(queries, qnorm, num_queries, dim, static_cast<const float*>(kt), knorm, count, threshold, scratch,
+         cand_dist, cand_off, cand_count);
 }
 
 }  // namespace ARRAG_ISA

@@ -89,31 +89,80 @@ py::tuple neighbor_keys(const py::array& tokens, const py::array& codebook, cons
   return py::make_tuple(keys, valid);
 }
 
+// The arrag_dtype of 2-D C-contiguous float32 / float16 keys.
+arrag_dtype key_dtype(const char* op, const py::array& keys) {
+  if (keys.dtype().is(py::dtype::of<float>())) {
+    require<float>(op, "keys", keys, 2);
+    return ARRAG_FLOAT32;
+  }
+  if (keys.dtype().is(py::dtype("float16"))) {
+    if (keys.ndim() != 2 || !(keys.flags() & py::array::c_style))
+      throw py::value_error(std::string(op) + ": keys must be a 2-D C-contiguous array, got shape " + shape_str(keys));
+    return ARRAG_FLOAT16;
+  }
+  throw py::type_error(std::string(op) + ": keys must be float32 or float16, got " + std::string(py::str(keys.dtype())));
+}
+
+void require_k(const char* op, int64_t k, int64_t num_keys) {
+  if (k < 1 || k > ARRAG_MAX_K || k > num_keys)
+    throw py::value_error(std::string(op) + ": k must be in [1, min(" + std::to_string(ARRAG_MAX_K) +
+                          ", number of keys = " + std::to_string(num_keys) + ")], got " + std::to_string(k));
+}
+
 py::tuple knn(const py::array& queries, const py::array& keys, int64_t k) {
   const char* op = "knn";
   require<float>(op, "queries", queries, 2);
-  arrag_dtype kd;
-  if (keys.dtype().is(py::dtype::of<float>())) {
-    require<float>(op, "keys", keys, 2);
-    kd = ARRAG_FLOAT32;
-  } else if (keys.dtype().is(py::dtype("float16"))) {
-    if (keys.ndim() != 2 || !(keys.flags() & py::array::c_style))
-      throw py::value_error(std::string(op) + ": keys must be a 2-D C-contiguous array, got shape " + shape_str(keys));
-    kd = ARRAG_FLOAT16;
-  } else {
-    throw py::type_error(std::string(op) + ": keys must be float32 or float16, got " + std::string(py::str(keys.dtype())));
-  }
+  const arrag_dtype kd = key_dtype(op, keys);
   require_dim(op, "keys.shape[1] (the query dimension)", keys.shape(1), queries.shape(1));
   const int64_t Q = queries.shape(0), N = keys.shape(0), D = keys.shape(1);
-  if (k < 1 || k > ARRAG_MAX_K || k > N)
-    throw py::value_error(std::string(op) + ": k must be in [1, min(" + std::to_string(ARRAG_MAX_K) +
-                          ", number of keys = " + std::to_string(N) + ")], got " + std::to_string(k));
+  require_k(op, k, N);
   py::array_t<float> dist({Q, k});
   py::array_t<int64_t> ids({Q, k});
   arrag_status s;
   {
     py::gil_scoped_release nogil;
     s = arrag_knn(ptr<float>(queries), Q, keys.data(), kd, N, D, k, dist.mutable_data(), ids.mutable_data());
+  }
+  check(s);
+  return py::make_tuple(dist, ids);
+}
+
+py::tuple knn_prepare(const py::array& keys) {
+  const char* op = "knn_prepare";
+  const arrag_dtype kd = key_dtype(op, keys);
+  const int64_t N = keys.shape(0), D = keys.shape(1), rows = arrag_knn_blocked_rows(N);
+  py::array blocked(keys.dtype(), std::vector<py::ssize_t>{rows * D});
+  py::array_t<float> norms({rows});
+  arrag_status s;
+  {
+    py::gil_scoped_release nogil;
+    s = arrag_knn_prepare(keys.data(), kd, N, D, blocked.mutable_data(), norms.mutable_data());
+  }
+  check(s);
+  return py::make_tuple(blocked, norms);
+}
+
+py::tuple knn_blocked(const py::array& queries, const py::array& blocked, const py::array& norms, int64_t num_keys,
+                      int64_t k) {
+  const char* op = "knn_blocked";
+  require<float>(op, "queries", queries, 2);
+  require<float>(op, "norms", norms, 1);
+  const int64_t Q = queries.shape(0), D = queries.shape(1), rows = arrag_knn_blocked_rows(num_keys);
+  const arrag_dtype kd = blocked.dtype().is(py::dtype("float16")) ? ARRAG_FLOAT16 : ARRAG_FLOAT32;
+  if (kd == ARRAG_FLOAT32) require<float>(op, "blocked", blocked, 1);
+  if (blocked.ndim() != 1 || !(blocked.flags() & py::array::c_style))
+    throw py::value_error(std::string(op) + ": blocked must be the 1-D array knn_prepare returned, got shape " +
+                          shape_str(blocked));
+  require_dim(op, "blocked.shape[0] (blocked rows * query dimension)", blocked.shape(0), rows * D);
+  require_dim(op, "norms.shape[0] (blocked rows)", norms.shape(0), rows);
+  require_k(op, k, num_keys);
+  py::array_t<float> dist({Q, k});
+  py::array_t<int64_t> ids({Q, k});
+  arrag_status s;
+  {
+    py::gil_scoped_release nogil;
+    s = arrag_knn_blocked(ptr<float>(queries), Q, blocked.data(), ptr<float>(norms), kd, num_keys, D, k,
+                          dist.mutable_data(), ids.mutable_data());
   }
   check(s);
   return py::make_tuple(dist, ids);
@@ -186,6 +235,10 @@ PYBIND11_MODULE(_C, m) {
         "border_skip) -> (keys f32 (B, P, n*d), valid bool (B, P))");
   m.def("knn", &knn, py::arg("queries"), py::arg("keys"), py::arg("k"),
         "(queries f32 (Q, D), keys f32/f16 (N, D), k) -> (dist f32 (Q, k), ids int64 (Q, k))");
+  m.def("knn_prepare", &knn_prepare, py::arg("keys"),
+        "(keys f32/f16 (N, D)) -> (blocked (R * D,) of the keys' dtype, norms f32 (R,)), R = N rounded up to 256");
+  m.def("knn_blocked", &knn_blocked, py::arg("queries"), py::arg("blocked"), py::arg("norms"), py::arg("num_keys"),
+        py::arg("k"), "knn over knn_prepare's layout: (queries, blocked, norms, N, k) -> (dist, ids)");
   m.def("daid_sample", &daid_sample, py::arg("logits"), py::arg("dist"), py::arg("tokens"), py::arg("active"),
         py::arg("uniforms"), py::arg("guidance_scale"), py::arg("temperature"), py::arg("lam"), py::arg("tau"),
         py::arg("dedup"), py::arg("cfg") = true, py::arg("return_probs") = false, py::arg("top_k") = 0,

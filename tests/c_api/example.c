@@ -36,6 +36,15 @@ static void test_knn(void) {
     CHECK(d[j] == want_d[j], "knn dist[%d] = %g, expected %g", j, d[j], want_d[j]);
     CHECK(ids[j] == want_i[j], "knn id[%d] = %lld, expected %lld", j, (long long)ids[j], (long long)want_i[j]);
   }
+  /* the same search over keys prepared once (blocks of 256 transposed keys + norms) */
+  CHECK(arrag_knn_blocked_rows(5) == 256, "arrag_knn_blocked_rows(5) = %lld", (long long)arrag_knn_blocked_rows(5));
+  static float blocked[256 * 2], norms[256];
+  check_status(arrag_knn_prepare(keys, ARRAG_FLOAT32, 5, 2, blocked, norms), "arrag_knn_prepare");
+  check_status(arrag_knn_blocked(queries, 2, blocked, norms, ARRAG_FLOAT32, 5, 2, 3, d, ids), "arrag_knn_blocked");
+  for (int j = 0; j < 6; ++j) {
+    CHECK(d[j] == want_d[j], "blocked knn dist[%d] = %g, expected %g", j, d[j], want_d[j]);
+    CHECK(ids[j] == want_i[j], "blocked knn id[%d] = %lld, expected %lld", j, (long long)ids[j], (long long)want_i[j]);
+  }
   /* k > number of keys is an error with a message, not a crash */
   arrag_status s = arrag_knn(queries, 2, keys, ARRAG_FLOAT32, 5, 2, 6, d, ids);
   CHECK(s == ARRAG_ERROR_INVALID_ARGUMENT, "knn with k = 6 > 5 keys returned %d", (int)s);

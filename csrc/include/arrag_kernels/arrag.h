@@ -25,7 +25,7 @@
 extern "C" {
 #endif
 
-#define ARRAG_API_VERSION 1
+#define ARRAG_API_VERSION 2 /* 2: arrag_knn_prepare / arrag_knn_blocked */
 #define ARRAG_MAX_K 2048
 
 typedef enum arrag_status {
@@ -80,6 +80,22 @@ ARRAG_API arrag_status arrag_neighbor_keys(const int64_t* tokens, int64_t batch,
  */
 ARRAG_API arrag_status arrag_knn(const float* queries, int64_t num_queries, const void* keys, arrag_dtype key_dtype,
                                  int64_t num_keys, int64_t dim, int64_t k, float* dist_out, int64_t* ids_out);
+
+/*
+ * The same search over keys prepared once for many searches: arrag_knn transposes every block of
+ * 256 keys and computes their norms on every call, which dominates at a few queries.
+ *   arrag_knn_blocked_rows(num_keys): num_keys rounded up to a multiple of 256 (= R)
+ *   arrag_knn_prepare: keys (num_keys, dim) of key_dtype -> blocked_out (R * dim elements of
+ *     key_dtype: blocks of 256 keys, each transposed to dim x 256, zero-padded) and norms_out
+ *     (R float32 squared norms)
+ *   arrag_knn_blocked: arrag_knn over (blocked, norms) as written by arrag_knn_prepare; same results.
+ */
+ARRAG_API int64_t arrag_knn_blocked_rows(int64_t num_keys);
+ARRAG_API arrag_status arrag_knn_prepare(const void* keys, arrag_dtype key_dtype, int64_t num_keys, int64_t dim,
+                                         void* blocked_out, float* norms_out);
+ARRAG_API arrag_status arrag_knn_blocked(const float* queries, int64_t num_queries, const void* blocked,
+                                         const float* norms, arrag_dtype key_dtype, int64_t num_keys, int64_t dim,
+                                         int64_t k, float* dist_out, int64_t* ids_out);
 
 /*
  * DAiD merge + sample, one decode step.
