@@ -19,7 +19,9 @@ python -m pip install --quiet --no-deps -c scripts/constraints-cpu.txt pytorchfw
 # them the demo falls back to the random-weight model and the emoji tests skip.
 if ! [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || ! [ -f /usr/share/unicode/emoji/emoji-test.txt ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
-    $SUDO apt-get install -y --no-install-recommends fonts-noto-color-emoji unicode-data >/dev/null 2>&1 \
+    emoji_packages="fonts-noto-color-emoji unicode-data"
+    { $SUDO apt-get install -y --no-install-recommends $emoji_packages \
+        || { $SUDO apt-get update -qq && $SUDO apt-get install -y --no-install-recommends $emoji_packages; }; } >/dev/null 2>&1 \
         || echo "setup: could not install fonts-noto-color-emoji unicode-data (apt-get); the demo will use random weights"
 fi
 python -c "import arrag_kernels, torch, triton, transformers; print('arrag_kernels', arrag_kernels.__version__, '| torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
