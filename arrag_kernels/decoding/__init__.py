@@ -2,7 +2,8 @@
 
 from .daid import DAiDSampler
 from .hf_generate import hf_image_generate
-from .loop import DecodeStats, decode_image_tokens
+from .loop import decode_image_tokens
 from .static import StaticImageDecoder, StaticKVCache
+from .step import DecodeStats, DecodeStep
 
-__all__ = ["DAiDSampler", "DecodeStats", "StaticImageDecoder", "StaticKVCache", "decode_image_tokens", "hf_image_generate"]
+__all__ = ["DAiDSampler", "DecodeStats", "DecodeStep", "StaticImageDecoder", "StaticKVCache", "decode_image_tokens", "hf_image_generate"]

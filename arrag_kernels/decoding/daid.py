@@ -31,11 +31,11 @@ class DAiDSampler:
     def retrieve(self, tokens: torch.Tensor, step) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Nearest entries for position ``step`` of each image: (dist (B, k), token ids (B, k), valid (B,)).
 
-        ``step`` is an int, or a (B,) device tensor of positions (read on the device only, so the call
-        can be captured in a CUDA graph).
+        ``step`` is an int, or a (1,) or (B,) device tensor of positions (read on the device only, so the
+        call can be captured in a CUDA graph).
         """
         if isinstance(step, torch.Tensor):
-            positions = step
+            positions = step.repeat(tokens.shape[0]) if step.numel() == 1 else step
         else:
             positions = torch.full((tokens.shape[0],), step, dtype=torch.long, device=tokens.device)
         queries, valid = neighbor_keys(tokens, self.codebook, positions, self.grid, self.layout)
