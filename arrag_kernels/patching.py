@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 
 from .config import DAiDConfig
-from .decoding import DAiDSampler, DecodeStats, hf_image_generate
-from .faid import FAiDConfig, FAiDRuntime, load_blenders
+from .decoding import DAiDSampler, DecodeStats, FAiDRuntime, hf_image_generate
+from .faid import FAiDConfig, load_blenders
 from .models import get_adapter
 
 # The live handle sits in the instance's __dict__ beside the bound generate (a reference cycle the

@@ -30,11 +30,10 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from ..decoding.retriever import Retriever
 from ..models import get_adapter
-from ..ops import neighbor_keys
 from .checkpoint import CheckpointError, _read_state_dict
 from .modules import FAiDBlenders, blend_dense, blend_literal, blender_input, retrieved_masks
-from .runtime import faid_retriever
 
 FORMULATIONS = ("dense", "literal")
 _MISSING = object()
@@ -64,7 +63,7 @@ class FAiDTrainer:
         self.model, self.blenders, self.formulation = model, blenders, formulation
         self.activation_checkpointing = bool(activation_checkpointing)
         self.adapter = get_adapter(model)
-        self.retriever = faid_retriever(db, blenders.config, self.adapter)
+        self.retriever = Retriever(db, blenders.config.k, self.adapter, what="FAiDConfig.k")
         self.grid = self.retriever.grid
         for p in model.parameters():
             p.requires_grad_(False)
@@ -81,13 +80,8 @@ class FAiDTrainer:
     @torch.no_grad()
     def retrieve_all(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N) ground-truth tokens -> retrieved ids (B, N, K) (-1: padding) and valid (B, N) bool (the
-        position has a key), every position. Works on any database, index-only ones included."""
-        B, N = tokens.shape
-        r = self.retriever
-        positions = torch.arange(N, device=tokens.device).expand(B, N)
-        queries, valid = neighbor_keys(tokens, r.codebook, positions, r.grid, r.layout)
-        _, ids = r.db.retrieve(queries.reshape(B * N, -1), r.config.k)
-        return ids.view(B, N, -1), valid
+        position has a key), every position (:meth:`Retriever.retrieve_all`)."""
+        return self.retriever.retrieve_all(tokens)
 
     def loss(self, prompt_ids: torch.Tensor, tokens: torch.Tensor, retrieved=None) -> torch.Tensor:
         """Mean CE of the image tokens ``tokens`` (B, N) after prompts ``prompt_ids`` (B, P).

@@ -1,5 +1,8 @@
 """FAiD at decode time: per-step retrieval, context ring buffers and the decoder-layer hooks.
 
+The blender modules, their configuration and weights live in :mod:`arrag_kernels.faid`; this is the
+decode-time state beside DAiD's (:mod:`.daid`), sharing its :class:`Retriever`.
+
 Hooks are registered on the *instances* ``layers[i].input_layernorm`` (records the normalised input
 of the newest position: the context cell of the token fed this step) and ``layers[i].self_attn``
 (adds ``blended`` to the attention output, i.e. to the residual before ``post_attention_layernorm``
@@ -12,7 +15,7 @@ window of p. Step 0 is the prompt prefill: nothing is written and the blend goes
 prompt position. The ring buffer keeps R*W + R cells (the last R rows plus R cells), the only ones
 a window of radius R can read.
 
-Every step blends, as in the official code (:mod:`.modules`): where the position retrieves nothing
+Every step blends, as in the official code (:mod:`arrag_kernels.faid.modules`): where the position retrieves nothing
 (official layout: row 0, column 0, last column) the retrieved features are zero and the context
 term and biases are still added; only the conditional CFG rows get the blend.
 
@@ -31,18 +34,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import DAiDConfig
-from ..decoding import DAiDSampler
-from .config import FAiDConfig
-from .modules import ComposedBlender, FAiDBlenders, blender_input, retrieved_masks
-
-
-def faid_retriever(db, config: FAiDConfig, adapter, device=None) -> DAiDSampler:
-    """FAiD's retrieval: DAiD's queries and search with ``config.k`` neighbours per step."""
-    if config.k > len(db):
-        raise ValueError(f"FAiDConfig.k = {config.k} is larger than the database ({len(db)} entries); "
-                         f"use k <= {len(db)}")
-    return DAiDSampler(db, DAiDConfig(k=config.k), adapter, device=device)
+from ..faid.modules import ComposedBlender, FAiDBlenders, blender_input, retrieved_masks
+from .retriever import Retriever
 
 
 class FAiDRuntime:
@@ -64,7 +57,7 @@ class FAiDRuntime:
                 f"blenders were built for {blenders.num_layers} layers of width {blenders.dim}, the model has "
                 f"{len(layers)} layers of width {adapter.language_model.config.hidden_size}"
             )
-        self.retriever = faid_retriever(db, config, adapter, device)
+        self.retriever = Retriever(db, config.k, adapter, device, what="FAiDConfig.k")
         self.adapter = adapter
         self.blenders = blenders
         self.grid = self.retriever.grid
