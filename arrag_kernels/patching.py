@@ -54,7 +54,7 @@ class PatchHandle:
         if daid_config is not None:
             self.daid = DAiDSampler(db, daid_config, self.adapter, device=device)
         if faid_config is not None:  # last: its forward hooks are the only side effect of a failed patch
-            self.faid = FAiDRuntime(model, self.adapter, db, load_blenders(blender_weights, model, faid_config),
+            self.faid = FAiDRuntime(model, self.adapter, db, load_blenders(blender_weights, self.adapter, faid_config),
                                     device=device)
         self._saved_generate = model.__dict__.get("generate", _MISSING)
         self._original_generate = model.generate  # bound method (or the instance's own override)

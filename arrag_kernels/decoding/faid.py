@@ -3,11 +3,12 @@
 The blender modules, their configuration and weights live in :mod:`arrag_kernels.faid`; this is the
 decode-time state beside DAiD's (:mod:`.daid`), sharing its :class:`Retriever`.
 
-Hooks are registered on the *instances* ``layers[i].input_layernorm`` (records the normalised input
-of the newest position: the context cell of the token fed this step) and ``layers[i].self_attn``
-(adds ``blended`` to the attention output, i.e. to the residual before ``post_attention_layernorm``
-and the FFN) of every blender layer ``i``. Nothing of transformers is reassigned; ``remove()``
-deletes the hooks.
+The adapter (:class:`arrag_kernels.models.FAiDAdapter`) names the hook points: for every blender
+layer ``i``, ``norm, attention = adapter.blender_sites(adapter.decoder_layers()[i])`` (Janus:
+``input_layernorm`` and ``self_attn``). Hooks are registered on those *instances*: ``norm`` records
+the normalised input of the newest position (the context cell of the token fed this step),
+``attention`` adds ``blended`` to its output (the residual before the FFN). Nothing of transformers
+is reassigned; ``remove()`` deletes the hooks.
 
 Step s (predicting grid cell p = s) feeds the embedding of token s-1, so at step s >= 1 each
 blender layer writes cell s-1 into its ring buffer before attention and then reads the causal
@@ -35,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from ..faid.modules import ComposedBlender, FAiDBlenders, blender_input, retrieved_masks
+from ..models import FAiDAdapter, check_protocol
 from .retriever import Retriever
 
 
@@ -42,8 +44,8 @@ class FAiDRuntime:
     """Decode-time FAiD state of one patched model (the ``faid=`` object of the decode loop).
 
     Args:
-        model: HF ``JanusForConditionalGeneration``.
-        adapter: its :class:`arrag_kernels.models.JanusAdapter`.
+        model: the model (e.g. HF ``JanusForConditionalGeneration``); only its adapter is used.
+        adapter: its :class:`arrag_kernels.models.FAiDAdapter` (checked: the error names missing members).
         db: :class:`arrag_kernels.PatchDatabase` retrieved from with ``blenders.config.k``.
         blenders: trained :class:`FAiDBlenders` (composed into the fast form here, once).
         device: where retrieval runs (default: the model's device).
@@ -51,11 +53,12 @@ class FAiDRuntime:
 
     def __init__(self, model, adapter, db, blenders: FAiDBlenders, device=None):
         config = blenders.config
-        layers = adapter.language_model.layers
-        if blenders.num_layers != len(layers) or blenders.dim != adapter.language_model.config.hidden_size:
+        check_protocol(adapter, FAiDAdapter, f"{type(adapter).__name__} (FAiD needs these members)")
+        layers = adapter.decoder_layers()
+        if blenders.num_layers != len(layers) or blenders.dim != adapter.hidden_size:
             raise ValueError(
                 f"blenders were built for {blenders.num_layers} layers of width {blenders.dim}, the model has "
-                f"{len(layers)} layers of width {adapter.language_model.config.hidden_size}"
+                f"{len(layers)} layers of width {adapter.hidden_size}"
             )
         self.retriever = Retriever(db, config.k, adapter, device, what="FAiDConfig.k")
         self.adapter = adapter
@@ -74,8 +77,9 @@ class FAiDRuntime:
         self.prefill = False
         self._hooks = []
         for i in blenders.layer_ids:
-            self._hooks.append(layers[i].input_layernorm.register_forward_hook(self._capture_hook(i)))
-            self._hooks.append(layers[i].self_attn.register_forward_hook(self._blend_hook(i)))
+            norm, attention = adapter.blender_sites(layers[i])
+            self._hooks.append(norm.register_forward_hook(self._capture_hook(i)))
+            self._hooks.append(attention.register_forward_hook(self._blend_hook(i)))
 
     def _window_table(self, H, W, offsets):
         """Ring-buffer slot (H*W, n) and presence (H*W, n) of every causal window cell of every target."""
@@ -110,8 +114,9 @@ class FAiDRuntime:
         B = tokens.shape[0]
         on_device = isinstance(step, torch.Tensor)
         if not on_device and step == 0:
-            ref = self.adapter.generation_head.vision_head.weight
-            self._rings = {i: ref.new_zeros(B, self.ring_size, self.blenders.dim) for i in self.blenders.layer_ids}
+            a = self.adapter
+            self._rings = {i: torch.zeros(B, self.ring_size, self.blenders.dim, dtype=a.dtype, device=a.device)
+                           for i in self.blenders.layer_ids}
         at = step if on_device else self._steps[step : step + 1]  # (1,) on the device; a view for ints
         self.prefill = not on_device and step == 0
         self.batch = B
