@@ -1,4 +1,4 @@
-"""The KV-cached image decode loop and the per-step retrieval state it drives."""
+"""The KV-cached image decode loops, their one shared step, and the per-step DAiD / FAiD state they drive."""
 
 from .daid import DAiDSampler
 from .faid import FAiDRuntime
@@ -8,4 +8,5 @@ from .retriever import Retriever
 from .static import StaticImageDecoder, StaticKVCache
 from .step import DecodeStats, DecodeStep
 
-__all__ = ["DAiDSampler", "DecodeStats", "DecodeStep", "FAiDRuntime", "Retriever", "StaticImageDecoder", "StaticKVCache", "decode_image_tokens", "hf_image_generate"]
+__all__ = ["DAiDSampler", "DecodeStats", "DecodeStep", "FAiDRuntime", "Retriever", "StaticImageDecoder", "StaticKVCache",
+           "decode_image_tokens", "hf_image_generate"]

@@ -143,7 +143,8 @@ class FusedSelect:
         self.process_logits, self.fused, self.uniforms, self.daid = process_logits, fused_cfg, uniforms, daid
         self.side, self.stats = side_stream, (stats if side_stream is None else None)
         # one padding hit per row: ignored, so the op samples from the model distribution
-        self.no_hits = (torch.zeros(batch, 1, device=device), torch.full((batch, 1), -1, dtype=torch.long, device=device),
+        self.no_hits = (torch.zeros(batch, 1, device=device),
+                        torch.full((batch, 1), -1, dtype=torch.long, device=device),
                         torch.zeros(batch, dtype=torch.bool, device=device))
 
     def fork(self, tokens, step):
