@@ -7,6 +7,7 @@ deep inside a decode step.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 
 NEIGHBORHOODS = ("causal", "full")
@@ -14,16 +15,31 @@ BORDERS = ("skip", "zero")
 DEDUP_MODES = ("nearest", "sum")
 
 
-def _normalise_hops(hops) -> tuple[int, ...]:
-    if isinstance(hops, int):
-        hops = (hops,)
-    elif isinstance(hops, str):  # "12" is the paper's spelling of hops (1, 2)
+def check_int(name: str, value) -> int:
+    """``value`` as an int if it is an integer (not a bool, float or string), else a TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def check_real(name: str, value) -> float:
+    """``value`` as a float if it is a real number (not a bool or string), else a TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _normalise_hops(hops, name: str = "hops") -> tuple[int, ...]:
+    if isinstance(hops, str):  # "12" is the paper's spelling of hops (1, 2)
         if not hops.isdigit():
-            raise ValueError(f"hops: expected digits like '1' or '12', got {hops!r}")
+            raise ValueError(f"{name}: expected digits like '1' or '12', got {hops!r}")
         hops = tuple(int(ch) for ch in hops)
-    hops = tuple(sorted(set(int(h) for h in hops)))
+    given, hops = hops, tuple(hops) if hasattr(hops, "__iter__") else (hops,)
+    if any(isinstance(h, bool) or not isinstance(h, numbers.Integral) for h in hops):
+        raise TypeError(f"{name}: expected an int, an iterable of ints or digits like '12', got {given!r}")
+    hops = tuple(sorted({int(h) for h in hops}))
     if not hops or any(h < 1 for h in hops):
-        raise ValueError(f"hops: expected a non-empty set of positive integers, got {hops!r}")
+        raise ValueError(f"{name}: expected a non-empty set of positive integers, got {hops!r}")
     return hops
 
 
@@ -51,9 +67,9 @@ class KeyLayout:
     border: str = "skip"
 
     def __post_init__(self):
-        if self.neighborhood not in NEIGHBORHOODS:
+        if not isinstance(self.neighborhood, str) or self.neighborhood not in NEIGHBORHOODS:
             raise ValueError(f"neighborhood: expected one of {NEIGHBORHOODS}, got {self.neighborhood!r}")
-        if self.border not in BORDERS:
+        if not isinstance(self.border, str) or self.border not in BORDERS:
             raise ValueError(f"border: expected one of {BORDERS}, got {self.border!r}")
         object.__setattr__(self, "hops", _normalise_hops(self.hops))
 
@@ -108,13 +124,17 @@ class DAiDConfig:
     dedup: str = "nearest"
 
     def __post_init__(self):
-        if not 0.0 <= float(self.lam) <= 1.0:
+        lam, tau, k = check_real("DAiDConfig.lam", self.lam), check_real("DAiDConfig.tau", self.tau), check_int("DAiDConfig.k", self.k)
+        if not 0.0 <= lam <= 1.0:
             raise ValueError(f"DAiDConfig.lam: expected a value in [0, 1], got {self.lam}")
-        if not float(self.tau) > 0.0:
+        if not tau > 0.0:
             raise ValueError(f"DAiDConfig.tau: expected a temperature > 0, got {self.tau}")
-        if int(self.k) < 1:
+        if k < 1:
             raise ValueError(f"DAiDConfig.k: expected k >= 1, got {self.k}")
-        if self.dedup not in DEDUP_MODES:
+        object.__setattr__(self, "lam", lam)
+        object.__setattr__(self, "tau", tau)
+        object.__setattr__(self, "k", k)
+        if not isinstance(self.dedup, str) or self.dedup not in DEDUP_MODES:
             raise ValueError(f"DAiDConfig.dedup: expected one of {DEDUP_MODES}, got {self.dedup!r}")
 
     def to_dict(self) -> dict:

@@ -9,11 +9,13 @@ leaving ``with patched(...)`` delete that binding again, restoring the original 
 from __future__ import annotations
 
 import contextlib
+import os
 
 from .config import DAiDConfig
 from .decoding import DAiDSampler, DecodeStats, FAiDRuntime, hf_image_generate
 from .faid import FAiDConfig, load_blenders
 from .models import get_adapter
+from .retrieval import PatchDatabase
 
 # The live handle sits in the instance's __dict__ beside the bound generate (a reference cycle the
 # garbage collector frees with the model).
@@ -44,11 +46,16 @@ class PatchHandle:
             raise ValueError("config: give at most one DAiDConfig and one FAiDConfig")
         if configs and db is None:
             raise ValueError("DAiD and FAiD need a PatchDatabase: patch_model(model, db, config)")
+        if db is not None and not isinstance(db, PatchDatabase):
+            hint = f"; load it first: arrag_kernels.PatchDatabase.load({db!r})" if isinstance(db, (str, os.PathLike)) else ""
+            raise TypeError(f"db: expected an arrag_kernels.PatchDatabase, got {type(db).__name__}{hint}")
         if db is not None and not configs:
             raise ValueError("a database was given without a config; pass e.g. arrag_kernels.DAiDConfig()")
         faid_config = next((c for c in configs if isinstance(c, FAiDConfig)), None)
         if (faid_config is None) != (blender_weights is None):
             raise ValueError("blender_weights are needed with a FAiDConfig, and only with one")
+        if configs:  # retrieval only serves image generation; text-only patches never need the image grid
+            self.adapter.check_image_generation()
         self.model = model
         daid_config = next((c for c in configs if isinstance(c, DAiDConfig)), None)
         if daid_config is not None:
@@ -62,6 +69,7 @@ class PatchHandle:
     def generate_images(self, inputs=None, attention_mask=None, logits_processor=None, stats: DecodeStats | None = None,
                         progress: bool = False, **kwargs):
         """Image generation with HF ``generate`` arguments; fills ``stats`` with timings if given."""
+        self.adapter.check_image_generation()
         return hf_image_generate(
             self.model, self.adapter, daid=self.daid, faid=self.faid, inputs=inputs, attention_mask=attention_mask,
             logits_processor=logits_processor, stats=stats, progress=progress, **kwargs,

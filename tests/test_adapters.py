@@ -36,7 +36,7 @@ def test_protocol_lists_what_the_library_calls():
     assert set(protocol_members(ImageTokenizer)) == {"grid", "codebook_size", "embed_dim", "image_size", "device",
                                                      "codebook", "fingerprint", "encode"}
     assert set(protocol_members(ModelAdapter)) == set(protocol_members(ImageTokenizer)) | {
-        "cfg_inputs", "new_cache", "step", "kv_spec", "image_logits", "embed_image_tokens"}
+        "cfg_inputs", "check_image_generation", "new_cache", "step", "kv_spec", "image_logits", "embed_image_tokens"}
     assert set(protocol_members(FAiDAdapter)) == set(protocol_members(ModelAdapter)) | {
         "hidden_size", "rms_norm_eps", "dtype", "lora_targets", "decoder_layers", "blender_sites", "hidden_states",
         "lora_module", "image_head"}

@@ -1,8 +1,6 @@
 import subprocess
 import sys
 
-import pytest
-
 import arrag_kernels as ak
 from arrag_kernels.cli import main
 from arrag_kernels.demo import procedural_images, run_demo
@@ -32,22 +30,22 @@ def test_build_db_then_generate_with_daid(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == ["daid_0.png", "daid_1.png"]
 
 
-def test_generate_from_local_checkpoint(tmp_path):
+def test_generate_from_local_checkpoint(tmp_path, capsys):
     model = tiny_janus(seed=0)
     model.save_pretrained(tmp_path / "ckpt")
     assert main(["generate", "--model", str(tmp_path / "ckpt"), "--prompt-ids", "1,9,100", "--greedy",
                  "--out", str(tmp_path / "gen")]) == 0
     assert (tmp_path / "gen" / "plain_0.png").is_file()
-    with pytest.raises(SystemExit, match="needs a tokenizer"):
-        main(["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "a cat", "--out", str(tmp_path / "gen")])
+    assert main(["generate", "--model", str(tmp_path / "ckpt"), "--prompt", "a cat", "--out", str(tmp_path / "gen")]) == 2
+    assert "needs a tokenizer" in capsys.readouterr().err
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["build-db", str(tmp_path / "empty"), "--out", str(tmp_path / "db")]) == 2
     assert "holds no images" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="needs --db"):
-        main(["generate", "--prompt-ids", "1,100", "--daid"])
+    assert main(["generate", "--prompt-ids", "1,100", "--daid"]) == 2
+    assert "needs --db" in capsys.readouterr().err
 
 
 def test_module_entry_point():

@@ -66,15 +66,30 @@ def test_save_load_round_trip(db, tmp_path):
 
 def test_failed_save_keeps_previous_database(db, tmp_path, monkeypatch):
     path = db.save(tmp_path / "db")
-    import safetensors.torch
+    from arrag_kernels.retrieval import database
 
     def crash(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", crash)
     small = ak.PatchDatabase(db.keys[:5], db.values[:5], db.meta)
-    with pytest.raises(OSError, match="disk full"):
+    with monkeypatch.context() as m:
+        m.setattr(database, "_write_arrays", crash)
+        with pytest.raises(OSError, match="disk full"):
+            small.save(path)
+    assert len(ak.PatchDatabase.load(path)) == len(db)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db"]
+    # a failure between moving the old database aside and moving the new one in puts the old one back
+    real_replace = database.os.replace
+
+    def replace(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError("rename failed")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(database.os, "replace", replace)
+    with pytest.raises(OSError, match="rename failed"):
         small.save(path)
+    monkeypatch.undo()
     assert len(ak.PatchDatabase.load(path)) == len(db)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["db"]
 

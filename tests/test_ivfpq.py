@@ -327,7 +327,7 @@ def test_bad_official_inputs(tmp_path, index, keys):
     bad_codes[5] = 16384
     cases.append((index, bad_codes, {}, r"codes outside the codebook: range \[0, 16384\], expected \[0, 16384\)"))
     cases.append((index, good_values[:-1], {}, rf"expected shape \({len(keys)},\), got \({len(keys) - 1},\)"))
-    cases.append((index, good_values, {"nprobe": NLIST + 1}, rf"nprobe = {NLIST + 1} exceeds the index's nlist = {NLIST}"))
+    cases.append((index, good_values, {"nprobe": NLIST + 1}, rf"nprobe: expected 1 <= nprobe <= nlist = {NLIST} \(the index.s list count\), got {NLIST + 1}"))
     for i, (idx, values, kwargs, message) in enumerate(cases):
         path = write_official(tmp_path / f"case{i}", idx, values)
         with pytest.raises(ak.DatabaseError, match=message):
@@ -458,7 +458,7 @@ def test_cli_build_ivfpq_and_import_official(tmp_path, capsys):
     imported = ak.PatchDatabase.load(tmp_path / "imported")
     assert imported.nprobe == 8 and torch.equal(imported.values, db.values)
     assert main(["import-official", str(db_dir), "--nprobe", "9"]) == 2
-    assert "nprobe = 9 exceeds the index's nlist = 8" in capsys.readouterr().err
+    assert "nprobe: expected 1 <= nprobe <= nlist = 8 (the index's list count), got 9" in capsys.readouterr().err
 
 
 def test_set_nprobe_keeps_uploaded_arrays(official_dir, index, queries):

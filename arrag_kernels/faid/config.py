@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import _normalise_hops
+from ..config import _normalise_hops, check_int
 
 VALID_HOPS = (1, 2, 3)
 
@@ -33,14 +33,17 @@ class FAiDConfig:
     blenders: int = 2
 
     def __post_init__(self):
-        hops = _normalise_hops(self.hops)
+        hops = _normalise_hops(self.hops, "FAiDConfig.hops")
         if any(h not in VALID_HOPS for h in hops):
             raise ValueError(f"FAiDConfig.hops: expected a non-empty subset of {VALID_HOPS}, got {hops}")
         object.__setattr__(self, "hops", hops)
-        if int(self.k) < 1:
+        k, blenders = check_int("FAiDConfig.k", self.k), check_int("FAiDConfig.blenders", self.blenders)
+        if k < 1:
             raise ValueError(f"FAiDConfig.k: expected k >= 1 retrieved tokens per step, got {self.k}")
-        if int(self.blenders) < 1:
+        if blenders < 1:
             raise ValueError(f"FAiDConfig.blenders: expected >= 1 blender modules, got {self.blenders}")
+        object.__setattr__(self, "k", k)
+        object.__setattr__(self, "blenders", blenders)
 
     @property
     def radius(self) -> int:

@@ -54,6 +54,10 @@ class ImageDecoder(Protocol):
         ``generation_config`` is HF's prepared ``GenerationConfig`` (special token ids, kwargs).
         """
 
+    def check_image_generation(self) -> None:
+        """Raise (one clear line) if this model cannot generate images; called when image generation is
+        patched in, so text-only use of a model with an inconsistent image config is unaffected."""
+
     def new_cache(self) -> Any:
         """A fresh KV cache for :meth:`step` (dynamic loop)."""
 

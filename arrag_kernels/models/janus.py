@@ -115,18 +115,26 @@ class JanusAdapter:
         self.grid = (side, side)
         self.codebook_size = int(self.vq.quantize.num_embeddings)
         self.embed_dim = int(self.vq.quantize.embedding_dim)
-        self.image_size = int(model.config.vision_config.image_size)
-        num_tokens = int(inner.vision_model.config.num_image_tokens)
-        if num_tokens != side * side:
-            raise ValueError(
-                f"Janus config generates {num_tokens} image tokens but the VQ grid is {side}x{side}; "
-                "set vision_config.num_image_tokens = (image_size // patch_size) ** 2"
-            )
+        # The VQ encoder halves the resolution between consecutive levels: it maps grid * factor
+        # pixels onto the grid (vision_config.image_size is the understanding tower's input and may differ).
+        factor = 2 ** sum(hasattr(level, "downsample") for level in self.vq.encoder.down)
+        self.image_size = side * factor
+        self.num_image_tokens = int(inner.vision_model.config.num_image_tokens)
         # The cache keyword is `past_key_values` in transformers 5.17 and `cache` in 5.24.
         params = inspect.signature(self.language_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.hidden_size = int(self.language_model.config.hidden_size)
         self.rms_norm_eps = float(self.language_model.config.rms_norm_eps)
+
+    def check_image_generation(self) -> None:
+        """Raise if this model cannot generate images onto its VQ grid (text-only use is unaffected)."""
+        side = self.grid[0]
+        if self.num_image_tokens != side * side:
+            raise ValueError(
+                f"this Janus config generates vision_config.num_image_tokens = {self.num_image_tokens} image tokens "
+                f"but its VQ decodes a {side}x{side} grid ({side * side} tokens); set "
+                f"vision_config.num_image_tokens = {side * side} to generate images"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -149,8 +157,13 @@ class JanusAdapter:
         dtype = self.vq.quant_conv.weight.dtype
         hidden = self.vq.encoder(pixels.to(self.device, dtype))
         latent = self.vq.quant_conv(hidden)  # (B, d, H, W)
-        _, _, tokens = self.vq.quantize(latent)
         B, _, H, W = latent.shape
+        if (H, W) != self.grid:
+            raise ValueError(
+                f"the VQ encoder mapped {tuple(pixels.shape[-2:])} pixels onto a {H}x{W} latent grid, expected "
+                f"{self.grid}; encode images of {self.image_size}x{self.image_size} pixels"
+            )
+        _, _, tokens = self.vq.quantize(latent)
         latents = F.normalize(latent.permute(0, 2, 3, 1).float(), p=2, dim=-1)
         return latents, tokens.view(B, H, W)
 

@@ -32,6 +32,23 @@ def _check_daid(model_probs, dist, tokens, active, lam, tau, dedup):
         raise ValueError(f"daid_mix: dedup must be one of {DEDUP_MODES}, got {dedup!r}")
 
 
+def _check_finite_cpu(op: str, scores: torch.Tensor, what: str, dist: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Reject NaN scores, NaN distances of real hits and all -inf rows, for CPU inputs only: on a GPU
+    the check would synchronise with the host every decode step, so device inputs are not checked."""
+    if scores.device.type != "cpu":
+        return
+    bad = torch.isnan(scores).any(dim=1) | (scores == float("inf")).any(dim=1) | (scores == float("-inf")).all(dim=1)
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{op}: {what} row {row} holds NaN or +inf or is all -inf; expected finite scores "
+                         "(-inf only for masked tokens): check the model's dtype and weights and the logits processors")
+    bad = torch.isnan(dist) & (tokens >= 0)
+    if bad.any():
+        row, hit = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{op}: retrieved distance ({row}, {hit}) is NaN; expected finite distances: check the "
+                         "database keys and the queries")
+
+
 def retrieval_distribution_ref(dist, tokens, vocab_size: int, tau: float, dedup: str) -> torch.Tensor:
     """(B, V) float32 retrieval distribution p_ret; negative token ids are ignored (padding).
 
@@ -89,6 +106,7 @@ def daid_mix(
         (B, V) float32 probabilities.
     """
     _check_daid(model_probs, dist, tokens, active, lam, tau, dedup)
+    _check_finite_cpu("daid_mix", model_probs, "model_probs", dist, tokens)
     return daid_mix_dispatcher(model_probs, dist, tokens, active, lam, tau, dedup)
 
 
@@ -112,6 +130,7 @@ def _check_daid_sample(logits, dist, tokens, active, uniforms, guidance_scale, t
     if not 0.0 <= top_p <= 1.0:
         raise ValueError(f"daid_sample: top_p must be in [0, 1] (1: no top-p), got {top_p!r}")
     _check_daid(logits[:B], dist, tokens, active, lam, tau, dedup)
+    _check_finite_cpu("daid_sample", logits, "logits", dist, tokens)
 
 
 def top_k_top_p_filter_ref(scores: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -3,26 +3,34 @@
 On disk a database is a directory with two files:
 
 * ``arrays.safetensors``: ``keys`` (N, key_dim) float32 and ``values`` (N,) int64 token ids;
-* ``meta.json``: the key layout, codebook size and width, grid, key source, model fingerprint and
-  the SHA-256 of the arrays file.
+* ``meta.json``: the key layout, codebook size and width, grid, key source, model fingerprint,
+  each data file's size, SHA-256 and page digests, and the SHA-256 of meta.json's own content.
 
 An IVF-PQ database (``index="ivfpq"``) stores the official layout instead: ``faiss_ivf_pq_opq.index``
 (OPQ + IVF-PQ, ids 0..N-1) and ``next_codes.npy`` ((N,) int32 token ids), plus ``meta.json`` with
 their SHA-256 and, when the exact keys were kept (small databases), ``arrays.safetensors``. Such a
 database may hold no keys at all (``keys is None``): it is searched through its index only.
 
-Saving writes a complete temporary directory first and renames it into place, so a crash leaves
-either the previous database or none, never a half-written one.
+Saving writes a complete temporary directory ``.<name>.tmp-<host>-<pid>-<random>`` first and renames
+it into place (the previous database goes to ``.<name>.old-<same>`` for that moment), so a crash
+leaves the previous database or the new one, never a half-written one. Directories left by a
+killed save are finished or removed by the next :meth:`PatchDatabase.save` or
+:meth:`PatchDatabase.load` of that path on the same host (see ``_recover``).
+
+Loading verifies ``quick`` by default: meta.json's checksum, every file's size and the digests
+of a few pages spread over each file (a bounded read); ``verify="full"`` hashes whole files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +42,15 @@ from ..config import KeyLayout
 from ..models import as_tokenizer
 from ..ops import feature_neighbor_keys
 from . import ivfpq_build
-from .faiss_index import INDEX_FILE, VALUES_FILE, IndexFormatError, import_faiss, inner_ivfpq, set_nprobe, validate_ivfpq
+from .faiss_index import (INDEX_FILE, VALUES_FILE, IndexFormatError, check_ivfpq_contents, import_faiss, inner_ivfpq,
+                          set_nprobe, validate_ivfpq)
 from .images import iter_image_batches, normalise_image_source
 from .search import INDEX_TYPES, make_search
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json checksummed; per-file sizes and page digests (version 1 is still read)
+_READABLE_VERSIONS = (1, 2)
+VERIFY_MODES = ("none", "quick", "full")
+_MAX_PAGES, _MIN_PAGE, _SAMPLED_PAGES = 4096, 1 << 20, 8  # page digests per file, smallest page, pages checked by "quick"
 # index="ivfpq" builds keep the exact keys (in RAM and on disk) up to this many bytes by default.
 KEEP_KEYS_MAX_BYTES = 1 << 28
 KEY_SOURCES = ("latent", "codebook")
@@ -84,11 +96,18 @@ class DatabaseMeta:
         )
 
 
-def _read_faiss_index(file: Path):
+def _read_faiss_index(file: Path, deep_check: bool = False):
+    """Read a FAISS index; ``deep_check`` also runs :func:`check_ivfpq_contents` (files without our checksums)."""
     try:
-        return import_faiss().read_index(str(file))
-    except RuntimeError as e:
-        raise DatabaseError(f"{str(file)!r} is not a readable FAISS index: {str(e).splitlines()[0]}") from e
+        index = import_faiss().read_index(str(file))
+    except (RuntimeError, MemoryError) as e:
+        raise DatabaseError(f"{str(file)!r} is not a readable FAISS index: {(str(e) or type(e).__name__).splitlines()[0]}") from e
+    if deep_check:
+        try:
+            check_ivfpq_contents(index)
+        except IndexFormatError as e:
+            raise DatabaseError(f"{str(file)!r}: {e}") from e
+    return index
 
 
 def _read_values(file: Path) -> np.ndarray:
@@ -123,12 +142,129 @@ def _grid_entries(features: torch.Tensor, tokens: torch.Tensor, layout: KeyLayou
     return k[:, valid].reshape(-1, k.shape[-1]).cpu(), tokens.reshape(tokens.shape[0], -1)[:, valid].reshape(-1).cpu()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def _check_finite_keys(keys: torch.Tensor, what: str = "keys") -> None:
+    """Raise DatabaseError if a key row holds NaN or inf (checked in row blocks: no full-size mask)."""
+    step = max(1, (1 << 22) // max(1, keys.shape[-1]))
+    for start in range(0, keys.shape[0], step):
+        bad = ~torch.isfinite(keys[start : start + step]).all(dim=-1)
+        if bad.any():
+            row = start + int(bad.nonzero()[0, 0])
+            raise DatabaseError(
+                f"{what}: row {row} holds NaN or inf; keys must be finite (check the images and the encoder's dtype)"
+            )
+
+
+def _page_size(size: int) -> int:
+    return max(_MIN_PAGE, -(-size // _MAX_PAGES))
+
+
+def _digest_file(path: Path) -> dict:
+    """Size, SHA-256 and the 16-hex-digit SHA-256 of each page of ``path`` (one read), then fsync it."""
+    size, full, pages = path.stat().st_size, hashlib.sha256(), []
+    page = _page_size(size)
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+        for block in iter(lambda: f.read(page), b""):
+            full.update(block)
+            pages.append(hashlib.sha256(block).hexdigest()[:16])
+        os.fsync(f.fileno())
+    return {"size": size, "sha256": full.hexdigest(), "page_size": page, "pages": pages}
+
+
+def _check_file(path: Path, record: dict, mode: str) -> None:
+    """Compare ``path`` with its record: size always; ``quick``: sampled pages; ``full``: the whole SHA-256."""
+    changed = f"{str(path)!r} does not match the checksums in {_META}: the file is corrupted or was changed"
+    if "size" in record and path.stat().st_size != record["size"]:
+        raise DatabaseError(f"{changed} ({path.stat().st_size} bytes, {_META} says {record['size']})")
+    if mode == "quick" and record.get("pages"):
+        pages, size = record["pages"], record["page_size"]
+        with open(path, "rb") as f:
+            for i in sorted({round(j * (len(pages) - 1) / max(1, _SAMPLED_PAGES - 1)) for j in range(_SAMPLED_PAGES)}):
+                f.seek(i * size)
+                if hashlib.sha256(f.read(size)).hexdigest()[:16] != pages[i]:
+                    raise DatabaseError(f"{changed} (page {i})")
+        return
+    if mode != "none":  # "full", or a version-1 record without page digests
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        if h.hexdigest() != record["sha256"]:
+            raise DatabaseError(changed)
+
+
+def _meta_digest(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _write_arrays(file: Path, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Write ``keys`` (as float32) and ``values`` (int64) in the safetensors format, a block of rows at a
+    time: no full host copy of the keys is ever made (they may be fp16 or on a GPU)."""
+    n, d = keys.shape
+    layout = {"keys": ("F32", [n, d], n * d * 4), "values": ("I64", [n], n * 8)}
+    header, offset = {}, 0
+    for name, (dtype, shape, nbytes) in layout.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to 8-byte alignment
+    step = max(1, (1 << 24) // max(1, d * 4))
+    with open(file, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name, dtype in (("keys", torch.float32), ("values", torch.int64)):
+            tensor = keys if name == "keys" else values
+            for start in range(0, n, step):
+                f.write(tensor[start : start + step].to("cpu", dtype).contiguous().numpy().data)
+
+
+def _file_records(raw: dict) -> dict:
+    """{file name: integrity record} of a meta.json of any readable version."""
+    if raw["format_version"] >= 2:
+        return raw["files"]
+    if "arrays_sha256" in raw:
+        return {_ARRAYS: {"sha256": raw["arrays_sha256"]}}
+    return {name: {"sha256": digest} for name, digest in (raw.get("files_sha256") or {}).items()}
+
+
+def _owner_alive(token: str) -> bool:
+    """Whether the save that named its directories ``token`` (host-pid-random) may still be running."""
+    host, _, pid = token.rpartition("-")[0].rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return True  # another machine's or our own: never touch
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _recover(path: Path) -> None:
+    """Finish or undo saves to ``path`` whose process died on this host, then remove their directories.
+
+    A save killed between moving the old database aside and moving the new one in leaves no ``path``:
+    the complete new directory (its meta.json is written last) is moved in, else the old one back.
+    """
+    dead = {}
+    for kind in ("tmp", "old"):
+        for d in path.parent.glob(f".{path.name}.{kind}-*"):
+            token = d.name[len(f".{path.name}.{kind}-"):]
+            if d.is_dir() and not _owner_alive(token):
+                dead.setdefault(token, {})[kind] = d
+    if not dead:
+        return
+    if not path.exists():
+        candidates = [dirs["tmp"] for dirs in dead.values() if "tmp" in dirs] + \
+                     [dirs["old"] for dirs in dead.values() if "old" in dirs]
+        for d in candidates:
+            if (d / _META).is_file():
+                with contextlib.suppress(OSError):  # another process may be recovering it right now
+                    os.replace(d, path)
+                    break
+    for dirs in dead.values():
+        for d in dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 class PatchDatabase:
@@ -164,6 +300,7 @@ class PatchDatabase:
             )
         else:
             keys_shape = tuple(keys.shape)
+            _check_finite_keys(keys)
         if values.shape != (keys_shape[0],):
             raise DatabaseError(f"values must be ({keys_shape[0]},) to match the keys, got {tuple(values.shape)}")
         if meta.key_source not in KEY_SOURCES:
@@ -267,11 +404,13 @@ class PatchDatabase:
 
         from tqdm.auto import tqdm
 
-        def encode(src, bar=None) -> tuple[torch.Tensor, torch.Tensor]:
+        def encode(src, bar=None, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
             keys, values = [], []
             for batch in iter_image_batches(src, adapter.image_size, batch_size):
                 latents, tokens = adapter.encode(batch)
                 k, v = _grid_entries(codebook[tokens] if key_source == "codebook" else latents, tokens, layout)
+                _check_finite_keys(k, f"keys of images {first}..{first + batch.shape[0] - 1}")
+                first += batch.shape[0]
                 keys.append(k)
                 values.append(v)
                 if bar is not None:
@@ -292,7 +431,7 @@ class PatchDatabase:
             if path is None:
                 raise ValueError("index='ivfpq' builds on disk: pass path=<database directory>")
             return cls._build_ivfpq(
-                Path(path), meta, count, source, lambda lo, hi: encode(source[lo:hi]),
+                Path(path), meta, count, source, lambda lo, hi: encode(source[lo:hi], first=lo),
                 dict(nlist=nlist, m=m, nbits=nbits, opq=opq), nprobe, train_size, keep_keys, chunk_images, resume,
                 progress,
             )
@@ -397,9 +536,10 @@ class PatchDatabase:
             sizes = ivfpq_build.chunk_sizes(work, len(range(0, count, chunk_images)))
             if keep_keys is None:
                 keep_keys = sum(sizes) * meta.key_dim * 4 <= KEEP_KEYS_MAX_BYTES
-            index = ivfpq_build.load_or_train(work, sizes, train_size=train_size, **params)
+            index = ivfpq_build.load_or_train(work, sizes, train_size=train_size, progress=progress, **params)
             values, keys = ivfpq_build.fill_ivfpq(index, lambda i: ivfpq_build.read_chunk(work, i), len(sizes),
                                                   keep_keys, progress)
+            ivfpq_build.say(progress, f"saving {len(values)} entries to {str(path)!r}")
             cls(keys, values, meta, index=index, nprobe=nprobe).save(path)
             shutil.rmtree(work, ignore_errors=True)
         if distributed:
@@ -408,98 +548,111 @@ class PatchDatabase:
 
     # ---- persistence ----------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the database directory atomically (replacing an existing database at ``path``)."""
-        from safetensors.torch import save_file
+        """Write the database directory atomically (replacing an existing database at ``path``).
 
+        Arrays are streamed to disk a block at a time. Directories of earlier saves to ``path`` that
+        were killed (``.<name>.tmp-*`` / ``.<name>.old-*`` of dead processes on this host) are
+        finished or removed first. Files and directories get the usual permissions (umask).
+        """
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _recover(path)
         if path.exists() and not (path / _META).is_file():
             raise FileExistsError(f"{str(path)!r} exists and is not a database directory; refusing to overwrite it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        token = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp, old = path.parent / f".{path.name}.tmp-{token}", path.parent / f".{path.name}.old-{token}"
+        os.mkdir(tmp)  # mode 0o777 & ~umask, unlike tempfile.mkdtemp's 0o700
         try:
-            arrays = tmp / _ARRAYS
+            names = []
             if self.keys is not None:
-                save_file({"keys": self.keys.float().cpu().contiguous(), "values": self.values.cpu().contiguous()},
-                          str(arrays))
-            meta = {"format_version": FORMAT_VERSION, **self.meta.to_dict(), "num_entries": len(self)}
-            if self.index is None:
-                meta["arrays_sha256"] = _sha256(arrays)
-            else:
+                _write_arrays(tmp / _ARRAYS, self.keys, self.values)
+                names.append(_ARRAYS)
+            if self.index is not None:
                 import_faiss().write_index(self.index, str(tmp / INDEX_FILE))
                 np.save(tmp / VALUES_FILE, self.values.cpu().numpy().astype(np.int32))
-                files = [INDEX_FILE, VALUES_FILE] + ([_ARRAYS] if self.keys is not None else [])
-                meta["files_sha256"] = {name: _sha256(tmp / name) for name in files}
-            with open(tmp / _META, "w") as f:
-                json.dump(meta, f, indent=2)
+                names += [INDEX_FILE, VALUES_FILE]
+            meta = {"format_version": FORMAT_VERSION, **self.meta.to_dict(), "num_entries": len(self),
+                    "files": {name: _digest_file(tmp / name) for name in names}}
+            meta["meta_sha256"] = _meta_digest(meta)
+            with open(tmp / _META, "w") as f:  # written last: a directory with meta.json is complete
+                json.dump(meta, f, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
             if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-                os.replace(path, old / "db")
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
+                os.replace(path, old)
+            os.replace(tmp, path)
         except BaseException:
+            if old.exists() and not path.exists():
+                os.replace(old, path)
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        shutil.rmtree(old, ignore_errors=True)
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, verify: bool = True) -> "PatchDatabase":
-        """Read a database directory written by :meth:`save`; ``verify`` checks the arrays' SHA-256."""
+    def load(cls, path: str | os.PathLike, verify: str | bool = "quick") -> "PatchDatabase":
+        """Read a database directory written by :meth:`save`.
+
+        ``verify``: ``"quick"`` (default) checks meta.json's own checksum, each file's size and the
+        digests of 8 pages spread over each file (a bounded read, whatever the size); ``"full"`` hashes
+        every file completely; ``"none"`` checks nothing. ``True`` / ``False`` mean ``"full"`` / ``"none"``.
+        Saves to ``path`` that were killed are finished or cleaned up first (where the files allow).
+        """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        mode = {True: "full", False: "none"}.get(verify, verify) if isinstance(verify, bool) else verify
+        if mode not in VERIFY_MODES:
+            raise ValueError(f"verify: expected one of {VERIFY_MODES} (or a bool), got {verify!r}")
         path = Path(path)
-        meta_file, arrays_file = path / _META, path / _ARRAYS
+        with contextlib.suppress(OSError):  # a read-only location: load what is there
+            _recover(path)
+        meta_file = path / _META
         if not meta_file.is_file():
             raise DatabaseError(f"{str(path)!r} is not a database directory (expected {_META})")
         try:
             raw = json.loads(meta_file.read_text())
-            if raw.get("format_version") != FORMAT_VERSION:
-                raise DatabaseError(
-                    f"{str(meta_file)!r}: format_version {raw.get('format_version')!r}, this library reads {FORMAT_VERSION}"
-                )
+            if not isinstance(raw, dict):
+                raise DatabaseError(f"{str(meta_file)!r}: expected a JSON object, got a JSON {type(raw).__name__}; "
+                                    "the file is corrupted or not a database's meta.json")
+            if raw.get("format_version") not in _READABLE_VERSIONS:
+                raise DatabaseError(f"{str(meta_file)!r}: format_version {raw.get('format_version')!r}, this library "
+                                    f"reads {_READABLE_VERSIONS}")
+            if mode != "none" and "meta_sha256" in raw and _meta_digest(raw) != raw["meta_sha256"]:
+                raise DatabaseError(f"{str(meta_file)!r} does not match its own checksum: it was edited or corrupted "
+                                    "(re-save the database from a good copy, or rebuild it)")
+            if raw["format_version"] >= 2 and "meta_sha256" not in raw:
+                raise KeyError("meta_sha256")
             meta = DatabaseMeta.from_dict(raw)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            records = _file_records(raw)
+            if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()):
+                raise TypeError("file records must be objects")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             if isinstance(e, DatabaseError):
                 raise
             raise DatabaseError(f"{str(meta_file)!r} is corrupted or incomplete: {e!r}") from e
-        if meta.index == "ivfpq":
-            return cls._load_ivfpq(path, raw, meta, verify)
-        if not arrays_file.is_file():
-            raise DatabaseError(f"{str(path)!r} is not a database directory (expected {_META} and {_ARRAYS})")
-        if verify and _sha256(arrays_file) != raw.get("arrays_sha256"):
-            raise DatabaseError(
-                f"{str(arrays_file)!r} does not match the checksum in {_META}: the file is corrupted or was changed"
-            )
+        needed = (INDEX_FILE, VALUES_FILE) if meta.index == "ivfpq" else (_ARRAYS,)
+        for name in set(needed) | set(records):
+            if name not in records or not (path / name).is_file():
+                raise DatabaseError(f"{str(path)!r}: an index={meta.index!r} database needs {', '.join(needed)} on disk "
+                                    f"and listed in {_META}; {name} is missing")
         try:
-            arrays = load_file(str(arrays_file))
-            keys, values = arrays["keys"], arrays["values"]
-        except (SafetensorError, KeyError, OSError) as e:
-            raise DatabaseError(f"{str(arrays_file)!r} is corrupted: {e}") from e
-        if len(keys) != raw.get("num_entries"):
-            raise DatabaseError(f"{str(path)!r}: {len(keys)} entries on disk, {raw.get('num_entries')} in {_META}")
-        return cls(keys, values, meta)
-
-    @classmethod
-    def _load_ivfpq(cls, path: Path, raw: dict, meta: DatabaseMeta, verify: bool) -> "PatchDatabase":
-        checksums = raw.get("files_sha256") or {}
-        for name in (INDEX_FILE, VALUES_FILE):
-            if name not in checksums or not (path / name).is_file():
-                raise DatabaseError(f"{str(path)!r}: an ivfpq database needs {INDEX_FILE} and {VALUES_FILE} listed in {_META}")
-        if verify:
-            for name, digest in checksums.items():
-                if _sha256(path / name) != digest:
-                    raise DatabaseError(f"{str(path / name)!r} does not match the checksum in {_META}: corrupted or changed")
-        index = _read_faiss_index(path / INDEX_FILE)
-        values = torch.from_numpy(_read_values(path / VALUES_FILE))
-        keys = None
-        if _ARRAYS in checksums:
-            from safetensors.torch import load_file
-
-            keys = load_file(str(path / _ARRAYS))["keys"]
+            for name, record in records.items():
+                _check_file(path / name, record, mode)
+        except (KeyError, TypeError, IndexError) as e:
+            raise DatabaseError(f"{str(meta_file)!r} is corrupted or incomplete: {e!r}") from e
+        index, keys = None, None
+        if meta.index == "ivfpq":
+            index = _read_faiss_index(path / INDEX_FILE, deep_check=mode == "full")
+            values = torch.from_numpy(_read_values(path / VALUES_FILE))
+        if _ARRAYS in records:
+            try:
+                arrays = load_file(str(path / _ARRAYS))
+                keys = arrays["keys"]
+                if index is None:
+                    values = arrays["values"]
+            except (SafetensorError, KeyError, OSError) as e:
+                raise DatabaseError(f"{str(path / _ARRAYS)!r} is corrupted: {e}") from e
         if len(values) != raw.get("num_entries"):
             raise DatabaseError(f"{str(path)!r}: {len(values)} entries on disk, {raw.get('num_entries')} in {_META}")
         return cls(keys, values, meta, index=index)
@@ -518,7 +671,9 @@ class PatchDatabase:
 
         The key layout is the official one (causal, hop 1, border skip: 4 x ``embed_dim`` = 32-d
         latent keys). Checks: an (OPQ +) IVF-PQ index of dimension 32 with L2 metric, one token id
-        per entry in [0, ``codebook_size``), ``1 <= nprobe <= nlist``; ``nprobe`` is set on the
+        per entry in [0, ``codebook_size``), ``1 <= nprobe <= nlist``, and the index's contents
+        (finite float arrays, list sizes, ids 0..N-1 each once: see
+        :func:`arrag_kernels.retrieval.faiss_index.check_ivfpq_contents`); ``nprobe`` is set on the
         inner IVF. The database holds no exact keys (``keys is None``).
         """
         path = Path(path)
@@ -526,7 +681,7 @@ class PatchDatabase:
             if not (path / name).is_file():
                 raise DatabaseError(f"{str(path)!r}: expected the official files {INDEX_FILE} and {VALUES_FILE}, "
                                     f"{name} is missing")
-        index = _read_faiss_index(path / INDEX_FILE)
+        index = _read_faiss_index(path / INDEX_FILE, deep_check=True)
         values = _read_values(path / VALUES_FILE)
         meta = DatabaseMeta(
             layout=KeyLayout(), codebook_size=codebook_size, embed_dim=embed_dim, grid=tuple(grid),
@@ -585,7 +740,9 @@ class PatchDatabase:
         """(Q, key_dim) queries -> ((Q, k) float32 squared L2 distances, (Q, k) int64 entry ids)."""
         if queries.dim() != 2 or queries.shape[1] != self.meta.key_dim:
             raise ValueError(f"queries must be (Q, {self.meta.key_dim}), got {tuple(queries.shape)}")
-        if not 1 <= k <= len(self):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: expected an int >= 1 neighbours per query, got {k!r}")
+        if k > len(self):
             raise ValueError(f"k = {k} is larger than the database ({len(self)} entries); use k <= {len(self)}")
         if self._search is None:
             self._search = make_search(self.meta.index, self.keys, self.index, self.nprobe, self._shards)

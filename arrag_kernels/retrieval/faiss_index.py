@@ -93,7 +93,65 @@ def validate_ivfpq(index, values: np.ndarray, dim: int, codebook_size: int, npro
             f"expected [0, {codebook_size})"
         )
     if nprobe is not None and not 1 <= nprobe <= ivf.nlist:
-        raise IndexFormatError(f"nprobe = {nprobe} exceeds the index's nlist = {ivf.nlist} (expected 1 <= nprobe <= nlist)")
+        raise IndexFormatError(f"nprobe: expected 1 <= nprobe <= nlist = {ivf.nlist} (the index's list count), got {nprobe}")
+
+
+def check_ivfpq_contents(index) -> None:
+    """Deep checks of an (OPQ +) IVF-PQ index read from a file that carries no checksum (a released one).
+
+    Raises IndexFormatError when: a part is marked untrained; a float array (pre-transform matrix
+    and bias, coarse centroids, PQ codebooks) has the wrong size or holds NaN / inf; the inverted lists' sizes do not add up to
+    ``ntotal``; their code size is not the PQ's; the ids are not 0..N-1, each exactly once. Costs
+    one pass over the ids (N bytes of scratch); flipped bits inside PQ codes cannot be detected.
+    """
+    faiss = import_faiss()
+    corrupted = "the index file is corrupted"
+    ivf = inner_ivfpq(index)
+    n, nlist, d = int(index.ntotal), int(ivf.nlist), int(ivf.d)
+    if ivf.ntotal != n:
+        raise IndexFormatError(f"the inner IVF holds {ivf.ntotal} entries but the index says ntotal = {n}: {corrupted}")
+    floats = {}
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            vt = faiss.downcast_VectorTransform(index.chain.at(i))
+            if not vt.is_trained:
+                raise IndexFormatError(f"pre-transform {i} is marked untrained: {corrupted}")
+            floats[f"pre-transform {i} matrix"] = (faiss.vector_to_array(vt.A), vt.d_in * vt.d_out)
+            if vt.have_bias:
+                floats[f"pre-transform {i} bias"] = (faiss.vector_to_array(vt.b), vt.d_out)
+    if not (ivf.is_trained and ivf.quantizer.is_trained):
+        raise IndexFormatError(f"the IVF or its coarse quantizer is marked untrained: {corrupted}")
+    if ivf.quantizer.ntotal != nlist:
+        raise IndexFormatError(f"the coarse quantizer holds {ivf.quantizer.ntotal} centroids, expected nlist = {nlist}: {corrupted}")
+    try:
+        floats["coarse centroids"] = (ivf.quantizer.reconstruct_n(0, nlist).ravel(), nlist * d)
+    except RuntimeError as e:
+        raise IndexFormatError(f"cannot read the coarse centroids ({str(e).splitlines()[0]}): {corrupted}") from e
+    pq = ivf.pq
+    floats["PQ codebooks"] = (faiss.vector_to_array(pq.centroids), pq.M * pq.ksub * pq.dsub)
+    for name, (array, size) in floats.items():
+        if array.size != size:
+            raise IndexFormatError(f"{name}: {array.size} values, expected {size}: {corrupted}")
+        if not np.isfinite(array).all():
+            raise IndexFormatError(f"{name} holds NaN or inf values: {corrupted}")
+    invlists = ivf.invlists
+    if invlists.nlist != nlist or invlists.code_size != ivf.code_size or ivf.code_size != pq.code_size:
+        raise IndexFormatError(
+            f"inverted lists of {invlists.nlist} lists with {invlists.code_size}-byte codes do not fit the index "
+            f"(nlist = {nlist}, PQ code size {pq.code_size} bytes): {corrupted}"
+        )
+    sizes = np.array([invlists.list_size(l) for l in range(nlist)], dtype=np.int64)
+    if sizes.sum() != n:
+        raise IndexFormatError(f"the inverted lists hold {int(sizes.sum())} entries, the index says ntotal = {n}: {corrupted}")
+    seen = np.zeros(n, dtype=bool)
+    for l in np.flatnonzero(sizes):
+        ids = faiss.rev_swig_ptr(invlists.get_ids(int(l)), int(sizes[l]))
+        if ids.min() < 0 or ids.max() >= n:
+            bad = int(ids[(ids < 0) | (ids >= n)][0])
+            raise IndexFormatError(f"inverted list {l} holds id {bad}, expected ids in [0, {n}): {corrupted}")
+        seen[ids] = True
+    if not seen.all():
+        raise IndexFormatError(f"ids must be 0..{n - 1} each exactly once; id {int(np.argmin(seen))} is missing: {corrupted}")
 
 
 def ivfpq_arrays(index) -> dict[str, torch.Tensor | None]:

@@ -8,7 +8,11 @@ from typing import Iterator, Sequence
 
 import torch
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Pillow modes with more than 8 bits per sample, and the value that maps to white: convert("RGB")
+# would clip them to 0..255 (a 16-bit ramp turns almost all white). 32-bit integer images are
+# read on the 16-bit scale (Pillow opens 16-bit files as I;16 or I); float images as [0, 1].
+_HIGH_DEPTH_WHITE = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
 
 
 def list_image_files(folder: str | os.PathLike) -> list[Path]:
@@ -22,14 +26,28 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def pil_to_tensor(image, size: int) -> torch.Tensor:
-    """Centre-crop to a square, resize to ``size`` and map to a (3, size, size) float tensor in [-1, 1]."""
+    """Centre-crop to a square, resize to ``size`` and map to a (3, size, size) float tensor in [-1, 1].
+
+    8-bit modes (1, L, LA, P, RGB, RGBA, CMYK, ...) go through Pillow's ``convert("RGB")`` (alpha is
+    dropped, as in the official preprocessing); single-channel images of higher depth (I;16, I, F)
+    are scaled from their own range (see ``_HIGH_DEPTH_WHITE``) and repeated over the 3 channels.
+    """
+    import numpy as np
     from PIL import Image
 
-    image = image.convert("RGB")
+    white = _HIGH_DEPTH_WHITE.get(image.mode)
+    if white is not None:  # resample in float ("F" mode, 0..255 scale) so nothing is clipped or quantised
+        values = np.asarray(image, dtype=np.float64) * (255.0 / white)
+        image = Image.fromarray(np.nan_to_num(values).clip(0.0, 255.0).astype(np.float32), mode="F")
+    else:
+        image = image.convert("RGB")
     w, h = image.size
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
     image = image.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+    if white is not None:
+        data = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).clamp(0, 255)
+        return (data / 127.5 - 1.0).expand(3, size, size).contiguous()
     data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
     return data.permute(2, 0, 1).float() / 127.5 - 1.0
 

@@ -23,6 +23,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +38,14 @@ MANIFEST, TRAINED = "manifest.json", "trained.index"
 
 def work_dir(path: Path) -> Path:
     return path.parent / f".{path.name}.partial"
+
+
+def say(progress: bool, message: str) -> None:
+    """A status line between progress bars (stderr, like the bars), when ``progress`` is on."""
+    if progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(message, file=sys.stderr)
 
 
 def _chunk_file(work: Path, i: int) -> Path:
@@ -100,7 +110,11 @@ def encode_chunks(
     from tqdm.auto import tqdm
 
     num_chunks = -(-num_images // chunk_images)
-    todo = [i for i in range(rank, num_chunks, world_size) if not _chunk_file(work, i).is_file()]
+    mine = range(rank, num_chunks, world_size)
+    todo = [i for i in mine if not _chunk_file(work, i).is_file()]
+    if len(todo) < len(mine):
+        say(progress, f"resuming the build in {str(work)!r}: {len(mine) - len(todo)} of {len(mine)} chunks"
+                      f"{f' of rank {rank}' if world_size > 1 else ''} already encoded, {len(todo)} to go")
     bar = tqdm(todo, desc=f"encoding chunks (rank {rank})", unit="chunk", disable=not progress, position=rank)
     for i in bar:
         keys, values = encode(i * chunk_images, min((i + 1) * chunk_images, num_images))
@@ -138,6 +152,7 @@ def train_ivfpq(
     opq: bool,
     train_size: int | None = None,
     seed: int = 0,
+    progress: bool = False,
 ):
     """Train an empty index on a sample of ``train_size`` keys drawn proportionally from every chunk.
 
@@ -151,6 +166,7 @@ def train_ivfpq(
             f"need at least max(nlist, 2**nbits) = {max(nlist, 1 << nbits)} keys (use more images or smaller nlist/nbits)"
         )
     want = min(total, train_size or max(64 * nlist, 64 * (1 << nbits)))
+    say(progress, f"sampling {want} of {total} keys from {len(sizes)} chunks to train the index")
     rng = np.random.default_rng(seed)
     sample = []
     for i, n in enumerate(sizes):
@@ -160,7 +176,11 @@ def train_ivfpq(
             sample.append(keys[np.sort(rng.choice(n, take, replace=False))])
     sample = np.ascontiguousarray(np.concatenate(sample)[:want], dtype=np.float32)
     index = make_ivfpq_index(sample.shape[1], nlist, m, nbits, opq)
+    say(progress, f"training {'OPQ + ' if opq else ''}IVF-PQ (nlist {nlist}, m {m}, nbits {nbits}) on {len(sample)} keys; "
+                  "no progress bar for this step")
+    start = time.perf_counter()
     index.train(sample)
+    say(progress, f"trained in {time.perf_counter() - start:.1f} s")
     return index
 
 
@@ -179,12 +199,14 @@ def fill_ivfpq(index, read: Callable[[int], tuple[np.ndarray, np.ndarray]], num_
     return torch.cat(values), (torch.cat(keys) if keep_keys else None)
 
 
-def load_or_train(work: Path, sizes: list[int], nlist: int, m: int, nbits: int, opq: bool, train_size: int | None):
+def load_or_train(work: Path, sizes: list[int], nlist: int, m: int, nbits: int, opq: bool, train_size: int | None,
+                  progress: bool = False):
     """The checkpointed trained index of ``work``, training and checkpointing it first if absent."""
     faiss = import_faiss()
     trained = work / TRAINED
     if trained.is_file():
+        say(progress, f"resuming: using the trained index saved in {str(trained)!r} (training skipped)")
         return faiss.read_index(str(trained))
-    index = train_ivfpq(lambda i: read_chunk(work, i)[0], sizes, nlist, m, nbits, opq, train_size)
+    index = train_ivfpq(lambda i: read_chunk(work, i)[0], sizes, nlist, m, nbits, opq, train_size, progress=progress)
     _atomic_write(trained, lambda p: faiss.write_index(index, p))
     return index

@@ -1,0 +1,158 @@
+"""All-position retrieval for masked decoding and the per-position DAiD merge.
+
+Each decode step queries every unknown cell of every image with its 8 neighbours
+``[UL, U, UR, L, R, LL, Lo, LR]`` (``KeyLayout(neighborhood="full")``): known neighbours contribute
+their L2-normalised codebook vector, unknown or outside neighbours zeros (:func:`neighbor_keys`
+treats negative ids as unknown). The (B, P) queries of a step go to the database in ONE search of
+B * P rows. The per-cell DAiD merge ``p = (1 - lam) softmax(l / T) + lam p_ret`` and the draw from it
+are :func:`arrag_kernels.ops.daid_sample` (one fused op: reference, Triton, C++) on the same B * P
+rows; :func:`sample_cells` adds the merged probability of each drawn token, which MaskGIT's
+confidence needs, from O(V + K log K) work per cell.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import DAiDConfig, KeyLayout
+from ..ops import daid_sample, feature_neighbor_keys, neighbor_keys
+from ..retrieval import DatabaseError, PatchDatabase
+from ..retrieval.database import DatabaseMeta
+
+
+def masked_positions(tokens: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, N) ids (-1 = unknown) with exactly ``count`` unknown cells per row -> (B, count) their flat
+    positions, ascending. Read on the device only (no host synchronisation)."""
+    order = torch.argsort((tokens >= 0).to(torch.int8), dim=1, stable=True)  # unknown cells first, in order
+    return order[:, :count]
+
+
+class MaskedRetriever:
+    """Batched 8-neighbour retrieval of many cells per image.
+
+    Args:
+        db: a :class:`arrag_kernels.PatchDatabase` with ``neighborhood="full"`` keys for ``generator``'s grid.
+        k: entries retrieved per cell.
+        generator: the :class:`arrag_kernels.masked.MaskedGenerator` (its codebook builds the queries).
+    """
+
+    def __init__(self, db: PatchDatabase, k: int, generator, device=None):
+        if db.meta.layout.neighborhood != "full":
+            raise DatabaseError(
+                f"masked decoding queries all neighbours of a cell; the database has {db.meta.layout} keys. "
+                "Build it with neighborhood='full' (border='zero' is the paper's Show-o setting)"
+            )
+        db.check_compatible(generator)
+        if not 1 <= k <= len(db):
+            raise ValueError(f"k = {k}: expected 1 <= k <= {len(db)} (the database size)")
+        codebook = generator.codebook()
+        device = torch.device(device) if device is not None else codebook.device
+        self.db = db.to(device)
+        self.k = k
+        self.layout = db.meta.layout
+        self.grid = tuple(db.meta.grid)
+        self.codebook = codebook.to(device=device, dtype=torch.float32)
+        self.searches = 0  # database searches issued (one per retrieving step)
+
+    def retrieve(self, tokens: torch.Tensor, positions: torch.Tensor):
+        """(B, N) ids (-1 = unknown), (B, P) positions -> dist (B, P, k) float32, token ids (B, P, k)
+        (-1 = padding), valid (B, P) bool (False where ``border="skip"`` and a neighbour is outside)."""
+        B, P = positions.shape
+        queries, valid = neighbor_keys(tokens, self.codebook, positions, self.grid, self.layout)
+        dist, ids = self.db.retrieve(queries.reshape(B * P, -1), self.k)  # one search for every cell
+        self.searches += 1
+        return dist.view(B, P, -1), ids.view(B, P, -1), valid
+
+
+class MaskedDAiD(MaskedRetriever):
+    """DAiD for masked decoders: ``config.k`` hits per unknown cell, merged per cell by :func:`sample_cells`."""
+
+    def __init__(self, db: PatchDatabase, config: DAiDConfig, generator, device=None):
+        super().__init__(db, config.k, generator, device)
+        self.config = config
+
+
+def merged_token_probability(logits, dist, ids, active, token, temperature: float, lam: float, tau: float,
+                             dedup: str) -> torch.Tensor:
+    """(R,) probability of ``token`` under the distribution :func:`daid_sample` draws from (no CFG).
+
+    ``p(v) = (1 - lam) softmax(l / T)(v) + lam p_ret(v)`` on rows that are ``active`` with a valid hit,
+    ``softmax(l / T)(v)`` elsewhere; ``p_ret`` as in :func:`arrag_kernels.ops.retrieval_distribution_ref`
+    but evaluated at one token per row: the normaliser of ``dedup="nearest"`` runs over distinct tokens
+    (hits sorted by token, nearest first), so nothing of size (R, V) is built besides the logits.
+    """
+    scaled = logits.float() / temperature
+    p_model = torch.exp(scaled.gather(1, token[:, None])[:, 0] - torch.logsumexp(scaled, dim=1))
+    valid = ids >= 0
+    s = torch.where(valid, -dist.float() / tau, float("-inf"))
+    hit = valid & (ids == token[:, None])
+    if dedup == "nearest":
+        nearest_first = torch.argsort(s, dim=1, descending=True, stable=True)
+        by_token = torch.argsort(ids.gather(1, nearest_first), dim=1, stable=True)
+        order = nearest_first.gather(1, by_token)  # grouped by token, each group nearest first
+        ids_o, s_o = ids.gather(1, order), s.gather(1, order)
+        first = torch.ones_like(valid)
+        first[:, 1:] = ids_o[:, 1:] != ids_o[:, :-1]
+        norm = torch.logsumexp(torch.where(first, s_o, float("-inf")), dim=1)
+        p_ret = torch.exp(torch.where(hit, s, float("-inf")).amax(dim=1) - norm)
+    else:
+        p_ret = (torch.softmax(s, dim=1) * hit).sum(dim=1)
+    use = active & valid.any(dim=1)
+    return torch.where(use, (1.0 - lam) * p_model + lam * torch.nan_to_num(p_ret, nan=0.0), p_model)
+
+
+def sample_cells(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, hits=None,
+                 config: DAiDConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per cell, with the per-cell DAiD merge when ``hits`` are given.
+
+    Args:
+        logits: (R, V) logits of R cells (R = B * P).
+        uniforms: (R,) in [0, 1): the draw is the inverse CDF of the (merged) distribution.
+        temperature: T > 0.
+        hits: (dist (R, K), token ids (R, K), valid (R,)) from :meth:`MaskedRetriever.retrieve`, or None
+            (plain sampling: the same op with no active row, so ``lam = 0`` reproduces it exactly).
+        config: the :class:`DAiDConfig` (lam, tau, dedup) when ``hits`` are given.
+
+    Returns:
+        tokens (R,) int64 and their probabilities (R,) float32 under the distribution drawn from.
+    """
+    R = logits.shape[0]
+    if hits is None:
+        dist = torch.zeros(R, 1, device=logits.device)
+        ids = torch.full((R, 1), -1, dtype=torch.long, device=logits.device)
+        active = torch.zeros(R, dtype=torch.bool, device=logits.device)
+        lam, tau, dedup = 0.0, 1.0, "nearest"
+    else:
+        dist, ids, active = hits
+        lam, tau, dedup = config.lam, config.tau, config.dedup
+    tokens = daid_sample(logits, dist, ids, active, uniforms, guidance_scale=None, temperature=temperature, lam=lam,
+                         tau=tau, dedup=dedup)
+    return tokens, merged_token_probability(logits, dist, ids, active, tokens, temperature, lam, tau, dedup)
+
+
+def token_database(token_grids: torch.Tensor, generator, layout: KeyLayout | None = None) -> PatchDatabase:
+    """An exact (``index="flat"``) database from ground-truth token grids, keys from codebook vectors.
+
+    Args:
+        token_grids: (M, H, W) token ids of M images (e.g. a VQ-tokenised training set).
+        generator: supplies the codebook, grid and fingerprint.
+        layout: default ``KeyLayout("full", 1, "zero")`` (Show-o: 8 neighbours, zero padded, every cell).
+
+    Returns:
+        a database with one entry per kept cell: key = the neighbours' normalised codebook vectors,
+        value = the cell's token. With ``key_source="codebook"`` keys look exactly like decode-time
+        queries of a fully known neighbourhood.
+    """
+    layout = layout or KeyLayout("full", (1,), "zero")
+    if token_grids.dim() != 3 or tuple(token_grids.shape[1:]) != tuple(generator.grid):
+        raise ValueError(f"token_grids: expected (M, H, W) with (H, W) = {tuple(generator.grid)}, got "
+                         f"{tuple(token_grids.shape)}")
+    codebook = generator.codebook().float()
+    keys, valid = feature_neighbor_keys(codebook[token_grids.long()], layout)
+    M = token_grids.shape[0]
+    keys = keys[:, valid].reshape(-1, keys.shape[-1]).cpu()
+    values = token_grids.reshape(M, -1)[:, valid].reshape(-1).cpu()
+    meta = DatabaseMeta(layout=layout, codebook_size=generator.codebook_size, embed_dim=generator.embed_dim,
+                        grid=tuple(generator.grid), key_source="codebook", model_fingerprint=generator.fingerprint(),
+                        num_images=M)
+    return PatchDatabase(keys, values, meta)
