@@ -12,8 +12,8 @@ import contextlib
 import os
 
 from .config import DAiDConfig
-from .decoding import DAiDSampler, DecodeStats, hf_image_generate
-from .faid import FAiDConfig, FAiDRuntime, load_blenders
+from .decoding import DAiDSampler, DecodeStats, FAiDRuntime, hf_image_generate
+from .faid import FAiDConfig, load_blenders
 from .models import get_adapter
 from .retrieval import PatchDatabase
 
@@ -61,7 +61,7 @@ class PatchHandle:
         if daid_config is not None:
             self.daid = DAiDSampler(db, daid_config, self.adapter, device=device)
         if faid_config is not None:  # last: its forward hooks are the only side effect of a failed patch
-            self.faid = FAiDRuntime(model, self.adapter, db, load_blenders(blender_weights, model, faid_config),
+            self.faid = FAiDRuntime(model, self.adapter, db, load_blenders(blender_weights, self.adapter, faid_config),
                                     device=device)
         self._saved_generate = model.__dict__.get("generate", _MISSING)
         self._original_generate = model.generate  # bound method (or the instance's own override)

@@ -7,8 +7,10 @@ import torch
 from transformers import GenerationConfig
 
 import arrag_kernels as ak
-from arrag_kernels.models import (ADAPTERS, ImageTokenizer, JanusAdapter, ModelAdapter, check_protocol, get_adapter,
-                                  protocol_members, tiny_prompt_ids)
+from arrag_kernels.faid import FAiDBlenders, FAiDConfig, load_official_checkpoint
+from arrag_kernels.faid.train import FAiDTrainer
+from arrag_kernels.models import (ADAPTERS, FAiDAdapter, ImageTokenizer, JanusAdapter, ModelAdapter, check_protocol,
+                                  get_adapter, protocol_members, tiny_janus, tiny_prompt_ids)
 
 
 def _plain(adapter, protocol):
@@ -35,6 +37,9 @@ def test_protocol_lists_what_the_library_calls():
                                                      "codebook", "fingerprint", "encode"}
     assert set(protocol_members(ModelAdapter)) == set(protocol_members(ImageTokenizer)) | {
         "cfg_inputs", "check_image_generation", "new_cache", "step", "kv_spec", "image_logits", "embed_image_tokens"}
+    assert set(protocol_members(FAiDAdapter)) == set(protocol_members(ModelAdapter)) | {
+        "hidden_size", "rms_norm_eps", "dtype", "lora_targets", "decoder_layers", "blender_sites", "hidden_states",
+        "lora_module", "image_head"}
 
 
 def test_plain_tokenizer_builds_the_same_database(tiny_model, tiny_images, db):
@@ -86,3 +91,50 @@ def test_registry_errors(tiny_model, monkeypatch):
     finally:
         ADAPTERS.pop("broken-test")
     assert not ak.is_patched(tiny_model)
+
+
+FAID = FAiDConfig(k=4, hops=(1, 2), blenders=2)
+
+
+def test_registered_plain_faid_adapter_decodes_and_trains_like_janus(tiny_images, monkeypatch):
+    """FAiD reaches the model only through the adapter: a plain object with exactly FAiDAdapter's members
+    decodes (dynamic and static loops) and trains like Janus; one with only ModelAdapter's members gets DAiD
+    but FAiD names every missing member, and so does an official checkpoint without official_weights."""
+    model = tiny_janus(seed=0)  # own instance: training freezes its weights
+    db = ak.PatchDatabase.build(tiny_images[:8], model, progress=False)
+    torch.manual_seed(0)
+    blenders = FAiDBlenders.for_model(model, FAID)
+    with torch.no_grad():
+        for p in blenders.parameters():
+            p.normal_(0, 0.2)
+    tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        with ak.use_backend("reference"), ak.patched(model, db, FAID, blender_weights=blenders):
+            out = [_generate(model, loop) for loop in ("dynamic", "static")]
+        trainer = FAiDTrainer(model, db, blenders)
+        with ak.use_backend("reference"), torch.no_grad():
+            return out, trainer.loss(tiny_prompt_ids(2), tokens)
+
+    expected, expected_loss = run()
+    ak.register_adapter("plain-faid-test", lambda m: _plain(JanusAdapter(m), FAiDAdapter))
+    ak.register_adapter("plain-daid-test", lambda m: _plain(JanusAdapter(m), ModelAdapter))
+    try:
+        monkeypatch.setattr(model.config, "model_type", "plain-faid-test")
+        got, loss = run()
+        with pytest.raises(TypeError, match=r"OfficialWeights: missing blender_prefix, base_names\(\), dropped\(\)"):
+            load_official_checkpoint(model, {}, FAID)
+        monkeypatch.setattr(model.config, "model_type", "plain-daid-test")
+        missing = (r"FAiDAdapter: missing hidden_size, rms_norm_eps, dtype, lora_targets, decoder_layers\(\), "
+                   r"blender_sites\(\), hidden_states\(\), lora_module\(\), image_head\(\)")
+        with pytest.raises(TypeError, match=missing):
+            ak.patch_model(model, db, FAID, blender_weights=blenders.state_dict())
+        with pytest.raises(TypeError, match=missing):
+            FAiDTrainer(model, db, blenders)
+        with ak.patched(model, db, ak.DAiDConfig(lam=0.5, k=8)):
+            assert _generate(model, "dynamic").shape == (2, 64)
+    finally:
+        ADAPTERS.pop("plain-faid-test")
+        ADAPTERS.pop("plain-daid-test")
+    assert all(torch.equal(a, b) for a, b in zip(got, expected)) and torch.equal(loss, expected_loss)
+    assert not ak.is_patched(model)

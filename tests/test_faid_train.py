@@ -205,3 +205,20 @@ def test_train_on_index_only_databases(tiny_images, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "arrag-kernels train-faid: error: steps: expected at least 1 training step, got 0"
     assert not (tmp_path / "zero.safetensors").exists()
+
+
+def test_training_retrieves_what_decoding_retrieves(setup):
+    """One Retriever class serves DAiD, FAiD decoding and FAiD training: all positions at once (training)
+    equal the per-step retrieval of the decode loops."""
+    from arrag_kernels.decoding import FAiDRuntime, Retriever
+    from arrag_kernels.models import get_adapter
+
+    model, db, tokens, _ = setup
+    trainer = FAiDTrainer(model, db, FAiDBlenders.for_model(model, CFG))
+    assert isinstance(trainer.retriever, Retriever) and issubclass(ak.DAiDSampler, Retriever)
+    ids, valid = trainer.retrieve_all(tokens)
+    decoding = Retriever(db, CFG.k, get_adapter(model), what="FAiDConfig.k")
+    for s in range(tokens.shape[1]):
+        _, step_ids, step_valid = decoding.retrieve(tokens, s)
+        assert torch.equal(ids[:, s], step_ids) and torch.equal(valid[:, s], step_valid), f"position {s}"
+    assert valid.sum() == 4 * 42 and ak.faid.FAiDRuntime is FAiDRuntime

@@ -61,6 +61,24 @@ def test_overlap_retrieval_gives_identical_tokens(tiny_images, loop):
             assert torch.equal(overlapped, inline), f"do_sample={do_sample}"
 
 
+@pytest.mark.parametrize("loop", ["dynamic", "static"])
+def test_decode_stats_for_every_loop(tiny_model, db, loop):
+    """DecodeStats fills for every loop (one entry per step, the prefill included) without changing the tokens;
+    the dynamic loop retrieves at the 42 retrieval positions, the static one every step (valid masks the rest)."""
+    ids = tiny_prompt_ids(2, seed=5)
+    gen = _gen(True, top_k=0)
+    with ak.patched(tiny_model, db, ak.DAiDConfig(lam=0.5, k=8)) as handle:
+        torch.manual_seed(3)
+        plain = handle.generate_images(ids, generation_config=gen, loop=loop)
+        stats = ak.DecodeStats()
+        torch.manual_seed(3)
+        timed = handle.generate_images(ids, generation_config=gen, loop=loop, stats=stats)
+    assert torch.equal(timed, plain)
+    assert stats.steps == len(stats.step_s) == 64 and stats.total_s == pytest.approx(sum(stats.step_s))
+    assert stats.retrieval_steps == (42 if loop == "dynamic" else 64)
+    assert 0 < stats.retrieval_s < stats.total_s
+
+
 def test_static_sampling_is_inverse_cdf_of_the_model_distribution(tiny_model):
     ids = tiny_prompt_ids(2, seed=9)
     with ak.patched(tiny_model) as handle:

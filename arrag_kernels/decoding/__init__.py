@@ -1,8 +1,12 @@
-"""The KV-cached image decode loop and the per-step retrieval state it drives."""
+"""The KV-cached image decode loops, their one shared step, and the per-step DAiD / FAiD state they drive."""
 
 from .daid import DAiDSampler
+from .faid import FAiDRuntime
 from .hf_generate import hf_image_generate
-from .loop import DecodeStats, decode_image_tokens
+from .loop import decode_image_tokens
+from .retriever import Retriever
 from .static import StaticImageDecoder, StaticKVCache
+from .step import DecodeStats, DecodeStep
 
-__all__ = ["DAiDSampler", "DecodeStats", "StaticImageDecoder", "StaticKVCache", "decode_image_tokens", "hf_image_generate"]
+__all__ = ["DAiDSampler", "DecodeStats", "DecodeStep", "FAiDRuntime", "Retriever", "StaticImageDecoder", "StaticKVCache",
+           "decode_image_tokens", "hf_image_generate"]

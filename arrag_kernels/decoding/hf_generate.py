@@ -12,8 +12,9 @@ import logging
 
 import torch
 
-from .loop import DecodeStats, decode_image_tokens
+from .loop import decode_image_tokens
 from .static import StaticImageDecoder, fusable_cfg
+from .step import DecodeStats
 
 LOOPS = ("dynamic", "static", "cuda-graph")
 
@@ -101,12 +102,11 @@ def hf_image_generate(
 
     num_tokens = decoder.grid[0] * decoder.grid[1]
     if loop != "dynamic":
-        if stats is not None or progress:
-            raise ValueError(f"stats and progress are reported by loop='dynamic' only, not {loop!r}")
         static = StaticImageDecoder(decoder, process_logits, fused_cfg=fusable_cfg(logits_processor) if use_cfg else None,
                                     daid=daid, faid=faid, cuda_graph=loop == "cuda-graph",
                                     overlap_retrieval=overlap_retrieval)
-        return static.run(inputs_embeds, attention_mask.repeat(2, 1), num_tokens, bool(generation_config.do_sample))
+        return static.run(inputs_embeds, attention_mask.repeat(2, 1), num_tokens, bool(generation_config.do_sample),
+                          stats=stats, progress=progress)
     return decode_image_tokens(
         decoder,
         inputs_embeds,

@@ -1,44 +1,26 @@
-"""The KV-cached image-token decode loop with CFG and optional DAiD.
+"""The dynamic decode loop: HF's growing KV cache and random stream, one :class:`DecodeStep` per token.
 
-Per step: language-model step on the new input (2B rows: conditional then unconditional),
-image head, logits processing (CFG combine, temperature, ...: B rows), softmax, DAiD merge at
-retrieval steps, sample or argmax, next-input embedding of the sampled token for both CFG rows.
+Per step (see :mod:`.step`): language-model step on the new input (2B rows: conditional then
+unconditional), image head, logits processing (CFG combine, temperature, ...: B rows), softmax, DAiD
+merge at retrieval steps, sample or argmax, next-input embedding of the sampled token for both CFG rows.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-
-@dataclass
-class DecodeStats:
-    """Wall-clock split of one decode (filled only when timing is requested)."""
-
-    steps: int = 0
-    total_s: float = 0.0
-    retrieval_s: float = 0.0  # query + search + merge, inside total_s
-    retrieval_steps: int = 0
-    step_s: list = field(default_factory=list)
-
-    @property
-    def retrieval_fraction(self) -> float:
-        return self.retrieval_s / self.total_s if self.total_s else 0.0
-
-    def summary(self) -> str:
-        ms = 1e3 * self.total_s / max(self.steps, 1)
-        return (
-            f"{self.steps} steps, {ms:.2f} ms/step, retrieval {1e3 * self.retrieval_s:.1f} ms over "
-            f"{self.retrieval_steps} steps ({100 * self.retrieval_fraction:.1f}% of decode time)"
-        )
+from .step import DecodeStats, DecodeStep, MultinomialSelect, timing
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def progress_range(n: int, start: int = 0, progress: bool = False):
+    """``range(start, n)``, wrapped in a tqdm bar over all ``n`` steps when ``progress``."""
+    if not progress:
+        return range(start, n)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(start, n), desc="decoding image tokens", unit="tok", initial=start, total=n)
 
 
 @torch.no_grad()
@@ -78,41 +60,9 @@ def decode_image_tokens(
     tokens = torch.full((batch, num_tokens), -1, dtype=torch.long, device=device)
     embeds, mask = inputs_embeds, attention_mask
     new_column = attention_mask.new_ones(attention_mask.shape[0], 1)
-
-    steps = range(num_tokens)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="decoding image tokens", unit="tok")
-    for step in steps:
-        if stats is not None:
-            _sync(device)
-            t0 = time.perf_counter()
-        if faid is not None:
-            faid.begin_step(tokens, step)
-        hidden = decoder.step(embeds, mask, cache)
-        scores = process_logits(decoder.image_logits(hidden))
-        if daid is not None and daid.retrieves_at[step]:
-            if stats is not None:
-                _sync(device)
-                t1 = time.perf_counter()
-            probs = daid.merge(torch.softmax(scores, dim=-1), tokens, step)
-            if stats is not None:
-                _sync(device)
-                stats.retrieval_s += time.perf_counter() - t1
-                stats.retrieval_steps += 1
-            next_token = torch.multinomial(probs, 1).squeeze(-1) if do_sample else probs.argmax(-1)
-        elif do_sample:
-            next_token = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(-1)
-        else:
-            next_token = scores.argmax(-1)
-        tokens[:, step] = next_token
-        embeds = decoder.embed_image_tokens(torch.cat([next_token, next_token]).unsqueeze(-1))
-        mask = torch.cat([mask, new_column], dim=1)
-        if stats is not None:
-            _sync(device)
-            dt = time.perf_counter() - t0
-            stats.step_s.append(dt)
-            stats.total_s += dt
-            stats.steps += 1
+    decode_step = DecodeStep(decoder, MultinomialSelect(process_logits, do_sample, daid, stats), faid)
+    for step in progress_range(num_tokens, progress=progress):
+        with timing(stats, "step", device):
+            embeds = decode_step(tokens, step, embeds, mask, cache)
+            mask = torch.cat([mask, new_column], dim=1)
     return tokens

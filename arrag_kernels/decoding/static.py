@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import daid_sample
+from .step import DecodeStep, FusedSelect, timing
 
 
 class StaticKVCache:
@@ -74,13 +74,17 @@ def fusable_cfg(processors) -> tuple[float, float, int, float] | None:
 class StaticImageDecoder:
     """Static-buffer decode of ``num_tokens`` image tokens for 2B CFG rows; optional CUDA graph.
 
+    Every step, the prefill included, is the shared :class:`arrag_kernels.decoding.step.DecodeStep`
+    with :class:`~arrag_kernels.decoding.step.FusedSelect`; this class owns the buffers and the
+    device-side counters it advances between steps.
+
     Args:
         decoder: an :class:`arrag_kernels.models.ImageDecoder` with ``kv_spec()``.
         process_logits: (2B, V) head logits -> (B, V) processed logits.
         fused_cfg: (guidance_scale, temperature[, top_k, top_p]) when ``process_logits`` is exactly
             that (see :func:`fusable_cfg`): the sampling op then applies them to the raw logits itself.
         daid: optional :class:`arrag_kernels.decoding.DAiDSampler`.
-        faid: optional :class:`arrag_kernels.faid.FAiDRuntime` (or any state with its ``begin_step``
+        faid: optional :class:`arrag_kernels.decoding.FAiDRuntime` (or any state with its ``begin_step``
             accepting a device step tensor).
         cuda_graph: capture one decode step and replay it (CUDA only).
         overlap_retrieval: on CUDA, run DAiD retrieval on a side stream concurrently with the model
@@ -97,60 +101,25 @@ class StaticImageDecoder:
         self.cuda_graph = cuda_graph
         self.overlap_retrieval = overlap_retrieval
 
-    # ---- one step: retrieval, forward, head, merge, sample, next input ------------------------------
-    def _fork_retrieval(self):
-        """DAiD hits (dist, token ids, valid) of the current step, or one ignored padding hit per row.
-
-        With a side stream the search is only enqueued there, after the main stream's work so far (the
-        tokens < step it reads); :meth:`_select` joins it before sampling.
-        """
-        if self.daid is None:
-            return self.no_hits
-        B = self.tokens.shape[0]
-        if self.side is None:
-            return self.daid.retrieve(self.tokens, self.step.repeat(B))
-        main = torch.cuda.current_stream(self.side.device)
-        self.side.wait_stream(main)
-        with torch.cuda.stream(self.side):  # every temporary of the search is allocated on the side stream
-            hits = self.daid.retrieve(self.tokens, self.step.repeat(B))
-        for t in hits:  # read on the main stream too: the allocator must not reuse them before that read
-            t.record_stream(main)
-        return hits
-
-    def _select(self, hidden, hits):
-        logits = self.decoder.image_logits(hidden)
-        if self.fused is not None:
-            guidance, temperature, top_k, top_p = (*self.fused, 0, 1.0)[:4]
-        else:
-            logits, guidance, temperature, top_k, top_p = self.process_logits(logits), None, 1.0, 0, 1.0
-        if self.daid is not None:
-            c = self.daid.config
-            lam, tau, dedup = c.lam, c.tau, c.dedup
-        else:
-            lam, tau, dedup = 0.0, 1.0, "nearest"
-        if self.side is not None:
-            torch.cuda.current_stream(self.side.device).wait_stream(self.side)
-        u = None if self.uniforms is None else self.uniforms.index_select(0, self.step).squeeze(0)
-        next_token = daid_sample(logits, *hits, u, guidance_scale=guidance, temperature=temperature,
-                                 lam=lam, tau=tau, dedup=dedup, top_k=top_k, top_p=top_p)
-        self.tokens.index_copy_(1, self.step, next_token.unsqueeze(1))
-        self.embeds.copy_(self.decoder.embed_image_tokens(torch.cat([next_token, next_token]).unsqueeze(-1)))
-
     def _decode_step(self):
-        if self.faid is not None:
-            self.faid.begin_step(self.tokens, self.step)
-        hits = self._fork_retrieval()
+        """One decode step on the buffers, reading the step on the device only (what the graph records)."""
         self.mask.index_fill_(3, self.cache.write_pos, 0.0)  # open the column of the input being written
-        hidden = self.decoder.step(self.embeds, self.mask, self.cache, position_ids=self.position_ids)
-        self._select(hidden, hits)
+        self.embeds.copy_(self.decode_step(self.tokens, self.step, self.embeds, self.mask, self.cache,
+                                           position_ids=self.position_ids))
         self.step += 1
         self.cache.write_pos += 1
         self.position_ids += 1
 
-    # ---- the loop ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, inputs_embeds, attention_mask, num_tokens: int, do_sample: bool) -> torch.Tensor:
-        """(2B, S, D) prompt embeddings and (2B, S) mask -> (B, num_tokens) image tokens."""
+    def run(self, inputs_embeds, attention_mask, num_tokens: int, do_sample: bool, stats=None,
+            progress: bool = False) -> torch.Tensor:
+        """(2B, S, D) prompt embeddings and (2B, S) mask -> (B, num_tokens) image tokens.
+
+        ``stats``: an optional :class:`arrag_kernels.DecodeStats` (per-step times; with a CUDA graph one
+        entry per replay, retrieval not split out). ``progress``: a tqdm bar.
+        """
+        from .loop import progress_range
+
         device, dtype = inputs_embeds.device, inputs_embeds.dtype
         rows, S, _ = inputs_embeds.shape
         B, L = rows // 2, S + num_tokens
@@ -159,31 +128,31 @@ class StaticImageDecoder:
         # High priority: when both streams have work queued the search's blocks are scheduled first, so it
         # rarely delays the join; and it is never the same pooled stream as the warm-up or capture stream.
         use_side = self.overlap_retrieval and self.daid is not None and device.type == "cuda"
-        self.side = torch.cuda.Stream(device, priority=-1) if use_side else None
+        side = torch.cuda.Stream(device, priority=-1) if use_side else None
         layers, kv_heads, head_dim = self.decoder.kv_spec()
         self.cache = StaticKVCache(layers, rows, kv_heads, head_dim, L, dtype, device)
         self.tokens = torch.full((B, num_tokens), -1, dtype=torch.long, device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)
-        self.uniforms = torch.rand(num_tokens, B, device=device) if do_sample else None
-        # one padding hit per row: ignored, so the op samples from the model distribution
-        self.no_hits = (torch.zeros(B, 1, device=device), torch.full((B, 1), -1, dtype=torch.long, device=device),
-                        torch.zeros(B, dtype=torch.bool, device=device))
+        uniforms = torch.rand(num_tokens, B, device=device) if do_sample else None
+        # the graph cannot time its retrieval: only whole replays are timed
+        select = FusedSelect(self.process_logits, self.fused, uniforms, B, device, daid=self.daid, side_stream=side,
+                             stats=None if self.cuda_graph else stats)
+        self.decode_step = DecodeStep(self.decoder, select, self.faid)
         self.embeds = torch.empty(rows, 1, inputs_embeds.shape[-1], dtype=dtype, device=device)
         neg = torch.finfo(dtype).min
         pad = attention_mask.bool()
 
-        # Prefill: causal over the prompt, padding hidden; every row may see itself (no empty softmax row).
+        # Prefill: the same step on the prompt with a host step 0 (FAiD allocates its ring buffers there).
+        # Causal over the prompt, padding hidden; every row may see itself (no empty softmax row).
         idx = torch.arange(L, device=device)
         allowed = (idx[None, :] <= idx[:S, None]) & (idx[None, :] < S)
         allowed = allowed[None] & torch.nn.functional.pad(pad, (0, num_tokens))[:, None, :]
         allowed |= torch.eye(S, L, dtype=torch.bool, device=device)[None]
         prefill_mask = torch.zeros(rows, 1, S, L, dtype=dtype, device=device).masked_fill_(~allowed[:, None], neg)
         self.cache.write_pos = torch.arange(S, device=device)
-        if self.faid is not None:
-            self.faid.begin_step(self.tokens, 0)  # eager: allocates FAiD's ring buffers
-        hits = self._fork_retrieval()
-        hidden = self.decoder.step(inputs_embeds, prefill_mask, self.cache, position_ids=idx[:S].expand(rows, S))
-        self._select(hidden, hits)
+        with timing(stats, "step", device):
+            self.embeds.copy_(self.decode_step(self.tokens, 0, inputs_embeds, prefill_mask, self.cache,
+                                               position_ids=idx[:S].expand(rows, S)))
 
         # Decode buffers: the mask row sees the prompt (minus padding); columns open as tokens arrive.
         self.mask = torch.zeros(rows, 1, 1, L, dtype=dtype, device=device)
@@ -199,15 +168,18 @@ class StaticImageDecoder:
             warmup = torch.cuda.Stream(device)
             warmup.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(warmup):
-                self._decode_step()
-                self._decode_step()
+                for _ in range(2):
+                    with timing(stats, "step", device):
+                        self._decode_step()
             torch.cuda.current_stream(device).wait_stream(warmup)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self._decode_step()
-            for _ in range(3, num_tokens):
-                graph.replay()
+            for _ in progress_range(num_tokens, 3, progress):
+                with timing(stats, "step", device):
+                    graph.replay()
         else:
-            for _ in range(1, num_tokens):
-                self._decode_step()
+            for _ in progress_range(num_tokens, 1, progress):
+                with timing(stats, "step", device):
+                    self._decode_step()
         return self.tokens

@@ -10,7 +10,9 @@ Official (AR-RAG release, e.g. ``jingyq1/arrag_faid``): the same tensors under
 one hop, in both formats), next to the base model's weights
 in DeepSeek ``MultiModalityCausalLM`` names, which :func:`official_to_hf` maps to HF
 ``JanusForConditionalGeneration`` (``language_model.model.*`` -> ``model.language_model.*``,
-``gen_vision_model`` -> ``model.vqmodel``, ``gen_head`` -> ``model.generation_head``, ...).
+``gen_vision_model`` -> ``model.vqmodel``, ``gen_head`` -> ``model.generation_head``, ...). Those
+names belong to the model family: the Janus map is :class:`arrag_kernels.models.janus.JanusOfficialWeights`,
+the adapter's ``official_weights``.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from typing import NamedTuple
 
 import torch
 
+from ..models import FAiDAdapter, OfficialWeights, as_faid_adapter, check_protocol, get_adapter
+from ..models.janus import JanusOfficialWeights
 from .config import FAiDConfig
 from .modules import FAiDBlenders
 
-OFFICIAL_PREFIX = "language_model.model."
 _FAID_KEY = re.compile(r"^layers\.(\d+)\.(blender\.|retrieval_layernorm\.weight$)")
 _HOP_CONV = re.compile(r"^layers\.\d+\.blender\.conv(\d)\.weight$")
 
@@ -50,11 +53,12 @@ def _read_state_dict(source) -> tuple[dict, dict]:
     return torch.load(str(path), map_location="cpu", weights_only=True), {}
 
 
-def split_official(state_dict: dict) -> tuple[dict, dict]:
+def split_official(state_dict: dict, weights: OfficialWeights = JanusOfficialWeights) -> tuple[dict, dict]:
     """Official checkpoint -> (blender tensors in our naming, the remaining base-model tensors)."""
     faid, base = {}, {}
+    prefix = weights.blender_prefix
     for key, value in state_dict.items():
-        short = key[len(OFFICIAL_PREFIX):] if key.startswith(OFFICIAL_PREFIX) else None
+        short = key[len(prefix):] if key.startswith(prefix) else None
         if short is not None and _FAID_KEY.match(short):
             faid[short] = value
         else:
@@ -81,7 +85,8 @@ def infer_config(state_dict: dict, num_layers: int, k: int = 10) -> FAiDConfig:
 
 
 def load_blenders(source, model, config: FAiDConfig | None = None) -> FAiDBlenders:
-    """Blenders for ``model`` from a file or state dict, in our naming or the official one.
+    """Blenders for ``model`` (or its :class:`arrag_kernels.models.FAiDAdapter`) from a file or state dict,
+    in our naming or the family's official one (the adapter's ``official_weights``, if it has one).
 
     ``config`` defaults to the file's metadata, else is inferred from the tensors (k = 10).
     Raises :class:`CheckpointError` when a tensor's shape, a missing or an unexpected key does not
@@ -89,15 +94,17 @@ def load_blenders(source, model, config: FAiDConfig | None = None) -> FAiDBlende
     """
     if isinstance(source, FAiDBlenders):
         return source
+    adapter = as_faid_adapter(model)
     state, meta = _read_state_dict(source)
-    if any(key.startswith(OFFICIAL_PREFIX) for key in state):
-        state, _ = split_official(state)
-    num_layers = int(model.config.text_config.num_hidden_layers)
+    weights = getattr(adapter, "official_weights", None)  # optional: only families with a release have names
+    if weights is not None and any(key.startswith(weights.blender_prefix) for key in state):
+        state, _ = split_official(state, weights)
+    num_layers = len(adapter.decoder_layers())
     if config is None:
         config = FAiDConfig.from_dict(json.loads(meta["faid_config"])) if "faid_config" in meta else infer_config(state, num_layers)
     if len(config.hops) == 1:  # files of earlier versions store a one-hop omega; softmax of it is 1
         state = {k: v for k, v in state.items() if not (k.endswith(".blender.conv_weights") and v.numel() == 1)}
-    blenders = FAiDBlenders.for_model(model, config)
+    blenders = FAiDBlenders.for_model(adapter, config)
     expected = blenders.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -130,83 +137,14 @@ def save_blenders(blenders: FAiDBlenders, path: str | os.PathLike) -> Path:
     return path
 
 
-# ---- DeepSeek-Janus base weights -> HF JanusForConditionalGeneration ------------------------------
-# Plain prefix renames (DeepSeek ``MultiModalityCausalLM`` -> HF), checked in order.
-_BASE_PREFIXES = (
-    ("language_model.model.", "model.language_model."),  # LlamaForCausalLM body: same inner names
-    ("language_model.lm_head.", "lm_head."),
-    ("gen_embed.", "model.generation_embeddings."),
-    ("gen_head.output_mlp_projector.", "model.generation_head.proj_out."),
-    ("gen_head.vision_head.", "model.generation_head.vision_head."),
-)
-# VQ model (LlamaGen VQModel) -> HF JanusVQVAE, applied to the name after ``gen_vision_model.``.
-_VQ_RENAMES = (
-    (re.compile(r"^encoder\.conv_blocks\."), "encoder.down."),
-    (re.compile(r"^decoder\.conv_blocks\."), "decoder.up."),
-    (re.compile(r"^((?:en|de)coder\.(?:down|up)\.\d+)\.res\."), r"\1.block."),
-    (re.compile(r"^((?:en|de)coder)\.mid\.0\."), r"\1.mid.block_1."),
-    (re.compile(r"^((?:en|de)coder)\.mid\.1\."), r"\1.mid.attn_1."),
-    (re.compile(r"^((?:en|de)coder)\.mid\.2\."), r"\1.mid.block_2."),
-)
-# MlpProjector ``layers`` = [Linear, GELU, Linear, GELU, ...]: layers.0 -> fc1, layers.2i -> hidden_layers.(i-1).
-_MLP_PROJECTOR = re.compile(r"^(gen_aligner|aligner)\.layers\.(\d+)\.(weight|bias)$")
-_ALIGNERS = {"gen_aligner": "model.generation_aligner", "aligner": "model.aligner"}
-# SigLIP ViT (timm layout inside CLIPVisionTower) -> HF JanusVisionModel.
-_VIT = "vision_model.vision_tower."
-_VIT_BLOCK = re.compile(r"^blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$")
-_VIT_BLOCK_PARTS = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.projection_layer",
-                    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-_VIT_TOP = {"patch_embed.proj.weight": "embeddings.patch_embedding.weight",
-            "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
-            "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}
-# Tensors with no HF counterpart, by design: the VQ usage counter, timm's unused attention-pool head,
-# rotary caches of older transformers. Never loaded, never reported.
-DROPPED = re.compile(r"^gen_vision_model\.quantize\.codebook_used$|^vision_model\.vision_tower\.attn_pool\."
-                     r"|\.rotary_emb\.inv_freq$")
-
-
-def _hf_base_names(key: str, value: torch.Tensor) -> dict | None:
-    """One DeepSeek-Janus base tensor -> {HF name: tensor} (several for a fused qkv), or None if unknown."""
-    for old, new in _BASE_PREFIXES:
-        if key.startswith(old):
-            return {new + key[len(old):]: value}
-    if key.startswith("gen_vision_model."):
-        name = key[len("gen_vision_model."):]
-        for pattern, repl in _VQ_RENAMES:
-            name = pattern.sub(repl, name)
-        return {"model.vqmodel." + name: value}
-    m = _MLP_PROJECTOR.match(key)
-    if m:
-        module, idx, param = m.group(1), int(m.group(2)), m.group(3)
-        if idx % 2:  # odd entries are the activations: they hold no tensors
-            return None
-        layer = "fc1" if idx == 0 else f"hidden_layers.{idx // 2 - 1}"
-        return {f"{_ALIGNERS[module]}.{layer}.{param}": value}
-    if key.startswith(_VIT):
-        name = key[len(_VIT):]
-        if name == "pos_embed":  # (1, N, C) parameter -> (N, C) embedding table
-            return {"model.vision_model.embeddings.position_embedding.weight": value.squeeze(0)}
-        if name in _VIT_TOP:
-            return {"model.vision_model." + _VIT_TOP[name]: value}
-        m = _VIT_BLOCK.match(name)
-        if m:
-            layer, part, param = m.groups()
-            prefix = f"model.vision_model.encoder.layers.{layer}."
-            if part == "attn.qkv":  # fused (3C, ...) -> q, k, v
-                q, k, v = value.chunk(3, dim=0)
-                return {f"{prefix}self_attn.{n}_proj.{param}": t.clone() for n, t in zip("qkv", (q, k, v))}
-            return {f"{prefix}{_VIT_BLOCK_PARTS[part]}.{param}": value}
-    return None
-
-
-def _map_official(state_dict: dict) -> tuple[dict, dict, dict, list[str]]:
+def _map_official(state_dict: dict, weights: OfficialWeights) -> tuple[dict, dict, dict, list[str]]:
     """-> (HF-named base tensors, blender tensors in our naming, HF name -> official key, unmapped keys)."""
-    faid, rest = split_official(state_dict)
+    faid, rest = split_official(state_dict, weights)
     base, origin, unmapped = {}, {}, []
     for key, value in rest.items():
-        if DROPPED.search(key):
+        if weights.dropped(key):
             continue
-        mapped = _hf_base_names(key, value)
+        mapped = weights.base_names(key, value)
         if mapped is None:
             unmapped.append(key)
             continue
@@ -217,15 +155,15 @@ def _map_official(state_dict: dict) -> tuple[dict, dict, dict, list[str]]:
     return base, faid, origin, sorted(unmapped)
 
 
-def official_to_hf(state_dict: dict) -> tuple[dict, dict, list[str]]:
-    """Split an official AR-RAG FAiD / DeepSeek-Janus state dict.
+def official_to_hf(state_dict: dict, weights: OfficialWeights = JanusOfficialWeights) -> tuple[dict, dict, list[str]]:
+    """Split an official AR-RAG FAiD state dict (default: the DeepSeek-Janus release, ``weights``: its names).
 
-    Returns ``(base, blenders, unmapped)``: the base-model tensors under HF
-    ``JanusForConditionalGeneration`` names, the blender tensors in our naming
-    (``layers.{i}.blender.*``), and the keys that have no known HF name (sorted). Tensors in
-    :data:`DROPPED` (no HF counterpart by design) are left out of all three.
+    Returns ``(base, blenders, unmapped)``: the base-model tensors under HF names (e.g.
+    ``JanusForConditionalGeneration``), the blender tensors in our naming (``layers.{i}.blender.*``),
+    and the keys that have no known HF name (sorted). Tensors ``weights.dropped`` (no HF counterpart
+    by design) are left out of all three.
     """
-    base, faid, _, unmapped = _map_official(state_dict)
+    base, faid, _, unmapped = _map_official(state_dict, weights)
     return base, faid, unmapped
 
 
@@ -247,10 +185,11 @@ def _tied_groups(state: dict) -> list[list[str]]:
 
 def load_official_checkpoint(model, source, config: FAiDConfig | None = None, strict: bool = True) -> OfficialLoad:
     """Load an official AR-RAG FAiD checkpoint (base model + blenders, DeepSeek-Janus naming) into a
-    HF Janus ``model`` plus our blenders.
+    HF Janus ``model`` plus our blenders; any family whose adapter has ``official_weights``
+    (:class:`arrag_kernels.models.OfficialWeights`) works the same way.
 
-    The base tensors are renamed by :func:`official_to_hf` (language model, ``gen_*`` parts, the VQ
-    model, the understanding tower and its aligner; LoRA must already be merged, as in the
+    The base tensors are renamed by :func:`official_to_hf` (Janus: language model, ``gen_*`` parts,
+    the VQ model, the understanding tower and its aligner; LoRA must already be merged, as in the
     release) and copied into ``model`` in place, in its dtype; the blender tensors become
     :class:`FAiDBlenders` (``config`` as in :func:`load_blenders`).
 
@@ -259,8 +198,11 @@ def load_official_checkpoint(model, source, config: FAiDConfig | None = None, st
     returns those lists. Shape mismatches always raise. Weights the model ties (``lm_head`` and
     ``embed_tokens`` with ``tie_word_embeddings=True``) must be equal in the checkpoint.
     """
+    adapter = get_adapter(model, FAiDAdapter)
+    weights = check_protocol(getattr(adapter, "official_weights", None), OfficialWeights,
+                             f"{type(adapter).__name__}.official_weights (names of a released FAiD checkpoint)")
     state, _ = _read_state_dict(source)
-    base, faid, origin, unmapped = _map_official(state)
+    base, faid, origin, unmapped = _map_official(state, weights)
     target = model.state_dict()
     unmapped += sorted(f"{origin[n]} (as {n}, not in the model)" for n in base if n not in target)
     loadable = {n: v for n, v in base.items() if n in target}
@@ -286,7 +228,7 @@ def load_official_checkpoint(model, source, config: FAiDConfig | None = None, st
             f"{unmapped[:8]}{' ...' if len(unmapped) > 8 else ''}, {len(missing)} model tensors missing "
             f"{missing[:8]}{' ...' if len(missing) > 8 else ''}; pass strict=False to load the rest"
         )
-    blenders = load_blenders(faid, model, config)  # validated before the model is touched
+    blenders = load_blenders(faid, adapter, config)  # validated before the model is touched
     with torch.no_grad():
         for n, v in loadable.items():
             target[n].copy_(v)

@@ -52,7 +52,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA on q/v via peft")
-    p.add_argument("--train-head", action="store_true", help="also train generation_head")
+    p.add_argument("--train-head", action="store_true", help="also train the image head (Janus: generation_head)")
     p.add_argument("--finetuned-out", default=None,
                    help="where LoRA / head weights go (default: <out stem>.finetuned.safetensors)")
     p.add_argument("--activation-checkpointing", action="store_true",

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import KeyLayout
+from ..models import as_faid_adapter
 from .config import FAiDConfig
 
 
@@ -107,11 +108,11 @@ class FAiDBlenders(nn.Module):
 
     @classmethod
     def for_model(cls, model, config: FAiDConfig) -> "FAiDBlenders":
-        """Blenders sized for a HF Janus model, on its device and dtype (default initialisation)."""
-        text = model.config.text_config
-        blenders = cls(int(text.hidden_size), int(text.num_hidden_layers), config, float(text.rms_norm_eps))
-        ref = model.model.generation_head.vision_head.weight
-        return blenders.to(device=ref.device, dtype=ref.dtype)
+        """Blenders sized for a model (or its :class:`arrag_kernels.models.FAiDAdapter`), on its device and
+        dtype (default initialisation)."""
+        adapter = as_faid_adapter(model)
+        blenders = cls(int(adapter.hidden_size), len(adapter.decoder_layers()), config, float(adapter.rms_norm_eps))
+        return blenders.to(device=adapter.device, dtype=adapter.dtype)
 
 
 def retrieved_masks(ids: torch.Tensor, valid: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:

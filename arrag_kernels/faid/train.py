@@ -30,11 +30,10 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from ..models import get_adapter
-from ..ops import neighbor_keys
+from ..decoding.retriever import Retriever
+from ..models import FAiDAdapter, get_adapter
 from .checkpoint import CheckpointError, _read_state_dict
 from .modules import FAiDBlenders, blend_dense, blend_literal, blender_input, retrieved_masks
-from .runtime import faid_retriever
 
 FORMULATIONS = ("dense", "literal")
 _MISSING = object()
@@ -44,12 +43,13 @@ class FAiDTrainer:
     """Trains ``blenders`` (and optionally LoRA q/v adapters and the generation head) on ``model``.
 
     Args:
-        model: HF ``JanusForConditionalGeneration`` (its base weights stay frozen).
+        model: a model whose registered adapter implements :class:`arrag_kernels.models.FAiDAdapter` (HF
+            ``JanusForConditionalGeneration``); its base weights stay frozen.
         db: :class:`arrag_kernels.PatchDatabase` for the model's grid; retrieval uses ``blenders.config.k``.
         blenders: the :class:`FAiDBlenders` to train (e.g. ``FAiDBlenders.for_model(model, cfg)``).
         lr: AdamW learning rate (paper: 2e-4).
         lora_rank: > 0 adds LoRA of this rank on q_proj / v_proj through ``peft`` (must be installed).
-        train_head: also train ``generation_head``.
+        train_head: also train the image head (the adapter's ``image_head()``; Janus: ``generation_head``).
         formulation: "dense" (memory-efficient) or "literal" (official K conv stacks).
         activation_checkpointing: recompute every decoder layer (blenders included) in backward
             instead of keeping its activations (non-reentrant ``torch.utils.checkpoint``, applied
@@ -63,16 +63,16 @@ class FAiDTrainer:
             raise ValueError(f"formulation: expected one of {FORMULATIONS}, got {formulation!r}")
         self.model, self.blenders, self.formulation = model, blenders, formulation
         self.activation_checkpointing = bool(activation_checkpointing)
-        self.adapter = get_adapter(model)
-        self.retriever = faid_retriever(db, blenders.config, self.adapter)
+        self.adapter = get_adapter(model, FAiDAdapter)
+        self.retriever = Retriever(db, blenders.config.k, self.adapter, what="FAiDConfig.k")
         self.grid = self.retriever.grid
         for p in model.parameters():
             p.requires_grad_(False)
         params = list(blenders.parameters())
         if lora_rank > 0:
-            params += _add_lora(self.adapter.language_model, lora_rank)
+            params += _add_lora(self.adapter, lora_rank)
         if train_head:
-            params += list(self.adapter.generation_head.parameters())
+            params += list(self.adapter.image_head().parameters())
         for p in params:
             p.requires_grad_(True)
         self.params = params
@@ -81,13 +81,8 @@ class FAiDTrainer:
     @torch.no_grad()
     def retrieve_all(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N) ground-truth tokens -> retrieved ids (B, N, K) (-1: padding) and valid (B, N) bool (the
-        position has a key), every position. Works on any database, index-only ones included."""
-        B, N = tokens.shape
-        r = self.retriever
-        positions = torch.arange(N, device=tokens.device).expand(B, N)
-        queries, valid = neighbor_keys(tokens, r.codebook, positions, r.grid, r.layout)
-        _, ids = r.db.retrieve(queries.reshape(B * N, -1), r.config.k)
-        return ids.view(B, N, -1), valid
+        position has a key), every position (:meth:`Retriever.retrieve_all`)."""
+        return self.retriever.retrieve_all(tokens)
 
     def loss(self, prompt_ids: torch.Tensor, tokens: torch.Tensor, retrieved=None) -> torch.Tensor:
         """Mean CE of the image tokens ``tokens`` (B, N) after prompts ``prompt_ids`` (B, P).
@@ -102,15 +97,14 @@ class FAiDTrainer:
         if ids.shape[:2] != (B, N) or valid.shape != (B, N):
             raise ValueError(f"retrieved: expected ids (B, N, K) and valid (B, N) with (B, N) = {(B, N)}, got "
                              f"{tuple(ids.shape)} and {tuple(valid.shape)}; pass retrieve_all(tokens)")
-        prompt = self.model.get_input_embeddings()(prompt_ids)
+        prompt = self.model.get_input_embeddings()(prompt_ids)  # transformers' API, any family
         image = self.adapter.embed_image_tokens(tokens[:, :-1])
         embeds = torch.cat([prompt, image], dim=1)
         P = prompt_ids.shape[1]
         features = self.adapter.embed_image_tokens(ids.clamp_min(0))  # (B, N, K, D); padding masked in the blend
         masks = retrieved_masks(ids, valid, features.dtype)
         with _training_hooks(self, features, masks, P, self.activation_checkpointing):
-            out = self.adapter.language_model(inputs_embeds=embeds, use_cache=False)
-        hidden = out.last_hidden_state[:, P - 1 : P - 1 + N]
+            hidden = self.adapter.hidden_states(embeds)[:, P - 1 : P - 1 + N]
         logits = self.adapter.image_logits(hidden)
         return F.cross_entropy(logits.reshape(B * N, -1).float(), tokens.reshape(-1))
 
@@ -139,7 +133,7 @@ def _training_hooks(trainer: FAiDTrainer, features, masks, prompt_len: int, chec
     """
     H, W = trainer.grid
     N = H * W
-    layers = trainer.adapter.language_model.layers
+    layers = trainer.adapter.decoder_layers()
     ids = list(trainer.blenders.layer_ids)
     previous = dict(zip(ids, [None] + ids[:-1]))
     weighted_of = {}  # blender layer -> its w_k hhat_k from the forward: the next blender's retrieved features
@@ -175,8 +169,8 @@ def _training_hooks(trainer: FAiDTrainer, features, masks, prompt_len: int, chec
     def with_blender(i, forward):
         def run(*args, **kwargs):
             ctx = {}
-            handles = [layers[i].input_layernorm.register_forward_hook(capture(ctx)),
-                       layers[i].self_attn.register_forward_hook(blend(i, ctx))]
+            norm, attention = trainer.adapter.blender_sites(layers[i])
+            handles = [norm.register_forward_hook(capture(ctx)), attention.register_forward_hook(blend(i, ctx))]
             try:
                 return forward(*args, **kwargs)
             finally:
@@ -207,27 +201,30 @@ def _training_hooks(trainer: FAiDTrainer, features, masks, prompt_len: int, chec
                 layers[i].forward = original
 
 
-def _add_lora(language_model, rank: int) -> list:
-    """LoRA (rank ``rank``, alpha = 2 * rank) on q_proj / v_proj through peft; returns its parameters."""
+def _add_lora(adapter, rank: int) -> list:
+    """LoRA (rank ``rank``, alpha = 2 * rank) on the adapter's ``lora_targets`` (Janus: q_proj / v_proj) of
+    its ``lora_module()`` through peft; returns its parameters."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as e:
         raise ImportError("lora_rank > 0 needs the 'peft' package: pip install peft (or use lora_rank=0)") from e
-    if _lora_params(language_model):
+    module = adapter.lora_module()
+    if _lora_params(module):
         raise ValueError("the model already has LoRA adapters; start from a model without them")
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"]), language_model)
-    return list(_lora_params(language_model).values())
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(adapter.lora_targets)), module)
+    return list(_lora_params(module).values())
 
 
-def _lora_params(language_model) -> dict:
-    return {n: p for n, p in language_model.named_parameters() if "lora_" in n}
+def _lora_params(module) -> dict:
+    return {n: p for n, p in module.named_parameters() if "lora_" in n}
 
 
 def _finetuned_params(adapter, lora: bool, head: bool) -> dict:
-    """Names in the finetuned file -> the model's parameters."""
-    params = {f"language_model.{n}": p for n, p in _lora_params(adapter.language_model).items()} if lora else {}
+    """Names in the finetuned file (``language_model.*`` for LoRA, ``generation_head.*`` for the head,
+    whatever the family calls them) -> the model's parameters."""
+    params = {f"language_model.{n}": p for n, p in _lora_params(adapter.lora_module()).items()} if lora else {}
     if head:
-        params.update({f"generation_head.{n}": p for n, p in adapter.generation_head.named_parameters()})
+        params.update({f"generation_head.{n}": p for n, p in adapter.image_head().named_parameters()})
     return params
 
 
@@ -237,8 +234,8 @@ def save_finetuned(model, path, head: bool = False) -> Path:
     Load with :func:`load_finetuned`; the blenders are saved apart (:func:`save_blenders`)."""
     from safetensors.torch import save_file
 
-    adapter = get_adapter(model)
-    lora = _lora_params(adapter.language_model)
+    adapter = get_adapter(model, FAiDAdapter)
+    lora = _lora_params(adapter.lora_module())
     if not lora and not head:
         raise ValueError("save_finetuned: the model has no LoRA adapters and head=False: nothing to save")
     rank = next(p.shape[0] for n, p in lora.items() if ".lora_A." in n) if lora else 0  # lora_A: (r, in)
@@ -256,10 +253,10 @@ def load_finetuned(model, path) -> None:
     state, meta = _read_state_dict(path)
     if "lora_rank" not in meta:
         raise CheckpointError(f"{path}: not a save_finetuned file (no 'lora_rank' metadata)")
-    adapter = get_adapter(model)
+    adapter = get_adapter(model, FAiDAdapter)
     rank = int(meta["lora_rank"])
     if rank:
-        _add_lora(adapter.language_model, rank)
+        _add_lora(adapter, rank)
     head = any(k.startswith("generation_head.") for k in state)
     expected = _finetuned_params(adapter, rank > 0, head)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .base import (ImageDecoder, ImageTokenizer, ModelAdapter, check_protocol, codebook_fingerprint,
-                   protocol_members)
+from .base import (FAiDAdapter, ImageDecoder, ImageTokenizer, ModelAdapter, OfficialWeights, check_protocol,
+                   codebook_fingerprint, protocol_members)
 from .emu3 import Emu3Adapter
 from .janus import JanusAdapter
 from .tiny import tiny_janus, tiny_janus_config, tiny_prompt_ids
@@ -52,6 +52,14 @@ def get_adapter(model, protocol: type = ModelAdapter):
                         "with arrag_kernels.models.get_adapter(model, ImageTokenizer).logits_processor(db, config)") from None
 
 
+def as_faid_adapter(model_or_adapter) -> FAiDAdapter:
+    """A registered model's adapter, or ``model_or_adapter`` itself if it is not a model, checked against
+    :class:`FAiDAdapter` (the error names every missing member)."""
+    if hasattr(model_or_adapter, "config"):  # a model: look up its family
+        return get_adapter(model_or_adapter, FAiDAdapter)
+    return check_protocol(model_or_adapter, FAiDAdapter)
+
+
 def as_tokenizer(model_or_tokenizer) -> ImageTokenizer:
     """A registered model's adapter, or ``model_or_tokenizer`` itself if it is not a model (checked)."""
     if hasattr(model_or_tokenizer, "config"):  # a model: look up its family
@@ -62,10 +70,13 @@ def as_tokenizer(model_or_tokenizer) -> ImageTokenizer:
 __all__ = [
     "ADAPTERS",
     "Emu3Adapter",
+    "FAiDAdapter",
     "ImageDecoder",
     "ImageTokenizer",
     "JanusAdapter",
     "ModelAdapter",
+    "OfficialWeights",
+    "as_faid_adapter",
     "as_tokenizer",
     "check_protocol",
     "codebook_fingerprint",

@@ -6,7 +6,10 @@ language-model step, the image head, the next-input embedding). Supporting a new
 writing one adapter and registering it (:func:`arrag_kernels.register_adapter`); ops, databases and
 the decode loop stay untouched.
 
-The protocols list every member the library calls; :func:`check_protocol` verifies an object
+FAiD needs more of the model (:class:`FAiDAdapter`: decoder layers and hook points, width, dtype,
+LoRA targets, the image head; :class:`OfficialWeights` for a released checkpoint's names); families
+without those members get DAiD only, and FAiD names what is missing. The protocols list every
+member the library calls; :func:`check_protocol` verifies an object
 against one and names all missing members in a single error. Any object with these members works:
 no base class is needed.
 """
@@ -14,7 +17,7 @@ no base class is needed.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -79,6 +82,54 @@ class ImageDecoder(Protocol):
 @runtime_checkable
 class ModelAdapter(ImageTokenizer, ImageDecoder, Protocol):
     """A full adapter, what :func:`arrag_kernels.register_adapter` factories return: both protocols."""
+
+
+@runtime_checkable
+class FAiDAdapter(ModelAdapter, Protocol):
+    """What FAiD (decode-time blenders, training, blender checkpoints) needs beyond :class:`ModelAdapter`.
+
+    The retrieved token ids become the blenders' input through ``embed_image_tokens`` (the
+    next-input embedding, official: ``generation_aligner(generation_embeddings(ids))``).
+    """
+
+    hidden_size: int  # D: width of the decoder layers (and of the blenders)
+    rms_norm_eps: float  # epsilon of the blenders' RMSNorm (the model's own)
+    dtype: torch.dtype  # dtype of the blenders and of their context buffers
+    lora_targets: tuple[str, ...]  # module names LoRA adapts in lora_module() (official: q_proj, v_proj)
+
+    def decoder_layers(self) -> Sequence[torch.nn.Module]:
+        """The decoder layers in order; blenders sit in ``layer_idx % (L // blenders) == 0``."""
+
+    def blender_sites(self, layer: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(norm, attention) submodules of one decoder layer: a forward hook on ``norm`` sees the layer's
+        normalised input (the blender's context), one on ``attention`` may add the blend to its output
+        (the residual after attention, before the FFN). The attention output is a tensor or a tuple
+        whose first entry is the (rows, S, D) tensor."""
+
+    def hidden_states(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) input embeddings -> (B, S, D) final hidden states of one causal forward without a
+        cache (training, teacher forcing); ``image_logits`` applies to them."""
+
+    def lora_module(self) -> torch.nn.Module:
+        """The module LoRA adapters are injected into (the decoder stack)."""
+
+    def image_head(self) -> torch.nn.Module:
+        """The image-token head (what ``image_logits`` runs), trained with ``train_head``."""
+
+
+@runtime_checkable
+class OfficialWeights(Protocol):
+    """Names of a released FAiD checkpoint (base model + blenders) for one family (Janus: the official
+    AR-RAG release in DeepSeek names). Adapters of families with such a release expose one as
+    ``official_weights``."""
+
+    blender_prefix: str  # what precedes ``layers.{i}.blender.*`` in the release
+
+    def base_names(self, key: str, value: torch.Tensor) -> dict | None:
+        """One released base tensor -> {model state-dict name: tensor} (several for a fused tensor), None if unknown."""
+
+    def dropped(self, key: str) -> bool:
+        """True for released tensors with no place in the model by design (never loaded nor reported)."""
 
 
 def protocol_members(protocol: type) -> dict[str, bool]:

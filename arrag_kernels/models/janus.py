@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +12,99 @@ from ..ops import knn
 from .base import codebook_fingerprint
 
 
+# ---- the official AR-RAG / DeepSeek-Janus release -> HF JanusForConditionalGeneration ---------------
+# Plain prefix renames (DeepSeek ``MultiModalityCausalLM`` -> HF), checked in order.
+_BASE_PREFIXES = (
+    ("language_model.model.", "model.language_model."),  # LlamaForCausalLM body: same inner names
+    ("language_model.lm_head.", "lm_head."),
+    ("gen_embed.", "model.generation_embeddings."),
+    ("gen_head.output_mlp_projector.", "model.generation_head.proj_out."),
+    ("gen_head.vision_head.", "model.generation_head.vision_head."),
+)
+# VQ model (LlamaGen VQModel) -> HF JanusVQVAE, applied to the name after ``gen_vision_model.``.
+_VQ_RENAMES = (
+    (re.compile(r"^encoder\.conv_blocks\."), "encoder.down."),
+    (re.compile(r"^decoder\.conv_blocks\."), "decoder.up."),
+    (re.compile(r"^((?:en|de)coder\.(?:down|up)\.\d+)\.res\."), r"\1.block."),
+    (re.compile(r"^((?:en|de)coder)\.mid\.0\."), r"\1.mid.block_1."),
+    (re.compile(r"^((?:en|de)coder)\.mid\.1\."), r"\1.mid.attn_1."),
+    (re.compile(r"^((?:en|de)coder)\.mid\.2\."), r"\1.mid.block_2."),
+)
+# MlpProjector ``layers`` = [Linear, GELU, Linear, GELU, ...]: layers.0 -> fc1, layers.2i -> hidden_layers.(i-1).
+_MLP_PROJECTOR = re.compile(r"^(gen_aligner|aligner)\.layers\.(\d+)\.(weight|bias)$")
+_ALIGNERS = {"gen_aligner": "model.generation_aligner", "aligner": "model.aligner"}
+# SigLIP ViT (timm layout inside CLIPVisionTower) -> HF JanusVisionModel.
+_VIT = "vision_model.vision_tower."
+_VIT_BLOCK = re.compile(r"^blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)$")
+_VIT_BLOCK_PARTS = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.projection_layer",
+                    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_VIT_TOP = {"patch_embed.proj.weight": "embeddings.patch_embedding.weight",
+            "patch_embed.proj.bias": "embeddings.patch_embedding.bias",
+            "norm.weight": "post_layernorm.weight", "norm.bias": "post_layernorm.bias"}
+# Tensors with no HF counterpart, by design: the VQ usage counter, timm's unused attention-pool head,
+# rotary caches of older transformers. Never loaded, never reported.
+DROPPED = re.compile(r"^gen_vision_model\.quantize\.codebook_used$|^vision_model\.vision_tower\.attn_pool\."
+                     r"|\.rotary_emb\.inv_freq$")
+
+
+def _hf_base_names(key: str, value: torch.Tensor) -> dict | None:
+    """One DeepSeek-Janus base tensor -> {HF name: tensor} (several for a fused qkv), or None if unknown."""
+    for old, new in _BASE_PREFIXES:
+        if key.startswith(old):
+            return {new + key[len(old):]: value}
+    if key.startswith("gen_vision_model."):
+        name = key[len("gen_vision_model."):]
+        for pattern, repl in _VQ_RENAMES:
+            name = pattern.sub(repl, name)
+        return {"model.vqmodel." + name: value}
+    m = _MLP_PROJECTOR.match(key)
+    if m:
+        module, idx, param = m.group(1), int(m.group(2)), m.group(3)
+        if idx % 2:  # odd entries are the activations: they hold no tensors
+            return None
+        layer = "fc1" if idx == 0 else f"hidden_layers.{idx // 2 - 1}"
+        return {f"{_ALIGNERS[module]}.{layer}.{param}": value}
+    if key.startswith(_VIT):
+        name = key[len(_VIT):]
+        if name == "pos_embed":  # (1, N, C) parameter -> (N, C) embedding table
+            return {"model.vision_model.embeddings.position_embedding.weight": value.squeeze(0)}
+        if name in _VIT_TOP:
+            return {"model.vision_model." + _VIT_TOP[name]: value}
+        m = _VIT_BLOCK.match(name)
+        if m:
+            layer, part, param = m.groups()
+            prefix = f"model.vision_model.encoder.layers.{layer}."
+            if part == "attn.qkv":  # fused (3C, ...) -> q, k, v
+                q, k, v = value.chunk(3, dim=0)
+                return {f"{prefix}self_attn.{n}_proj.{param}": t.clone() for n, t in zip("qkv", (q, k, v))}
+            return {f"{prefix}{_VIT_BLOCK_PARTS[part]}.{param}": value}
+    return None
+
+
+class JanusOfficialWeights:
+    """Names of the official AR-RAG FAiD release (DeepSeek ``MultiModalityCausalLM``) for HF Janus.
+
+    ``blender_prefix`` precedes the blenders' ``layers.{i}.blender.*`` names; ``base_names`` maps one
+    base tensor to its HF name(s) (None: unknown); ``dropped`` is True for tensors that have no HF
+    counterpart by design (never loaded, never reported).
+    """
+
+    blender_prefix = "language_model.model."
+
+    @staticmethod
+    def base_names(key: str, value: torch.Tensor) -> dict | None:
+        return _hf_base_names(key, value)
+
+    @staticmethod
+    def dropped(key: str) -> bool:
+        return DROPPED.search(key) is not None
+
+
 class JanusAdapter:
     """Locates the AR-RAG pieces of a HF Janus model. Holds references only; changes nothing."""
 
     model_type = "janus"
+    lora_targets = ("q_proj", "v_proj")  # the official FAiD recipe
 
     def __init__(self, model):
         self.model = model
@@ -34,6 +124,8 @@ class JanusAdapter:
         # The cache keyword is `past_key_values` in transformers 5.17 and `cache` in 5.24.
         params = inspect.signature(self.language_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.hidden_size = int(self.language_model.config.hidden_size)
+        self.rms_norm_eps = float(self.language_model.config.rms_norm_eps)
 
     def check_image_generation(self) -> None:
         """Raise if this model cannot generate images onto its VQ grid (text-only use is unaffected)."""
@@ -48,6 +140,10 @@ class JanusAdapter:
     @property
     def device(self) -> torch.device:
         return self.generation_head.vision_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.generation_head.vision_head.weight.dtype
 
     # ---- tokenizer side -------------------------------------------------------------------
     def codebook(self) -> torch.Tensor:
@@ -120,7 +216,24 @@ class JanusAdapter:
     def embed_image_tokens(self, tokens):
         return self.model.prepare_embeddings_for_image_generation(tokens)
 
+    # ---- FAiD ------------------------------------------------------------------------------
+    official_weights = JanusOfficialWeights  # the AR-RAG release is a Janus checkpoint
+
+    def decoder_layers(self):
+        return self.language_model.layers
+
+    def blender_sites(self, layer):
+        return layer.input_layernorm, layer.self_attn
+
+    def hidden_states(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        return self.language_model(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
+
+    def lora_module(self):
+        return self.language_model
+
+    def image_head(self):
+        return self.generation_head
+
     def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, H*W) token ids -> (B, S, S, 3) pixels in [-1, 1]."""
         return self.model.decode_image_tokens(tokens)
-

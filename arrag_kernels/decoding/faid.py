@@ -1,10 +1,14 @@
 """FAiD at decode time: per-step retrieval, context ring buffers and the decoder-layer hooks.
 
-Hooks are registered on the *instances* ``layers[i].input_layernorm`` (records the normalised input
-of the newest position: the context cell of the token fed this step) and ``layers[i].self_attn``
-(adds ``blended`` to the attention output, i.e. to the residual before ``post_attention_layernorm``
-and the FFN) of every blender layer ``i``. Nothing of transformers is reassigned; ``remove()``
-deletes the hooks.
+The blender modules, their configuration and weights live in :mod:`arrag_kernels.faid`; this is the
+decode-time state beside DAiD's (:mod:`.daid`), sharing its :class:`Retriever`.
+
+The adapter (:class:`arrag_kernels.models.FAiDAdapter`) names the hook points: for every blender
+layer ``i``, ``norm, attention = adapter.blender_sites(adapter.decoder_layers()[i])`` (Janus:
+``input_layernorm`` and ``self_attn``). Hooks are registered on those *instances*: ``norm`` records
+the normalised input of the newest position (the context cell of the token fed this step),
+``attention`` adds ``blended`` to its output (the residual before the FFN). Nothing of transformers
+is reassigned; ``remove()`` deletes the hooks.
 
 Step s (predicting grid cell p = s) feeds the embedding of token s-1, so at step s >= 1 each
 blender layer writes cell s-1 into its ring buffer before attention and then reads the causal
@@ -12,7 +16,7 @@ window of p. Step 0 is the prompt prefill: nothing is written and the blend goes
 prompt position. The ring buffer keeps R*W + R cells (the last R rows plus R cells), the only ones
 a window of radius R can read.
 
-Every step blends, as in the official code (:mod:`.modules`): where the position retrieves nothing
+Every step blends, as in the official code (:mod:`arrag_kernels.faid.modules`): where the position retrieves nothing
 (official layout: row 0, column 0, last column) the retrieved features are zero and the context
 term and biases are still added; only the conditional CFG rows get the blend.
 
@@ -31,26 +35,17 @@ from __future__ import annotations
 
 import torch
 
-from ..config import DAiDConfig
-from ..decoding import DAiDSampler
-from .config import FAiDConfig
-from .modules import ComposedBlender, FAiDBlenders, blender_input, retrieved_masks
-
-
-def faid_retriever(db, config: FAiDConfig, adapter, device=None) -> DAiDSampler:
-    """FAiD's retrieval: DAiD's queries and search with ``config.k`` neighbours per step."""
-    if config.k > len(db):
-        raise ValueError(f"FAiDConfig.k = {config.k} is larger than the database ({len(db)} entries); "
-                         f"use k <= {len(db)}")
-    return DAiDSampler(db, DAiDConfig(k=config.k), adapter, device=device)
+from ..faid.modules import ComposedBlender, FAiDBlenders, blender_input, retrieved_masks
+from ..models import FAiDAdapter, check_protocol
+from .retriever import Retriever
 
 
 class FAiDRuntime:
     """Decode-time FAiD state of one patched model (the ``faid=`` object of the decode loop).
 
     Args:
-        model: HF ``JanusForConditionalGeneration``.
-        adapter: its :class:`arrag_kernels.models.JanusAdapter`.
+        model: the model (e.g. HF ``JanusForConditionalGeneration``); only its adapter is used.
+        adapter: its :class:`arrag_kernels.models.FAiDAdapter` (checked: the error names missing members).
         db: :class:`arrag_kernels.PatchDatabase` retrieved from with ``blenders.config.k``.
         blenders: trained :class:`FAiDBlenders` (composed into the fast form here, once).
         device: where retrieval runs (default: the model's device).
@@ -58,13 +53,14 @@ class FAiDRuntime:
 
     def __init__(self, model, adapter, db, blenders: FAiDBlenders, device=None):
         config = blenders.config
-        layers = adapter.language_model.layers
-        if blenders.num_layers != len(layers) or blenders.dim != adapter.language_model.config.hidden_size:
+        check_protocol(adapter, FAiDAdapter, f"{type(adapter).__name__} (FAiD needs these members)")
+        layers = adapter.decoder_layers()
+        if blenders.num_layers != len(layers) or blenders.dim != adapter.hidden_size:
             raise ValueError(
                 f"blenders were built for {blenders.num_layers} layers of width {blenders.dim}, the model has "
-                f"{len(layers)} layers of width {adapter.language_model.config.hidden_size}"
+                f"{len(layers)} layers of width {adapter.hidden_size}"
             )
-        self.retriever = faid_retriever(db, config, adapter, device)
+        self.retriever = Retriever(db, config.k, adapter, device, what="FAiDConfig.k")
         self.adapter = adapter
         self.blenders = blenders
         self.grid = self.retriever.grid
@@ -81,8 +77,9 @@ class FAiDRuntime:
         self.prefill = False
         self._hooks = []
         for i in blenders.layer_ids:
-            self._hooks.append(layers[i].input_layernorm.register_forward_hook(self._capture_hook(i)))
-            self._hooks.append(layers[i].self_attn.register_forward_hook(self._blend_hook(i)))
+            norm, attention = adapter.blender_sites(layers[i])
+            self._hooks.append(norm.register_forward_hook(self._capture_hook(i)))
+            self._hooks.append(attention.register_forward_hook(self._blend_hook(i)))
 
     def _window_table(self, H, W, offsets):
         """Ring-buffer slot (H*W, n) and presence (H*W, n) of every causal window cell of every target."""
@@ -117,8 +114,9 @@ class FAiDRuntime:
         B = tokens.shape[0]
         on_device = isinstance(step, torch.Tensor)
         if not on_device and step == 0:
-            ref = self.adapter.generation_head.vision_head.weight
-            self._rings = {i: ref.new_zeros(B, self.ring_size, self.blenders.dim) for i in self.blenders.layer_ids}
+            a = self.adapter
+            self._rings = {i: torch.zeros(B, self.ring_size, self.blenders.dim, dtype=a.dtype, device=a.device)
+                           for i in self.blenders.layer_ids}
         at = step if on_device else self._steps[step : step + 1]  # (1,) on the device; a view for ints
         self.prefill = not on_device and step == 0
         self.batch = B
