@@ -67,7 +67,7 @@ def run_demo(out: str | Path = "demo_out", grid: int = 16, num_images: int = 64,
     from transformers import GenerationConfig
 
     import arrag_kernels as ak
-    from arrag_kernels.models import get_adapter, tiny_janus, tiny_prompt_ids
+    from arrag_kernels.models import get_adapter, hf_image_generate_kwargs, tiny_janus, tiny_prompt_ids
     from arrag_kernels.ops.knn import knn_dispatcher
 
     out = Path(out)
@@ -94,7 +94,8 @@ def run_demo(out: str | Path = "demo_out", grid: int = 16, num_images: int = 64,
 
     def hf_generate():
         torch.manual_seed(seed)
-        return model.generate(prompts, attention_mask=mask, generation_config=gen, generation_mode="image")
+        return model.generate(prompts, attention_mask=mask, generation_config=gen, generation_mode="image",
+                              **hf_image_generate_kwargs(model))
 
     hf_generate()  # warm-up: first calls pay one-off allocation and dispatch costs
     t0 = time.perf_counter()

@@ -26,7 +26,7 @@ from transformers import GenerationConfig
 import arrag_kernels as ak
 import timing
 from arrag_kernels.faid import FAiDBlenders
-from arrag_kernels.models import get_adapter, tiny_janus, tiny_prompt_ids
+from arrag_kernels.models import get_adapter, hf_image_generate_kwargs, tiny_janus, tiny_prompt_ids
 from arrag_kernels.patching import PatchHandle
 from arrag_kernels.retrieval import DatabaseMeta
 
@@ -150,7 +150,8 @@ def test_decode(benchmark, setups, name, batch, loop, method, db_size):
     mask = torch.ones_like(ids)
     baselines = {}
     if loop == "hf":
-        run = lambda: model.generate(ids, attention_mask=mask, generation_config=gen, generation_mode="image")  # noqa: E731
+        run = lambda: model.generate(ids, attention_mask=mask, generation_config=gen, generation_mode="image",  # noqa: E731
+                                     **hf_image_generate_kwargs(model))
     else:
         db = _synthetic_db(model, db_size, device) if db_size else None
         run = _loop(model, ids, mask, gen, loop, method, db, k)

@@ -13,6 +13,8 @@ from arrag_kernels.models import tiny_prompt_ids
 from arrag_kernels.ops import daid_mix_ref, daid_sample, daid_sample_ref
 from arrag_kernels.ops.daid import top_k_top_p_filter_ref
 
+from .utils import backend_device
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 BACKENDS = ["triton"] + (["cpp"] if _ext.HAS_EXT else [])
@@ -33,14 +35,14 @@ def test_filter_ref_equals_hf_warpers(top_k, top_p):
     assert torch.equal(top_k_top_p_filter_ref(scores, top_k, top_p), want)
 
 
-def _inputs(B, V, K, cfg, seed):
+def _inputs(B, V, K, cfg, seed, device=DEVICE):
     g = _gen(seed)
     logits = torch.randn(2 * B if cfg else B, V, generator=g) * 3
     dist = torch.rand(B, K, generator=g) * 4
     tokens = torch.randint(-1, V, (B, K), generator=g)  # mostly outside the model's top-k
     active = torch.arange(B) % 3 != 1
     uniforms = torch.rand(B, generator=g)
-    return [t.to(DEVICE) for t in (logits, dist, tokens, active, uniforms)]
+    return [t.to(device) for t in (logits, dist, tokens, active, uniforms)]
 
 
 def _merged(logits, dist, tokens, active, *, guidance_scale, temperature, lam, tau, dedup, top_k, top_p):
@@ -65,7 +67,7 @@ CASES = [  # B, V, K, guidance, top_k, top_p, dedup
 @pytest.mark.parametrize("case", CASES, ids=[f"b{c[0]}-v{c[1]}-k{c[2]}-w{c[3]}-top{c[4]}-p{c[5]}" for c in CASES])
 def test_kernel_matches_reference(case, backend, greedy):
     B, V, K, guidance, top_k, top_p, dedup = case
-    logits, dist, tokens, active, uniforms = _inputs(B, V, K, guidance, seed=V + K + top_k)
+    logits, dist, tokens, active, uniforms = _inputs(B, V, K, guidance, seed=V + K + top_k, device=backend_device(backend))
     uniforms = None if greedy else uniforms
     kw = dict(guidance_scale=guidance, temperature=0.8, lam=0.4, tau=0.6, dedup=dedup, top_k=top_k, top_p=top_p)
     with ak.use_backend(backend):
@@ -85,13 +87,14 @@ def test_uniform_sweep_hits_every_kept_token(backend):
     its masses agree; with lam = 0.5, retrieved tokens outside the top-k are still drawn. (Each
     row is one interpreted program of ~1 s, hence fewer rows for Triton on CPU.)"""
     n, V = 64 if backend == "cpp" or CUDA else 12, 61
-    logits, dist, _, _, _ = _inputs(1, V, 6, 3.0, seed=3)
-    tokens = torch.tensor([[3, 3, 17, -1, 40, 17]], device=DEVICE)
+    device = backend_device(backend)
+    logits, dist, _, _, _ = _inputs(1, V, 6, 3.0, seed=3, device=device)
+    tokens = torch.tensor([[3, 3, 17, -1, 40, 17]], device=device)
     kw = dict(guidance_scale=3.0, temperature=1.0, lam=0.5, tau=0.6, dedup="nearest", top_k=6, top_p=0.9)
     logits = torch.cat([logits[:1].expand(n, -1), logits[1:].expand(n, -1)])
     dist, tokens = dist.expand(n, -1).contiguous(), tokens.expand(n, -1).contiguous()
-    active = torch.ones(n, dtype=torch.bool, device=DEVICE)
-    uniforms = (torch.arange(n, dtype=torch.float32, device=DEVICE) + 0.5) / n
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    uniforms = (torch.arange(n, dtype=torch.float32, device=device) + 0.5) / n
     with ak.use_backend(backend):
         out = daid_sample(logits, dist, tokens, active, uniforms, **kw)
     assert torch.equal(out, daid_sample_ref(logits, dist, tokens, active, uniforms, **kw))

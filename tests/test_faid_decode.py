@@ -8,7 +8,7 @@ from arrag_kernels.decoding import hf_image_generate
 from arrag_kernels.faid import (CheckpointError, FAiDBlenders, FAiDConfig, blend_literal, convert_official,
                                 load_blenders, load_official_checkpoint, save_blenders)
 from arrag_kernels.faid.modules import blender_input, retrieved_masks
-from arrag_kernels.models import tiny_prompt_ids
+from arrag_kernels.models import hf_image_generate_kwargs, tiny_prompt_ids
 from tests.utils import replay_without_host_sync
 
 CFG = FAiDConfig(k=4, hops=(1, 2), blenders=2)
@@ -40,7 +40,8 @@ def _random_blenders(model, seed=0, scale=0.05, config=CFG):
 
 def _generate(model, **kw):
     ids = tiny_prompt_ids(2)
-    return model.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=False, **kw)
+    return model.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=False,
+                          **hf_image_generate_kwargs(model), **kw)
 
 
 def test_zeroed_blenders_equal_plain_decoding(tiny_model, db):

@@ -1,6 +1,8 @@
 """FAiD blend math: affine fast path (reference and Triton) == the literal official formulation, for the
 blend and for the weighted candidates w_k hhat_k the next blender reads."""
 
+import copy
+
 import pytest
 import torch
 
@@ -8,7 +10,7 @@ from arrag_kernels.faid import ComposedBlender, FAiDConfig, FAiDLayer, blend_den
 from arrag_kernels.ops import faid_blend, faid_blend_ref, use_backend
 from arrag_kernels.ops.faid import faid_blend_dispatcher
 
-from .utils import assert_close
+from .utils import OPCHECK_KWARGS, assert_close, backend_device
 
 BACKENDS = ["reference", "triton"]
 # (D, hops, H, W): small widths including non-multiples of the Triton tile, odd grids.
@@ -50,10 +52,11 @@ def test_fast_equals_literal(D, hops, H, W, backend):
     e = layer.retrieval_layernorm(torch.randn(B, 4, K, D, generator=g, dtype=torch.float64))
     with torch.no_grad():
         want_blend, want_weighted = blend_literal(layer, context, positions, e)
-        fast = ComposedBlender(layer.blender, torch.float32)
-        cells = _gather_cells(context, positions, fast.offsets).float()
+        device = backend_device(backend)
+        fast = ComposedBlender(copy.deepcopy(layer.blender).to(device), torch.float32)
+        cells = _gather_cells(context, positions, fast.offsets).float().to(device)
         with use_backend(backend):
-            got_blend, got_weighted = fast.blend(cells, e.flatten(0, 1).float().contiguous())
+            got_blend, got_weighted = fast.blend(cells, e.flatten(0, 1).float().contiguous().to(device))
     assert_close(got_weighted, want_weighted.flatten(0, 1), what=f"w_k hhat_k ({backend})")
     assert_close(got_blend, want_blend.flatten(0, 1), what=f"blended ({backend})")
 
@@ -96,7 +99,7 @@ def test_literal_is_causal():
 @pytest.mark.parametrize("B,n,K,D", [(3, 4, 10, 48), (1, 12, 7, 97), (2, 1, 16, 64)])
 def test_faid_blend_triton_vs_ref(B, n, K, D, dtype):
     g = torch.Generator().manual_seed(B * 100 + D)
-    r = lambda *s: (torch.randn(*s, generator=g) * 0.2).to(dtype)  # noqa: E731
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.2).to(dtype).to(backend_device("triton"))  # noqa: E731
     args = (r(B, n, D), r(B, K, D), r(n, D, D), r(D, D), r(D), r(D, D), r(D), r(D), r(1))
     want = faid_blend_ref(*args)
     with use_backend("triton"):
@@ -120,13 +123,12 @@ def test_faid_blend_opcheck():
     opcheck compiled on CUDA; under the interpreter only the schema and autograd-registration checks
     (fake-tensor tracing would launch the interpreter on fake tensors)."""
     op = pytest.importorskip("arrag_kernels.ops._triton.faid", reason="triton is not installed").faid_blend_op
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
+    device = backend_device("triton")
     g = torch.Generator().manual_seed(5)
     B, n, K, D = 2, 4, 10, 32
     r = lambda *s: (torch.randn(*s, generator=g) * 0.2).to(device)  # noqa: E731
     args = (r(B, n, D), r(B, K, D), r(n, D, D), r(D, D), r(D), r(D, D), r(D), r(D), r(1))
-    torch.library.opcheck(op, args, test_utils=None if cuda else ("test_schema", "test_autograd_registration"))
+    torch.library.opcheck(op, args, **OPCHECK_KWARGS)
     blended, weighted = op(*args)
     want = faid_blend_ref(*args)
     assert_close(blended, want[0], what="blended (registered op)")

@@ -22,6 +22,8 @@ from arrag_kernels.retrieval.faiss_index import INDEX_FILE, VALUES_FILE, ivfpq_a
 from arrag_kernels.retrieval.ivfpq_build import work_dir
 from arrag_kernels.retrieval.search import DeviceIVFPQSearch, make_search
 
+from .utils import OPCHECK_KWARGS
+
 faiss = pytest.importorskip("faiss")
 # Two cores shared with torch: OpenMP spinning makes OPQ training ~20x slower with 2 faiss threads.
 faiss.omp_set_num_threads(1)
@@ -484,9 +486,8 @@ def test_opcheck_triton_op(index, queries):
     (wrap_triton returns the raw interpreted kernel, which fake tensors cannot launch)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     args, max_candidates = scan_inputs(index, queries, 2)
-    utils = None if device == "cuda" else ("test_schema", "test_autograd_registration")
     torch.library.opcheck(triton_ivfpq.ivfpq_scan_op, (*(t.to(device) for t in args), 16, max_candidates),
-                          test_utils=utils)
+                          **OPCHECK_KWARGS)
 
 
 def test_padded_neighbours_come_back_as_token_minus_one(official_dir, queries):

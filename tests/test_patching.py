@@ -1,14 +1,13 @@
 """DAiD on HF Janus through patch_model: exactness, retrieval semantics, restore."""
 
-import inspect
 import math
 
 import pytest
 import torch
-from transformers import DynamicCache, GenerationConfig
+from transformers import GenerationConfig
 
 import arrag_kernels as ak
-from arrag_kernels.models import get_adapter, tiny_prompt_ids
+from arrag_kernels.models import get_adapter, hf_image_generate_kwargs, tiny_prompt_ids
 from tests.janus_reference import teacher_forced_cfg_probs
 
 
@@ -18,13 +17,9 @@ def _gen(do_sample, **kw):
 
 
 def _generate(model, ids, do_sample, seed=0, **kw):
-    extra = {}
-    if "cache" not in inspect.signature(type(model).forward).parameters:
-        # transformers 5.17: HF image generate crashes unless it is handed a cache (the patched path ignores it)
-        extra["past_key_values"] = DynamicCache(config=model.config.text_config)
     torch.manual_seed(seed)
     return model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=_gen(do_sample, **kw),
-                          generation_mode="image", **extra)
+                          generation_mode="image", **hf_image_generate_kwargs(model))
 
 
 @pytest.fixture(scope="module")

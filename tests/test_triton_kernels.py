@@ -20,7 +20,7 @@ from arrag_kernels.ops import (
     neighbor_keys_ref,
 )
 
-from .utils import TOLERANCES, assert_close
+from .utils import OPCHECK_KWARGS, TOLERANCES, assert_close
 
 pytest.importorskip("arrag_kernels.ops._triton", reason="triton is not installed")
 from arrag_kernels.ops._triton import _common  # noqa: E402
@@ -77,9 +77,13 @@ def assert_knn_matches(dist, ids, ref_dist, ref_ids, queries, keys):
     """Same distances; same ids wherever the distance is strictly separated from its neighbours;
     and every returned id really is at the returned distance (so ties may only swap equals)."""
     assert ids.dtype == torch.int64 and dist.dtype == torch.float32
-    assert_close(dist, ref_dist, what="knn distances")
+    # Distances come from the expanded form |q|^2 + |k|^2 - 2 q.k in fp32 (reference and kernels alike),
+    # whose rounding error scales with the norms, not with the distance: ~16 fp32 ulps of the largest
+    # |q|^2 + |k|^2 (seen on the H200: 3e-4 at distance 23.7 with norms near 300, bf16 keys).
+    norm_atol = 2e-6 * float(queries.float().pow(2).sum(-1).max() + keys.float().pow(2).sum(-1).max())
+    assert_close(dist, ref_dist, what="knn distances", atol=norm_atol)
     atol, rtol = TOLERANCES[torch.float32]
-    tol = atol + rtol * ref_dist.abs()
+    tol = max(atol, norm_atol) + rtol * ref_dist.abs()
     gap = torch.full_like(ref_dist, float("inf"))
     gap[:, 1:] = ref_dist[:, 1:] - ref_dist[:, :-1]
     gap[:, :-1] = torch.minimum(gap[:, :-1], ref_dist[:, 1:] - ref_dist[:, :-1])
@@ -87,7 +91,7 @@ def assert_knn_matches(dist, ids, ref_dist, ref_ids, queries, keys):
     assert torch.equal(ids[separated], ref_ids[separated]), "ids differ at strictly separated distances"
     q, x = queries.double().cpu(), keys.double().cpu()
     true = ((q[:, None, :] - x[ids.cpu()]) ** 2).sum(-1)
-    assert_close(dist, true.float(), what="distance of the returned id")
+    assert_close(dist, true.float(), what="distance of the returned id", atol=norm_atol)
     assert all(len(set(r)) == len(r) for r in ids.tolist()), "duplicate ids in a row"
 
 
@@ -365,15 +369,14 @@ def test_opcheck():
     InterpretedFunction (no HOP), so fake-tensor tracing would launch the interpreter on fake
     tensors: only the schema and autograd-registration checks can run there."""
     device = DEVICE
-    utils = None if CUDA else ("test_schema", "test_autograd_registration")
     g = _gen(0)
     q, keys = torch.randn(2, 32, generator=g).to(device), torch.randn(200, 32, generator=g).to(device)
-    torch.library.opcheck(knn_op, (q, keys, 5), test_utils=utils)
+    torch.library.opcheck(knn_op, (q, keys, 5), **OPCHECK_KWARGS)
     tokens = torch.randint(-1, 20, (2, 35), generator=g).to(device)
     codebook = torch.randn(20, 8, generator=g).to(device)
     positions = torch.randint(0, 35, (2, 3), generator=g).to(device)
-    torch.library.opcheck(neighbor_keys_op, (tokens, codebook, positions, 5, 7, 1, True, True), test_utils=utils)
+    torch.library.opcheck(neighbor_keys_op, (tokens, codebook, positions, 5, 7, 1, True, True), **OPCHECK_KWARGS)
     logits, dist, hit_tokens, active = _daid_inputs(2, 50, 7, 2.0, torch.float32, seed=1)
     uniforms = torch.rand(2, generator=g).to(device)
-    torch.library.opcheck(daid_sample_op, (logits, dist, hit_tokens, active, uniforms, 2.0, 1.0, 0.3, 0.6, False), test_utils=utils)
-    torch.library.opcheck(daid_sample_op, (logits[:2], dist, hit_tokens, active, None, None, 1.0, 0.3, 0.6, True), test_utils=utils)
+    torch.library.opcheck(daid_sample_op, (logits, dist, hit_tokens, active, uniforms, 2.0, 1.0, 0.3, 0.6, False), **OPCHECK_KWARGS)
+    torch.library.opcheck(daid_sample_op, (logits[:2], dist, hit_tokens, active, None, None, 1.0, 0.3, 0.6, True), **OPCHECK_KWARGS)

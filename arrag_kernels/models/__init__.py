@@ -7,7 +7,7 @@ from typing import Callable
 from .base import (FAiDAdapter, ImageDecoder, ImageTokenizer, ModelAdapter, OfficialWeights, check_protocol,
                    codebook_fingerprint, protocol_members)
 from .emu3 import Emu3Adapter
-from .janus import JanusAdapter
+from .janus import JanusAdapter, hf_image_generate_kwargs
 from .tiny import tiny_janus, tiny_janus_config, tiny_prompt_ids
 
 # model_type -> factory(model) -> adapter. Extend with register_adapter, not by editing this dict.

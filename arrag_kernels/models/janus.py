@@ -100,6 +100,17 @@ class JanusOfficialWeights:
         return DROPPED.search(key) is not None
 
 
+def hf_image_generate_kwargs(model) -> dict:
+    """Extra keyword arguments an *unpatched* HF Janus needs for its own ``generate(..., generation_mode="image")``
+    on the installed transformers: 5.17 crashes in ``_prepare_static_cache`` with CFG unless it is handed
+    a cache; 5.24 needs nothing. (A patched model ignores the cache: the library's loops make their own.)"""
+    if "cache" in inspect.signature(type(model).forward).parameters:
+        return {}
+    from transformers import DynamicCache
+
+    return {"past_key_values": DynamicCache(config=model.config.text_config)}
+
+
 class JanusAdapter:
     """Locates the AR-RAG pieces of a HF Janus model. Holds references only; changes nothing."""
 
