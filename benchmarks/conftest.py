@@ -59,6 +59,8 @@ def environment() -> dict:
         )
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = None, None
+    if os.environ.get("ARRAG_GIT_COMMIT"):  # the device tool's copy of the tree carries a stale .git
+        commit, dirty = os.environ["ARRAG_GIT_COMMIT"], False
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpu": platform.processor() or platform.machine(),
