@@ -78,6 +78,15 @@ def test_num_image_tokens_mismatch_raises_only_for_image_generation(db):
     assert not ak.is_patched(model)
 
 
+def test_guidance_below_one_is_refused_in_patched_generate(tiny_model, db):
+    """guidance_scale in (0, 1) used to reach HF's unbatched CFG processor (no model given) and fail deep inside."""
+    ids = tiny_prompt_ids(1)
+    with ak.patched(tiny_model, db, ak.DAiDConfig(k=8)):
+        with pytest.raises(ValueError, match=r"guidance_scale must be >= 1 for image generation \(1: no CFG\), got 0.5"):
+            tiny_model.generate(ids, generation_mode="image", guidance_scale=0.5, bos_token_id=1, pad_token_id=0,
+                                generation_kwargs={"boi_token_id": 100})
+
+
 # ---- database building --------------------------------------------------------------------------
 def test_vq_encodes_at_its_own_input_size(tiny_images):
     """A VQ that downsamples 2x under a vision tower of patch 4: images used to be resized to the vision

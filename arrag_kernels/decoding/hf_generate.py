@@ -70,6 +70,8 @@ def hf_image_generate(
     if input_ids.dim() != 2:
         raise ValueError(f"expected prompt ids of shape (batch_size, seq_len), got {tuple(input_ids.shape)}")
     model._prepare_special_tokens(generation_config, attention_mask is not None, device=input_ids.device)
+    if generation_config.guidance_scale < 1:  # HF would add its unbatched (Emu3-style) CFG processor and fail deep inside
+        raise ValueError(f"guidance_scale must be >= 1 for image generation (1: no CFG), got {generation_config.guidance_scale}")
     use_cfg = generation_config.guidance_scale > 1
     if use_cfg:
         logits_processor.append(ClassifierFreeGuidanceLogitsProcessor(generation_config.guidance_scale))
