@@ -2,7 +2,9 @@
 
 ``patch_model`` binds a ``generate`` on the model *instance* (the class and the transformers
 modules are never touched) that routes ``generation_mode="image"`` through the library's decode
-loop and leaves every other mode to the original method. ``unpatch_model`` / ``handle.remove()`` /
+loop and leaves every other mode to the original method. Families whose own HF ``generate`` decodes
+images (their adapter's ``generate_mode`` is ``"logits_processor"``: Emu3) instead keep that
+``generate`` and get DAiD as a logits processor added to each image-generation call. ``unpatch_model`` / ``handle.remove()`` /
 leaving ``with patched(...)`` delete that binding again, restoring the original behaviour exactly.
 """
 
@@ -14,7 +16,8 @@ import os
 from .config import DAiDConfig
 from .decoding import DAiDSampler, DecodeStats, FAiDRuntime, hf_image_generate
 from .faid import FAiDConfig, load_blenders
-from .models import get_adapter
+from .models import check_protocol, get_adapter
+from .models.base import ImageTokenizer, LogitsProcessorAdapter
 from .retrieval import PatchDatabase
 
 # The live handle sits in the instance's __dict__ beside the bound generate (a reference cycle the
@@ -27,11 +30,26 @@ def _handle_of(model):
     return model.__dict__.get(_HANDLE_ATTR)
 
 
+def _patch_adapter(model):
+    """The family's adapter: a ModelAdapter (library decode loop) or, when it says so, a LogitsProcessorAdapter."""
+    try:
+        return get_adapter(model)
+    except TypeError as error:
+        loop_error = error
+    try:
+        adapter = get_adapter(model, ImageTokenizer)
+    except TypeError:
+        raise loop_error from None
+    if getattr(adapter, "generate_mode", None) != "logits_processor":
+        raise loop_error
+    return check_protocol(adapter, LogitsProcessorAdapter, f"the adapter for {type(model).__name__}")
+
+
 class PatchHandle:
     """The live patch of one model. ``remove()`` undoes it; ``generate_images`` exposes timings."""
 
     def __init__(self, model, db, config, device=None, blender_weights=None):
-        self.adapter = get_adapter(model)
+        self.adapter = _patch_adapter(model)
         self.db = db
         self.config = config
         self.daid = None
@@ -54,21 +72,33 @@ class PatchHandle:
         faid_config = next((c for c in configs if isinstance(c, FAiDConfig)), None)
         if (faid_config is None) != (blender_weights is None):
             raise ValueError("blender_weights are needed with a FAiDConfig, and only with one")
+        self.model = model
+        self._saved_generate = model.__dict__.get("generate", _MISSING)
+        self._original_generate = model.generate  # bound method (or the instance's own override)
+        if getattr(self.adapter, "generate_mode", None) == "logits_processor":
+            if faid_config is not None or not configs or device is not None:
+                what = "FAiD" if faid_config else "device=" if configs else "patching without a config"
+                raise ValueError(f"{what} is not available for "
+                                 f"{type(model).__name__}: {self.adapter.no_loop_reason}; patch with an "
+                                 "arrag_kernels.DAiDConfig only")
+            self._processor_config = configs[0]
+            self.adapter.logits_processor(db, self._processor_config)  # checks the database against the model now
+            return
         if configs:  # retrieval only serves image generation; text-only patches never need the image grid
             self.adapter.check_image_generation()
-        self.model = model
         daid_config = next((c for c in configs if isinstance(c, DAiDConfig)), None)
         if daid_config is not None:
             self.daid = DAiDSampler(db, daid_config, self.adapter, device=device)
         if faid_config is not None:  # last: its forward hooks are the only side effect of a failed patch
             self.faid = FAiDRuntime(model, self.adapter, db, load_blenders(blender_weights, self.adapter, faid_config),
                                     device=device)
-        self._saved_generate = model.__dict__.get("generate", _MISSING)
-        self._original_generate = model.generate  # bound method (or the instance's own override)
 
     def generate_images(self, inputs=None, attention_mask=None, logits_processor=None, stats: DecodeStats | None = None,
                         progress: bool = False, **kwargs):
         """Image generation with HF ``generate`` arguments; fills ``stats`` with timings if given."""
+        if self._processor_mode:
+            raise ValueError(f"generate_images runs the library's decode loop, which {type(self.model).__name__} does "
+                             f"not use ({self.adapter.no_loop_reason}); call model.generate(...) (patched) instead")
         self.adapter.check_image_generation()
         return hf_image_generate(
             self.model, self.adapter, daid=self.daid, faid=self.faid, inputs=inputs, attention_mask=attention_mask,
@@ -80,8 +110,45 @@ class PatchHandle:
             return self._original_generate(inputs, attention_mask=attention_mask, logits_processor=logits_processor, **kwargs)
         return self.generate_images(inputs, attention_mask, logits_processor, **kwargs)
 
+    @property
+    def _processor_mode(self) -> bool:
+        return getattr(self.adapter, "generate_mode", None) == "logits_processor"
+
+    def _generate_with_processor(self, inputs=None, generation_config=None, logits_processor=None, *args, grid=None,
+                                 **kwargs):
+        """The family's own ``generate`` with DAiD appended to ``logits_processor`` on image-generation calls.
+
+        HF runs user processors after its own (CFG, ``prefix_allowed_tokens_fn``) and before its
+        sampling warpers; the call's ``temperature`` / ``top_k`` / ``top_p`` therefore move into the
+        DAiD processor (applied before the merge, as in the fused sampler) and ``generate`` gets neutral ones.
+        """
+        for key in ("loop", "overlap_retrieval"):
+            if key in kwargs:
+                raise ValueError(f"generate({key}=...) is not available for {type(self.model).__name__}: "
+                                 f"{self.adapter.no_loop_reason}")
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        call_grid = self.adapter.generation_grid(input_ids, grid)
+        if call_grid is None:  # not an image-generation call: untouched
+            return self._original_generate(inputs, generation_config, logits_processor, *args, **kwargs)
+        if call_grid != tuple(self.db.meta.grid):
+            raise ValueError(f"the call generates a {call_grid[0]}x{call_grid[1]} token grid but the database was built "
+                             f"for {self.db.meta.grid[0]}x{self.db.meta.grid[1]}; generate at the database's size "
+                             "or patch with a database of this size")
+        from transformers import LogitsProcessorList
+
+        resolved, _ = self.model._prepare_generation_config(generation_config, **kwargs)  # HF's defaults + the call's
+        filters = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+        if resolved.do_sample:
+            daid_filters = {k: getattr(resolved, k) if getattr(resolved, k) is not None else v for k, v in filters.items()}
+            kwargs.update(filters)
+        else:  # greedy: HF applies no warpers
+            daid_filters = filters
+        processor = self.adapter.logits_processor(self.db, self._processor_config, **daid_filters)
+        processors = LogitsProcessorList([*(logits_processor or []), processor])
+        return self._original_generate(inputs, generation_config, processors, *args, **kwargs)
+
     def _install(self):
-        self.model.__dict__["generate"] = self._generate
+        self.model.__dict__["generate"] = self._generate_with_processor if self._processor_mode else self._generate
         self.model.__dict__[_HANDLE_ATTR] = self
 
     def remove(self) -> None:
@@ -101,13 +168,17 @@ class PatchHandle:
 def patch_model(model, db=None, config=None, device=None, blender_weights=None) -> PatchHandle:
     """Make ``model.generate(..., generation_mode="image")`` generate with AR-RAG.
 
+    Families whose own ``generate`` decodes images (HF Emu3) keep it: the patched ``generate`` adds
+    DAiD as a logits processor to each image-generation call (the grid read from the prompt, or
+    ``grid=(H, W)``), with every HF feature of that call; only a ``DAiDConfig`` applies there.
+
     Args:
-        model: a supported model instance (HF ``JanusForConditionalGeneration``).
+        model: a supported model instance (HF ``JanusForConditionalGeneration``, ``Emu3ForConditionalGeneration``).
         db: the :class:`arrag_kernels.PatchDatabase` to retrieve from; it must have been built for
             this model's codebook size and grid.
         config: :class:`arrag_kernels.DAiDConfig`, :class:`arrag_kernels.FAiDConfig` or a tuple of
             both; ``None`` runs the library's decode loop without retrieval.
-        device: where retrieval runs (default: the model's device).
+        device: where retrieval runs (default: the model's device; Emu3: the logits' device, not settable).
         blender_weights: FAiD only: a path (ours or the official naming), a state dict or a
             :class:`arrag_kernels.faid.FAiDBlenders`; its hooks are removed on unpatch.
 

@@ -1,10 +1,11 @@
 """Emu3 (tiny random Emu3ForConditionalGeneration): databases from its VQ encoder and DAiD inside its own
-HF generate (negative-prompt CFG processor, prefix_allowed_tokens_fn, end-of-line tokens) through the
-adapter's logits processor."""
+HF generate (negative-prompt CFG processor, prefix_allowed_tokens_fn, end-of-line tokens), through the
+adapter's logits processor and through patch_model."""
 
 import pytest
 import torch
-from transformers import Emu3Config, Emu3ForConditionalGeneration
+from transformers import Emu3Config, Emu3ForConditionalGeneration, TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
 
 import arrag_kernels as ak
 from arrag_kernels.models import Emu3Adapter, ImageTokenizer, get_adapter
@@ -17,7 +18,7 @@ ROW = GRID[1] + 1
 
 def tiny_emu3():
     vocab = {"<|endoftext|>": PAD, "<|bos|>": BOS, "<|eos|>": EOS, "<|image start|>": BOI, "<|image token|>": WRAP,
-             "<|extra_200|>": EOL, "<|extra_201|>": EOF, "<|image end|>": EOI, "<image>": 8}
+             "<|extra_200|>": EOL, "<|extra_201|>": EOF, "<|image end|>": EOI, "<image>": 8, "4": 9, "*": 10, "5": 11}
     vocab.update({f"<|visual token{i:06d}|>": VISUAL0 + i for i in range(CODES)})
     config = Emu3Config(
         vq_config=dict(codebook_size=CODES, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 2],
@@ -52,19 +53,25 @@ def _allowed(batch_id, input_ids):
         offset, [PAD] if offset > H * (W + 1) + 3 else list(range(VISUAL0, VISUAL0 + CODES)))
 
 
-def _generate(model, processor=None, do_sample=True, temperature=1.0, seed=0):
+def _prompt(size=(9, 10, 11)):
+    """Emu3's image-generation prompt: <bos> text <|image start|>H*W<|image token|> (size: "4*5" by default)."""
     text = torch.randint(20, 40, (2, 4), generator=torch.Generator().manual_seed(5))
-    size = torch.tensor([9, 10, 11])  # "H*W" as text tokens
+    size = torch.tensor(size)
     ids = torch.cat([torch.full((2, 1), BOS), text, torch.full((2, 1), BOI), size.expand(2, -1), torch.full((2, 1), WRAP)], 1)
     neg = torch.cat([torch.tensor([BOS, BOI]), size, torch.tensor([WRAP])]).expand(2, -1)
+    return ids, neg
+
+
+def _generate(model, processor=None, do_sample=True, temperature=1.0, seed=0, size=(9, 10, 11), **kwargs):
+    ids, neg = _prompt(size)
     torch.manual_seed(seed)
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=GRID[0] * ROW + 3, do_sample=do_sample,
         temperature=temperature, top_k=0, guidance_scale=3.0, negative_prompt_ids=neg,
         negative_prompt_attention_mask=torch.ones_like(neg), prefix_allowed_tokens_fn=_allowed,
-        logits_processor=[processor] if processor is not None else None, pad_token_id=PAD,
+        logits_processor=[processor] if processor is not None else None, pad_token_id=PAD, **kwargs,
     )
-    return out[:, ids.shape[1]:]
+    return out[:, ids.shape[1]:] if isinstance(out, torch.Tensor) else out
 
 
 def test_encode_matches_hf_vq_tokens(setup):
@@ -88,8 +95,6 @@ def test_square_grid_builds_from_images_through_the_registry(setup):
     with pytest.raises(ValueError, match="chooses the image grid per call"):
         ak.PatchDatabase.build(square, model, progress=False)  # the registered adapter has no grid
     assert isinstance(get_adapter(model, ImageTokenizer), Emu3Adapter)
-    with pytest.raises(TypeError, match="logits_processor"):
-        ak.patch_model(model)
 
 
 @pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
@@ -103,9 +108,7 @@ def test_lam_zero_equals_hf_generate(setup, do_sample):
     assert plain[:, -3:].tolist() == [[EOF, EOI, EOS]] * 2 and not torch.equal(plain[0], plain[1])
 
 
-def test_lam_one_draws_retrieved_tokens(setup):
-    model, adapter, db, _ = setup
-    out = _generate(model, adapter.logits_processor(db, ak.DAiDConfig(lam=1.0, k=4)))
+def _assert_draws_retrieved_tokens(model, adapter, db, out):
     assert bool((out[:, GRID[1]:GRID[0] * ROW:ROW] == EOL).all()), "end-of-line tokens must stay at the row ends"
     image = model.vocabulary_mapping.convert_bpe2img(out[:, :GRID[0] * ROW].reshape(2, GRID[0], ROW)).reshape(2, -1)
     codebook = adapter.codebook()
@@ -118,4 +121,113 @@ def test_lam_one_draws_retrieved_tokens(setup):
         for b in range(2):
             assert image[b, step].item() in hits[b].tolist(), f"image {b} step {step}"
     assert len(steps) == (GRID[0] - 1) * (GRID[1] - 2)
+
+
+def test_lam_one_draws_retrieved_tokens(setup):
+    model, adapter, db, _ = setup
+    out = _generate(model, adapter.logits_processor(db, ak.DAiDConfig(lam=1.0, k=4)))
+    _assert_draws_retrieved_tokens(model, adapter, db, out)
     assert not torch.equal(out, _generate(model))
+
+
+# patch_model: Emu3's own generate, wrapped (the adapter's generate_mode), the grid read from the prompt's "4*5"
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+def test_patched_lam_zero_equals_hf_generate_and_unpatch_restores(setup, do_sample):
+    model, _, db, _ = setup
+    plain = _generate(model, do_sample=do_sample, temperature=0.8)
+    with ak.patched(model, db, ak.DAiDConfig(lam=0.0, k=6)) as handle:
+        assert model.generate != type(model).generate.__get__(model) and ak.is_patched(model)
+        ours = _generate(model, do_sample=do_sample, temperature=0.8)  # the same HF call as unpatched
+        with pytest.raises(RuntimeError, match="already patched"):
+            ak.patch_model(model, db, ak.DAiDConfig())
+    assert torch.equal(ours, plain)
+    assert bool((ours[:, GRID[1]:GRID[0] * ROW:ROW] == EOL).all())
+    assert ours[:, -3:].tolist() == [[EOF, EOI, EOS]] * 2
+    assert "generate" not in model.__dict__ and not ak.is_patched(model)
+    assert model.generate.__func__ is type(model).generate
+    assert torch.equal(_generate(model, do_sample=do_sample, temperature=0.8), plain)
+    handle.remove()  # idempotent
+
+
+def test_patched_lam_one_draws_retrieved_tokens_then_unpatch_restores(setup):
+    model, adapter, db, _ = setup
+    before = _generate(model)
+    handle = ak.patch_model(model, db, ak.DAiDConfig(lam=1.0, k=4))
+    out = _generate(model)
+    _assert_draws_retrieved_tokens(model, adapter, db, out)
+    assert not torch.equal(out, before)
+    # the grid can be given explicitly (prompts whose "H*W" the vocabulary map cannot spell)
+    assert torch.equal(_generate(model, grid=GRID), out)
+    # the same processor through the public logits-processor form: the same tokens
+    handle.remove()
+    assert torch.equal(_generate(model, adapter.logits_processor(db, ak.DAiDConfig(lam=1.0, k=4))), out)
+    ak.patch_model(model, db, ak.DAiDConfig(lam=1.0, k=4))
+    ak.unpatch_model(model)
+    assert torch.equal(_generate(model), before) and "generate" not in model.__dict__
+
+
+class _Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.clone())
+
+    def end(self):
+        self.chunks.append(None)
+
+
+def test_patched_generate_keeps_streamer_and_return_dict(setup):
+    model, _, db, _ = setup
+    with ak.patched(model, db, ak.DAiDConfig(lam=0.5, k=4)):
+        tokens = _generate(model, seed=3)
+        out = _generate(model, seed=3, return_dict_in_generate=True, output_scores=True)
+        streamer = _Collect()
+        ids, neg = _prompt()
+        torch.manual_seed(3)
+        model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=GRID[0] * ROW + 3,
+                       do_sample=True, top_k=0, guidance_scale=3.0, negative_prompt_ids=neg[:1],
+                       negative_prompt_attention_mask=torch.ones_like(neg[:1]), prefix_allowed_tokens_fn=_allowed,
+                       pad_token_id=PAD, streamer=streamer)
+    assert torch.equal(out.sequences[:, -tokens.shape[1]:], tokens)
+    assert len(out.scores) == tokens.shape[1]
+    # scores are the merged log-probabilities: the drawn token has finite score at every step
+    drawn = torch.stack([s.gather(1, tokens[:, i:i + 1])[:, 0] for i, s in enumerate(out.scores)], 1)
+    assert bool(torch.isfinite(drawn).all())
+    streamed = torch.cat([c.reshape(1, -1) for c in streamer.chunks[1:-1]], 1)  # first chunk: the prompt
+    assert streamer.chunks[-1] is None and streamed.shape[1] == tokens.shape[1]
+    assert bool((streamed[0, GRID[1]:GRID[0] * ROW:ROW] == EOL).all())
+
+
+def test_patched_refusals(setup):
+    model, _, db, _ = setup
+    with pytest.raises(ValueError, match="FAiD is not available for Emu3ForConditionalGeneration: .*end-of-line"):
+        ak.patch_model(model, db, ak.FAiDConfig(k=2), blender_weights={})
+    with pytest.raises(ValueError, match="patching without a config is not available"):
+        ak.patch_model(model)
+    square = ak.PatchDatabase.from_tokens(torch.randint(0, CODES, (3, 4, 4)), Emu3Adapter(model).codebook(),
+                                          fingerprint=Emu3Adapter(model).fingerprint())
+    with ak.patched(model, db, ak.DAiDConfig(k=4)) as handle:
+        for key in ("loop", "overlap_retrieval"):
+            with pytest.raises(ValueError, match=f"generate\\({key}=...\\) is not available for Emu3.*end-of-line"):
+                _generate(model, **{key: "static" if key == "loop" else True})
+        with pytest.raises(ValueError, match="generate_images runs the library's decode loop"):
+            handle.generate_images(_prompt()[0])
+        with pytest.raises(ValueError, match="cannot read the image size from the prompt .*pass grid="):
+            _generate(model, size=(9, 11))
+        with pytest.raises(ValueError, match="generates a 4x4 token grid but the database was built for 4x5"):
+            _generate(model, grid=(4, 4))
+        text_ids = torch.tensor([[BOS, 20, 21]])  # not an image prompt: passes through untouched
+        with pytest.raises(ValueError, match="grid=.* do not end with"):
+            model.generate(text_ids, max_new_tokens=2, grid=GRID)
+        patched_text = model.generate(text_ids, max_new_tokens=3, do_sample=False, pad_token_id=PAD)
+    assert torch.equal(patched_text, model.generate(text_ids, max_new_tokens=3, do_sample=False, pad_token_id=PAD))
+    with ak.patched(model, square, ak.DAiDConfig(k=4)):
+        with pytest.raises(ValueError, match="generates a 4x5 token grid but the database was built for 4x4"):
+            _generate(model)
+    other = ak.PatchDatabase.from_tokens(torch.randint(0, CODES // 2, (3, *GRID)), Emu3Adapter(model).codebook()[:CODES // 2])
+    with pytest.raises(ValueError, match="another model"):
+        ak.patch_model(model, other, ak.DAiDConfig(k=4))  # checked when patching, not at the first call
+    assert not ak.is_patched(model)

@@ -118,6 +118,25 @@ class FAiDAdapter(ModelAdapter, Protocol):
 
 
 @runtime_checkable
+class LogitsProcessorAdapter(ImageTokenizer, Protocol):
+    """An adapter whose family decodes images in its own HF ``generate`` (Emu3): it sets
+    ``generate_mode = "logits_processor"`` and :func:`arrag_kernels.patch_model` then wraps that
+    ``generate``, adding DAiD as a logits processor to each image-generation call, instead of
+    routing it through the library's decode loop (:class:`ModelAdapter`)."""
+
+    generate_mode: str  # "logits_processor"
+    no_loop_reason: str  # one line: why the library's loops and FAiD do not apply (shown when asked for)
+
+    def generation_grid(self, input_ids: torch.Tensor | None, grid: tuple[int, int] | None = None):
+        """(H, W) an image-generation call's prompt ids ask for (``grid``: the call's explicit one), None
+        for any other call (passed through untouched); raises one line if the size cannot be read."""
+
+    def logits_processor(self, db, config, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+        """A ``transformers.LogitsProcessor`` applying DAiD on ``db``'s grid after the family's CFG processor;
+        ``temperature`` / ``top_k`` / ``top_p`` act on the model distribution before the merge."""
+
+
+@runtime_checkable
 class OfficialWeights(Protocol):
     """Names of a released FAiD checkpoint (base model + blenders) for one family (Janus: the official
     AR-RAG release in DeepSeek names). Adapters of families with such a release expose one as

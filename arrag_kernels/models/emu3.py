@@ -6,11 +6,15 @@ token, the grid is chosen per call (the prompt ends with ``<|image start|>H*W<|i
 CFG comes from a negative prompt through HF's ``UnbatchedClassifierFreeGuidanceLogitsProcessor``
 and ``prefix_allowed_tokens_fn`` enforces the layout. DAiD therefore joins as a logits processor
 (:meth:`Emu3Adapter.logits_processor`) that runs after that CFG processor inside Emu3's own
-``generate``; ``patch_model`` (the library's own decode loop) does not apply to Emu3, and neither
-does FAiD (its blenders need that loop and a trained checkpoint for Emu3, which does not exist).
+``generate``: ``patch_model`` adds it to each image-generation call (``generate_mode``, grid from the
+prompt: :meth:`Emu3Adapter.generation_grid`). The library's decode loops (static, CUDA graph) and
+FAiD do not apply (``NO_LOOP_REASON``).
 """
 
 from __future__ import annotations
+
+import re
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +22,10 @@ import torch.nn.functional as F
 from .base import codebook_fingerprint
 
 IMAGE_WRAPPER_TOKEN = "<|image token|>"  # the image stream starts after it (see Emu3Processor)
+IMAGE_START_TOKEN = "<|image start|>"  # an image-generation prompt ends with <|image start|>H*W<|image token|>
+NO_LOOP_REASON = ("Emu3 decodes images in its own HF generate (DAiD joins it as a logits processor): the library's "
+                  "decode loops (static, CUDA graph, FAiD's) do not handle its end-of-line tokens or per-call grid, "
+                  "and no FAiD blenders exist for Emu3")
 
 
 class Emu3Adapter:
@@ -28,6 +36,8 @@ class Emu3Adapter:
     """
 
     model_type = "emu3"
+    generate_mode = "logits_processor"  # patch_model wraps Emu3's own generate (see arrag_kernels.patching)
+    no_loop_reason = NO_LOOP_REASON
 
     def __init__(self, model, grid: tuple[int, int] | None = None):
         self.model = model
@@ -94,3 +104,38 @@ class Emu3Adapter:
         db.check_compatible(Emu3Adapter(self.model, grid=db.meta.grid))
         return DAiDLogitsProcessor(db, config, self.codebook(), image_start_token_id=wrapper, image_token_ids=image_ids,
                                    eol_token_id=mapping.eol_token_id, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    @cached_property
+    def _id_to_token(self) -> dict[int, str]:
+        return {i: t for t, i in self.model.vocabulary_mapping.vocab_map.items()}
+
+    def generation_grid(self, input_ids: torch.Tensor | None, grid: tuple[int, int] | None = None):
+        """The (H, W) an image-generation call asks for, or None for any other call (text, image understanding).
+
+        An image-generation prompt ends with ``<|image start|>H*W<|image token|>`` in every row (what
+        ``Emu3Processor(..., return_for_image_generation=True)`` writes); ``H*W`` is read back through
+        the vocabulary map unless ``grid`` is given.
+        """
+        vocab = self.model.vocabulary_mapping.vocab_map
+        wrapper, start = vocab.get(IMAGE_WRAPPER_TOKEN), vocab.get(IMAGE_START_TOKEN)
+        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0 or not bool((input_ids[:, -1] == wrapper).all()):
+            if grid is not None:
+                raise ValueError(f"grid={grid!r} was given but the prompt ids do not end with {IMAGE_WRAPPER_TOKEN!r} in "
+                                 "every row (an Emu3 image-generation prompt); drop grid= for other calls")
+            return None
+        if grid is not None:
+            if len(grid) != 2 or not all(isinstance(g, int) and g > 0 for g in grid):
+                raise ValueError(f"grid: expected (H, W) positive ints, got {grid!r}")
+            return tuple(grid)
+        sizes = set()
+        for row in input_ids.tolist():
+            begin = max((i for i, t in enumerate(row) if t == start), default=None)
+            text = None if begin is None else "".join(self._id_to_token.get(t, "?") for t in row[begin + 1:-1])
+            match = None if text is None else re.fullmatch(r"(\d+)\*(\d+)", text)
+            if match is None:
+                raise ValueError(f"cannot read the image size from the prompt (expected {IMAGE_START_TOKEN}H*W"
+                                 f"{IMAGE_WRAPPER_TOKEN} at its end, got {text!r}); pass grid=(H, W) to generate")
+            sizes.add((int(match[1]), int(match[2])))
+        if len(sizes) != 1:
+            raise ValueError(f"the prompts ask for different image sizes {sorted(sizes)}; generate one size per call")
+        return sizes.pop()
