@@ -4,8 +4,9 @@
 modules are never touched) that routes ``generation_mode="image"`` through the library's decode
 loop and leaves every other mode to the original method. Families whose own HF ``generate`` decodes
 images (their adapter's ``generate_mode`` is ``"logits_processor"``: Emu3) instead keep that
-``generate`` and get DAiD as a logits processor added to each image-generation call. ``unpatch_model`` / ``handle.remove()`` /
-leaving ``with patched(...)`` delete that binding again, restoring the original behaviour exactly.
+``generate`` and get DAiD as a logits processor added to each image-generation call.
+``unpatch_model`` / ``handle.remove()`` / leaving ``with patched(...)`` delete that binding again,
+restoring the original behaviour exactly.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class PatchHandle:
         self.model = model
         self._saved_generate = model.__dict__.get("generate", _MISSING)
         self._original_generate = model.generate  # bound method (or the instance's own override)
-        if getattr(self.adapter, "generate_mode", None) == "logits_processor":
+        if self._processor_mode:
             if faid_config is not None or not configs or device is not None:
                 what = "FAiD" if faid_config else "device=" if configs else "patching without a config"
                 raise ValueError(f"{what} is not available for "

@@ -118,7 +118,8 @@ class Emu3Adapter:
         """
         vocab = self.model.vocabulary_mapping.vocab_map
         wrapper, start = vocab.get(IMAGE_WRAPPER_TOKEN), vocab.get(IMAGE_START_TOKEN)
-        if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0 or not bool((input_ids[:, -1] == wrapper).all()):
+        is_image_call = input_ids is not None and input_ids.dim() == 2 and input_ids.shape[1] > 0
+        if not (is_image_call and bool((input_ids[:, -1] == wrapper).all())):
             if grid is not None:
                 raise ValueError(f"grid={grid!r} was given but the prompt ids do not end with {IMAGE_WRAPPER_TOKEN!r} in "
                                  "every row (an Emu3 image-generation prompt); drop grid= for other calls")
