@@ -62,12 +62,12 @@ def _prompt(size=(9, 10, 11)):
     return ids, neg
 
 
-def _generate(model, processor=None, do_sample=True, temperature=1.0, seed=0, size=(9, 10, 11), **kwargs):
+def _generate(model, processor=None, do_sample=True, temperature=1.0, seed=0, size=(9, 10, 11), top_k=0, **kwargs):
     ids, neg = _prompt(size)
     torch.manual_seed(seed)
     out = model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=GRID[0] * ROW + 3, do_sample=do_sample,
-        temperature=temperature, top_k=0, guidance_scale=3.0, negative_prompt_ids=neg,
+        temperature=temperature, top_k=top_k, guidance_scale=3.0, negative_prompt_ids=neg,
         negative_prompt_attention_mask=torch.ones_like(neg), prefix_allowed_tokens_fn=_allowed,
         logits_processor=[processor] if processor is not None else None, pad_token_id=PAD, **kwargs,
     )
@@ -133,13 +133,14 @@ def test_lam_one_draws_retrieved_tokens(setup):
 # patch_model: Emu3's own generate, wrapped (the adapter's generate_mode), the grid read from the prompt's "4*5"
 
 
-@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
-def test_patched_lam_zero_equals_hf_generate_and_unpatch_restores(setup, do_sample):
+@pytest.mark.parametrize("do_sample,filters", [(False, {}), (True, {}), (True, dict(top_k=5, top_p=0.7))],
+                         ids=["greedy", "sampled", "sampled-top-k-top-p"])
+def test_patched_lam_zero_equals_hf_generate_and_unpatch_restores(setup, do_sample, filters):
     model, _, db, _ = setup
-    plain = _generate(model, do_sample=do_sample, temperature=0.8)
+    plain = _generate(model, do_sample=do_sample, temperature=0.8, **filters)
     with ak.patched(model, db, ak.DAiDConfig(lam=0.0, k=6)) as handle:
-        assert model.generate != type(model).generate.__get__(model) and ak.is_patched(model)
-        ours = _generate(model, do_sample=do_sample, temperature=0.8)  # the same HF call as unpatched
+        assert "generate" in model.__dict__ and ak.is_patched(model)
+        ours = _generate(model, do_sample=do_sample, temperature=0.8, **filters)  # the same HF call as unpatched
         with pytest.raises(RuntimeError, match="already patched"):
             ak.patch_model(model, db, ak.DAiDConfig())
     assert torch.equal(ours, plain)
@@ -147,7 +148,7 @@ def test_patched_lam_zero_equals_hf_generate_and_unpatch_restores(setup, do_samp
     assert ours[:, -3:].tolist() == [[EOF, EOI, EOS]] * 2
     assert "generate" not in model.__dict__ and not ak.is_patched(model)
     assert model.generate.__func__ is type(model).generate
-    assert torch.equal(_generate(model, do_sample=do_sample, temperature=0.8), plain)
+    assert torch.equal(_generate(model, do_sample=do_sample, temperature=0.8, **filters), plain)
     handle.remove()  # idempotent
 
 
