@@ -17,8 +17,7 @@ import os
 from .config import DAiDConfig
 from .decoding import DAiDSampler, DecodeStats, FAiDRuntime, hf_image_generate
 from .faid import FAiDConfig, load_blenders
-from .models import check_protocol, get_adapter
-from .models.base import ImageTokenizer, LogitsProcessorAdapter
+from .models import ImageTokenizer, LogitsProcessorAdapter, check_protocol, get_adapter
 from .retrieval import PatchDatabase
 
 # The live handle sits in the instance's __dict__ beside the bound generate (a reference cycle the

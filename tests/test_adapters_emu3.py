@@ -232,3 +232,24 @@ def test_patched_refusals(setup):
     with pytest.raises(ValueError, match="another model"):
         ak.patch_model(model, other, ak.DAiDConfig(k=4))  # checked when patching, not at the first call
     assert not ak.is_patched(model)
+
+
+def test_logits_processor_mode_is_the_adapters_decision(setup, monkeypatch):
+    """patch_model takes the mode from the adapter (no model-type test); a processor-mode adapter is checked."""
+    model, _, db, _ = setup
+
+    class Incomplete(Emu3Adapter):
+        generation_grid = None  # not callable
+
+    monkeypatch.setitem(ak.models.ADAPTERS, "emu3", Incomplete)
+    with pytest.raises(TypeError, match="does not implement arrag_kernels.models.LogitsProcessorAdapter: not callable: "
+                                        "generation_grid"):
+        ak.patch_model(model, db, ak.DAiDConfig(k=4))
+
+    class LoopMode(Emu3Adapter):
+        generate_mode = "loop"  # then it must be a full ModelAdapter, which Emu3's is not
+
+    monkeypatch.setitem(ak.models.ADAPTERS, "emu3", LoopMode)
+    with pytest.raises(TypeError, match="does not implement arrag_kernels.models.ModelAdapter"):
+        ak.patch_model(model, db, ak.DAiDConfig(k=4))
+    assert not ak.is_patched(model)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .base import (FAiDAdapter, ImageDecoder, ImageTokenizer, ModelAdapter, OfficialWeights, check_protocol,
-                   codebook_fingerprint, protocol_members)
+from .base import (FAiDAdapter, ImageDecoder, ImageTokenizer, LogitsProcessorAdapter, ModelAdapter, OfficialWeights,
+                   check_protocol, codebook_fingerprint, protocol_members)
 from .emu3 import Emu3Adapter
 from .janus import JanusAdapter, hf_image_generate_kwargs
 from .tiny import tiny_janus, tiny_janus_config, tiny_prompt_ids
@@ -74,6 +74,7 @@ __all__ = [
     "ImageDecoder",
     "ImageTokenizer",
     "JanusAdapter",
+    "LogitsProcessorAdapter",
     "ModelAdapter",
     "OfficialWeights",
     "as_faid_adapter",
