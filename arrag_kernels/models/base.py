@@ -20,6 +20,7 @@ import hashlib
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
 
 @runtime_checkable
@@ -192,3 +193,15 @@ def codebook_fingerprint(codebook: torch.Tensor) -> str:
     """Short hash identifying a VQ codebook, stored in databases to catch a mismatched model."""
     data = codebook.detach().float().cpu().contiguous().numpy().tobytes()
     return hashlib.sha256(data).hexdigest()[:16]
+
+
+class VQCodebook:
+    """``codebook()`` / ``fingerprint()`` for adapters whose VQ model (``self.vq``) keeps its codebook in
+    ``quantize.embedding`` (HF Janus, Emu3): rows L2-normalised as HF's lookups see them; the
+    fingerprint hashes the raw rows."""
+
+    def codebook(self) -> torch.Tensor:
+        return F.normalize(self.vq.quantize.embedding.weight.detach(), p=2, dim=-1)
+
+    def fingerprint(self) -> str:
+        return codebook_fingerprint(self.vq.quantize.embedding.weight)

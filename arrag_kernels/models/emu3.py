@@ -19,7 +19,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from .base import codebook_fingerprint
+from .base import VQCodebook
 
 IMAGE_WRAPPER_TOKEN = "<|image token|>"  # the image stream starts after it (see Emu3Processor)
 IMAGE_START_TOKEN = "<|image start|>"  # an image-generation prompt ends with <|image start|>H*W<|image token|>
@@ -28,7 +28,7 @@ NO_LOOP_REASON = ("Emu3 decodes images in its own HF generate (DAiD joins it as 
                   "and no FAiD blenders exist for Emu3")
 
 
-class Emu3Adapter:
+class Emu3Adapter(VQCodebook):
     """The :class:`ImageTokenizer` side of a HF Emu3 model for a grid ``(H, W)`` (Emu3 picks it per call).
 
     Database keys are the VQ encoder's pre-quantisation latents (``quant_conv(encoder(x))``),
@@ -66,12 +66,6 @@ class Emu3Adapter:
     @property
     def device(self) -> torch.device:
         return self.model.lm_head.weight.device
-
-    def codebook(self) -> torch.Tensor:
-        return F.normalize(self.vq.quantize.embedding.weight.detach(), p=2, dim=-1)
-
-    def fingerprint(self) -> str:
-        return codebook_fingerprint(self.vq.quantize.embedding.weight)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

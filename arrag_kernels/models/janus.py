@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import knn
-from .base import codebook_fingerprint
+from .base import VQCodebook
 
 
 # ---- the official AR-RAG / DeepSeek-Janus release -> HF JanusForConditionalGeneration ---------------
@@ -111,7 +111,7 @@ def hf_image_generate_kwargs(model) -> dict:
     return {"past_key_values": DynamicCache(config=model.config.text_config)}
 
 
-class JanusAdapter:
+class JanusAdapter(VQCodebook):
     """Locates the AR-RAG pieces of a HF Janus model. Holds references only; changes nothing."""
 
     model_type = "janus"
@@ -157,12 +157,6 @@ class JanusAdapter:
         return self.generation_head.vision_head.weight.dtype
 
     # ---- tokenizer side -------------------------------------------------------------------
-    def codebook(self) -> torch.Tensor:
-        return F.normalize(self.vq.quantize.embedding.weight.detach(), p=2, dim=-1)
-
-    def fingerprint(self) -> str:
-        return codebook_fingerprint(self.vq.quantize.embedding.weight)
-
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-quantisation latents ``quant_conv(encoder(x))`` (L2-normalised per cell) and token ids."""

@@ -70,6 +70,18 @@ def _bisect_threshold(logits_ptr, row, B, stride, V, guidance, temperature, lo, 
 
 
 @triton.jit
+def _kept_mass(logits_ptr, row, B, stride, V, guidance, temperature, thr, m, HAS_CFG: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    """sum(exp(x - m)) over the scores x whose order key is >= thr (the mass the filters keep)."""
+    ssum = tl.zeros([], tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        v = v0 + tl.arange(0, BLOCK_V)
+        x = _load_scores(logits_ptr, row, B, stride, v, v < V, guidance, temperature, HAS_CFG)
+        ssum += tl.sum(tl.where(_order_key(x).to(tl.int64) >= thr, tl.exp(x - m), 0.0), axis=0)
+    return ssum
+
+
+@triton.jit
 def _ret_mass(ws_row, v, vmask, s_max, DEDUP_SUM: tl.constexpr):
     # .cg: read from L2, where the atomics landed, not from a stale L1 line.
     w = tl.load(ws_row + v, mask=vmask, other=0.0 if DEDUP_SUM else float("-inf"), cache_modifier=".cg")
@@ -128,21 +140,11 @@ def _daid_sample_kernel(
         if HAS_TOPK:
             thr = _bisect_threshold(logits_ptr, row, B, logit_stride, V, guidance, temperature, thr, hi, m,
                                     top_k, False, HAS_CFG, BLOCK_V)
-        ssum = tl.zeros([], tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            v = v0 + tl.arange(0, BLOCK_V)
-            vmask = v < V
-            x = _load_scores(logits_ptr, row, B, logit_stride, v, vmask, guidance, temperature, HAS_CFG)
-            ssum += tl.sum(tl.where(_order_key(x).to(tl.int64) >= thr, tl.exp(x - m), 0.0), axis=0)
+        ssum = _kept_mass(logits_ptr, row, B, logit_stride, V, guidance, temperature, thr, m, HAS_CFG, BLOCK_V)
         if HAS_TOPP:
             thr = _bisect_threshold(logits_ptr, row, B, logit_stride, V, guidance, temperature, thr, hi, m,
                                     top_p * ssum, True, HAS_CFG, BLOCK_V)
-            ssum = tl.zeros([], tl.float32)
-            for v0 in range(0, V, BLOCK_V):
-                v = v0 + tl.arange(0, BLOCK_V)
-                vmask = v < V
-                x = _load_scores(logits_ptr, row, B, logit_stride, v, vmask, guidance, temperature, HAS_CFG)
-                ssum += tl.sum(tl.where(_order_key(x).to(tl.int64) >= thr, tl.exp(x - m), 0.0), axis=0)
+            ssum = _kept_mass(logits_ptr, row, B, logit_stride, V, guidance, temperature, thr, m, HAS_CFG, BLOCK_V)
 
     # Pass B: merged probabilities in vocabulary order; inverse CDF or argmax.
     threshold = tl.load(u_ptr + row).to(tl.float32) * ((1.0 - lam_eff) + lam_eff) if SAMPLE else 0.0
