@@ -1,4 +1,4 @@
-"""``arrag-kernels eval``: the miniature run's evaluation (NLL plain vs DAiD, sample metrics, sweeps, Fig. 6)."""
+"""``arrag-kernels eval``: the miniature run's evaluation (NLL plain vs DAiD vs FAiD, sample metrics, sweeps, Fig. 6)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _cmd_eval(args):
 
 
 def add_subcommands(sub):
-    e = sub.add_parser("eval", help="evaluate the trained miniature model: NLL plain vs DAiD, Frechet distance, FWD, "
+    e = sub.add_parser("eval", help="evaluate the trained miniature model: NLL plain vs DAiD vs FAiD, Frechet distance, FWD, "
                        "precision/recall, DAiD lam x tau sweep (chosen on val, reported on test), Fig. 6 curve")
     e.add_argument("--weights", default=None, help="trained miniature directory (default: the shipped weights)")
     e.add_argument("--out", default="eval_out", help="output directory (default eval_out)")
