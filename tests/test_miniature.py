@@ -100,14 +100,21 @@ def test_quick_evaluation_protocol(quick_run):
 
     root, _, _ = quick_run
     out = root / "eval"
+    from arrag_kernels.miniature.train import BlenderConfig
+
     r = evaluate_miniature(out, weights=root / "w", seeds=(0,), lams=(0.0, 0.5), taus=(1.0,), k=4, fig6_k=3,
-                           progress=False, cache_dir=root / "cache")
+                           progress=False, cache_dir=root / "cache", faid_hops=((1,),), faid_blenders=(1, 2),
+                           blender_cfg=BlenderConfig(k=4, steps=1, batch=4, seed=1))
+    sweep = r["faid_sweep"]
+    assert [(c["hops"], c["blenders"]) for c in sweep["cells"]] == [("1", 1), ("1", 2)]
+    assert sweep["chosen_by_val_fd"]["val_fd"] == min(c["val_fd"] for c in sweep["cells"])
+    assert sweep["test"]["nll"]["images"] == r["splits"]["test"]
     assert {"plain", "faid(hops=12,b=2,k=4)", "vq_reconstruction"} <= set(r["test"])
     assert r["test"]["faid(hops=12,b=2,k=4)"]["nll"]["images"] == r["splits"]["test"]
     assert len(r["sweep"]["cells"]) == 2 and r["fig6"]["test"]["positions"] > 0
     assert "| plain |" in format_results(r)
     for name in ("results.json", "sweep_daid_val_fd.png", "fig6_retrieval_accuracy.png", "samples_plain.png",
-                 "samples_faid.png"):
+                 "samples_faid.png", "sweep_faid_val_fd.png"):
         assert (out / name).stat().st_size > 0
 
 

@@ -11,12 +11,15 @@ Protocol (all seeded):
   seeds: Frechet distance in the emoji classifier's features, FWD, precision/recall (mean and std
   over seeds), teacher-forced NLL (deterministic; standard error over images), plus the VQ
   reconstruction floor;
+* optional FAiD sweep hops x blenders (:func:`faid_sweep`, the second half of Fig. 7): blenders
+  trained per cell by the shipped ones' recipe, val NLL and val FD, the best val-FD cell on test;
 * Fig. 6: retrieval accuracy on up to 1,000 train images (the paper's setting: their own patches
   are in the database) and on the test images (never in it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +34,7 @@ from ..eval.retrieval import retrieval_accuracy
 from ..eval.sampling import decode_tokens, generate_tokens, image_grid
 from ..eval.sweep import best_cell, save_heatmap, save_json, sweep_grid
 from .data import load_emoji_dataset
-from .train import WEIGHTS_DIR, MiniatureConfig, dataset_prompts, encode_tokens, load_miniature, load_miniature_blenders
+from .train import WEIGHTS_DIR, BlenderConfig, MiniatureConfig, dataset_prompts, encode_tokens, load_miniature, load_miniature_blenders
 
 DEFAULT_LAMS = (0.0, 0.05, 0.1, 0.2, 0.4)
 DEFAULT_TAUS = (0.3, 0.6, 1.2)
@@ -96,14 +99,47 @@ def split_metrics(run: MiniatureRun, split, seeds, cfg: float, daid=None, blende
             "precision": _mean_std(prec), "recall": _mean_std(rec)}
 
 
+def faid_sweep(run: MiniatureRun, val, test, hops=((1,), (1, 2)), blenders=(1, 2), seeds=(0, 1, 2),
+               cfg: float = 5.0, blender_cfg: BlenderConfig = BlenderConfig(), out=None) -> dict:
+    """FAiD hops x number of blenders: per cell, blenders trained by ``train_blenders`` (``blender_cfg``
+    with the cell's hops and blenders), val NLL and val FD of one sample per prompt (seed 0); the
+    lowest val FD cell is reported on ``test`` (:func:`split_metrics`). ``val`` / ``test``:
+    (prompts, pixels, tokens, features). Heatmaps ``sweep_faid_val_{fd,nll}.png`` go to ``out``."""
+    from .train import train_blenders
+
+    trained = {}
+
+    def cell(h: str, b: int) -> dict:
+        c = dataclasses.replace(blender_cfg, hops=tuple(int(x) for x in h), blenders=b)
+        trained[(h, b)], losses, _ = train_blenders(run.model, run.ds, c, run.progress)
+        nll = run.nll(val[0], val[2], None, trained[(h, b)])
+        fake = run.sample(val[0], None, seed=0, cfg=cfg, blenders=trained[(h, b)])
+        return {"val_nll": nll["nll_all"], "val_nll_retrieval": nll["nll_retrieval"],
+                "val_fd": frechet_distance(val[3], run.features(fake)), "train_loss_last20": statistics.fmean(losses[-20:])}
+
+    rows = ["".join(map(str, h)) for h in hops]  # the paper's spelling: "12" = hops 1 and 2
+    sweep = sweep_grid(cell, rows, list(blenders), row_name="hops", col_name="blenders", progress=run.progress)
+    chosen = best_cell(sweep, "val_fd")
+    sweep["chosen_by_val_fd"] = chosen
+    sweep["test"] = split_metrics(run, test, seeds, cfg, None, trained[(chosen["hops"], chosen["blenders"])])
+    if out is not None:
+        save_heatmap(sweep, "val_fd", Path(out) / "sweep_faid_val_fd.png", "FAiD: val Frechet distance", "{:.2f}")
+        save_heatmap(sweep, "val_nll", Path(out) / "sweep_faid_val_nll.png", "FAiD: val NLL (nats/token)")
+    return sweep
+
+
 def _mean_std(xs: list[float]) -> dict:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
 
 
 def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 2), lams=DEFAULT_LAMS,
                        taus=DEFAULT_TAUS, k: int = 256, cfg: float = 5.0, fig6_k: int = 32, progress: bool = True,
-                       cache_dir=None) -> dict:
-    """Run the protocol above; write ``results.json``, heatmaps, the Fig. 6 plot and sample grids to ``out``."""
+                       cache_dir=None, faid_hops=None, faid_blenders=None,
+                       blender_cfg: BlenderConfig = BlenderConfig()) -> dict:
+    """Run the protocol above; write ``results.json``, heatmaps, the Fig. 6 plot and sample grids to ``out``.
+
+    ``faid_hops`` (e.g. ``((1,), (1, 2))``) and ``faid_blenders`` (e.g. ``(1, 2)``) run :func:`faid_sweep`
+    (it trains blenders for every cell; both None: no sweep)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -157,6 +193,9 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
     image_grid(test_x[:128]).save(out / "real_test.png")
     image_grid(recon[:128]).save(out / "reconstruction_test.png")
     results["test"] = test
+    if faid_hops is not None or faid_blenders is not None:
+        results["faid_sweep"] = faid_sweep(run, (val_p, val_x, val_t, val_f), (test_p, test_x, test_t, test_f),
+                                           faid_hops or ((1, 2),), faid_blenders or (2,), seeds, cfg, blender_cfg, out)
 
     # Fig. 6.
     train_t = encode_tokens(run.model, run.ds.pixels("train")[:1000])
