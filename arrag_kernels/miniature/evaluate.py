@@ -24,7 +24,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 
 from ..config import DAiDConfig
 from ..eval.features import extract
@@ -34,7 +33,8 @@ from ..eval.retrieval import retrieval_accuracy
 from ..eval.sampling import decode_tokens, generate_tokens, image_grid
 from ..eval.sweep import best_cell, save_heatmap, save_json, sweep_grid
 from .data import load_emoji_dataset
-from .train import WEIGHTS_DIR, BlenderConfig, MiniatureConfig, dataset_prompts, encode_tokens, load_miniature, load_miniature_blenders
+from .train import (WEIGHTS_DIR, BlenderConfig, MiniatureConfig, dataset_prompts, encode_tokens, load_miniature,
+                    load_miniature_blenders)
 
 DEFAULT_LAMS = (0.0, 0.05, 0.1, 0.2, 0.4)
 DEFAULT_TAUS = (0.3, 0.6, 1.2)
@@ -54,7 +54,8 @@ class MiniatureRun:
         self.progress = progress
         # FAiD blenders (None when the run has none)
         has_blenders = (Path(weights or WEIGHTS_DIR) / "blenders.safetensors").is_file()
-        self.blenders, self.blender_meta = load_miniature_blenders(weights, self.model) if has_blenders else (None, None)
+        self.blenders, self.blender_meta = (load_miniature_blenders(weights, self.model) if has_blenders
+                                            else (None, None))
 
     def split(self, name: str):
         """(prompts (n, 4), pixels (n, 3, S, S), tokens (n, N)) of a split."""
@@ -115,7 +116,8 @@ def faid_sweep(run: MiniatureRun, val, test, hops=((1,), (1, 2)), blenders=(1, 2
         nll = run.nll(val[0], val[2], None, trained[(h, b)])
         fake = run.sample(val[0], None, seed=0, cfg=cfg, blenders=trained[(h, b)])
         return {"val_nll": nll["nll_all"], "val_nll_retrieval": nll["nll_retrieval"],
-                "val_fd": frechet_distance(val[3], run.features(fake)), "train_loss_last20": statistics.fmean(losses[-20:])}
+                "val_fd": frechet_distance(val[3], run.features(fake)),
+                "train_loss_last20": statistics.fmean(losses[-20:])}
 
     rows = ["".join(map(str, h)) for h in hops]  # the paper's spelling: "12" = hops 1 and 2
     sweep = sweep_grid(cell, rows, list(blenders), row_name="hops", col_name="blenders", progress=run.progress)
