@@ -24,7 +24,6 @@ import statistics
 import time
 from pathlib import Path
 
-
 from ..config import DAiDConfig
 from ..eval.features import extract
 from ..eval.metrics import frechet_distance, fwd, precision_recall
