@@ -1,9 +1,9 @@
 """The embedded default job.
 
 Main path (:func:`run_miniature_demo`): the trained miniature Janus shipped in
-``arrag_kernels/miniature/weights`` (trained on Noto colour emoji rendered at 32 px), a database
-built from the emoji train split, sample grids plain and with DAiD side by side for held-out (test)
-prompts, and a table of test metrics. It needs the Debian packages ``fonts-noto-color-emoji`` and
+``arrag_kernels/miniature/weights`` (trained on Noto colour emoji rendered at 32 px) with its FAiD
+blenders, a database built from the emoji train split, sample grids plain, with DAiD and with FAiD
+side by side for held-out (test) prompts, and a table of test metrics. It needs the Debian packages ``fonts-noto-color-emoji`` and
 ``unicode-data`` (the database and the real images are rendered from them).
 
 Fallback (:func:`run_demo`, also ``demo --random-weights``): a tiny random-weight Janus and
@@ -129,13 +129,12 @@ def run_demo(out: str | Path = "demo_out", grid: int = 16, num_images: int = 64,
 
 def run_miniature_demo(out: str | Path = "demo_out", lam: float = 0.1, tau: float = 1.2, k: int = 256,
                        cfg: float = 5.0, per_prompt: int = 4, prompts: int = 16, seed: int = 0) -> dict:
-    """Trained miniature model: plain and DAiD sample grids for test-split prompts, and a results table.
+    """Trained miniature model: plain, DAiD and FAiD sample grids for test-split prompts, and a results table.
 
     The default (lam, tau) is the cell `arrag-kernels eval` chose on the val split (README results).
     """
     from arrag_kernels.config import DAiDConfig
     from arrag_kernels.eval.metrics import frechet_distance
-    from arrag_kernels.eval.nll import image_nll
     from arrag_kernels.eval.sampling import image_grid
     from arrag_kernels.miniature.evaluate import MiniatureRun
 
@@ -156,9 +155,13 @@ def run_miniature_demo(out: str | Path = "demo_out", lam: float = 0.1, tau: floa
         first.setdefault(tuple(p), i)
     pick = torch.tensor(list(first.values())[:prompts])
     grid_prompts = test_p[pick].repeat_interleave(per_prompt, 0)
+    methods = {"plain": (None, None), f"DAiD lam={lam} tau={tau}": (daid, None)}
+    if run.blenders is not None:  # shipped beside the weights (miniature/train.py, stage 4)
+        c = run.blenders.config
+        methods[f"FAiD hops={''.join(map(str, c.hops))} b={c.blenders}"] = (None, run.blenders)
     panels = {"real (test)": test_x[pick].repeat_interleave(per_prompt, 0)}
-    for name, cfg_d in (("plain", None), (f"DAiD lam={lam} tau={tau}", daid)):
-        panels[name] = run.sample(grid_prompts, cfg_d, seed=seed, cfg=cfg)
+    for name, (cfg_d, blenders) in methods.items():
+        panels[name] = run.sample(grid_prompts, cfg_d, seed=seed, cfg=cfg, blenders=blenders)
     files = []
     for name, pixels in panels.items():
         path = out / f"miniature_{name.split()[0].lower()}.png"
@@ -168,14 +171,14 @@ def run_miniature_demo(out: str | Path = "demo_out", lam: float = 0.1, tau: floa
                       for p in panels.values()], dim=-1)  # (prompts, 3, S, per_prompt * S * 3)
     image_grid(side, columns=1).save(out / "miniature_side_by_side.png")
     print(f"wrote {', '.join(str(f) for f in files)} and {out / 'miniature_side_by_side.png'} "
-          "(rows: one test subgroup each; columns: real | plain | DAiD)")
+          f"(rows: one test subgroup each; columns: {' | '.join(n.split()[0] for n in panels)})")
 
     test_f = run.features(test_x)
     rows = {}
-    for name, cfg_d in (("plain", None), (f"DAiD lam={lam} tau={tau}", daid)):
+    for name, (cfg_d, blenders) in methods.items():
         t1 = time.perf_counter()
-        nll = image_nll(run.model, test_p, test_t, run.db if cfg_d else None, cfg_d).summary()
-        fake = run.sample(test_p, cfg_d, seed=seed, cfg=cfg)
+        nll = run.nll(test_p, test_t, cfg_d, blenders)
+        fake = run.sample(test_p, cfg_d, seed=seed, cfg=cfg, blenders=blenders)
         rows[name] = {"nll": nll["nll_all"], "nll_retrieval": nll["nll_retrieval"],
                       "fd": frechet_distance(test_f, run.features(fake)), "s": time.perf_counter() - t1}
     print(f"\ntest split ({len(test_p)} held-out emoji, sampling seed {seed}, CFG {cfg}; "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The full miniature run behind the README's Evaluation section (a benchmark, not a test): train the
-# miniature Janus on the emoji train split (seed 0; ~40 min on 2 shared cores), then evaluate it
+# miniature Janus and its FAiD blenders on the emoji train split (seed 0; ~45 min on 2 shared cores), then evaluate it
 # (~16 min). Writes the weights to arrag_kernels/miniature/weights/ (the shipped ones are this
 # command's output) and the tables/figures to ${1:-eval_out}/.
 set -euo pipefail

@@ -154,6 +154,51 @@ def test_nll_matches_hand_computation(toy):
     assert s["nll_non_retrieval"] == pytest.approx(float(hand[:, ~ret].mean()), abs=1e-5)
 
 
+def _hand_faid_nll(model, adapter, prompts, tokens, db, blenders):
+    """-log p(t_j) through the decode-time FAiD runtime (ring buffers, composed blenders) in a
+    KV-cached step loop fed the ground truth: an independent path from the trainer's forward."""
+    from arrag_kernels.decoding import FAiDRuntime
+
+    runtime = FAiDRuntime(model, adapter, db, blenders)
+    out = torch.zeros(tokens.shape, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            for b in range(tokens.shape[0]):
+                grid = torch.full((1, tokens.shape[1]), -1, dtype=torch.long)
+                cache = adapter.new_cache()
+                embeds = model.get_input_embeddings()(prompts[b : b + 1])
+                length = embeds.shape[1]
+                for j in range(tokens.shape[1]):
+                    runtime.begin_step(grid, j)
+                    h = adapter.step(embeds, torch.ones(1, length, dtype=torch.long), cache)
+                    out[b, j] = -torch.log_softmax(adapter.image_logits(h).double(), -1)[0, tokens[b, j]]
+                    grid[0, j] = tokens[b, j]
+                    embeds = adapter.embed_image_tokens(tokens[b : b + 1, j : j + 1])
+                    length += 1
+    finally:
+        runtime.remove()
+    return out
+
+
+def test_faid_nll_matches_cached_decode_runtime(toy):
+    from arrag_kernels.faid import FAiDBlenders, FAiDConfig
+
+    model, adapter, prompts, tokens, db = toy
+    torch.manual_seed(7)
+    blenders = FAiDBlenders.for_model(model, FAiDConfig(k=2, hops=(1, 2), blenders=2))
+    with torch.no_grad():  # large enough to move the distribution visibly
+        for p in blenders.parameters():
+            p.normal_(0, 0.1)
+    hand = _hand_faid_nll(model, adapter, prompts, tokens, db, blenders)
+    flags = [p.requires_grad for p in model.parameters()]
+    got = image_nll(model, prompts, tokens, db, blenders=blenders)
+    torch.testing.assert_close(got.nll.double(), hand, atol=5e-5, rtol=1e-5)
+    assert (got.nll.double() - _hand_nll(model, prompts, tokens)).abs().max() > 1e-2  # FAiD changed something
+    assert [p.requires_grad for p in model.parameters()] == flags  # evaluation leaves training flags alone
+    with pytest.raises(ValueError, match="db together with daid"):
+        image_nll(model, prompts, tokens, blenders=blenders)
+
+
 def test_nll_cfg(toy):
     model, _, prompts, tokens, _ = toy
     plain = image_nll(model, prompts, tokens)
@@ -171,7 +216,7 @@ def test_nll_bad_input(toy):
         image_nll(model, prompts[:0], tokens[:0])
     with pytest.raises(ValueError, match=r"\(B, 64\)"):
         image_nll(model, prompts, tokens[:, :10])
-    with pytest.raises(ValueError, match="both db and daid"):
+    with pytest.raises(ValueError, match="db together with daid"):
         image_nll(model, prompts, tokens, db=db)
 
 

@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -28,12 +29,13 @@ def quick_run(tmp_path_factory):
     """A few emoji rendered into a private cache and a model trained for a couple of steps."""
     if not emoji_available():
         pytest.skip("emoji Debian packages not installed")
-    from arrag_kernels.miniature.train import MiniatureConfig, train_miniature
+    from arrag_kernels.miniature.train import BlenderConfig, MiniatureConfig, train_miniature
 
     root = tmp_path_factory.mktemp("mini")
     cfg = MiniatureConfig(limit=80, hidden_size=64, num_layers=2, vq_steps=2, lm_steps=2, clf_steps=2, vq_batch=4,
                           lm_batch=4, clf_batch=4, seed=1)
-    meta = train_miniature(root / "w", cfg, progress=False, cache_dir=root / "cache")
+    meta = train_miniature(root / "w", cfg, progress=False, cache_dir=root / "cache",
+                           blender_cfg=BlenderConfig(k=4, steps=2, batch=4, seed=1))
     return root, cfg, meta
 
 
@@ -67,6 +69,30 @@ def test_quick_training_writes_loadable_model(quick_run):
 
 
 @needs_emoji
+def test_quick_blenders_stage(quick_run):
+    from arrag_kernels.faid import FAiDConfig
+    from arrag_kernels.miniature.data import load_emoji_dataset
+    from arrag_kernels.miniature.train import blender_split, load_miniature, load_miniature_blenders
+
+    root, cfg, meta = quick_run
+    b = meta["blenders"]
+    assert b["database_images"] > 0 and b["training_images"] > 0 and b["database_entries"] > 0
+    assert math.isfinite(b["loss_first20"]) and math.isfinite(b["loss_last20"])
+    model, _, _ = load_miniature(root / "w")
+    blenders, bmeta = load_miniature_blenders(root / "w", model)
+    assert blenders.config == FAiDConfig(k=4, hops=(1, 2), blenders=2)
+    assert bmeta["config"]["hops"] == [1, 2] and bmeta["training_images"] == b["training_images"]
+    assert next(blenders.parameters()).dtype == torch.float32
+    # database and blender-training images never share a base name (no self-retrieval)
+    ds = load_emoji_dataset(limit=80, seed=1, cache_dir=root / "cache", progress=False)
+    db_idx, fit_idx = blender_split(ds, 0.7, 1)
+    base = lambda idx: {ds.names[i].split(":")[0] for i in idx.tolist()}  # noqa: E731
+    assert not base(db_idx) & base(fit_idx) and len(db_idx) + len(fit_idx) == len(ds.indices("train"))
+    with pytest.raises(FileNotFoundError, match="no FAiD blenders"):
+        load_miniature_blenders(root / "cache", model)
+
+
+@needs_emoji
 def test_quick_evaluation_protocol(quick_run):
     pytest.importorskip("pytorchfwd")
     pytest.importorskip("matplotlib")
@@ -74,12 +100,21 @@ def test_quick_evaluation_protocol(quick_run):
 
     root, _, _ = quick_run
     out = root / "eval"
+    from arrag_kernels.miniature.train import BlenderConfig
+
     r = evaluate_miniature(out, weights=root / "w", seeds=(0,), lams=(0.0, 0.5), taus=(1.0,), k=4, fig6_k=3,
-                           progress=False, cache_dir=root / "cache")
-    assert {"plain", "vq_reconstruction"} <= set(r["test"])
+                           progress=False, cache_dir=root / "cache", faid_hops=((1,),), faid_blenders=(1, 2),
+                           blender_cfg=BlenderConfig(k=4, steps=1, batch=4, seed=1))
+    sweep = r["faid_sweep"]
+    assert [(c["hops"], c["blenders"]) for c in sweep["cells"]] == [("1", 1), ("1", 2)]
+    assert sweep["chosen_by_val_fd"]["val_fd"] == min(c["val_fd"] for c in sweep["cells"])
+    assert sweep["test"]["nll"]["images"] == r["splits"]["test"]
+    assert {"plain", "faid(hops=12,b=2,k=4)", "vq_reconstruction"} <= set(r["test"])
+    assert r["test"]["faid(hops=12,b=2,k=4)"]["nll"]["images"] == r["splits"]["test"]
     assert len(r["sweep"]["cells"]) == 2 and r["fig6"]["test"]["positions"] > 0
     assert "| plain |" in format_results(r)
-    for name in ("results.json", "sweep_daid_val_fd.png", "fig6_retrieval_accuracy.png", "samples_plain.png"):
+    for name in ("results.json", "sweep_daid_val_fd.png", "fig6_retrieval_accuracy.png", "samples_plain.png",
+                 "samples_faid.png", "sweep_faid_val_fd.png"):
         assert (out / name).stat().st_size > 0
 
 

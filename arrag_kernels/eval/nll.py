@@ -1,4 +1,4 @@
-"""Teacher-forced per-token negative log-likelihood of real images, plain and under DAiD.
+"""Teacher-forced per-token negative log-likelihood of real images: plain, under DAiD, with FAiD blenders.
 
 For an image with ground-truth tokens t_0..t_{N-1} after a prompt, the model's distribution at
 position j is ``p_model(. | prompt, t_<j)`` (one teacher-forced forward for all positions; with
@@ -7,6 +7,11 @@ prompts). DAiD's distribution at j is the library's merge (:meth:`DAiDSampler.me
 ``daid_mix``) of ``p_model`` with the retrieval distribution of the query built from the
 ground-truth neighbours of j, exactly what the decoder would see had it generated t_<j. The NLL of
 t_j is ``-log p(t_j)``; it is reported per token, over all positions and over retrieval positions.
+
+With FAiD blenders the conditional logits are those of the FAiD trainer's teacher-forced forward
+(:meth:`arrag_kernels.faid.train.FAiDTrainer.logits`: the K entries nearest to each position's
+ground-truth neighbourhood blended at every position, as decoding would had it generated t_<j);
+the unconditional CFG row gets no retrieval term, as at decode time.
 """
 
 from __future__ import annotations
@@ -66,13 +71,15 @@ def _sem(x: torch.Tensor) -> float:
 @torch.no_grad()
 def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, daid: DAiDConfig | None = None,
               guidance_scale: float | None = None, bos: int | None = None, boi: int | None = None,
-              pad: int | None = None, batch_size: int = 64) -> NLLResult:
-    """Teacher-forced NLL of ``tokens`` (B, N) after ``prompt_ids`` (B, P), plain or under DAiD.
+              pad: int | None = None, batch_size: int = 64, blenders=None) -> NLLResult:
+    """Teacher-forced NLL of ``tokens`` (B, N) after ``prompt_ids`` (B, P), plain, under DAiD or with FAiD.
 
     Args:
         model: HF Janus (or any model with an adapter).
         db, daid: a :class:`PatchDatabase` and :class:`DAiDConfig` for DAiD's merged distribution;
             both None for the model alone.
+        blenders: trained :class:`arrag_kernels.faid.FAiDBlenders` (retrieving ``blenders.config.k``
+            entries from ``db``) for FAiD's distribution; combined with ``daid`` DAiD merges on top.
         guidance_scale: None scores the conditional distribution; w applies CFG (then ``bos``,
             ``boi`` and ``pad`` build the unconditional prompt; default: the model's generation config).
     """
@@ -89,9 +96,11 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
                          f"{tuple(prompt_ids.shape)}")
     if tokens.shape[0] == 0:
         raise ValueError("no images to score (B = 0): the split or image set is empty")
-    if (db is None) != (daid is None):
-        raise ValueError("DAiD NLL needs both db and daid (a PatchDatabase and a DAiDConfig); pass neither for plain NLL")
-    sampler = DAiDSampler(db, daid, adapter) if db is not None else None
+    if (db is None) != (daid is None and blenders is None):
+        raise ValueError("DAiD / FAiD NLL needs db together with daid (a DAiDConfig) and/or blenders (FAiDBlenders); "
+                         "pass none of them for plain NLL")
+    sampler = DAiDSampler(db, daid, adapter) if daid is not None else None
+    faid = _faid_forward(model, db, blenders) if blenders is not None else None
     if guidance_scale is not None:
         gc = model.generation_config
         bos = gc.bos_token_id if bos is None else bos
@@ -104,7 +113,7 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
     for start in range(0, tokens.shape[0], batch_size):
         t = tokens[start : start + batch_size].to(device)
         p = prompt_ids[start : start + batch_size].to(device)
-        logits = teacher_forced_logits(model, p, t).float()
+        logits = (faid.logits(p, t) if faid is not None else teacher_forced_logits(model, p, t)).float()
         if guidance_scale is not None:
             uncond = teacher_forced_logits(model, unconditional_prompt(p, bos, boi, pad), t).float()
             logits = uncond + guidance_scale * (logits - uncond)
@@ -117,3 +126,16 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
     # without a database, "retrieval positions" are those of the official key layout
     layout = db.meta.layout if db is not None else KeyLayout()
     return NLLResult(torch.cat(out), retrieval_positions(adapter.grid, layout).cpu())
+
+
+def _faid_forward(model, db, blenders):
+    """A :class:`FAiDTrainer` used only for its teacher-forced forward; the model's and the blenders'
+    ``requires_grad`` flags (which the trainer sets for training) are left as they were."""
+    from ..faid.train import FAiDTrainer
+
+    params = list(model.parameters()) + list(blenders.parameters())
+    flags = [p.requires_grad for p in params]
+    trainer = FAiDTrainer(model, db, blenders.eval())
+    for p, f in zip(params, flags):
+        p.requires_grad_(f)
+    return trainer

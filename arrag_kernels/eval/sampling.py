@@ -1,4 +1,4 @@
-"""Seeded image generation (plain or DAiD) in batches, through the library's patched ``generate``."""
+"""Seeded image generation (plain, DAiD, FAiD or both) in batches, through the library's patched ``generate``."""
 
 from __future__ import annotations
 
@@ -7,22 +7,26 @@ import torch
 
 @torch.no_grad()
 def generate_tokens(model, prompts: torch.Tensor, db=None, daid=None, seed: int = 0, guidance_scale: float = 5.0,
-                    batch_size: int = 256) -> torch.Tensor:
-    """(n, P) prompt ids -> (n, H*W) sampled image tokens (T = 1, no top-k), plain when ``daid`` is None."""
+                    batch_size: int = 256, blenders=None) -> torch.Tensor:
+    """(n, P) prompt ids -> (n, H*W) sampled image tokens (T = 1, no top-k): plain when ``daid`` and
+    ``blenders`` (trained :class:`arrag_kernels.faid.FAiDBlenders`, FAiD) are None, else DAiD, FAiD or both."""
     from transformers import GenerationConfig
 
     from ..patching import patched
 
     if prompts.dim() != 2 or prompts.shape[0] == 0:
         raise ValueError(f"prompts: expected (n, P) prompt ids with n >= 1, got {tuple(prompts.shape)}")
-    if (db is None) != (daid is None):
-        raise ValueError("DAiD generation needs both db and daid; pass neither for plain generation")
+    if (db is None) != (daid is None and blenders is None):
+        raise ValueError("DAiD / FAiD generation needs db together with daid and/or blenders; pass none of them "
+                         "for plain generation")
+    configs = tuple(c for c in (daid, blenders.config if blenders is not None else None) if c is not None)
+    config = configs[0] if len(configs) == 1 else configs or None
     gc = model.generation_config
     gen = GenerationConfig(**{**gc.to_dict(), "do_sample": True, "temperature": 1.0, "top_k": 0,
                               "guidance_scale": guidance_scale})
     torch.manual_seed(seed)
     out = []
-    with patched(model, db, daid) as handle:
+    with patched(model, db, config, blender_weights=blenders) as handle:
         for i in range(0, prompts.shape[0], batch_size):
             p = prompts[i : i + batch_size]
             out.append(handle.generate_images(p, attention_mask=torch.ones_like(p), generation_config=gen).cpu())

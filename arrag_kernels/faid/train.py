@@ -90,6 +90,12 @@ class FAiDTrainer:
         ``retrieved``: ``retrieve_all(tokens)`` computed beforehand (it depends on the ground truth
         only, so it can be cached per image); None retrieves here.
         """
+        logits = self.logits(prompt_ids, tokens, retrieved)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1))
+
+    def logits(self, prompt_ids: torch.Tensor, tokens: torch.Tensor, retrieved=None) -> torch.Tensor:
+        """Teacher-forced image-head logits (B, N, V) with the blenders at every position (``loss``'s
+        forward; the evaluation's FAiD NLL reads them)."""
         B, N = tokens.shape
         if N != self.grid[0] * self.grid[1]:
             raise ValueError(f"tokens must be (B, {self.grid[0] * self.grid[1]}) for grid {self.grid}, got {tuple(tokens.shape)}")
@@ -105,8 +111,7 @@ class FAiDTrainer:
         masks = retrieved_masks(ids, valid, features.dtype)
         with _training_hooks(self, features, masks, P, self.activation_checkpointing):
             hidden = self.adapter.hidden_states(embeds)[:, P - 1 : P - 1 + N]
-        logits = self.adapter.image_logits(hidden)
-        return F.cross_entropy(logits.reshape(B * N, -1).float(), tokens.reshape(-1))
+        return self.adapter.image_logits(hidden)
 
     def step(self, prompt_ids: torch.Tensor, tokens: torch.Tensor, retrieved=None) -> float:
         """One optimisation step; returns the loss before the update (``retrieved``: see :meth:`loss`)."""

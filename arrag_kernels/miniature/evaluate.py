@@ -6,20 +6,23 @@ Protocol (all seeded):
   encoder latents, border skip);
 * DAiD sweep lam x tau on the **val** split: teacher-forced NLL and Frechet distance of one sample
   per val prompt (sampling seed 0); the chosen cell minimises val FD (the paper chooses by FID);
-* **test** split: plain vs DAiD(chosen) for ``seeds`` sampling seeds: Frechet distance in the
-  emoji classifier's features, FWD, precision/recall (mean and std over seeds), teacher-forced
-  NLL (deterministic; standard error over images), plus the VQ reconstruction floor;
+* **test** split: plain vs DAiD(chosen) vs FAiD (the blenders shipped beside the weights, see
+  ``train.train_blenders``; retrieving from the same train-split database) for ``seeds`` sampling
+  seeds: Frechet distance in the emoji classifier's features, FWD, precision/recall (mean and std
+  over seeds), teacher-forced NLL (deterministic; standard error over images), plus the VQ
+  reconstruction floor;
+* optional FAiD sweep hops x blenders (:func:`faid_sweep`, the second half of Fig. 7): blenders
+  trained per cell by the shipped ones' recipe, val NLL and val FD, the best val-FD cell on test;
 * Fig. 6: retrieval accuracy on up to 1,000 train images (the paper's setting: their own patches
   are in the database) and on the test images (never in it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from pathlib import Path
-
-import torch
 
 from ..config import DAiDConfig
 from ..eval.features import extract
@@ -29,7 +32,8 @@ from ..eval.retrieval import retrieval_accuracy
 from ..eval.sampling import decode_tokens, generate_tokens, image_grid
 from ..eval.sweep import best_cell, save_heatmap, save_json, sweep_grid
 from .data import load_emoji_dataset
-from .train import MiniatureConfig, dataset_prompts, encode_tokens, load_miniature
+from .train import (WEIGHTS_DIR, BlenderConfig, MiniatureConfig, dataset_prompts, encode_tokens, load_miniature,
+                    load_miniature_blenders)
 
 DEFAULT_LAMS = (0.0, 0.05, 0.1, 0.2, 0.4)
 DEFAULT_TAUS = (0.3, 0.6, 1.2)
@@ -47,6 +51,10 @@ class MiniatureRun:
                                      progress=progress)
         self.db = ak.PatchDatabase.build(self.ds.pixels("train"), self.model, progress=progress)
         self.progress = progress
+        # FAiD blenders (None when the run has none)
+        has_blenders = (Path(weights or WEIGHTS_DIR) / "blenders.safetensors").is_file()
+        self.blenders, self.blender_meta = (load_miniature_blenders(weights, self.model) if has_blenders
+                                            else (None, None))
 
     def split(self, name: str):
         """(prompts (n, 4), pixels (n, 3, S, S), tokens (n, N)) of a split."""
@@ -57,9 +65,68 @@ class MiniatureRun:
     def features(self, pixels):
         return extract(self.classifier, pixels)
 
-    def sample(self, prompts, daid: DAiDConfig | None, seed: int, cfg: float):
-        tokens = generate_tokens(self.model, prompts, self.db if daid else None, daid, seed=seed, guidance_scale=cfg)
+    def sample(self, prompts, daid: DAiDConfig | None, seed: int, cfg: float, blenders=None):
+        """Pixels of one sample per prompt: plain, DAiD (``daid``), FAiD (``blenders``) or both."""
+        db = self.db if daid is not None or blenders is not None else None
+        tokens = generate_tokens(self.model, prompts, db, daid, seed=seed, guidance_scale=cfg, blenders=blenders)
         return decode_tokens(self.model, tokens)
+
+    def nll(self, prompts, tokens, daid: DAiDConfig | None = None, blenders=None) -> dict:
+        db = self.db if daid is not None or blenders is not None else None
+        return image_nll(self.model, prompts, tokens, db, daid, blenders=blenders).summary()
+
+    def faid_name(self) -> str:
+        c = self.blenders.config
+        return f"faid(hops={''.join(map(str, c.hops))},b={c.blenders},k={c.k})"
+
+
+def split_metrics(run: MiniatureRun, split, seeds, cfg: float, daid=None, blenders=None, grid_path=None) -> dict:
+    """NLL and, per sampling seed, FD / FWD / precision / recall of one method on a split
+    (``split``: (prompts, pixels, tokens, features)); the first seed's samples go to ``grid_path``."""
+    prompts, real, tokens, real_f = split
+    fd, fw, prec, rec = [], [], [], []
+    for seed in seeds:
+        fake = run.sample(prompts, daid, seed=seed, cfg=cfg, blenders=blenders)
+        fake_f = run.features(fake)
+        fd.append(frechet_distance(real_f, fake_f))
+        fw.append(fwd(real, fake))
+        pr = precision_recall(real_f, fake_f)
+        prec.append(pr["precision"])
+        rec.append(pr["recall"])
+        if seed == seeds[0] and grid_path is not None:
+            image_grid(fake[:128]).save(grid_path)
+    return {"nll": run.nll(prompts, tokens, daid, blenders), "fd": _mean_std(fd), "fwd": _mean_std(fw),
+            "precision": _mean_std(prec), "recall": _mean_std(rec)}
+
+
+def faid_sweep(run: MiniatureRun, val, test, hops=((1,), (1, 2)), blenders=(1, 2), seeds=(0, 1, 2),
+               cfg: float = 5.0, blender_cfg: BlenderConfig = BlenderConfig(), out=None) -> dict:
+    """FAiD hops x number of blenders: per cell, blenders trained by ``train_blenders`` (``blender_cfg``
+    with the cell's hops and blenders), val NLL and val FD of one sample per prompt (seed 0); the
+    lowest val FD cell is reported on ``test`` (:func:`split_metrics`). ``val`` / ``test``:
+    (prompts, pixels, tokens, features). Heatmaps ``sweep_faid_val_{fd,nll}.png`` go to ``out``."""
+    from .train import train_blenders
+
+    trained = {}
+
+    def cell(h: str, b: int) -> dict:
+        c = dataclasses.replace(blender_cfg, hops=tuple(int(x) for x in h), blenders=b)
+        trained[(h, b)], losses, _ = train_blenders(run.model, run.ds, c, run.progress)
+        nll = run.nll(val[0], val[2], None, trained[(h, b)])
+        fake = run.sample(val[0], None, seed=0, cfg=cfg, blenders=trained[(h, b)])
+        return {"val_nll": nll["nll_all"], "val_nll_retrieval": nll["nll_retrieval"],
+                "val_fd": frechet_distance(val[3], run.features(fake)),
+                "train_loss_last20": statistics.fmean(losses[-20:])}
+
+    rows = ["".join(map(str, h)) for h in hops]  # the paper's spelling: "12" = hops 1 and 2
+    sweep = sweep_grid(cell, rows, list(blenders), row_name="hops", col_name="blenders", progress=run.progress)
+    chosen = best_cell(sweep, "val_fd")
+    sweep["chosen_by_val_fd"] = chosen
+    sweep["test"] = split_metrics(run, test, seeds, cfg, None, trained[(chosen["hops"], chosen["blenders"])])
+    if out is not None:
+        save_heatmap(sweep, "val_fd", Path(out) / "sweep_faid_val_fd.png", "FAiD: val Frechet distance", "{:.2f}")
+        save_heatmap(sweep, "val_nll", Path(out) / "sweep_faid_val_nll.png", "FAiD: val NLL (nats/token)")
+    return sweep
 
 
 def _mean_std(xs: list[float]) -> dict:
@@ -68,8 +135,12 @@ def _mean_std(xs: list[float]) -> dict:
 
 def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 2), lams=DEFAULT_LAMS,
                        taus=DEFAULT_TAUS, k: int = 256, cfg: float = 5.0, fig6_k: int = 32, progress: bool = True,
-                       cache_dir=None) -> dict:
-    """Run the protocol above; write ``results.json``, heatmaps, the Fig. 6 plot and sample grids to ``out``."""
+                       cache_dir=None, faid_hops=None, faid_blenders=None,
+                       blender_cfg: BlenderConfig = BlenderConfig()) -> dict:
+    """Run the protocol above; write ``results.json``, heatmaps, the Fig. 6 plot and sample grids to ``out``.
+
+    ``faid_hops`` (e.g. ``((1,), (1, 2))``) and ``faid_blenders`` (e.g. ``(1, 2)``) run :func:`faid_sweep`
+    (it trains blenders for every cell; both None: no sweep)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -88,7 +159,7 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
         daid = DAiDConfig(lam=lam, tau=tau, k=k) if lam > 0 else None
         key = (lam, tau) if lam > 0 else 0.0
         if key not in nll_cache:  # lam = 0 is the plain model whatever tau
-            nll = image_nll(run.model, val_p, val_t, run.db if daid else None, daid).summary()
+            nll = run.nll(val_p, val_t, daid)
             fake = run.sample(val_p, daid, seed=0, cfg=cfg)
             nll_cache[key] = {"val_nll": nll["nll_all"], "val_nll_retrieval": nll.get("nll_retrieval"),
                               "val_fd": frechet_distance(val_f, run.features(fake))}
@@ -108,21 +179,14 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
     if chosen_nll["lam"] > 0 and (chosen_nll["lam"], chosen_nll["tau"]) != (chosen["lam"], chosen["tau"]):
         methods[f"daid(lam={chosen_nll['lam']},tau={chosen_nll['tau']})"] = DAiDConfig(
             lam=chosen_nll["lam"], tau=chosen_nll["tau"], k=k)
+    methods = {name: (daid, None) for name, daid in methods.items()}
+    if run.blenders is not None:
+        methods[run.faid_name()] = (None, run.blenders)
+        results["blenders"] = run.blender_meta
     test = {}
-    for name, daid in methods.items():
-        nll = image_nll(run.model, test_p, test_t, run.db if daid else None, daid).summary()
-        fd, fw, prec, rec = [], [], [], []
-        for seed in seeds:
-            fake = run.sample(test_p, daid, seed=seed, cfg=cfg)
-            fd.append(frechet_distance(test_f, run.features(fake)))
-            fw.append(fwd(test_x, fake))
-            pr = precision_recall(test_f, run.features(fake))
-            prec.append(pr["precision"])
-            rec.append(pr["recall"])
-            if seed == seeds[0]:
-                image_grid(fake[:128]).save(out / f"samples_{name.split('(')[0]}.png")
-        test[name] = {"nll": nll, "fd": _mean_std(fd), "fwd": _mean_std(fw), "precision": _mean_std(prec),
-                      "recall": _mean_std(rec)}
+    split = (test_p, test_x, test_t, test_f)
+    for name, (daid, blenders) in methods.items():
+        test[name] = split_metrics(run, split, seeds, cfg, daid, blenders, out / f"samples_{name.split('(')[0]}.png")
     recon = decode_tokens(run.model, test_t)
     test["vq_reconstruction"] = {"fd": frechet_distance(test_f, run.features(recon)), "fwd": fwd(test_x, recon),
                                  **precision_recall(test_f, run.features(recon)),
@@ -130,6 +194,9 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
     image_grid(test_x[:128]).save(out / "real_test.png")
     image_grid(recon[:128]).save(out / "reconstruction_test.png")
     results["test"] = test
+    if faid_hops is not None or faid_blenders is not None:
+        results["faid_sweep"] = faid_sweep(run, (val_p, val_x, val_t, val_f), (test_p, test_x, test_t, test_f),
+                                           faid_hops or ((1, 2),), faid_blenders or (2,), seeds, cfg, blender_cfg, out)
 
     # Fig. 6.
     train_t = encode_tokens(run.model, run.ds.pixels("train")[:1000])

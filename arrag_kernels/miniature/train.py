@@ -14,10 +14,15 @@ Stages (each seeded; a few minutes on 2 CPU cores at the default sizes):
    unconditional CFG prompt is learnt too.
 3. **Classifier** (``train_classifier``): a 3-layer CNN predicting the subgroup; its pooled
    features are the miniature stand-in for Inception features.
+4. **FAiD blenders** (``train_blenders``): the library's :class:`FAiDTrainer` (blenders only; the
+   base model, LoRA and head untouched) on the frozen model. So that no training image retrieves
+   its own patches, the train split is split again by base name: the database is built from one
+   part (``BlenderConfig.db_fraction`` of the base names) and the blenders train on the other.
 
-``python -m arrag_kernels.miniature.train --out DIR`` runs all three and writes
-``model.safetensors`` + ``config.json`` (HF ``save_pretrained``, fp16), ``classifier.safetensors``
-and ``meta.json`` (the config, dataset split sizes, losses, wall times).
+``python -m arrag_kernels.miniature.train --out DIR`` runs all four and writes
+``model.safetensors`` + ``config.json`` (HF ``save_pretrained``, fp16), ``classifier.safetensors``,
+``meta.json`` (the config, dataset split sizes, losses, wall times), ``blenders.safetensors`` (fp16)
+and ``blenders.json``; ``--blenders-only`` trains stage 4 on an existing ``--out``.
 """
 
 from __future__ import annotations
@@ -74,6 +79,32 @@ class MiniatureConfig:
     def model_kwargs(self) -> dict:
         return dict(grid=self.grid, hidden_size=self.hidden_size, num_layers=self.num_layers,
                     codebook_size=self.codebook_size, patch_size=self.patch_size)
+
+
+@dataclass(frozen=True)
+class BlenderConfig:
+    """Stage 4: FAiD blenders (official placement and K; ``hops``, ``blenders`` as in :class:`FAiDConfig`)."""
+
+    k: int = 10
+    hops: tuple[int, ...] = (1, 2)
+    blenders: int = 2
+    steps: int = 200
+    batch: int = 16
+    lr: float = 1e-3
+    db_fraction: float = 0.7  # of the train split's base names: the database; the rest trains the blenders
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "hops", tuple(self.hops))
+        if self.steps < 1 or self.batch < 1:
+            raise ValueError(f"BlenderConfig: expected steps and batch >= 1, got {self.steps} and {self.batch}")
+        if not 0 < self.db_fraction < 1:
+            raise ValueError(f"BlenderConfig.db_fraction: expected a fraction in (0, 1), got {self.db_fraction}")
+
+    def faid(self):
+        from ..faid import FAiDConfig
+
+        return FAiDConfig(k=self.k, hops=self.hops, blenders=self.blenders)
 
 
 def prompt_for(group_ids: torch.Tensor, subgroup_ids: torch.Tensor) -> torch.Tensor:
@@ -212,9 +243,88 @@ def train_classifier(ds: EmojiDataset, cfg: MiniatureConfig, progress: bool = Tr
     return clf.eval(), losses
 
 
+def blender_split(ds: EmojiDataset, db_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train-split indices (database part, blender-training part), seeded, by base name (skin-tone
+    variants of one emoji stay on one side, so no blender-training image finds its own patches or a
+    variant's in the database)."""
+    idx = ds.indices("train")
+    bases = sorted({ds.names[i].split(":")[0].strip() for i in idx.tolist()})
+    order = torch.randperm(len(bases), generator=torch.Generator().manual_seed(seed)).tolist()
+    in_db = {bases[i] for i in order[: round(db_fraction * len(bases))]}
+    mask = torch.tensor([ds.names[i].split(":")[0].strip() in in_db for i in idx.tolist()])
+    if mask.all() or not mask.any():
+        raise ValueError(f"db_fraction {db_fraction} leaves one part of the {len(bases)} train base names empty")
+    return idx[mask], idx[~mask]
+
+
+def train_blenders(model, ds: EmojiDataset, cfg: BlenderConfig = BlenderConfig(), progress: bool = True):
+    """Train FAiD blenders for the frozen ``model`` (see stage 4). Returns (blenders, losses, info)."""
+    import arrag_kernels as ak
+
+    from ..faid import FAiDBlenders
+    from ..faid.train import FAiDTrainer
+
+    db_idx, fit_idx = blender_split(ds, cfg.db_fraction, cfg.seed)
+    db = ak.PatchDatabase.build(ds.pixels()[db_idx], model, progress=progress)
+    tokens = encode_tokens(model, ds.pixels()[fit_idx])
+    prompts = dataset_prompts(ds, fit_idx)
+    torch.manual_seed(cfg.seed + 3)
+    blenders = FAiDBlenders.for_model(model, cfg.faid())
+    flags = [p.requires_grad for p in model.parameters()]
+    trainer = FAiDTrainer(model, db, blenders, lr=cfg.lr)
+    retrieved = [torch.cat(x) for x in zip(*(trainer.retrieve_all(t) for t in tokens.split(256)))]  # once per image
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    losses = []
+    with _bar(cfg.steps, "training FAiD blenders", progress) as bar:
+        for _ in range(cfg.steps):
+            b = torch.randint(0, len(tokens), (min(cfg.batch, len(tokens)),), generator=g)
+            losses.append(trainer.step(prompts[b], tokens[b], (retrieved[0][b], retrieved[1][b])))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.update()
+    for p, f in zip(model.parameters(), flags):  # the trainer froze the base model for training
+        p.requires_grad_(f)
+    info = {"database_images": len(db_idx), "database_entries": len(db), "training_images": len(fit_idx)}
+    return blenders.eval(), losses, info
+
+
+def train_and_save_blenders(out: str | os.PathLike, cfg: BlenderConfig = BlenderConfig(), progress: bool = True,
+                            cache_dir=None) -> dict:
+    """Stage 4 on the trained model in ``out``: writes ``blenders.safetensors`` (fp16) and ``blenders.json``."""
+    from ..faid import save_blenders
+
+    out = Path(out)
+    model, _, meta = load_miniature(out)
+    mcfg = MiniatureConfig(**meta["config"])
+    ds = load_emoji_dataset(size=mcfg.size, limit=mcfg.limit, seed=mcfg.seed, cache_dir=cache_dir, progress=progress)
+    t0 = time.perf_counter()
+    blenders, losses, info = train_blenders(model, ds, cfg, progress)
+    save_blenders(blenders.half(), out / "blenders.safetensors")
+    first = lambda xs: float(torch.tensor(xs[:20]).mean())  # noqa: E731
+    last = lambda xs: float(torch.tensor(xs[-20:]).mean())  # noqa: E731
+    bmeta = {"config": dataclasses.asdict(cfg), **info, "loss_first20": first(losses), "loss_last20": last(losses),
+             "train_s": time.perf_counter() - t0, "torch": torch.__version__,
+             "command": "python -m arrag_kernels.miniature.train --blenders-only"
+                        + ("" if out.resolve() == WEIGHTS_DIR.resolve() else f" --out {out}")}
+    (out / "blenders.json").write_text(json.dumps(bmeta, indent=2))
+    return bmeta
+
+
+def load_miniature_blenders(path: str | os.PathLike | None = None, model=None):
+    """(FAiDBlenders in fp32, blenders.json) of a trained miniature run (default: the shipped weights)."""
+    from ..faid import load_blenders
+
+    path = Path(path) if path else WEIGHTS_DIR
+    if not (path / "blenders.safetensors").is_file():
+        raise FileNotFoundError(f"{str(path)!r} holds no FAiD blenders (expected blenders.safetensors); run "
+                                "`python -m arrag_kernels.miniature.train --blenders-only --out DIR`")
+    model = model if model is not None else load_miniature(path)[0]
+    meta = json.loads((path / "blenders.json").read_text())
+    return load_blenders(path / "blenders.safetensors", model).float().eval(), meta
+
+
 def train_miniature(out: str | os.PathLike, cfg: MiniatureConfig = MiniatureConfig(), progress: bool = True,
-                    cache_dir=None) -> dict:
-    """Run all stages and save the model, the classifier and ``meta.json`` under ``out``."""
+                    cache_dir=None, blender_cfg: BlenderConfig = BlenderConfig()) -> dict:
+    """Run all stages and save the model, the classifier, ``meta.json`` and the blenders under ``out``."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -252,6 +362,7 @@ def train_miniature(out: str | os.PathLike, cfg: MiniatureConfig = MiniatureConf
                    + ("" if out.resolve() == WEIGHTS_DIR.resolve() else f" --out {out}") + f" --seed {cfg.seed}",
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    meta["blenders"] = train_and_save_blenders(out, blender_cfg, progress, cache_dir)
     return meta
 
 
@@ -280,12 +391,18 @@ def main(argv=None):
     p.add_argument("--out", default=str(WEIGHTS_DIR))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a handful of emoji and steps (smoke test)")
+    p.add_argument("--blenders-only", action="store_true", help="only stage 4 (FAiD blenders) on the model in --out")
     args = p.parse_args(argv)
     cfg = MiniatureConfig(seed=args.seed)
+    blender_cfg = BlenderConfig(seed=args.seed)
     if args.quick:
         cfg = dataclasses.replace(cfg, limit=60, vq_steps=3, lm_steps=3, clf_steps=3, vq_batch=8, lm_batch=8,
                                   clf_batch=8)
-    print(json.dumps(train_miniature(args.out, cfg), indent=2))
+        blender_cfg = dataclasses.replace(blender_cfg, k=4, steps=3, batch=4)
+    if args.blenders_only:
+        print(json.dumps(train_and_save_blenders(args.out, blender_cfg), indent=2))
+    else:
+        print(json.dumps(train_miniature(args.out, cfg, blender_cfg=blender_cfg), indent=2))
 
 
 if __name__ == "__main__":
