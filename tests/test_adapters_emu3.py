@@ -4,11 +4,13 @@ adapter's logits processor and through patch_model."""
 
 import pytest
 import torch
-from transformers import Emu3Config, Emu3ForConditionalGeneration, TextIteratorStreamer
+from transformers import Emu3Config, Emu3ForConditionalGeneration
 from transformers.generation.streamers import BaseStreamer
 
 import arrag_kernels as ak
 from arrag_kernels.models import Emu3Adapter, ImageTokenizer, get_adapter
+
+from .utils import assert_tokens_among_retrieved
 
 CODES, GRID = 32, (4, 5)  # a non-square grid: Emu3 picks H x W per call
 BOS, EOS, PAD, BOI, WRAP, EOL, EOF, EOI = 1, 2, 0, 3, 4, 5, 6, 7
@@ -111,16 +113,8 @@ def test_lam_zero_equals_hf_generate(setup, do_sample):
 def _assert_draws_retrieved_tokens(model, adapter, db, out):
     assert bool((out[:, GRID[1]:GRID[0] * ROW:ROW] == EOL).all()), "end-of-line tokens must stay at the row ends"
     image = model.vocabulary_mapping.convert_bpe2img(out[:, :GRID[0] * ROW].reshape(2, GRID[0], ROW)).reshape(2, -1)
-    codebook = adapter.codebook()
-    steps = ak.ops.retrieval_positions(GRID, db.meta.layout).nonzero().flatten().tolist()
-    for step in steps:
-        prefix = image.clone()
-        prefix[:, step:] = -1
-        queries, _ = ak.ops.neighbor_keys(prefix, codebook, torch.full((2,), step), GRID, db.meta.layout)
-        _, hits = db.retrieve(queries, 4)
-        for b in range(2):
-            assert image[b, step].item() in hits[b].tolist(), f"image {b} step {step}"
-    assert len(steps) == (GRID[0] - 1) * (GRID[1] - 2)
+    checked = assert_tokens_among_retrieved(image, adapter.codebook(), db, GRID, 4)
+    assert checked == 2 * (GRID[0] - 1) * (GRID[1] - 2)
 
 
 def test_lam_one_draws_retrieved_tokens(setup):

@@ -7,6 +7,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
 import arrag_kernels as ak
 
+from .utils import assert_tokens_among_retrieved
+
 BOS, EOS, BOI, CODE0, CODES, GRID, D = 1, 2, 3, 32, 64, (5, 6), 8
 EOL = CODE0 + CODES
 ROW = GRID[1] + 1  # image tokens of a row, then end-of-line
@@ -68,16 +70,7 @@ def test_lam_one_draws_only_retrieved_tokens(setup):
     assert bool((out[:, GRID[1]::ROW] == EOL).all()), "end-of-line tokens must stay at the row ends"
     cells = out.reshape(3, GRID[0], ROW)[:, :, :GRID[1]].reshape(3, -1) - CODE0  # (B, H*W) codes
     retrieves = ak.ops.retrieval_positions(GRID, db.meta.layout)
-    checked = 0
-    for step in retrieves.nonzero().flatten().tolist():
-        prefix = cells.clone()
-        prefix[:, step:] = -1
-        queries, _ = ak.ops.neighbor_keys(prefix, codebook, torch.full((3,), step), GRID, db.meta.layout)
-        _, hits = db.retrieve(queries, 6)
-        for b in range(3):
-            assert cells[b, step].item() in hits[b].tolist(), f"image {b} step {step}"
-            checked += 1
-    assert checked == 3 * int(retrieves.sum()) > 0
+    assert assert_tokens_among_retrieved(cells, codebook, db, GRID, 6) == 3 * int(retrieves.sum()) > 0
     assert not torch.equal(out, _generate(model))
 
 

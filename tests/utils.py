@@ -62,3 +62,21 @@ def replay_without_host_sync(loop, model, ids: torch.Tensor, num_tokens: int = 6
         return loop.run(embeds, mask, num_tokens, do_sample=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def assert_tokens_among_retrieved(cells: torch.Tensor, codebook: torch.Tensor, db, grid, k: int) -> int:
+    """Every token of the (B, H*W) code grids ``cells`` at a retrieval position is among the ``k`` tokens
+    the database returns for the neighbourhood of its already generated cells (what lam = 1 must draw).
+    Returns the number of tokens checked."""
+    import arrag_kernels as ak
+
+    B = cells.shape[0]
+    steps = ak.ops.retrieval_positions(grid, db.meta.layout).nonzero().flatten().tolist()
+    for step in steps:
+        prefix = cells.clone()
+        prefix[:, step:] = -1
+        queries, _ = ak.ops.neighbor_keys(prefix, codebook, torch.full((B,), step), grid, db.meta.layout)
+        _, hits = db.retrieve(queries, k)
+        for b in range(B):
+            assert cells[b, step].item() in hits[b].tolist(), f"image {b} step {step}"
+    return B * len(steps)
