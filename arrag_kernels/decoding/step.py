@@ -62,23 +62,29 @@ class DecodeStats:
     @contextlib.contextmanager
     def time_step(self, device):
         """Time the enclosed step (device synchronised on both sides)."""
-        _sync(device)
-        t0 = time.perf_counter()
-        yield
-        _sync(device)
-        dt = time.perf_counter() - t0
-        self.step_s.append(dt)
-        self.total_s += dt
+        with _elapsed(device) as seconds:
+            yield
+        self.step_s.append(seconds[0])
+        self.total_s += seconds[0]
         self.steps += 1
 
     @contextlib.contextmanager
     def time_retrieval(self, device):
-        _sync(device)
-        t0 = time.perf_counter()
-        yield
-        _sync(device)
-        self.retrieval_s += time.perf_counter() - t0
+        with _elapsed(device) as seconds:
+            yield
+        self.retrieval_s += seconds[0]
         self.retrieval_steps += 1
+
+
+@contextlib.contextmanager
+def _elapsed(device: torch.device):
+    """Yields a list that holds the enclosed block's wall time in seconds once it exits (device synchronised on both sides)."""
+    seconds = []
+    _sync(device)
+    t0 = time.perf_counter()
+    yield seconds
+    _sync(device)
+    seconds.append(time.perf_counter() - t0)
 
 
 def _sync(device: torch.device):
