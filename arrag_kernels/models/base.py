@@ -22,6 +22,8 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from ..ops import knn
+
 
 @runtime_checkable
 class ImageTokenizer(Protocol):
@@ -195,13 +197,33 @@ def codebook_fingerprint(codebook: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def encoder_batches(pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Sub-batches in which to run a 2-D convolutional VQ encoder. On the CPU: one image at a time in
+    channels-last layout (oneDNN's convolutions then need no layout reorders, and one image's
+    activations stay in cache). Measured on 2 cores for a 384-px, 32-channel Janus VQ encoder: 1.8-2x
+    the throughput of a batch of 16 in the default layout; 1.15x for Janus-Pro's own VQ (128 channels,
+    compute-bound). Other devices: the batch as it is."""
+    if pixels.device.type != "cpu":
+        return (pixels,)
+    return tuple(image.contiguous(memory_format=torch.channels_last) for image in pixels.split(1))
+
+
 class VQCodebook:
-    """``codebook()`` / ``fingerprint()`` for adapters whose VQ model (``self.vq``) keeps its codebook in
-    ``quantize.embedding`` (HF Janus, Emu3): rows L2-normalised as HF's lookups see them; the
-    fingerprint hashes the raw rows."""
+    """``codebook()`` / ``fingerprint()`` / ``nearest_codes()`` for adapters whose VQ model (``self.vq``)
+    keeps its codebook in ``quantize.embedding`` (HF Janus, Emu3): rows L2-normalised as HF's lookups
+    see them; the fingerprint hashes the raw rows."""
 
     def codebook(self) -> torch.Tensor:
         return F.normalize(self.vq.quantize.embedding.weight.detach(), p=2, dim=-1)
 
     def fingerprint(self) -> str:
         return codebook_fingerprint(self.vq.quantize.embedding.weight)
+
+    @torch.no_grad()
+    def nearest_codes(self, cells: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """HF's quantizer ids for (N, d) latent cells: argmin of the squared L2 distance to the raw
+        codebook rows, first minimum. Through the library's exact search, so no (cells x codebook)
+        distance matrix is built (HF's: 3.6 GB for 64 Janus-Pro images), and ``chunk`` cells at a time
+        bound the reference backend's memory. Returns (N,) int64."""
+        codebook = self.vq.quantize.embedding.weight.detach()
+        return torch.cat([knn(part, codebook, 1)[1][:, 0] for part in cells.float().split(chunk)])

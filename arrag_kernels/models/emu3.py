@@ -78,8 +78,9 @@ class Emu3Adapter(VQCodebook):
         frames = pixels.to(self.device, vq.dtype).unsqueeze(1).repeat(1, vq.config.temporal_downsample_factor, 1, 1, 1)
         hidden = vq.encoder(frames)  # (B, t, c, h, w)
         latent = vq.quant_conv(hidden.permute(0, 2, 1, 3, 4)).permute(0, 2, 1, 3, 4)  # (B, 1, d, h, w)
-        tokens = vq.quantize(latent)[:, 0]  # (B, h, w)
-        return F.normalize(latent[:, 0].permute(0, 2, 3, 1).float(), p=2, dim=-1), tokens
+        cells = latent[:, 0].permute(0, 2, 3, 1)  # (B, h, w, d)
+        tokens = self.nearest_codes(cells.reshape(-1, cells.shape[-1])).view(cells.shape[:3])
+        return F.normalize(cells.float(), p=2, dim=-1), tokens
 
     def logits_processor(self, db, config, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
         """A :class:`arrag_kernels.DAiDLogitsProcessor` for Emu3's ``generate`` on ``db``'s grid.

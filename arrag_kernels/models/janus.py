@@ -8,8 +8,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from ..ops import knn
-from .base import VQCodebook
+from .base import VQCodebook, encoder_batches
 
 
 # ---- the official AR-RAG / DeepSeek-Janus release -> HF JanusForConditionalGeneration ---------------
@@ -160,28 +159,16 @@ class JanusAdapter(VQCodebook):
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-quantisation latents ``quant_conv(encoder(x))`` (L2-normalised per cell) and token ids."""
-        dtype = self.vq.quant_conv.weight.dtype
-        hidden = self.vq.encoder(pixels.to(self.device, dtype))
-        latent = self.vq.quant_conv(hidden)  # (B, d, H, W)
-        B, _, H, W = latent.shape
+        pixels = pixels.to(self.device, self.vq.quant_conv.weight.dtype)
+        latent = torch.cat([self.vq.quant_conv(self.vq.encoder(part)) for part in encoder_batches(pixels)])
+        B, d, H, W = latent.shape
         if (H, W) != self.grid:
             raise ValueError(
                 f"the VQ encoder mapped {tuple(pixels.shape[-2:])} pixels onto a {H}x{W} latent grid, expected "
                 f"{self.grid}; encode images of {self.image_size}x{self.image_size} pixels"
             )
-        tokens = self.nearest_codes(latent)
-        latents = F.normalize(latent.permute(0, 2, 3, 1).float(), p=2, dim=-1)
-        return latents, tokens.view(B, H, W)
-
-    @torch.no_grad()
-    def nearest_codes(self, latent: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-        """HF's quantizer ids (argmin of squared L2 to the raw codebook rows, first minimum) for
-        (B, d, H, W) latents, through the library's exact search: no (cells x codebook) distance
-        matrix (3.6 GB at batch 64 for Janus-Pro), and ``chunk`` cells at a time bound the
-        reference backend's. Returns (B * H * W,) int64 in raster order."""
-        cells = latent.permute(0, 2, 3, 1).reshape(-1, latent.shape[1]).float()
-        codebook = self.vq.quantize.embedding.weight.detach()
-        return torch.cat([knn(part, codebook, 1)[1][:, 0] for part in cells.split(chunk)])
+        cells = latent.permute(0, 2, 3, 1).reshape(-1, d)
+        return F.normalize(cells.float(), p=2, dim=-1).view(B, H, W, d), self.nearest_codes(cells).view(B, H, W)
 
     # ---- decoder side ---------------------------------------------------------------------
     def new_cache(self):
