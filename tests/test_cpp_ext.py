@@ -282,6 +282,14 @@ def test_bindings_reject_bad_input():
         C.daid_sample(logits, dist, ids, active, None, **{**kw, "dedup": "max"})
     with pytest.raises(TypeError, match="active must be bool, got int64"):
         C.daid_sample(logits, dist, ids, np.ones(2, np.int64), None, **kw)
+    nan_logits = logits.copy()
+    nan_logits[3, 7] = np.nan
+    with pytest.raises(ValueError, match="logits row 3 holds NaN or \\+inf at 7"):
+        C.daid_sample(nan_logits, dist, ids, active, None, **kw)
+    nan_dist = dist.copy()
+    nan_dist[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"retrieved distance \(1, 2\) is NaN"):
+        C.daid_sample(logits, nan_dist, ids, active, None, **kw)
 
 
 @needs_ext

@@ -161,6 +161,22 @@ arrag_status arrag_daid_sample_filtered(const float* logits, int64_t batch, int6
     for (int64_t b = 0; b < batch; ++b)
       ARRAG_REQUIRE(uniforms[b] >= 0.0f && uniforms[b] < 1.0f,
                     "uniforms must lie in [0, 1), got " + std::to_string(uniforms[b]) + " at row " + str(b));
+  // As the Python ops (ops/daid.py) for CPU inputs: NaN or +inf scores, all -inf rows and NaN distances of
+  // real hits would otherwise sample a silent token 0. One pass over the inputs, small next to the merge.
+  for (int64_t r = 0; r < (cfg != 0 ? 2 * batch : batch); ++r) {
+    const float* row = logits + r * vocab;
+    bool any_finite = false;
+    for (int64_t v = 0; v < vocab; ++v) {
+      ARRAG_REQUIRE(!std::isnan(row[v]) && row[v] != INFINITY,
+                    "logits row " + str(r) + " holds NaN or +inf at " + str(v) +
+                        "; expected finite scores (-inf only for masked tokens)");
+      any_finite = any_finite || row[v] != -INFINITY;
+    }
+    ARRAG_REQUIRE(any_finite, "logits row " + str(r) + " is all -inf; at least one token must be allowed");
+  }
+  for (int64_t i = 0; i < batch * k; ++i)
+    ARRAG_REQUIRE(tokens[i] < 0 || !std::isnan(dist[i]),
+                  "retrieved distance (" + str(i / k) + ", " + str(i % k) + ") is NaN; expected finite distances");
   return arrag::guarded(op, [&] {
     arrag::daid_sample(logits, batch, vocab, cfg != 0, dist, tokens, k, active, uniforms, guidance_scale, temperature,
                        lam, tau, dedup, top_k, top_p, tokens_out, probs_out);

@@ -89,6 +89,36 @@ static void test_daid_sample(void) {
                                  ARRAG_DEDUP_SUM, &tok, NULL),
                "arrag_daid_sample (greedy)");
   CHECK(tok == 2, "greedy sampled %lld, expected 2", (long long)tok);
+
+  /* Non-finite inputs are refused (not sampled as a silent token 0): NaN and +inf logits, an all -inf
+   * row, a NaN distance of a real hit. A -inf logit (a masked token) and a NaN at an ignored hit
+   * (id < 0) are fine. */
+  float bad[8] = {0};
+  const float nan_dist[2] = {0.5f, NAN};
+  const int64_t padded[2] = {2, -1};
+  bad[5] = NAN;
+  arrag_status s = arrag_daid_sample(bad, 1, 4, 1, dist, hits, 2, active, NULL, 5.0f, 1.0f, 0.5f, 0.6f,
+                                     ARRAG_DEDUP_NEAREST, &tok, NULL);
+  CHECK(s == ARRAG_ERROR_INVALID_ARGUMENT && strstr(arrag_last_error(), "logits row 1 holds NaN") != NULL,
+        "NaN logit: status %d, message %s", (int)s, arrag_last_error());
+  bad[5] = INFINITY;
+  s = arrag_daid_sample(bad, 1, 4, 1, dist, hits, 2, active, NULL, 5.0f, 1.0f, 0.5f, 0.6f, ARRAG_DEDUP_NEAREST, &tok,
+                        NULL);
+  CHECK(s == ARRAG_ERROR_INVALID_ARGUMENT, "+inf logit: status %d", (int)s);
+  for (int v = 0; v < 4; ++v) bad[v] = -INFINITY;
+  bad[5] = 0.0f;
+  s = arrag_daid_sample(bad, 1, 4, 1, dist, hits, 2, active, NULL, 5.0f, 1.0f, 0.5f, 0.6f, ARRAG_DEDUP_NEAREST, &tok,
+                        NULL);
+  CHECK(s == ARRAG_ERROR_INVALID_ARGUMENT && strstr(arrag_last_error(), "all -inf") != NULL,
+        "all -inf row: status %d, message %s", (int)s, arrag_last_error());
+  s = arrag_daid_sample(logits, 1, 4, 1, nan_dist, hits, 2, active, NULL, 5.0f, 1.0f, 0.5f, 0.6f,
+                        ARRAG_DEDUP_NEAREST, &tok, NULL);
+  CHECK(s == ARRAG_ERROR_INVALID_ARGUMENT && strstr(arrag_last_error(), "distance (0, 1) is NaN") != NULL,
+        "NaN distance: status %d, message %s", (int)s, arrag_last_error());
+  bad[0] = 0.0f; /* row 0 now has one allowed token among -inf masked ones */
+  check_status(arrag_daid_sample(bad, 1, 4, 1, nan_dist, padded, 2, active, NULL, 5.0f, 1.0f, 0.5f, 0.6f,
+                                 ARRAG_DEDUP_NEAREST, &tok, NULL),
+               "arrag_daid_sample (masked logits, NaN at an ignored hit)");
 }
 
 static void test_cuda_stub(void) {

@@ -109,6 +109,8 @@ ARRAG_API arrag_status arrag_knn_blocked(const float* queries, int64_t num_queri
  *   p = (1 - lam) p_model + lam p_ret on active rows with at least one valid token, else p_model.
  *   tokens_out (batch,) int64: smallest v with cumsum(p)[v] > u * sum(p)
  *   probs_out  (batch, vocab) float32 p, or NULL to skip writing it
+ *   Refused with ARRAG_ERROR_INVALID_ARGUMENT: NaN or +inf logits (-inf masks a token; every row must
+ *   allow one) and NaN distances of hits with id >= 0.
  */
 ARRAG_API arrag_status arrag_daid_sample(const float* logits, int64_t batch, int64_t vocab, int cfg,
                                          const float* dist, const int64_t* tokens, int64_t k, const uint8_t* active,
