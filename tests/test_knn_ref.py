@@ -35,6 +35,7 @@ def test_knn_spans_blocks_and_ties_by_id(monkeypatch):
     # Duplicated keys in different reference blocks: equal distances must come back in id order.
     mod = importlib.import_module("arrag_kernels.ops.knn")  # the package attribute `knn` is the function
     monkeypatch.setattr(mod, "_REF_BLOCK", 16)
+    monkeypatch.setattr(mod, "_REF_CANDIDATES", 32)  # 2 queries: blocks of 16 keys
     g = torch.Generator().manual_seed(0)
     base = torch.randn(10, 8, generator=g)
     keys = base.repeat(7, 1)  # ids i, i+10, i+20, ... share a key
