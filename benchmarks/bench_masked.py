@@ -12,12 +12,12 @@ batch 1 and 16. Providers:
   (``sample_cells``: ``daid_sample`` on B * P rows, which the plain step runs without hits);
 * ``faid-model-step``: the forward with FAiD blenders (K = 10 retrieval included).
 
-pytest-benchmark times every row the same way (median of the rounds). Every row also records
-``interleaved_ms``: the three providers timed alternately in one loop (median per provider), and
-``retrieval_over_model_step`` / ``faid_over_model_step`` from those interleaved medians, so the ratios
-do not depend on load drift between rows.
+Every row goes through ``timing.run`` (medians and spread, rounds sized by ``--benchmark-max-time``);
+the ``daid-retrieval`` and ``faid-model-step`` rows run the model step interleaved with them and
+record ``ratio_to_model_step``.
 
-``test_masked_faid_blend`` times one all-cell blender, fast form against the literal K conv stacks.
+``test_masked_faid_blend`` times one all-cell blender; the fast form's row runs the literal K conv
+stacks interleaved (``ratio_to_literal``).
 
 Shapes: ``tiny-cpu`` (8 x 8 grid, 512 codes, hidden 64, 2 layers, 20k keys, K = 64, reference ops on
 CPU: plumbing, not speed claims) and ``showo-shape`` (CUDA only: Show-o's 16 x 16 grid, 8192 codes
@@ -26,31 +26,29 @@ of 13-d LFQ vectors, a 24-layer hidden-2048 transformer with random bf16 weights
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
 import arrag_kernels as ak
+import timing
 from arrag_kernels.faid import FAiDBlenders
 from arrag_kernels.masked import (MaskedDAiD, MaskedDecodeConfig, MaskedFAiD, masked_positions, sample_cells,
                                   tiny_maskgit)
 from arrag_kernels.retrieval import DatabaseMeta
 
 CUDA = torch.cuda.is_available()
-# name -> (generator kwargs, device, dtype, database keys, DAiD K, rounds)
+# name -> (generator kwargs, device, dtype, database keys, DAiD K)
 SHAPES = {
     "tiny-cpu": (dict(grid=(8, 8), codebook_size=512, embed_dim=8, dim=64, num_layers=2, heads=4), "cpu",
-                 torch.float32, 20_000, 64, 10),
+                 torch.float32, 20_000, 64),
     "showo-shape": (dict(grid=(16, 16), codebook_size=8192, embed_dim=13, dim=2048, num_layers=24, heads=16), "cuda",
-                    torch.bfloat16, 1_000_000, 2048, 10),
+                    torch.bfloat16, 1_000_000, 2048),
 }
 BATCHES = (1, 16)
 PROVIDERS = ("model-step", "daid-retrieval", "faid-model-step")
 SCHEDULE = MaskedDecodeConfig(steps=12)
 FAID = ak.FAiDConfig(k=10, hops=(1, 2), blenders=2)
 _setups: dict = {}
-_interleaved: dict = {}
 
 
 def V_of(name: str) -> int:
@@ -66,7 +64,7 @@ def _setup(name: str):
     if name in _setups:
         return _setups[name]
     _setups.clear()
-    kwargs, device, dtype, num_keys, k, _ = SHAPES[name]
+    kwargs, device, dtype, num_keys, k = SHAPES[name]
     with torch.device(device):
         gen = tiny_maskgit(seed=0, **kwargs)
     gen.model.to(dtype)
@@ -125,22 +123,6 @@ def _calls(name: str, batch: int):
     return calls, P
 
 
-def _interleaved_medians(name: str, batch: int, rounds: int) -> dict:
-    key = (name, batch)
-    if key not in _interleaved:
-        calls, _ = _calls(name, batch)
-        for fn in calls.values():
-            fn()  # warm-up
-        times = {p: [] for p in PROVIDERS}
-        for _ in range(rounds):
-            for p in PROVIDERS:
-                t0 = time.perf_counter()
-                calls[p]()
-                times[p].append(time.perf_counter() - t0)
-        _interleaved[key] = {p: sorted(t)[len(t) // 2] for p, t in times.items()}
-    return _interleaved[key]
-
-
 def _params():
     for name, (_, device, *_rest) in SHAPES.items():
         marks = [pytest.mark.skipif(not CUDA, reason="the Show-o-shaped case needs a CUDA GPU")] if device == "cuda" else []
@@ -151,7 +133,7 @@ def _params():
 
 @pytest.mark.parametrize("name,batch,provider", list(_params()))
 def test_masked_step(benchmark, name, batch, provider):
-    _, device, dtype, num_keys, k, rounds = SHAPES[name]
+    _, device, dtype, num_keys, k = SHAPES[name]
     calls, P = _calls(name, batch)
     out = calls[provider]()  # correctness outside the timed calls
     if provider == "daid-retrieval":
@@ -163,15 +145,12 @@ def test_masked_step(benchmark, name, batch, provider):
         assert out.shape == (batch, H * W, V_of(name))
         assert bool(torch.isfinite(out).all())
     benchmark.group = f"{name}-b{batch}"
-    benchmark.pedantic(calls[provider], rounds=rounds, iterations=1, warmup_rounds=1)
-    medians = _interleaved_medians(name, batch, rounds)
     benchmark.extra_info.update(
         provider=provider, batch=batch, unknown_cells_per_image=P, queries_per_search=batch * P, db_keys=num_keys,
-        k=k, faid_k=FAID.k, dtype=str(dtype), statistic="median",
-        interleaved_ms={p: 1e3 * t for p, t in medians.items()},
-        retrieval_over_model_step=medians["daid-retrieval"] / medians["model-step"],
-        faid_over_model_step=medians["faid-model-step"] / medians["model-step"],
+        k=k, faid_k=FAID.k, dtype=str(dtype),
     )
+    baselines = {"model_step": calls["model-step"]} if provider != "model-step" else None
+    timing.run(benchmark, calls[provider], baselines)
 
 
 # name -> (D, K, hops, batch, grid side, device)
@@ -216,6 +195,7 @@ def test_masked_faid_blend(benchmark, name, provider):
     tol = 5e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(out[0].float(), ref[0].float(), atol=tol, rtol=tol)
     benchmark.group = f"masked-faid-blend-{name}"
-    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update(provider=provider, D=D, K=K, hops=list(hops), batch=B, grid=side, dtype=str(dtype),
-                                statistic="median")
+    benchmark.extra_info.update(provider=provider, D=D, K=K, hops=list(hops), batch=B, grid=side, dtype=str(dtype))
+    literal = lambda: blend_full_literal(layer, context, retrieved)  # noqa: E731
+    with torch.no_grad():
+        timing.run(benchmark, run, {"literal": literal} if provider == "fast" else None)
