@@ -1,12 +1,12 @@
 """Database building quantises VQ latents with the library's exact search instead of HF's quantizer
 (which builds the full cells x codebook distance matrix): the ids must be HF's. On the CPU the Janus
-encoder runs one image at a time in channels-last layout: its latents must be HF's within rounding."""
+encoder runs in channels-last sub-batches: its latents must be HF's within rounding."""
 
 import pytest
 import torch
 
 import arrag_kernels as ak
-from arrag_kernels.models import JanusAdapter
+from arrag_kernels.models import JanusAdapter, base
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
@@ -26,7 +26,10 @@ def test_nearest_codes_equal_hf_quantizer(tiny_model, backend):
     assert torch.equal(ids, expected), f"{(ids != expected).sum().item()} of {ids.numel()} ids differ from HF's quantizer"
 
 
-def test_janus_encode_matches_hf_vq_encode(tiny_model, tiny_images):
+@pytest.mark.parametrize("budget", [None, 1], ids=["default-sub-batches", "one-image-per-call"])
+def test_janus_encode_matches_hf_vq_encode(tiny_model, tiny_images, budget, monkeypatch):
+    if budget is not None:
+        monkeypatch.setattr(base, "_ENCODER_CPU_BYTES", budget)
     adapter = JanusAdapter(tiny_model)
     pixels = tiny_images[:5]
     latents, tokens = adapter.encode(pixels)

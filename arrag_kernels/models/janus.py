@@ -160,7 +160,8 @@ class JanusAdapter(VQCodebook):
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-quantisation latents ``quant_conv(encoder(x))`` (L2-normalised per cell) and token ids."""
         pixels = pixels.to(self.device, self.vq.quant_conv.weight.dtype)
-        latent = torch.cat([self.vq.quant_conv(self.vq.encoder(part)) for part in encoder_batches(pixels)])
+        parts = encoder_batches(pixels, self.vq.encoder.conv_in.out_channels)
+        latent = torch.cat([self.vq.quant_conv(self.vq.encoder(part)) for part in parts])
         B, d, H, W = latent.shape
         if (H, W) != self.grid:
             raise ValueError(
