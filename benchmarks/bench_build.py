@@ -3,8 +3,9 @@ path it replaced, interleaved.
 
     pytest benchmarks/bench_build.py --benchmark-only -s
 
-The row is ``PatchDatabase.build(images, model, batch_size=16)``: the VQ encoder (on the CPU in
-channels-last sub-batches of <= 16 MiB of activations, ``models.base.encoder_batches``), nearest codes through the
+The row is ``PatchDatabase.build(images, model, batch_size=16)``: the VQ encoder (on the CPU, images
+with >= 4 MiB of first-level activations one at a time in channels-last layout,
+``models.base.encoder_batches``), nearest codes through the
 library's exact search (``VQCodebook.nearest_codes``) and the key assembly. The baseline
 ``hf_quantizer`` is the same build with the encode it had before: the whole batch through the
 encoder in the default layout and HF's quantizer, which builds the (cells x 16384) distance matrix.

@@ -1,6 +1,7 @@
 """Database building quantises VQ latents with the library's exact search instead of HF's quantizer
 (which builds the full cells x codebook distance matrix): the ids must be HF's. On the CPU the Janus
-encoder runs in channels-last sub-batches: its latents must be HF's within rounding."""
+encoder runs large images one at a time in channels-last layout: their latents must be HF's within
+rounding and must not depend on the batch they came in."""
 
 import pytest
 import torch
@@ -26,10 +27,10 @@ def test_nearest_codes_equal_hf_quantizer(tiny_model, backend):
     assert torch.equal(ids, expected), f"{(ids != expected).sum().item()} of {ids.numel()} ids differ from HF's quantizer"
 
 
-@pytest.mark.parametrize("budget", [None, 1], ids=["default-sub-batches", "one-image-per-call"])
-def test_janus_encode_matches_hf_vq_encode(tiny_model, tiny_images, budget, monkeypatch):
-    if budget is not None:
-        monkeypatch.setattr(base, "_ENCODER_CPU_BYTES", budget)
+@pytest.mark.parametrize("per_image", [False, True], ids=["whole-batch", "one-image-per-call"])
+def test_janus_encode_matches_hf_vq_encode(tiny_model, tiny_images, per_image, monkeypatch):
+    if per_image:  # the path of large images: one image per call, channels-last
+        monkeypatch.setattr(base, "_ENCODER_CPU_PER_IMAGE_BYTES", 1)
     adapter = JanusAdapter(tiny_model)
     pixels = tiny_images[:5]
     latents, tokens = adapter.encode(pixels)
@@ -45,3 +46,13 @@ def test_janus_encode_matches_hf_vq_encode(tiny_model, tiny_images, budget, monk
     gap = dist.gather(1, tokens.view(-1, 1)) - dist.gather(1, hf_tokens.view(-1, 1))
     assert gap.abs().max() <= 1e-4, f"ids differ from HF's beyond a rounding tie: {gap.abs().max().item():.2e}"
     assert (tokens == hf_tokens).float().mean() > 0.99
+
+
+def test_one_image_per_call_does_not_depend_on_the_batch(tiny_model, tiny_images, monkeypatch):
+    """Databases must not depend on batch_size or chunking: bit-identical latents and ids per image."""
+    monkeypatch.setattr(base, "_ENCODER_CPU_PER_IMAGE_BYTES", 1)
+    adapter = JanusAdapter(tiny_model)
+    latents, tokens = adapter.encode(tiny_images[:5])
+    alone = [adapter.encode(tiny_images[i : i + 1]) for i in range(5)]
+    assert torch.equal(latents, torch.cat([lat for lat, _ in alone]))
+    assert torch.equal(tokens, torch.cat([tok for _, tok in alone]))

@@ -197,24 +197,24 @@ def codebook_fingerprint(codebook: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-# On the CPU a convolutional VQ encoder gets at most this many bytes of full-resolution activations per
-# call (channels x H x W x element size per image): enough images to amortise per-layer overheads,
-# few enough that one call's activations stay near the caches.
-_ENCODER_CPU_BYTES = 16 << 20
+# On the CPU, images whose first-level encoder activations (channels x H x W x element size) take at
+# least this many bytes go through a convolutional VQ encoder one at a time in channels-last layout.
+_ENCODER_CPU_PER_IMAGE_BYTES = 4 << 20
 
 
 def encoder_batches(pixels: torch.Tensor, channels: int) -> tuple[torch.Tensor, ...]:
     """Sub-batches in which to run a 2-D convolutional VQ encoder whose first level has ``channels``
-    channels. On the CPU: as many images as fit ``_ENCODER_CPU_BYTES``, in channels-last layout (oneDNN's
-    convolutions then need no layout reorders). Measured on 2 cores against the whole batch of 16 in
-    the default layout: 1.8-2x the throughput for a 384-px, 32-channel Janus VQ encoder (one image per
-    call), 1.15x for Janus-Pro's own VQ (128 channels, compute-bound); one image per call was 2.4x
-    *slower* for 32-px images, hence the byte budget. Other devices: the batch as it is."""
-    if pixels.device.type != "cpu":
-        return (pixels,)
+    channels. On the CPU, large images one at a time in channels-last layout: oneDNN's convolutions
+    then need no layout reorders and one image's activations stay near the caches (measured on 2
+    cores against a batch of 16 in the default layout: 1.8-2x the throughput for a 384-px, 32-channel
+    Janus VQ encoder, 1.15x for Janus-Pro's own, compute-bound VQ), and an image's latents do not
+    depend on the batch it came in (multi-threaded channels-last kernels round differently for
+    different batch sizes, which would make a database depend on ``batch_size`` and chunking). Small
+    images (one per call was 2.4x slower for 32-px images) and other devices: the batch as it is."""
     per_image = channels * pixels.shape[-2] * pixels.shape[-1] * pixels.element_size()
-    size = max(1, _ENCODER_CPU_BYTES // per_image)
-    return tuple(part.contiguous(memory_format=torch.channels_last) for part in pixels.split(size))
+    if pixels.device.type != "cpu" or per_image < _ENCODER_CPU_PER_IMAGE_BYTES:
+        return (pixels,)
+    return tuple(image.contiguous(memory_format=torch.channels_last) for image in pixels.split(1))
 
 
 class VQCodebook:
