@@ -66,27 +66,27 @@ def test_save_load_round_trip(db, tmp_path):
 
 def test_failed_save_keeps_previous_database(db, tmp_path, monkeypatch):
     path = db.save(tmp_path / "db")
-    from arrag_kernels.retrieval import database
+    from arrag_kernels.retrieval import storage
 
     def crash(*a, **k):
         raise OSError("disk full")
 
     small = ak.PatchDatabase(db.keys[:5], db.values[:5], db.meta)
     with monkeypatch.context() as m:
-        m.setattr(database, "_write_arrays", crash)
+        m.setattr(storage, "write_arrays", crash)
         with pytest.raises(OSError, match="disk full"):
             small.save(path)
     assert len(ak.PatchDatabase.load(path)) == len(db)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["db"]
     # a failure between moving the old database aside and moving the new one in puts the old one back
-    real_replace = database.os.replace
+    real_replace = storage.os.replace
 
     def replace(src, dst):
         if ".tmp-" in str(src):
             raise OSError("rename failed")
         real_replace(src, dst)
 
-    monkeypatch.setattr(database.os, "replace", replace)
+    monkeypatch.setattr(storage.os, "replace", replace)
     with pytest.raises(OSError, match="rename failed"):
         small.save(path)
     monkeypatch.undo()
