@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..config import KeyLayout
+from ..config import KeyLayout, check_int
 from ..models import as_tokenizer
-from ..ops import feature_neighbor_keys
+from ..ops import feature_neighbor_keys, retrieval_positions
 from . import ivfpq_build
-from .faiss_index import INDEX_FILE, VALUES_FILE
+from .faiss_index import INDEX_FILE, VALUES_FILE, import_faiss, inner_ivfpq
 from .images import iter_image_batches, normalise_image_source
 from .meta import KEY_SOURCES, META_FILE, DatabaseError, DatabaseMeta
 from .search import INDEX_TYPES
@@ -277,16 +277,21 @@ def from_official(
     codebook_size: int = 16384,
     embed_dim: int = 8,
     grid: tuple[int, int] = (24, 24),
-    patches_per_image: int = 506,
+    patches_per_image: int | None = None,
 ) -> "PatchDatabase":
     """Import a released AR-RAG database: ``faiss_ivf_pq_opq.index`` + ``next_codes.npy`` in ``path``.
 
     The key layout is the official one (causal, hop 1, border skip: 4 x ``embed_dim`` = 32-d
-    latent keys). Checks: an (OPQ +) IVF-PQ index of dimension 32 with L2 metric, one token id
-    per entry in [0, ``codebook_size``), ``1 <= nprobe <= nlist``, and the index's contents
-    (finite float arrays, list sizes, ids 0..N-1 each once: see
+    latent keys). Checks: an (OPQ +) IVF-PQ index of dimension 4 x ``embed_dim`` with L2 metric,
+    one token id per entry in [0, ``codebook_size``), ``1 <= nprobe <= nlist``, and the index's
+    contents (finite float arrays, list sizes, ids 0..N-1 each once: see
     :func:`arrag_kernels.retrieval.faiss_index.check_ivfpq_contents`); ``nprobe`` is set on the
     inner IVF. The database holds no exact keys (``keys is None``).
+
+    The files store neither the codebook size nor the grid: ``codebook_size`` (default: Janus-Pro's
+    16384) and ``grid`` (default: 24 x 24, 384-px images) are assumptions, only checked against the
+    token ids (see :func:`describe_official`). ``patches_per_image`` (default: the positions of
+    ``grid`` that have a key, 506 on 24 x 24) gives ``meta.num_images``.
     """
     path = Path(path)
     for name in (INDEX_FILE, VALUES_FILE):
@@ -295,9 +300,31 @@ def from_official(
                                 f"{name} is missing")
     index = read_faiss_index(path / INDEX_FILE, deep_check=True)
     values = read_values(path / VALUES_FILE)
+    layout = KeyLayout()
+    grid = (check_int("grid[0]", grid[0]), check_int("grid[1]", grid[1]))
+    if patches_per_image is None:
+        patches_per_image = int(retrieval_positions(grid, layout).sum())
+    if patches_per_image < 1:
+        raise ValueError(f"patches_per_image: expected >= 1 keyed positions per image, got {patches_per_image} "
+                         f"(grid {grid[0]} x {grid[1]} has none under the official layout: pass a larger grid)")
     meta = DatabaseMeta(
-        layout=KeyLayout(), codebook_size=codebook_size, embed_dim=embed_dim, grid=tuple(grid),
+        layout=layout, codebook_size=codebook_size, embed_dim=embed_dim, grid=grid,
         key_source="latent", model_fingerprint="official", num_images=len(values) // patches_per_image,
         index="ivfpq",
     )
     return cls(None, torch.from_numpy(values), meta, index=index, nprobe=nprobe)
+
+
+def describe_official(db: "PatchDatabase") -> tuple[str, str]:
+    """Two lines about an imported database (:func:`from_official`): what its files say (entries,
+    index structure, key width, token-id range) and what was assumed because they do not say it
+    (codebook size, grid, images)."""
+    ivf = inner_ivfpq(db.index)
+    opq = "OPQ + " if isinstance(db.index, import_faiss().IndexPreTransform) else ""  # a d x d rotation
+    m = db.meta
+    facts = (f"{len(db)} entries, {opq}IVF-PQ with {ivf.nlist} lists and {ivf.pq.M} x {ivf.pq.nbits}-bit codes, "
+             f"{db.index.d}-d keys, token ids {int(db.values.min())}..{int(db.values.max())}, "
+             f"nprobe {db.nprobe} (set on the inner IVF)")
+    assumed = (f"assumed (the files do not store them): codebook of {m.codebook_size} codes, grid {m.grid[0]} x "
+               f"{m.grid[1]} (so about {m.num_images} images)")
+    return facts, assumed
