@@ -160,14 +160,14 @@ def test_meta_json_is_readable(db, tmp_path):
 # ---- released (official) databases ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def official_dir(tmp_path_factory):
-    """A released-layout database: OPQ + IVF-PQ (4 lists, 4 sub-quantizers of 4 bits) over 600 32-d
+    """A released-layout database: OPQ + IVF-PQ (4 lists, 4 sub-quantizers of 8 bits) over 600 32-d
     keys, token ids in [3, 60]."""
     faiss = pytest.importorskip("faiss")
     from arrag_kernels.retrieval.faiss_index import make_ivfpq_index
 
     rng = np.random.default_rng(0)
     keys = rng.standard_normal((600, 32)).astype(np.float32)
-    index = make_ivfpq_index(32, 4, m=4, nbits=4, opq=True)
+    index = make_ivfpq_index(32, 4, m=4, nbits=8, opq=True)
     index.train(keys)
     index.add(keys)
     folder = tmp_path_factory.mktemp("official")
@@ -187,10 +187,9 @@ def test_shard_refuses_cuda_devices_the_machine_lacks(official_dir):
         db.shard(["cuda:0", f"cuda:{count}"] if count else [f"cuda:{count}"])
     # CPU "devices" still shard (the sharding tests' way of running without a GPU): same neighbours
     queries = torch.from_numpy(np.random.default_rng(1).standard_normal((5, 32)).astype(np.float32))
-    with ak.use_backend("reference"):
-        want = db.search(queries, 7)
-        got = db.shard(["cpu", "cpu"]).search(queries, 7)
-    assert torch.equal(got[1], want[1])
+    with ak.use_backend("triton"):  # the device search (the interpreter on CPU)
+        want, got = db.search(queries, 7), db.shard(["cpu", "cpu"]).search(queries, 7)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_import_official_reports_facts_and_assumptions(official_dir, capsys):
@@ -200,7 +199,7 @@ def test_import_official_reports_facts_and_assumptions(official_dir, capsys):
     values = np.load(official_dir / "next_codes.npy")
     assert main(["import-official", str(official_dir), "--codebook-size", "64"]) == 0
     facts, assumed = capsys.readouterr().out.splitlines()
-    assert facts == (f"{official_dir}: 600 entries, OPQ + IVF-PQ with 4 lists and 4 x 4-bit codes, 32-d keys, "
+    assert facts == (f"{official_dir}: 600 entries, OPQ + IVF-PQ with 4 lists and 4 x 8-bit codes, 32-d keys, "
                      f"token ids {values.min()}..{values.max()}, nprobe 1 (set on the inner IVF)")
     assert assumed == ("assumed (the files do not store them): codebook of 64 codes, grid 24 x 24 (so about 1 images); "
                        "override with --codebook-size and --grid")

@@ -145,7 +145,9 @@ class PatchDatabase:
         Each device holds contiguous lists with about equal entry counts; queries are probed on their
         own device (of the same type as ``devices``), each device scans the probed lists it holds and
         the partial top-k are merged on the queries' device: the same neighbours as unsharded. CPU
-        queries then use the device search too, not FAISS. See
+        queries go to faiss-cpu (sharded or not) unless the ``triton`` backend is forced; CPU
+        "devices" (``["cpu", "cpu"]``) then exercise the sharded device search without a GPU. Raises
+        ValueError for CUDA devices this machine does not have. See
         :class:`arrag_kernels.retrieval.search.DeviceIVFPQSearch`.
         """
         db = self.to()
