@@ -14,7 +14,7 @@ from arrag_kernels.eval.retrieval import retrieval_accuracy
 from arrag_kernels.eval.sweep import best_cell, save_heatmap, sweep_grid
 from arrag_kernels.models import get_adapter, tiny_janus, tiny_prompt_ids
 from arrag_kernels.ops import feature_neighbor_keys, retrieval_positions
-from arrag_kernels.retrieval.database import DatabaseMeta
+from arrag_kernels.retrieval import DatabaseMeta
 
 # ---- Frechet distance ------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import torch
 
 import arrag_kernels as ak
 from arrag_kernels._ext import HAS_EXT
-from arrag_kernels.faid import FAiDBlenders, FAiDLayer
+from arrag_kernels.faid import FAiDBlenders, FAiDLayer, blend_dense
 from arrag_kernels.masked import (MaskedDAiD, MaskedDecodeConfig, MaskedDecodeStats, MaskedFAiD, MaskedRetriever,
                                   TinyMaskGITAdapter, blend_full, blend_full_literal, masked_decode, masked_positions,
                                   sample_cells, tiny_maskgit, token_database, train_masked_faid, train_maskgit)
@@ -281,6 +281,28 @@ def test_faid_all_positions_fast_equals_literal(hops, reduce):
     assert_close(fast_blend, lit_blend, what="blended")
     scale = 1.0 if reduce == "sum" else 1.0 / K
     assert_close(lit_blend, lit_w.sum(2) * scale, what="reduction")
+
+
+@pytest.mark.parametrize("hops", [(1,), (1, 2)], ids=["h1", "h12"])
+def test_masked_blender_equals_the_causal_one_on_a_raster_prefix(hops):
+    """Where both apply they agree: a masked grid whose known cells are those before p in raster
+    order is the AR state at p, so the full-window blend at p is the causal blend at p (mean)."""
+    torch.manual_seed(3)
+    B, H, W, D, K = 2, 5, 6, 12, 3
+    layer = FAiDLayer(D, hops)
+    if len(hops) > 1:
+        with torch.no_grad():
+            layer.blender.conv_weights.copy_(torch.randn(len(hops)))
+    context = torch.randn(B, H, W, D)
+    retrieved = torch.randn(B, H * W, K, D)
+    with torch.no_grad():
+        causal_blend, causal_w = blend_dense(layer, context, retrieved)  # every target, causal windows
+        for p in (0, 1, 7, 14, 29):
+            known = (torch.arange(H * W) < p).view(1, H, W, 1)
+            for blend in (blend_full, blend_full_literal):
+                masked_blend, masked_w = blend(layer, context * known, retrieved, "mean")
+                assert_close(masked_w[:, p], causal_w[:, p], what=f"{blend.__name__} weighted at {p}")
+                assert_close(masked_blend[:, p], causal_blend[:, p], what=f"{blend.__name__} blended at {p}")
 
 
 def test_faid_hook_fast_equals_literal_in_the_model(gen, db):

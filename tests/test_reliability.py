@@ -18,7 +18,7 @@ from arrag_kernels.cli import USER_ERROR, main
 from arrag_kernels.demo import procedural_images
 from arrag_kernels.faid import FAiDConfig
 from arrag_kernels.models import get_adapter, tiny_janus_config, tiny_prompt_ids
-from arrag_kernels.retrieval import database
+from arrag_kernels.retrieval import storage
 from arrag_kernels.retrieval.images import pil_to_tensor
 
 
@@ -246,12 +246,12 @@ def _instrument(monkeypatch, on_step):
 
         monkeypatch.setattr(owner, name, step)
 
-    for name in ("_write_arrays", "_digest_file"):
-        wrap(database, name)
+    for name in ("write_arrays", "digest_file"):
+        wrap(storage, name)
     for name in ("mkdir", "replace", "fsync"):
-        wrap(database.os, name)
-    wrap(database.shutil, "rmtree")
-    wrap(database.json, "dump")
+        wrap(storage.os, name)
+    wrap(storage.shutil, "rmtree")
+    wrap(storage.json, "dump")
 
 
 def test_killed_saves_leave_a_loadable_database_and_no_leftovers(db, tmp_path, monkeypatch):
@@ -283,7 +283,7 @@ def test_killed_saves_leave_a_loadable_database_and_no_leftovers(db, tmp_path, m
                 def maybe_kill(name, phase):
                     seen.append((name, phase))
                     if len(seen) > point:
-                        if (name, phase) == ("_write_arrays", "after"):
+                        if (name, phase) == ("write_arrays", "after"):
                             (arrays,) = tmp_path.glob(".db.tmp-*/arrays.safetensors")
                             size = arrays.stat().st_size
                             os.truncate(arrays, int(np.random.default_rng(point).integers(1, size)))
@@ -311,7 +311,7 @@ def test_leftovers_of_a_killed_save_are_removed_by_the_next_save(db, tmp_path):
     if pid == 0:
         os._exit(0)
     os.waitpid(pid, 0)  # a pid that certainly belonged to a dead process
-    host = database.socket.gethostname()
+    host = storage.socket.gethostname()
     dead = tmp_path / f".db.tmp-{host}-{pid}-0a0b0c0d"
     live = tmp_path / f".db.tmp-{host}-{os.getppid()}-0a0b0c0d"  # pytest's parent: alive
     other_host = tmp_path / f".db.old-elsewhere-{pid}-0a0b0c0d"

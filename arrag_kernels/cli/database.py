@@ -27,8 +27,12 @@ def _cmd_build_db(args):
 def _cmd_import_official(args):
     import arrag_kernels as ak
 
-    db = ak.PatchDatabase.from_official(args.dir, nprobe=args.nprobe, codebook_size=args.codebook_size)
-    print(f"{args.dir}: {db}, nprobe {db.nprobe} (set on the inner IVF)")
+    from arrag_kernels.retrieval.builders import describe_official
+
+    db = ak.PatchDatabase.from_official(args.dir, nprobe=args.nprobe, codebook_size=args.codebook_size,
+                                        grid=tuple(args.grid))
+    facts, assumed = describe_official(db)
+    print(f"{args.dir}: {facts}\n{assumed}; override with --codebook-size and --grid")
     if args.out:
         print(f"wrote {db.save(args.out)}")
 
@@ -58,6 +62,9 @@ def add_subcommands(sub) -> None:
                        "next_codes.npy) and optionally save it as a database directory")
     o.add_argument("dir", help="directory holding faiss_ivf_pq_opq.index and next_codes.npy")
     o.add_argument("--nprobe", type=int_at_least(1), default=1, help="lists probed per query (set on the inner IVF)")
-    o.add_argument("--codebook-size", type=int_at_least(1), default=16384, help="VQ codebook size (Janus-Pro: 16384)")
+    o.add_argument("--codebook-size", type=int_at_least(1), default=16384,
+                   help="VQ codebook size; not stored in the files (Janus-Pro: 16384)")
+    o.add_argument("--grid", type=int_at_least(1), nargs=2, metavar=("H", "W"), default=[24, 24],
+                   help="token grid of the database's images; not stored in the files (Janus-Pro, 384 px: 24 24)")
     o.add_argument("--out", help="database directory to write (atomically); omit to only validate")
     o.set_defaults(func=_cmd_import_official)

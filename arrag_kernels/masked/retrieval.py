@@ -16,8 +16,7 @@ import torch
 
 from ..config import DAiDConfig, KeyLayout
 from ..ops import daid_sample, feature_neighbor_keys, neighbor_keys
-from ..retrieval import DatabaseError, PatchDatabase
-from ..retrieval.database import DatabaseMeta
+from ..retrieval import DatabaseError, DatabaseMeta, PatchDatabase
 
 
 def masked_positions(tokens: torch.Tensor, count: int) -> torch.Tensor:
