@@ -78,3 +78,12 @@ def test_refuses_doubled_cfg_scores(setup):
     _, db, codebook = setup
     with pytest.raises(ValueError, match="patch_model"):
         _processor(db, codebook, 0.5)(torch.tensor([[BOS, BOI]]), torch.zeros(2, EOL + 1))
+
+
+def test_bad_inputs_are_named(setup):
+    """The retriever's checks reach the processor: codebook shape against the database, k against its size."""
+    _, db, codebook = setup
+    with pytest.raises(ValueError, match=rf"codebook: expected \({CODES}, {D}\) to match the database, got \(64, 4\)"):
+        _processor(db, codebook[:, :4], 0.5)
+    with pytest.raises(ValueError, match=rf"DAiDConfig.k = {len(db) + 1} is larger than the database \({len(db)} "):
+        ak.DAiDLogitsProcessor(db, ak.DAiDConfig(k=len(db) + 1), codebook, image_start_token_id=BOI)

@@ -3,15 +3,15 @@
 For an image with ground-truth tokens t_0..t_{N-1} after a prompt, the model's distribution at
 position j is ``p_model(. | prompt, t_<j)`` (one teacher-forced forward for all positions; with
 ``guidance_scale`` w the CFG logits ``l_u + w (l_c - l_u)`` of the conditional and unconditional
-prompts). DAiD's distribution at j is the library's merge (:meth:`arrag_kernels.DAiDSampler.merge`, i.e.
-``daid_mix``) of ``p_model`` with the retrieval distribution of the query built from the
+prompts). DAiD's distribution at j is the library's merge (:meth:`arrag_kernels.DAiDSampler.merge`,
+i.e. ``daid_mix``) of ``p_model`` with the retrieval distribution of the query built from the
 ground-truth neighbours of j, exactly what the decoder would see had it generated t_<j. The NLL of
 t_j is ``-log p(t_j)``; it is reported per token, over all positions and over retrieval positions.
 
-With FAiD blenders the conditional logits are those of FAiD's teacher-forced forward, the one
-the trainer trains through (:class:`arrag_kernels.faid.train.TeacherForcedFAiD`: the K entries nearest to each position's
-ground-truth neighbourhood blended at every position, as decoding would had it generated t_<j);
-the unconditional CFG row gets no retrieval term, as at decode time.
+With FAiD blenders the conditional logits are those of FAiD's teacher-forced forward, the one the
+trainer trains through (:class:`arrag_kernels.faid.train.TeacherForcedFAiD`: the K entries nearest
+to each position's ground-truth neighbourhood blended at every position, as decoding would had it
+generated t_<j); the unconditional CFG row gets no retrieval term, as at decode time.
 """
 
 from __future__ import annotations
@@ -130,4 +130,3 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
     # without a database, "retrieval positions" are those of the official key layout
     layout = db.meta.layout if db is not None else KeyLayout()
     return NLLResult(torch.cat(out), retrieval_positions(adapter.grid, layout).cpu())
-

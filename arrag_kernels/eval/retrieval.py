@@ -1,8 +1,8 @@
 """Retrieval accuracy (AR-RAG paper, Fig. 6): how close the k-th retrieved token is to the ground truth.
 
 For every image and every retrieval position j, the query is built from the ground-truth
-neighbours of j (:meth:`arrag_kernels.retrieval.query.Retriever.retrieve`, the decode-time query), the ``k`` nearest database
-entries give tokens r_1..r_k, and the curve is the mean over positions of
+neighbours of j (:meth:`arrag_kernels.retrieval.query.Retriever.retrieve`, the decode-time query),
+the ``k`` nearest database entries give tokens r_1..r_k, and the curve is the mean over positions of
 ``|| c(t_j) - c(r_i) ||_2`` for each rank i, with c the L2-normalised codebook rows. The baseline
 is the same distance to a uniformly drawn random code.
 """

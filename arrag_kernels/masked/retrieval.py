@@ -4,9 +4,10 @@ Each decode step queries every unknown cell of every image with its 8 neighbours
 ``[UL, U, UR, L, R, LL, Lo, LR]`` (``KeyLayout(neighborhood="full")``): known neighbours contribute
 their L2-normalised codebook vector, unknown or outside neighbours zeros. The (B, P) queries of a
 step go to the database in ONE search of B * P rows (:class:`MaskedRetriever`, the library's
-:class:`arrag_kernels.retrieval.query.Retriever`). The per-cell DAiD merge ``p = (1 - lam) softmax(l / T) + lam p_ret`` and the draw from it
-are :func:`arrag_kernels.ops.daid_sample` (one fused op: reference, Triton, C++) on the same B * P
-rows; :func:`sample_cells` adds the merged probability of each drawn token, which MaskGIT's
+:class:`arrag_kernels.retrieval.query.Retriever`). The per-cell DAiD merge
+``p = (1 - lam) softmax(l / T) + lam p_ret`` and the draw from it are
+:func:`arrag_kernels.ops.daid_sample` (one fused op: reference, Triton, C++) on the same B * P rows;
+:func:`sample_cells` adds the merged probability of each drawn token, which MaskGIT's
 confidence needs, from O(V + K log K) work per cell.
 """
 
@@ -30,8 +31,8 @@ def masked_positions(tokens: torch.Tensor, count: int) -> torch.Tensor:
 
 class MaskedRetriever(Retriever):
     """The :class:`arrag_kernels.retrieval.query.Retriever` of masked decoding: many cells per image,
-    ``retrieve(tokens, positions)`` with (B, P) ``positions`` -> :class:`arrag_kernels.retrieval.query.Hits` of shape (B, P), one
-    search for all B * P cells. Refuses databases whose keys are not the 8-neighbour ``"full"`` layout.
+    ``retrieve(tokens, positions)`` with (B, P) ``positions`` -> ``Hits`` of shape (B, P), one search
+    for all B * P cells. Refuses databases whose keys are not the 8-neighbour ``"full"`` layout.
 
     Args:
         db: a :class:`arrag_kernels.PatchDatabase` with ``neighborhood="full"`` keys for ``generator``'s grid.

@@ -72,7 +72,8 @@ class Retriever:
 
     The query of a position is built from the tokens around it (:func:`arrag_kernels.ops.neighbor_keys`,
     the database's key layout; unknown or outside cells contribute zeros) and all queries of a call
-    go to the database in one search. Which positions have a key is fixed by the key layout and known
+    go to the database in one search. One query per image and position: the conditional and
+    unconditional CFG rows of an image share its tokens. Which positions have a key is fixed by the key layout and known
     on the host before a loop starts (``retrieves_at``), so no loop reads device values to decide.
 
     Args:
@@ -106,12 +107,10 @@ class Retriever:
                                  f"got {tuple(codebook.shape)}")
             default_device = codebook.device
         else:
-            if grid is not None:  # the facts check_compatible reads, with the call's grid
-                tokenizer = types.SimpleNamespace(codebook_size=tokenizer.codebook_size, embed_dim=tokenizer.embed_dim,
-                                                  grid=tuple(grid), fingerprint=tokenizer.fingerprint,
-                                                  codebook=tokenizer.codebook,
-                                                  device=getattr(tokenizer, "device", None))
-            db.check_compatible(tokenizer)
+            facts = tokenizer if grid is None else types.SimpleNamespace(  # what check_compatible reads, at ``grid``
+                codebook_size=tokenizer.codebook_size, embed_dim=tokenizer.embed_dim, grid=tuple(grid),
+                fingerprint=tokenizer.fingerprint)
+            db.check_compatible(facts)
             codebook = tokenizer.codebook()
             # ImageTokenizers name their device; masked generators keep only the codebook's
             default_device = getattr(tokenizer, "device", None) or codebook.device
