@@ -190,11 +190,11 @@ def test_faid_nll_matches_cached_decode_runtime(toy):
         for p in blenders.parameters():
             p.normal_(0, 0.1)
     hand = _hand_faid_nll(model, adapter, prompts, tokens, db, blenders)
-    flags = [p.requires_grad for p in model.parameters()]
+    flags = [p.requires_grad for p in [*model.parameters(), *blenders.parameters()]]
     got = image_nll(model, prompts, tokens, db, blenders=blenders)
     torch.testing.assert_close(got.nll.double(), hand, atol=5e-5, rtol=1e-5)
     assert (got.nll.double() - _hand_nll(model, prompts, tokens)).abs().max() > 1e-2  # FAiD changed something
-    assert [p.requires_grad for p in model.parameters()] == flags  # evaluation leaves training flags alone
+    assert [p.requires_grad for p in [*model.parameters(), *blenders.parameters()]] == flags  # flags left alone
     with pytest.raises(ValueError, match="db together with daid"):
         image_nll(model, prompts, tokens, blenders=blenders)
 

@@ -3,15 +3,15 @@
 For an image with ground-truth tokens t_0..t_{N-1} after a prompt, the model's distribution at
 position j is ``p_model(. | prompt, t_<j)`` (one teacher-forced forward for all positions; with
 ``guidance_scale`` w the CFG logits ``l_u + w (l_c - l_u)`` of the conditional and unconditional
-prompts). DAiD's distribution at j is the library's merge (:meth:`DAiDSampler.merge`, i.e.
-``daid_mix``) of ``p_model`` with the retrieval distribution of the query built from the
+prompts). DAiD's distribution at j is the library's merge (:meth:`arrag_kernels.DAiDSampler.merge`,
+i.e. ``daid_mix``) of ``p_model`` with the retrieval distribution of the query built from the
 ground-truth neighbours of j, exactly what the decoder would see had it generated t_<j. The NLL of
 t_j is ``-log p(t_j)``; it is reported per token, over all positions and over retrieval positions.
 
-With FAiD blenders the conditional logits are those of the FAiD trainer's teacher-forced forward
-(:meth:`arrag_kernels.faid.train.FAiDTrainer.logits`: the K entries nearest to each position's
-ground-truth neighbourhood blended at every position, as decoding would had it generated t_<j);
-the unconditional CFG row gets no retrieval term, as at decode time.
+With FAiD blenders the conditional logits are those of FAiD's teacher-forced forward, the one the
+trainer trains through (:class:`arrag_kernels.faid.train.TeacherForcedFAiD`: the K entries nearest
+to each position's ground-truth neighbourhood blended at every position, as decoding would had it
+generated t_<j); the unconditional CFG row gets no retrieval term, as at decode time.
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
             ``boi`` and ``pad`` build the unconditional prompt; default: the model's generation config).
     """
     from ..decoding import DAiDSampler
+    from ..faid.train import TeacherForcedFAiD
     from ..ops import retrieval_positions
+    from ..retrieval.query import on_device
 
     adapter = get_adapter(model)
     N = adapter.grid[0] * adapter.grid[1]
@@ -99,8 +101,10 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
     if (db is None) != (daid is None and blenders is None):
         raise ValueError("DAiD / FAiD NLL needs db together with daid (a DAiDConfig) and/or blenders (FAiDBlenders); "
                          "pass none of them for plain NLL")
+    if db is not None:  # one device copy for DAiD and FAiD
+        db = on_device(db, adapter.device)
     sampler = DAiDSampler(db, daid, adapter) if daid is not None else None
-    faid = _faid_forward(model, db, blenders) if blenders is not None else None
+    faid = TeacherForcedFAiD(model, db, blenders.eval()) if blenders is not None else None
     if guidance_scale is not None:
         gc = model.generation_config
         bos = gc.bos_token_id if bos is None else bos
@@ -126,16 +130,3 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
     # without a database, "retrieval positions" are those of the official key layout
     layout = db.meta.layout if db is not None else KeyLayout()
     return NLLResult(torch.cat(out), retrieval_positions(adapter.grid, layout).cpu())
-
-
-def _faid_forward(model, db, blenders):
-    """A :class:`FAiDTrainer` used only for its teacher-forced forward; the model's and the blenders'
-    ``requires_grad`` flags (which the trainer sets for training) are left as they were."""
-    from ..faid.train import FAiDTrainer
-
-    params = list(model.parameters()) + list(blenders.parameters())
-    flags = [p.requires_grad for p in params]
-    trainer = FAiDTrainer(model, db, blenders.eval())
-    for p, f in zip(params, flags):
-        p.requires_grad_(f)
-    return trainer

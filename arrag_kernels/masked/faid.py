@@ -73,7 +73,7 @@ class MaskedFAiD:
                              f"generator has {generator.num_layers} layers of width {generator.hidden_size}")
         self.generator, self.blenders, self.reduce = generator, blenders, reduce
         self.blend = blend_full if fast else blend_full_literal
-        self.retriever = MaskedRetriever(db, blenders.config.k, generator, device)
+        self.retriever = MaskedRetriever(db, blenders.config.k, generator, device, setting="FAiDConfig.k")
 
     def features(self, tokens: torch.Tensor, positions: torch.Tensor, retrieve: bool) -> torch.Tensor:
         """(B, N, K, D) embeddings of the tokens retrieved for ``positions``; zeros at other cells, for

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .base import (FAiDAdapter, ImageDecoder, ImageTokenizer, LogitsProcessorAdapter, ModelAdapter, OfficialWeights,
-                   check_protocol, codebook_fingerprint, protocol_members)
+from .base import (FAiDAdapter, ImageDecoder, ImageStream, ImageTokenizer, LogitsProcessorAdapter, ModelAdapter,
+                   OfficialWeights, check_protocol, codebook_fingerprint, protocol_members)
 from .emu3 import Emu3Adapter
 from .janus import JanusAdapter, hf_image_generate_kwargs
 from .tiny import tiny_janus, tiny_janus_config, tiny_prompt_ids
@@ -46,10 +46,11 @@ def get_adapter(model, protocol: type = ModelAdapter):
     try:
         return check_protocol(adapter, protocol, f"the adapter for model_type {model_type!r} ({type(adapter).__name__})")
     except TypeError as e:
-        if not hasattr(adapter, "logits_processor"):
+        if getattr(adapter, "generate_mode", None) != "logits_processor":
             raise
         raise TypeError(f"{e}. This family has no library decode loop: run DAiD inside the model's own generate "
-                        "with arrag_kernels.models.get_adapter(model, ImageTokenizer).logits_processor(db, config)") from None
+                        "with arrag_kernels.patch_model(model, db, DAiDConfig(...)) or "
+                        "arrag_kernels.DAiDLogitsProcessor.for_adapter(adapter, db, config)") from None
 
 
 def as_faid_adapter(model_or_adapter) -> FAiDAdapter:
@@ -72,6 +73,7 @@ __all__ = [
     "Emu3Adapter",
     "FAiDAdapter",
     "ImageDecoder",
+    "ImageStream",
     "ImageTokenizer",
     "JanusAdapter",
     "LogitsProcessorAdapter",

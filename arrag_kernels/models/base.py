@@ -17,7 +17,7 @@ no base class is needed.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -120,12 +120,22 @@ class FAiDAdapter(ModelAdapter, Protocol):
         """The image-token head (what ``image_logits`` runs), trained with ``train_head``."""
 
 
+class ImageStream(NamedTuple):
+    """Where a family's own ``generate`` writes the image in its token sequence (vocabulary ids)."""
+
+    start_token_id: int  # the image tokens start right after the last occurrence of this id
+    code_token_ids: torch.Tensor  # (V_img,) vocabulary id of each image code, in code order
+    eol_token_id: int | None  # id closing each row of W image tokens, or None when rows follow each other
+
+
 @runtime_checkable
 class LogitsProcessorAdapter(ImageTokenizer, Protocol):
     """An adapter whose family decodes images in its own HF ``generate`` (Emu3): it sets
     ``generate_mode = "logits_processor"`` and :func:`arrag_kernels.patch_model` then wraps that
     ``generate``, adding DAiD as a logits processor to each image-generation call, instead of
-    routing it through the library's decode loop (:class:`ModelAdapter`)."""
+    routing it through the library's decode loop (:class:`ModelAdapter`). The adapter supplies
+    facts only (the call's grid, the image stream's vocabulary ids, the tokenizer's codebook); the
+    library builds the processor from them (:meth:`arrag_kernels.DAiDLogitsProcessor.for_adapter`)."""
 
     generate_mode: str  # "logits_processor"
     no_loop_reason: str  # one line: why the library's loops and FAiD do not apply (shown when asked for)
@@ -134,9 +144,9 @@ class LogitsProcessorAdapter(ImageTokenizer, Protocol):
         """(H, W) an image-generation call's prompt ids ask for (``grid``: the call's explicit one), None
         for any other call (passed through untouched); raises one line if the size cannot be read."""
 
-    def logits_processor(self, db, config, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-        """A ``transformers.LogitsProcessor`` applying DAiD on ``db``'s grid after the family's CFG processor;
-        ``temperature`` / ``top_k`` / ``top_p`` act on the model distribution before the merge."""
+    def image_stream(self) -> ImageStream:
+        """The vocabulary ids of the image stream the family's ``generate`` writes: its start, one id per
+        image code, the end-of-line token; raises one line if the model's vocabulary lacks them."""
 
 
 @runtime_checkable
