@@ -91,6 +91,15 @@ def test_members_that_raise_are_reported_not_skipped(tiny_model):
         tokenizer.grid
 
 
+def test_janus_prompts_name_missing_special_ids(tiny_model):
+    adapter, ids = get_adapter(tiny_model, TeacherForcingAdapter), tiny_prompt_ids(2)
+    uncond = adapter.unconditional_prompt(ids, tiny_model.generation_config)
+    assert torch.equal(uncond[:, [0, -1]], ids[:, [0, -1]]) and (uncond[:, 1:-1] == 0).all()  # BOS, BOI kept
+    assert adapter.empty_prompt(tiny_model.generation_config).tolist() == [[1, 100]]
+    with pytest.raises(ValueError, match=r"need generation_config.generation_kwargs\['boi_token_id'\], pad_token_id"):
+        adapter.unconditional_prompt(ids, GenerationConfig(bos_token_id=1))
+
+
 @pytest.mark.parametrize("loop", ["dynamic", "static"])
 def test_registered_plain_adapter_generates_like_janus(tiny_model, db, loop, monkeypatch):
     cfg = ak.DAiDConfig(lam=0.5, k=8)
