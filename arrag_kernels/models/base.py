@@ -213,6 +213,9 @@ def protocol_members(protocol: type) -> dict[str, bool]:
     return members
 
 
+_ABSENT = object()  # getattr_static's default: the member is not defined at all
+
+
 def check_protocol(obj, protocol: type, what: str | None = None):
     """Return ``obj`` if it has every member of ``protocol``; otherwise raise one TypeError naming them all:
     the missing members, those that are not callable and those whose reading raised (with the error).
@@ -225,7 +228,7 @@ def check_protocol(obj, protocol: type, what: str | None = None):
             value = getattr(obj, name)
         except MemberUnavailable:
             continue
-        except Exception as e:  # noqa: BLE001 - every failure is reported below, none is swallowed
+        except Exception as e:  # every failure is reported below, none is swallowed
             if isinstance(e, AttributeError) and inspect.getattr_static(obj, name, _ABSENT) is _ABSENT:
                 missing.append(name + ("()" if is_method else ""))
             else:  # defined, but reading it failed (e.g. a property reaching a part the model lacks)
@@ -243,9 +246,6 @@ def check_protocol(obj, protocol: type, what: str | None = None):
             f"{'; '.join(problems)}. Add or fix these members (see the {protocol.__name__} docstrings)"
         )
     return obj
-
-
-_ABSENT = object()
 
 
 def codebook_fingerprint(codebook: torch.Tensor) -> str:

@@ -235,6 +235,9 @@ class JanusAdapter(VQCodebook):
         bos, boi, _ = _special_ids(generation_config)
         return torch.tensor([[bos, boi]])
 
+    def hidden_states(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        return self.language_model(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
+
     def kv_spec(self) -> tuple[int, int, int]:
         """(layers, key/value heads, head dim) of the language model's attention cache."""
         c = self.language_model.config
@@ -259,9 +262,6 @@ class JanusAdapter(VQCodebook):
 
     def blender_sites(self, layer):
         return layer.input_layernorm, layer.self_attn
-
-    def hidden_states(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        return self.language_model(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
 
     def lora_module(self):
         return self.language_model
