@@ -8,7 +8,7 @@ from transformers import GenerationConfig
 import arrag_kernels as ak
 from arrag_kernels.cli import main
 from arrag_kernels.demo import procedural_images
-from arrag_kernels.eval import image_nll
+from arrag_kernels.eval import decode_tokens, generate_tokens, image_nll
 from arrag_kernels.faid import FAiDBlenders, FAiDConfig, load_blenders
 from arrag_kernels.faid.train import FAiDTrainer
 from arrag_kernels.models import FAiDAdapter, check_protocol, get_adapter, load_pretrained
@@ -92,6 +92,15 @@ def test_nll_plain_daid_faid(setup):
     uncond[:, 1:] = 0
     cfg = image_nll(model, prompts, tokens, guidance_scale=0.0, generation_config=model.generation_config)
     torch.testing.assert_close(cfg.nll, image_nll(model, uncond, tokens).nll, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_sampling(setup):
+    model, db, tokens, prompts = setup
+    sampled = generate_tokens(model, prompts[:2], db, ak.DAiDConfig(lam=0.5, k=4), guidance_scale=3.0)
+    assert sampled.shape == (2, 16)
+    pixels = decode_tokens(model, tokens)
+    assert pixels.shape == (4, 3, 16, 16) and pixels.abs().max() <= 1
+    torch.testing.assert_close(pixels, get_adapter(model).decode_pixels(tokens).permute(0, 3, 1, 2))
 
 
 def test_cli_on_a_saved_checkpoint(setup, tmp_path, capsys):
