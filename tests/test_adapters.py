@@ -80,7 +80,8 @@ def test_members_that_raise_are_reported_not_skipped(tiny_model):
         raise RuntimeError("the VQ config has no codebook size")
 
     with pytest.raises(TypeError, match=r"reading raised: codebook_size \(RuntimeError: the VQ config has no codebook "
-                                        r"size\); device \(AttributeError: 'Tokenizer' object has no attribute 'model'\)"):
+                                        r"size\); device \(AttributeError: 'Tokenizer' object has no attribute "
+                                        r"'model'\)"):
         check_protocol(tokenizer_with(device=no_model, codebook_size=bad_config), ImageTokenizer)
 
     def grid_per_call(self):

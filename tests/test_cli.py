@@ -67,4 +67,5 @@ def test_model_directories_load_by_model_type(tmp_path, capsys, monkeypatch):
     assert len(err) == 1 and err[0].startswith("arrag-kernels generate: error: --model: checkpoint"), err
     monkeypatch.setitem(ADAPTERS, "nobody", lambda model: None)  # a factory without load_pretrained
     assert main(["build-db", str(tmp_path), "--model", str(tmp_path), "--out", str(tmp_path / "db")]) == 2
-    assert "does not implement arrag_kernels.models.PretrainedLoader: missing load_pretrained()" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not implement arrag_kernels.models.PretrainedLoader: missing load_pretrained()" in err

@@ -47,8 +47,8 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--db", required=True, help="database directory (arrag-kernels build-db)")
     p.add_argument("--images", required=True, help="folder of training images")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--prompt-ids", default=None, help="comma-separated prompt ids (default: the model family's prompt without text, "
-                   "Janus: BOS,BOI)")
+    p.add_argument("--prompt-ids", default=None,
+                   help="comma-separated prompt ids (default: the family's prompt without text; Janus: BOS,BOI)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--hops", default="12")
     p.add_argument("--blenders", type=int, default=2)

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..models import FAiDAdapter, OfficialWeights, as_faid_adapter, check_protocol, get_adapter, official_weights
+from ..models import FAiDAdapter, OfficialWeights, as_faid_adapter, check_protocol, get_adapter, official_weights_for
 from .config import FAiDConfig
 from .modules import FAiDBlenders
 
@@ -162,7 +162,7 @@ def official_to_hf(state_dict: dict, model_type: str = "janus") -> tuple[dict, d
     and the keys that have no known HF name (sorted). Tensors ``weights.dropped`` (no HF counterpart
     by design) are left out of all three.
     """
-    base, faid, _, unmapped = _map_official(state_dict, official_weights(model_type))
+    base, faid, _, unmapped = _map_official(state_dict, official_weights_for(model_type))
     return base, faid, unmapped
 
 

@@ -72,7 +72,7 @@ def load_pretrained(path, device="cpu"):
         raise ValueError(f"cannot load a {model_type!r} model from {str(path)!r}: {str(e).splitlines()[0]}") from e
 
 
-def official_weights(model_type: str) -> OfficialWeights:
+def official_weights_for(model_type: str) -> OfficialWeights:
     """The names of ``model_type``'s released FAiD checkpoint: its registered factory's ``official_weights``."""
     factory = _factory(model_type, "official checkpoint names")
     return check_protocol(getattr(factory, "official_weights", None), OfficialWeights,
@@ -131,7 +131,7 @@ __all__ = [
     "codebook_fingerprint",
     "get_adapter",
     "load_pretrained",
-    "official_weights",
+    "official_weights_for",
     "protocol_members",
     "register_adapter",
     "tiny_janus",

@@ -119,7 +119,8 @@ def unconditional_prompt(prompt_ids: torch.Tensor, bos: int, boi: int, pad: int)
 def _special_ids(generation_config) -> tuple[int, int, int]:
     """(bos, boi, pad) of a Janus generation config; raises naming the missing ones."""
     kwargs = getattr(generation_config, "generation_kwargs", None) or {}  # absent from a config never given any
-    ids = {"bos_token_id": generation_config.bos_token_id, "generation_kwargs['boi_token_id']": kwargs.get("boi_token_id"),
+    ids = {"bos_token_id": generation_config.bos_token_id,
+           "generation_kwargs['boi_token_id']": kwargs.get("boi_token_id"),
            "pad_token_id": generation_config.pad_token_id}
     missing = [name for name, value in ids.items() if value is None]
     if missing:
