@@ -55,6 +55,18 @@ def test_module_entry_point():
     assert "demo" in out.stdout and "build-db" in out.stdout and "generate" in out.stdout
 
 
+def test_every_command_module_adds_its_commands():
+    """The package's command modules, each adding its own subcommands to the one parser."""
+    import argparse
+
+    from arrag_kernels.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == ["demo", "build-db", "import-official", "generate", "train-faid", "convert", "eval"]
+    assert {p.get_default("func").__module__ for p in sub.choices.values()} == {
+        f"arrag_kernels.cli.{m}" for m in ("demo", "database", "generate", "faid", "evaluate")}
+
+
 def test_model_directories_load_by_model_type(tmp_path, capsys, monkeypatch):
     """--model DIR goes through the factory registered for config.json's model_type (not a Janus class)."""
     from arrag_kernels.models import ADAPTERS, load_pretrained
