@@ -63,28 +63,16 @@ def check_device(spec: str) -> None:
 
 
 def load_model(spec: str, device: str):
-    """``(model, processor or None)`` for ``--model``: ``tiny`` (the embedded random model) or a local HF
-    checkpoint directory."""
-    from arrag_kernels.models import tiny_janus
+    """``(model, encode_prompts or None)`` for ``--model``: ``tiny`` (the embedded random model) or a local
+    checkpoint directory of any registered family (:func:`arrag_kernels.models.load_pretrained`)."""
+    from arrag_kernels.models import load_pretrained, tiny_janus
 
     check_device(device)
     if spec == "tiny":
         return tiny_janus(seed=0).to(device), None
-    path = Path(spec)
-    if not path.is_dir():
+    if not Path(spec).is_dir():
         raise ValueError(f"--model: expected 'tiny' or a local checkpoint directory, got {spec!r} (not a directory)")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"--model: {spec!r} holds no Hugging Face checkpoint (no config.json); expected 'tiny' or a "
-                         "directory written by save_pretrained")
-    from transformers import AutoProcessor, JanusForConditionalGeneration
-
     try:
-        model = JanusForConditionalGeneration.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--model: cannot load a Janus model from {spec!r}: {str(e).splitlines()[0]}") from e
-    model = model.to(device).eval()
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        processor = None  # no tokenizer saved with the checkpoint: only --prompt-ids works
-    return model, processor
+        return load_pretrained(spec, device)
+    except ValueError as e:
+        raise ValueError(f"--model: {e}") from e

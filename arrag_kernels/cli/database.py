@@ -41,7 +41,7 @@ def add_subcommands(sub) -> None:
     b = sub.add_parser("build-db", help="encode a folder of images into a patch database")
     b.add_argument("images", help="folder of images (searched recursively)")
     b.add_argument("--out", required=True, help="database directory to write (atomically)")
-    b.add_argument("--model", default="tiny", help="'tiny' or a local Janus checkpoint directory")
+    b.add_argument("--model", default="tiny", help="'tiny' or a local checkpoint directory (any registered model type)")
     b.add_argument("--neighborhood", choices=["causal", "full"], default="causal")
     b.add_argument("--hops", default="1", help="hop set, e.g. 1, 2 or 12 (default 1)")
     b.add_argument("--border", choices=["skip", "zero"], default="skip")

@@ -12,14 +12,16 @@ def _cmd_train_faid(args):
     import arrag_kernels as ak
     from arrag_kernels.faid import FAiDConfig, save_blenders
     from arrag_kernels.faid.train import save_finetuned, train_faid
+    from arrag_kernels.models import FAiDAdapter, get_adapter
 
     model, _ = load_model(args.model, args.device)
     db = ak.PatchDatabase.load(args.db)
-    bos = model.generation_config.bos_token_id
-    boi = model.generation_config.generation_kwargs.get("boi_token_id")
-    ids = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else [bos, boi]
+    if args.prompt_ids:
+        prompt = torch.tensor([[int(t) for t in args.prompt_ids.split(",")]])
+    else:
+        prompt = get_adapter(model, FAiDAdapter).empty_prompt(model.generation_config)
     config = FAiDConfig(k=args.k, hops=args.hops, blenders=args.blenders)
-    blenders, losses = train_faid(model, db, config, args.images, torch.tensor([ids]), steps=args.steps,
+    blenders, losses = train_faid(model, db, config, args.images, prompt, steps=args.steps,
                                   batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank,
                                   train_head=args.train_head, seed=args.seed,
                                   activation_checkpointing=args.activation_checkpointing)
@@ -41,11 +43,12 @@ def _cmd_convert(args):
 
 def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser("train-faid", help="fine-tune FAiD blenders on images (CE on image tokens)")
-    p.add_argument("--model", default="tiny", help="'tiny' or a local HF Janus checkpoint directory")
+    p.add_argument("--model", default="tiny", help="'tiny' or a local checkpoint directory (any registered model type)")
     p.add_argument("--db", required=True, help="database directory (arrag-kernels build-db)")
     p.add_argument("--images", required=True, help="folder of training images")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--prompt-ids", default=None, help="comma-separated prompt ids (default: BOS,BOI)")
+    p.add_argument("--prompt-ids", default=None,
+                   help="comma-separated prompt ids (default: the family's prompt without text; Janus: BOS,BOI)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--hops", default="12")
     p.add_argument("--blenders", type=int, default=2)

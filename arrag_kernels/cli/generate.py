@@ -7,7 +7,7 @@ from pathlib import Path
 from arrag_kernels.cli.common import float_in, int_at_least, load_model
 
 
-def _prompt_inputs(args, model, processor):
+def _prompt_inputs(args, encode_prompts):
     import torch
 
     if args.prompt_ids:
@@ -19,10 +19,9 @@ def _prompt_inputs(args, model, processor):
             raise ValueError("--prompt-ids: every prompt must have the same number of ids")
         ids = torch.tensor(rows)
         return ids, torch.ones_like(ids)
-    if processor is None:
+    if encode_prompts is None:
         raise ValueError("--prompt needs a tokenizer/processor saved with the model; use --prompt-ids for this model")
-    enc = processor(text=args.prompt, generation_mode="image", padding=True, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
+    return encode_prompts(args.prompt)
 
 
 def _cmd_generate(args):
@@ -42,8 +41,8 @@ def _cmd_generate(args):
         if args.k > len(db):
             raise ValueError(f"--k {args.k} is larger than the database ({len(db)} entries); pass --k {len(db)} or less")
         cfg = ak.DAiDConfig(lam=args.lam, tau=args.tau, k=args.k, dedup=args.dedup)
-    model, processor = load_model(args.model, args.device)
-    ids, mask = _prompt_inputs(args, model, processor)
+    model, encode_prompts = load_model(args.model, args.device)
+    ids, mask = _prompt_inputs(args, encode_prompts)
     ids, mask = ids.to(args.device), mask.to(args.device)
     gen = model.generation_config
     gen = GenerationConfig(**{**gen.to_dict(), "do_sample": not args.greedy, "temperature": args.temperature,
@@ -53,13 +52,13 @@ def _cmd_generate(args):
     with ak.patched(model, db, cfg) as handle:
         stats = ak.DecodeStats()
         tokens = handle.generate_images(ids, attention_mask=mask, generation_config=gen, stats=stats, progress=True)
-    paths = save_pixels(model.decode_image_tokens(tokens), Path(args.out), "daid" if args.daid else "plain")
+    paths = save_pixels(handle.adapter.decode_pixels(tokens), Path(args.out), "daid" if args.daid else "plain")
     print(f"{stats.summary()}\nwrote {', '.join(str(p) for p in paths)}")
 
 
 def add_subcommands(sub) -> None:
     g = sub.add_parser("generate", help="generate images from prompts, optionally with DAiD")
-    g.add_argument("--model", default="tiny", help="'tiny' or a local Janus checkpoint directory")
+    g.add_argument("--model", default="tiny", help="'tiny' or a local checkpoint directory (any registered model type)")
     g.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable; needs a processor)")
     g.add_argument("--prompt-ids", action="append", default=[], help="comma-separated prompt token ids (repeatable)")
     g.add_argument("--out", default="generated", help="output directory for PNG files")

@@ -80,7 +80,7 @@ class TeacherForcedFAiD:
         if ids.shape[:2] != (B, N) or valid.shape != (B, N):
             raise ValueError(f"retrieved: expected ids (B, N, K) and valid (B, N) with (B, N) = {(B, N)}, got "
                              f"{tuple(ids.shape)} and {tuple(valid.shape)}; pass retrieve_all(tokens)")
-        prompt = self.model.get_input_embeddings()(prompt_ids)  # transformers' API, any family
+        prompt = self.adapter.embed_prompt(prompt_ids)
         image = self.adapter.embed_image_tokens(tokens[:, :-1])
         embeds = torch.cat([prompt, image], dim=1)
         P = prompt_ids.shape[1]

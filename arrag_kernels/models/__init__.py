@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable
 
-from .base import (FAiDAdapter, ImageDecoder, ImageStream, ImageTokenizer, LogitsProcessorAdapter, ModelAdapter,
-                   OfficialWeights, check_protocol, codebook_fingerprint, protocol_members)
+from .base import (FAiDAdapter, ImageDecoder, ImageStream, ImageTokenizer, LogitsProcessorAdapter, MemberUnavailable,
+                   ModelAdapter, OfficialWeights, PretrainedLoader, TeacherForcingAdapter, check_protocol,
+                   codebook_fingerprint, protocol_members)
 from .emu3 import Emu3Adapter
 from .janus import JanusAdapter, hf_image_generate_kwargs
 from .tiny import tiny_janus, tiny_janus_config, tiny_prompt_ids
@@ -19,7 +22,10 @@ def register_adapter(model_type: str, factory: Callable, replace: bool = False) 
     """Make ``patch_model``, ``PatchDatabase.build`` etc. accept models with ``config.model_type == model_type``.
 
     ``factory(model)`` returns an object implementing :class:`ModelAdapter` (checked when it is
-    built). Registering a taken ``model_type`` raises unless ``replace=True``.
+    built; :class:`TeacherForcingAdapter` for NLL, :class:`FAiDAdapter` for FAiD). A factory may also
+    carry what needs no model: ``load_pretrained(path, device)`` (:class:`PretrainedLoader`: the CLI's
+    ``--model DIR``) and ``official_weights`` (:class:`OfficialWeights`: a released FAiD checkpoint's
+    names). Registering a taken ``model_type`` raises unless ``replace=True``.
     """
     if not isinstance(model_type, str) or not model_type:
         raise TypeError(f"register_adapter: model_type must be a non-empty str (a config.model_type), got {model_type!r}")
@@ -32,6 +38,45 @@ def register_adapter(model_type: str, factory: Callable, replace: bool = False) 
             "pass replace=True to override it"
         )
     ADAPTERS[model_type] = factory
+
+
+def _factory(model_type: str, what: str) -> Callable:
+    if model_type not in ADAPTERS:
+        raise ValueError(f"{what}: no adapter is registered for model_type {model_type!r} (registered: "
+                         f"{sorted(ADAPTERS)}); add one with arrag_kernels.register_adapter(model_type, factory)")
+    return ADAPTERS[model_type]
+
+
+def load_pretrained(path, device="cpu"):
+    """``(model, encode_prompts or None)`` from a local checkpoint directory, loaded by the factory
+    registered for its ``config.json`` ``model_type`` (its :class:`PretrainedLoader` member). Raises
+    ValueError naming what is wrong (no config.json, unknown model type, a factory without a loader, a
+    checkpoint that does not load)."""
+    path = Path(path)
+    config = path / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{str(path)!r} holds no Hugging Face checkpoint (no config.json); expected a directory "
+                         "written by save_pretrained")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{str(config)!r} is not a JSON object with a model_type ({type(e).__name__})") from e
+    factory = _factory(model_type, f"checkpoint {str(path)!r}")
+    try:
+        loader = check_protocol(factory, PretrainedLoader, f"the factory registered for model_type {model_type!r}")
+    except TypeError as e:  # a checkpoint this installation cannot load: the caller's error, like a bad path
+        raise ValueError(f"cannot load {str(path)!r}: {e}") from None
+    try:
+        return loader.load_pretrained(path, device)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a {model_type!r} model from {str(path)!r}: {str(e).splitlines()[0]}") from e
+
+
+def official_weights_for(model_type: str) -> OfficialWeights:
+    """The names of ``model_type``'s released FAiD checkpoint: its registered factory's ``official_weights``."""
+    factory = _factory(model_type, "official checkpoint names")
+    return check_protocol(getattr(factory, "official_weights", None), OfficialWeights,
+                          f"official_weights of the factory registered for model_type {model_type!r}")
 
 
 def get_adapter(model, protocol: type = ModelAdapter):
@@ -77,13 +122,18 @@ __all__ = [
     "ImageTokenizer",
     "JanusAdapter",
     "LogitsProcessorAdapter",
+    "MemberUnavailable",
     "ModelAdapter",
     "OfficialWeights",
+    "PretrainedLoader",
+    "TeacherForcingAdapter",
     "as_faid_adapter",
     "as_tokenizer",
     "check_protocol",
     "codebook_fingerprint",
     "get_adapter",
+    "load_pretrained",
+    "official_weights_for",
     "protocol_members",
     "register_adapter",
     "tiny_janus",

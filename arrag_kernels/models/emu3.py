@@ -19,7 +19,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from .base import ImageStream, VQCodebook
+from .base import ImageStream, MemberUnavailable, VQCodebook
 
 IMAGE_WRAPPER_TOKEN = "<|image token|>"  # the image stream starts after it (see Emu3Processor)
 IMAGE_START_TOKEN = "<|image start|>"  # an image-generation prompt ends with <|image start|>H*W<|image token|>
@@ -50,14 +50,14 @@ class Emu3Adapter(VQCodebook):
     @property
     def grid(self) -> tuple[int, int]:
         if self._grid is None:
-            raise ValueError("Emu3 chooses the image grid per call: use arrag_kernels.models.Emu3Adapter(model, "
-                             "grid=(H, W)) instead of the model itself")
+            raise MemberUnavailable("Emu3 chooses the image grid per call: use arrag_kernels.models.Emu3Adapter(model, "
+                                    "grid=(H, W)) instead of the model itself")
         return self._grid
 
     @property
     def image_size(self) -> int:
         if self.grid[0] != self.grid[1]:
-            raise ValueError(
+            raise MemberUnavailable(
                 f"building a database from image files needs a square grid, got {self.grid}: encode (B, 3, H*f, W*f) "
                 "pixels with adapter.encode and build with PatchDatabase.from_latents"
             )
