@@ -126,3 +126,19 @@ def test_resolution_finds_lazy_and_relative_imports():
     assert "arrag_kernels._C" in {name for _, name in _imports(PACKAGE / "_ext.py")}  # from . import _C
     assert "arrag_kernels.ops._triton" in {name for _, name in _imports(PACKAGE / "ops" / "__init__.py")}
     assert "arrag_kernels.faid.modules" in {name for _, name in _imports(PACKAGE / "masked" / "faid.py")}
+
+
+def test_one_place_builds_queries_from_a_grid():
+    """Query-from-grid + search is written once (retrieval/query.py's Retriever): no other module of the
+    package outside ops/ calls the query op ``neighbor_keys``."""
+    callers = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.is_relative_to(PACKAGE / "ops"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                f = node.func
+                name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+                if name == "neighbor_keys":
+                    callers.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    assert callers == [c for c in callers if c.startswith("arrag_kernels/retrieval/query.py:")] and callers, callers
