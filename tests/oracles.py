@@ -88,6 +88,10 @@ def assert_topk(dist: torch.Tensor, ids: torch.Tensor, truth: torch.Tensor, *, a
             f"{what}: {int(bad.sum())}/{int(real.sum())} distances differ from the true k smallest (atol={atol:.3g}, "
             f"rtol={rtol}); max error {err.max().item():.3g}; first at query {q} position {j}: got "
             f"{dist[q, j].item()!r}, true {best[q, j].item()!r}")
+    outside = real & ((ids < 0) | (ids >= truth.shape[1]))
+    if outside.any():
+        q, j = _first_bad(outside)
+        raise AssertionError(f"{what}: query {q} position {j}: id {ids[q, j].item()} outside [0, {truth.shape[1]})")
     safe_ids = ids.clamp_min(0)
     of_ids = truth.gather(1, safe_ids)  # true distance of each returned id
     err = (dist - of_ids).abs().where(real & (dist != of_ids), 0.0)
