@@ -410,6 +410,33 @@ def test_build_is_atomic_and_resumable(tiny_model, tiny_images, tmp_path):
 
 
 @needs_faiss
+def test_resumed_ivfpq_build_says_what_is_done(tiny_model, tiny_images, tmp_path, capsys):
+    """Training used to print nothing for minutes between two bars, and a resumed build said nothing."""
+    adapter = get_adapter(tiny_model)
+    calls = []
+
+    class Crashing:
+        def __getattr__(self, name):
+            return getattr(adapter, name)
+
+        def encode(self, batch):
+            if len(calls) == 2:
+                raise KeyboardInterrupt("simulated crash")
+            calls.append(batch.shape[0])
+            return adapter.encode(batch)
+
+    kwargs = dict(index="ivfpq", path=tmp_path / "db", nlist=4, m=4, nbits=4, chunk_images=4, batch_size=4)
+    with pytest.raises(KeyboardInterrupt):
+        ak.PatchDatabase.build(tiny_images[:12], Crashing(), **kwargs)
+    capsys.readouterr()
+    built = ak.PatchDatabase.build(tiny_images[:12], tiny_model, **kwargs)
+    err = capsys.readouterr().err
+    assert len(built) == 12 * 42
+    assert "resuming the build in" in err and "2 of 3 chunks already encoded, 1 to go" in err
+    assert "training OPQ + IVF-PQ (nlist 4, m 4, nbits 4)" in err and "trained in" in err and "saving 504 entries" in err
+
+
+@needs_faiss
 def test_index_only_build(tiny_model, tiny_images, tmp_path, queries):
     db = ak.PatchDatabase.build(tiny_images[:8], tiny_model, index="ivfpq", path=tmp_path / "db", nlist=NLIST,
                                 keep_keys=False, nprobe=3, train_size=1000, progress=False)
