@@ -86,7 +86,8 @@ class _HandGenerator:
 
 
 # The masked path runs on CPU tensors here, so Triton means the interpreter; on a CUDA machine (no
-# interpreter) the compiled neighbor_keys / daid_sample kernels are checked by test_triton_kernels.py.
+# interpreter) the compiled neighbor_keys / daid_sample kernels are checked by test_neighbor_keys.py
+# and test_daid.py.
 BACKENDS = ["reference",
             pytest.param("triton", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only (CPU)")),
             pytest.param("cpp", marks=pytest.mark.skipif(not HAS_EXT, reason="no C++ extension"))]
