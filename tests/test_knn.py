@@ -104,6 +104,25 @@ def test_knn_ties_ordered_by_id(backend, dtype, case):
     assert torch.equal(dist.cpu(), want_dist) and torch.equal(ids.cpu(), want_ids), f"{backend}: tie order differs"
 
 
+@pytest.mark.parametrize("n,dim,k", [(97, 32, 7), (1025, 32, 64), (3001, 96, 1), (63, 12, 63)])
+@pytest.mark.parametrize("backend", op_backends(knn_dispatcher))
+def test_knn_matches_brute_force_order(backend, n, dim, k):
+    """Random fp32 data (no near-ties at these sizes): exactly the (distance, id) order of a float64
+    brute force."""
+    g = _gen(n)
+    keys = torch.randn(n, dim, generator=g)
+    q = torch.randn(5, dim, generator=g)
+    device = backend_device(backend)
+    with use_backend(backend):
+        d, i = knn(q.to(device), keys.to(device), k)
+    d, i = d.cpu(), i.cpu()
+    truth = exact_distances(q, keys)
+    want_d, want_i = tie_order(truth, k)
+    assert_close(d, want_d, torch.float32, "distances")
+    assert torch.equal(i, want_i)
+    assert_knn(d, i, q, keys, what=backend)
+
+
 # ---------------------------------------------------------------------------------------------
 # the reference
 
