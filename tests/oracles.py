@@ -81,7 +81,7 @@ def assert_topk(dist: torch.Tensor, ids: torch.Tensor, truth: torch.Tensor, *, a
     assert bool((dist[padding] == FLT_MAX).all()), f"{what}: padded positions must have distance FLT_MAX"
     real = ~padding
     err = (dist - best).abs().where(real & (dist != best), 0.0)  # equal infinities: no error
-    bad = err > _tolerance(best, atol, rtol)
+    bad = real & ~(err <= _tolerance(best, atol, rtol))  # NaN (an unwritten output) is bad too
     if bad.any():
         q, j = _first_bad(bad)
         raise AssertionError(
