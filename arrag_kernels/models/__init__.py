@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from .base import (FAiDAdapter, ImageDecoder, ImageStream, ImageTokenizer, LogitsProcessorAdapter, MemberUnavailable,
+from .base import (FAiDAdapter, GridPerCall, ImageDecoder, ImageStream, ImageTokenizer, LogitsProcessorAdapter, MemberUnavailable,
                    ModelAdapter, OfficialWeights, PretrainedLoader, TeacherForcingAdapter, check_protocol,
                    codebook_fingerprint, protocol_members)
 from .emu3 import Emu3Adapter
@@ -117,6 +117,7 @@ __all__ = [
     "ADAPTERS",
     "Emu3Adapter",
     "FAiDAdapter",
+    "GridPerCall",
     "ImageDecoder",
     "ImageStream",
     "ImageTokenizer",

@@ -58,6 +58,18 @@ class ImageTokenizer(Protocol):
 
 
 @runtime_checkable
+class GridPerCall(Protocol):
+    """An :class:`ImageTokenizer` of a family that picks its image grid per call (Emu3, GLM-Image): built
+    from the model alone, its ``grid`` raises :class:`MemberUnavailable`; :meth:`arrag_kernels.PatchDatabase.build`
+    then reads the grid from the images' size (``pixels_per_token`` pixels per token) through ``at_grid``."""
+
+    pixels_per_token: int  # pixels of the encoder's input per image token, along each side
+
+    def at_grid(self, grid: tuple[int, int]) -> ImageTokenizer:
+        """The tokenizer for images of ``grid`` = (H, W) tokens."""
+
+
+@runtime_checkable
 class ImageDecoder(Protocol):
     """What the KV-cached decode loops need from a model (CFG rows doubled: [cond; uncond])."""
 
