@@ -86,7 +86,7 @@ class Emu3Adapter(VQCodebook):
         tokens = self.nearest_codes(cells.reshape(-1, cells.shape[-1])).view(cells.shape[:3])
         return F.normalize(cells.float(), p=2, dim=-1), tokens
 
-    def image_stream(self) -> ImageStream:
+    def image_stream(self, **generate_kwargs) -> ImageStream:
         """Emu3's image stream: it starts after ``<|image token|>``, codes map through
         ``vocabulary_mapping.img2bpe``, every row ends with the end-of-line token."""
         mapping = self.model.vocabulary_mapping
@@ -109,7 +109,7 @@ class Emu3Adapter(VQCodebook):
     def _id_to_token(self) -> dict[int, str]:
         return {i: t for t, i in self.model.vocabulary_mapping.vocab_map.items()}
 
-    def generation_grid(self, input_ids: torch.Tensor | None, grid: tuple[int, int] | None = None):
+    def generation_grid(self, input_ids: torch.Tensor | None, grid: tuple[int, int] | None = None, **generate_kwargs):
         """The (H, W) an image-generation call asks for, or None for any other call (text, image understanding).
 
         An image-generation prompt ends with ``<|image start|>H*W<|image token|>`` in every row (what
