@@ -149,7 +149,8 @@ class PatchHandle:
             kwargs.update(filters)
         else:  # greedy: HF applies no warpers
             daid_filters = filters
-        processors = LogitsProcessorList([*(logits_processor or []), self._processor(kwargs, **daid_filters)])
+        daid = self._processor({**kwargs, "input_ids": input_ids}, **daid_filters)
+        processors = LogitsProcessorList([*(logits_processor or []), daid])
         return self._original_generate(inputs, generation_config, processors, *args, **kwargs)
 
     def _processor(self, generate_kwargs=None, **filters):

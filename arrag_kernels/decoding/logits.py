@@ -40,7 +40,9 @@ class DAiDLogitsProcessor(LogitsProcessor):
       ``p_ret`` over the retrieved image tokens (mapped to vocabulary ids) and ``filter`` HF's top-k
       then top-p; the processor returns ``log p``;
     * any other image cell: ``log softmax(filter(s / T))`` (same sampling distribution as HF);
-    * an end-of-line position, or after the image (or no image start yet): the scores unchanged.
+    * any other position (the offset before the grid, an end-of-line position, after the image, no
+      image start yet): the scores unchanged, or ``log softmax(filter(s / T))`` when ``temperature``,
+      ``top_k`` or ``top_p`` are set (HF's warpers are then neutral and would not filter them).
 
     So pass ``temperature``, ``top_k``, ``top_p`` here (they act before the merge, like the fused
     sampler) and call ``generate`` with ``temperature=1.0, top_k=0, top_p=1.0``: HF's warpers run
@@ -147,18 +149,29 @@ class DAiDLogitsProcessor(LogitsProcessor):
             self._vocab_to_code[self.code_to_vocab] = torch.arange(len(self.code_to_vocab), device=device)
         state = self._image_state(input_ids)
         if state is None:
-            return scores
+            return self._untouched(scores)
         tokens, j = state
         H, W = self.grid
         in_image = (j >= 0) & (j < H * self.row_len) & (j % self.row_len < W)  # (B,) next position is a grid cell
         if not bool(in_image.any()):
-            return scores
+            return self._untouched(scores)
         step = torch.where(in_image, (j // self.row_len) * W + j % self.row_len, 0)
-        filtered = top_k_top_p_filter_ref(scores.float() / self.temperature, self.top_k, self.top_p)
+        filtered = self._filter(scores)
         probs = torch.softmax(filtered, dim=-1)
         dist, codes, valid = self.retriever.retrieve(tokens, step)
         hit_ids = torch.where(codes >= 0, self.code_to_vocab[codes.clamp_min(0)], -1)
         active = in_image & valid  # valid: the cell has a database key (border policy)
         c = self.config
         merged = daid_mix(probs, dist, hit_ids, active, c.lam, c.tau, c.dedup)
-        return torch.where(in_image[:, None], merged.log().to(scores.dtype), scores)
+        return torch.where(in_image[:, None], merged.log().to(scores.dtype), self._untouched(scores, filtered))
+
+    def _filter(self, scores: torch.Tensor) -> torch.Tensor:
+        return top_k_top_p_filter_ref(scores.float() / self.temperature, self.top_k, self.top_p)
+
+    def _untouched(self, scores: torch.Tensor, filtered: torch.Tensor | None = None) -> torch.Tensor:
+        """The scores where DAiD does not merge: as given, or, when this processor holds the call's
+        sampling filters (HF's warpers then neutral, see the class docstring), the filtered
+        log-probabilities HF's warpers would have sampled from (GLM-Image's preview, tokens after the grid)."""
+        if self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0:
+            return scores
+        return torch.log_softmax(self._filter(scores) if filtered is None else filtered, dim=-1).to(scores.dtype)
