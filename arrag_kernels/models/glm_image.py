@@ -27,8 +27,13 @@ distances keep their scale (DAiD's ``tau`` acts on them). The projection is a fu
 ``(d, key_dim)`` alone (a seeded CPU generator), so databases and queries made anywhere agree; it is
 part of the fingerprint, and ``key_dim=None`` keeps the full vectors. A fixed projection was chosen
 over PCA because it needs no stored state and no decomposition that could rotate near-equal
-components differently on another machine. Measured (scripts/glm_image_keys.py, results in its
-docstring): recall of the full-key neighbours and the Fig. 6 retrieval accuracy, projected vs full.
+components differently on another machine. Measured with ``scripts/glm_image_keys.py`` (a synthetic
+clustered codebook of the real size, since no weights can be downloaded; held-out token grids; k =
+16): 64 dimensions per cell keep the Fig. 6 accuracy at rank 1 (mean L2 to the true token 0.861
+against 0.855 with full keys, 1.412 for a random token) and return 66% of the full-key neighbours,
+with keys 32x smaller (1 KiB); a PCA to 64 did no better at rank 1 (0.868). Pass ``key_dim`` to
+trade size for recall (256: 72%), and register ``lambda m: GlmImageAdapter(m, key_dim=...)`` for
+``patch_model`` to use another width than the default.
 """
 
 from __future__ import annotations
