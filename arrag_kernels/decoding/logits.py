@@ -66,7 +66,7 @@ class DAiDLogitsProcessor(LogitsProcessor):
         image_start_token_id: vocabulary id after which the image tokens start.
         image_token_ids: (V_img,) vocabulary id of each image code; None when vocabulary id == code.
         eol_token_id: vocabulary id closing each row of the stream, or None.
-        image_offset: tokens between the start token and the grid's first cell (scores there unchanged).
+        image_offset: tokens between the start token and the grid's first cell (not merged there).
     """
 
     def __init__(self, db, config: DAiDConfig, codebook, image_start_token_id: int,

@@ -66,8 +66,7 @@ def check_finite_keys(keys: torch.Tensor, what: str = "keys") -> None:
             )
 
 
-
-
+# ---- building -------------------------------------------------------------------------
 def _image_sizes(source) -> set[tuple[int, int]]:
     """The distinct (width, height) of a list of image paths / PIL images (files: read from their headers)."""
     from PIL import Image
