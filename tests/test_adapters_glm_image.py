@@ -148,6 +148,27 @@ def test_patched_lam_one_draws_retrieved_tokens_on_the_target_grid_only(setup):
     assert torch.equal(_generate(model), plain)  # unpatched again
 
 
+def test_patched_image_to_image_targets_the_only_generated_grid(setup):
+    """Image-to-image: a source image in the prompt (pixel_values), one grid to generate, no preview."""
+    model, adapter, db, _ = setup
+    source, _ = adapter._pack(torch.rand(1, 3, 2 * PATCH, 2 * PATCH, generator=torch.Generator().manual_seed(3)) * 2 - 1)
+    ids = torch.tensor([[CODES + 3, START, IMAGE, IMAGE, IMAGE, IMAGE, END, CODES + 4, START]])
+    image_kwargs = dict(pixel_values=source, image_grid_thw=torch.tensor([[1, 2, 2], [1, *GRID]]),
+                        images_per_sample=torch.tensor([2]))
+
+    def generate():
+        torch.manual_seed(0)
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=CELLS, do_sample=True,
+                              suppress_tokens=[START, END], **image_kwargs)[:, ids.shape[1]:]
+
+    plain = generate()
+    with ak.patched(model, db, ak.DAiDConfig(lam=0.0, k=4)):
+        assert torch.equal(generate(), plain)
+    with ak.patched(model, db, ak.DAiDConfig(lam=1.0, k=4)):
+        out = generate()
+    assert assert_tokens_among_retrieved(out, adapter.codebook(), db, GRID, 4) == (GRID[0] - 1) * (GRID[1] - 2)
+
+
 def test_patched_generate_keeps_streamer_return_dict_and_num_return_sequences(setup):
     model, _, db, _ = setup
 
