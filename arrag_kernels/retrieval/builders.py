@@ -218,7 +218,8 @@ def from_tokens(cls, tokens: torch.Tensor, codebook: torch.Tensor, neighborhood:
             as given: pass the same (usually L2-normalised) rows to the decode-time query.
         neighborhood, hops, border: the key layout, see :class:`arrag_kernels.KeyLayout`.
         fingerprint: stored model fingerprint; default :func:`arrag_kernels.models.codebook_fingerprint`
-            of ``codebook``.
+            of ``codebook``, which a model's adapter recognises as its own when ``codebook`` is its
+            ``codebook()`` (see :meth:`PatchDatabase.check_compatible`).
 
     Equals :meth:`build` with ``key_source="codebook"`` on the same tokens (keys, values, metadata).
     """

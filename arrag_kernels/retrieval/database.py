@@ -121,7 +121,8 @@ class PatchDatabase:
 
     # ---- use ------------------------------------------------------------------------------
     def check_compatible(self, adapter) -> None:
-        """Raise :class:`DatabaseError` if this database cannot serve ``adapter``'s model."""
+        """Raise :class:`DatabaseError` if this database cannot serve ``adapter``'s model; warn if its
+        fingerprint names another codebook (neither the adapter's fingerprint nor that of its ``codebook()``)."""
         m = self.meta
         problems = []
         if m.codebook_size != adapter.codebook_size:
