@@ -28,7 +28,6 @@ UNAVAILABLE = {
     "reference": None,
     "triton": _triton_unavailable(),  # compiled on CUDA, else through the interpreter (TRITON_INTERPRET=1)
     "cpp": None if _ext.HAS_EXT else f"C++ extension unavailable: {_ext.EXT_ERROR}",
-    "cuda": None if CUDA and _ext.HAS_CUDA_EXT else (_ext.CUDA_EXT_ERROR or "no CUDA device"),
 }
 
 
