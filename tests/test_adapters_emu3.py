@@ -7,12 +7,11 @@ import warnings
 import pytest
 import torch
 from transformers import Emu3Config, Emu3ForConditionalGeneration
-from transformers.generation.streamers import BaseStreamer
 
 import arrag_kernels as ak
 from arrag_kernels.models import Emu3Adapter, ImageTokenizer, get_adapter
 
-from .utils import assert_tokens_among_retrieved
+from .utils import CollectingStreamer, assert_tokens_among_retrieved
 
 CODES, GRID = 32, (4, 5)  # a non-square grid: Emu3 picks H x W per call
 BOS, EOS, PAD, BOI, WRAP, EOL, EOF, EOI = 1, 2, 0, 3, 4, 5, 6, 7
@@ -216,23 +215,12 @@ def test_patched_lam_one_draws_retrieved_tokens_then_unpatch_restores(setup):
     assert torch.equal(_generate(model), before) and "generate" not in model.__dict__
 
 
-class _Collect(BaseStreamer):
-    def __init__(self):
-        self.chunks = []
-
-    def put(self, value):
-        self.chunks.append(value.clone())
-
-    def end(self):
-        self.chunks.append(None)
-
-
 def test_patched_generate_keeps_streamer_and_return_dict(setup):
     model, _, db, _ = setup
     with ak.patched(model, db, ak.DAiDConfig(lam=0.5, k=4)):
         tokens = _generate(model, seed=3)
         out = _generate(model, seed=3, return_dict_in_generate=True, output_scores=True)
-        streamer = _Collect()
+        streamer = CollectingStreamer()
         ids, neg = _prompt()
         torch.manual_seed(3)
         model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=GRID[0] * ROW + 3,

@@ -5,13 +5,12 @@ logits-processor path, as Emu3), the preview grid left to the model."""
 import pytest
 import torch
 from transformers import GlmImageConfig, GlmImageForConditionalGeneration
-from transformers.generation.streamers import BaseStreamer
 
 import arrag_kernels as ak
 from arrag_kernels.models import GlmImageAdapter, LogitsProcessorAdapter, check_protocol, get_adapter
 from arrag_kernels.models.glm_image import DEFAULT_KEY_DIM, key_projection
 
-from .utils import assert_tokens_among_retrieved
+from .utils import CollectingStreamer, assert_tokens_among_retrieved
 
 CODES, WIDTH, PATCH = 64, 128, 4
 KEY_DIM = DEFAULT_KEY_DIM  # what the registered adapter (patch_model) projects to: 64 of 128
@@ -172,17 +171,7 @@ def test_patched_image_to_image_targets_the_only_generated_grid(setup):
 def test_patched_generate_keeps_streamer_return_dict_and_num_return_sequences(setup):
     model, _, db, _ = setup
 
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.chunks = []
-
-        def put(self, value):
-            self.chunks.append(value.clone())
-
-        def end(self):
-            self.chunks.append(None)
-
-    streamer = Collect()
+    streamer = CollectingStreamer()
     with ak.patched(model, db, ak.DAiDConfig(lam=0.5, k=4)):
         result = _generate(model, batch=1, return_dict_in_generate=True, output_scores=True, streamer=streamer)
         many = _generate(model, batch=1, num_return_sequences=2)

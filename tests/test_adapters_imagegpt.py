@@ -4,12 +4,11 @@ grids) and DAiD inside its own HF generate through patch_model (the logits-proce
 import pytest
 import torch
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
-from transformers.generation.streamers import BaseStreamer
 
 import arrag_kernels as ak
 from arrag_kernels.models import ImageGPTAdapter, LogitsProcessorAdapter, check_protocol, get_adapter
 
-from .utils import assert_tokens_among_retrieved
+from .utils import CollectingStreamer, assert_tokens_among_retrieved
 
 CODES, SIDE = 16, 5  # 16 colour clusters, 5 x 5 pixels
 SOS = CODES  # ImageGPT's start token: the last vocabulary id
@@ -97,17 +96,7 @@ def test_patched_completion_reads_the_prompts_pixels(setup):
 def test_patched_generate_keeps_streamer_return_dict_and_num_return_sequences(setup):
     model, _, db, _ = setup
 
-    class Collect(BaseStreamer):
-        def __init__(self):
-            self.chunks = []
-
-        def put(self, value):
-            self.chunks.append(value.clone())
-
-        def end(self):
-            self.chunks.append(None)
-
-    streamer = Collect()
+    streamer = CollectingStreamer()
     with ak.patched(model, db, ak.DAiDConfig(lam=0.5, k=4)):
         result = _generate(model, return_dict_in_generate=True, output_scores=True, streamer=streamer)
         many = _generate(model, num_return_sequences=3)

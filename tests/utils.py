@@ -158,6 +158,19 @@ def replay_without_host_sync(loop, model, ids: torch.Tensor, num_tokens: int = 6
         torch.cuda.set_sync_debug_mode("default")
 
 
+class CollectingStreamer:
+    """A ``transformers`` streamer that keeps every chunk ``generate`` hands it (None marks the end)."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.clone())
+
+    def end(self):
+        self.chunks.append(None)
+
+
 def assert_tokens_among_retrieved(cells: torch.Tensor, codebook: torch.Tensor, db, grid, k: int) -> int:
     """Every token of the (B, H*W) code grids ``cells`` at a retrieval position is among the ``k`` tokens
     the database returns for the neighbourhood of its already generated cells (what lam = 1 must draw).
