@@ -137,9 +137,11 @@ def run_miniature_demo(out: str | Path = "demo_out", lam: float = 0.1, tau: floa
     from arrag_kernels.eval.metrics import frechet_distance
     from arrag_kernels.eval.sampling import image_grid
     from arrag_kernels.miniature.evaluate import MiniatureRun
+    from arrag_kernels.miniature.train import describe_weights
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    print(f"weights: {describe_weights()}")
     t0 = time.perf_counter()
     run = MiniatureRun(progress=True)
     m = run.meta["config"]

@@ -22,13 +22,17 @@ Stages (each seeded; a few minutes on 2 CPU cores at the default sizes):
 ``python -m arrag_kernels.miniature.train --out DIR`` runs all four and writes
 ``model.safetensors`` + ``config.json`` (HF ``save_pretrained``, fp16), ``classifier.safetensors``,
 ``meta.json`` (the config, dataset split sizes, losses, wall times), ``blenders.safetensors`` (fp16)
-and ``blenders.json``; ``--blenders-only`` trains stage 4 on an existing ``--out``.
+and ``blenders.json``; ``--blenders-only`` trains stage 4 on an existing ``--out``. ``--out`` has no
+default, and the weights shipped in ``arrag_kernels/miniature/weights`` are never written by these
+functions (:func:`check_not_shipped`): to replace them, train elsewhere and copy the files by hand
+(then update :data:`SHIPPED_SHA256`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -42,6 +46,12 @@ from ..models.tiny import TINY_BOI, TINY_BOS, TINY_PAD, tiny_janus
 from .data import EmojiDataset, load_emoji_dataset
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+# SHA-256 of the shipped weight files: the demo says whether it runs them or something else put there.
+SHIPPED_SHA256 = {
+    "model.safetensors": "0f8746f2f961d197f5df15cf90196920122f8fb1723232b0d6c36db46c025427",
+    "classifier.safetensors": "e543cff25be9b927994159bed51fc253d38a97a1895881f7e33e0587478d4a1b",
+    "blenders.safetensors": "2c0918e1c4c4a0b6e7aa091b0815dffb4cd18ba98196322ee2600b1c861248d4",
+}
 # Prompt layout: [BOS, GROUP_BASE + group, SUBGROUP_BASE + subgroup, BOI]; ids stay below the image token (255).
 GROUP_BASE, SUBGROUP_BASE = 3, TINY_BOI + 1
 
@@ -105,6 +115,30 @@ class BlenderConfig:
         from ..faid import FAiDConfig
 
         return FAiDConfig(k=self.k, hops=self.hops, blenders=self.blenders)
+
+
+def check_not_shipped(out: str | os.PathLike) -> Path:
+    """``out`` as a Path; raises ValueError when it is the package's shipped weights directory."""
+    out = Path(out)
+    if out.resolve() == WEIGHTS_DIR.resolve():
+        raise ValueError(f"--out {str(out)!r} is the shipped weights directory {str(WEIGHTS_DIR)!r}, which training never "
+                         "overwrites; pass another --out (e.g. /tmp/miniature; `arrag-kernels eval --weights DIR` evaluates it)")
+    return out
+
+
+def describe_weights(path: str | os.PathLike | None = None) -> str:
+    """One line saying which miniature weights ``path`` (default: the shipped directory) holds: the shipped
+    files unmodified, or what ``meta.json`` says trained them."""
+    path = Path(path) if path else WEIGHTS_DIR
+    changed = [name for name, digest in SHIPPED_SHA256.items() if not (path / name).is_file()
+               or hashlib.sha256((path / name).read_bytes()).hexdigest() != digest]
+    if not changed:
+        return f"{path} (the shipped weights)"
+    meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else {}
+    where = "WARNING: the shipped weights directory holds other files" if path.resolve() == WEIGHTS_DIR.resolve() \
+        else "not the shipped weights"
+    return (f"{path} ({where}: {', '.join(changed)} differ; trained by "
+            f"`{meta.get('command', 'unknown')}`, config {meta.get('config', {})})")
 
 
 def prompt_for(group_ids: torch.Tensor, subgroup_ids: torch.Tensor) -> torch.Tensor:
@@ -292,7 +326,7 @@ def train_and_save_blenders(out: str | os.PathLike, cfg: BlenderConfig = Blender
     """Stage 4 on the trained model in ``out``: writes ``blenders.safetensors`` (fp16) and ``blenders.json``."""
     from ..faid import save_blenders
 
-    out = Path(out)
+    out = check_not_shipped(out)
     model, _, meta = load_miniature(out)
     mcfg = MiniatureConfig(**meta["config"])
     ds = load_emoji_dataset(size=mcfg.size, limit=mcfg.limit, seed=mcfg.seed, cache_dir=cache_dir, progress=progress)
@@ -303,8 +337,7 @@ def train_and_save_blenders(out: str | os.PathLike, cfg: BlenderConfig = Blender
     last = lambda xs: float(torch.tensor(xs[-20:]).mean())  # noqa: E731
     bmeta = {"config": dataclasses.asdict(cfg), **info, "loss_first20": first(losses), "loss_last20": last(losses),
              "train_s": time.perf_counter() - t0, "torch": torch.__version__,
-             "command": "python -m arrag_kernels.miniature.train --blenders-only"
-                        + ("" if out.resolve() == WEIGHTS_DIR.resolve() else f" --out {out}")}
+             "command": f"python -m arrag_kernels.miniature.train --blenders-only --out {out}"}
     (out / "blenders.json").write_text(json.dumps(bmeta, indent=2))
     return bmeta
 
@@ -327,7 +360,7 @@ def train_miniature(out: str | os.PathLike, cfg: MiniatureConfig = MiniatureConf
     """Run all stages and save the model, the classifier, ``meta.json`` and the blenders under ``out``."""
     from safetensors.torch import save_file
 
-    out = Path(out)
+    out = check_not_shipped(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     times = {}
@@ -358,8 +391,7 @@ def train_miniature(out: str | os.PathLike, cfg: MiniatureConfig = MiniatureConf
         "losses_last50": {"vq": tail(vq_losses), "lm": tail(lm_losses), "classifier": tail(clf_losses)},
         "times_s": times,
         "torch": torch.__version__,
-        "command": "python -m arrag_kernels.miniature.train"
-                   + ("" if out.resolve() == WEIGHTS_DIR.resolve() else f" --out {out}") + f" --seed {cfg.seed}",
+        "command": f"python -m arrag_kernels.miniature.train --out {out} --seed {cfg.seed}",
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     meta["blenders"] = train_and_save_blenders(out, blender_cfg, progress, cache_dir)
@@ -387,8 +419,9 @@ def load_miniature(path: str | os.PathLike | None = None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="train the miniature AR-RAG model on rendered emoji")
-    p.add_argument("--out", default=str(WEIGHTS_DIR))
+    p = argparse.ArgumentParser(prog="python -m arrag_kernels.miniature.train",
+                                description="train the miniature AR-RAG model on rendered emoji")
+    p.add_argument("--out", required=True, help="directory to write (never the shipped weights directory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a handful of emoji and steps (smoke test)")
     p.add_argument("--blenders-only", action="store_true", help="only stage 4 (FAiD blenders) on the model in --out")
@@ -399,10 +432,13 @@ def main(argv=None):
         cfg = dataclasses.replace(cfg, limit=60, vq_steps=3, lm_steps=3, clf_steps=3, vq_batch=8, lm_batch=8,
                                   clf_batch=8)
         blender_cfg = dataclasses.replace(blender_cfg, k=4, steps=3, batch=4)
-    if args.blenders_only:
-        print(json.dumps(train_and_save_blenders(args.out, blender_cfg), indent=2))
-    else:
-        print(json.dumps(train_miniature(args.out, cfg, blender_cfg=blender_cfg), indent=2))
+    try:
+        if args.blenders_only:
+            print(json.dumps(train_and_save_blenders(args.out, blender_cfg), indent=2))
+        else:
+            print(json.dumps(train_miniature(args.out, cfg, blender_cfg=blender_cfg), indent=2))
+    except (ValueError, OSError) as e:  # user errors: one line, exit 2 (as the arrag-kernels CLI)
+        p.exit(2, f"{p.prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
 
 
 if __name__ == "__main__":
