@@ -34,3 +34,46 @@ def test_describe_weights_tells_shipped_from_other(tmp_path):
     line = mini.describe_weights(copy)
     assert "not the shipped weights: model.safetensors differ" in line
     assert "python -m arrag_kernels.miniature.train" in line  # meta.json's command
+
+
+# ---- item 2: FAiD training in fp32 whatever the load dtype; a non-finite loss stops it ----
+@pytest.fixture(scope="module")
+def half_model_and_db():
+    import arrag_kernels as ak
+    from arrag_kernels.models import tiny_janus
+
+    model = tiny_janus(seed=0).half()  # what from_pretrained gives for a checkpoint saved in fp16
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return model, ak.PatchDatabase.build(images, model, progress=False), images
+
+
+def test_train_faid_on_a_half_precision_model_trains_in_fp32(half_model_and_db):
+    from arrag_kernels.faid import FAiDConfig
+    from arrag_kernels.faid.train import train_faid
+
+    model, db, images = half_model_and_db
+    blenders, losses = train_faid(model, db, FAiDConfig(k=4), images, torch.tensor([[1, 100]]), steps=4, lr=1e-3,
+                                  train_head=True, log=lambda line: None)
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    params = list(blenders.parameters())
+    assert {p.dtype for p in params} == {torch.float32} and all(bool(p.isfinite().all()) for p in params)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}  # the model's own dtype back
+    assert all(bool(p.isfinite().all()) for p in model.parameters())
+
+
+def test_train_faid_stops_at_a_non_finite_loss(half_model_and_db):
+    from arrag_kernels.faid import FAiDConfig
+    from arrag_kernels.faid.train import NonFiniteLossError, train_faid
+
+    model, db, images = half_model_and_db
+    head = model.model.generation_head.vision_head.weight
+    saved = head.detach().clone()
+    try:
+        with torch.no_grad():
+            head[0, 0] = float("inf")
+        with pytest.raises(NonFiniteLossError, match="at step 1 of 3, nothing was saved"):
+            train_faid(model, db, FAiDConfig(k=4), images, torch.tensor([[1, 100]]), steps=3, log=lambda line: None)
+    finally:
+        with torch.no_grad():
+            head.copy_(saved)
+    assert issubclass(NonFiniteLossError, ValueError)  # the CLI's user error: exit 2, one line

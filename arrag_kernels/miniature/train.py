@@ -296,7 +296,7 @@ def train_blenders(model, ds: EmojiDataset, cfg: BlenderConfig = BlenderConfig()
     import arrag_kernels as ak
 
     from ..faid import FAiDBlenders
-    from ..faid.train import FAiDTrainer
+    from ..faid.train import FAiDTrainer, check_finite_loss
 
     db_idx, fit_idx = blender_split(ds, cfg.db_fraction, cfg.seed)
     db = ak.PatchDatabase.build(ds.pixels()[db_idx], model, progress=progress)
@@ -310,9 +310,10 @@ def train_blenders(model, ds: EmojiDataset, cfg: BlenderConfig = BlenderConfig()
     g = torch.Generator().manual_seed(cfg.seed + 3)
     losses = []
     with _bar(cfg.steps, "training FAiD blenders", progress) as bar:
-        for _ in range(cfg.steps):
+        for step in range(cfg.steps):
             b = torch.randint(0, len(tokens), (min(cfg.batch, len(tokens)),), generator=g)
-            losses.append(trainer.step(prompts[b], tokens[b], (retrieved[0][b], retrieved[1][b])))
+            loss = trainer.step(prompts[b], tokens[b], (retrieved[0][b], retrieved[1][b]))
+            losses.append(check_finite_loss(loss, step + 1, cfg.steps))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             bar.update()
     for p, f in zip(model.parameters(), flags):  # the trainer froze the base model for training
