@@ -77,3 +77,36 @@ def test_train_faid_stops_at_a_non_finite_loss(half_model_and_db):
         with torch.no_grad():
             head.copy_(saved)
     assert issubclass(NonFiniteLossError, ValueError)  # the CLI's user error: exit 2, one line
+
+
+# ---- item 9: a prompt recipe for the shipped model; the README snippet runs as written ----
+def _readme_block(after: str) -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    start = text.index("```python\n", text.index(after)) + len("```python\n")
+    return text[start : text.index("```", start)]
+
+
+def test_prompt_ids_recipe():
+    from arrag_kernels.miniature.data import emoji_available
+
+    if not emoji_available():
+        pytest.skip("the emoji Debian packages are not installed")
+    torch.testing.assert_close(mini.prompt_ids(["face-smiling", "animal-mammal"]),
+                               torch.tensor([[1, 3, 101, 100], [1, 5, 133, 100]]))
+    with pytest.raises(ValueError, match="did you mean face-smiling"):
+        mini.prompt_ids("face-smilng")
+    with pytest.raises(ValueError, match="trained on 98"):
+        mini.prompt_ids("face-smiling", num_classes=98)
+
+
+def test_readme_miniature_snippet_runs_as_written():
+    from arrag_kernels.miniature.data import emoji_available
+
+    if not emoji_available():
+        pytest.skip("the emoji Debian packages are not installed")
+    scope = {}
+    exec(_readme_block("The same on the shipped miniature model"), scope)
+    assert scope["tokens"].shape == (2, 64) and scope["images"].shape == (2, 32, 32, 3)
+    assert len(scope["db"]) == 116_634

@@ -150,6 +150,39 @@ def prompt_for(group_ids: torch.Tensor, subgroup_ids: torch.Tensor) -> torch.Ten
                         torch.full((B,), TINY_BOI)], dim=1)
 
 
+def prompt_ids(subgroups: str | list[str], emoji_test: str | os.PathLike | None = None,
+               num_classes: int | None = None) -> torch.Tensor:
+    """The miniature model's prompt recipe: subgroup names of Unicode's ``emoji-test.txt`` (e.g.
+    ``"face-smiling"``, ``"animal-mammal"``; the group follows from the subgroup) -> (B, 4) prompt ids
+    ``[BOS, group, subgroup, BOI]`` (:func:`prompt_for`), for ``model.generate`` or ``generate --prompt-ids``.
+
+    Label ids are positions in the installed ``emoji-test.txt`` (``unicode-data``), as in training;
+    ``num_classes`` (a run's ``meta.json`` value; default: the shipped model's) is checked against it
+    so that another Unicode version cannot shift the ids silently."""
+    from .data import emoji_labels, emoji_sources, parse_emoji_test
+
+    names = [subgroups] if isinstance(subgroups, str) else list(subgroups)
+    if not names:
+        raise ValueError("prompt_ids: expected at least one subgroup name, got none")
+    entries = parse_emoji_test(emoji_sources(emoji_test=emoji_test)[1])
+    group_names, subgroup_names = emoji_labels(entries)
+    expected = num_classes if num_classes is not None else json.loads((WEIGHTS_DIR / "meta.json").read_text())["num_classes"]
+    if len(subgroup_names) != expected:
+        raise ValueError(f"the installed emoji-test.txt has {len(subgroup_names)} subgroups, the model was trained on "
+                         f"{expected}: its prompt ids would not match (install the unicode-data it was trained with)")
+    group_of = {e.subgroup: e.group for e in entries}
+    unknown = [n for n in names if n not in group_of]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], subgroup_names, n=3)
+        raise ValueError(f"unknown emoji subgroup {unknown[0]!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                         + f"; expected one of the {len(subgroup_names)} subgroups of emoji-test.txt, e.g. "
+                         f"{', '.join(subgroup_names[:3])}")
+    return prompt_for(torch.tensor([group_names.index(group_of[n]) for n in names]),
+                      torch.tensor([subgroup_names.index(n) for n in names]))
+
+
 def dataset_prompts(ds: EmojiDataset, idx: torch.Tensor | None = None) -> torch.Tensor:
     p = prompt_for(ds.group_ids(), ds.subgroup_ids())
     return p if idx is None else p[idx]
