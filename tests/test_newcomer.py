@@ -3,6 +3,7 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -141,3 +142,64 @@ def test_lam_zero_identity_and_its_dtype_condition(dtype):
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith('| `"dynamic"` (default)'))
     assert "fp32" in row and "fp16" in row  # the identity is stated with its condition
+
+
+# ---- item 10: the smaller ones ----
+def test_numpy_bound_to_the_tested_versions():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    numpy = next(Requirement(r) for r in project["dependencies"] if Requirement(r).name == "numpy")
+    assert "2.3.5" in numpy.specifier and "2.4.0" not in numpy.specifier
+
+
+def test_decode_range_documented_as_unclamped():
+    from transformers import JanusForConditionalGeneration
+
+    model = JanusForConditionalGeneration.from_pretrained(mini.WEIGHTS_DIR, dtype=torch.float32).eval()
+    tokens = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pixels = model.decode_image_tokens(tokens)
+    assert float(pixels.min()) < -1 or float(pixels.max()) > 1  # HF's decoder does not clamp ...
+    quickstart = _readme_block("## Quickstart")
+    line = next(x for x in quickstart.splitlines() if x.startswith("images = model.decode_image_tokens"))
+    assert "not clamped" in line  # ... and the README no longer says it returns [-1, 1]
+    line = next(x for x in _readme_block("The same on the shipped miniature model").splitlines()
+                if x.startswith("images = "))
+    assert ".clamp(-1, 1)" in line
+
+
+def test_emoji_cache_announced(tmp_path, capsys):
+    from arrag_kernels.miniature.data import emoji_available, load_emoji_dataset
+
+    if not emoji_available():
+        pytest.skip("the emoji Debian packages are not installed")
+    load_emoji_dataset(limit=20, cache_dir=tmp_path, progress=True)
+    out = capsys.readouterr().out
+    assert f"cached the rendered emoji in {tmp_path}" in out and "ARRAG_KERNELS_CACHE" in out
+    load_emoji_dataset(limit=20, cache_dir=tmp_path, progress=True)  # read back: nothing new written
+    assert "cached" not in capsys.readouterr().out
+
+
+def test_demo_grid_is_labelled_and_its_real_block_distinct():
+    from arrag_kernels.demo import real_rows, side_by_side
+
+    prompts = torch.tensor([[1, 3, 101, 100]] * 3 + [[1, 5, 133, 100]] * 1)
+    pixels = torch.linspace(-1, 0.5, 4).view(4, 1, 1, 1).expand(4, 3, 8, 8).clone()
+    row_prompts, real = real_rows(prompts, pixels, rows=2, per_row=2)
+    assert row_prompts.tolist() == [[1, 3, 101, 100], [1, 5, 133, 100]]
+    torch.testing.assert_close(real[:3], pixels[[0, 1, 3]])  # two different images, then the second row's one
+    assert bool((real[3] == 1).all())  # a white cell, not a repeat
+    image = side_by_side({"real": real, "plain": real}, per_prompt=2, gap=8, scale=2)
+    assert image.size == (2 * 2 * 8 * 2 + 8, 16 + 2 * 8 * 2)
+    data = torch.from_numpy(np.asarray(image).copy())
+    assert bool((data[:16] < 128).any())  # labels drawn in the header
+    assert bool((data[16:, 32:40] == 255).all())  # the gap between the blocks is white
+
+
+def test_hops_printed_as_a_set():
+    from arrag_kernels.faid import FAiDConfig
+
+    assert FAiDConfig(hops="12").hops_label == "1+2" and FAiDConfig(hops=1).hops_label == "1"

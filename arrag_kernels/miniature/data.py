@@ -210,6 +210,9 @@ def load_emoji_dataset(size: int = 32, limit: int | None = None, seed: int = 0, 
         tmp = cache.with_suffix(".tmp.npz")
         np.savez_compressed(tmp, images=images, keep=keep)
         os.replace(tmp, cache)
+        if progress:
+            print(f"cached the rendered emoji in {cache} ({cache.stat().st_size / 1e6:.1f} MB; set "
+                  "ARRAG_KERNELS_CACHE to put the cache elsewhere)")
     entries = [e for e, k in zip(entries, keep) if k]
     if not entries:
         raise ValueError(f"no emoji could be rendered with {str(font_path)!r}")
