@@ -188,7 +188,8 @@ def dataset_prompts(ds: EmojiDataset, idx: torch.Tensor | None = None) -> torch.
     return p if idx is None else p[idx]
 
 
-def _bar(total: int, desc: str, progress: bool):
+def progress_bar(total: int, desc: str, progress: bool):
+    """The miniature stages' tqdm bar (stderr; ``progress=False``: silent)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", disable=not progress)
@@ -216,7 +217,7 @@ def train_vq(model, pixels: torch.Tensor, cfg: MiniatureConfig, progress: bool =
     opt = torch.optim.Adam(vq.parameters(), lr=cfg.vq_lr)
     used = torch.zeros(cfg.codebook_size, dtype=torch.bool)
     losses = []
-    with _bar(cfg.vq_steps, "training VQ", progress) as bar:
+    with progress_bar(cfg.vq_steps, "training VQ", progress) as bar:
         for step in range(cfg.vq_steps):
             x = pixels[torch.randint(0, len(pixels), (cfg.vq_batch,), generator=g)]
             zn, q, ids = _quantize(vq, vq.quant_conv(vq.encoder(x)))
@@ -262,7 +263,7 @@ def train_lm(model, prompts: torch.Tensor, tokens: torch.Tensor, cfg: MiniatureC
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lm_lr, total_steps=cfg.lm_steps, pct_start=0.1)
     model.train()
     losses = []
-    with _bar(cfg.lm_steps, "training LM", progress) as bar:
+    with progress_bar(cfg.lm_steps, "training LM", progress) as bar:
         for _ in range(cfg.lm_steps):
             idx = torch.randint(0, len(tokens), (cfg.lm_batch,), generator=g)
             p, t = prompts[idx], tokens[idx]
@@ -294,7 +295,7 @@ def train_classifier(ds: EmojiDataset, cfg: MiniatureConfig, progress: bool = Tr
     opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
     clf.train()
     losses = []
-    with _bar(cfg.clf_steps, "training classifier", progress) as bar:
+    with progress_bar(cfg.clf_steps, "training classifier", progress) as bar:
         for _ in range(cfg.clf_steps):
             b = torch.randint(0, len(x), (cfg.clf_batch,), generator=g)
             xb = x[b]
@@ -342,7 +343,7 @@ def train_blenders(model, ds: EmojiDataset, cfg: BlenderConfig = BlenderConfig()
     retrieved = [torch.cat(x) for x in zip(*(trainer.retrieve_all(t) for t in tokens.split(256)))]  # once per image
     g = torch.Generator().manual_seed(cfg.seed + 3)
     losses = []
-    with _bar(cfg.steps, "training FAiD blenders", progress) as bar:
+    with progress_bar(cfg.steps, "training FAiD blenders", progress) as bar:
         for step in range(cfg.steps):
             b = torch.randint(0, len(tokens), (min(cfg.batch, len(tokens)),), generator=g)
             loss = trainer.step(prompts[b], tokens[b], (retrieved[0][b], retrieved[1][b]))
