@@ -3,16 +3,17 @@ file, optionally the base weights under HF names)."""
 
 from __future__ import annotations
 
+from arrag_kernels.cli.common import load_model
+
 
 def _cmd_train_faid(args):
     import torch
 
     import arrag_kernels as ak
-    from arrag_kernels.cli import _load_model
     from arrag_kernels.faid import FAiDConfig, save_blenders
     from arrag_kernels.faid.train import save_finetuned, train_faid
 
-    model, _ = _load_model(args.model, args.device)
+    model, _ = load_model(args.model, args.device)
     db = ak.PatchDatabase.load(args.db)
     bos = model.generation_config.bos_token_id
     boi = model.generation_config.generation_kwargs.get("boi_token_id")

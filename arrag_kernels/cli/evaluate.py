@@ -33,7 +33,7 @@ def _cmd_eval(args):
     print(f"wrote results.json and PNGs to {args.out} ({results['wall_s']:.0f} s)")
 
 
-def add_subcommands(sub):
+def add_subcommands(sub) -> None:
     e = sub.add_parser("eval", help="evaluate the trained miniature model: NLL plain vs DAiD vs FAiD, Frechet distance, FWD, "
                        "precision/recall, DAiD lam x tau sweep (chosen on val, reported on test), Fig. 6 curve")
     e.add_argument("--weights", default=None, help="trained miniature directory (default: the shipped weights)")

@@ -1,0 +1,61 @@
+"""Command line: ``arrag-kernels <command>`` or ``python -m arrag_kernels <command>``.
+
+Commands: ``demo`` (the embedded default job), ``build-db``, ``import-official``, ``generate``, ``train-faid``,
+``convert``, ``eval``; each module in ``_COMMAND_MODULES`` adds its own through ``add_subcommands(subparsers)``
+and loads models through :func:`arrag_kernels.cli.common.load_model`.
+
+Every user error (bad argument, missing or corrupted file, unavailable device) prints one line
+``arrag-kernels <command>: error: ...`` to stderr, no traceback, and exits with ``USER_ERROR`` (2,
+argparse's own code); 0 is success; anything else is a bug worth reporting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+
+from arrag_kernels.cli import database, demo, evaluate, faid, generate
+from arrag_kernels.cli.common import USER_ERROR, UserErrorParser
+
+__all__ = ["USER_ERROR", "build_parser", "main"]
+
+# In the order ``--help`` lists their commands.
+_COMMAND_MODULES = (demo, database, generate, faid, evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = UserErrorParser(prog="arrag-kernels", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for module in _COMMAND_MODULES:
+        module.add_subcommands(sub)
+    return p
+
+
+def _user_error_message(args, e: BaseException) -> str | None:
+    """The one-line message of a user error, None for anything else (a bug: let it raise)."""
+    from safetensors import SafetensorError
+
+    if isinstance(e, SystemExit):
+        return e.code if isinstance(e.code, str) else None
+    if isinstance(e, (pickle.UnpicklingError, SafetensorError)):  # never echo torch's advice to unpickle anything
+        what = repr(getattr(args, "checkpoint", None) or "the input file")
+        return (f"cannot read {what} as a checkpoint: expected a .safetensors file or a torch.save file holding only "
+                f"tensors ({type(e).__name__})")
+    if isinstance(e, (ValueError, OSError, ImportError)):
+        lines = str(e).strip().splitlines()
+        return lines[0] if lines else type(e).__name__
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (Exception, SystemExit) as e:
+        message = _user_error_message(args, e)
+        if message is None:
+            raise
+        print(f"arrag-kernels {args.command}: error: {message}", file=sys.stderr)
+        return USER_ERROR
+    return 0

@@ -1,0 +1,90 @@
+"""What the command modules share: the one-line-error parser, argument validators, the device check and
+``load_model``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+USER_ERROR = 2
+
+
+class UserErrorParser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and the library's user-error exit code."""
+
+    def error(self, message):
+        self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def int_at_least(low: int):
+    """An argparse ``type``: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def float_in(low: float, low_open: bool, hint: str = ""):
+    """An argparse ``type``: a finite number > ``low`` (``low_open``) or >= ``low``; ``hint`` goes in the error."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not (value > low if low_open else value >= low) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a number {'>' if low_open else '>='} {low}{hint}, got {text!r}")
+        return value
+
+    return parse
+
+
+def check_device(spec: str) -> None:
+    """Raise ValueError unless ``spec`` names a torch device that exists on this machine."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device: expected a torch device such as cpu, cuda or cuda:1, got {spec!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: CUDA is not available here (torch.cuda.is_available() is False); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def load_model(spec: str, device: str):
+    """``(model, processor or None)`` for ``--model``: ``tiny`` (the embedded random model) or a local HF
+    checkpoint directory."""
+    from arrag_kernels.models import tiny_janus
+
+    check_device(device)
+    if spec == "tiny":
+        return tiny_janus(seed=0).to(device), None
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"--model: expected 'tiny' or a local checkpoint directory, got {spec!r} (not a directory)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model: {spec!r} holds no Hugging Face checkpoint (no config.json); expected 'tiny' or a "
+                         "directory written by save_pretrained")
+    from transformers import AutoProcessor, JanusForConditionalGeneration
+
+    try:
+        model = JanusForConditionalGeneration.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model: cannot load a Janus model from {spec!r}: {str(e).splitlines()[0]}") from e
+    model = model.to(device).eval()
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        processor = None  # no tokenizer saved with the checkpoint: only --prompt-ids works
+    return model, processor

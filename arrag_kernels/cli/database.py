@@ -1,0 +1,63 @@
+"""Database commands: ``build-db`` (encode a folder of images) and ``import-official`` (a released AR-RAG
+database)."""
+
+from __future__ import annotations
+
+import argparse
+
+from arrag_kernels.cli.common import int_at_least, load_model
+
+
+def _cmd_build_db(args):
+    import arrag_kernels as ak
+
+    model, _ = load_model(args.model, args.device)
+    kwargs = dict(neighborhood=args.neighborhood, hops=args.hops, border=args.border, key_source=args.key_source,
+                  batch_size=args.batch_size, index=args.index)
+    if args.index == "ivfpq":  # built on disk: chunked, resumable, saved atomically at --out
+        db = ak.PatchDatabase.build(args.images, model, path=args.out, nlist=args.nlist, m=args.m, nbits=args.nbits,
+                                    opq=args.opq, nprobe=args.nprobe, chunk_images=args.chunk_images, **kwargs)
+        print(f"wrote {db} (nlist {args.nlist}, nprobe {db.nprobe}) to {args.out}")
+        return
+    db = ak.PatchDatabase.build(args.images, model, **kwargs)
+    path = db.save(args.out)
+    print(f"wrote {db} to {path}")
+
+
+def _cmd_import_official(args):
+    import arrag_kernels as ak
+
+    db = ak.PatchDatabase.from_official(args.dir, nprobe=args.nprobe, codebook_size=args.codebook_size)
+    print(f"{args.dir}: {db}, nprobe {db.nprobe} (set on the inner IVF)")
+    if args.out:
+        print(f"wrote {db.save(args.out)}")
+
+
+def add_subcommands(sub) -> None:
+    b = sub.add_parser("build-db", help="encode a folder of images into a patch database")
+    b.add_argument("images", help="folder of images (searched recursively)")
+    b.add_argument("--out", required=True, help="database directory to write (atomically)")
+    b.add_argument("--model", default="tiny", help="'tiny' or a local Janus checkpoint directory")
+    b.add_argument("--neighborhood", choices=["causal", "full"], default="causal")
+    b.add_argument("--hops", default="1", help="hop set, e.g. 1, 2 or 12 (default 1)")
+    b.add_argument("--border", choices=["skip", "zero"], default="skip")
+    b.add_argument("--key-source", choices=["latent", "codebook"], default="latent")
+    b.add_argument("--batch-size", type=int_at_least(1), default=16)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--index", choices=["flat", "faiss-flat", "ivfpq"], default="flat",
+                   help="flat (exact), faiss-flat, or ivfpq (FAISS OPQ + IVF-PQ, official layout; needs faiss)")
+    b.add_argument("--nlist", type=int_at_least(1), default=800, help="ivfpq: IVF lists (official: 800)")
+    b.add_argument("--m", type=int_at_least(1), default=8, help="ivfpq: PQ sub-quantizers (official: 8)")
+    b.add_argument("--nbits", type=int_at_least(1), default=8, help="ivfpq: bits per PQ code (official: 8)")
+    b.add_argument("--opq", action=argparse.BooleanOptionalAction, default=True, help="ivfpq: OPQ rotation (official: on)")
+    b.add_argument("--nprobe", type=int_at_least(1), default=1, help="ivfpq: lists probed per query, saved with the index")
+    b.add_argument("--chunk-images", type=int_at_least(1), default=1024, help="ivfpq: images per resumable chunk")
+    b.set_defaults(func=_cmd_build_db)
+
+    o = sub.add_parser("import-official", help="validate a released AR-RAG database (faiss_ivf_pq_opq.index + "
+                       "next_codes.npy) and optionally save it as a database directory")
+    o.add_argument("dir", help="directory holding faiss_ivf_pq_opq.index and next_codes.npy")
+    o.add_argument("--nprobe", type=int_at_least(1), default=1, help="lists probed per query (set on the inner IVF)")
+    o.add_argument("--codebook-size", type=int_at_least(1), default=16384, help="VQ codebook size (Janus-Pro: 16384)")
+    o.add_argument("--out", help="database directory to write (atomically); omit to only validate")
+    o.set_defaults(func=_cmd_import_official)
