@@ -221,15 +221,28 @@ def run_miniature_demo(out: str | Path = "demo_out", lam: float = 0.1, tau: floa
 
 
 def main_demo(args) -> dict:
-    """``arrag-kernels demo``: the miniature demo when its data and weights are there, else the random-weight one."""
+    """``arrag-kernels demo``: the miniature demo when its data and weights are there, else the random-weight one.
+
+    ``--lam`` / ``--k`` / ``--seed`` act on both (None: each demo's own default); ``--grid``, ``--images``,
+    ``--batch`` and a non-CPU ``--device`` only on the random-weight demo, and are refused (ValueError)
+    when the miniature demo would run."""
     from arrag_kernels.miniature.data import DEBIAN_PACKAGES, emoji_available
     from arrag_kernels.miniature.train import WEIGHTS_DIR
 
+    shared = {name: getattr(args, name) for name in ("lam", "k") if getattr(args, name) is not None}
     if not args.random_weights:
         if emoji_available() and (WEIGHTS_DIR / "meta.json").is_file():
-            return run_miniature_demo(out=args.out, seed=args.seed)
+            refused = [f"--{name}" for name in ("grid", "images", "batch") if getattr(args, name) is not None]
+            refused += [f"--device {args.device}"] if args.device != "cpu" else []
+            if refused:
+                raise ValueError(f"{', '.join(refused)}: only the random-weight demo takes "
+                                 f"{'this' if len(refused) == 1 else 'these'} (the miniature demo runs the shipped "
+                                 "model, 8x8 tokens, its 560 test prompts and train-split database, on the CPU); "
+                                 "add --random-weights or leave them out")
+            return run_miniature_demo(out=args.out, seed=args.seed, **shared)
         why = (f"the emoji data is not installed (apt-get install -y {DEBIAN_PACKAGES})" if not emoji_available()
                else f"no trained weights in {WEIGHTS_DIR}")
         print(f"miniature demo unavailable: {why}; running the random-weight demo instead")
-    return run_demo(out=args.out, grid=args.grid, num_images=args.images, batch=args.batch, seed=args.seed,
-                    lam=args.lam, k=args.k, device=args.device)
+    own = {key: getattr(args, name) for key, name in (("grid", "grid"), ("num_images", "images"), ("batch", "batch"))
+           if getattr(args, name) is not None}
+    return run_demo(out=args.out, seed=args.seed, device=args.device, **own, **shared)

@@ -203,3 +203,45 @@ def test_hops_printed_as_a_set():
     from arrag_kernels.faid import FAiDConfig
 
     assert FAiDConfig(hops="12").hops_label == "1+2" and FAiDConfig(hops=1).hops_label == "1"
+
+
+# ---- CLI: one line and exit 2 for every user error, before any work ----
+def _run_cli(argv, capsys):
+    from arrag_kernels.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+def _one_line_error(code, err, command, match):
+    import re
+
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"arrag-kernels {command}: error: "), err
+    assert re.search(match, lines[0]), lines[0]
+
+
+# ---- item 4: the demo's flags act on the miniature demo or are refused there ----
+def test_demo_flags_act_or_are_refused(monkeypatch, capsys):
+    import arrag_kernels.demo as demo
+    from arrag_kernels.miniature.data import emoji_available
+
+    if not emoji_available():
+        pytest.skip("the emoji Debian packages are not installed (the miniature demo cannot run)")
+    calls = []
+    monkeypatch.setattr(demo, "run_miniature_demo", lambda **kw: calls.append(kw) or {})
+    monkeypatch.setattr(demo, "run_demo", lambda **kw: calls.append(("random", kw)) or {})
+    for flag in (["--grid", "4"], ["--images", "8"], ["--batch", "2"], ["--device", "meta"]):
+        code, _, err = _run_cli(["demo", *flag], capsys)
+        _one_line_error(code, err, "demo", f"{flag[0]}.*only the random-weight demo takes this")
+    assert calls == []
+    assert _run_cli(["demo", "--lam", "0.3", "--k", "16", "--seed", "2", "--out", "x"], capsys)[0] == 0
+    assert calls.pop() == {"out": "x", "seed": 2, "lam": 0.3, "k": 16}
+    assert _run_cli(["demo", "--random-weights", "--grid", "4", "--batch", "2"], capsys)[0] == 0
+    assert calls.pop() == ("random", {"out": "demo_out", "seed": 0, "device": "cpu", "grid": 4, "batch": 2})
+    _one_line_error(*_run_cli(["demo", "--lam", "1.5"], capsys)[::2], "demo", r"--lam: expected a number in \[0.0, 1.0\]")

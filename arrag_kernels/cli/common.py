@@ -46,6 +46,21 @@ def float_in(low: float, low_open: bool, hint: str = ""):
     return parse
 
 
+def float_between(low: float, high: float):
+    """An argparse ``type``: a number in [``low``, ``high``]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a number in [{low}, {high}], got {text!r}")
+        return value
+
+    return parse
+
+
 def check_device(spec: str) -> None:
     """Raise ValueError unless ``spec`` names a torch device that exists on this machine."""
     import torch
