@@ -245,3 +245,27 @@ def test_demo_flags_act_or_are_refused(monkeypatch, capsys):
     assert _run_cli(["demo", "--random-weights", "--grid", "4", "--batch", "2"], capsys)[0] == 0
     assert calls.pop() == ("random", {"out": "demo_out", "seed": 0, "device": "cpu", "grid": 4, "batch": 2})
     _one_line_error(*_run_cli(["demo", "--lam", "1.5"], capsys)[::2], "demo", r"--lam: expected a number in \[0.0, 1.0\]")
+
+
+# ---- items 5 and 8: build-db says which model it builds for; bad images skipped and listed, or stop ----
+def test_build_db_model_warning_and_bad_images(tmp_path, capsys):
+    import arrag_kernels as ak
+    from arrag_kernels.demo import procedural_images
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, im in enumerate(procedural_images(3, 32)):
+        im.save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not an image")
+    (folder / "truncated.png").write_bytes((folder / "0.png").read_bytes()[: len((folder / "0.png").read_bytes()) // 2])
+    code, out, err = _run_cli(["build-db", str(folder), "--out", str(tmp_path / "db")], capsys)
+    assert code == 0
+    assert "warning: no --model given: building for the random tiny test model" in err
+    assert "skipped 2 unreadable of 5 images" in out and "broken.png" in out and "truncated.png" in out
+    assert len(ak.PatchDatabase.load(tmp_path / "db")) == 3 * 42
+    code, _, err = _run_cli(["build-db", str(folder), "--out", str(tmp_path / "db2"), "--model", "tiny",
+                             "--stop-on-bad-image"], capsys)
+    _one_line_error(code, err, "build-db", r"cannot read image .*broken.png.*2 unreadable: broken.png, truncated.png")
+    assert not (tmp_path / "db2").exists()
+    code, _, err = _run_cli(["build-db", str(folder), "--out", str(tmp_path / "db3"), "--hops", "x"], capsys)
+    _one_line_error(code, err, "build-db", "hops")  # checked before the model loads or an image is read
