@@ -269,3 +269,36 @@ def test_build_db_model_warning_and_bad_images(tmp_path, capsys):
     assert not (tmp_path / "db2").exists()
     code, _, err = _run_cli(["build-db", str(folder), "--out", str(tmp_path / "db3"), "--hops", "x"], capsys)
     _one_line_error(code, err, "build-db", "hops")  # checked before the model loads or an image is read
+
+
+# ---- item 6: generate takes the blenders train-faid writes ----
+@pytest.fixture(scope="module")
+def trained_cli_files(tmp_path_factory):
+    from arrag_kernels.cli import main
+    from arrag_kernels.demo import procedural_images
+
+    root = tmp_path_factory.mktemp("faid_cli")
+    (root / "imgs").mkdir()
+    for i, im in enumerate(procedural_images(4, 32)):
+        im.save(root / "imgs" / f"{i}.png")
+    assert main(["build-db", str(root / "imgs"), "--out", str(root / "db"), "--model", "tiny"]) == 0
+    assert main(["train-faid", "--db", str(root / "db"), "--images", str(root / "imgs"), "--out",
+                 str(root / "b.safetensors"), "--k", "4", "--steps", "1", "--batch-size", "2", "--train-head"]) == 0
+    return root
+
+
+def test_generate_with_trained_blenders(trained_cli_files, tmp_path, capsys):
+    root = trained_cli_files
+    base = ["generate", "--prompt-ids", "1,5,6,100", "--db", str(root / "db"), "--out", str(tmp_path)]
+    assert _run_cli(base + ["--faid", str(root / "b.safetensors"), "--finetuned",
+                            str(root / "b.finetuned.safetensors")], capsys)[0] == 0
+    assert _run_cli(base + ["--faid", str(root / "b.safetensors"), "--daid", "--k", "8"], capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["daid_faid_0.png", "faid_0.png"]
+    for extra, match in ((["--faid", str(root / "missing.safetensors")], "--faid: .* is not a file"),
+                         (["--lam", "0.2"], "--lam set DAiD and act only with --daid"),
+                         ([], "--db is read only with --daid or --faid"),
+                         (["--daid", "--tau", "0"], "--tau: expected a number > 0.0")):
+        code, _, err = _run_cli(base + extra, capsys)
+        _one_line_error(code, err, "generate", match)
+    code, _, err = _run_cli(["generate", "--prompt-ids", "1,100", "--faid", str(root / "b.safetensors")], capsys)
+    _one_line_error(code, err, "generate", "--faid needs --db PATH")
