@@ -302,3 +302,75 @@ def test_generate_with_trained_blenders(trained_cli_files, tmp_path, capsys):
         _one_line_error(code, err, "generate", match)
     code, _, err = _run_cli(["generate", "--prompt-ids", "1,100", "--faid", str(root / "b.safetensors")], capsys)
     _one_line_error(code, err, "generate", "--faid needs --db PATH")
+
+
+# ---- item 7: exit 2 with one line for every user error, checked before any work ----
+def test_convert_errors_are_one_line(trained_cli_files, tmp_path, capsys):
+    webp = tmp_path / "x.webp"
+    webp.write_bytes(b"RIFF\x00\x00\x00\x00WEBPVP8 ")
+    base = ["--out", str(tmp_path / "o.safetensors"), "--num-layers", "2", "--hidden-size", "64"]
+    code, _, err = _run_cli(["convert", str(webp), *base], capsys)
+    _one_line_error(code, err, "convert", r"cannot read '.*x.webp' as a checkpoint")
+    code, _, err = _run_cli(["convert", str(trained_cli_files / "b.safetensors"), *base], capsys)
+    _one_line_error(code, err, "convert", "already an arrag_kernels blender file .* no convert needed")
+    code, _, err = _run_cli(["convert", str(webp), *base[:-1], "0"], capsys)
+    _one_line_error(code, err, "convert", "argument --hidden-size: expected an integer >= 1")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--batch", "0"], "batch_size: expected at least 1 image per step, got 0"),
+    (["--lora-rank", "-1"], "lora_rank: expected 0 .* got -1"),
+    (["--lr", "nan"], "lr: expected a finite learning rate > 0"),
+    (["--k", "0"], "FAiDConfig.k: expected k >= 1"),
+    (["--k", "500"], r"--k 500 is larger than the database \(168 entries\)"),
+    (["--hops", "5"], "FAiDConfig.hops"),
+    (["--prompt-ids", "1,x"], "--prompt-ids: expected comma-separated integers"),
+    (["--finetuned-out", "f.safetensors"], "--finetuned-out: nothing to write"),
+], ids=["batch-0", "lora-negative", "lr-nan", "k-0", "k-too-large", "hops", "prompt-ids", "finetuned-out"])
+def test_train_faid_refuses_bad_arguments_before_loading(extra, match, trained_cli_files, tmp_path, monkeypatch,
+                                                         capsys):
+    import arrag_kernels.cli.faid as faid_cli
+
+    monkeypatch.setattr(faid_cli, "load_model", lambda *a: pytest.fail("the model was loaded before the check"))
+    root = trained_cli_files
+    argv = ["train-faid", "--db", str(root / "db"), "--images", str(root / "imgs"), "--out",
+            str(tmp_path / "b.safetensors"), *extra]
+    code, _, err = _run_cli(argv, capsys)
+    _one_line_error(code, err, "train-faid", match)
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_train_faid_non_finite_loss_exits_2_and_writes_nothing(trained_cli_files, tmp_path, monkeypatch, capsys):
+    import arrag_kernels.cli.faid as faid_cli
+    from arrag_kernels.cli.common import load_model
+
+    def broken_model(spec, device):
+        model, processor = load_model(spec, device)
+        with torch.no_grad():
+            model.model.generation_head.vision_head.weight[0, 0] = float("nan")
+        return model, processor
+
+    monkeypatch.setattr(faid_cli, "load_model", broken_model)
+    root = trained_cli_files
+    code, _, err = _run_cli(["train-faid", "--db", str(root / "db"), "--images", str(root / "imgs"), "--out",
+                             str(tmp_path / "b.safetensors"), "--k", "4", "--steps", "2"], capsys)
+    _one_line_error(code, err, "train-faid", "training stopped: the loss is nan at step 1 of 2, nothing was saved")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--k", "0"], "argument --k: expected an integer >= 1"),
+    (["--lams", "2"], r"argument --lams: expected comma-separated numbers in \[0, 1\]"),
+    (["--cfg", "0"], "argument --cfg: expected a number >= 1.0"),
+    (["--taus", "0.3,-1"], "argument --taus: expected comma-separated numbers > 0"),
+    (["--seeds", "0,x"], "argument --seeds: expected comma-separated integers"),
+    (["--weights", "{tmp}"], "--weights: .* holds no trained miniature model"),
+], ids=["k-0", "lams-2", "cfg-0", "taus", "seeds", "weights"])
+def test_eval_refuses_bad_arguments_before_work(extra, match, tmp_path, monkeypatch, capsys):
+    import arrag_kernels.miniature.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "evaluate_miniature", lambda **kw: pytest.fail("the evaluation started"))
+    code, _, err = _run_cli(["eval", "--out", str(tmp_path / "out"), *[a.format(tmp=tmp_path) for a in extra]], capsys)
+    _one_line_error(code, err, "eval", match)
+    assert not (tmp_path / "out").exists()

@@ -3,7 +3,7 @@ file, optionally the base weights under HF names)."""
 
 from __future__ import annotations
 
-from arrag_kernels.cli.common import load_model
+from arrag_kernels.cli.common import int_at_least, load_model
 
 
 def _cmd_train_faid(args):
@@ -11,14 +11,25 @@ def _cmd_train_faid(args):
 
     import arrag_kernels as ak
     from arrag_kernels.faid import FAiDConfig, save_blenders
-    from arrag_kernels.faid.train import save_finetuned, train_faid
+    from arrag_kernels.faid.train import check_training_args, save_finetuned, train_faid
+    from arrag_kernels.retrieval.images import normalise_image_source
 
-    model, _ = load_model(args.model, args.device)
-    db = ak.PatchDatabase.load(args.db)
-    bos = model.generation_config.bos_token_id
-    boi = model.generation_config.generation_kwargs.get("boi_token_id")
-    ids = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else [bos, boi]
+    # every argument before any work (loading the model and the database, encoding the images)
+    check_training_args(args.steps, args.batch_size, args.lr, args.lora_rank)
     config = FAiDConfig(k=args.k, hops=args.hops, blenders=args.blenders)
+    if args.finetuned_out and not (args.lora_rank > 0 or args.train_head):
+        raise ValueError("--finetuned-out: nothing to write without --lora-rank > 0 or --train-head")
+    try:
+        ids = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else None
+    except ValueError:
+        raise ValueError(f"--prompt-ids: expected comma-separated integers like 1,5,100, got {args.prompt_ids!r}") from None
+    normalise_image_source(args.images)  # the folder exists and holds images
+    db = ak.PatchDatabase.load(args.db)
+    if config.k > len(db):
+        raise ValueError(f"--k {config.k} is larger than the database ({len(db)} entries); pass --k {len(db)} or less")
+    model, _ = load_model(args.model, args.device)
+    if ids is None:
+        ids = [model.generation_config.bos_token_id, model.generation_config.generation_kwargs.get("boi_token_id")]
     blenders, losses = train_faid(model, db, config, args.images, torch.tensor([ids]), steps=args.steps,
                                   batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank,
                                   train_head=args.train_head, seed=args.seed,
@@ -66,9 +77,9 @@ def add_subcommands(subparsers) -> None:
     c = subparsers.add_parser("convert", help="official AR-RAG FAiD checkpoint -> arrag_kernels blender file")
     c.add_argument("checkpoint", help="official .safetensors / .bin (DeepSeek-Janus naming)")
     c.add_argument("--out", required=True, help="output .safetensors file")
-    c.add_argument("--num-layers", type=int, required=True, help="decoder layers of the model (Janus-Pro-1B: 24)")
-    c.add_argument("--hidden-size", type=int, required=True, help="hidden size (Janus-Pro-1B: 2048)")
-    c.add_argument("--k", type=int, default=10, help="retrieved tokens per step stored in the file's config")
+    c.add_argument("--num-layers", type=int_at_least(1), required=True, help="decoder layers of the model (Janus-Pro-1B: 24)")
+    c.add_argument("--hidden-size", type=int_at_least(1), required=True, help="hidden size (Janus-Pro-1B: 2048)")
+    c.add_argument("--k", type=int_at_least(1), default=10, help="retrieved tokens per step stored in the file's config")
     c.add_argument("--base-out", default=None,
                    help="also write the base-model weights under HF JanusForConditionalGeneration names (.safetensors)")
     c.set_defaults(func=_cmd_convert)

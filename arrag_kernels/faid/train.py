@@ -367,6 +367,18 @@ def fp32_training(model):
                     t.data = t.data.to(dtypes[name])
 
 
+def check_training_args(steps: int, batch_size: int, lr: float, lora_rank: int) -> None:
+    """:func:`train_faid`'s numeric arguments, checked before any work (ValueError naming the bad one)."""
+    if int(steps) < 1:
+        raise ValueError(f"steps: expected at least 1 training step, got {steps}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size: expected at least 1 image per step, got {batch_size}")
+    if int(lora_rank) < 0:
+        raise ValueError(f"lora_rank: expected 0 (no LoRA) or a positive rank, got {lora_rank}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr: expected a finite learning rate > 0, got {lr}")
+
+
 def encode_images(model, images, batch_size: int = 16) -> torch.Tensor:
     """Training targets: (B, N) token ids of images (folder, paths or a (B, 3, S, S) tensor in [-1, 1])."""
     from ..retrieval.images import iter_image_batches, normalise_image_source
@@ -389,14 +401,7 @@ def train_faid(model, db, config, images, prompt_ids: torch.Tensor, steps: int =
     NaN / inf loss. ``activation_checkpointing`` recomputes the decoder layers in backward (see
     :class:`FAiDTrainer`).
     """
-    if int(steps) < 1:
-        raise ValueError(f"steps: expected at least 1 training step, got {steps}")
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size: expected at least 1 image per step, got {batch_size}")
-    if int(lora_rank) < 0:
-        raise ValueError(f"lora_rank: expected 0 (no LoRA) or a positive rank, got {lora_rank}")
-    if not lr > 0 or not math.isfinite(lr):
-        raise ValueError(f"lr: expected a finite learning rate > 0, got {lr}")
+    check_training_args(steps, batch_size, lr, lora_rank)
     torch.manual_seed(seed)
     tokens = encode_images(model, images)  # on the model's device, where the trainer retrieves
     prompts = prompt_ids.to(tokens.device)
