@@ -21,8 +21,8 @@ def test_training_refuses_the_shipped_weights(tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit) as e:
             mini.main(argv)
         err = capsys.readouterr().err
-        assert e.value.code == 2 and "shipped weights directory" in err and len(err.strip().splitlines()) == 1
-    with pytest.raises(ValueError, match="shipped weights directory"):
+        assert e.value.code == 2 and "in the shipped weights directory" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match="in the shipped weights directory"):
         mini.train_miniature(shipped)
     assert not shipped.exists()  # refused before any work
 
@@ -360,7 +360,7 @@ def test_train_faid_non_finite_loss_exits_2_and_writes_nothing(trained_cli_files
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--k", "0"], "argument --k: expected an integer >= 1"),
+    (["--k", "0"], r"argument --k: expected an integer in \[1, 2048\]"),
     (["--lams", "2"], r"argument --lams: expected comma-separated numbers in \[0, 1\]"),
     (["--cfg", "0"], "argument --cfg: expected a number >= 1.0"),
     (["--taus", "0.3,-1"], "argument --taus: expected comma-separated numbers > 0"),
@@ -374,3 +374,21 @@ def test_eval_refuses_bad_arguments_before_work(extra, match, tmp_path, monkeypa
     code, _, err = _run_cli(["eval", "--out", str(tmp_path / "out"), *[a.format(tmp=tmp_path) for a in extra]], capsys)
     _one_line_error(code, err, "eval", match)
     assert not (tmp_path / "out").exists()
+
+
+def test_no_command_writes_into_the_shipped_weights(trained_cli_files, tmp_path, monkeypatch, capsys):
+    shipped = tmp_path / "shipped"
+    shutil.copytree(mini.WEIGHTS_DIR, shipped)
+    monkeypatch.setattr(mini, "WEIGHTS_DIR", shipped)  # a stand-in: a regression cannot touch the real files
+    before = {p.name: p.read_bytes() for p in shipped.iterdir()}
+    root = trained_cli_files
+    for argv in (["train-faid", "--db", str(root / "db"), "--images", str(root / "imgs"), "--out",
+                  str(shipped / "blenders.safetensors"), "--steps", "1"],
+                 ["build-db", str(root / "imgs"), "--out", str(shipped / "db")],
+                 ["generate", "--prompt-ids", "1,100", "--out", str(shipped)],
+                 ["convert", str(root / "b.safetensors"), "--out", str(tmp_path / "o.safetensors"), "--base-out",
+                  str(shipped / "model.safetensors"), "--num-layers", "2", "--hidden-size", "64"],
+                 ["demo", "--out", str(shipped / "demo")], ["eval", "--out", str(shipped)]):
+        code, _, err = _run_cli(argv, capsys)
+        _one_line_error(code, err, argv[0], "in the shipped weights directory")
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before

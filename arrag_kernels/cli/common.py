@@ -31,6 +31,39 @@ def int_at_least(low: int):
     return parse
 
 
+def int_between(low: int, high: int):
+    """An argparse ``type``: an integer in [``low``, ``high``]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {text!r}")
+        return value
+
+    return parse
+
+
+def retrieval_k(text: str) -> int:
+    """An argparse ``type``: retrieved neighbours per step, 1 .. the search ops' largest k (2048)."""
+    from arrag_kernels.ops.knn import MAX_K
+
+    return int_between(1, MAX_K)(text)
+
+
+def output_path(text: str) -> str:
+    """An argparse ``type`` for every output flag: anything but the shipped miniature weights (read-only)."""
+    from arrag_kernels.miniature.train import check_not_shipped
+
+    try:
+        check_not_shipped(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def float_in(low: float, low_open: bool, hint: str = ""):
     """An argparse ``type``: a finite number > ``low`` (``low_open``) or >= ``low``; ``hint`` goes in the error."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from arrag_kernels.cli.common import int_at_least, load_model
+from arrag_kernels.cli.common import int_at_least, load_model, output_path
 
 
 def _cmd_build_db(args):
@@ -53,7 +53,7 @@ def _cmd_import_official(args):
 def add_subcommands(sub) -> None:
     b = sub.add_parser("build-db", help="encode a folder of images into a patch database")
     b.add_argument("images", help="folder of images (searched recursively)")
-    b.add_argument("--out", required=True, help="database directory to write (atomically)")
+    b.add_argument("--out", type=output_path, required=True, help="database directory to write (atomically)")
     b.add_argument("--model", default=None, help="a local Janus checkpoint directory, or 'tiny' (a random test model; "
                    "the default, with a warning)")
     b.add_argument("--neighborhood", choices=["causal", "full"], default="causal")
@@ -79,5 +79,5 @@ def add_subcommands(sub) -> None:
     o.add_argument("dir", help="directory holding faiss_ivf_pq_opq.index and next_codes.npy")
     o.add_argument("--nprobe", type=int_at_least(1), default=1, help="lists probed per query (set on the inner IVF)")
     o.add_argument("--codebook-size", type=int_at_least(1), default=16384, help="VQ codebook size (Janus-Pro: 16384)")
-    o.add_argument("--out", help="database directory to write (atomically); omit to only validate")
+    o.add_argument("--out", type=output_path, help="database directory to write (atomically); omit to only validate")
     o.set_defaults(func=_cmd_import_official)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from arrag_kernels.cli.common import float_in, int_at_least
+from arrag_kernels.cli.common import float_in, output_path, retrieval_k
 
 
 def _number_list(parse_one, what: str):
@@ -56,14 +56,14 @@ def add_subcommands(sub) -> None:
     e = sub.add_parser("eval", help="evaluate the trained miniature model: NLL plain vs DAiD vs FAiD, Frechet distance, FWD, "
                        "precision/recall, DAiD lam x tau sweep (chosen on val, reported on test), Fig. 6 curve")
     e.add_argument("--weights", default=None, help="trained miniature directory (default: the shipped weights)")
-    e.add_argument("--out", default="eval_out", help="output directory (default eval_out)")
+    e.add_argument("--out", type=output_path, default="eval_out", help="output directory (default eval_out)")
     e.add_argument("--seeds", type=_number_list(int, "integers like 0,1,2"), default=[0, 1, 2],
                    help="sampling seeds for the test metrics (default 0,1,2)")
     e.add_argument("--lams", type=_number_list(_fraction, "numbers in [0, 1] like 0,0.05,0.1"),
                    default=[0.0, 0.05, 0.1, 0.2, 0.4], help="DAiD lam values of the sweep, each in [0, 1]")
     e.add_argument("--taus", type=_number_list(float_in(0.0, True), "numbers > 0 like 0.3,0.6"), default=[0.3, 0.6, 1.2],
                    help="DAiD tau values of the sweep, each > 0")
-    e.add_argument("--k", type=int_at_least(1), default=256, help="retrieved neighbours per step (default 256)")
+    e.add_argument("--k", type=retrieval_k, default=256, help="retrieved neighbours per step (default 256)")
     e.add_argument("--cfg", type=float_in(1.0, False, " (1 = no guidance)"), default=5.0,
                    help="classifier-free guidance scale, >= 1 (default 5)")
     e.add_argument("--faid-sweep", action="store_true", help="also the FAiD hops (1 | 1+2) x blenders (1 | 2) sweep "

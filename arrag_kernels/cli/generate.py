@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from arrag_kernels.cli.common import float_between, float_in, int_at_least, load_model
+from arrag_kernels.cli.common import float_between, float_in, int_at_least, load_model, output_path, retrieval_k
 
 
 # DAiD flags: None on the command line means "not given" (refused without --daid), then these values.
@@ -108,7 +108,7 @@ def add_subcommands(sub) -> None:
     g.add_argument("--model", default="tiny", help="'tiny' or a local Janus checkpoint directory")
     g.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable; needs a processor)")
     g.add_argument("--prompt-ids", action="append", default=[], help="comma-separated prompt token ids (repeatable)")
-    g.add_argument("--out", default="generated", help="output directory for PNG files")
+    g.add_argument("--out", type=output_path, default="generated", help="output directory for PNG files")
     g.add_argument("--num-images", type=int_at_least(1), default=1, help="images per prompt")
     g.add_argument("--cfg", type=float_in(1.0, False, " (1 = no guidance)"), default=5.0,
                    help="classifier-free guidance scale, >= 1 (1 = no guidance; default 5)")
@@ -122,7 +122,7 @@ def add_subcommands(sub) -> None:
                    help="hash the whole database on load (default: a quick check of sizes, checksums of meta.json and sampled pages)")
     g.add_argument("--lam", type=float_between(0.0, 1.0), default=None, help="DAiD mixing weight in [0, 1] (default 0.05)")
     g.add_argument("--tau", type=float_in(0.0, True), default=None, help="DAiD retrieval temperature > 0 (default 0.6)")
-    g.add_argument("--k", type=int_at_least(1), default=None,
+    g.add_argument("--k", type=retrieval_k, default=None,
                    help="DAiD: retrieved neighbours per step (<= database entries; default 2048)")
     g.add_argument("--dedup", choices=["nearest", "sum"], default=None, help="DAiD: duplicate tokens (default nearest)")
     g.add_argument("--faid", default=None, metavar="BLENDERS",

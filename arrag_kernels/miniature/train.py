@@ -118,11 +118,14 @@ class BlenderConfig:
 
 
 def check_not_shipped(out: str | os.PathLike) -> Path:
-    """``out`` as a Path; raises ValueError when it is the package's shipped weights directory."""
+    """``out`` as a Path; raises ValueError when it is the package's shipped weights directory or inside it
+    (the library's tools never write there)."""
     out = Path(out)
-    if out.resolve() == WEIGHTS_DIR.resolve():
-        raise ValueError(f"--out {str(out)!r} is the shipped weights directory {str(WEIGHTS_DIR)!r}, which training never "
-                         "overwrites; pass another --out (e.g. /tmp/miniature; `arrag-kernels eval --weights DIR` evaluates it)")
+    shipped = WEIGHTS_DIR.resolve()
+    if out.resolve() == shipped or shipped in out.resolve().parents:
+        raise ValueError(f"{str(out)!r} is in the shipped weights directory {str(WEIGHTS_DIR)!r}, which the library "
+                         "never writes to; pass another output path (e.g. under /tmp; `arrag-kernels eval --weights "
+                         "DIR` evaluates a trained one)")
     return out
 
 
