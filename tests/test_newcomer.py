@@ -392,3 +392,17 @@ def test_no_command_writes_into_the_shipped_weights(trained_cli_files, tmp_path,
         code, _, err = _run_cli(argv, capsys)
         _one_line_error(code, err, argv[0], "in the shipped weights directory")
     assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before
+
+
+def test_prompt_ids_and_output_paths_checked(tmp_path, capsys):
+    code, _, err = _run_cli(["generate", "--prompt-ids", "1,99999", "--out", str(tmp_path / "g")], capsys)
+    _one_line_error(code, err, "generate", r"--prompt-ids: expected ids in \[0, 255\]")  # was an IndexError traceback
+    (tmp_path / "f").write_text("a file")
+    for argv in (["generate", "--prompt-ids", "1,100", "--out", str(tmp_path / "f")],
+                 ["demo", "--out", str(tmp_path / "f")], ["eval", "--out", str(tmp_path / "f")]):
+        code, _, err = _run_cli(argv, capsys)
+        _one_line_error(code, err, argv[0], "is a file; expected a directory")
+    code, _, err = _run_cli(["convert", str(tmp_path / "f"), "--out", str(tmp_path), "--num-layers", "2",
+                             "--hidden-size", "64"], capsys)
+    _one_line_error(code, err, "convert", "is a directory; expected a file name")
+    assert not (tmp_path / "g").exists()

@@ -53,15 +53,49 @@ def retrieval_k(text: str) -> int:
     return int_between(1, MAX_K)(text)
 
 
-def output_path(text: str) -> str:
-    """An argparse ``type`` for every output flag: anything but the shipped miniature weights (read-only)."""
+def _output(text: str, want_dir: bool) -> str:
     from arrag_kernels.miniature.train import check_not_shipped
 
     try:
         check_not_shipped(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    path = Path(text)
+    if want_dir and path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a directory to write into")
+    if not want_dir and path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; expected a file name (e.g. {path / 'out.safetensors'})")
     return text
+
+
+def output_dir(text: str) -> str:
+    """An argparse ``type`` for an output directory: not a file, not the shipped miniature weights (read-only)."""
+    return _output(text, want_dir=True)
+
+
+def output_file(text: str) -> str:
+    """An argparse ``type`` for an output file: not a directory, not in the shipped miniature weights."""
+    return _output(text, want_dir=False)
+
+
+def check_prompt_ids(ids, model) -> None:
+    """Raise ValueError unless every prompt id is a row of the model's input embedding table."""
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"--prompt-ids: expected ids in [0, {vocab - 1}] (the model's vocabulary), got "
+                         f"{int(ids.min())} .. {int(ids.max())}")
+
+
+def check_model_spec(spec: str) -> None:
+    """Raise ValueError unless ``spec`` is ``tiny`` or a directory holding a HF checkpoint's config.json."""
+    if spec == "tiny":
+        return
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(f"--model: expected 'tiny' or a local checkpoint directory, got {spec!r} (not a directory)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model: {spec!r} holds no Hugging Face checkpoint (no config.json); expected 'tiny' or a "
+                         "directory written by save_pretrained")
 
 
 def float_in(low: float, low_open: bool, hint: str = ""):
@@ -116,14 +150,10 @@ def load_model(spec: str, device: str):
     from arrag_kernels.models import tiny_janus
 
     check_device(device)
+    check_model_spec(spec)
     if spec == "tiny":
         return tiny_janus(seed=0).to(device), None
     path = Path(spec)
-    if not path.is_dir():
-        raise ValueError(f"--model: expected 'tiny' or a local checkpoint directory, got {spec!r} (not a directory)")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"--model: {spec!r} holds no Hugging Face checkpoint (no config.json); expected 'tiny' or a "
-                         "directory written by save_pretrained")
     from transformers import AutoProcessor, JanusForConditionalGeneration
 
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from arrag_kernels.cli.common import int_at_least, load_model, output_path
+from arrag_kernels.cli.common import check_device, check_model_spec, int_at_least, load_model, output_dir
 
 
 def _cmd_build_db(args):
@@ -15,6 +15,8 @@ def _cmd_build_db(args):
     from arrag_kernels.retrieval.images import list_image_files, readable_images
 
     ak.KeyLayout(neighborhood=args.neighborhood, hops=args.hops, border=args.border)  # bad values fail before work
+    check_device(args.device)
+    check_model_spec(args.model or "tiny")
     files = list_image_files(args.images)
     images, bad = readable_images(files)
     if bad and (args.stop_on_bad_image or not images):
@@ -53,7 +55,7 @@ def _cmd_import_official(args):
 def add_subcommands(sub) -> None:
     b = sub.add_parser("build-db", help="encode a folder of images into a patch database")
     b.add_argument("images", help="folder of images (searched recursively)")
-    b.add_argument("--out", type=output_path, required=True, help="database directory to write (atomically)")
+    b.add_argument("--out", type=output_dir, required=True, help="database directory to write (atomically)")
     b.add_argument("--model", default=None, help="a local Janus checkpoint directory, or 'tiny' (a random test model; "
                    "the default, with a warning)")
     b.add_argument("--neighborhood", choices=["causal", "full"], default="causal")
@@ -79,5 +81,5 @@ def add_subcommands(sub) -> None:
     o.add_argument("dir", help="directory holding faiss_ivf_pq_opq.index and next_codes.npy")
     o.add_argument("--nprobe", type=int_at_least(1), default=1, help="lists probed per query (set on the inner IVF)")
     o.add_argument("--codebook-size", type=int_at_least(1), default=16384, help="VQ codebook size (Janus-Pro: 16384)")
-    o.add_argument("--out", type=output_path, help="database directory to write (atomically); omit to only validate")
+    o.add_argument("--out", type=output_dir, help="database directory to write (atomically); omit to only validate")
     o.set_defaults(func=_cmd_import_official)

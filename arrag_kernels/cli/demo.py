@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from arrag_kernels.cli.common import check_device, float_between, int_at_least, output_path, retrieval_k
+from arrag_kernels.cli.common import check_device, float_between, int_at_least, output_dir, retrieval_k
 
 
 def _cmd_demo(args):
@@ -15,7 +15,7 @@ def _cmd_demo(args):
 def add_subcommands(sub) -> None:
     d = sub.add_parser("demo", help="the trained miniature model on emoji: plain, DAiD and FAiD side by side with "
                        "test metrics (without the emoji packages, or with --random-weights: a tiny random model)")
-    d.add_argument("--out", type=output_path, default="demo_out", help="output directory (default: demo_out)")
+    d.add_argument("--out", type=output_dir, default="demo_out", help="output directory (default: demo_out)")
     d.add_argument("--lam", type=float_between(0.0, 1.0), default=None,
                    help="DAiD mixing weight (default: 0.1 for the miniature demo, 0.5 for --random-weights)")
     d.add_argument("--k", type=retrieval_k, default=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from arrag_kernels.cli.common import float_in, output_path, retrieval_k
+from arrag_kernels.cli.common import float_in, output_dir, retrieval_k
 
 
 def _number_list(parse_one, what: str):
@@ -56,7 +56,7 @@ def add_subcommands(sub) -> None:
     e = sub.add_parser("eval", help="evaluate the trained miniature model: NLL plain vs DAiD vs FAiD, Frechet distance, FWD, "
                        "precision/recall, DAiD lam x tau sweep (chosen on val, reported on test), Fig. 6 curve")
     e.add_argument("--weights", default=None, help="trained miniature directory (default: the shipped weights)")
-    e.add_argument("--out", type=output_path, default="eval_out", help="output directory (default eval_out)")
+    e.add_argument("--out", type=output_dir, default="eval_out", help="output directory (default eval_out)")
     e.add_argument("--seeds", type=_number_list(int, "integers like 0,1,2"), default=[0, 1, 2],
                    help="sampling seeds for the test metrics (default 0,1,2)")
     e.add_argument("--lams", type=_number_list(_fraction, "numbers in [0, 1] like 0,0.05,0.1"),

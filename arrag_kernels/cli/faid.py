@@ -3,7 +3,7 @@ file, optionally the base weights under HF names)."""
 
 from __future__ import annotations
 
-from arrag_kernels.cli.common import int_at_least, load_model, output_path
+from arrag_kernels.cli.common import check_prompt_ids, int_at_least, load_model, output_file
 
 
 def _cmd_train_faid(args):
@@ -30,6 +30,7 @@ def _cmd_train_faid(args):
     model, _ = load_model(args.model, args.device)
     if ids is None:
         ids = [model.generation_config.bos_token_id, model.generation_config.generation_kwargs.get("boi_token_id")]
+    check_prompt_ids(torch.tensor(ids), model)
     blenders, losses = train_faid(model, db, config, args.images, torch.tensor([ids]), steps=args.steps,
                                   batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank,
                                   train_head=args.train_head, seed=args.seed,
@@ -55,7 +56,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--model", default="tiny", help="'tiny' or a local HF Janus checkpoint directory")
     p.add_argument("--db", required=True, help="database directory (arrag-kernels build-db)")
     p.add_argument("--images", required=True, help="folder of training images")
-    p.add_argument("--out", type=output_path, required=True, help="output .safetensors file")
+    p.add_argument("--out", type=output_file, required=True, help="output .safetensors file")
     p.add_argument("--prompt-ids", default=None, help="comma-separated prompt ids (default: BOS,BOI)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--hops", default="12")
@@ -65,7 +66,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA on q/v via peft")
     p.add_argument("--train-head", action="store_true", help="also train the image head (Janus: generation_head)")
-    p.add_argument("--finetuned-out", type=output_path, default=None,
+    p.add_argument("--finetuned-out", type=output_file, default=None,
                    help="where LoRA / head weights go (default: <out stem>.finetuned.safetensors)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute the decoder layers in backward instead of keeping their activations "
@@ -76,10 +77,10 @@ def add_subcommands(subparsers) -> None:
 
     c = subparsers.add_parser("convert", help="official AR-RAG FAiD checkpoint -> arrag_kernels blender file")
     c.add_argument("checkpoint", help="official .safetensors / .bin (DeepSeek-Janus naming)")
-    c.add_argument("--out", type=output_path, required=True, help="output .safetensors file")
+    c.add_argument("--out", type=output_file, required=True, help="output .safetensors file")
     c.add_argument("--num-layers", type=int_at_least(1), required=True, help="decoder layers of the model (Janus-Pro-1B: 24)")
     c.add_argument("--hidden-size", type=int_at_least(1), required=True, help="hidden size (Janus-Pro-1B: 2048)")
     c.add_argument("--k", type=int_at_least(1), default=10, help="retrieved tokens per step stored in the file's config")
-    c.add_argument("--base-out", type=output_path, default=None,
+    c.add_argument("--base-out", type=output_file, default=None,
                    help="also write the base-model weights under HF JanusForConditionalGeneration names (.safetensors)")
     c.set_defaults(func=_cmd_convert)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from arrag_kernels.cli.common import float_between, float_in, int_at_least, load_model, output_path, retrieval_k
+from arrag_kernels.cli.common import (check_prompt_ids, float_between, float_in, int_at_least, load_model, output_dir,
+                                      retrieval_k)
 
 
 # DAiD flags: None on the command line means "not given" (refused without --daid), then these values.
@@ -87,6 +88,7 @@ def _cmd_generate(args):
             load_finetuned(model, args.finetuned)
         blenders = load_blenders(args.faid, model).to(args.device)
     ids, mask = _prompt_inputs(args, ids, processor)
+    check_prompt_ids(ids, model)
     ids, mask = ids.to(args.device), mask.to(args.device)
     gen = model.generation_config
     gen = GenerationConfig(**{**gen.to_dict(), "do_sample": not args.greedy, "temperature": args.temperature,
@@ -108,7 +110,7 @@ def add_subcommands(sub) -> None:
     g.add_argument("--model", default="tiny", help="'tiny' or a local Janus checkpoint directory")
     g.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable; needs a processor)")
     g.add_argument("--prompt-ids", action="append", default=[], help="comma-separated prompt token ids (repeatable)")
-    g.add_argument("--out", type=output_path, default="generated", help="output directory for PNG files")
+    g.add_argument("--out", type=output_dir, default="generated", help="output directory for PNG files")
     g.add_argument("--num-images", type=int_at_least(1), default=1, help="images per prompt")
     g.add_argument("--cfg", type=float_in(1.0, False, " (1 = no guidance)"), default=5.0,
                    help="classifier-free guidance scale, >= 1 (1 = no guidance; default 5)")
