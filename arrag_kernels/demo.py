@@ -172,7 +172,7 @@ def run_miniature_demo(out: str | Path = "demo_out", lam: float = 0.1, tau: floa
     from arrag_kernels.eval.metrics import frechet_distance
     from arrag_kernels.eval.sampling import image_grid
     from arrag_kernels.miniature.evaluate import MiniatureRun
-    from arrag_kernels.miniature.train import describe_weights
+    from arrag_kernels.miniature.train import describe_weights, progress_bar
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -206,12 +206,17 @@ def run_miniature_demo(out: str | Path = "demo_out", lam: float = 0.1, tau: floa
 
     test_f = run.features(test_x)
     rows = {}
-    for name, (cfg_d, blenders) in methods.items():
-        t1 = time.perf_counter()
-        nll = run.nll(test_p, test_t, cfg_d, blenders)
-        fake = run.sample(test_p, cfg_d, seed=seed, cfg=cfg, blenders=blenders)
-        rows[name] = {"nll": nll["nll_all"], "nll_retrieval": nll["nll_retrieval"],
-                      "fd": frechet_distance(test_f, run.features(fake)), "s": time.perf_counter() - t1}
+    with progress_bar(2 * len(methods), f"test metrics ({len(test_p)} emoji)", True) as bar:
+        for name, (cfg_d, blenders) in methods.items():
+            t1 = time.perf_counter()
+            bar.set_postfix_str(f"{name}: NLL")
+            nll = run.nll(test_p, test_t, cfg_d, blenders)
+            bar.update()
+            bar.set_postfix_str(f"{name}: sampling")
+            fake = run.sample(test_p, cfg_d, seed=seed, cfg=cfg, blenders=blenders)
+            bar.update()
+            rows[name] = {"nll": nll["nll_all"], "nll_retrieval": nll["nll_retrieval"],
+                          "fd": frechet_distance(test_f, run.features(fake)), "s": time.perf_counter() - t1}
     print(f"\ntest split ({len(test_p)} held-out emoji, sampling seed {seed}, CFG {cfg}; "
           "`arrag-kernels eval` for seeds, FWD, precision/recall and sweeps):")
     print(f"{'method':<24}{'NLL nats/token':>16}{'NLL retr. pos.':>16}{'FD (classifier)':>17}{'time s':>9}")
