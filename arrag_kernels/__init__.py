@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     if name == "DAiDLogitsProcessor":  # imported on first use: it loads transformers' generation module
-        from .logits import DAiDLogitsProcessor
+        from .decoding.logits import DAiDLogitsProcessor
 
         return DAiDLogitsProcessor
     raise AttributeError(f"module 'arrag_kernels' has no attribute {name!r}")

@@ -4,7 +4,9 @@
 modules are never touched) that routes ``generation_mode="image"`` through the library's decode
 loop and leaves every other mode to the original method. Families whose own HF ``generate`` decodes
 images (their adapter's ``generate_mode`` is ``"logits_processor"``: Emu3) instead keep that
-``generate`` and get DAiD as a logits processor added to each image-generation call.
+``generate`` and get DAiD as a logits processor added to each image-generation call, built here from
+the adapter's facts (:meth:`arrag_kernels.DAiDLogitsProcessor.for_adapter`). The database is moved
+to the retrieval device once per patch: DAiD and FAiD share that copy.
 ``unpatch_model`` / ``handle.remove()`` / leaving ``with patched(...)`` delete that binding again,
 restoring the original behaviour exactly.
 """
@@ -19,6 +21,7 @@ from .decoding import DAiDSampler, DecodeStats, FAiDRuntime, hf_image_generate
 from .faid import FAiDConfig, load_blenders
 from .models import ImageTokenizer, LogitsProcessorAdapter, check_protocol, get_adapter
 from .retrieval import PatchDatabase
+from .retrieval.query import on_device
 
 # The live handle sits in the instance's __dict__ beside the bound generate (a reference cycle the
 # garbage collector frees with the model).
@@ -82,10 +85,13 @@ class PatchHandle:
                                  f"{type(model).__name__}: {self.adapter.no_loop_reason}; patch with an "
                                  "arrag_kernels.DAiDConfig only")
             self._processor_config = configs[0]
-            self.adapter.logits_processor(db, self._processor_config)  # checks the database against the model now
+            self.db = on_device(db, self.adapter.device)  # where Emu3's logits are: one copy for every call
+            self._processor()  # checks the adapter's facts and the database against the model now
             return
         if configs:  # retrieval only serves image generation; text-only patches never need the image grid
             self.adapter.check_image_generation()
+        if db is not None:  # the one device copy of this patch, shared by DAiD and FAiD
+            db = self.db = on_device(db, device if device is not None else self.adapter.device)
         daid_config = next((c for c in configs if isinstance(c, DAiDConfig)), None)
         if daid_config is not None:
             self.daid = DAiDSampler(db, daid_config, self.adapter, device=device)
@@ -143,9 +149,13 @@ class PatchHandle:
             kwargs.update(filters)
         else:  # greedy: HF applies no warpers
             daid_filters = filters
-        processor = self.adapter.logits_processor(self.db, self._processor_config, **daid_filters)
-        processors = LogitsProcessorList([*(logits_processor or []), processor])
+        processors = LogitsProcessorList([*(logits_processor or []), self._processor(**daid_filters)])
         return self._original_generate(inputs, generation_config, processors, *args, **kwargs)
+
+    def _processor(self, **filters):
+        from .decoding.logits import DAiDLogitsProcessor  # loads transformers' generation module
+
+        return DAiDLogitsProcessor.for_adapter(self.adapter, self.db, self._processor_config, **filters)
 
     def _install(self):
         self.model.__dict__["generate"] = self._generate_with_processor if self._processor_mode else self._generate

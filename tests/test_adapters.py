@@ -9,8 +9,9 @@ from transformers import GenerationConfig
 import arrag_kernels as ak
 from arrag_kernels.faid import FAiDBlenders, FAiDConfig, load_official_checkpoint
 from arrag_kernels.faid.train import FAiDTrainer
-from arrag_kernels.models import (ADAPTERS, FAiDAdapter, ImageTokenizer, JanusAdapter, ModelAdapter, check_protocol,
-                                  get_adapter, protocol_members, tiny_janus, tiny_prompt_ids)
+from arrag_kernels.models import (ADAPTERS, FAiDAdapter, ImageTokenizer, JanusAdapter, MemberUnavailable, ModelAdapter,
+                                  TeacherForcingAdapter, check_protocol, get_adapter, protocol_members, tiny_janus,
+                                  tiny_prompt_ids)
 
 
 def _plain(adapter, protocol):
@@ -36,10 +37,13 @@ def test_protocol_lists_what_the_library_calls():
     assert set(protocol_members(ImageTokenizer)) == {"grid", "codebook_size", "embed_dim", "image_size", "device",
                                                      "codebook", "fingerprint", "encode"}
     assert set(protocol_members(ModelAdapter)) == set(protocol_members(ImageTokenizer)) | {
-        "cfg_inputs", "check_image_generation", "new_cache", "step", "kv_spec", "image_logits", "embed_image_tokens"}
-    assert set(protocol_members(FAiDAdapter)) == set(protocol_members(ModelAdapter)) | {
-        "hidden_size", "rms_norm_eps", "dtype", "lora_targets", "decoder_layers", "blender_sites", "hidden_states",
-        "lora_module", "image_head"}
+        "cfg_inputs", "check_image_generation", "new_cache", "step", "kv_spec", "image_logits", "embed_image_tokens",
+        "decode_pixels"}
+    assert set(protocol_members(TeacherForcingAdapter)) == set(protocol_members(ModelAdapter)) | {
+        "embed_prompt", "unconditional_prompt", "empty_prompt", "hidden_states"}
+    assert set(protocol_members(FAiDAdapter)) == set(protocol_members(TeacherForcingAdapter)) | {
+        "hidden_size", "rms_norm_eps", "dtype", "lora_targets", "decoder_layers", "blender_sites", "lora_module",
+        "image_head"}
 
 
 def test_plain_tokenizer_builds_the_same_database(tiny_model, tiny_images, db):
@@ -59,6 +63,42 @@ def test_missing_members_are_named_in_one_error(tiny_model, tiny_images):
         ak.PatchDatabase.build(tiny_images[:2], partial, progress=False)
     with pytest.raises(TypeError, match="missing"):
         check_protocol(object(), ModelAdapter)
+
+
+def test_members_that_raise_are_reported_not_skipped(tiny_model):
+    """A member whose reading failed used to pass the check silently (any exception but AttributeError was
+    swallowed); now it is named with its error, except a property saying it needs set-up (MemberUnavailable)."""
+    members = {name: getattr(get_adapter(tiny_model), name) for name in protocol_members(ImageTokenizer)}
+
+    def tokenizer_with(**properties):
+        return type("Tokenizer", (), {**members, **{k: property(v) for k, v in properties.items()}})()
+
+    def no_model(self):
+        return self.model.vq.device
+
+    def bad_config(self):
+        raise RuntimeError("the VQ config has no codebook size")
+
+    with pytest.raises(TypeError, match=r"reading raised: codebook_size \(RuntimeError: the VQ config has no codebook "
+                                        r"size\); device \(AttributeError: 'Tokenizer' object has no attribute "
+                                        r"'model'\)"):
+        check_protocol(tokenizer_with(device=no_model, codebook_size=bad_config), ImageTokenizer)
+
+    def grid_per_call(self):
+        raise MemberUnavailable("this family picks its grid per call: pass grid=(H, W)")
+
+    tokenizer = check_protocol(tokenizer_with(grid=grid_per_call), ImageTokenizer)  # present; needs set-up
+    with pytest.raises(ValueError, match=r"pass grid=\(H, W\)"):
+        tokenizer.grid
+
+
+def test_janus_prompts_name_missing_special_ids(tiny_model):
+    adapter, ids = get_adapter(tiny_model, TeacherForcingAdapter), tiny_prompt_ids(2)
+    uncond = adapter.unconditional_prompt(ids, tiny_model.generation_config)
+    assert torch.equal(uncond[:, [0, -1]], ids[:, [0, -1]]) and (uncond[:, 1:-1] == 0).all()  # BOS, BOI kept
+    assert adapter.empty_prompt(tiny_model.generation_config).tolist() == [[1, 100]]
+    with pytest.raises(ValueError, match=r"need generation_config.generation_kwargs\['boi_token_id'\], pad_token_id"):
+        adapter.unconditional_prompt(ids, GenerationConfig(bos_token_id=1))
 
 
 @pytest.mark.parametrize("loop", ["dynamic", "static"])
@@ -126,7 +166,8 @@ def test_registered_plain_faid_adapter_decodes_and_trains_like_janus(tiny_images
             load_official_checkpoint(model, {}, FAID)
         monkeypatch.setattr(model.config, "model_type", "plain-daid-test")
         missing = (r"FAiDAdapter: missing hidden_size, rms_norm_eps, dtype, lora_targets, decoder_layers\(\), "
-                   r"blender_sites\(\), hidden_states\(\), lora_module\(\), image_head\(\)")
+                   r"blender_sites\(\), lora_module\(\), image_head\(\), embed_prompt\(\), "
+                   r"unconditional_prompt\(\), empty_prompt\(\), hidden_states\(\)")
         with pytest.raises(TypeError, match=missing):
             ak.patch_model(model, db, FAID, blender_weights=blenders.state_dict())
         with pytest.raises(TypeError, match=missing):

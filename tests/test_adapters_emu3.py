@@ -103,7 +103,7 @@ def test_square_grid_builds_from_images_through_the_registry(setup):
 def test_lam_zero_equals_hf_generate(setup, do_sample):
     model, adapter, db, _ = setup
     plain = _generate(model, do_sample=do_sample, temperature=0.8)
-    ours = _generate(model, adapter.logits_processor(db, ak.DAiDConfig(lam=0.0, k=6), temperature=0.8),
+    ours = _generate(model, ak.DAiDLogitsProcessor.for_adapter(adapter, db, ak.DAiDConfig(lam=0.0, k=6), temperature=0.8),
                      do_sample=do_sample)
     assert torch.equal(ours, plain)
     assert bool((plain[:, GRID[1]:GRID[0] * ROW:ROW] == EOL).all())
@@ -119,7 +119,7 @@ def _assert_draws_retrieved_tokens(model, adapter, db, out):
 
 def test_lam_one_draws_retrieved_tokens(setup):
     model, adapter, db, _ = setup
-    out = _generate(model, adapter.logits_processor(db, ak.DAiDConfig(lam=1.0, k=4)))
+    out = _generate(model, ak.DAiDLogitsProcessor.for_adapter(adapter, db, ak.DAiDConfig(lam=1.0, k=4)))
     _assert_draws_retrieved_tokens(model, adapter, db, out)
     assert not torch.equal(out, _generate(model))
 
@@ -157,7 +157,7 @@ def test_patched_lam_one_draws_retrieved_tokens_then_unpatch_restores(setup):
     assert torch.equal(_generate(model, grid=GRID), out)
     # the same processor through the public logits-processor form: the same tokens
     handle.remove()
-    assert torch.equal(_generate(model, adapter.logits_processor(db, ak.DAiDConfig(lam=1.0, k=4))), out)
+    assert torch.equal(_generate(model, ak.DAiDLogitsProcessor.for_adapter(adapter, db, ak.DAiDConfig(lam=1.0, k=4))), out)
     ak.patch_model(model, db, ak.DAiDConfig(lam=1.0, k=4))
     ak.unpatch_model(model)
     assert torch.equal(_generate(model), before) and "generate" not in model.__dict__

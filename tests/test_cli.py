@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import arrag_kernels as ak
 from arrag_kernels.cli import main
 from arrag_kernels.demo import procedural_images, run_demo
@@ -51,3 +53,31 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "arrag_kernels", "--help"], capture_output=True, text=True, check=True)
     assert "demo" in out.stdout and "build-db" in out.stdout and "generate" in out.stdout
+
+
+def test_every_command_module_adds_its_commands():
+    """The package's command modules, each adding its own subcommands to the one parser."""
+    import argparse
+
+    from arrag_kernels.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == ["demo", "build-db", "import-official", "generate", "train-faid", "convert", "eval"]
+    assert {p.get_default("func").__module__ for p in sub.choices.values()} == {
+        f"arrag_kernels.cli.{m}" for m in ("demo", "database", "generate", "faid", "evaluate")}
+
+
+def test_model_directories_load_by_model_type(tmp_path, capsys, monkeypatch):
+    """--model DIR goes through the factory registered for config.json's model_type (not a Janus class)."""
+    from arrag_kernels.models import ADAPTERS, load_pretrained
+
+    (tmp_path / "config.json").write_text('{"model_type": "nobody"}')
+    with pytest.raises(ValueError, match=r"no adapter is registered for model_type 'nobody' \(registered: .*'janus'"):
+        load_pretrained(tmp_path)
+    assert main(["generate", "--model", str(tmp_path), "--prompt-ids", "1,100"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("arrag-kernels generate: error: --model: checkpoint"), err
+    monkeypatch.setitem(ADAPTERS, "nobody", lambda model: None)  # a factory without load_pretrained
+    assert main(["build-db", str(tmp_path), "--model", str(tmp_path), "--out", str(tmp_path / "db")]) == 2
+    err = capsys.readouterr().err
+    assert "does not implement arrag_kernels.models.PretrainedLoader: missing load_pretrained()" in err

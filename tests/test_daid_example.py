@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import arrag_kernels as ak
+from arrag_kernels.retrieval.query import Retriever
 
 _spec = importlib.util.spec_from_file_location(
     "llamagen_daid", Path(__file__).resolve().parents[1] / "examples" / "llamagen_daid.py")
@@ -39,11 +40,11 @@ def test_lam_one_draws_retrieved_tokens(parts):
     tokens = example.sample(model, torch.tensor([1, 2]), top_k=10, daid=daid)
     meta = daid.db.meta
     steps = ak.ops.retrieval_positions(meta.grid, meta.layout).nonzero().flatten().tolist()
+    retriever = Retriever(daid.db, 4, daid.codebook)  # the library's query of the example's database
     for step in steps:
         prefix = tokens.clone()
         prefix[:, step:] = -1
-        queries, _ = ak.ops.neighbor_keys(prefix, daid.codebook, torch.full((2,), step), meta.grid, meta.layout)
-        _, hits = daid.db.retrieve(queries, 4)
+        _, hits, _ = retriever.retrieve(prefix, step)
         for b in range(2):
             assert tokens[b, step].item() in hits[b].tolist(), f"image {b} step {step}"
     assert len(steps) == 4 * 4

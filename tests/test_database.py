@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,27 +67,27 @@ def test_save_load_round_trip(db, tmp_path):
 
 def test_failed_save_keeps_previous_database(db, tmp_path, monkeypatch):
     path = db.save(tmp_path / "db")
-    from arrag_kernels.retrieval import database
+    from arrag_kernels.retrieval import storage
 
     def crash(*a, **k):
         raise OSError("disk full")
 
     small = ak.PatchDatabase(db.keys[:5], db.values[:5], db.meta)
     with monkeypatch.context() as m:
-        m.setattr(database, "_write_arrays", crash)
+        m.setattr(storage, "write_arrays", crash)
         with pytest.raises(OSError, match="disk full"):
             small.save(path)
     assert len(ak.PatchDatabase.load(path)) == len(db)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["db"]
     # a failure between moving the old database aside and moving the new one in puts the old one back
-    real_replace = database.os.replace
+    real_replace = storage.os.replace
 
     def replace(src, dst):
         if ".tmp-" in str(src):
             raise OSError("rename failed")
         real_replace(src, dst)
 
-    monkeypatch.setattr(database.os, "replace", replace)
+    monkeypatch.setattr(storage.os, "replace", replace)
     with pytest.raises(OSError, match="rename failed"):
         small.save(path)
     monkeypatch.undo()
@@ -154,3 +155,55 @@ def test_meta_json_is_readable(db, tmp_path):
     meta = json.loads((db.save(tmp_path / "db") / "meta.json").read_text())
     assert meta["layout"] == {"neighborhood": "causal", "hops": [1], "border": "skip"}
     assert meta["grid"] == [8, 8] and meta["codebook_size"] == 512 and meta["num_entries"] == len(db)
+
+
+# ---- released (official) databases ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def official_dir(tmp_path_factory):
+    """A released-layout database: OPQ + IVF-PQ (4 lists, 4 sub-quantizers of 8 bits) over 600 32-d
+    keys, token ids in [3, 60]."""
+    faiss = pytest.importorskip("faiss")
+    from arrag_kernels.retrieval.faiss_index import make_ivfpq_index
+
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((600, 32)).astype(np.float32)
+    index = make_ivfpq_index(32, 4, m=4, nbits=8, opq=True)
+    index.train(keys)
+    index.add(keys)
+    folder = tmp_path_factory.mktemp("official")
+    faiss.write_index(index, str(folder / "faiss_ivf_pq_opq.index"))
+    np.save(folder / "next_codes.npy", rng.integers(3, 61, 600).astype(np.int32))
+    return folder
+
+
+def test_shard_refuses_cuda_devices_the_machine_lacks(official_dir):
+    """db.shard(["cuda:0", "cuda:1"]) used to be accepted on a CPU-only machine (issue 21, item 10)."""
+    db = ak.PatchDatabase.from_official(official_dir, codebook_size=64)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        with pytest.raises(ValueError, match=r"shards: cuda:0, cuda:1 are not on this machine, which has 0 CUDA"):
+            db.shard(["cuda:0", "cuda:1"])
+    with pytest.raises(ValueError, match=rf"shards: cuda:{count} is not on this machine, which has {count} CUDA"):
+        db.shard(["cuda:0", f"cuda:{count}"] if count else [f"cuda:{count}"])
+    # CPU "devices" still shard (the sharding tests' way of running without a GPU): same neighbours
+    queries = torch.from_numpy(np.random.default_rng(1).standard_normal((5, 32)).astype(np.float32))
+    with ak.use_backend("triton"):  # the device search (the interpreter on CPU)
+        want, got = db.search(queries, 7), db.shard(["cpu", "cpu"]).search(queries, 7)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_import_official_reports_facts_and_assumptions(official_dir, capsys):
+    """import-official used to report grid 24 x 24 and 16,384 codes for any index as if the files said so."""
+    from arrag_kernels.cli import main
+
+    values = np.load(official_dir / "next_codes.npy")
+    assert main(["import-official", str(official_dir), "--codebook-size", "64"]) == 0
+    facts, assumed = capsys.readouterr().out.splitlines()
+    assert facts == (f"{official_dir}: 600 entries, OPQ + IVF-PQ with 4 lists and 4 x 8-bit codes, 32-d keys, "
+                     f"token ids {values.min()}..{values.max()}, nprobe 1 (set on the inner IVF)")
+    assert assumed == ("assumed (the files do not store them): codebook of 64 codes, grid 24 x 24 (so about 1 images); "
+                       "override with --codebook-size and --grid")
+    assert main(["import-official", str(official_dir), "--codebook-size", "64", "--grid", "8", "8"]) == 0
+    assert "grid 8 x 8 (so about 14 images)" in capsys.readouterr().out  # 600 entries // 42 keyed cells of 8 x 8
+    db = ak.PatchDatabase.from_official(official_dir, codebook_size=64, grid=(8, 8))
+    assert db.meta.grid == (8, 8) and db.meta.num_images == 14

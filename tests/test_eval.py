@@ -14,7 +14,7 @@ from arrag_kernels.eval.retrieval import retrieval_accuracy
 from arrag_kernels.eval.sweep import best_cell, save_heatmap, sweep_grid
 from arrag_kernels.models import get_adapter, tiny_janus, tiny_prompt_ids
 from arrag_kernels.ops import feature_neighbor_keys, retrieval_positions
-from arrag_kernels.retrieval.database import DatabaseMeta
+from arrag_kernels.retrieval import DatabaseMeta
 
 # ---- Frechet distance ------------------------------------------------------------------------
 
@@ -190,11 +190,11 @@ def test_faid_nll_matches_cached_decode_runtime(toy):
         for p in blenders.parameters():
             p.normal_(0, 0.1)
     hand = _hand_faid_nll(model, adapter, prompts, tokens, db, blenders)
-    flags = [p.requires_grad for p in model.parameters()]
+    flags = [p.requires_grad for p in [*model.parameters(), *blenders.parameters()]]
     got = image_nll(model, prompts, tokens, db, blenders=blenders)
     torch.testing.assert_close(got.nll.double(), hand, atol=5e-5, rtol=1e-5)
     assert (got.nll.double() - _hand_nll(model, prompts, tokens)).abs().max() > 1e-2  # FAiD changed something
-    assert [p.requires_grad for p in model.parameters()] == flags  # evaluation leaves training flags alone
+    assert [p.requires_grad for p in [*model.parameters(), *blenders.parameters()]] == flags  # flags left alone
     with pytest.raises(ValueError, match="db together with daid"):
         image_nll(model, prompts, tokens, blenders=blenders)
 

@@ -246,9 +246,11 @@ def official_state_dict(parts):
             for i, p in parts.items() for k, v in p.state_dict().items()}
 
 
-def pad_some_slots(db):
-    """Wrap ``db.retrieve`` (this instance only) so that some slots come back as padding (-1): the last
-    ``id % 4`` slots, and all K where ``id % 13 == 0`` (id: the nearest entry's token)."""
+def pad_some_slots(retriever):
+    """Give ``retriever`` a view of its database (the caller's database object untouched) whose ``retrieve``
+    returns some slots as padding (-1): the last ``id % 4`` slots, and all K where ``id % 13 == 0`` (id:
+    the nearest entry's token)."""
+    db = retriever.db = retriever.db.to()
     search = db.retrieve
 
     def retrieve(queries, k):
@@ -301,7 +303,7 @@ def max_errors(got, want):
 
 
 # The decodes use the reference faid_blend: the Triton kernel interpreted on CPU takes minutes for a
-# whole decode; test_faid_ops.py checks it against the reference (blend and weighted candidates).
+# whole decode; test_faid_blend.py checks it against the reference (blend and weighted candidates).
 CASES = [((1,), "dynamic"), ((1,), "static"), ((1, 2), "dynamic"), ((1, 2), "static"), ((3,), "static"),
          ((1, 2, 3), "dynamic")]
 
@@ -314,7 +316,7 @@ def test_logits_equal_official_every_position(model, db, hops, loop):
     parts = official_parts(model, hops, seed=11)
     config = FAiDConfig(k=K, hops=hops, blenders=BLENDERS)
     with ak.use_backend("reference"), ak.patched(model, db, config, blender_weights=official_state_dict(parts)) as h:
-        pad_some_slots(h.faid.retriever.db)
+        pad_some_slots(h.faid.retriever)
         tokens, ours = decode_recording_logits(h, prompts, loop)
         # the ids the official forward gets: the same retrieval, every position (borders included)
         codes = torch.stack([h.faid.retriever.retrieve(tokens, s)[1] for s in range(tokens.shape[1])], dim=1)
@@ -354,7 +356,7 @@ def test_training_loss_and_gradients_equal_official(db, formulation):
     blenders = ak.faid.load_blenders(official_state_dict(parts), model, config)
     with ak.use_backend("reference"):
         trainer = FAiDTrainer(model, db, blenders, formulation=formulation)
-        pad_some_slots(trainer.retriever.db)
+        pad_some_slots(trainer.retriever)
         tokens = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(5))
         codes, valid = trainer.retrieve_all(tokens)
         loss = trainer.loss(tiny_prompt_ids(2, seed=7), tokens, (codes, valid))

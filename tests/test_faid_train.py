@@ -208,17 +208,26 @@ def test_train_on_index_only_databases(tiny_images, tmp_path, capsys):
 
 
 def test_training_retrieves_what_decoding_retrieves(setup):
-    """One Retriever class serves DAiD, FAiD decoding and FAiD training: all positions at once (training)
-    equal the per-step retrieval of the decode loops."""
-    from arrag_kernels.decoding import FAiDRuntime, Retriever
+    """One Retriever class serves DAiD, FAiD decoding, FAiD training and masked decoding: all positions at
+    once (training) equal the per-step retrieval of the decode loops, and (B, P) positions equal both."""
+    from arrag_kernels.masked import MaskedRetriever
     from arrag_kernels.models import get_adapter
+    from arrag_kernels.retrieval.query import Hits, Retriever
 
     model, db, tokens, _ = setup
     trainer = FAiDTrainer(model, db, FAiDBlenders.for_model(model, CFG))
     assert isinstance(trainer.retriever, Retriever) and issubclass(ak.DAiDSampler, Retriever)
+    assert issubclass(MaskedRetriever, Retriever)
     ids, valid = trainer.retrieve_all(tokens)
-    decoding = Retriever(db, CFG.k, get_adapter(model), what="FAiDConfig.k")
+    decoding = Retriever(db, CFG.k, get_adapter(model), setting="FAiDConfig.k")
     for s in range(tokens.shape[1]):
         _, step_ids, step_valid = decoding.retrieve(tokens, s)
         assert torch.equal(ids[:, s], step_ids) and torch.equal(valid[:, s], step_valid), f"position {s}"
-    assert valid.sum() == 4 * 42 and ak.faid.FAiDRuntime is FAiDRuntime
+        _, tensor_ids, _ = decoding.retrieve(tokens, torch.tensor([s]))  # (1,) device-tensor step
+        assert torch.equal(tensor_ids, step_ids)
+    some = torch.tensor([[3, 20, 63], [9, 10, 11]]).repeat(2, 1)  # (B, P) positions
+    hits = decoding.retrieve(tokens, some)
+    assert isinstance(hits, Hits) and hits.tokens.shape == (4, 3, CFG.k) and hits.valid.shape == (4, 3)
+    assert torch.equal(hits.tokens, ids.gather(1, some[..., None].expand(4, 3, CFG.k)))
+    assert torch.equal(hits.flat().tokens, hits.tokens.reshape(12, CFG.k)) and hits.distances.dtype == torch.float32
+    assert valid.sum() == 4 * 42 and not hasattr(ak.faid, "FAiDRuntime")  # only in arrag_kernels.decoding

@@ -78,3 +78,53 @@ def test_refuses_doubled_cfg_scores(setup):
     _, db, codebook = setup
     with pytest.raises(ValueError, match="patch_model"):
         _processor(db, codebook, 0.5)(torch.tensor([[BOS, BOI]]), torch.zeros(2, EOL + 1))
+
+
+def test_bad_inputs_are_named(setup):
+    """The retriever's checks reach the processor: codebook shape against the database, k against its size."""
+    _, db, codebook = setup
+    with pytest.raises(ValueError, match=rf"codebook: expected \({CODES}, {D}\) to match the database, got \(64, 4\)"):
+        _processor(db, codebook[:, :4], 0.5)
+    with pytest.raises(ValueError, match=rf"DAiDConfig.k = {len(db) + 1} is larger than the database \({len(db)} "):
+        ak.DAiDLogitsProcessor(db, ak.DAiDConfig(k=len(db) + 1), codebook, image_start_token_id=BOI)
+
+
+class _FactsAdapter:
+    """A family known to the library by facts only (LogitsProcessorAdapter): tokenizer members, the call's
+    grid and the image stream's vocabulary ids; no retrieval object."""
+
+    generate_mode = "logits_processor"
+    no_loop_reason = "this tiny Llama decodes images in its own generate"
+    grid, codebook_size, embed_dim, image_size, device = GRID, CODES, D, 0, torch.device("cpu")
+
+    def __init__(self, codebook):
+        self._codebook = codebook
+
+    def codebook(self):
+        return self._codebook
+
+    def fingerprint(self):
+        return ak.models.codebook_fingerprint(self._codebook)
+
+    def encode(self, pixels):
+        raise NotImplementedError
+
+    def generation_grid(self, input_ids, grid=None):
+        return GRID if input_ids is not None and bool((input_ids[:, -1] == BOI).all()) else None
+
+    def image_stream(self):
+        return ak.models.ImageStream(BOI, torch.arange(CODE0, EOL), EOL)
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_patching_builds_the_processor_from_adapter_facts(setup, monkeypatch, lam):
+    """A new family that only states facts gets DAiD through patch_model: the tokens equal the hand-built
+    processor's (sampled, the call's temperature moved into the processor)."""
+    model, db, codebook = setup
+    adapter = _FactsAdapter(codebook)
+    hand = _generate(model, _processor(db, codebook, lam, temperature=0.9))
+    assert torch.equal(_generate(model, ak.DAiDLogitsProcessor.for_adapter(adapter, db, ak.DAiDConfig(lam=lam, k=6),
+                                                                           temperature=0.9)), hand)
+    monkeypatch.setitem(ak.models.ADAPTERS, model.config.model_type, lambda m: adapter)
+    with ak.patched(model, db, ak.DAiDConfig(lam=lam, k=6)):
+        assert torch.equal(_generate(model, temperature=0.9), hand)

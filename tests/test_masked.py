@@ -7,13 +7,14 @@ import torch
 
 import arrag_kernels as ak
 from arrag_kernels._ext import HAS_EXT
-from arrag_kernels.faid import FAiDBlenders, FAiDLayer
+from arrag_kernels.faid import FAiDBlenders, FAiDLayer, blend_dense
 from arrag_kernels.masked import (MaskedDAiD, MaskedDecodeConfig, MaskedDecodeStats, MaskedFAiD, MaskedRetriever,
                                   TinyMaskGITAdapter, blend_full, blend_full_literal, masked_decode, masked_positions,
                                   sample_cells, tiny_maskgit, token_database, train_masked_faid, train_maskgit)
 from arrag_kernels.models import codebook_fingerprint
 from arrag_kernels.ops import retrieval_distribution_ref
 from arrag_kernels.retrieval import DatabaseError
+from tests.oracles import admissible, exact_distances
 from tests.utils import assert_close
 
 FULL = ak.KeyLayout("full", 1, "zero")
@@ -85,7 +86,8 @@ class _HandGenerator:
 
 
 # The masked path runs on CPU tensors here, so Triton means the interpreter; on a CUDA machine (no
-# interpreter) the compiled neighbor_keys / daid_sample kernels are checked by test_triton_kernels.py.
+# interpreter) the compiled neighbor_keys / daid_sample kernels are checked by test_neighbor_keys.py
+# and test_daid.py.
 BACKENDS = ["reference",
             pytest.param("triton", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only (CPU)")),
             pytest.param("cpp", marks=pytest.mark.skipif(not HAS_EXT, reason="no C++ extension"))]
@@ -195,10 +197,9 @@ def test_lam0_equals_plain_sampler_per_backend(backend):
 
 
 def _brute_force_allowed(db, query, k):
-    """Token ids of the entries at most as far as the k-th nearest (tolerates ties), by direct L2."""
-    d = ((db.keys.float() - query.float()) ** 2).sum(1)
-    kth = d.sort().values[k - 1]
-    return set(db.values[d <= kth + 1e-4].tolist())
+    """Token ids of the entries a correct top-k may return (the oracle's tie rule), by direct L2."""
+    allowed = admissible(exact_distances(query[None], db.keys), k, atol=1e-4, rtol=0)[0]
+    return set(db.values[allowed].tolist())
 
 
 def test_lam1_tokens_come_from_retrieval(gen, db):
@@ -281,6 +282,28 @@ def test_faid_all_positions_fast_equals_literal(hops, reduce):
     assert_close(fast_blend, lit_blend, what="blended")
     scale = 1.0 if reduce == "sum" else 1.0 / K
     assert_close(lit_blend, lit_w.sum(2) * scale, what="reduction")
+
+
+@pytest.mark.parametrize("hops", [(1,), (1, 2)], ids=["h1", "h12"])
+def test_masked_blender_equals_the_causal_one_on_a_raster_prefix(hops):
+    """Where both apply they agree: a masked grid whose known cells are those before p in raster
+    order is the AR state at p, so the full-window blend at p is the causal blend at p (mean)."""
+    torch.manual_seed(3)
+    B, H, W, D, K = 2, 5, 6, 12, 3
+    layer = FAiDLayer(D, hops)
+    if len(hops) > 1:
+        with torch.no_grad():
+            layer.blender.conv_weights.copy_(torch.randn(len(hops)))
+    context = torch.randn(B, H, W, D)
+    retrieved = torch.randn(B, H * W, K, D)
+    with torch.no_grad():
+        causal_blend, causal_w = blend_dense(layer, context, retrieved)  # every target, causal windows
+        for p in (0, 1, 7, 14, 29):
+            known = (torch.arange(H * W) < p).view(1, H, W, 1)
+            for blend in (blend_full, blend_full_literal):
+                masked_blend, masked_w = blend(layer, context * known, retrieved, "mean")
+                assert_close(masked_w[:, p], causal_w[:, p], what=f"{blend.__name__} weighted at {p}")
+                assert_close(masked_blend[:, p], causal_blend[:, p], what=f"{blend.__name__} blended at {p}")
 
 
 def test_faid_hook_fast_equals_literal_in_the_model(gen, db):

@@ -161,3 +161,21 @@ def test_bad_configs(tiny_model, db):
     with pytest.raises(TypeError, match="supports model types"):
         ak.patch_model(torch.nn.Linear(2, 2), db, ak.DAiDConfig())
     assert not ak.is_patched(tiny_model)
+
+
+@pytest.mark.parametrize("device", [None, "meta"], ids=["model-device", "moved"])
+def test_daid_and_faid_share_one_device_copy(tiny_model, db, monkeypatch, device):
+    """DAiD + FAiD in one patch: the database goes to the retrieval device at most once (exactly once when
+    it is elsewhere: "meta" stands in for a GPU here) and both retrievers search that one copy."""
+    from arrag_kernels.faid import FAiDBlenders, FAiDConfig
+
+    moves = []
+    move = ak.PatchDatabase.to
+    monkeypatch.setattr(ak.PatchDatabase, "to", lambda self, *a, **kw: moves.append(self) or move(self, *a, **kw))
+    faid = FAiDConfig(k=4, blenders=2)
+    with ak.patched(tiny_model, db, (ak.DAiDConfig(k=8), faid), device=device,
+                    blender_weights=FAiDBlenders.for_model(tiny_model, faid)) as handle:
+        shared = handle.daid.db
+        assert shared is handle.faid.retriever.db is handle.db
+        assert len(moves) == (0 if device is None else 1) and (shared is db) == (device is None)
+        assert shared.values.device == torch.device(device or "cpu")

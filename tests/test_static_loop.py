@@ -139,13 +139,12 @@ def test_cuda_graph_replay_equals_static_without_host_sync(tiny_images):
 def test_cuda_graph_decode_steps_never_synchronise(tiny_images, overlap):
     """Replays run with torch's sync debug mode set to error: any host synchronisation raises."""
     from arrag_kernels.decoding import StaticImageDecoder
-    from arrag_kernels.decoding.daid import DAiDSampler
     from arrag_kernels.models import get_adapter, tiny_janus
 
     model = tiny_janus(seed=0).cuda()
     adapter = get_adapter(model)
     db = ak.PatchDatabase.build(tiny_images, model, progress=False)
-    daid = DAiDSampler(db, ak.DAiDConfig(lam=0.5, k=16), adapter)
+    daid = ak.DAiDSampler(db, ak.DAiDConfig(lam=0.5, k=16), adapter)
     ids = tiny_prompt_ids(2, seed=3).cuda()
     loop = StaticImageDecoder(adapter, process_logits=None, fused_cfg=(5.0, 1.0), daid=daid, cuda_graph=True,
                               overlap_retrieval=overlap)

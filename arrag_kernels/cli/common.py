@@ -79,23 +79,15 @@ def output_file(text: str) -> str:
 
 
 def check_prompt_ids(ids, model) -> None:
-    """Raise ValueError unless every prompt id is a row of the model's input embedding table."""
-    vocab = model.get_input_embeddings().num_embeddings
+    """Raise ValueError unless every prompt id is a row of the model's input embedding table (a model
+    that does not expose it through transformers' ``get_input_embeddings`` is not checked here)."""
+    try:
+        vocab = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise ValueError(f"--prompt-ids: expected ids in [0, {vocab - 1}] (the model's vocabulary), got "
                          f"{int(ids.min())} .. {int(ids.max())}")
-
-
-def check_model_spec(spec: str) -> None:
-    """Raise ValueError unless ``spec`` is ``tiny`` or a directory holding a HF checkpoint's config.json."""
-    if spec == "tiny":
-        return
-    path = Path(spec)
-    if not path.is_dir():
-        raise ValueError(f"--model: expected 'tiny' or a local checkpoint directory, got {spec!r} (not a directory)")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"--model: {spec!r} holds no Hugging Face checkpoint (no config.json); expected 'tiny' or a "
-                         "directory written by save_pretrained")
 
 
 def float_in(low: float, low_open: bool, hint: str = ""):
@@ -145,24 +137,16 @@ def check_device(spec: str) -> None:
 
 
 def load_model(spec: str, device: str):
-    """``(model, processor or None)`` for ``--model``: ``tiny`` (the embedded random model) or a local HF
-    checkpoint directory."""
-    from arrag_kernels.models import tiny_janus
+    """``(model, encode_prompts or None)`` for ``--model``: ``tiny`` (the embedded random model) or a local
+    checkpoint directory of any registered family (:func:`arrag_kernels.models.load_pretrained`)."""
+    from arrag_kernels.models import load_pretrained, tiny_janus
 
     check_device(device)
-    check_model_spec(spec)
     if spec == "tiny":
         return tiny_janus(seed=0).to(device), None
-    path = Path(spec)
-    from transformers import AutoProcessor, JanusForConditionalGeneration
-
+    if not Path(spec).is_dir():
+        raise ValueError(f"--model: expected 'tiny' or a local checkpoint directory, got {spec!r} (not a directory)")
     try:
-        model = JanusForConditionalGeneration.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--model: cannot load a Janus model from {spec!r}: {str(e).splitlines()[0]}") from e
-    model = model.to(device).eval()
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        processor = None  # no tokenizer saved with the checkpoint: only --prompt-ids works
-    return model, processor
+        return load_pretrained(spec, device)
+    except ValueError as e:
+        raise ValueError(f"--model: {e}") from e

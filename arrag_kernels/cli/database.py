@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from arrag_kernels.cli.common import check_device, check_model_spec, int_at_least, load_model, output_dir
+from arrag_kernels.cli.common import int_at_least, load_model, output_dir
 
 
 def _cmd_build_db(args):
@@ -15,19 +15,17 @@ def _cmd_build_db(args):
     from arrag_kernels.retrieval.images import list_image_files, readable_images
 
     ak.KeyLayout(neighborhood=args.neighborhood, hops=args.hops, border=args.border)  # bad values fail before work
-    check_device(args.device)
-    check_model_spec(args.model or "tiny")
-    files = list_image_files(args.images)
-    images, bad = readable_images(files)
-    if bad and (args.stop_on_bad_image or not images):
-        why = "--stop-on-bad-image" if images else f"none of the {len(files)} images can be read"
-        raise ValueError(f"cannot read image {str(bad[0][0])!r}: {bad[0][1]} ({why}; {len(bad)} unreadable: "
-                         f"{', '.join(p.name for p, _ in bad[:5])}{', ...' if len(bad) > 5 else ''})")
     if args.model is None:
         print("arrag-kernels build-db: warning: no --model given: building for the random tiny test model; a "
               "database fits only the model that built it, so pass --model DIR (or --model tiny to mean it)",
               file=sys.stderr)
     model, _ = load_model(args.model or "tiny", args.device)
+    files = list_image_files(args.images)
+    images, bad = readable_images(files)  # every file opened before the encoding starts
+    if bad and (args.stop_on_bad_image or not images):
+        why = "--stop-on-bad-image" if images else f"none of the {len(files)} images can be read"
+        raise ValueError(f"cannot read image {str(bad[0][0])!r}: {bad[0][1]} ({why}; {len(bad)} unreadable: "
+                         f"{', '.join(p.name for p, _ in bad[:5])}{', ...' if len(bad) > 5 else ''})")
     kwargs = dict(neighborhood=args.neighborhood, hops=args.hops, border=args.border, key_source=args.key_source,
                   batch_size=args.batch_size, index=args.index)
     if args.index == "ivfpq":  # built on disk: chunked, resumable, saved atomically at --out
@@ -46,8 +44,12 @@ def _cmd_build_db(args):
 def _cmd_import_official(args):
     import arrag_kernels as ak
 
-    db = ak.PatchDatabase.from_official(args.dir, nprobe=args.nprobe, codebook_size=args.codebook_size)
-    print(f"{args.dir}: {db}, nprobe {db.nprobe} (set on the inner IVF)")
+    from arrag_kernels.retrieval.builders import describe_official
+
+    db = ak.PatchDatabase.from_official(args.dir, nprobe=args.nprobe, codebook_size=args.codebook_size,
+                                        grid=tuple(args.grid))
+    facts, assumed = describe_official(db)
+    print(f"{args.dir}: {facts}\n{assumed}; override with --codebook-size and --grid")
     if args.out:
         print(f"wrote {db.save(args.out)}")
 
@@ -56,8 +58,8 @@ def add_subcommands(sub) -> None:
     b = sub.add_parser("build-db", help="encode a folder of images into a patch database")
     b.add_argument("images", help="folder of images (searched recursively)")
     b.add_argument("--out", type=output_dir, required=True, help="database directory to write (atomically)")
-    b.add_argument("--model", default=None, help="a local Janus checkpoint directory, or 'tiny' (a random test model; "
-                   "the default, with a warning)")
+    b.add_argument("--model", default=None, help="a local checkpoint directory (any registered model type), or 'tiny' "
+                   "(a random test model; the default, with a warning)")
     b.add_argument("--neighborhood", choices=["causal", "full"], default="causal")
     b.add_argument("--hops", default="1", help="hop set, e.g. 1, 2 or 12 (default 1)")
     b.add_argument("--border", choices=["skip", "zero"], default="skip")
@@ -80,6 +82,9 @@ def add_subcommands(sub) -> None:
                        "next_codes.npy) and optionally save it as a database directory")
     o.add_argument("dir", help="directory holding faiss_ivf_pq_opq.index and next_codes.npy")
     o.add_argument("--nprobe", type=int_at_least(1), default=1, help="lists probed per query (set on the inner IVF)")
-    o.add_argument("--codebook-size", type=int_at_least(1), default=16384, help="VQ codebook size (Janus-Pro: 16384)")
+    o.add_argument("--codebook-size", type=int_at_least(1), default=16384,
+                   help="VQ codebook size; not stored in the files (Janus-Pro: 16384)")
+    o.add_argument("--grid", type=int_at_least(1), nargs=2, metavar=("H", "W"), default=[24, 24],
+                   help="token grid of the database's images; not stored in the files (Janus-Pro, 384 px: 24 24)")
     o.add_argument("--out", type=output_dir, help="database directory to write (atomically); omit to only validate")
     o.set_defaults(func=_cmd_import_official)

@@ -12,6 +12,7 @@ def _cmd_train_faid(args):
     import arrag_kernels as ak
     from arrag_kernels.faid import FAiDConfig, save_blenders
     from arrag_kernels.faid.train import check_training_args, save_finetuned, train_faid
+    from arrag_kernels.models import FAiDAdapter, get_adapter
     from arrag_kernels.retrieval.images import normalise_image_source
 
     # every argument before any work (loading the model and the database, encoding the images)
@@ -20,7 +21,7 @@ def _cmd_train_faid(args):
     if args.finetuned_out and not (args.lora_rank > 0 or args.train_head):
         raise ValueError("--finetuned-out: nothing to write without --lora-rank > 0 or --train-head")
     try:
-        ids = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else None
+        prompt = torch.tensor([[int(t) for t in args.prompt_ids.split(",")]]) if args.prompt_ids else None
     except ValueError:
         raise ValueError(f"--prompt-ids: expected comma-separated integers like 1,5,100, got {args.prompt_ids!r}") from None
     normalise_image_source(args.images)  # the folder exists and holds images
@@ -28,10 +29,10 @@ def _cmd_train_faid(args):
     if config.k > len(db):
         raise ValueError(f"--k {config.k} is larger than the database ({len(db)} entries); pass --k {len(db)} or less")
     model, _ = load_model(args.model, args.device)
-    if ids is None:
-        ids = [model.generation_config.bos_token_id, model.generation_config.generation_kwargs.get("boi_token_id")]
-    check_prompt_ids(torch.tensor(ids), model)
-    blenders, losses = train_faid(model, db, config, args.images, torch.tensor([ids]), steps=args.steps,
+    if prompt is None:
+        prompt = get_adapter(model, FAiDAdapter).empty_prompt(model.generation_config)
+    check_prompt_ids(prompt, model)
+    blenders, losses = train_faid(model, db, config, args.images, prompt, steps=args.steps,
                                   batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank,
                                   train_head=args.train_head, seed=args.seed,
                                   activation_checkpointing=args.activation_checkpointing)
@@ -53,11 +54,12 @@ def _cmd_convert(args):
 
 def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser("train-faid", help="fine-tune FAiD blenders on images (CE on image tokens)")
-    p.add_argument("--model", default="tiny", help="'tiny' or a local HF Janus checkpoint directory")
+    p.add_argument("--model", default="tiny", help="'tiny' or a local checkpoint directory (any registered model type)")
     p.add_argument("--db", required=True, help="database directory (arrag-kernels build-db)")
     p.add_argument("--images", required=True, help="folder of training images")
     p.add_argument("--out", type=output_file, required=True, help="output .safetensors file")
-    p.add_argument("--prompt-ids", default=None, help="comma-separated prompt ids (default: BOS,BOI)")
+    p.add_argument("--prompt-ids", default=None,
+                   help="comma-separated prompt ids (default: the family's prompt without text; Janus: BOS,BOI)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--hops", default="12")
     p.add_argument("--blenders", type=int, default=2)

@@ -31,15 +31,14 @@ def _prompt_ids(args):
     return torch.tensor(rows)
 
 
-def _prompt_inputs(args, ids, processor):
+def _prompt_inputs(args, ids, encode_prompts):
     import torch
 
     if ids is not None:
         return ids, torch.ones_like(ids)
-    if processor is None:
+    if encode_prompts is None:
         raise ValueError("--prompt needs a tokenizer/processor saved with the model; use --prompt-ids for this model")
-    enc = processor(text=args.prompt, generation_mode="image", padding=True, return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
+    return encode_prompts(args.prompt)
 
 
 def _check_flags(args) -> None:
@@ -78,7 +77,7 @@ def _cmd_generate(args):
         if args.k > len(db):
             raise ValueError(f"--k {args.k} is larger than the database ({len(db)} entries); pass --k {len(db)} or less")
         daid = ak.DAiDConfig(lam=args.lam, tau=args.tau, k=args.k, dedup=args.dedup)
-    model, processor = load_model(args.model, args.device)
+    model, encode_prompts = load_model(args.model, args.device)
     blenders = None
     if args.faid:
         from arrag_kernels.faid import load_blenders
@@ -87,7 +86,7 @@ def _cmd_generate(args):
         if args.finetuned:
             load_finetuned(model, args.finetuned)
         blenders = load_blenders(args.faid, model).to(args.device)
-    ids, mask = _prompt_inputs(args, ids, processor)
+    ids, mask = _prompt_inputs(args, ids, encode_prompts)
     check_prompt_ids(ids, model)
     ids, mask = ids.to(args.device), mask.to(args.device)
     gen = model.generation_config
@@ -101,13 +100,13 @@ def _cmd_generate(args):
         stats = ak.DecodeStats()
         tokens = handle.generate_images(ids, attention_mask=mask, generation_config=gen, stats=stats, progress=True)
     prefix = "_".join(name for name, on in (("daid", args.daid), ("faid", args.faid)) if on) or "plain"
-    paths = save_pixels(model.decode_image_tokens(tokens), Path(args.out), prefix)
+    paths = save_pixels(handle.adapter.decode_pixels(tokens), Path(args.out), prefix)
     print(f"{stats.summary()}\nwrote {', '.join(str(p) for p in paths)}")
 
 
 def add_subcommands(sub) -> None:
     g = sub.add_parser("generate", help="generate images from prompts, optionally with DAiD and/or FAiD")
-    g.add_argument("--model", default="tiny", help="'tiny' or a local Janus checkpoint directory")
+    g.add_argument("--model", default="tiny", help="'tiny' or a local checkpoint directory (any registered model type)")
     g.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable; needs a processor)")
     g.add_argument("--prompt-ids", action="append", default=[], help="comma-separated prompt token ids (repeatable)")
     g.add_argument("--out", type=output_dir, default="generated", help="output directory for PNG files")

@@ -1,7 +1,8 @@
 """FAiD at decode time: per-step retrieval, context ring buffers and the decoder-layer hooks.
 
 The blender modules, their configuration and weights live in :mod:`arrag_kernels.faid`; this is the
-decode-time state beside DAiD's (:mod:`.daid`), sharing its :class:`Retriever`.
+decode-time state beside DAiD's (:mod:`.daid`); both retrieve through
+:class:`arrag_kernels.retrieval.query.Retriever`.
 
 The adapter (:class:`arrag_kernels.models.FAiDAdapter`) names the hook points: for every blender
 layer ``i``, ``norm, attention = adapter.blender_sites(adapter.decoder_layers()[i])`` (Janus:
@@ -37,7 +38,7 @@ import torch
 
 from ..faid.modules import ComposedBlender, FAiDBlenders, blender_input, retrieved_masks
 from ..models import FAiDAdapter, check_protocol
-from .retriever import Retriever
+from ..retrieval.query import Retriever
 
 
 class FAiDRuntime:
@@ -60,7 +61,7 @@ class FAiDRuntime:
                 f"blenders were built for {blenders.num_layers} layers of width {blenders.dim}, the model has "
                 f"{len(layers)} layers of width {adapter.hidden_size}"
             )
-        self.retriever = Retriever(db, config.k, adapter, device, what="FAiDConfig.k")
+        self.retriever = Retriever(db, config.k, adapter, device, setting="FAiDConfig.k")
         self.adapter = adapter
         self.blenders = blenders
         self.grid = self.retriever.grid
@@ -124,7 +125,7 @@ class FAiDRuntime:
         self.window_slots = self._slots.index_select(0, at)[0]  # (n,)
         self.window_present = self._present.index_select(0, at)[0]
         if on_device or self.retrieves_at[step]:
-            _, ids, valid = self.retriever.retrieve(tokens, at.repeat(B))
+            _, ids, valid = self.retriever.retrieve(tokens, at)
         else:
             ids = torch.full((B, self.blenders.config.k), -1, dtype=torch.long, device=tokens.device)
             valid = torch.zeros(B, dtype=torch.bool, device=tokens.device)

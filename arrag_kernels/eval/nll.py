@@ -3,15 +3,15 @@
 For an image with ground-truth tokens t_0..t_{N-1} after a prompt, the model's distribution at
 position j is ``p_model(. | prompt, t_<j)`` (one teacher-forced forward for all positions; with
 ``guidance_scale`` w the CFG logits ``l_u + w (l_c - l_u)`` of the conditional and unconditional
-prompts). DAiD's distribution at j is the library's merge (:meth:`DAiDSampler.merge`, i.e.
-``daid_mix``) of ``p_model`` with the retrieval distribution of the query built from the
+prompts). DAiD's distribution at j is the library's merge (:meth:`arrag_kernels.DAiDSampler.merge`,
+i.e. ``daid_mix``) of ``p_model`` with the retrieval distribution of the query built from the
 ground-truth neighbours of j, exactly what the decoder would see had it generated t_<j. The NLL of
 t_j is ``-log p(t_j)``; it is reported per token, over all positions and over retrieval positions.
 
-With FAiD blenders the conditional logits are those of the FAiD trainer's teacher-forced forward
-(:meth:`arrag_kernels.faid.train.FAiDTrainer.logits`: the K entries nearest to each position's
-ground-truth neighbourhood blended at every position, as decoding would had it generated t_<j);
-the unconditional CFG row gets no retrieval term, as at decode time.
+With FAiD blenders the conditional logits are those of FAiD's teacher-forced forward, the one the
+trainer trains through (:class:`arrag_kernels.faid.train.TeacherForcedFAiD`: the K entries nearest
+to each position's ground-truth neighbourhood blended at every position, as decoding would had it
+generated t_<j); the unconditional CFG row gets no retrieval term, as at decode time.
 """
 
 from __future__ import annotations
@@ -22,26 +22,20 @@ from dataclasses import dataclass
 import torch
 
 from ..config import DAiDConfig, KeyLayout
-from ..models import get_adapter
-
-
-def unconditional_prompt(prompt_ids: torch.Tensor, bos: int, boi: int, pad: int) -> torch.Tensor:
-    """Janus's unconditional CFG prompt: everything but BOS and begin-of-image replaced by padding."""
-    keep = (prompt_ids == bos) | (prompt_ids == boi)
-    return torch.where(keep, prompt_ids, torch.full_like(prompt_ids, pad))
+from ..models import TeacherForcingAdapter, get_adapter
 
 
 def teacher_forced_logits(model, prompt_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """(B, P) prompts and (B, N) ground-truth image tokens -> (B, N, V) image-head logits.
 
-    Sequence: prompt, then image tokens 0..N-2 through the generation embeddings and aligner; the
-    hidden state at sequence position P-1+j predicts token j.
+    Sequence: the prompt, then image tokens 0..N-2 as next-step inputs (both embedded by the family's
+    :class:`arrag_kernels.models.TeacherForcingAdapter`); the hidden state at sequence position P-1+j
+    predicts token j.
     """
-    adapter = get_adapter(model)
+    adapter = get_adapter(model, TeacherForcingAdapter)
     P, N = prompt_ids.shape[1], tokens.shape[1]
-    embeds = torch.cat([model.get_input_embeddings()(prompt_ids), adapter.embed_image_tokens(tokens[:, :-1])], dim=1)
-    hidden = adapter.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-    return adapter.image_logits(hidden[:, P - 1 : P - 1 + N])
+    embeds = torch.cat([adapter.embed_prompt(prompt_ids), adapter.embed_image_tokens(tokens[:, :-1])], dim=1)
+    return adapter.image_logits(adapter.hidden_states(embeds)[:, P - 1 : P - 1 + N])
 
 
 @dataclass
@@ -70,23 +64,27 @@ def _sem(x: torch.Tensor) -> float:
 
 @torch.no_grad()
 def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, daid: DAiDConfig | None = None,
-              guidance_scale: float | None = None, bos: int | None = None, boi: int | None = None,
-              pad: int | None = None, batch_size: int = 64, blenders=None) -> NLLResult:
+              guidance_scale: float | None = None, generation_config=None, batch_size: int = 64,
+              blenders=None) -> NLLResult:
     """Teacher-forced NLL of ``tokens`` (B, N) after ``prompt_ids`` (B, P), plain, under DAiD or with FAiD.
 
     Args:
-        model: HF Janus (or any model with an adapter).
+        model: a model whose adapter implements :class:`arrag_kernels.models.TeacherForcingAdapter`
+            (HF Janus, or any registered family).
         db, daid: a :class:`PatchDatabase` and :class:`DAiDConfig` for DAiD's merged distribution;
             both None for the model alone.
         blenders: trained :class:`arrag_kernels.faid.FAiDBlenders` (retrieving ``blenders.config.k``
             entries from ``db``) for FAiD's distribution; combined with ``daid`` DAiD merges on top.
-        guidance_scale: None scores the conditional distribution; w applies CFG (then ``bos``,
-            ``boi`` and ``pad`` build the unconditional prompt; default: the model's generation config).
+        guidance_scale: None scores the conditional distribution; w applies CFG, the unconditional
+            prompt being the adapter's ``unconditional_prompt`` with the special token ids of
+            ``generation_config`` (default: ``model.generation_config``).
     """
     from ..decoding import DAiDSampler
+    from ..faid.train import TeacherForcedFAiD
     from ..ops import retrieval_positions
+    from ..retrieval.query import on_device
 
-    adapter = get_adapter(model)
+    adapter = get_adapter(model, TeacherForcingAdapter)
     N = adapter.grid[0] * adapter.grid[1]
     if tokens.dim() != 2 or tokens.shape[1] != N:
         raise ValueError(f"tokens: expected (B, {N}) image tokens for the model's {adapter.grid} grid, got "
@@ -99,15 +97,12 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
     if (db is None) != (daid is None and blenders is None):
         raise ValueError("DAiD / FAiD NLL needs db together with daid (a DAiDConfig) and/or blenders (FAiDBlenders); "
                          "pass none of them for plain NLL")
+    if db is not None:  # one device copy for DAiD and FAiD
+        db = on_device(db, adapter.device)
     sampler = DAiDSampler(db, daid, adapter) if daid is not None else None
-    faid = _faid_forward(model, db, blenders) if blenders is not None else None
-    if guidance_scale is not None:
-        gc = model.generation_config
-        bos = gc.bos_token_id if bos is None else bos
-        pad = gc.pad_token_id if pad is None else pad
-        boi = (gc.generation_kwargs or {}).get("boi_token_id") if boi is None else boi
-        if None in (bos, boi, pad):
-            raise ValueError("CFG NLL needs bos, boi and pad token ids (not found in model.generation_config); pass them")
+    faid = TeacherForcedFAiD(model, db, blenders.eval()) if blenders is not None else None
+    if guidance_scale is not None and generation_config is None:
+        generation_config = model.generation_config
     device = adapter.device
     out = []
     for start in range(0, tokens.shape[0], batch_size):
@@ -115,7 +110,7 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
         p = prompt_ids[start : start + batch_size].to(device)
         logits = (faid.logits(p, t) if faid is not None else teacher_forced_logits(model, p, t)).float()
         if guidance_scale is not None:
-            uncond = teacher_forced_logits(model, unconditional_prompt(p, bos, boi, pad), t).float()
+            uncond = teacher_forced_logits(model, adapter.unconditional_prompt(p, generation_config), t).float()
             logits = uncond + guidance_scale * (logits - uncond)
         probs = torch.softmax(logits, dim=-1)  # (b, N, V)
         if sampler is not None:
@@ -126,16 +121,3 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
     # without a database, "retrieval positions" are those of the official key layout
     layout = db.meta.layout if db is not None else KeyLayout()
     return NLLResult(torch.cat(out), retrieval_positions(adapter.grid, layout).cpu())
-
-
-def _faid_forward(model, db, blenders):
-    """A :class:`FAiDTrainer` used only for its teacher-forced forward; the model's and the blenders'
-    ``requires_grad`` flags (which the trainer sets for training) are left as they were."""
-    from ..faid.train import FAiDTrainer
-
-    params = list(model.parameters()) + list(blenders.parameters())
-    flags = [p.requires_grad for p in params]
-    trainer = FAiDTrainer(model, db, blenders.eval())
-    for p, f in zip(params, flags):
-        p.requires_grad_(f)
-    return trainer

@@ -1,8 +1,8 @@
 """Retrieval accuracy (AR-RAG paper, Fig. 6): how close the k-th retrieved token is to the ground truth.
 
 For every image and every retrieval position j, the query is built from the ground-truth
-neighbours of j (:meth:`DAiDSampler.retrieve`, the decode-time query), the ``k`` nearest database
-entries give tokens r_1..r_k, and the curve is the mean over positions of
+neighbours of j (:meth:`arrag_kernels.retrieval.query.Retriever.retrieve`, the decode-time query),
+the ``k`` nearest database entries give tokens r_1..r_k, and the curve is the mean over positions of
 ``|| c(t_j) - c(r_i) ||_2`` for each rank i, with c the L2-normalised codebook rows. The baseline
 is the same distance to a uniformly drawn random code.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..config import DAiDConfig
 from ..models import get_adapter
+from ..retrieval.query import Retriever
 
 
 @torch.no_grad()
@@ -22,22 +22,20 @@ def retrieval_accuracy(model, db, tokens: torch.Tensor, k: int = 16, seed: int =
     Returns ``{"k": [1..k], "l2": [mean distance at rank i], "l2_std": [...], "random_l2": float,
     "random_l2_std": float, "positions": number of (image, position) pairs}``.
     """
-    from ..decoding import DAiDSampler
-
     adapter = model if hasattr(model, "codebook") and hasattr(model, "grid") else get_adapter(model)
     N = adapter.grid[0] * adapter.grid[1]
     if tokens.dim() != 2 or tokens.shape[1] != N or tokens.shape[0] == 0:
         raise ValueError(f"tokens: expected (B, {N}) ground-truth image tokens with B >= 1, got {tuple(tokens.shape)}")
-    sampler = DAiDSampler(db, DAiDConfig(k=k), adapter, device="cpu")  # checks model/database compatibility
-    codebook = sampler.codebook
+    retriever = Retriever(db, k, adapter, device="cpu")  # checks model/database compatibility
+    codebook = retriever.codebook
     g = torch.Generator().manual_seed(seed)
     dists, rand = [], []
     for start in range(0, tokens.shape[0], batch_size):
         t = tokens[start : start + batch_size].cpu().long()
         for j in range(N):
-            if not sampler.retrieves_at[j]:
+            if not retriever.retrieves_at[j]:
                 continue
-            _, ret, valid = sampler.retrieve(t, j)
+            _, ret, valid = retriever.retrieve(t, j)
             gt = codebook[t[:, j]]  # (b, d)
             d = (codebook[ret.clamp_min(0)] - gt.unsqueeze(1)).norm(dim=-1)  # (b, k)
             d = torch.where(ret >= 0, d, float("nan"))

@@ -35,8 +35,12 @@ def generate_tokens(model, prompts: torch.Tensor, db=None, daid=None, seed: int 
 
 @torch.no_grad()
 def decode_tokens(model, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """(n, H*W) tokens -> (n, 3, S, S) pixels in [-1, 1] through the model's VQ decoder."""
-    return torch.cat([model.decode_image_tokens(tokens[i : i + batch_size]).permute(0, 3, 1, 2).clamp(-1, 1).float()
+    """(n, H*W) tokens -> (n, 3, S, S) pixels in [-1, 1] through the model's VQ decoder (its adapter's
+    ``decode_pixels``)."""
+    from ..models import get_adapter
+
+    adapter = get_adapter(model)
+    return torch.cat([adapter.decode_pixels(tokens[i : i + batch_size]).permute(0, 3, 1, 2).clamp(-1, 1).float()
                       for i in range(0, tokens.shape[0], batch_size)])
 
 

@@ -1,4 +1,4 @@
-"""Blender weights on disk: our format and the official DeepSeek-Janus naming.
+"""Blender weights on disk: our format and a model family's official naming (the AR-RAG release: DeepSeek-Janus).
 
 Ours: one safetensors file with keys ``layers.{i}.blender.*`` / ``layers.{i}.retrieval_layernorm.weight``
 and metadata ``faid_config`` (JSON of :class:`FAiDConfig`), ``hidden_size`` and ``num_layers``.
@@ -7,12 +7,11 @@ Official (AR-RAG release, e.g. ``jingyq1/arrag_faid``): the same tensors under
 ``language_model.model.layers.{i}.blender.{conv1,conv12,conv2,conv22,conv3,conv32}.{weight,bias}``,
 ``...blender.conv_weights``, ``...blender.mlp.{0,2}.{weight,bias}`` and
 ``language_model.model.layers.{i}.retrieval_layernorm.weight`` (``conv_weights`` only with more than
-one hop, in both formats), next to the base model's weights
-in DeepSeek ``MultiModalityCausalLM`` names, which :func:`official_to_hf` maps to HF
-``JanusForConditionalGeneration`` (``language_model.model.*`` -> ``model.language_model.*``,
-``gen_vision_model`` -> ``model.vqmodel``, ``gen_head`` -> ``model.generation_head``, ...). Those
-names belong to the model family: the Janus map is :class:`arrag_kernels.models.janus.JanusOfficialWeights`,
-the adapter's ``official_weights``.
+one hop, in both formats), next to the base model's weights in the release's names, which
+:func:`official_to_hf` maps to the HF model's. Those names belong to the model family: its adapter's
+``official_weights`` (:class:`arrag_kernels.models.OfficialWeights`; the AR-RAG release is a Janus
+checkpoint in DeepSeek ``MultiModalityCausalLM`` names:
+:class:`arrag_kernels.models.janus.JanusOfficialWeights`). This module knows no family.
 """
 
 from __future__ import annotations
@@ -25,8 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..models import FAiDAdapter, OfficialWeights, as_faid_adapter, check_protocol, get_adapter
-from ..models.janus import JanusOfficialWeights
+from ..models import FAiDAdapter, OfficialWeights, as_faid_adapter, check_protocol, get_adapter, official_weights_for
 from .config import FAiDConfig
 from .modules import FAiDBlenders
 
@@ -57,7 +55,7 @@ def _read_state_dict(source) -> tuple[dict, dict]:
                               f"file holding only tensors ({type(e).__name__})") from e
 
 
-def split_official(state_dict: dict, weights: OfficialWeights = JanusOfficialWeights) -> tuple[dict, dict]:
+def split_official(state_dict: dict, weights: OfficialWeights) -> tuple[dict, dict]:
     """Official checkpoint -> (blender tensors in our naming, the remaining base-model tensors)."""
     faid, base = {}, {}
     prefix = weights.blender_prefix
@@ -159,15 +157,16 @@ def _map_official(state_dict: dict, weights: OfficialWeights) -> tuple[dict, dic
     return base, faid, origin, sorted(unmapped)
 
 
-def official_to_hf(state_dict: dict, weights: OfficialWeights = JanusOfficialWeights) -> tuple[dict, dict, list[str]]:
-    """Split an official AR-RAG FAiD state dict (default: the DeepSeek-Janus release, ``weights``: its names).
+def official_to_hf(state_dict: dict, model_type: str = "janus") -> tuple[dict, dict, list[str]]:
+    """Split an official FAiD state dict of the family registered as ``model_type`` (its
+    ``official_weights``; default: Janus, the AR-RAG release).
 
-    Returns ``(base, blenders, unmapped)``: the base-model tensors under HF names (e.g.
+    Returns ``(base, blenders, unmapped)``: the base-model tensors under HF names (Janus:
     ``JanusForConditionalGeneration``), the blender tensors in our naming (``layers.{i}.blender.*``),
     and the keys that have no known HF name (sorted). Tensors ``weights.dropped`` (no HF counterpart
     by design) are left out of all three.
     """
-    base, faid, _, unmapped = _map_official(state_dict, weights)
+    base, faid, _, unmapped = _map_official(state_dict, official_weights_for(model_type))
     return base, faid, unmapped
 
 
@@ -188,11 +187,11 @@ def _tied_groups(state: dict) -> list[list[str]]:
 
 
 def load_official_checkpoint(model, source, config: FAiDConfig | None = None, strict: bool = True) -> OfficialLoad:
-    """Load an official AR-RAG FAiD checkpoint (base model + blenders, DeepSeek-Janus naming) into a
-    HF Janus ``model`` plus our blenders; any family whose adapter has ``official_weights``
-    (:class:`arrag_kernels.models.OfficialWeights`) works the same way.
+    """Load an official FAiD checkpoint (base model + blenders) into ``model`` plus our blenders, named
+    by ``model``'s adapter's ``official_weights`` (:class:`arrag_kernels.models.OfficialWeights`;
+    Janus: the AR-RAG release in DeepSeek naming).
 
-    The base tensors are renamed by :func:`official_to_hf` (Janus: language model, ``gen_*`` parts,
+    The base tensors are renamed as by :func:`official_to_hf` (Janus: language model, ``gen_*`` parts,
     the VQ model, the understanding tower and its aligner; LoRA must already be merged, as in the
     release) and copied into ``model`` in place, in its dtype; the blender tensors become
     :class:`FAiDBlenders` (``config`` as in :func:`load_blenders`).
@@ -240,22 +239,24 @@ def load_official_checkpoint(model, source, config: FAiDConfig | None = None, st
 
 
 def convert_official(source, out: str | os.PathLike, num_layers: int, hidden_size: int, k: int = 10,
-                     base_out: str | os.PathLike | None = None) -> Path:
-    """Extract the blender weights of an official checkpoint into our format at ``out``.
+                     base_out: str | os.PathLike | None = None, model_type: str = "janus") -> Path:
+    """Extract the blender weights of an official checkpoint of the family registered as ``model_type``
+    (default: Janus, the AR-RAG release) into our format at ``out``.
 
-    With ``base_out``, also write the base-model tensors under HF ``JanusForConditionalGeneration``
-    names (safetensors, the checkpoint's dtypes) for ``model.load_state_dict``; raises
-    :class:`CheckpointError` listing the keys that have no HF name, before writing anything.
+    With ``base_out``, also write the base-model tensors under the HF model's names (Janus:
+    ``JanusForConditionalGeneration``; safetensors, the checkpoint's dtypes) for
+    ``model.load_state_dict``; raises :class:`CheckpointError` listing the keys that have no HF name,
+    before writing anything.
     """
     state, meta = _read_state_dict(source)
     if "faid_config" in meta or any(_FAID_KEY.match(key) for key in state):
         raise CheckpointError(f"{source!s}: already an arrag_kernels blender file (keys like "
                               "'layers.0.blender.conv1.weight'), not an official checkpoint: load it as it is "
                               "(patch_model(..., blender_weights=), generate --faid), no convert needed")
-    base, faid, unmapped = official_to_hf(state)
+    base, faid, unmapped = official_to_hf(state, model_type)
     if base_out is not None and unmapped:
         raise CheckpointError(
-            f"{len(unmapped)} base tensors of the official checkpoint have no HF Janus name: "
+            f"{len(unmapped)} base tensors of the official checkpoint have no HF {model_type.capitalize()} name: "
             f"{unmapped[:8]}{' ...' if len(unmapped) > 8 else ''}"
         )
     config = infer_config(faid, num_layers, k=k)

@@ -21,6 +21,10 @@ layer's normalised input ``input_layernorm(h)`` of already generated positions.
 All three return ``blended = mean_k w_k hhat_k`` and the weighted candidates ``w_k hhat_k``, which the
 official code hands to the next blender (``total_feature = conv_out * w_k``).
 
+Masked decoding (:mod:`arrag_kernels.masked.faid`) uses the same two whole-map evaluations with
+``window="full"`` (every cell of the window, zeros at unknown cells, instead of the cells generated
+before the target) and, by default, the paper's ``reduce="sum"``.
+
 Official semantics (``llama_conv.py``; README "Semantics"), shared by decoding and training through
 :func:`retrieved_masks` and :func:`blender_input`: every blender runs at every image position and its
 output is always added; positions that retrieve nothing get zero retrieved features (the context
@@ -38,6 +42,20 @@ from torch import nn
 from ..config import KeyLayout
 from ..models import as_faid_adapter
 from .config import FAiDConfig
+
+# What a target's window holds besides e_k: the cells generated before it (AR decoding, training) or
+# every cell of the map, zeros at unknown ones (masked decoding).
+WINDOWS = ("causal", "full")
+# How the K weighted candidates combine: "mean" (the official AR code) or "sum" (the paper).
+REDUCTIONS = ("mean", "sum")
+
+
+def check_blend_args(window: str, reduce: str) -> None:
+    """Raise ValueError unless ``window`` is in :data:`WINDOWS` and ``reduce`` in :data:`REDUCTIONS`."""
+    if window not in WINDOWS:
+        raise ValueError(f"window: expected one of {WINDOWS} (causal: AR decoding; full: masked), got {window!r}")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"reduce: expected one of {REDUCTIONS} (mean: official AR code; sum: paper), got {reduce!r}")
 
 
 class Blender(nn.Module):
@@ -70,11 +88,11 @@ class Blender(nn.Module):
             return torch.ones(1, device=self.mlp[0].weight.device)
         return torch.softmax(self.conv_weights.float(), dim=0)
 
-    def score_blend(self, hhat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(..., K, D) smoothed candidates -> blended (..., D) ``mean_k w_k hhat_k`` and the weighted
-        candidates (..., K, D) ``w_k hhat_k``, ``w_k = sigmoid(mlp(hhat_k))``."""
+    def score_blend(self, hhat: torch.Tensor, reduce: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+        """(..., K, D) smoothed candidates -> blended (..., D) ``mean_k w_k hhat_k`` (``reduce="sum"``:
+        the sum) and the weighted candidates (..., K, D) ``w_k hhat_k``, ``w_k = sigmoid(mlp(hhat_k))``."""
         weighted = torch.sigmoid(self.mlp(hhat)) * hhat
-        return weighted.mean(dim=-2), weighted
+        return (weighted.mean(dim=-2) if reduce == "mean" else weighted.sum(dim=-2)), weighted
 
 
 class FAiDLayer(nn.Module):
@@ -158,6 +176,14 @@ def compose_hop(blender: Blender, h: int) -> tuple[torch.Tensor, torch.Tensor]:
     return taps, bias
 
 
+def centre_tap(conv_a: nn.Conv2d, conv_b: nn.Conv2d, h: int) -> torch.Tensor:
+    """(D_out, D_in) map from the window centre to the output of ``conv_b(conv_a(window))``: the centre
+    tap of :func:`compose_hop` alone. Intermediate cell (i, j) reads the centre through
+    ``w1[h-i, h-j]`` and feeds the output through ``w2[i, j]``."""
+    w1, w2 = conv_a.weight, conv_b.weight
+    return sum(w2[:, :, i, j] @ w1[:, :, h - i, h - j] for i in range(h + 1) for j in range(h + 1))
+
+
 def composed_taps(blender: Blender) -> tuple[torch.Tensor, torch.Tensor]:
     """Hop-mixed taps T (D, D, 2R+1, 2R+1) and bias (D,), fp32: ``sum_h softmax(omega)_h (A_h, b_h)``."""
     R = blender.radius
@@ -216,15 +242,18 @@ class ComposedBlender:
 
 
 # ---- whole-map evaluations --------------------------------------------------------------------------
-def _causal_windows(context: torch.Tensor, positions: torch.Tensor, h: int) -> torch.Tensor:
-    """(B, H, W, D) map, (B, P) flat targets -> (B, P, D, 2h+1, 2h+1) windows from the zero-padded full
-    map, with every cell at or after the target (raster order) zeroed: what was generated before it."""
+def _windows(context: torch.Tensor, positions: torch.Tensor, h: int, window: str) -> torch.Tensor:
+    """(B, H, W, D) map, (B, P) flat targets -> (B, P, D, 2h+1, 2h+1) windows from the zero-padded
+    map; ``"causal"`` zeroes every cell at or after the target (raster order): what was generated
+    before it."""
     B, H, W, D = context.shape
     n = 2 * h + 1
     padded = F.pad(context.permute(0, 3, 1, 2), (h, h, h, h))  # (B, D, H+2h, W+2h), zeros outside
     windows = F.unfold(padded, n)  # (B, D*n*n, H*W)
     idx = positions.unsqueeze(1).expand(B, windows.shape[1], positions.shape[1])
     windows = torch.gather(windows, 2, idx).view(B, D, n, n, -1).permute(0, 4, 1, 2, 3)
+    if window == "full":
+        return windows
     raster = torch.arange(H * W, device=context.device, dtype=torch.float32).view(1, 1, H, W)
     raster = F.pad(raster, (h, h, h, h), value=float("inf"))
     cell_pos = F.unfold(raster, n)[0]  # (n*n, H*W) raster index of each window cell
@@ -232,65 +261,88 @@ def _causal_windows(context: torch.Tensor, positions: torch.Tensor, h: int) -> t
     return windows * (cell_pos < positions.view(B, -1, 1, 1, 1)).to(windows.dtype)
 
 
-def blend_literal(layer: FAiDLayer, context: torch.Tensor, positions: torch.Tensor, retrieved: torch.Tensor):
+def blend_literal(layer: FAiDLayer, context: torch.Tensor, positions: torch.Tensor | None, retrieved: torch.Tensor,
+                  window: str = "causal", reduce: str = "mean"):
     """Official formulation, literally (K conv stacks per target).
 
     Args:
         layer: the blender layer.
-        context: (B, H, W, D) normalised layer inputs on the grid (cells at or after a target are
-            ignored for that target).
-        positions: (B, P) flat target positions r * W + c.
+        context: (B, H, W, D) normalised layer inputs on the grid (``window="causal"``: cells at or
+            after a target are ignored for that target; ``"full"``: zeros at unknown cells).
+        positions: (B, P) flat target positions r * W + c; None: every cell (P = H * W).
         retrieved: (B, P, K, D) e_k (already through ``retrieval_layernorm``).
+        window, reduce: see :data:`WINDOWS`, :data:`REDUCTIONS`.
 
     Returns:
         blended (B, P, D), weighted candidates w_k hhat_k (B, P, K, D).
     """
+    check_blend_args(window, reduce)
     blender = layer.blender
     B, P, K, D = retrieved.shape
+    if positions is None:
+        positions = torch.arange(P, device=retrieved.device).expand(B, P)
     mix = blender.hop_mix()
     hhat = 0.0
     for a, h in zip(mix, blender.hops):
-        win = _causal_windows(context, positions, h)  # (B, P, D, n, n)
+        win = _windows(context, positions, h, window)  # (B, P, D, n, n)
         win = win.unsqueeze(2).repeat(1, 1, K, 1, 1, 1)  # K copies
         win[..., h, h] = retrieved
         conv_a, conv_b = blender.hop_convs(h)
         out = conv_b(conv_a(win.reshape(B * P * K, D, 2 * h + 1, 2 * h + 1)))
         hhat = hhat + a * out.view(B, P, K, D)
-    return blender.score_blend(hhat.to(retrieved.dtype))
+    return blender.score_blend(hhat.to(retrieved.dtype), reduce)
 
 
-def blend_dense(layer: FAiDLayer, context: torch.Tensor, retrieved: torch.Tensor):
-    """Affine form at every grid position at once (training; memory-efficient).
+def _hop_context(conv_a: nn.Conv2d, conv_b: nn.Conv2d, x: torch.Tensor, h: int, window: str) -> torch.Tensor:
+    """(B, D, H, W) map -> (B, H*W, D): hop h's conv pair at every position on its window without e_k.
+    ``"causal"``: the cells before the position, centre zeroed (one window per position);
+    ``"full"``: the whole window, centre x_p included (one convolution of the zero-padded map)."""
+    B, D, H, W = x.shape
+    if window == "full":
+        return conv_b(conv_a(F.pad(x, (h,) * 4))).flatten(2).transpose(1, 2)
+    n = 2 * h + 1
+    windows = F.unfold(F.pad(x, (h,) * 4), n).view(B, D, n, n, H * W)
+    windows = windows * causal_tap_mask(h, x.device).to(x.dtype)[:, :, None]
+    windows = windows.permute(0, 4, 1, 2, 3).reshape(B * H * W, D, n, n)
+    return conv_b(conv_a(windows)).view(B, H * W, D)
+
+
+def blend_dense(layer: FAiDLayer, context: torch.Tensor, retrieved: torch.Tensor, window: str = "causal",
+                reduce: str = "mean"):
+    """Affine form at every grid position at once (training, masked decoding; memory-efficient).
 
     Args:
-        context: (B, H, W, D) normalised inputs of every position (teacher forcing).
+        context: (B, H, W, D) normalised inputs of every position (teacher forcing; ``"full"``:
+            zeros at unknown cells).
         retrieved: (B, H*W, K, D) e_k per target position.
+        window, reduce: see :data:`WINDOWS`, :data:`REDUCTIONS`.
 
     Returns:
         blended (B, H*W, D), weighted candidates (B, H*W, K, D): equal to :func:`blend_literal` at all
         positions.
-        The context term of hop h is its conv pair run once per position on the causal window with
-        the centre cell zeroed (the biases come with it); the centre term is one product with the
-        composed centre tap. Activations are one window per position, not K copies of it, and the
-        full taps T are never built: at D = 2048 their D x D x (2R+1)^2 autograd graph alone would
-        outweigh the literal formulation.
+
+    The conv pair is affine, so with C_h its centre tap (:func:`centre_tap`) and c_p what the context
+    term put in the window's centre (0 for ``"causal"``, x_p for ``"full"``)::
+
+        hhat_k(p) = sum_h a_h context_h(p) + (sum_h a_h C_h) (e_k - c_p)
+
+    The context term of hop h is its conv pair run once per position, not K times (causal: on the
+    window with the centre and later cells zeroed; full: one convolution of the whole map).
+    Activations are one window per position, not K copies of it, and the full taps T are never
+    built: at D = 2048 their D x D x (2R+1)^2 autograd graph alone would outweigh the literal
+    formulation.
     """
+    check_blend_args(window, reduce)
     blender = layer.blender
     B, H, W, D = context.shape
-    N = H * W
     dtype = retrieved.dtype
     x = context.permute(0, 3, 1, 2).to(dtype)
     ctx, centre = 0.0, 0.0
     for a, h in zip(blender.hop_mix(), blender.hops):
-        n = 2 * h + 1
-        windows = F.unfold(F.pad(x, (h,) * 4), n).view(B, D, n, n, N)
-        windows = windows * causal_tap_mask(h, x.device).to(dtype)[:, :, None]
-        windows = windows.permute(0, 4, 1, 2, 3).reshape(B * N, D, n, n)
         conv_a, conv_b = blender.hop_convs(h)
-        ctx = ctx + a.to(dtype) * conv_b(conv_a(windows)).view(B, N, D)
-        # centre tap of the pair: output cell (i, j) of conv_a sees the window centre through w1[h-i, h-j]
-        w1, w2 = conv_a.weight, conv_b.weight
-        tap = sum(w2[:, :, i, j] @ w1[:, :, h - i, h - j] for i in range(h + 1) for j in range(h + 1))
-        centre = centre + a * tap.float()
+        ctx = ctx + a.to(dtype) * _hop_context(conv_a, conv_b, x, h, window)
+        centre = centre + a * centre_tap(conv_a, conv_b, h).float()
+    if window == "full":  # the whole-map convolution counted x_p in the centre: swap it for e_k
+        retrieved = retrieved - context.to(dtype).reshape(B, H * W, 1, D)
     hhat = ctx.unsqueeze(2) + retrieved @ centre.to(dtype).t()
-    return blender.score_blend(hhat)
+    return blender.score_blend(hhat, reduce)

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from ..decoding.retriever import Retriever
 from ..models import FAiDAdapter, get_adapter
+from ..retrieval.query import Retriever
 from .checkpoint import CheckpointError, _read_state_dict
 from .modules import FAiDBlenders, blend_dense, blend_literal, blender_input, retrieved_masks
 
@@ -40,8 +40,61 @@ FORMULATIONS = ("dense", "literal")
 _MISSING = object()
 
 
-class FAiDTrainer:
-    """Trains ``blenders`` (and optionally LoRA q/v adapters and the generation head) on ``model``.
+class TeacherForcedFAiD:
+    """The teacher-forced forward of a FAiD model: image-head logits of every position of ground-truth
+    grids, the blenders adding the K entries retrieved for each position at every position (module
+    docstring). What :class:`FAiDTrainer` trains through and what evaluation scores with
+    (:func:`arrag_kernels.eval.image_nll`); it changes no ``requires_grad`` flag and holds no optimizer.
+
+    Args:
+        model: a model whose registered adapter implements :class:`arrag_kernels.models.FAiDAdapter`.
+        db: :class:`arrag_kernels.PatchDatabase` for the model's grid; retrieval uses ``blenders.config.k``.
+        blenders: the :class:`FAiDBlenders` (read from ``self.blenders`` at every forward).
+        formulation, activation_checkpointing: as for :class:`FAiDTrainer`.
+    """
+
+    def __init__(self, model, db, blenders: FAiDBlenders, formulation: str = "dense",
+                 activation_checkpointing: bool = False):
+        if formulation not in FORMULATIONS:
+            raise ValueError(f"formulation: expected one of {FORMULATIONS}, got {formulation!r}")
+        self.model, self.blenders, self.formulation = model, blenders, formulation
+        self.activation_checkpointing = bool(activation_checkpointing)
+        self.adapter = get_adapter(model, FAiDAdapter)
+        self.retriever = Retriever(db, blenders.config.k, self.adapter, setting="FAiDConfig.k")
+        self.grid = self.retriever.grid
+
+    @torch.no_grad()
+    def retrieve_all(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N) ground-truth tokens -> retrieved ids (B, N, K) (-1: padding) and valid (B, N) bool (the
+        position has a key), every position in one search (:meth:`Retriever.retrieve` of all positions)."""
+        _, ids, valid = self.retriever.retrieve(tokens)
+        return ids, valid
+
+    def logits(self, prompt_ids: torch.Tensor, tokens: torch.Tensor, retrieved=None) -> torch.Tensor:
+        """Teacher-forced image-head logits (B, N, V) of ``tokens`` (B, N) after ``prompt_ids`` (B, P), with
+        the blenders at every position. ``retrieved``: ``retrieve_all(tokens)`` computed beforehand (it
+        depends on the ground truth only, so it can be cached per image); None retrieves here."""
+        B, N = tokens.shape
+        if N != self.grid[0] * self.grid[1]:
+            raise ValueError(f"tokens must be (B, {self.grid[0] * self.grid[1]}) for grid {self.grid}, got {tuple(tokens.shape)}")
+        ids, valid = self.retrieve_all(tokens) if retrieved is None else retrieved
+        if ids.shape[:2] != (B, N) or valid.shape != (B, N):
+            raise ValueError(f"retrieved: expected ids (B, N, K) and valid (B, N) with (B, N) = {(B, N)}, got "
+                             f"{tuple(ids.shape)} and {tuple(valid.shape)}; pass retrieve_all(tokens)")
+        prompt = self.adapter.embed_prompt(prompt_ids)
+        image = self.adapter.embed_image_tokens(tokens[:, :-1])
+        embeds = torch.cat([prompt, image], dim=1)
+        P = prompt_ids.shape[1]
+        features = self.adapter.embed_image_tokens(ids.clamp_min(0))  # (B, N, K, D); padding masked in the blend
+        masks = retrieved_masks(ids, valid, features.dtype)
+        with _training_hooks(self, features, masks, P, self.activation_checkpointing):
+            hidden = self.adapter.hidden_states(embeds)[:, P - 1 : P - 1 + N]
+        return self.adapter.image_logits(hidden)
+
+
+class FAiDTrainer(TeacherForcedFAiD):
+    """Trains ``blenders`` (and optionally LoRA q/v adapters and the generation head) on ``model``,
+    through the :class:`TeacherForcedFAiD` forward (``logits``, ``retrieve_all``, ``retriever``).
 
     Args:
         model: a model whose registered adapter implements :class:`arrag_kernels.models.FAiDAdapter` (HF
@@ -54,19 +107,13 @@ class FAiDTrainer:
         formulation: "dense" (memory-efficient) or "literal" (official K conv stacks).
         activation_checkpointing: recompute every decoder layer (blenders included) in backward
             instead of keeping its activations (non-reentrant ``torch.utils.checkpoint``, applied
-            only while :meth:`loss` runs; the model's own checkpointing flags are not touched).
+            only while the forward runs; the model's own checkpointing flags are not touched).
             Same loss and gradients, about one extra forward of compute.
     """
 
     def __init__(self, model, db, blenders: FAiDBlenders, lr: float = 2e-4, lora_rank: int = 0,
                  train_head: bool = False, formulation: str = "dense", activation_checkpointing: bool = False):
-        if formulation not in FORMULATIONS:
-            raise ValueError(f"formulation: expected one of {FORMULATIONS}, got {formulation!r}")
-        self.model, self.blenders, self.formulation = model, blenders, formulation
-        self.activation_checkpointing = bool(activation_checkpointing)
-        self.adapter = get_adapter(model, FAiDAdapter)
-        self.retriever = Retriever(db, blenders.config.k, self.adapter, what="FAiDConfig.k")
-        self.grid = self.retriever.grid
+        super().__init__(model, db, blenders, formulation, activation_checkpointing)
         for p in model.parameters():
             p.requires_grad_(False)
         params = list(blenders.parameters())
@@ -79,40 +126,11 @@ class FAiDTrainer:
         self.params = params
         self.optimizer = torch.optim.AdamW(params, lr=lr)
 
-    @torch.no_grad()
-    def retrieve_all(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N) ground-truth tokens -> retrieved ids (B, N, K) (-1: padding) and valid (B, N) bool (the
-        position has a key), every position (:meth:`Retriever.retrieve_all`)."""
-        return self.retriever.retrieve_all(tokens)
-
     def loss(self, prompt_ids: torch.Tensor, tokens: torch.Tensor, retrieved=None) -> torch.Tensor:
-        """Mean CE of the image tokens ``tokens`` (B, N) after prompts ``prompt_ids`` (B, P).
-
-        ``retrieved``: ``retrieve_all(tokens)`` computed beforehand (it depends on the ground truth
-        only, so it can be cached per image); None retrieves here.
-        """
+        """Mean CE of the image tokens ``tokens`` (B, N) after prompts ``prompt_ids`` (B, P)
+        (``retrieved``: see :meth:`TeacherForcedFAiD.logits`)."""
         logits = self.logits(prompt_ids, tokens, retrieved)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1))
-
-    def logits(self, prompt_ids: torch.Tensor, tokens: torch.Tensor, retrieved=None) -> torch.Tensor:
-        """Teacher-forced image-head logits (B, N, V) with the blenders at every position (``loss``'s
-        forward; the evaluation's FAiD NLL reads them)."""
-        B, N = tokens.shape
-        if N != self.grid[0] * self.grid[1]:
-            raise ValueError(f"tokens must be (B, {self.grid[0] * self.grid[1]}) for grid {self.grid}, got {tuple(tokens.shape)}")
-        ids, valid = self.retrieve_all(tokens) if retrieved is None else retrieved
-        if ids.shape[:2] != (B, N) or valid.shape != (B, N):
-            raise ValueError(f"retrieved: expected ids (B, N, K) and valid (B, N) with (B, N) = {(B, N)}, got "
-                             f"{tuple(ids.shape)} and {tuple(valid.shape)}; pass retrieve_all(tokens)")
-        prompt = self.model.get_input_embeddings()(prompt_ids)  # transformers' API, any family
-        image = self.adapter.embed_image_tokens(tokens[:, :-1])
-        embeds = torch.cat([prompt, image], dim=1)
-        P = prompt_ids.shape[1]
-        features = self.adapter.embed_image_tokens(ids.clamp_min(0))  # (B, N, K, D); padding masked in the blend
-        masks = retrieved_masks(ids, valid, features.dtype)
-        with _training_hooks(self, features, masks, P, self.activation_checkpointing):
-            hidden = self.adapter.hidden_states(embeds)[:, P - 1 : P - 1 + N]
-        return self.adapter.image_logits(hidden)
 
     def step(self, prompt_ids: torch.Tensor, tokens: torch.Tensor, retrieved=None) -> float:
         """One optimisation step; returns the loss before the update (``retrieved``: see :meth:`loss`)."""
@@ -125,7 +143,7 @@ class FAiDTrainer:
 
 
 @contextlib.contextmanager
-def _training_hooks(trainer: FAiDTrainer, features, masks, prompt_len: int, checkpointing: bool = False):
+def _training_hooks(faid: TeacherForcedFAiD, features, masks, prompt_len: int, checkpointing: bool = False):
     """Adds ``blended`` at every image-predicting position of a full teacher-forced sequence
     (``masks``: the first and the chained blenders' masks of :func:`retrieved_masks`).
 
@@ -137,10 +155,10 @@ def _training_hooks(trainer: FAiDTrainer, features, masks, prompt_len: int, chec
     input from the tensor the previous blender produced in the forward (``w_k hhat_k``, written
     once), never from state a later layer has overwritten.
     """
-    H, W = trainer.grid
+    H, W = faid.grid
     N = H * W
-    layers = trainer.adapter.decoder_layers()
-    ids = list(trainer.blenders.layer_ids)
+    layers = faid.adapter.decoder_layers()
+    ids = list(faid.blenders.layer_ids)
     previous = dict(zip(ids, [None] + ids[:-1]))
     weighted_of = {}  # blender layer -> its w_k hhat_k from the forward: the next blender's retrieved features
 
@@ -154,12 +172,12 @@ def _training_hooks(trainer: FAiDTrainer, features, masks, prompt_len: int, chec
 
     def blend(i, ctx):
         def hook(module, args, output):
-            layer = trainer.blenders.layer(i)
+            layer = faid.blenders.layer(i)
             if previous[i] is None:
                 e = blender_input(layer, features, masks[0])
             else:
                 e = blender_input(layer, weighted_of[previous[i]], masks[1])
-            if trainer.formulation == "dense":
+            if faid.formulation == "dense":
                 blended, weighted = blend_dense(layer, ctx["map"], e)
             else:
                 positions = torch.arange(N, device=e.device).expand(e.shape[0], N)
@@ -175,7 +193,7 @@ def _training_hooks(trainer: FAiDTrainer, features, masks, prompt_len: int, chec
     def with_blender(i, forward):
         def run(*args, **kwargs):
             ctx = {}
-            norm, attention = trainer.adapter.blender_sites(layers[i])
+            norm, attention = faid.adapter.blender_sites(layers[i])
             handles = [norm.register_forward_hook(capture(ctx)), attention.register_forward_hook(blend(i, ctx))]
             try:
                 return forward(*args, **kwargs)

@@ -8,7 +8,8 @@ retrieved features into every cell with full (non-causal) windows.
 
 * :mod:`.base`: the :class:`MaskedGenerator` protocol a model family implements;
 * :mod:`.config`: :class:`MaskedDecodeConfig` (cosine schedule, retrieval gate);
-* :mod:`.retrieval`: batched all-cell retrieval, :class:`MaskedDAiD`, databases from token grids;
+* :mod:`.retrieval`: :class:`MaskedRetriever` (the library's retriever for many cells per image),
+  :class:`MaskedDAiD`, the per-cell merge and draw, databases from token grids;
 * :mod:`.loop`: :func:`masked_decode`;
 * :mod:`.faid`: non-causal blenders (literal and fast forms), :class:`MaskedFAiD`, training;
 * :mod:`.tiny`: :class:`TinyMaskGIT`, the built-in bidirectional transformer over a VQ grid.

@@ -8,8 +8,9 @@ process every cell of the grid in one call. For cell p, hop h and retrieved feat
     hhat_k(p) = sum_h softmax(omega)_h conv_h2(conv_h1(window_h(p, e_k)))       (valid convolutions)
     blended(p) = sum_k s_k(p) hhat_k(p),   s_k(p) = sigmoid(mlp(hhat_k(p)))      (paper; "mean": / K)
 
-x holds the blender layer's normalised input at known cells and zeros at unknown cells and outside
-the grid, so every window is full (all 8 neighbours for h = 1) rather than causal. ``blended`` is
+This is the causal blender's math (:mod:`arrag_kernels.faid.modules`) with a full window: x holds
+the blender layer's normalised input at known cells and zeros at unknown cells and outside the
+grid, so every window is full (all 8 neighbours for h = 1) rather than causal. ``blended`` is
 added to the residual after attention at every cell. e_k are the retrieved tokens' input
 embeddings through the blender's ``retrieval_layernorm`` at the unknown cells of a retrieving step
 and zeros elsewhere (the official AR semantics of steps that do not retrieve: the blend, context
@@ -17,10 +18,10 @@ term and biases, is still added); a later blender reads RMSNorm of the previous 
 candidates ``s_k hhat_k`` (official chaining).
 
 Two evaluations, equal up to rounding (tests): :func:`blend_full_literal` cuts every window and runs
-K conv stacks per cell; :func:`blend_full` uses that the conv pair is affine and the context map
-does not depend on the target: ``hhat_k(p) = sum_h a_h (Y_h(p) + C_h (e_k - x_p))`` where
-``Y_h = conv_h2(conv_h1(pad_h(x)))`` runs once on the whole map and ``C_h`` is the pair's composed
-centre tap (D x D).
+K conv stacks per cell (:func:`arrag_kernels.faid.blend_literal`); :func:`blend_full` uses that the
+conv pair is affine (:func:`arrag_kernels.faid.blend_dense`): ``hhat_k(p) = sum_h a_h (Y_h(p) +
+C_h (e_k - x_p))`` where ``Y_h = conv_h2(conv_h1(pad_h(x)))`` runs once on the whole map and ``C_h``
+is the pair's composed centre tap (D x D).
 """
 
 from __future__ import annotations
@@ -28,29 +29,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..faid import FAiDBlenders, FAiDLayer
+from ..faid.modules import FAiDBlenders, FAiDLayer, blend_dense, blend_literal, check_blend_args
 from .config import random_mask
 from .retrieval import MaskedRetriever
-
-REDUCTIONS = ("sum", "mean")
-
-
-def _check_reduce(reduce: str):
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce: expected one of {REDUCTIONS} (sum: paper; mean: official AR code), got {reduce!r}")
-
-
-def _score(layer: FAiDLayer, hhat: torch.Tensor, reduce: str):
-    weighted = torch.sigmoid(layer.blender.mlp(hhat)) * hhat
-    return (weighted.sum(-2) if reduce == "sum" else weighted.mean(-2)), weighted
-
-
-def full_windows(context: torch.Tensor, h: int) -> torch.Tensor:
-    """(B, H, W, D) map -> (B, H*W, D, 2h+1, 2h+1): the window around every cell, zeros outside the grid."""
-    B, H, W, D = context.shape
-    n = 2 * h + 1
-    cols = F.unfold(F.pad(context.permute(0, 3, 1, 2), (h,) * 4), n)  # (B, D*n*n, H*W)
-    return cols.view(B, D, n, n, H * W).permute(0, 4, 1, 2, 3)
 
 
 def blend_full_literal(layer: FAiDLayer, context: torch.Tensor, retrieved: torch.Tensor, reduce: str = "sum"):
@@ -59,47 +40,18 @@ def blend_full_literal(layer: FAiDLayer, context: torch.Tensor, retrieved: torch
     Args:
         context: (B, H, W, D) normalised layer input, zeros at unknown cells.
         retrieved: (B, H*W, K, D) e_k per cell (zeros where nothing was retrieved).
+        reduce: "sum" (paper) or "mean" (official AR code) over the K candidates.
 
     Returns:
         blended (B, H*W, D), weighted candidates s_k hhat_k (B, H*W, K, D).
     """
-    _check_reduce(reduce)
-    blender = layer.blender
-    B, N, K, D = retrieved.shape
-    hhat = 0.0
-    for a, h in zip(blender.hop_mix(), blender.hops):
-        n = 2 * h + 1
-        win = full_windows(context.to(retrieved.dtype), h).unsqueeze(2).repeat(1, 1, K, 1, 1, 1)
-        win[..., h, h] = retrieved
-        conv_a, conv_b = blender.hop_convs(h)
-        hhat = hhat + a * conv_b(conv_a(win.reshape(B * N * K, D, n, n))).view(B, N, K, D)
-    return _score(layer, hhat.to(retrieved.dtype), reduce)
-
-
-def centre_tap(conv_a, conv_b, h: int) -> torch.Tensor:
-    """(D_out, D_in) map from the window centre to the output of ``conv_b(conv_a(window))``: intermediate
-    cell (i, j) reads the centre through ``w1[h-i, h-j]`` and feeds the output through ``w2[i, j]``."""
-    w1, w2 = conv_a.weight, conv_b.weight
-    return sum(w2[:, :, i, j] @ w1[:, :, h - i, h - j] for i in range(h + 1) for j in range(h + 1))
+    return blend_literal(layer, context.to(retrieved.dtype), None, retrieved, window="full", reduce=reduce)
 
 
 def blend_full(layer: FAiDLayer, context: torch.Tensor, retrieved: torch.Tensor, reduce: str = "sum"):
     """Fast evaluation, same contract as :func:`blend_full_literal`: per hop one conv pair over the
     whole zero-padded map plus one (K+1)-row product with the composed centre tap per cell."""
-    _check_reduce(reduce)
-    blender = layer.blender
-    B, N, K, D = retrieved.shape
-    dtype = retrieved.dtype
-    x = context.to(dtype).permute(0, 3, 1, 2)  # (B, D, H, W)
-    whole, centre = 0.0, 0.0
-    for a, h in zip(blender.hop_mix(), blender.hops):
-        conv_a, conv_b = blender.hop_convs(h)
-        whole = whole + a.to(dtype) * conv_b(conv_a(F.pad(x, (h,) * 4)))
-        centre = centre + a * centre_tap(conv_a, conv_b, h).float()
-    whole = whole.flatten(2).transpose(1, 2)  # (B, N, D)
-    x_cells = context.to(dtype).reshape(B, N, 1, D)
-    hhat = whole.unsqueeze(2) + (retrieved - x_cells) @ centre.to(dtype).t()
-    return _score(layer, hhat, reduce)
+    return blend_dense(layer, context, retrieved, window="full", reduce=reduce)
 
 
 class MaskedFAiD:
@@ -115,13 +67,13 @@ class MaskedFAiD:
     """
 
     def __init__(self, generator, db, blenders: FAiDBlenders, reduce: str = "sum", fast: bool = True, device=None):
-        _check_reduce(reduce)
+        check_blend_args("full", reduce)
         if blenders.num_layers != generator.num_layers or blenders.dim != generator.hidden_size:
             raise ValueError(f"blenders were built for {blenders.num_layers} layers of width {blenders.dim}; the "
                              f"generator has {generator.num_layers} layers of width {generator.hidden_size}")
         self.generator, self.blenders, self.reduce = generator, blenders, reduce
         self.blend = blend_full if fast else blend_full_literal
-        self.retriever = MaskedRetriever(db, blenders.config.k, generator, device)
+        self.retriever = MaskedRetriever(db, blenders.config.k, generator, device, setting="FAiDConfig.k")
 
     def features(self, tokens: torch.Tensor, positions: torch.Tensor, retrieve: bool) -> torch.Tensor:
         """(B, N, K, D) embeddings of the tokens retrieved for ``positions``; zeros at other cells, for

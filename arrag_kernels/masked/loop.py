@@ -69,8 +69,7 @@ def masked_decode(
         cell_logits = torch.gather(logits, 1, positions.unsqueeze(-1).expand(B, P, logits.shape[-1]))
         hits = None
         if daid is not None and retrieve:
-            dist, ids, valid = daid.retrieve(tokens, positions)
-            hits = (dist.reshape(B * P, -1), ids.reshape(B * P, -1), valid.reshape(-1))
+            hits = daid.retrieve(tokens, positions).flat()  # (B * P) rows
         u = torch.rand(B, P, generator=rng, device=device)
         g = torch.rand(B, P, generator=rng, device=device)
         sampled, prob = sample_cells(cell_logits.reshape(B * P, -1), u.reshape(-1), config.temperature, hits,

@@ -2,11 +2,12 @@
 
 Each decode step queries every unknown cell of every image with its 8 neighbours
 ``[UL, U, UR, L, R, LL, Lo, LR]`` (``KeyLayout(neighborhood="full")``): known neighbours contribute
-their L2-normalised codebook vector, unknown or outside neighbours zeros (:func:`neighbor_keys`
-treats negative ids as unknown). The (B, P) queries of a step go to the database in ONE search of
-B * P rows. The per-cell DAiD merge ``p = (1 - lam) softmax(l / T) + lam p_ret`` and the draw from it
-are :func:`arrag_kernels.ops.daid_sample` (one fused op: reference, Triton, C++) on the same B * P
-rows; :func:`sample_cells` adds the merged probability of each drawn token, which MaskGIT's
+their L2-normalised codebook vector, unknown or outside neighbours zeros. The (B, P) queries of a
+step go to the database in ONE search of B * P rows (:class:`MaskedRetriever`, the library's
+:class:`arrag_kernels.retrieval.query.Retriever`). The per-cell DAiD merge
+``p = (1 - lam) softmax(l / T) + lam p_ret`` and the draw from it are
+:func:`arrag_kernels.ops.daid_sample` (one fused op: reference, Triton, C++) on the same B * P rows;
+:func:`sample_cells` adds the merged probability of each drawn token, which MaskGIT's
 confidence needs, from O(V + K log K) work per cell.
 """
 
@@ -15,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from ..config import DAiDConfig, KeyLayout
-from ..ops import daid_sample, feature_neighbor_keys, neighbor_keys
-from ..retrieval import DatabaseError, PatchDatabase
-from ..retrieval.database import DatabaseMeta
+from ..ops import daid_sample, feature_neighbor_keys
+from ..retrieval import DatabaseError, DatabaseMeta, PatchDatabase
+from ..retrieval.query import Retriever
 
 
 def masked_positions(tokens: torch.Tensor, count: int) -> torch.Tensor:
@@ -27,48 +28,33 @@ def masked_positions(tokens: torch.Tensor, count: int) -> torch.Tensor:
     return order[:, :count]
 
 
-class MaskedRetriever:
-    """Batched 8-neighbour retrieval of many cells per image.
+class MaskedRetriever(Retriever):
+    """The :class:`arrag_kernels.retrieval.query.Retriever` of masked decoding: many cells per image,
+    ``retrieve(tokens, positions)`` with (B, P) ``positions`` -> ``Hits`` of shape (B, P), one search
+    for all B * P cells. Refuses databases whose keys are not the 8-neighbour ``"full"`` layout.
 
     Args:
         db: a :class:`arrag_kernels.PatchDatabase` with ``neighborhood="full"`` keys for ``generator``'s grid.
         k: entries retrieved per cell.
         generator: the :class:`arrag_kernels.masked.MaskedGenerator` (its codebook builds the queries).
+        device: where retrieval runs (default: the codebook's device).
+        setting: the setting ``k`` came from, named in errors.
     """
 
-    def __init__(self, db: PatchDatabase, k: int, generator, device=None):
+    def __init__(self, db: PatchDatabase, k: int, generator, device=None, setting: str = "k"):
         if db.meta.layout.neighborhood != "full":
             raise DatabaseError(
                 f"masked decoding queries all neighbours of a cell; the database has {db.meta.layout} keys. "
                 "Build it with neighborhood='full' (border='zero' is the paper's Show-o setting)"
             )
-        db.check_compatible(generator)
-        if not 1 <= k <= len(db):
-            raise ValueError(f"k = {k}: expected 1 <= k <= {len(db)} (the database size)")
-        codebook = generator.codebook()
-        device = torch.device(device) if device is not None else codebook.device
-        self.db = db.to(device)
-        self.k = k
-        self.layout = db.meta.layout
-        self.grid = tuple(db.meta.grid)
-        self.codebook = codebook.to(device=device, dtype=torch.float32)
-        self.searches = 0  # database searches issued (one per retrieving step)
-
-    def retrieve(self, tokens: torch.Tensor, positions: torch.Tensor):
-        """(B, N) ids (-1 = unknown), (B, P) positions -> dist (B, P, k) float32, token ids (B, P, k)
-        (-1 = padding), valid (B, P) bool (False where ``border="skip"`` and a neighbour is outside)."""
-        B, P = positions.shape
-        queries, valid = neighbor_keys(tokens, self.codebook, positions, self.grid, self.layout)
-        dist, ids = self.db.retrieve(queries.reshape(B * P, -1), self.k)  # one search for every cell
-        self.searches += 1
-        return dist.view(B, P, -1), ids.view(B, P, -1), valid
+        super().__init__(db, k, generator, device, setting)
 
 
 class MaskedDAiD(MaskedRetriever):
     """DAiD for masked decoders: ``config.k`` hits per unknown cell, merged per cell by :func:`sample_cells`."""
 
     def __init__(self, db: PatchDatabase, config: DAiDConfig, generator, device=None):
-        super().__init__(db, config.k, generator, device)
+        super().__init__(db, config.k, generator, device, setting="DAiDConfig.k")
         self.config = config
 
 
@@ -109,7 +95,8 @@ def sample_cells(logits: torch.Tensor, uniforms: torch.Tensor, temperature: floa
         logits: (R, V) logits of R cells (R = B * P).
         uniforms: (R,) in [0, 1): the draw is the inverse CDF of the (merged) distribution.
         temperature: T > 0.
-        hits: (dist (R, K), token ids (R, K), valid (R,)) from :meth:`MaskedRetriever.retrieve`, or None
+        hits: (dist (R, K), token ids (R, K), valid (R,)): the hits of :meth:`MaskedRetriever.retrieve`
+            as rows (``hits.flat()``), or None
             (plain sampling: the same op with no active row, so ``lam = 0`` reproduces it exactly).
         config: the :class:`DAiDConfig` (lam, tau, dedup) when ``hits`` are given.
 

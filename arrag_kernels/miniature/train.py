@@ -258,7 +258,8 @@ def encode_tokens(model, pixels: torch.Tensor, batch_size: int = 256) -> torch.T
 
 def train_lm(model, prompts: torch.Tensor, tokens: torch.Tensor, cfg: MiniatureConfig, progress: bool = True) -> list[float]:
     """Train everything but the VQ on CE of ``tokens`` (n, N) after ``prompts`` (n, P). Returns losses."""
-    from ..eval.nll import teacher_forced_logits, unconditional_prompt
+    from ..eval.nll import teacher_forced_logits
+    from ..models.janus import unconditional_prompt
 
     g = torch.Generator().manual_seed(cfg.seed + 1)
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vqmodel.")]

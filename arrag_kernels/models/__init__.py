@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable
 
-from .base import (FAiDAdapter, ImageDecoder, ImageTokenizer, LogitsProcessorAdapter, ModelAdapter, OfficialWeights,
-                   check_protocol, codebook_fingerprint, protocol_members)
+from .base import (FAiDAdapter, ImageDecoder, ImageStream, ImageTokenizer, LogitsProcessorAdapter, MemberUnavailable,
+                   ModelAdapter, OfficialWeights, PretrainedLoader, TeacherForcingAdapter, check_protocol,
+                   codebook_fingerprint, protocol_members)
 from .emu3 import Emu3Adapter
 from .janus import JanusAdapter, hf_image_generate_kwargs
 from .tiny import tiny_janus, tiny_janus_config, tiny_prompt_ids
@@ -19,7 +22,10 @@ def register_adapter(model_type: str, factory: Callable, replace: bool = False) 
     """Make ``patch_model``, ``PatchDatabase.build`` etc. accept models with ``config.model_type == model_type``.
 
     ``factory(model)`` returns an object implementing :class:`ModelAdapter` (checked when it is
-    built). Registering a taken ``model_type`` raises unless ``replace=True``.
+    built; :class:`TeacherForcingAdapter` for NLL, :class:`FAiDAdapter` for FAiD). A factory may also
+    carry what needs no model: ``load_pretrained(path, device)`` (:class:`PretrainedLoader`: the CLI's
+    ``--model DIR``) and ``official_weights`` (:class:`OfficialWeights`: a released FAiD checkpoint's
+    names). Registering a taken ``model_type`` raises unless ``replace=True``.
     """
     if not isinstance(model_type, str) or not model_type:
         raise TypeError(f"register_adapter: model_type must be a non-empty str (a config.model_type), got {model_type!r}")
@@ -34,6 +40,45 @@ def register_adapter(model_type: str, factory: Callable, replace: bool = False) 
     ADAPTERS[model_type] = factory
 
 
+def _factory(model_type: str, what: str) -> Callable:
+    if model_type not in ADAPTERS:
+        raise ValueError(f"{what}: no adapter is registered for model_type {model_type!r} (registered: "
+                         f"{sorted(ADAPTERS)}); add one with arrag_kernels.register_adapter(model_type, factory)")
+    return ADAPTERS[model_type]
+
+
+def load_pretrained(path, device="cpu"):
+    """``(model, encode_prompts or None)`` from a local checkpoint directory, loaded by the factory
+    registered for its ``config.json`` ``model_type`` (its :class:`PretrainedLoader` member). Raises
+    ValueError naming what is wrong (no config.json, unknown model type, a factory without a loader, a
+    checkpoint that does not load)."""
+    path = Path(path)
+    config = path / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{str(path)!r} holds no Hugging Face checkpoint (no config.json); expected a directory "
+                         "written by save_pretrained")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{str(config)!r} is not a JSON object with a model_type ({type(e).__name__})") from e
+    factory = _factory(model_type, f"checkpoint {str(path)!r}")
+    try:
+        loader = check_protocol(factory, PretrainedLoader, f"the factory registered for model_type {model_type!r}")
+    except TypeError as e:  # a checkpoint this installation cannot load: the caller's error, like a bad path
+        raise ValueError(f"cannot load {str(path)!r}: {e}") from None
+    try:
+        return loader.load_pretrained(path, device)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load a {model_type!r} model from {str(path)!r}: {str(e).splitlines()[0]}") from e
+
+
+def official_weights_for(model_type: str) -> OfficialWeights:
+    """The names of ``model_type``'s released FAiD checkpoint: its registered factory's ``official_weights``."""
+    factory = _factory(model_type, "official checkpoint names")
+    return check_protocol(getattr(factory, "official_weights", None), OfficialWeights,
+                          f"official_weights of the factory registered for model_type {model_type!r}")
+
+
 def get_adapter(model, protocol: type = ModelAdapter):
     """The adapter of ``model``'s family, checked against ``protocol``; raises listing the supported families otherwise."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -46,10 +91,11 @@ def get_adapter(model, protocol: type = ModelAdapter):
     try:
         return check_protocol(adapter, protocol, f"the adapter for model_type {model_type!r} ({type(adapter).__name__})")
     except TypeError as e:
-        if not hasattr(adapter, "logits_processor"):
+        if getattr(adapter, "generate_mode", None) != "logits_processor":
             raise
         raise TypeError(f"{e}. This family has no library decode loop: run DAiD inside the model's own generate "
-                        "with arrag_kernels.models.get_adapter(model, ImageTokenizer).logits_processor(db, config)") from None
+                        "with arrag_kernels.patch_model(model, db, DAiDConfig(...)) or "
+                        "arrag_kernels.DAiDLogitsProcessor.for_adapter(adapter, db, config)") from None
 
 
 def as_faid_adapter(model_or_adapter) -> FAiDAdapter:
@@ -72,16 +118,22 @@ __all__ = [
     "Emu3Adapter",
     "FAiDAdapter",
     "ImageDecoder",
+    "ImageStream",
     "ImageTokenizer",
     "JanusAdapter",
     "LogitsProcessorAdapter",
+    "MemberUnavailable",
     "ModelAdapter",
     "OfficialWeights",
+    "PretrainedLoader",
+    "TeacherForcingAdapter",
     "as_faid_adapter",
     "as_tokenizer",
     "check_protocol",
     "codebook_fingerprint",
     "get_adapter",
+    "load_pretrained",
+    "official_weights_for",
     "protocol_members",
     "register_adapter",
     "tiny_janus",

@@ -6,23 +6,35 @@ language-model step, the image head, the next-input embedding). Supporting a new
 writing one adapter and registering it (:func:`arrag_kernels.register_adapter`); ops, databases and
 the decode loop stay untouched.
 
-FAiD needs more of the model (:class:`FAiDAdapter`: decoder layers and hook points, width, dtype,
-LoRA targets, the image head; :class:`OfficialWeights` for a released checkpoint's names); families
-without those members get DAiD only, and FAiD names what is missing. The protocols list every
-member the library calls; :func:`check_protocol` verifies an object
-against one and names all missing members in a single error. Any object with these members works:
-no base class is needed.
+Teacher-forced scoring (the evaluation's NLL) needs the prompt side and one cache-free forward
+(:class:`TeacherForcingAdapter`); FAiD needs more of the model (:class:`FAiDAdapter`: decoder layers
+and hook points, width, dtype, LoRA targets, the image head; :class:`OfficialWeights` for a released
+checkpoint's names); families without those members get DAiD only, and NLL or FAiD names what is
+missing. The protocols list every member the library calls; :func:`check_protocol` verifies an
+object against one and names all missing members in a single error. Any object with these members
+works: no base class is needed.
+
+The registered factory (usually the adapter class) may carry what is known without a model:
+``load_pretrained(path, device)`` (:class:`PretrainedLoader`: how the CLI loads a checkpoint of the
+family) and ``official_weights`` (:class:`OfficialWeights`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Protocol, Sequence, runtime_checkable
+import inspect
+from typing import Any, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 
 from ..ops import knn
+
+
+class MemberUnavailable(ValueError):
+    """Raised by an adapter property that exists but has no value without more set-up (Emu3's ``grid``
+    when the adapter was built without ``grid=``): :func:`check_protocol` counts the member as present,
+    and the message reaches the user when the member is read."""
 
 
 @runtime_checkable
@@ -81,6 +93,9 @@ class ImageDecoder(Protocol):
     def embed_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """(2B, 1) token ids -> (2B, 1, D) next-step input embeddings."""
 
+    def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, H*W) image token ids -> (B, S, S, 3) pixels in [-1, 1] (the family's VQ decoder)."""
+
 
 @runtime_checkable
 class ModelAdapter(ImageTokenizer, ImageDecoder, Protocol):
@@ -88,8 +103,30 @@ class ModelAdapter(ImageTokenizer, ImageDecoder, Protocol):
 
 
 @runtime_checkable
-class FAiDAdapter(ModelAdapter, Protocol):
-    """What FAiD (decode-time blenders, training, blender checkpoints) needs beyond :class:`ModelAdapter`.
+class TeacherForcingAdapter(ModelAdapter, Protocol):
+    """What teacher-forced scoring (:func:`arrag_kernels.eval.image_nll`) and training need beyond
+    :class:`ModelAdapter`: the sequence is ``embed_prompt(prompt)`` then ``embed_image_tokens`` of the
+    ground-truth tokens, run through ``hidden_states``; ``image_logits`` reads the result."""
+
+    def embed_prompt(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, P) prompt ids -> (B, P, D) input embeddings (``cfg_inputs``' conditional rows)."""
+
+    def unconditional_prompt(self, prompt_ids: torch.Tensor, generation_config: Any) -> torch.Tensor:
+        """(B, P) prompt ids -> (B, P) ids of their unconditional CFG rows (``cfg_inputs``' second half),
+        the special token ids read from ``generation_config``."""
+
+    def empty_prompt(self, generation_config: Any) -> torch.Tensor:
+        """(1, P) ids of an image prompt without text (Janus: BOS, begin-of-image): what ``train-faid``
+        trains on unless given prompt ids."""
+
+    def hidden_states(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) input embeddings -> (B, S, D) final hidden states of one causal forward without a
+        cache (training, teacher forcing); ``image_logits`` applies to them."""
+
+
+@runtime_checkable
+class FAiDAdapter(TeacherForcingAdapter, Protocol):
+    """What FAiD (decode-time blenders, training, blender checkpoints) needs beyond :class:`TeacherForcingAdapter`.
 
     The retrieved token ids become the blenders' input through ``embed_image_tokens`` (the
     next-input embedding, official: ``generation_aligner(generation_embeddings(ids))``).
@@ -109,10 +146,6 @@ class FAiDAdapter(ModelAdapter, Protocol):
         (the residual after attention, before the FFN). The attention output is a tensor or a tuple
         whose first entry is the (rows, S, D) tensor."""
 
-    def hidden_states(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        """(B, S, D) input embeddings -> (B, S, D) final hidden states of one causal forward without a
-        cache (training, teacher forcing); ``image_logits`` applies to them."""
-
     def lora_module(self) -> torch.nn.Module:
         """The module LoRA adapters are injected into (the decoder stack)."""
 
@@ -120,12 +153,22 @@ class FAiDAdapter(ModelAdapter, Protocol):
         """The image-token head (what ``image_logits`` runs), trained with ``train_head``."""
 
 
+class ImageStream(NamedTuple):
+    """Where a family's own ``generate`` writes the image in its token sequence (vocabulary ids)."""
+
+    start_token_id: int  # the image tokens start right after the last occurrence of this id
+    code_token_ids: torch.Tensor  # (V_img,) vocabulary id of each image code, in code order
+    eol_token_id: int | None  # id closing each row of W image tokens, or None when rows follow each other
+
+
 @runtime_checkable
 class LogitsProcessorAdapter(ImageTokenizer, Protocol):
     """An adapter whose family decodes images in its own HF ``generate`` (Emu3): it sets
     ``generate_mode = "logits_processor"`` and :func:`arrag_kernels.patch_model` then wraps that
     ``generate``, adding DAiD as a logits processor to each image-generation call, instead of
-    routing it through the library's decode loop (:class:`ModelAdapter`)."""
+    routing it through the library's decode loop (:class:`ModelAdapter`). The adapter supplies
+    facts only (the call's grid, the image stream's vocabulary ids, the tokenizer's codebook); the
+    library builds the processor from them (:meth:`arrag_kernels.DAiDLogitsProcessor.for_adapter`)."""
 
     generate_mode: str  # "logits_processor"
     no_loop_reason: str  # one line: why the library's loops and FAiD do not apply (shown when asked for)
@@ -134,9 +177,9 @@ class LogitsProcessorAdapter(ImageTokenizer, Protocol):
         """(H, W) an image-generation call's prompt ids ask for (``grid``: the call's explicit one), None
         for any other call (passed through untouched); raises one line if the size cannot be read."""
 
-    def logits_processor(self, db, config, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-        """A ``transformers.LogitsProcessor`` applying DAiD on ``db``'s grid after the family's CFG processor;
-        ``temperature`` / ``top_k`` / ``top_p`` act on the model distribution before the merge."""
+    def image_stream(self) -> ImageStream:
+        """The vocabulary ids of the image stream the family's ``generate`` writes: its start, one id per
+        image code, the end-of-line token; raises one line if the model's vocabulary lacks them."""
 
 
 @runtime_checkable
@@ -154,6 +197,18 @@ class OfficialWeights(Protocol):
         """True for released tensors with no place in the model by design (never loaded nor reported)."""
 
 
+@runtime_checkable
+class PretrainedLoader(Protocol):
+    """What the CLI needs from a registered factory to load ``--model DIR`` checkpoints of its family
+    (found through ``config.json``'s ``model_type``; see :func:`arrag_kernels.models.load_pretrained`)."""
+
+    def load_pretrained(self, path, device) -> tuple[torch.nn.Module, Any]:
+        """-> (model on ``device`` in eval mode, ``encode_prompts`` or None). ``encode_prompts(texts)``
+        turns a list of text prompts into ``(input_ids, attention_mask)`` for image generation; None
+        when the checkpoint has no tokenizer (prompts are then given as ids). Raises OSError or
+        ValueError for a checkpoint that cannot be loaded."""
+
+
 def protocol_members(protocol: type) -> dict[str, bool]:
     """{member name: is it a method} for a protocol class and the protocols it extends."""
     members: dict[str, bool] = {}
@@ -168,25 +223,37 @@ def protocol_members(protocol: type) -> dict[str, bool]:
     return members
 
 
+_ABSENT = object()  # getattr_static's default: the member is not defined at all
+
+
 def check_protocol(obj, protocol: type, what: str | None = None):
-    """Return ``obj`` if it has every member of ``protocol``; otherwise raise one TypeError naming them all."""
-    missing, not_callable = [], []
+    """Return ``obj`` if it has every member of ``protocol``; otherwise raise one TypeError naming them all:
+    the missing members, those that are not callable and those whose reading raised (with the error).
+
+    A property raising :class:`MemberUnavailable` is present (its value needs set-up the caller may not
+    need); it raises again, with its own message, where it is read."""
+    missing, not_callable, raised = [], [], []
     for name, is_method in protocol_members(protocol).items():
         try:
             value = getattr(obj, name)
-        except AttributeError:  # also a property that raises AttributeError
-            missing.append(name + ("()" if is_method else ""))
+        except MemberUnavailable:
             continue
-        except Exception:  # present, but its value needs more set-up (e.g. a grid): reported when it is used
+        except Exception as e:  # every failure is reported below, none is swallowed
+            if isinstance(e, AttributeError) and inspect.getattr_static(obj, name, _ABSENT) is _ABSENT:
+                missing.append(name + ("()" if is_method else ""))
+            else:  # defined, but reading it failed (e.g. a property reaching a part the model lacks)
+                lines = str(e).strip().splitlines()
+                raised.append(f"{name} ({type(e).__name__}: {lines[0] if lines else 'no message'})")
             continue
         if is_method and not callable(value):
             not_callable.append(name)
-    if missing or not_callable:
+    if missing or not_callable or raised:
         problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
-            [f"not callable: {', '.join(not_callable)}"] if not_callable else [])
+            [f"not callable: {', '.join(not_callable)}"] if not_callable else []) + (
+            [f"reading raised: {'; '.join(raised)}"] if raised else [])
         raise TypeError(
             f"{what or type(obj).__name__} does not implement arrag_kernels.models.{protocol.__name__}: "
-            f"{'; '.join(problems)}. Add these members (see the {protocol.__name__} docstrings)"
+            f"{'; '.join(problems)}. Add or fix these members (see the {protocol.__name__} docstrings)"
         )
     return obj
 

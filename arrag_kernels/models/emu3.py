@@ -1,14 +1,14 @@
-"""Adapter for Hugging Face ``Emu3ForConditionalGeneration``: its VQ tokenizer and a DAiD logits processor.
+"""Adapter for Hugging Face ``Emu3ForConditionalGeneration``: its VQ tokenizer and its image stream's vocabulary ids.
 
 Emu3 generates images with its ordinary ``generate``: image tokens live in the text vocabulary
 (``vocabulary_mapping.img2bpe``), every row of ``W`` image tokens is followed by an end-of-line
 token, the grid is chosen per call (the prompt ends with ``<|image start|>H*W<|image token|>``),
 CFG comes from a negative prompt through HF's ``UnbatchedClassifierFreeGuidanceLogitsProcessor``
 and ``prefix_allowed_tokens_fn`` enforces the layout. DAiD therefore joins as a logits processor
-(:meth:`Emu3Adapter.logits_processor`) that runs after that CFG processor inside Emu3's own
-``generate``: ``patch_model`` adds it to each image-generation call (``generate_mode``, grid from the
-prompt: :meth:`Emu3Adapter.generation_grid`). The library's decode loops (static, CUDA graph) and
-FAiD do not apply (``NO_LOOP_REASON``).
+(:class:`arrag_kernels.DAiDLogitsProcessor`, built from :meth:`Emu3Adapter.image_stream`) that runs
+after that CFG processor inside Emu3's own ``generate``: ``patch_model`` adds it to each
+image-generation call (``generate_mode``, grid from the prompt: :meth:`Emu3Adapter.generation_grid`).
+The library's decode loops (static, CUDA graph) and FAiD do not apply (``NO_LOOP_REASON``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from .base import VQCodebook
+from .base import ImageStream, MemberUnavailable, VQCodebook
 
 IMAGE_WRAPPER_TOKEN = "<|image token|>"  # the image stream starts after it (see Emu3Processor)
 IMAGE_START_TOKEN = "<|image start|>"  # an image-generation prompt ends with <|image start|>H*W<|image token|>
@@ -50,14 +50,14 @@ class Emu3Adapter(VQCodebook):
     @property
     def grid(self) -> tuple[int, int]:
         if self._grid is None:
-            raise ValueError("Emu3 chooses the image grid per call: use arrag_kernels.models.Emu3Adapter(model, "
-                             "grid=(H, W)) instead of the model itself")
+            raise MemberUnavailable("Emu3 chooses the image grid per call: use arrag_kernels.models.Emu3Adapter(model, "
+                                    "grid=(H, W)) instead of the model itself")
         return self._grid
 
     @property
     def image_size(self) -> int:
         if self.grid[0] != self.grid[1]:
-            raise ValueError(
+            raise MemberUnavailable(
                 f"building a database from image files needs a square grid, got {self.grid}: encode (B, 3, H*f, W*f) "
                 "pixels with adapter.encode and build with PatchDatabase.from_latents"
             )
@@ -82,23 +82,15 @@ class Emu3Adapter(VQCodebook):
         tokens = self.nearest_codes(cells.reshape(-1, cells.shape[-1])).view(cells.shape[:3])
         return F.normalize(cells.float(), p=2, dim=-1), tokens
 
-    def logits_processor(self, db, config, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
-        """A :class:`arrag_kernels.DAiDLogitsProcessor` for Emu3's ``generate`` on ``db``'s grid.
-
-        Pass it as ``logits_processor=[...]`` with Emu3's usual ``prefix_allowed_tokens_fn`` and
-        negative prompt, and ``temperature=1.0, top_k=0, top_p=1.0`` to ``generate`` (give them
-        here instead: they act before the merge). The prompt's ``H*W`` must be ``db.meta.grid``.
-        """
-        from ..logits import DAiDLogitsProcessor
-
+    def image_stream(self) -> ImageStream:
+        """Emu3's image stream: it starts after ``<|image token|>``, codes map through
+        ``vocabulary_mapping.img2bpe``, every row ends with the end-of-line token."""
         mapping = self.model.vocabulary_mapping
         wrapper = mapping.vocab_map.get(IMAGE_WRAPPER_TOKEN)
         if wrapper is None or mapping.eol_token_id is None:
             raise ValueError(f"Emu3 vocabulary_map lacks {IMAGE_WRAPPER_TOKEN!r} or the end-of-line token '<|extra_200|>'")
-        image_ids = torch.tensor([mapping.img2bpe[code] for code in range(self.codebook_size)])
-        db.check_compatible(Emu3Adapter(self.model, grid=db.meta.grid))
-        return DAiDLogitsProcessor(db, config, self.codebook(), image_start_token_id=wrapper, image_token_ids=image_ids,
-                                   eol_token_id=mapping.eol_token_id, temperature=temperature, top_k=top_k, top_p=top_p)
+        code_ids = torch.tensor([mapping.img2bpe[code] for code in range(self.codebook_size)])
+        return ImageStream(wrapper, code_ids, mapping.eol_token_id)
 
     @cached_property
     def _id_to_token(self) -> dict[int, str]:

@@ -110,11 +110,48 @@ def hf_image_generate_kwargs(model) -> dict:
     return {"past_key_values": DynamicCache(config=model.config.text_config)}
 
 
+def unconditional_prompt(prompt_ids: torch.Tensor, bos: int, boi: int, pad: int) -> torch.Tensor:
+    """Janus's unconditional CFG prompt: everything but BOS and begin-of-image replaced by padding."""
+    keep = (prompt_ids == bos) | (prompt_ids == boi)
+    return torch.where(keep, prompt_ids, torch.full_like(prompt_ids, pad))
+
+
+def _special_ids(generation_config) -> tuple[int, int, int]:
+    """(bos, boi, pad) of a Janus generation config; raises naming the missing ones."""
+    kwargs = getattr(generation_config, "generation_kwargs", None) or {}  # absent from a config never given any
+    ids = {"bos_token_id": generation_config.bos_token_id,
+           "generation_kwargs['boi_token_id']": kwargs.get("boi_token_id"),
+           "pad_token_id": generation_config.pad_token_id}
+    missing = [name for name, value in ids.items() if value is None]
+    if missing:
+        raise ValueError(f"Janus image prompts need generation_config.{', '.join(missing)} (the special token ids "
+                         "of BOS, begin-of-image and padding); set them on the generation config")
+    return tuple(int(v) for v in ids.values())
+
+
 class JanusAdapter(VQCodebook):
     """Locates the AR-RAG pieces of a HF Janus model. Holds references only; changes nothing."""
 
     model_type = "janus"
     lora_targets = ("q_proj", "v_proj")  # the official FAiD recipe
+
+    @staticmethod
+    def load_pretrained(path, device) -> tuple[torch.nn.Module, object]:
+        """A ``JanusForConditionalGeneration`` checkpoint directory -> (model on ``device``, eval mode;
+        ``encode_prompts`` from its processor, or None when no tokenizer was saved with it)."""
+        from transformers import AutoProcessor, JanusForConditionalGeneration
+
+        model = JanusForConditionalGeneration.from_pretrained(path).to(device).eval()
+        try:
+            processor = AutoProcessor.from_pretrained(path)
+        except (OSError, ValueError, TypeError):
+            return model, None  # no tokenizer saved with the checkpoint: prompts must be given as ids
+
+        def encode_prompts(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            enc = processor(text=texts, generation_mode="image", padding=True, return_tensors="pt")
+            return enc["input_ids"], enc["attention_mask"]
+
+        return model, encode_prompts
 
     def __init__(self, model):
         self.model = model
@@ -185,17 +222,22 @@ class JanusAdapter(VQCodebook):
         return out.last_hidden_state[:, -1, :]
 
     def cfg_inputs(self, input_ids: torch.Tensor, generation_config) -> torch.Tensor:
-        """(B, S) prompt ids -> (2B, S, D) prompt embeddings, conditional rows then unconditional rows.
+        """(B, S) prompt ids -> (2B, S, D) prompt embeddings, conditional rows then unconditional rows."""
+        return self.embed_prompt(torch.cat([input_ids, self.unconditional_prompt(input_ids, generation_config)]))
 
-        Janus's unconditional prompt keeps only BOS and begin-of-image; the rest becomes padding.
-        """
-        boi = generation_config.generation_kwargs.get("boi_token_id")
-        if boi is None:
-            raise ValueError("image generation needs generation_config.generation_kwargs['boi_token_id']")
-        tokens = input_ids.repeat(2, 1)
-        uncond = tokens[input_ids.shape[0]:]
-        uncond.masked_fill_((uncond != generation_config.bos_token_id) & (uncond != boi), generation_config.pad_token_id)
-        return self.model.get_input_embeddings()(tokens)
+    def embed_prompt(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)
+
+    def unconditional_prompt(self, prompt_ids: torch.Tensor, generation_config) -> torch.Tensor:
+        """Janus's unconditional prompt keeps only BOS and begin-of-image; the rest becomes padding."""
+        return unconditional_prompt(prompt_ids, *_special_ids(generation_config))
+
+    def empty_prompt(self, generation_config) -> torch.Tensor:
+        bos, boi, _ = _special_ids(generation_config)
+        return torch.tensor([[bos, boi]])
+
+    def hidden_states(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        return self.language_model(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
 
     def kv_spec(self) -> tuple[int, int, int]:
         """(layers, key/value heads, head dim) of the language model's attention cache."""
@@ -209,6 +251,10 @@ class JanusAdapter(VQCodebook):
     def embed_image_tokens(self, tokens):
         return self.model.prepare_embeddings_for_image_generation(tokens)
 
+    def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, H*W) token ids -> (B, S, S, 3) pixels in [-1, 1]."""
+        return self.model.decode_image_tokens(tokens)
+
     # ---- FAiD ------------------------------------------------------------------------------
     official_weights = JanusOfficialWeights  # the AR-RAG release is a Janus checkpoint
 
@@ -218,15 +264,8 @@ class JanusAdapter(VQCodebook):
     def blender_sites(self, layer):
         return layer.input_layernorm, layer.self_attn
 
-    def hidden_states(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
-        return self.language_model(inputs_embeds=inputs_embeds, use_cache=False).last_hidden_state
-
     def lora_module(self):
         return self.language_model
 
     def image_head(self):
         return self.generation_head
-
-    def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, H*W) token ids -> (B, S, S, 3) pixels in [-1, 1]."""
-        return self.model.decode_image_tokens(tokens)

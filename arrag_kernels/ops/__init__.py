@@ -10,14 +10,13 @@ import torch
 
 from . import _dispatch
 from ._dispatch import BACKENDS, BackendUnavailable, current_backend, register_lazy_backend, use_backend
-from .daid import daid_mix, daid_mix_ref, daid_sample, daid_sample_dispatcher, daid_sample_ref, retrieval_distribution_ref
-from .faid import faid_blend, faid_blend_dispatcher, faid_blend_ref
-from .ivfpq import ivfpq_dispatcher, ivfpq_search, ivfpq_search_ref
-from .knn import MAX_K, knn, knn_dispatcher, knn_ref
+from .daid import daid_mix, daid_mix_ref, daid_sample, daid_sample_ref, retrieval_distribution_ref
+from .faid import faid_blend, faid_blend_ref
+from .ivfpq import ivfpq_search, ivfpq_search_ref
+from .knn import MAX_K, knn, knn_ref
 from .neighborhood import (
     feature_neighbor_keys,
     neighbor_keys,
-    neighbor_keys_dispatcher,
     neighbor_keys_ref,
     retrieval_positions,
 )
@@ -30,11 +29,9 @@ def _import_triton() -> str | None:
     _dispatch._lazy.pop("triton", None)
     try:
         from . import _triton  # noqa: F401
-    except ImportError as exc:  # a forced "triton" backend then says why it cannot run
+    except ImportError as exc:
         reason = f"triton is not importable ({exc})"
-        for d in (daid_sample_dispatcher, faid_blend_dispatcher, ivfpq_dispatcher, knn_dispatcher,
-                  neighbor_keys_dispatcher):
-            d.register("triton", check=lambda *a, _r=reason, **k: _r)(None)
+        register_lazy_backend("triton", lambda args, kwargs: reason)  # every op's "triton" then gives this reason
         return reason
     return None
 

@@ -1,4 +1,4 @@
-"""The C++ extension's kernels as the ``cpp`` backend of the ops (and the CUDA k-selection).
+"""The C++ extension's kernels as the ``cpp`` backend of the ops, and its standalone CUDA k-selection.
 
 Imported by :mod:`arrag_kernels.ops`; registers an implementation with each op's dispatcher whose
 ``check`` explains why it cannot run (extension not built, tensor not on the CPU, dtype). Each
@@ -156,6 +156,10 @@ def daid_sample_cpp(logits, dist, tokens, active, uniforms, *, guidance_scale, t
 
 def cuda_kselect(dist: torch.Tensor, ids: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k smallest (distance, id) pairs of each row, sorted, on the GPU (CUDA kernel of the extension).
+
+    A standalone op of the extension, not a backend: no public op calls it (exact k-NN on CUDA
+    tensors runs the Triton kernels, :mod:`arrag_kernels.ops._triton.knn`). Its tests check it
+    against a sort; no GPU measurement has shown where it would beat the Triton selection.
 
     Args:
         dist: (Q, C) float32 CUDA tensor of candidate distances (e.g. per-block candidate lists).

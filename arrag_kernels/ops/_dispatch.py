@@ -22,9 +22,12 @@ import threading
 import weakref
 from typing import Callable
 
-BACKENDS = ("reference", "triton", "cpp", "cuda")
+BACKENDS = ("reference", "triton", "cpp")
 # Preference of "auto": compiled backends first, the reference last (it always runs).
-_AUTO_ORDER = ("cuda", "triton", "cpp", "reference")
+_AUTO_ORDER = ("triton", "cpp", "reference")
+# Names that once were backends, with what to use instead.
+_REMOVED = {"cuda": "the 'cuda' backend was removed (it implemented no op): on CUDA tensors the ops run their "
+                    "Triton kernels, so use 'triton', or 'auto'"}
 
 _local = threading.local()
 # backend -> loader(args, kwargs): imports the backend (registering its implementations) and returns
@@ -37,18 +40,22 @@ def register_lazy_backend(backend: str, loader: Callable[..., str | None]) -> No
     _lazy[backend] = loader
 
 
+def _check_backend_name(name: str, source: str) -> str:
+    if name != "auto" and name not in BACKENDS:
+        hint = f"; {_REMOVED[name]}" if name in _REMOVED else ""
+        raise ValueError(f"{source}: expected 'auto' or one of {BACKENDS}, got {name!r}{hint}")
+    return name
+
+
 def current_backend() -> str:
     name = getattr(_local, "backend", None) or os.environ.get("ARRAG_KERNELS_BACKEND", "auto")
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"ARRAG_KERNELS_BACKEND: expected 'auto' or one of {BACKENDS}, got {name!r}")
-    return name
+    return _check_backend_name(name, "ARRAG_KERNELS_BACKEND")
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force a backend ('auto', 'reference', 'triton', 'cpp', 'cuda') for the ops called inside."""
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"use_backend: expected 'auto' or one of {BACKENDS}, got {name!r}")
+    """Force a backend ('auto', 'reference', 'triton', 'cpp') for the ops called inside."""
+    _check_backend_name(name, "use_backend")
     previous = getattr(_local, "backend", None)
     _local.backend = name
     try:

@@ -1,6 +1,7 @@
 """Patch databases and the search backends behind them."""
 
-from .database import DatabaseError, DatabaseMeta, PatchDatabase
+from .database import PatchDatabase
+from .meta import DatabaseError, DatabaseMeta
 from .search import INDEX_TYPES, DeviceIVFPQSearch, ExactSearch, FaissFlatSearch, FaissIVFPQSearch, IVFPQSearch
 
 __all__ = [

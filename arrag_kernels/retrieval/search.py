@@ -79,8 +79,9 @@ class FaissIVFPQSearch:
         return torch.from_numpy(d).to(queries.device), torch.from_numpy(i).to(queries.device)
 
 
-def check_shard_devices(devices) -> list[torch.device]:
-    """Check a list of devices to shard IVF-PQ lists over: non-empty, one device type, repeats allowed."""
+def check_shard_devices(devices, queries_device: torch.device | None = None) -> list[torch.device]:
+    """Check a list of devices to shard IVF-PQ lists over: non-empty, one device type (that of
+    ``queries_device`` if given), repeats allowed, and each CUDA device present on this machine."""
     if isinstance(devices, (str, torch.device)):
         raise ValueError(f"shards: expected a list of devices, e.g. ['cuda:0', 'cuda:1'], got {devices!r}")
     devices = [torch.device(d) for d in devices]
@@ -89,6 +90,16 @@ def check_shard_devices(devices) -> list[torch.device]:
     if len({d.type for d in devices}) > 1:
         raise ValueError(f"shards: expected devices of one type, got {[str(d) for d in devices]}; the shards' "
                          "results are merged on the queries' device, which must be of that type too")
+    if queries_device is not None and devices[0].type != queries_device.type:
+        raise ValueError(f"shards: queries on {queries_device} but shards on {[str(d) for d in devices]}; shard over "
+                         f"{queries_device.type} devices (results are merged on the queries' device without a host "
+                         "synchronisation)")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = sorted({str(d) for d in devices if d.type == "cuda" and (d.index or 0) >= count})
+    if missing:
+        raise ValueError(f"shards: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on this machine, "
+                         f"which has {count} CUDA device(s); shard over devices it has (repeats are allowed), or "
+                         "over ['cpu', 'cpu'] to try sharding without a GPU")
     return devices
 
 
@@ -148,11 +159,7 @@ class DeviceIVFPQSearch:
 
     def __init__(self, arrays: dict, nprobe: int, device, shards=None):
         self.device = torch.device(device)
-        devices = [self.device] if shards is None else check_shard_devices(shards)
-        if devices[0].type != self.device.type:
-            raise ValueError(f"shards: queries on {self.device} but shards on {[str(d) for d in devices]}; shard over "
-                             f"{self.device.type} devices (results are merged on the queries' device without a host "
-                             "synchronisation)")
+        devices = [self.device] if shards is None else check_shard_devices(shards, self.device)
         offsets = arrays["offsets"].cpu()
         if int(offsets[-1]) == 0:
             raise ValueError("the IVF-PQ index holds no entries")

@@ -11,6 +11,10 @@ distribution, which HF then samples (or takes the argmax of) as usual.
 
 HF Janus is different: its processors see the doubled pre-CFG scores and an ``input_ids`` that
 never grows, so this processor refuses it (use :func:`arrag_kernels.patch_model` there).
+
+:func:`arrag_kernels.patch_model` builds one for every image-generation call of a family whose
+adapter is a :class:`arrag_kernels.models.LogitsProcessorAdapter` (Emu3), from the facts of its
+``image_stream()`` (:meth:`DAiDLogitsProcessor.for_adapter`).
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessor
 
-from .config import DAiDConfig
-from .ops import daid_mix, neighbor_keys
-from .ops.daid import top_k_top_p_filter_ref
+from ..config import DAiDConfig
+from ..ops import daid_mix
+from ..ops.daid import top_k_top_p_filter_ref
+from ..retrieval.query import Retriever
 
 
 class DAiDLogitsProcessor(LogitsProcessor):
@@ -46,26 +51,27 @@ class DAiDLogitsProcessor(LogitsProcessor):
     ``return_dict_in_generate`` / ``output_scores`` (scores are the merged log-probabilities),
     ``num_return_sequences``. Not meaningful: beam search (DAiD is a sampling rule).
 
+    Retrieval runs on the scores' device (the database moved there once, on the first call, unless
+    it is there already).
+
     Args:
         db: the :class:`arrag_kernels.PatchDatabase`; its grid is the image grid.
         config: :class:`arrag_kernels.DAiDConfig` (``lam``, ``tau``, ``k``, ``dedup``).
-        codebook: (V_img, d) the L2-normalised codebook rows that form queries (as in the database).
+        codebook: (V_img, d) the L2-normalised codebook rows that form queries (as in the database),
+            or the model's :class:`arrag_kernels.models.ImageTokenizer` (then the database is also
+            checked against its fingerprint; the grid is the database's).
         image_start_token_id: vocabulary id after which the image tokens start.
         image_token_ids: (V_img,) vocabulary id of each image code; None when vocabulary id == code.
         eol_token_id: vocabulary id closing each row of the stream, or None.
     """
 
-    def __init__(self, db, config: DAiDConfig, codebook: torch.Tensor, image_start_token_id: int,
+    def __init__(self, db, config: DAiDConfig, codebook, image_start_token_id: int,
                  image_token_ids: torch.Tensor | None = None, eol_token_id: int | None = None,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
         if not isinstance(config, DAiDConfig):
             raise TypeError(f"config: expected an arrag_kernels.DAiDConfig, got {type(config).__name__}")
         m = db.meta
-        if codebook.dim() != 2 or tuple(codebook.shape) != (m.codebook_size, m.embed_dim):
-            raise ValueError(f"codebook: expected ({m.codebook_size}, {m.embed_dim}) to match the database, "
-                             f"got {tuple(codebook.shape)}")
-        if config.k > len(db):
-            raise ValueError(f"DAiDConfig.k = {config.k} is larger than the database ({len(db)} entries)")
+        self.retriever = Retriever(db, config.k, codebook, setting="DAiDConfig.k", grid=m.grid)
         if image_token_ids is None:
             image_token_ids = torch.arange(m.codebook_size)
         if image_token_ids.shape != (m.codebook_size,):
@@ -75,14 +81,24 @@ class DAiDLogitsProcessor(LogitsProcessor):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0 or not 0.0 <= top_p <= 1.0:
             raise ValueError(f"top_k must be an int >= 0 and top_p in [0, 1], got top_k={top_k!r}, top_p={top_p!r}")
-        self.db, self.config = db, config
-        self.codebook = codebook.detach().float()
+        self.config = config
         self.image_start = int(image_start_token_id)
         self.code_to_vocab = image_token_ids.long()
         self.temperature, self.top_k, self.top_p = float(temperature), top_k, float(top_p)
         self.grid = tuple(m.grid)
         self.row_len = self.grid[1] + (eol_token_id is not None)
         self._vocab_to_code = None
+
+    @classmethod
+    def for_adapter(cls, adapter, db, config: DAiDConfig, temperature: float = 1.0, top_k: int = 0,
+                    top_p: float = 1.0) -> "DAiDLogitsProcessor":
+        """The processor for a :class:`arrag_kernels.models.LogitsProcessorAdapter` (Emu3) on ``db``'s grid,
+        from the adapter's facts: its codebook and ``image_stream()`` (image-start, code and end-of-line
+        vocabulary ids). What :func:`arrag_kernels.patch_model` adds to each image-generation call;
+        by hand, pass it as ``logits_processor=[...]`` with the family's usual ``generate`` arguments."""
+        stream = adapter.image_stream()
+        return cls(db, config, adapter, stream.start_token_id, stream.code_token_ids, stream.eol_token_id,
+                   temperature=temperature, top_k=top_k, top_p=top_p)
 
     def _image_state(self, input_ids: torch.Tensor):
         """(grid tokens (B, H*W) with -1 where not generated, next stream position j (B,)), or None."""
@@ -114,9 +130,10 @@ class DAiDLogitsProcessor(LogitsProcessor):
         if self._vocab_to_code is None or self._vocab_to_code.device != device or len(self._vocab_to_code) != V:
             if int(self.code_to_vocab.max()) >= V:
                 raise ValueError(f"image_token_ids reach {int(self.code_to_vocab.max())} but the vocabulary has {V} ids")
-            self.db = self.db.to(device)
+            if self.retriever.device != scores.device:
+                r = self.retriever
+                self.retriever = Retriever(r.db, r.k, r.codebook, device, setting="DAiDConfig.k")
             self.code_to_vocab = self.code_to_vocab.to(device)
-            self.codebook = self.codebook.to(device)
             self._vocab_to_code = torch.full((V,), -1, dtype=torch.long, device=device)
             self._vocab_to_code[self.code_to_vocab] = torch.arange(len(self.code_to_vocab), device=device)
         state = self._image_state(input_ids)
@@ -130,8 +147,7 @@ class DAiDLogitsProcessor(LogitsProcessor):
         step = torch.where(in_image, (j // self.row_len) * W + j % self.row_len, 0)
         filtered = top_k_top_p_filter_ref(scores.float() / self.temperature, self.top_k, self.top_p)
         probs = torch.softmax(filtered, dim=-1)
-        queries, valid = neighbor_keys(tokens, self.codebook, step, self.grid, self.db.meta.layout)
-        dist, codes = self.db.retrieve(queries, self.config.k)
+        dist, codes, valid = self.retriever.retrieve(tokens, step)
         hit_ids = torch.where(codes >= 0, self.code_to_vocab[codes.clamp_min(0)], -1)
         active = in_image & valid  # valid: the cell has a database key (border policy)
         c = self.config
