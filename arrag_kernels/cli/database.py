@@ -15,10 +15,6 @@ def _cmd_build_db(args):
     from arrag_kernels.retrieval.images import list_image_files, readable_images
 
     ak.KeyLayout(neighborhood=args.neighborhood, hops=args.hops, border=args.border)  # bad values fail before work
-    if args.model is None:
-        print("arrag-kernels build-db: warning: no --model given: building for the random tiny test model; a "
-              "database fits only the model that built it, so pass --model DIR (or --model tiny to mean it)",
-              file=sys.stderr)
     model, _ = load_model(args.model or "tiny", args.device)
     files = list_image_files(args.images)
     images, bad = readable_images(files)  # every file opened before the encoding starts
@@ -26,6 +22,10 @@ def _cmd_build_db(args):
         why = "--stop-on-bad-image" if images else f"none of the {len(files)} images can be read"
         raise ValueError(f"cannot read image {str(bad[0][0])!r}: {bad[0][1]} ({why}; {len(bad)} unreadable: "
                          f"{', '.join(p.name for p, _ in bad[:5])}{', ...' if len(bad) > 5 else ''})")
+    if args.model is None:  # after the checks: an error stays one line
+        print("arrag-kernels build-db: warning: no --model given: building for the random tiny test model; a "
+              "database fits only the model that built it, so pass --model DIR (or --model tiny to mean it)",
+              file=sys.stderr)
     kwargs = dict(neighborhood=args.neighborhood, hops=args.hops, border=args.border, key_source=args.key_source,
                   batch_size=args.batch_size, index=args.index)
     if args.index == "ivfpq":  # built on disk: chunked, resumable, saved atomically at --out
