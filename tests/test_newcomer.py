@@ -271,6 +271,26 @@ def test_build_db_model_warning_and_bad_images(tmp_path, capsys):
     _one_line_error(code, err, "build-db", "hops")  # checked before the model loads or an image is read
 
 
+# ---- item 5: a database built by another model is refused by the CLI, not only warned about ----
+def test_cli_refuses_a_database_of_another_codebook(tmp_path, capsys):
+    import arrag_kernels as ak
+    from arrag_kernels.demo import procedural_images
+    from arrag_kernels.models import tiny_janus
+
+    other = ak.PatchDatabase.build(procedural_images(2, 32), tiny_janus(seed=1))  # same shapes, other codebook
+    other.save(tmp_path / "other_db")
+    capsys.readouterr()  # the build's progress bar
+    for argv in (["generate", "--prompt-ids", "1,5,6,100", "--daid", "--k", "4", "--out", str(tmp_path / "g")],
+                 ["train-faid", "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "b.safetensors"),
+                  "--k", "4", "--steps", "1"]):
+        if argv[0] == "train-faid":
+            (tmp_path / "imgs").mkdir()
+            procedural_images(2, 32)[0].save(tmp_path / "imgs" / "0.png")
+        code, _, err = _run_cli(argv + ["--db", str(tmp_path / "other_db")], capsys)
+        _one_line_error(code, err, argv[0], "different VQ codebook .* build the database with this model")
+    assert not (tmp_path / "g").exists() and not (tmp_path / "b.safetensors").exists()
+
+
 # ---- item 6: generate takes the blenders train-faid writes ----
 @pytest.fixture(scope="module")
 def trained_cli_files(tmp_path_factory):

@@ -29,8 +29,10 @@ def _cmd_train_faid(args):
     if config.k > len(db):
         raise ValueError(f"--k {config.k} is larger than the database ({len(db)} entries); pass --k {len(db)} or less")
     model, _ = load_model(args.model, args.device)
+    adapter = get_adapter(model, FAiDAdapter)
+    db.check_compatible(adapter, strict=True)  # a database of another model's codebook: refused, not warned about
     if prompt is None:
-        prompt = get_adapter(model, FAiDAdapter).empty_prompt(model.generation_config)
+        prompt = adapter.empty_prompt(model.generation_config)
     check_prompt_ids(prompt, model)
     blenders, losses = train_faid(model, db, config, args.images, prompt, steps=args.steps,
                                   batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank,

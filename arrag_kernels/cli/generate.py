@@ -78,6 +78,8 @@ def _cmd_generate(args):
             raise ValueError(f"--k {args.k} is larger than the database ({len(db)} entries); pass --k {len(db)} or less")
         daid = ak.DAiDConfig(lam=args.lam, tau=args.tau, k=args.k, dedup=args.dedup)
     model, encode_prompts = load_model(args.model, args.device)
+    if db is not None:  # a database of another model's codebook is refused here, not just warned about
+        db.check_compatible(ak.models.get_adapter(model, ak.models.ImageTokenizer), strict=True)
     blenders = None
     if args.faid:
         from arrag_kernels.faid import load_blenders

@@ -120,9 +120,13 @@ class PatchDatabase:
     load = classmethod(storage.load)
 
     # ---- use ------------------------------------------------------------------------------
-    def check_compatible(self, adapter) -> None:
+    def check_compatible(self, adapter, strict: bool = False) -> None:
         """Raise :class:`DatabaseError` if this database cannot serve ``adapter``'s model; warn if its
-        fingerprint names another codebook (neither the adapter's fingerprint nor that of its ``codebook()``)."""
+        fingerprint names another codebook (neither the adapter's fingerprint nor that of its ``codebook()``).
+
+        ``strict=True`` (the command line) raises instead of warning when the database records the
+        fingerprint of another codebook; a database without one (an imported release) still only warns.
+        """
         m = self.meta
         problems = []
         if m.codebook_size != adapter.codebook_size:
@@ -134,11 +138,12 @@ class PatchDatabase:
         if problems:
             raise DatabaseError("database was built for another model: " + "; ".join(problems))
         if not _names_codebook_of(m.model_fingerprint, adapter):
-            warnings.warn(
-                "the database was built with a different VQ codebook than this model's "
-                f"(fingerprint {m.model_fingerprint} vs {adapter.fingerprint()}); retrieval quality may suffer",
-                stacklevel=3,
-            )
+            message = ("the database was built with a different VQ codebook than this model's "
+                       f"(fingerprint {m.model_fingerprint or 'none recorded'} vs {adapter.fingerprint()})")
+            if strict and m.model_fingerprint:
+                raise DatabaseError(f"{message}: its keys and tokens mean something else for this model; build the "
+                                    "database with this model (arrag-kernels build-db --model <this model>)")
+            warnings.warn(f"{message}; retrieval quality may suffer", stacklevel=3)
 
     def to(self, device=None, dtype=None) -> "PatchDatabase":
         """Move keys and values (e.g. to the model's GPU); ``dtype`` sets the key storage type."""
