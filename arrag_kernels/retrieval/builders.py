@@ -21,7 +21,7 @@ from ..ops import feature_neighbor_keys, retrieval_positions
 from . import ivfpq_build
 from .faiss_index import INDEX_FILE, VALUES_FILE, import_faiss, inner_ivfpq
 from .images import iter_image_batches, normalise_image_source
-from .meta import KEY_SOURCES, META_FILE, DatabaseError, DatabaseMeta
+from .meta import KEY_SOURCES, META_FILE, OFFICIAL_FINGERPRINT, DatabaseError, DatabaseMeta
 from .search import INDEX_TYPES
 from .storage import read_faiss_index, read_values
 
@@ -355,7 +355,7 @@ def from_official(
                          f"(grid {grid[0]} x {grid[1]} has none under the official layout: pass a larger grid)")
     meta = DatabaseMeta(
         layout=layout, codebook_size=codebook_size, embed_dim=embed_dim, grid=grid,
-        key_source="latent", model_fingerprint="official", num_images=len(values) // patches_per_image,
+        key_source="latent", model_fingerprint=OFFICIAL_FINGERPRINT, num_images=len(values) // patches_per_image,
         index="ivfpq",
     )
     return cls(None, torch.from_numpy(values), meta, index=index, nprobe=nprobe)

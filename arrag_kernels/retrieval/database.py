@@ -16,7 +16,7 @@ from ..models.base import codebook_fingerprint
 from . import builders, storage
 from .builders import check_finite_keys
 from .faiss_index import IndexFormatError, inner_ivfpq, set_nprobe, validate_ivfpq
-from .meta import KEY_SOURCES, DatabaseError, DatabaseMeta
+from .meta import KEY_SOURCES, OFFICIAL_FINGERPRINT, DatabaseError, DatabaseMeta
 from .search import INDEX_TYPES, make_search
 
 
@@ -125,7 +125,7 @@ class PatchDatabase:
         fingerprint names another codebook (neither the adapter's fingerprint nor that of its ``codebook()``).
 
         ``strict=True`` (the command line) raises instead of warning when the database records the
-        fingerprint of another codebook; a database without one (an imported release) still only warns.
+        fingerprint of another codebook; an imported release, which records none, still only warns.
         """
         m = self.meta
         problems = []
@@ -139,8 +139,8 @@ class PatchDatabase:
             raise DatabaseError("database was built for another model: " + "; ".join(problems))
         if not _names_codebook_of(m.model_fingerprint, adapter):
             message = ("the database was built with a different VQ codebook than this model's "
-                       f"(fingerprint {m.model_fingerprint or 'none recorded'} vs {adapter.fingerprint()})")
-            if strict and m.model_fingerprint:
+                       f"(fingerprint {m.model_fingerprint} vs {adapter.fingerprint()})")
+            if strict and m.model_fingerprint != OFFICIAL_FINGERPRINT:
                 raise DatabaseError(f"{message}: its keys and tokens mean something else for this model; build the "
                                     "database with this model (arrag-kernels build-db --model <this model>)")
             warnings.warn(f"{message}; retrieval quality may suffer", stacklevel=3)

@@ -18,6 +18,10 @@ class DatabaseError(ValueError):
     """A database file is missing, corrupted, or does not fit the model it is used with."""
 
 
+# The model fingerprint of an imported official release: it names no codebook (the release records none).
+OFFICIAL_FINGERPRINT = "official"
+
+
 @dataclass(frozen=True)
 class DatabaseMeta:
     layout: KeyLayout
