@@ -25,7 +25,7 @@ import torch
 
 import arrag_kernels as ak
 import timing
-from arrag_kernels.faid.train import allocated_bytes
+from arrag_kernels.profiling import allocated_bytes
 from arrag_kernels.models import JanusAdapter
 from arrag_kernels.models.tiny import tiny_janus_config
 

@@ -34,7 +34,8 @@ import torch
 import arrag_kernels as ak
 import timing
 from arrag_kernels.faid import FAiDBlenders, FAiDConfig
-from arrag_kernels.faid.train import FAiDTrainer, allocated_bytes, encode_images, saved_activation_bytes
+from arrag_kernels.faid.train import FAiDTrainer, encode_images
+from arrag_kernels.profiling import allocated_bytes, saved_activation_bytes
 from arrag_kernels.models import get_adapter, tiny_janus, tiny_janus_config, tiny_prompt_ids
 
 

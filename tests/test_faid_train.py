@@ -8,15 +8,9 @@ import torch
 
 import arrag_kernels as ak
 from arrag_kernels.faid import FAiDBlenders, FAiDConfig, load_blenders, save_blenders
-from arrag_kernels.faid.train import (
-    FAiDTrainer,
-    allocated_bytes,
-    encode_images,
-    load_finetuned,
-    save_finetuned,
-    saved_activation_bytes,
-    train_faid,
-)
+from arrag_kernels.faid.finetuned import load_finetuned, save_finetuned
+from arrag_kernels.faid.train import FAiDTrainer, encode_images, train_faid
+from arrag_kernels.profiling import allocated_bytes, saved_activation_bytes
 from arrag_kernels.models import tiny_janus, tiny_prompt_ids
 
 CFG = FAiDConfig(k=4, hops=(1, 2), blenders=2)

@@ -4,7 +4,7 @@ Every import of every module under arrag_kernels/ is read from its source (``ast
 inside functions included, and resolved to the module it names (``from .x import y`` names module
 ``x.y`` when that is a module, else ``x``). Layers, bottom-up, as the code uses them:
 
-    base        config, the compiled extension and its loader
+    base        config, the compiled extension and its loader, memory accounting (profiling)
     ops         stateless operations and their backends
     models      model adapters
     retrieval   patch databases and their search
@@ -30,6 +30,7 @@ LAYERS = ["base", "ops", "models", "retrieval", "faid", "decoding", "uses", "fro
 LAYER_OF_PREFIX = {
     "arrag_kernels.config": "base",
     "arrag_kernels._ext": "base",
+    "arrag_kernels.profiling": "base",
     "arrag_kernels._C": "base",
     "arrag_kernels.ops": "ops",
     "arrag_kernels.models": "models",

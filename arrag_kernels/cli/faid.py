@@ -11,7 +11,8 @@ def _cmd_train_faid(args):
 
     import arrag_kernels as ak
     from arrag_kernels.faid import FAiDConfig, save_blenders
-    from arrag_kernels.faid.train import check_training_args, save_finetuned, train_faid
+    from arrag_kernels.faid.finetuned import save_finetuned
+    from arrag_kernels.faid.train import check_training_args, train_faid
     from arrag_kernels.models import FAiDAdapter, get_adapter
     from arrag_kernels.retrieval.images import normalise_image_source
 

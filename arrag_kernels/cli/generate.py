@@ -83,7 +83,7 @@ def _cmd_generate(args):
     blenders = None
     if args.faid:
         from arrag_kernels.faid import load_blenders
-        from arrag_kernels.faid.train import load_finetuned
+        from arrag_kernels.faid.finetuned import load_finetuned
 
         if args.finetuned:
             load_finetuned(model, args.finetuned)

@@ -16,16 +16,14 @@ the decoder layers' own activations (each layer, blender included, is recomputed
 a step keeps one (B, S, D) input per layer plus the blender inputs instead of every intermediate.
 
 LoRA on q/v uses ``peft`` (optional); the generation head can be trained too. Both change the base
-model in place: :func:`save_finetuned` / :func:`load_finetuned` store and re-apply them, next to the
-blender file.
+model in place: :mod:`.finetuned` stores and re-applies them (``save_finetuned`` / ``load_finetuned``),
+next to the blender file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +31,7 @@ import torch.utils.checkpoint
 
 from ..models import FAiDAdapter, get_adapter
 from ..retrieval.query import Retriever
-from .checkpoint import CheckpointError, _read_state_dict
+from .finetuned import add_lora
 from .modules import FAiDBlenders, blend_dense, blend_literal, blender_input, retrieved_masks
 
 FORMULATIONS = ("dense", "literal")
@@ -118,7 +116,7 @@ class FAiDTrainer(TeacherForcedFAiD):
             p.requires_grad_(False)
         params = list(blenders.parameters())
         if lora_rank > 0:
-            params += _add_lora(self.adapter, lora_rank)
+            params += add_lora(self.adapter, lora_rank)
         if train_head:
             params += list(self.adapter.image_head().parameters())
         for p in params:
@@ -223,134 +221,6 @@ def _training_hooks(faid: TeacherForcedFAiD, features, masks, prompt_len: int, c
             del layers[i].forward
             if original is not _MISSING:
                 layers[i].forward = original
-
-
-def _add_lora(adapter, rank: int) -> list:
-    """LoRA (rank ``rank``, alpha = 2 * rank) on the adapter's ``lora_targets`` (Janus: q_proj / v_proj) of
-    its ``lora_module()`` through peft; returns its parameters."""
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError as e:
-        raise ImportError("lora_rank > 0 needs the 'peft' package: pip install peft (or use lora_rank=0)") from e
-    module = adapter.lora_module()
-    if _lora_params(module):
-        raise ValueError("the model already has LoRA adapters; start from a model without them")
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(adapter.lora_targets)), module)
-    return list(_lora_params(module).values())
-
-
-def _lora_params(module) -> dict:
-    return {n: p for n, p in module.named_parameters() if "lora_" in n}
-
-
-def _finetuned_params(adapter, lora: bool, head: bool) -> dict:
-    """Names in the finetuned file (``language_model.*`` for LoRA, ``generation_head.*`` for the head,
-    whatever the family calls them) -> the model's parameters."""
-    params = {f"language_model.{n}": p for n, p in _lora_params(adapter.lora_module()).items()} if lora else {}
-    if head:
-        params.update({f"generation_head.{n}": p for n, p in adapter.image_head().named_parameters()})
-    return params
-
-
-def save_finetuned(model, path, head: bool = False) -> Path:
-    """Write what training changed in the base model: its LoRA q/v adapters (if any) and, with
-    ``head=True``, the generation head. Safetensors; metadata ``lora_rank`` (alpha = 2 * rank).
-    Load with :func:`load_finetuned`; the blenders are saved apart (:func:`save_blenders`)."""
-    from safetensors.torch import save_file
-
-    adapter = get_adapter(model, FAiDAdapter)
-    lora = _lora_params(adapter.lora_module())
-    if not lora and not head:
-        raise ValueError("save_finetuned: the model has no LoRA adapters and head=False: nothing to save")
-    rank = next(p.shape[0] for n, p in lora.items() if ".lora_A." in n) if lora else 0  # lora_A: (r, in)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {n: p.detach().cpu().contiguous() for n, p in _finetuned_params(adapter, bool(lora), head).items()}
-    save_file(tensors, str(path), metadata={"lora_rank": str(rank)})
-    return path
-
-
-def load_finetuned(model, path) -> None:
-    """Apply a :func:`save_finetuned` file to ``model`` in place: adds LoRA q/v adapters of the stored
-    rank (peft) and loads them, and the generation head if the file has it. Raises
-    :class:`CheckpointError` when keys or shapes do not match the model."""
-    state, meta = _read_state_dict(path)
-    if "lora_rank" not in meta:
-        raise CheckpointError(f"{path}: not a save_finetuned file (no 'lora_rank' metadata)")
-    adapter = get_adapter(model, FAiDAdapter)
-    rank = int(meta["lora_rank"])
-    if rank:
-        _add_lora(adapter, rank)
-    head = any(k.startswith("generation_head.") for k in state)
-    expected = _finetuned_params(adapter, rank > 0, head)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    bad = [f"{k}: {tuple(state[k].shape)} (model needs {tuple(p.shape)})" for k, p in expected.items()
-           if k in state and state[k].shape != p.shape]
-    if missing or unexpected or bad:
-        raise CheckpointError(f"{path} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}, "
-                              f"shapes {bad[:4]}")
-    with torch.no_grad():
-        for k, p in expected.items():
-            p.copy_(state[k])
-
-
-def saved_activation_bytes(fn, exclude=()) -> tuple[object, int]:
-    """Run ``fn()`` and count the bytes autograd saves for backward (activation memory).
-
-    Each storage counts once, whole (a saved view keeps its base alive); storages of the tensors in
-    ``exclude`` do not count (pass the model's and the blenders' parameters: ops save weights by
-    reference, which costs no memory).
-    """
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen = set()
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key not in skip and key not in seen:
-            seen.add(key)
-            total += storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, total
-
-
-def allocated_bytes(fn, device="cpu") -> tuple[object, int, int]:
-    """Run ``fn()`` and account the allocator of ``device``: ``(out, retained, peak)`` with ``retained``
-    the bytes allocated during ``fn`` and still alive after it (for a forward: everything the graph
-    keeps, checkpoint inputs included) and ``peak`` the highest allocation above the start.
-
-    CUDA reads the caching allocator's statistics; CPU replays the profiler's allocation events
-    (slow for many small ops; meant for measurements, not training). The profiler cannot see the
-    release of a block allocated while no profile ran: such a release counts as still allocated
-    (an overestimate), so garbage is collected first.
-    """
-    device = torch.device(device)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        out = fn()
-        torch.cuda.synchronize(device)
-        return out, torch.cuda.memory_allocated(device) - start, torch.cuda.max_memory_allocated(device) - start
-    if device.type != "cpu":
-        raise ValueError(f"allocated_bytes: expected a cpu or cuda device, got {device}")
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    current = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        current += e.nbytes()
-        peak = max(peak, current)
-    return out, current, peak
 
 
 class NonFiniteLossError(ValueError):

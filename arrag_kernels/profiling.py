@@ -1,0 +1,67 @@
+"""Memory accounting for measurements (tests and benchmarks): bytes autograd saves for backward, and
+what the allocator of a device retains and peaks at while a function runs."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+
+def saved_activation_bytes(fn, exclude=()) -> tuple[object, int]:
+    """Run ``fn()`` and count the bytes autograd saves for backward (activation memory).
+
+    Each storage counts once, whole (a saved view keeps its base alive); storages of the tensors in
+    ``exclude`` do not count (pass the model's and the blenders' parameters: ops save weights by
+    reference, which costs no memory).
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen = set()
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in skip and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+def allocated_bytes(fn, device="cpu") -> tuple[object, int, int]:
+    """Run ``fn()`` and account the allocator of ``device``: ``(out, retained, peak)`` with ``retained``
+    the bytes allocated during ``fn`` and still alive after it (for a forward: everything the graph
+    keeps, checkpoint inputs included) and ``peak`` the highest allocation above the start.
+
+    CUDA reads the caching allocator's statistics; CPU replays the profiler's allocation events
+    (slow for many small ops; meant for measurements, not training). The profiler cannot see the
+    release of a block allocated while no profile ran: such a release counts as still allocated
+    (an overestimate), so garbage is collected first.
+    """
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out, torch.cuda.memory_allocated(device) - start, torch.cuda.max_memory_allocated(device) - start
+    if device.type != "cpu":
+        raise ValueError(f"allocated_bytes: expected a cpu or cuda device, got {device}")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()
+        peak = max(peak, current)
+    return out, current, peak
