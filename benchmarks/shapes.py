@@ -118,6 +118,24 @@ def build_model(shape: ModelShape, device, seed: int = 0, fill: bool = True):
     return model.to(dtype)  # the float buffers
 
 
+def synthetic_db(model, num_keys: int, device):
+    """A database for ``model`` of official-layout keys (4 unit-norm 8-d cells) and random token
+    values, fp16 on ``device`` (search time depends on the sizes only)."""
+    import arrag_kernels as ak
+    from arrag_kernels.models import get_adapter
+    from arrag_kernels.retrieval import DatabaseMeta
+
+    adapter = get_adapter(model)
+    g = torch.Generator(device=device).manual_seed(0)
+    keys = torch.randn(num_keys, 4, 8, generator=g, device=device, dtype=torch.float16)
+    keys = torch.nn.functional.normalize(keys, dim=-1).reshape(num_keys, 32)
+    values = torch.randint(0, adapter.codebook_size, (num_keys,), generator=g, device=device)
+    meta = DatabaseMeta(layout=ak.KeyLayout(), codebook_size=adapter.codebook_size, embed_dim=adapter.embed_dim,
+                        grid=adapter.grid, key_source="codebook", model_fingerprint=adapter.fingerprint(),
+                        num_images=0)
+    return ak.PatchDatabase(keys, values, meta)
+
+
 # Memory bandwidth by card (datasheets), the floor of a scan that reads every key once; the
 # first name that occurs in torch.cuda.get_device_name() wins.
 CARD_BYTES_PER_S = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12))
