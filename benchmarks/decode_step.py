@@ -2,6 +2,7 @@
 
     python benchmarks/decode_step.py --jsonl rows.jsonl              # CUDA: batch 16 + CFG, then 1
     python benchmarks/decode_step.py --dry --jsonl rows.jsonl        # CPU: the same plumbing, tiny model
+    python benchmarks/decode_step.py --only step                     # or --only generate
 
 Step rows (``kind: "step"``): each variant's decode is prepared
 (:meth:`~arrag_kernels.decoding.StaticImageDecoder.prepare`: buffers for all 576 tokens, prefill),
@@ -209,7 +210,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 1])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--replays", type=int, default=25)
-    parser.add_argument("--skip-generate", action="store_true", help="step rows only")
+    parser.add_argument("--only", choices=("step", "generate"), default=None,
+                        help="step rows only, or whole-generation rows only (default: both)")
     parser.add_argument("--jsonl", type=Path, default=None, help="append every row to this file as it is measured")
     args = parser.parse_args(argv)
     if not args.dry and not torch.cuda.is_available():
@@ -218,15 +220,16 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model = build_model(TINY if args.dry else JANUS_PRO_1B, device)
     sizes = (20_000, 10_000) if args.dry else (10_000_000, 1_000_000)
-    big = synthetic_db(model, sizes[0], device)
-    small = ak.PatchDatabase(big.keys[: sizes[1]], big.values[: sizes[1]], big.meta)  # a view: no second copy
-    label = lambda n: f"{n // 1_000_000}M" if n >= 1_000_000 else f"{n // 1000}k"  # noqa: E731
-    dbs = {"big": (label(sizes[0]), big), "small": (label(sizes[1]), small)}
-    print(f"decode_step: model and databases in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"decode_step: model in {time.perf_counter() - t0:.1f} s", flush=True)
     with torch.no_grad():
-        for batch in args.batches:
-            step_rows(model, dbs, batch, device, args.dry, args.rounds, args.replays, args.jsonl)
-        if not args.skip_generate:
+        if args.only in (None, "step"):
+            big = synthetic_db(model, sizes[0], device)
+            small = ak.PatchDatabase(big.keys[: sizes[1]], big.values[: sizes[1]], big.meta)  # a view, no copy
+            label = lambda n: f"{n // 1_000_000}M" if n >= 1_000_000 else f"{n // 1000}k"  # noqa: E731
+            dbs = {"big": (label(sizes[0]), big), "small": (label(sizes[1]), small)}
+            for batch in args.batches:
+                step_rows(model, dbs, batch, device, args.dry, args.rounds, args.replays, args.jsonl)
+        if args.only in (None, "generate"):
             for batch in args.batches:
                 generate_rows(model, batch, device, args.dry, args.jsonl)
     return 0
