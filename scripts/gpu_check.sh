@@ -7,26 +7,26 @@
 #   bash scripts/gpu_check.sh --dry      # or GPU_CHECK_DRY=1: the same plumbing on a CPU machine, each
 #                                        #   stage on its CPU stand-in (tests/test_gpu_check.py runs it)
 #
-# Stages, the answers to issue 22's targets first, each under its own time limit (seconds, 300 in
-# all; GPU_CHECK_STAGES="..." runs a subset):
+# Stages, the answers to issue 22's targets first, each under its own time limit (seconds, 280 in
+# all, leaving 20 s for start-up and packing; GPU_CHECK_STAGES="..." runs a subset):
 #   decode-step    per-step DAiD / FAiD overhead, Janus-Pro-1B, CUDA-graphed steps replayed
-#                  interleaved, batch 16 + CFG then 1 (benchmarks/decode_step.py)                100
+#                  interleaved, batch 16 + CFG then 1 (benchmarks/decode_step.py)                 95
 #   search         exact search in a CUDA graph vs the card's bandwidth floor, 10M keys at batch
 #                  1 and 16, 1M at 16; plan, peak memory, a kernel profile (search_floor.py)       30
 #   ivfpq          device IVF-PQ, official layout (nlist 800, M 8), 100M entries, nprobe 32,
 #                  batch 16, k 2048 (bench_ivfpq.py)                                              25
 #   generate       one whole generation each: the library's plain CUDA-graph loop, HF generate,
-#                  batch 16 then 1 (decode_step.py --only generate; HF's ~15 s per call)          60
-#   build          C++/CUDA extension in place (ARRAG_KERNELS_BUILD_CUDA=1)                        25
+#                  batch 16 then 1 (decode_step.py --only generate; HF's ~15 s per call)          55
+#   build          C++/CUDA extension in place (ARRAG_KERNELS_BUILD_CUDA=1)                        20
 #   tests          the compiled tests, fp16/bf16 cases (fp32 deselected): streams and CUDA-graph
 #                  decode replay, Triton kernels, DAiD top-k, FAiD ops and decode, device IVF-PQ,
-#                  CUDA k-selection                                                               60
+#                  CUDA k-selection                                                               55
 # Every stage writes its log (and benchmark JSONL, row by row; junit XML) to a work folder; after
 # each stage the folder is packed again into $OUT/gpu_check.tar.gz, $OUT/summary.json (stage rc,
 # seconds, limit; test counts; every row's numbers) and the issue's results summary
-# $OUT/gpu-summary-<card>-<date>.json are rewritten, all by atomic rename, and the Triton cache is
-# packed into $OUT/triton_cache.tgz.00 (.01, ...: 15 MiB parts): at most 7 files, kept if the call
-# is cut off. Without $OUT they go to benchmarks/results/.
+# $OUT/gpu-summary-<card>-<date>.json are rewritten, all by atomic rename, and the Triton cache, if
+# a kernel was compiled since, is packed into $OUT/triton_cache.tgz.00 (.01, ...: 15 MiB parts, at
+# most 4): at most 7 files, kept if the call is cut off. Without $OUT they go to benchmarks/results/.
 #
 # Triton cache: TRITON_CACHE_DIR=.triton_cache (git-ignored). To start warm, unpack a run's parts
 # here (cat triton_cache.tgz.* | tar -xzf - -C .triton_cache) and carry ".triton_cache".
@@ -73,8 +73,11 @@ cat "$WORK/env.json"
 pack() {
     tar -czf "$WORK.tar.gz" -C "$WORK" . && mv -f "$WORK.tar.gz" "$DEST/gpu_check.tar.gz"
     RESULTS=$("$PY" scripts/gpu_check_summary.py "$WORK" "$((SECONDS - T_START))" "$DEST")
+    # the Triton cache, when a kernel was compiled since its last packing
+    [ -e "$WORK.stamp" ] && [ -z "$(find "$TRITON_CACHE_DIR" -newer "$WORK.stamp" -print -quit)" ] && return
+    touch "$WORK.stamp"
     rm -f "$WORK".cache.*
-    tar -czf - -C "$TRITON_CACHE_DIR" . | split -b 15M -d - "$WORK.cache."
+    tar -cf - -C "$TRITON_CACHE_DIR" . | gzip -1 | split -b 15M -d - "$WORK.cache."
     local parts=("$WORK".cache.*)
     if [ "${#parts[@]}" -le 4 ]; then
         rm -f "$DEST"/triton_cache.tgz.*
@@ -118,15 +121,15 @@ else
            tests/test_faid_ops.py tests/test_faid_decode.py tests/test_ivfpq_cuda.py
            "tests/test_cpp_ext.py::test_cuda_kselect_matches_sort" -k "not float32")
 fi
-stage decode-step 100 0 "$PY" benchmarks/decode_step.py --only step --jsonl "$WORK/decode-step.jsonl" "${DECODE[@]}"
+stage decode-step 95 0 "$PY" benchmarks/decode_step.py --only step --jsonl "$WORK/decode-step.jsonl" "${DECODE[@]}"
 stage search 30 0 "$PY" benchmarks/search_floor.py --jsonl "$WORK/search.jsonl" --profile "$WORK/search-profile.txt" "${SEARCH[@]}"
 # The .jsonl gets each pytest-benchmark row as it finishes (benchmarks/conftest.py)
 stage ivfpq 25 0 env ARRAG_BENCH_JSONL="$WORK/ivfpq.jsonl" "$PY" -m pytest benchmarks/bench_ivfpq.py "${IVFPQ[@]}" \
     --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.5 -rs
-stage generate 60 0 "$PY" benchmarks/decode_step.py --only generate --jsonl "$WORK/generate.jsonl" "${DECODE[@]}"
-stage build 25 1 env ARRAG_KERNELS_BUILD_EXT=1 ARRAG_KERNELS_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace
+stage generate 55 0 "$PY" benchmarks/decode_step.py --only generate --jsonl "$WORK/generate.jsonl" "${DECODE[@]}"
+stage build 20 1 env ARRAG_KERNELS_BUILD_EXT=1 ARRAG_KERNELS_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace
 # -v: a stage cut off by its limit still names each test that ran
-stage tests 60 0 "$PY" -m pytest "${TESTS[@]}" -v -p no:cacheprovider -rfEs --durations=10 --junitxml="$WORK/tests.xml"
+stage tests 55 0 "$PY" -m pytest "${TESTS[@]}" -v -p no:cacheprovider -rfEs --durations=10 --junitxml="$WORK/tests.xml"
 
 status=$("$PY" -c "import json,sys; print(0 if json.load(open(sys.argv[1]))['ok'] else 1)" "$DEST/summary.json" 2>/dev/null || echo 1)
 echo "gpu_check: $((SECONDS - T_START))s; in $DEST: summary.json, gpu_check.tar.gz, triton_cache.tgz.*, ${RESULTS:-no results summary}"

@@ -55,7 +55,7 @@ def test_dry_run_returns_few_files(tmp_path):
 
 
 def test_stage_limits_fit_five_minutes():
-    """The full (non-dry) stage list's limits add up to at most 300 s of command time."""
+    """The full (non-dry) stage list's limits add up to at most 280 s: with start-up and packing, 300 s."""
     text = (ROOT / "scripts/gpu_check.sh").read_text()
     limits = {}
     for line in text.splitlines():
@@ -63,7 +63,7 @@ def test_stage_limits_fit_five_minutes():
             name, limit = line.split()[1:3]
             limits[name] = int(limit)
     assert list(limits) == ["decode-step", "search", "ivfpq", "generate", "build", "tests"]
-    assert sum(limits.values()) <= 300, limits
+    assert sum(limits.values()) <= 280, limits
 
 
 def _work(tmp_path, stages, rows_by_stage, tests_xml=None, env=None):
