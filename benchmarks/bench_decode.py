@@ -110,23 +110,15 @@ def _patch_args(model, method: str, k: int):
 
 
 def _loop(model, ids, mask, gen, loop, method="plain", db=None, k=0):
-    """One image generation with the library's ``loop``. FAiD's forward hooks live only inside the
-    call (built and removed each time, their set-up timed with it), so the baselines interleaved
-    with a FAiD row run on a model without hooks."""
+    """(one image generation with the library's ``loop``, its patch handle). The patch is built here,
+    outside the timed call: FAiD's blender taps are composed and its layer hooks registered once.
+    Those hooks act only in a decode given the FAiD runtime, so the baselines interleaved with a FAiD
+    row run as without them; the caller removes them (``handle.faid.remove()``) after the row."""
     config, blender_weights = _patch_args(model, method, k)
     overlap = method == "daid-overlap"
     kw = dict(attention_mask=mask, generation_config=gen, loop=loop, overlap_retrieval=overlap)
-    if method == "faid":
-        def run():
-            handle = PatchHandle(model, db, config, blender_weights=blender_weights)
-            try:
-                return handle.generate_images(ids, **kw)
-            finally:
-                handle.faid.remove()
-
-        return run
-    handle = PatchHandle(model, db, config)  # not installed: model.generate stays HF's
-    return lambda: handle.generate_images(ids, **kw)
+    handle = PatchHandle(model, db, config, blender_weights=blender_weights)  # not installed: generate stays HF's
+    return (lambda: handle.generate_images(ids, **kw)), handle
 
 
 @pytest.mark.parametrize("name,batch,loop,method,db_size", list(_params()))
@@ -139,22 +131,26 @@ def test_decode(benchmark, setups, name, batch, loop, method, db_size):
     _, device, _, k, _ = CASES[name]
     ids, gen = _inputs(model, batch)
     mask = torch.ones_like(ids)
-    baselines = {}
+    baselines, handle = {}, None
     if loop == "hf":
         run = lambda: model.generate(ids, attention_mask=mask, generation_config=gen, generation_mode="image",  # noqa: E731
                                      **hf_image_generate_kwargs(model))
     else:
         db = synthetic_db(model, db_size, device) if db_size else None
-        run = _loop(model, ids, mask, gen, loop, method, db, k)
+        run, handle = _loop(model, ids, mask, gen, loop, method, db, k)
         if method != "plain":
-            baselines["plain"] = _loop(model, ids, mask, gen, loop)
+            baselines["plain"] = _loop(model, ids, mask, gen, loop)[0]
         if method == "daid-overlap":
-            baselines["no_overlap"] = _loop(model, ids, mask, gen, loop, "daid", db, k)
+            baselines["no_overlap"] = _loop(model, ids, mask, gen, loop, "daid", db, k)[0]
     benchmark.group = f"{name}-b{batch}"
     benchmark.extra_info.update(loop=loop, method=method, batch=batch, db_keys=db_size or 0,
                                 k={"plain": 0, "faid": FAID.k}.get(method, k),
                                 overlap_retrieval=method == "daid-overlap")
-    tokens = timing.run(benchmark, run, baselines)  # its first, untimed call is the output checked here
+    try:
+        tokens = timing.run(benchmark, run, baselines)  # its first, untimed call is the output checked here
+    finally:
+        if handle is not None and handle.faid is not None:
+            handle.faid.remove()
     assert tokens.shape == (batch, get_adapter(model).grid[0] ** 2) and bool((tokens >= 0).all())
     seconds = benchmark.extra_info.get("median_s")
     if seconds is None:  # --benchmark-disable
