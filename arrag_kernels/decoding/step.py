@@ -139,8 +139,9 @@ FORWARD_PRIORITY, RETRIEVAL_PRIORITY = -(1 << 10), 0
 
 
 def overlap_streams(device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
-    """(forward stream, retrieval side stream) of an overlapped decode on CUDA ``device``: fresh
-    streams (never the pooled warm-up or capture stream), the forward's at a higher priority."""
+    """(forward stream, retrieval side stream) of an overlapped decode on CUDA ``device``, the forward's
+    at a higher priority. The decode warms up and is captured on the forward stream; the side stream
+    comes from another priority's pool, so it is never that stream."""
     return (torch.cuda.Stream(device, priority=FORWARD_PRIORITY),
             torch.cuda.Stream(device, priority=RETRIEVAL_PRIORITY))
 
