@@ -8,17 +8,18 @@ Step rows (``kind: "step"``): each variant's decode is prepared
 (:meth:`~arrag_kernels.decoding.StaticImageDecoder.prepare`: buffers for all 576 tokens, prefill),
 moved to a mid-image retrieval step (the device counters set there), warmed up with two eager
 steps, then ONE step is captured in a CUDA graph together with the counter reset, so every replay
-is the same step. Variants: ``plain`` (no retrieval), ``daid-10M`` (exact search over 10M fp16
-keys, K = 2048, on the main stream), ``daid-10M-overlap`` and ``daid-1M-overlap`` (the search on the
-low-priority side stream), ``faid`` (K = 10 from the 10M keys, hops 1+2, 2 blenders with random weights: taps
+is the same step. Variants: ``plain`` (no retrieval; ``plain-again``, a second capture of it, whose
+overhead is the measurement's noise), ``daid-10M`` (exact search over 10M fp16 keys, K = 2048, on
+the main stream), ``daid-10M-overlap`` and ``daid-1M-overlap`` (the search on the low-priority
+side stream), ``faid`` (K = 10 from the 10M keys, hops 1+2, 2 blenders with random weights: taps
 composed once when the runtime is built, never inside a replay). Each round replays every variant
 ``--replays`` times between two CUDA events, in an order rotated from round to round; a row's
 ``ms_per_step`` is the median over rounds, ``overhead_vs_plain`` the median of the per-round ratios
 to ``plain`` minus 1 (0.03 = 3 %).
 
 Whole-generation rows (``kind: "generate"``): one full image generation of each loop, timed once
-after a warm-up of the library's loop (HF ``generate`` is eager: one call costs ~15 s at this size,
-so it runs once, untimed warm-up none): ``library_s`` (the CUDA-graph loop without retrieval),
+after a warm-up of the library's loop (HF ``generate`` is eager, ~15 s a call at this size: it runs
+once, with no warm-up of its own): ``library_s`` (the CUDA-graph loop without retrieval),
 ``hf_generate_s`` (plain HF ``generate``) and ``plain_vs_hf_generate_per_image`` (their ratio).
 
 With ``--dry`` (CPU, no CUDA needed): a tiny model, 20k keys, K = 64, eager steps timed with
@@ -146,7 +147,8 @@ def step_rows(model, dbs: dict, batch: int, device, dry: bool, rounds: int, repl
     daid = {key: ak.DAiDSampler(db, ak.DAiDConfig(lam=0.05, tau=0.6, k=k), adapter) for key, (_, db) in dbs.items()}
     keys = {"plain": 0, "faid": len(big[1]), f"daid-{big[0]}": len(big[1]), f"daid-{big[0]}-overlap": len(big[1]),
             f"daid-{small[0]}-overlap": len(small[1])}
-    specs = [("plain", {}), (f"daid-{big[0]}", dict(daid=daid["big"])),
+    keys["plain-again"] = 0
+    specs = [("plain", {}), ("plain-again", {}), (f"daid-{big[0]}", dict(daid=daid["big"])),
              (f"daid-{big[0]}-overlap", dict(daid=daid["big"], overlap=True)),
              (f"daid-{small[0]}-overlap", dict(daid=daid["small"], overlap=True))]
     kw = dict(num_tokens=H * W, at=at, cuda_graph=not dry)

@@ -150,10 +150,11 @@ def test_decode_step_dry_rows(tmp_path):
     assert decode_step.main(["--dry", "--only", "step", "--batches", "1", "--rounds", "2", "--replays", "1",
                              "--jsonl", str(jsonl)]) == 0
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert [r["variant"] for r in rows] == ["plain", "daid-20k", "daid-20k-overlap", "daid-10k-overlap", "faid"]
+    assert [r["variant"] for r in rows] == ["plain", "plain-again", "daid-20k", "daid-20k-overlap", "daid-10k-overlap",
+                                            "faid"]
     assert all(r["ms_per_step"] > 0 and r["batch"] == 1 for r in rows)
     assert "overhead_vs_plain" not in rows[0] and all("overhead_vs_plain" in r for r in rows[1:])
-    assert [r["db_keys"] for r in rows] == [0, 20_000, 20_000, 10_000, 20_000]
+    assert [r["db_keys"] for r in rows] == [0, 0, 20_000, 20_000, 10_000, 20_000]
 
 
 def test_decode_step_replays_one_fixed_step():
