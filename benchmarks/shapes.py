@@ -118,17 +118,23 @@ def build_model(shape: ModelShape, device, seed: int = 0, fill: bool = True):
     return model.to(dtype)  # the float buffers
 
 
+def official_keys(n: int, device, dtype=torch.float16, seed: int = 0, cells: int = 4) -> torch.Tensor:
+    """(n, 8 * cells) keys of the official layout: ``cells`` unit-norm 8-d cells (hop 1: 4)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    keys = torch.randn(n, cells, 8, generator=g, device=device, dtype=dtype)
+    return torch.nn.functional.normalize(keys, dim=-1).reshape(n, 8 * cells)
+
+
 def synthetic_db(model, num_keys: int, device):
-    """A database for ``model`` of official-layout keys (4 unit-norm 8-d cells) and random token
-    values, fp16 on ``device`` (search time depends on the sizes only)."""
+    """A database for ``model`` of official-layout keys and random token values, fp16 on ``device``
+    (search time depends on the sizes only)."""
     import arrag_kernels as ak
     from arrag_kernels.models import get_adapter
     from arrag_kernels.retrieval import DatabaseMeta
 
     adapter = get_adapter(model)
-    g = torch.Generator(device=device).manual_seed(0)
-    keys = torch.randn(num_keys, 4, 8, generator=g, device=device, dtype=torch.float16)
-    keys = torch.nn.functional.normalize(keys, dim=-1).reshape(num_keys, 32)
+    keys = official_keys(num_keys, device)
+    g = torch.Generator(device=device).manual_seed(1)
     values = torch.randint(0, adapter.codebook_size, (num_keys,), generator=g, device=device)
     meta = DatabaseMeta(layout=ak.KeyLayout(), codebook_size=adapter.codebook_size, embed_dim=adapter.embed_dim,
                         grid=adapter.grid, key_source="codebook", model_fingerprint=adapter.fingerprint(),

@@ -4,19 +4,19 @@
 #
 #   bash scripts/gpu_check.sh            # on the CUDA machine (device tool: timeout_s=330,
 #                                        #   carry=[".triton_cache"] once a run has brought one back)
-#   bash scripts/gpu_check.sh --dry      # or GPU_CHECK_DRY=1: the same plumbing on a CPU machine, each
-#                                        #   stage on its CPU stand-in (tests/test_gpu_check.py runs it)
+#   bash scripts/gpu_check.sh --dry      # or GPU_CHECK_DRY=1: the same plumbing on a CPU machine, the
+#                                        #   benchmarks on their CPU cases (tests/test_gpu_check.py runs it)
 #
 # Stages, the answers to issue 22's targets first, each under its own time limit (seconds, 280 in
 # all, leaving 20 s for start-up and packing; GPU_CHECK_STAGES="..." runs a subset):
 #   decode-step    per-step DAiD / FAiD overhead, Janus-Pro-1B, CUDA-graphed steps replayed
-#                  interleaved, batch 16 + CFG then 1 (benchmarks/decode_step.py)                 95
+#                  interleaved with the plain step, batch 16 + CFG then 1 (bench_decode_step.py)  90
 #   search         exact search in a CUDA graph vs the card's bandwidth floor, 10M keys at batch
-#                  1 and 16, 1M at 16; plan, peak memory, a kernel profile (search_floor.py)       30
+#                  1 and 16, 1M at 16; plan, peak memory, a kernel profile (bench_search_floor.py) 30
 #   ivfpq          device IVF-PQ, official layout (nlist 800, M 8), 100M entries, nprobe 32,
 #                  batch 16, k 2048 (bench_ivfpq.py)                                              25
-#   generate       one whole generation each: the library's plain CUDA-graph loop, HF generate,
-#                  batch 16 then 1 (decode_step.py --only generate; HF's ~15 s per call)          55
+#   generate       one whole generation each: plain HF generate (one call, ~15 s) and the
+#                  library's plain CUDA-graph loop, batch 16 then 1 (bench_decode.py)             60
 #   build          C++/CUDA extension in place (ARRAG_KERNELS_BUILD_CUDA=1)                        20
 #   tests          the compiled tests, fp16/bf16 cases (fp32 deselected): streams and CUDA-graph
 #                  decode replay, Triton kernels, DAiD top-k, FAiD ops and decode, device IVF-PQ,
@@ -107,26 +107,30 @@ stage() {  # stage NAME SECONDS NEEDS_CUDA COMMAND...
     pack
 }
 
-if [ "$DRY" = 1 ]; then  # CPU stand-ins: tiny model, small keys, one quick test
-    DECODE=(--dry --batches 2 --rounds 2 --replays 1)
-    SEARCH=(--dry --rounds 2 --replays 1)
-    IVFPQ=(-k "test_gpu_ivfpq and N100M and triton and nprobe32")  # skips without CUDA
+bench() {  # bench NAME SECONDS PYTEST_ARGS...: benchmark rows, each appended to NAME.jsonl as it finishes
+    local name=$1 limit=$2
+    shift 2
+    stage "$name" "$limit" 0 env ARRAG_BENCH_JSONL="$WORK/$name.jsonl" ARRAG_BENCH_PROFILE="$WORK/search-profile.txt" \
+        "$PY" -m pytest "$@" --benchmark-only -q -p no:cacheprovider -rs --benchmark-max-time="$MAX_TIME"
+}
+D=benchmarks/bench_decode.py::test_decode
+if [ "$DRY" = 1 ]; then  # the same modules on their CPU cases; one quick test
+    MAX_TIME=0.05
+    GENERATE=("$D[tiny-cpu-b1-hf-generate]")
     TESTS=(tests/test_knn_ref.py::test_knn_bad_inputs)
 else
-    DECODE=()
-    SEARCH=()
-    IVFPQ=(-k "test_gpu_ivfpq and N100M and triton and nprobe32")
+    MAX_TIME=1.0
+    GENERATE=("$D[janus-pro-1b-b16-hf-generate]" "$D[janus-pro-1b-b16-cuda-graph-plain]"
+              "$D[janus-pro-1b-b1-hf-generate]" "$D[janus-pro-1b-b1-cuda-graph-plain]")
     # most important first: a cut-off stage keeps the log of what ran; fp32 variants deselected
     TESTS=(tests/test_overlap_streams.py tests/test_static_loop.py tests/test_triton_kernels.py tests/test_daid_topk.py
            tests/test_faid_ops.py tests/test_faid_decode.py tests/test_ivfpq_cuda.py
            "tests/test_cpp_ext.py::test_cuda_kselect_matches_sort" -k "not float32")
 fi
-stage decode-step 95 0 "$PY" benchmarks/decode_step.py --only step --jsonl "$WORK/decode-step.jsonl" "${DECODE[@]}"
-stage search 30 0 "$PY" benchmarks/search_floor.py --jsonl "$WORK/search.jsonl" --profile "$WORK/search-profile.txt" "${SEARCH[@]}"
-# The .jsonl gets each pytest-benchmark row as it finishes (benchmarks/conftest.py)
-stage ivfpq 25 0 env ARRAG_BENCH_JSONL="$WORK/ivfpq.jsonl" "$PY" -m pytest benchmarks/bench_ivfpq.py "${IVFPQ[@]}" \
-    --benchmark-only -q -p no:cacheprovider --benchmark-max-time=0.5 -rs
-stage generate 55 0 "$PY" benchmarks/decode_step.py --only generate --jsonl "$WORK/generate.jsonl" "${DECODE[@]}"
+bench decode-step 90 benchmarks/bench_decode_step.py
+bench search 30 benchmarks/bench_search_floor.py
+bench ivfpq 25 benchmarks/bench_ivfpq.py -k "test_gpu_ivfpq and N100M and triton and nprobe32"  # skips without CUDA
+bench generate 60 "${GENERATE[@]}"
 stage build 20 1 env ARRAG_KERNELS_BUILD_EXT=1 ARRAG_KERNELS_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace
 # -v: a stage cut off by its limit still names each test that ran
 stage tests 55 0 "$PY" -m pytest "${TESTS[@]}" -v -p no:cacheprovider -rfEs --durations=10 --junitxml="$WORK/tests.xml"

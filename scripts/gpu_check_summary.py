@@ -4,8 +4,8 @@
 
 * ``DEST/summary.json`` (:func:`summary`): ``ok`` is true when every stage that ran exited 0 (stages
   skipped in a dry run count as fine); ``benchmarks`` lists every finished row of the stages'
-  JSONL files (the scripts' own rows, or pytest-benchmark rows with their ``extra_info``) with the
-  fields worth reading without the archive; ``tests`` counts the junit XML of the tests stage.
+  JSONL files (benchmarks/conftest.py's pytest-benchmark rows) with the ``extra_info`` fields worth
+  reading without the archive; ``tests`` counts the junit XML of the tests stage.
 * ``DEST/gpu-summary-<card>-<date>.json`` (:func:`results`): issue 22's "Results format", one number
   per target (None where its row did not run or finish).
 
@@ -23,19 +23,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from shapes import card_slug  # noqa: E402
 
-# row fields worth reading without opening the archive
-KEYS = ("kind", "variant", "batch", "db_keys", "db_size", "k", "nprobe", "provider", "shape", "card", "median_s",
-        "iqr_s", "rounds", "ms", "iqr_ms", "floor_ms", "x_floor", "GB/s", "peak_extra_bytes", "plan", "ms_per_step",
-        "overhead_vs_plain", "library_s", "hf_generate_s", "plain_vs_hf_generate_per_image", "recall_at_k")
+# row fields worth reading without opening the archive (besides every ratio_to_*)
+KEYS = ("variant", "batch", "db_keys", "db_size", "k", "nprobe", "provider", "shape", "median_s", "iqr_s", "rounds",
+        "clock", "host_median_s", "ms_per_step", "overhead_vs_plain", "ms", "floor_ms", "x_floor", "GB/s",
+        "key_copies", "peak_extra_bytes", "plan", "ms_per_image", "recall_at_k")
 # results field -> (stage, row name, row field, scale)
 RESULTS = {
-    "search_10m_b1_x_floor": ("search", "search-10M-b1", "x_floor", 1),
-    "search_10m_b16_x_floor": ("search", "search-10M-b16", "x_floor", 1),
-    "search_1m_b16_x_floor": ("search", "search-1M-b16", "x_floor", 1),
-    "search_peak_extra_mb_b16": ("search", "search-10M-b16", "peak_extra_bytes", 2.0 ** -20),
-    "daid_10m_overlapped_overhead_b16": ("decode-step", "b16-daid-10M-overlap", "overhead_vs_plain", 1),
-    "faid_overhead_b16": ("decode-step", "b16-faid", "overhead_vs_plain", 1),
-    "plain_vs_hf_generate_per_image": ("generate", "b16-generate", "plain_vs_hf_generate_per_image", 1),
+    "search_10m_b1_x_floor": ("search", "test_search_floor[janus1b-b1-db10M]", "x_floor", 1),
+    "search_10m_b16_x_floor": ("search", "test_search_floor[janus1b-b16-db10M]", "x_floor", 1),
+    "search_1m_b16_x_floor": ("search", "test_search_floor[janus1b-b16-db1M]", "x_floor", 1),
+    "search_peak_extra_mb_b16": ("search", "test_search_floor[janus1b-b16-db10M]", "peak_extra_bytes", 2.0 ** -20),
+    "daid_10m_overlapped_overhead_b16": ("decode-step", "test_decode_step[b16-daid-10M-overlap]", "overhead_vs_plain", 1),
+    "faid_overhead_b16": ("decode-step", "test_decode_step[b16-faid]", "overhead_vs_plain", 1),
+    "plain_vs_hf_generate_per_image": ("generate", "test_decode[janus-pro-1b-b16-cuda-graph-plain]",
+                                       "ratio_to_hf_generate", 1),
     "ivfpq_100m_b16_ms": ("ivfpq", "test_gpu_ivfpq[N100M-nlist800-triton-nprobe32]", "median_s", 1e3),
 }
 
@@ -71,7 +72,7 @@ def summary(work: Path, elapsed: float) -> dict:
     rows = []
     for stage in stages:
         for row in _jsonl(work / f"{stage['stage']}.jsonl"):
-            info = row.get("extra_info", row)  # pytest-benchmark rows keep their numbers in extra_info
+            info = row.get("extra_info", {})
             picked = {k: info[k] for k in KEYS if k in info}
             picked.update({k: v for k, v in info.items() if k.startswith("ratio_to_")})
             rows.append({"stage": stage["stage"], "name": row.get("name"), **picked})

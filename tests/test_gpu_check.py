@@ -14,10 +14,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import decode_step  # noqa: E402
-import search_floor  # noqa: E402
+import bench_decode_step  # noqa: E402
+import bench_search_floor  # noqa: E402
 from gpu_check_summary import RESULTS, results, summary, write  # noqa: E402
-from shapes import JANUS_PRO_1B, build_model, card_bytes_per_s, card_slug  # noqa: E402
+from shapes import BY_NAME, JANUS_PRO_1B, build_model, card_bytes_per_s, card_slug  # noqa: E402
 
 RESULT_KEYS = ["card", "commit", "date", "search_10m_b1_x_floor", "search_10m_b16_x_floor", "search_1m_b16_x_floor",
                "search_peak_extra_mb_b16", "daid_10m_overlapped_overhead_b16", "faid_overhead_b16",
@@ -25,8 +25,8 @@ RESULT_KEYS = ["card", "commit", "date", "search_10m_b1_x_floor", "search_10m_b1
 
 
 def test_dry_run_returns_few_files(tmp_path):
-    """--dry on CPU: the CUDA build is skipped and recorded, the search and tests stages run on their
-    CPU stand-ins, and $OUT ends with the archive, both summaries and the Triton cache part."""
+    """--dry on CPU: the CUDA build is skipped and recorded, the search benchmark runs its CPU cases and
+    the tests stage one test, and $OUT ends with the archive, both summaries and the Triton cache part."""
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "GPU_CHECK_STAGES": "search build tests",
            "OMP_NUM_THREADS": "1", "TRITON_CACHE_DIR": str(tmp_path / "triton")}
@@ -45,13 +45,13 @@ def test_dry_run_returns_few_files(tmp_path):
     assert sum(s["limit_s"] for s in stages.values()) <= 300
     assert result["tests"]["tests"] == 1 and result["tests"]["failures"] == 0
     searches = [r for r in result["benchmarks"] if r["stage"] == "search"]
-    assert [r["name"] for r in searches] == ["search-20k-b1", "search-20k-b4"] and all(r["ms"] > 0 for r in searches)
+    assert [r["name"] for r in searches] == ["test_search_floor[cpu-b1-db20k]", "test_search_floor[cpu-b4-db100k]"]
+    assert all(r["ms"] > 0 and "unavailable" in r["plan"] or "launches" in r["plan"] for r in searches)
     issue = json.loads((out / f"gpu-summary-cpu-{day}.json").read_text())
     assert list(issue) == RESULT_KEYS and issue["compiled_suite"] == {"passed": 1, "failed": 0}
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
         archived = {Path(n).name for n in tar.getnames()}
-    assert {"env.json", "stages.jsonl", "tests.log", "tests.xml", "search.log", "search.jsonl",
-            "search-profile.txt"} <= archived
+    assert {"env.json", "stages.jsonl", "tests.log", "tests.xml", "search.log", "search.jsonl"} <= archived
 
 
 def test_stage_limits_fit_five_minutes():
@@ -59,7 +59,7 @@ def test_stage_limits_fit_five_minutes():
     text = (ROOT / "scripts/gpu_check.sh").read_text()
     limits = {}
     for line in text.splitlines():
-        if line.startswith("stage ") and not line.startswith("stage()"):
+        if line.startswith(("stage ", "bench ")):
             name, limit = line.split()[1:3]
             limits[name] = int(limit)
     assert list(limits) == ["decode-step", "search", "ivfpq", "generate", "build", "tests"]
@@ -79,7 +79,7 @@ def _work(tmp_path, stages, rows_by_stage, tests_xml=None, env=None):
 def test_summary_reads_cut_off_stages(tmp_path):
     """A stage killed by its limit is not ok; a JSONL line cut off mid-write is ignored; pytest-benchmark
     rows are read from their extra_info."""
-    stages = [{"stage": "tests", "limit_s": 60, "rc": 0, "seconds": 50, "timed_out": False},
+    stages = [{"stage": "tests", "limit_s": 55, "rc": 0, "seconds": 50, "timed_out": False},
               {"stage": "ivfpq", "limit_s": 25, "rc": 124, "seconds": 25, "timed_out": True}]
     row = {"name": "test_gpu_ivfpq[N100M-nlist800-triton-nprobe32]",
            "extra_info": {"median_s": 2e-3, "iqr_s": 1e-5, "nprobe": 32, "ratio_to_torch": 0.5, "gpu": "x"}}
@@ -97,14 +97,17 @@ def test_results_format(tmp_path):
     rows that did not run give None."""
     stages = [{"stage": s, "limit_s": 10, "rc": 0, "seconds": 1, "timed_out": False}
               for s in ("decode-step", "generate", "search", "tests")]
+    def row(name, **info):
+        return {"name": name, "extra_info": info}
+
     rows = {
-        "decode-step": [{"name": "b16-daid-10M-overlap", "overhead_vs_plain": 0.021},
-                        {"name": "b16-faid", "overhead_vs_plain": 0.07},
-                        {"name": "b1-faid", "overhead_vs_plain": 0.5}],
-        "generate": [{"name": "b16-generate", "plain_vs_hf_generate_per_image": 0.2}],
-        "search": [{"name": "search-10M-b1", "x_floor": 1.4}, {"name": "search-10M-b16", "x_floor": 1.3,
-                                                               "peak_extra_bytes": 48 << 20},
-                   {"name": "search-1M-b16", "x_floor": 2.5}],
+        "decode-step": [row("test_decode_step[b16-daid-10M-overlap]", overhead_vs_plain=0.021),
+                        row("test_decode_step[b16-faid]", overhead_vs_plain=0.07),
+                        row("test_decode_step[b1-faid]", overhead_vs_plain=0.5)],
+        "generate": [row("test_decode[janus-pro-1b-b16-cuda-graph-plain]", ratio_to_hf_generate=0.2)],
+        "search": [row("test_search_floor[janus1b-b1-db10M]", x_floor=1.4),
+                   row("test_search_floor[janus1b-b16-db10M]", x_floor=1.3, peak_extra_bytes=48 << 20),
+                   row("test_search_floor[janus1b-b16-db1M]", x_floor=2.5)],
     }
     xml = ('<testsuites><testsuite tests="5" failures="1" errors="1" skipped="1">'
            '<testcase classname="t" name="a"><failure/></testcase><testcase classname="t" name="b"><error/>'
@@ -144,35 +147,27 @@ def test_janus_pro_1b_shape_on_meta():
     assert all(b.device.type == "cpu" for b in model.buffers())  # rotary frequencies are real
 
 
-def test_decode_step_dry_rows(tmp_path):
-    """decode_step.py's CPU stand-in: every variant's row, overheads against plain, in one file."""
-    jsonl = tmp_path / "rows.jsonl"
-    assert decode_step.main(["--dry", "--only", "step", "--batches", "1", "--rounds", "2", "--replays", "1",
-                             "--jsonl", str(jsonl)]) == 0
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert [r["variant"] for r in rows] == ["plain", "plain-again", "daid-20k", "daid-20k-overlap", "daid-10k-overlap",
-                                            "faid"]
-    assert all(r["ms_per_step"] > 0 and r["batch"] == 1 for r in rows)
-    assert "overhead_vs_plain" not in rows[0] and all("overhead_vs_plain" in r for r in rows[1:])
-    assert [r["db_keys"] for r in rows] == [0, 0, 20_000, 20_000, 10_000, 20_000]
-
-
-def test_decode_step_replays_one_fixed_step():
-    """A parked variant's replay predicts the same cell every time, writing nowhere past it."""
-    model = build_model(decode_step.TINY, "cpu")
-    adapter = decode_step.get_adapter(model)
-    embeds, mask = decode_step._embeds(adapter, model, 2, torch.device("cpu"))
-    variant = decode_step.StepVariant("plain", adapter, embeds, mask, num_tokens=64, at=36, cuda_graph=False)
-    variant.timed(3)
-    tokens = variant.decoder.tokens
-    assert (tokens[:, 36] >= 0).all() and (tokens[:, 37:] == -1).all()
-    assert int(variant.decoder.step) == 37  # one step past the parked one, whatever the replays
+def test_parked_steps_replay_one_fixed_step():
+    """Every variant's parked step (CPU: eager) predicts the same cell at each run, writing nowhere
+    past it, and leaves its counters one step past the parked one."""
+    model = build_model(bench_decode_step.TINY, "cpu")
+    big = bench_decode_step.synthetic_db(model, 2000, "cpu")
+    small = bench_decode_step.ak.PatchDatabase(big.keys[:1000], big.values[:1000], big.meta)
+    steps = bench_decode_step.parked_steps(model, {"big": big, "small": small}, 2)
+    assert list(steps) == list(bench_decode_step.VARIANTS)
+    for name, step in steps.items():
+        step.run(3)
+        tokens, at = step.decoder.tokens, step.at
+        assert (tokens[:, at] >= 0).all() and (tokens[:, at + 1:] == -1).all(), name
+        assert int(step.decoder.step) == at + 1, name
+    assert steps["faid"].decoder.faid is not None and steps["daid-20k-overlap"].decoder.daid is not None
+    assert steps["plain"].decoder.daid is None and steps["plain"].decoder.faid is None
 
 
 def test_search_plan_hook():
     """Without ak.ops.knn_plan the row says so; with it, its dict is recorded."""
-    plan = search_floor.search_plan(1000, 64, 4, torch.float16)
-    if hasattr(search_floor.ak_ops, "knn_plan"):
+    plan = bench_search_floor.search_plan(BY_NAME["cpu-b1-db20k"])
+    if hasattr(bench_search_floor.ak_ops, "knn_plan"):
         assert "launches" in plan
     else:
         assert "knn_plan" in plan["unavailable"]
