@@ -14,7 +14,7 @@ Providers:
 * ``triton-graph`` (``knn`` only): the Triton search replayed from a CUDA graph, as the static
   decode loop runs it: device time without Python launch overhead (the threshold search is 20-30
   launches). ``knn`` cases on CUDA also record ``x_floor``: time over key bytes / the card's memory
-  bandwidth (``shapes.card_bytes_per_s``, by device name; absent for a card it does not list).
+  bandwidth (``cards.card_bytes_per_s``, by device name; absent for a card it does not list).
 
 Each timed call ends with ``torch.cuda.synchronize()`` on CUDA; outputs are checked against the
 reference outside the timed call. Every row is a median (``timing.run``); the ``official`` pattern
@@ -30,7 +30,8 @@ import timing
 from arrag_kernels import _ext
 from arrag_kernels.config import KeyLayout
 from arrag_kernels.ops import daid_sample, knn, neighbor_keys, use_backend
-from shapes import SHAPES, RetrievalShape, card_bytes_per_s
+from cards import card_bytes_per_s
+from shapes import SHAPES, RetrievalShape
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

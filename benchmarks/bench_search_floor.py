@@ -10,7 +10,7 @@ replays between two CUDA events (``timing.run(device_events=True)``). Keys that 
 three times over are copied, one graph per copy, and the replays rotate among them
 (``key_copies``), so that every replay reads its keys from memory. ``extra_info``: ``ms`` per
 search, ``GB/s`` of key bytes, ``x_floor`` = time / (key bytes / the card's memory bandwidth,
-:func:`shapes.card_bytes_per_s` by device name; absent for a card it does not list),
+:func:`cards.card_bytes_per_s` by device name; absent for a card it does not list),
 ``peak_extra_bytes`` (the highest allocation above the inputs during one eager search: scratch
 and outputs), ``plan`` (:func:`arrag_kernels.ops.knn_plan`'s launches / bytes / scratch where the
 tree has it, else why not). With ``ARRAG_BENCH_PROFILE=path`` one replay of 10M keys at batch 16
@@ -31,7 +31,8 @@ import torch
 
 import arrag_kernels.ops as ak_ops
 import timing
-from shapes import BY_NAME, RetrievalShape, card_bytes_per_s, official_keys
+from cards import card_bytes_per_s
+from shapes import BY_NAME, RetrievalShape, official_keys
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

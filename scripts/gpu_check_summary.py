@@ -21,7 +21,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from shapes import card_slug  # noqa: E402
+from cards import card_slug  # noqa: E402
 
 # row fields worth reading without opening the archive (besides every ratio_to_*)
 KEYS = ("variant", "batch", "db_keys", "db_size", "k", "nprobe", "provider", "shape", "median_s", "iqr_s", "rounds",

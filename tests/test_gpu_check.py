@@ -17,7 +17,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_decode_step  # noqa: E402
 import bench_search_floor  # noqa: E402
 from gpu_check_summary import RESULTS, results, summary, write  # noqa: E402
-from shapes import BY_NAME, JANUS_PRO_1B, build_model, card_bytes_per_s, card_slug  # noqa: E402
+from cards import card_bytes_per_s, card_slug  # noqa: E402
+from shapes import BY_NAME, JANUS_PRO_1B, build_model  # noqa: E402
 
 RESULT_KEYS = ["card", "commit", "date", "search_10m_b1_x_floor", "search_10m_b16_x_floor", "search_1m_b16_x_floor",
                "search_peak_extra_mb_b16", "daid_10m_overlapped_overhead_b16", "faid_overhead_b16",
