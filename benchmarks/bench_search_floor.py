@@ -23,6 +23,7 @@ Distances are checked against :func:`arrag_kernels.ops.knn_ref` outside the time
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def search_plan(shape: RetrievalShape) -> dict:
     plan = getattr(ak_ops, "knn_plan", None)
     if plan is None:
         return {"unavailable": "arrag_kernels.ops.knn_plan is not in this tree (issue 22, item 7)"}
-    return dict(plan(shape.db_size, shape.key_dim, shape.k, shape.batch, getattr(torch, shape.key_dtype)))
+    result = plan(shape.db_size, shape.key_dim, shape.k, shape.batch, getattr(torch, shape.key_dtype))
+    return json.loads(json.dumps(result, default=str))  # JSON values only (extra_info is written as JSON)
 
 
 def peak_extra_bytes(fn) -> int | None:
