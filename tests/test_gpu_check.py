@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -164,10 +165,20 @@ def test_parked_steps_replay_one_fixed_step():
     assert steps["plain"].decoder.daid is None and steps["plain"].decoder.faid is None
 
 
-def test_search_plan_hook():
-    """Without ak.ops.knn_plan the row says so; with it, its dict is recorded."""
-    plan = bench_search_floor.search_plan(BY_NAME["cpu-b1-db20k"])
-    if hasattr(bench_search_floor.ak_ops, "knn_plan"):
-        assert "launches" in plan
-    else:
-        assert "knn_plan" in plan["unavailable"]
+def test_search_plan_hook(monkeypatch):
+    """Without ak.ops.knn_plan the row says why there is no plan; with it, the plan of the row's
+    shape is recorded in JSON values."""
+    shape = BY_NAME["janus1b-b16-db10M"]
+    monkeypatch.delattr(bench_search_floor.ak_ops, "knn_plan", raising=False)
+    assert "knn_plan" in bench_search_floor.search_plan(shape)["unavailable"]
+    calls = []
+
+    def fake_plan(n_keys, dim, k, batch, dtype):
+        calls.append((n_keys, dim, k, batch, dtype))
+        return {"launches": 4, "kernels": [{"name": "filter", "grid": (16, 132)}], "dtype": dtype}
+
+    monkeypatch.setattr(bench_search_floor.ak_ops, "knn_plan", fake_plan, raising=False)
+    plan = bench_search_floor.search_plan(shape)
+    assert calls == [(10_000_000, 32, 2048, 16, torch.float16)]
+    assert plan == {"launches": 4, "kernels": [{"name": "filter", "grid": [16, 132]}], "dtype": "torch.float16"}
+    assert json.loads(json.dumps(plan)) == plan
