@@ -17,8 +17,9 @@ is recorded by ``conftest.py``.
   Skipped without faiss (the GPU machine has none).
 * GPU only (skipped without CUDA): ``triton`` (the fused scan + in-kernel top-k) and ``torch``
   device searches with synthetic IVF-PQ arrays (random codebooks and codes, balanced lists): 1M and
-  10M entries with nlist = 4 sqrt N, and the official database's layout, 506M entries in 800 lists,
-  where one distance per candidate slot would take 1.3 GB at nprobe 32. Latency depends on the
+  10M entries with nlist = 4 sqrt N, and the official database's layout, 800 lists, at 100M entries
+  (the issue-22 target size) and 506M (where one distance per candidate slot would take 1.3 GB at
+  nprobe 32). Latency depends on the
   shapes only, so no FAISS training is needed. Next to each latency: the candidate buffer the
   provider allocates (``candidate_buffer_bytes``), what one fp32 distance per candidate slot would
   take (``dense_buffer_bytes``) and the measured peak of extra GPU memory (``peak_extra_bytes``).
@@ -45,8 +46,8 @@ SHAPE = BY_NAME["janus1b-b16-db1M"]
 BATCH, K, DIM, M = SHAPE.batch, SHAPE.k, SHAPE.key_dim, 8
 # 1M keys (a FAISS training of minutes on 2 cores) on request: ARRAG_BENCH_IVFPQ_SIZES=100000,1000000
 CPU_SIZES = [int(s) for s in os.environ.get("ARRAG_BENCH_IVFPQ_SIZES", "100000").split(",")]
-# (entries, nlist): 4 sqrt(N) lists, and the official layout (506M entries, 800 lists of ~630k).
-GPU_CASES = [(1_000_000, 4000), (10_000_000, 12649), (506_000_000, 800)]
+# (entries, nlist): 4 sqrt(N) lists, and the official layout (800 lists) at 100M and 506M entries.
+GPU_CASES = [(1_000_000, 4000), (10_000_000, 12649), (100_000_000, 800), (506_000_000, 800)]
 NPROBES = [1, 8, 32, 128]
 HAS_CUDA = torch.cuda.is_available()
 
@@ -161,7 +162,7 @@ def gpu_arrays(n: int, nlist: int, device="cuda") -> dict:
     return _gpu_cache[n, nlist]
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="GPU-only sizes (1M/10M/506M device IVF-PQ search) need CUDA")
+@pytest.mark.skipif(not HAS_CUDA, reason="GPU-only sizes (1M/10M/100M/506M device IVF-PQ search) need CUDA")
 @pytest.mark.parametrize("nprobe", NPROBES, ids=lambda p: f"nprobe{p}")
 @pytest.mark.parametrize("provider", ["triton", "torch"])
 @pytest.mark.parametrize("n,nlist", GPU_CASES, ids=lambda v: f"N{v // 1_000_000}M" if v >= 1_000_000 else f"nlist{v}")

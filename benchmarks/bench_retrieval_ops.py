@@ -13,7 +13,8 @@ Providers:
   small per-row device ops;
 * ``triton-graph`` (``knn`` only): the Triton search replayed from a CUDA graph, as the static
   decode loop runs it: device time without Python launch overhead (the threshold search is 20-30
-  launches). ``knn`` cases also record ``x_h200_floor``: time over key bytes / 4.8 TB/s.
+  launches). ``knn`` cases on CUDA also record ``x_floor``: time over key bytes / the card's memory
+  bandwidth (``cards.card_bytes_per_s``, by device name; absent for a card it does not list).
 
 Each timed call ends with ``torch.cuda.synchronize()`` on CUDA; outputs are checked against the
 reference outside the timed call. Every row is a median (``timing.run``); the ``official`` pattern
@@ -29,13 +30,14 @@ import timing
 from arrag_kernels import _ext
 from arrag_kernels.config import KeyLayout
 from arrag_kernels.ops import daid_sample, knn, neighbor_keys, use_backend
+from cards import card_bytes_per_s
 from shapes import SHAPES, RetrievalShape
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 PROVIDERS = ["reference", "cpp", "triton", "official"]
 KNN_PROVIDERS = PROVIDERS + ["triton-graph"]
-H200_BYTES_PER_S = 4.8e12  # HBM3e datasheet (a device copy measured ~4.3e12): a key scan's floor
+BYTES_PER_S = card_bytes_per_s(torch.cuda.get_device_name()) if CUDA else None  # a key scan's floor
 LAM, TAU, TEMPERATURE = 0.05, 0.6, 1.0
 _cache: dict[str, dict] = {}
 
@@ -165,8 +167,8 @@ def _run(benchmark, group, provider, shape, fn, official=None, nbytes=None):
     out = timing.run(benchmark, fn, {"official": official} if official is not None and provider != "official" else None)
     if nbytes is not None and "median_s" in benchmark.extra_info:
         benchmark.extra_info["GB/s"] = nbytes / benchmark.extra_info["median_s"] / 1e9
-        if CUDA:
-            benchmark.extra_info["x_h200_floor"] = benchmark.extra_info["median_s"] * H200_BYTES_PER_S / nbytes
+        if BYTES_PER_S is not None:
+            benchmark.extra_info["x_floor"] = benchmark.extra_info["median_s"] * BYTES_PER_S / nbytes
     return out
 
 

@@ -14,14 +14,17 @@ FAiD's per-step work (retrieval, ring-buffer write, window gather, blend) runs i
 the device step counter, so it is recorded in the graph too. DAiD retrieval for step i needs only
 tokens < i, so with ``overlap_retrieval`` it runs on a side stream concurrently with the model
 forward of step i and joins the main stream before sampling (FAiD's retrieval cannot: layer 0 of
-the forward reads it).
+the forward reads it); the forward then runs on a stream of higher priority than the search's
+(:func:`arrag_kernels.decoding.step.overlap_streams`), the CUDA graph captured on it.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from .step import DecodeStep, FusedSelect, timing
+from .step import DecodeStep, FusedSelect, overlap_streams, timing
 
 
 class StaticKVCache:
@@ -100,9 +103,11 @@ class StaticImageDecoder:
         self.faid = faid
         self.cuda_graph = cuda_graph
         self.overlap_retrieval = overlap_retrieval
+        self.forward_stream = None  # overlapped decodes on CUDA: set by prepare()
 
-    def _decode_step(self):
-        """One decode step on the buffers, reading the step on the device only (what the graph records)."""
+    def step_once(self):
+        """One decode step on the buffers, reading the step on the device only (what the graph records);
+        advances the device counters. Call :meth:`prepare` first."""
         self.mask.index_fill_(3, self.cache.write_pos, 0.0)  # open the column of the input being written
         self.embeds.copy_(self.decode_step(self.tokens, self.step, self.embeds, self.mask, self.cache,
                                            position_ids=self.position_ids))
@@ -120,66 +125,88 @@ class StaticImageDecoder:
         """
         from .loop import progress_range
 
+        device = inputs_embeds.device
+        caller = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        self.prepare(inputs_embeds, attention_mask, num_tokens, do_sample, stats)
+        with self.on_forward_stream():
+            if self.cuda_graph and num_tokens > 3:
+                # Warm up (kernel compilation, allocator) on a side stream with two real steps, then record
+                # step 3 without running it and replay the recording for steps 3 .. num_tokens - 1.
+                # Overlapped, both run on the forward stream, so the graph's kernels keep its priority.
+                warmup = self.forward_stream or torch.cuda.Stream(device)
+                warmup.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(warmup):
+                    for _ in range(2):
+                        with timing(stats, "step", device):
+                            self.step_once()
+                torch.cuda.current_stream(device).wait_stream(warmup)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self.forward_stream):
+                    self.step_once()
+                for _ in progress_range(num_tokens, 3, progress):
+                    with timing(stats, "step", device):
+                        graph.replay()
+            else:
+                for _ in progress_range(num_tokens, 1, progress):
+                    with timing(stats, "step", device):
+                        self.step_once()
+        if self.forward_stream is not None:
+            caller.wait_stream(self.forward_stream)
+            self.tokens.record_stream(caller)  # made on the forward stream, read on the caller's
+        return self.tokens
+
+    @contextlib.contextmanager
+    def on_forward_stream(self):
+        """Make the forward stream of an overlapped decode current (after the caller's work so far);
+        a no-op without one."""
+        if self.forward_stream is None:
+            yield
+            return
+        self.forward_stream.wait_stream(torch.cuda.current_stream(self.forward_stream.device))
+        with torch.cuda.stream(self.forward_stream):
+            yield
+
+    @torch.no_grad()
+    def prepare(self, inputs_embeds, attention_mask, num_tokens: int, do_sample: bool, stats=None) -> None:
+        """Allocate the buffers of a ``num_tokens`` decode and run the prefill (step 0): after it, each
+        :meth:`step_once` predicts the next cell. :meth:`run` is this, then the steps."""
         device, dtype = inputs_embeds.device, inputs_embeds.dtype
         rows, S, _ = inputs_embeds.shape
         B, L = rows // 2, S + num_tokens
         if self.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA tensors, got {device}")
-        # High priority: when both streams have work queued the search's blocks are scheduled first, so it
-        # rarely delays the join; and it is never the same pooled stream as the warm-up or capture stream.
         use_side = self.overlap_retrieval and self.daid is not None and device.type == "cuda"
-        side = torch.cuda.Stream(device, priority=-1) if use_side else None
-        layers, kv_heads, head_dim = self.decoder.kv_spec()
-        self.cache = StaticKVCache(layers, rows, kv_heads, head_dim, L, dtype, device)
-        self.tokens = torch.full((B, num_tokens), -1, dtype=torch.long, device=device)
-        self.step = torch.zeros(1, dtype=torch.long, device=device)
-        uniforms = torch.rand(num_tokens, B, device=device) if do_sample else None
-        # the graph cannot time its retrieval: only whole replays are timed
-        select = FusedSelect(self.process_logits, self.fused, uniforms, B, device, daid=self.daid, side_stream=side,
-                             stats=None if self.cuda_graph else stats)
-        self.decode_step = DecodeStep(self.decoder, select, self.faid)
-        self.embeds = torch.empty(rows, 1, inputs_embeds.shape[-1], dtype=dtype, device=device)
-        neg = torch.finfo(dtype).min
-        pad = attention_mask.bool()
+        self.forward_stream, side = overlap_streams(device) if use_side else (None, None)
+        with self.on_forward_stream():
+            layers, kv_heads, head_dim = self.decoder.kv_spec()
+            self.cache = StaticKVCache(layers, rows, kv_heads, head_dim, L, dtype, device)
+            self.tokens = torch.full((B, num_tokens), -1, dtype=torch.long, device=device)
+            self.step = torch.zeros(1, dtype=torch.long, device=device)
+            uniforms = torch.rand(num_tokens, B, device=device) if do_sample else None
+            # the graph cannot time its retrieval: only whole replays are timed
+            select = FusedSelect(self.process_logits, self.fused, uniforms, B, device, daid=self.daid,
+                                 side_stream=side, stats=None if self.cuda_graph else stats)
+            self.decode_step = DecodeStep(self.decoder, select, self.faid)
+            self.embeds = torch.empty(rows, 1, inputs_embeds.shape[-1], dtype=dtype, device=device)
+            neg = torch.finfo(dtype).min
+            pad = attention_mask.bool()
 
-        # Prefill: the same step on the prompt with a host step 0 (FAiD allocates its ring buffers there).
-        # Causal over the prompt, padding hidden; every row may see itself (no empty softmax row).
-        idx = torch.arange(L, device=device)
-        allowed = (idx[None, :] <= idx[:S, None]) & (idx[None, :] < S)
-        allowed = allowed[None] & torch.nn.functional.pad(pad, (0, num_tokens))[:, None, :]
-        allowed |= torch.eye(S, L, dtype=torch.bool, device=device)[None]
-        prefill_mask = torch.zeros(rows, 1, S, L, dtype=dtype, device=device).masked_fill_(~allowed[:, None], neg)
-        self.cache.write_pos = torch.arange(S, device=device)
-        with timing(stats, "step", device):
-            self.embeds.copy_(self.decode_step(self.tokens, 0, inputs_embeds, prefill_mask, self.cache,
-                                               position_ids=idx[:S].expand(rows, S)))
+            # Prefill: the same step on the prompt with a host step 0 (FAiD allocates its ring buffers there).
+            # Causal over the prompt, padding hidden; every row may see itself (no empty softmax row).
+            idx = torch.arange(L, device=device)
+            allowed = (idx[None, :] <= idx[:S, None]) & (idx[None, :] < S)
+            allowed = allowed[None] & torch.nn.functional.pad(pad, (0, num_tokens))[:, None, :]
+            allowed |= torch.eye(S, L, dtype=torch.bool, device=device)[None]
+            prefill_mask = torch.zeros(rows, 1, S, L, dtype=dtype, device=device).masked_fill_(~allowed[:, None], neg)
+            self.cache.write_pos = torch.arange(S, device=device)
+            with timing(stats, "step", device):
+                self.embeds.copy_(self.decode_step(self.tokens, 0, inputs_embeds, prefill_mask, self.cache,
+                                                   position_ids=idx[:S].expand(rows, S)))
 
-        # Decode buffers: the mask row sees the prompt (minus padding); columns open as tokens arrive.
-        self.mask = torch.zeros(rows, 1, 1, L, dtype=dtype, device=device)
-        self.mask[:, 0, 0, S:] = neg
-        self.mask[:, 0, 0, :S].masked_fill_(~pad, neg)
-        self.cache.write_pos = torch.full((1,), S, dtype=torch.long, device=device)
-        self.position_ids = torch.full((rows, 1), S, dtype=torch.long, device=device)
-        self.step += 1
-
-        if self.cuda_graph and num_tokens > 3:
-            # Warm up (kernel compilation, allocator) on a side stream with two real steps, then record
-            # step 3 without running it and replay the recording for steps 3 .. num_tokens - 1.
-            warmup = torch.cuda.Stream(device)
-            warmup.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(warmup):
-                for _ in range(2):
-                    with timing(stats, "step", device):
-                        self._decode_step()
-            torch.cuda.current_stream(device).wait_stream(warmup)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._decode_step()
-            for _ in progress_range(num_tokens, 3, progress):
-                with timing(stats, "step", device):
-                    graph.replay()
-        else:
-            for _ in progress_range(num_tokens, 1, progress):
-                with timing(stats, "step", device):
-                    self._decode_step()
-        return self.tokens
+            # Decode buffers: the mask row sees the prompt (minus padding); columns open as tokens arrive.
+            self.mask = torch.zeros(rows, 1, 1, L, dtype=dtype, device=device)
+            self.mask[:, 0, 0, S:] = neg
+            self.mask[:, 0, 0, :S].masked_fill_(~pad, neg)
+            self.cache.write_pos = torch.full((1,), S, dtype=torch.long, device=device)
+            self.position_ids = torch.full((rows, 1), S, dtype=torch.long, device=device)
+            self.step += 1

@@ -131,6 +131,21 @@ class MultinomialSelect:
         return scores.argmax(-1)
 
 
+# Stream priorities of an overlapped decode (lower number: higher priority; CUDA clamps to the
+# device's range, e.g. 0 .. -5): the forward at the highest, the DAiD search at the lowest, so that
+# when both have blocks waiting the forward's are scheduled first and a bandwidth-bound search
+# fills the SMs the forward leaves idle instead of delaying it.
+FORWARD_PRIORITY, RETRIEVAL_PRIORITY = -(1 << 10), 0
+
+
+def overlap_streams(device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    """(forward stream, retrieval side stream) of an overlapped decode on CUDA ``device``, the forward's
+    at a higher priority. The decode warms up and is captured on the forward stream; the side stream
+    comes from another priority's pool, so it is never that stream."""
+    return (torch.cuda.Stream(device, priority=FORWARD_PRIORITY),
+            torch.cuda.Stream(device, priority=RETRIEVAL_PRIORITY))
+
+
 class FusedSelect:
     """Selection in one :func:`arrag_kernels.ops.daid_sample` call, with retrieval forked before the model step.
 

@@ -61,12 +61,14 @@ def _store_smallest(x, out_ptr, KB: tl.constexpr, METHOD: tl.constexpr):
         tl.store(out_ptr + tl.cumsum(take.to(tl.int32), 0) - 1, x, mask=take)
 
 
-@triton.jit
+# Integer arguments that vary with nprobe, the database or k are never specialised (no value-1 or
+# divisible-by-16 variants): one compiled kernel per block configuration, whatever the search.
+@triton.jit(do_not_specialize=["nprobe", "max_candidates", "slots_per_program", "out_stride", "search_steps"])
 def _ivfpq_scan_kernel(
     lists_ptr, dis0_ptr, ends_ptr, term1_ptr, term2_ptr, codes_ptr, offsets_ptr, out_ptr,
-    nprobe, max_candidates, slots_per_program, out_stride,
+    nprobe, max_candidates, slots_per_program, out_stride, search_steps,
     M: tl.constexpr, KSUB: tl.constexpr, KB: tl.constexpr, SUB: tl.constexpr, ROWS: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr, METHOD: tl.constexpr,
+    METHOD: tl.constexpr,
 ):
     qi = tl.program_id(0)
     prog = tl.program_id(1)
@@ -91,7 +93,7 @@ def _ivfpq_scan_kernel(
             # Probe of each slot: the first whose end slot is > s (binary search over the nprobe ends).
             j_lo = tl.zeros([SUB], tl.int32)
             j_hi = j_lo + nprobe
-            for _ in tl.static_range(SEARCH_STEPS):
+            for _ in range(search_steps):  # ceil(log2(nprobe + 1)): a runtime bound, not one kernel per nprobe
                 mid = (j_lo + j_hi) // 2
                 open_ = j_lo < j_hi
                 end = tl.load(ends_ptr + row + mid, mask=open_, other=0)
@@ -113,7 +115,7 @@ def _ivfpq_scan_kernel(
         tl.debug_barrier()  # the next round reads the kept candidates back
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["width", "in_stride", "out_stride"])
 def _merge_kernel(in_ptr, out_ptr, width, in_stride, out_stride, CHUNK: tl.constexpr, KB: tl.constexpr,
                   METHOD: tl.constexpr):
     row = tl.program_id(0)
@@ -165,8 +167,8 @@ def ivfpq_scan_packed(lists, dis0, term2, term1, codes, offsets, k, max_candidat
     cand = torch.empty(q, programs * kb, dtype=torch.int64, device=lists.device)
     torch.library.wrap_triton(_ivfpq_scan_kernel)[(q, programs)](
         lists.contiguous(), dis0.contiguous(), ends, term1.contiguous(), term2.contiguous(), codes.contiguous(),
-        offsets.contiguous(), cand, nprobe, max_candidates, per_program, cand.stride(0),
-        M=m, KSUB=ksub, KB=kb, SUB=sub, ROWS=rows, SEARCH_STEPS=nprobe.bit_length(), METHOD=METHODS[method],
+        offsets.contiguous(), cand, nprobe, max_candidates, per_program, cand.stride(0), nprobe.bit_length(),
+        M=m, KSUB=ksub, KB=kb, SUB=sub, ROWS=rows, METHOD=METHODS[method],
         num_warps=_warps(rows * sub),
     )
     while cand.shape[1] > kb:
