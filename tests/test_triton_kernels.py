@@ -25,8 +25,7 @@ from .utils import OPCHECK_KWARGS, TOLERANCES, assert_close
 pytest.importorskip("arrag_kernels.ops._triton", reason="triton is not installed")
 from arrag_kernels.ops._triton import _common  # noqa: E402
 from arrag_kernels.ops._triton.daid import daid_sample_op  # noqa: E402
-from arrag_kernels.ops._triton import knn as triton_knn  # noqa: E402
-from arrag_kernels.ops._triton.knn import knn_op, knn_packed  # noqa: E402
+from arrag_kernels.ops._triton.knn import knn_op  # noqa: E402
 from arrag_kernels.ops._triton.neighborhood import neighbor_keys_op  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -101,7 +100,7 @@ KNN_CASES = [  # (Q, N, D, k)
     (3, 1025, 96, 1),
     (3, 3001, 32, 64),
     (1, 3001, 32, 2048),
-    (2, 9001, 32, 16),  # several stage-1 blocks and a merge stage
+    (2, 9001, 32, 16),  # a sampled bound, many filter programs
 ]
 
 
@@ -120,102 +119,6 @@ def test_knn(Q, N, D, k, dtype):
         dist, ids = knn(queries, keys, k)
     ref_dist, ref_ids = knn_ref(queries, keys, k)
     assert_knn_matches(dist, ids, ref_dist, ref_ids, queries, keys.float())
-
-
-def _unpack(packed, k):
-    packed = packed[:, :k]
-    return (packed >> 32).to(torch.int32).view(torch.float32), packed & 0xFFFFFFFF
-
-
-@pytest.mark.parametrize("sort", [False, True], ids=["scan", "bitonic"])
-@pytest.mark.parametrize("Q,N,k", [(3, 1025, 7), (2, 300, 64)])
-def test_knn_selection_paths(Q, N, k, sort):
-    """Both selection methods (min-and-mask and tl.topk), each with several blocks and merges."""
-    g = _gen(7)
-    queries = torch.randn(Q, 32, generator=g).to(DEVICE)
-    keys = torch.randn(N, 32, generator=g).to(DEVICE)
-    dist, ids = _unpack(knn_packed(queries, keys, k, sort=sort, threshold=False), k)
-    assert_knn_matches(dist, ids, *knn_ref(queries, keys, k), queries, keys)
-
-
-THRESHOLD_CASES = [  # (Q, N, D, k)
-    (1, 97, 32, 7),  # too few keys for a bound: every key is a candidate
-    (3, 3001, 32, 100),  # bounded by the k-th nearest of keys[::3]
-    (2, 4001, 32, 30),  # the bound's own search is bounded too
-    (5, 1500, 20, 64),  # D padded to 32
-    (33, 2001, 32, 40),  # two query blocks in the filter
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("Q,N,D,k", THRESHOLD_CASES, ids=[f"q{q}-n{n}-d{d}-k{k}" for q, n, d, k in THRESHOLD_CASES])
-def test_knn_threshold(Q, N, D, k, dtype):
-    """Bound + filter + select (forced: the automatic choice needs >= 2^18 keys)."""
-    queries, keys = _knn_inputs(Q, N, D, k, dtype)
-    dist, ids = _unpack(knn_packed(queries, keys, k, threshold=True), k)
-    assert_knn_matches(dist, ids, *knn_ref(queries, keys, k), queries, keys.float())
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_knn_threshold_ties(dtype):
-    """40 distinct keys repeated over 3001 rows: the threshold falls inside runs of equal
-    distances, which the packed bound splits by id; results equal the reference exactly."""
-    g = _gen(3)
-    base = torch.randint(-1, 2, (40, 32), generator=g).float()  # small integers: exact arithmetic
-    keys = base[torch.randint(0, 40, (3001,), generator=g)].to(dtype).to(DEVICE)
-    queries = torch.randint(-1, 2, (3, 32), generator=g).float().to(DEVICE)
-    dist, ids = _unpack(knn_packed(queries, keys, 100, threshold=True), 100)
-    ref_dist, ref_ids = knn_ref(queries, keys, 100)
-    assert torch.equal(dist, ref_dist)
-    assert torch.equal(ids, ref_ids)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_knn_threshold_fallback(dtype, monkeypatch):
-    """Keys whose strided subset lies apart from the rest: queries near the rest find their bound
-    among distant keys, overflow the buffer and are redone by the block search; queries near the
-    subset do not. Both kinds are exact, and only the first kind takes the fallback."""
-    N, k = 3001, 100
-    s = triton_knn._bound_stride(N, 128)
-    assert s > 1 and triton_knn._bound_stride(-(-N // s), 128) == 0  # one bounded level
-    g = _gen(11)
-    keys = torch.randn(N, 32, generator=g)
-    keys[::s] += 3.0
-    queries = torch.randn(4, 32, generator=g)
-    queries[2:] += 3.0
-    keys, queries = keys.to(dtype).to(DEVICE), queries.to(DEVICE)
-    redone = []
-    block_search = triton_knn._block_search
-
-    def spy(*args, lens=None):
-        if lens is not None:
-            redone.append(lens.cpu() > 0)
-        return block_search(*args, lens=lens)
-
-    monkeypatch.setattr(triton_knn, "_block_search", spy)
-    dist, ids = _unpack(knn_packed(queries, keys, k, threshold=True), k)
-    # Queries near the subset have exactly k candidates: were they redone, a level's distances
-    # would differ from the next level's for the same key.
-    assert [r.tolist() for r in redone] == [[True, True, False, False]]
-    assert_knn_matches(dist, ids, *knn_ref(queries, keys, k), queries, keys.float())
-
-
-@pytest.mark.skipif(not CUDA, reason="the automatic threshold search needs >= 2^18 keys: too slow for the interpreter")
-def test_knn_threshold_cuda_graph():
-    """The automatic choice at 2^18 keys, under torch.library.opcheck and replayed from a CUDA
-    graph: no host synchronisation, launches fixed by shapes."""
-    g = _gen(5)
-    queries = torch.randn(16, 32, generator=g).to(DEVICE)
-    keys = torch.randn(triton_knn.THRESHOLD_MIN_KEYS, 32, generator=g).half().to(DEVICE)
-    k = triton_knn.THRESHOLD_MIN_KB
-    torch.library.opcheck(knn_op, (queries, keys, k))
-    knn_op(queries, keys, k)  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        dist, ids = knn_op(queries, keys, k)
-    queries.copy_(torch.randn(16, 32, generator=g).to(DEVICE))
-    graph.replay()
-    assert_knn_matches(dist, ids, *knn_ref(queries, keys, k), queries, keys.float())
 
 
 def test_knn_ties_ordered_by_id():

@@ -20,11 +20,16 @@ SAMPLE_HITS = 8
 SAFETY_SIGMAS = 4
 # Survivor slots per query: CAPACITY_FACTOR x the expected survivors (overflow needs a ~8-sigma excess).
 CAPACITY_FACTOR = 4
-# The sample's (Q, S) distances stay under this many bytes (S shrinks at large batches).
+# The sample's (Q, S) distances stay under this many bytes (S shrinks at large batches); S >= MIN_SAMPLE
+# (or N) keeps the bound's rank well inside the sample at large k.
 MAX_SAMPLE_BYTES = 16 << 20
+MIN_SAMPLE = 1024
 # Entries per step of the selects' loops (radix histogram passes, compaction).
 SELECT_TILE = 1024
-RADIX_BITS = 8  # digits of the 64-bit (distance bits, id) keys: 8 histogram passes
+RADIX_BITS = 8  # digits of the 32-bit distance bits (and of the ids when ties need them)
+# Bytes a select reads per entry without ties at its k-th distance: a pass per distance digit, one
+# pass of (bits, id) for the smallest id there.
+SELECT_BYTES_PER_ENTRY = (32 // RADIX_BITS) * 4 + 8
 # Rows of the distance dot (tl.dot needs >= 16): the select kernel's fallback uses one of them.
 MIN_BLOCK_Q = 16
 # The filter's programs loop over up to this many key tiles (their loads are pipelined).
@@ -92,7 +97,7 @@ def search_shape(n: int, dim: int, k: int, batch: int, key_itemsize: int) -> Sea
     key_tiles = -(-n // block_n)
     # Enough programs to fill a GPU (~1000) before a program takes several tiles.
     tiles = min(MAX_TILES_PER_PROGRAM, max(1, key_tiles // 1024))
-    sample = min(n, math.ceil(SAMPLE_HITS * n / k), max(block_n, MAX_SAMPLE_BYTES // (8 * batch)))
+    sample = min(n, max(math.ceil(SAMPLE_HITS * n / k), MIN_SAMPLE), max(block_n, MAX_SAMPLE_BYTES // (8 * batch)))
     if sample == n:
         rank = k  # every key sampled: the bound is the exact k-th, exactly k keys survive
     else:
@@ -107,20 +112,19 @@ def search_shape(n: int, dim: int, k: int, batch: int, key_itemsize: int) -> Sea
 def _plan_of(shape: SearchShape) -> dict:
     Q, N, D, k, isz = shape.batch, shape.n, shape.dim, shape.k, shape.key_itemsize
     S, C, E = shape.sample, shape.capacity, shape.expected_survivors
-    passes = 64 // RADIX_BITS
     entry = 8  # a survivor or sample entry: int32 distance bits + int32 id
     queries = Q * D * 4
     grids = shape.grids
     kernels = [
         dict(name="sample", grid=grids["sample"], bytes_read=shape.query_blocks * S * D * isz + queries,
              bytes_written=Q * S * entry),
-        dict(name="bound", grid=grids["bound"], bytes_read=passes * Q * S * entry, bytes_written=Q * (8 + 4)),
+        dict(name="bound", grid=grids["bound"], bytes_read=Q * S * SELECT_BYTES_PER_ENTRY, bytes_written=Q * (8 + 4)),
         # Each query block reads every key (L2 shares a tile among the blocks: DRAM reads ~once when
         # Q <= 32); survivors: expected counts.
         dict(name="filter", grid=grids["filter"], bytes_read=shape.query_blocks * N * D * isz + queries + Q * 8,
              bytes_written=Q * E * entry),
-        # radix passes + compaction over the survivors, the sorted k; outputs fp32 distances, int64 ids
-        dict(name="select", grid=grids["select"], bytes_read=Q * 4 + (passes + 1) * Q * E * entry + Q * k * entry,
+        # the radix select and the compaction over the survivors, the k to sort; out: fp32 distances, int64 ids
+        dict(name="select", grid=grids["select"], bytes_read=Q * 4 + Q * E * (SELECT_BYTES_PER_ENTRY + entry) + Q * k * entry,
              bytes_written=Q * k * entry + Q * k * 12),
     ]
     scratch = {  # name -> bytes, as the search allocates them
@@ -145,7 +149,9 @@ def knn_plan(n_keys: int, dim: int, k: int, batch: int, dtype: torch.dtype | str
     their expected count); ``key_bytes`` and ``bytes_read_over_keys``; ``scratch`` (buffer name ->
     bytes) and ``scratch_bytes``; ``sample``, ``rank``, ``capacity``, ``expected_survivors`` (the
     bound's parameters). Passes re-reading a kernel's own scratch (the radix histograms) are counted
-    in ``bytes_read`` although they mostly hit L2.
+    in ``bytes_read`` although they mostly hit L2, for data without ties at the k-th distance (ties
+    add four passes over the ids); a query whose bound fails (its survivors < k or > capacity) reads
+    all keys once more in its select program, which the plan does not count.
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)

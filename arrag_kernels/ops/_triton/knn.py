@@ -96,27 +96,49 @@ def _load_entries(bits_ptr, ids_ptr, offs, ok):
 
 
 @triton.jit
-def _kth_smallest(bits_ptr, ids_ptr, m, rank, TILE: tl.constexpr):
-    """The rank-th smallest (1-based, rank <= m) of the first m entries, as int64 ``bits << 32 | id``:
-    a radix select, one histogram pass per 8-bit digit from the top, over the entries that match the
-    digits found so far."""
-    bins = tl.arange(0, 1 << 8)
-    prefix = tl.zeros([], tl.int64)
-    for p in tl.static_range(64 // 8):
-        SHIFT: tl.constexpr = 56 - 8 * p
-        hist = tl.zeros([1 << 8], tl.int32)
+def _select_digits(val_ptr, eq_ptr, eq_value, m, rank, FILTERED: tl.constexpr, TILE: tl.constexpr):
+    """(v, r): the rank-th smallest (1-based) of the non-negative int32 values ``val_ptr[:m]`` (only
+    those whose ``eq_ptr`` entry equals ``eq_value`` when FILTERED), and its rank among the entries
+    equal to it. A radix select: one histogram pass per 8-bit digit from the top, over the entries
+    that match the digits found so far."""
+    bins = tl.arange(0, 1 << RADIX_BITS)
+    prefix = tl.zeros([], tl.int32)
+    for p in tl.static_range(32 // RADIX_BITS):
+        SHIFT: tl.constexpr = 32 - RADIX_BITS * (p + 1)
+        hist = tl.zeros([1 << RADIX_BITS], tl.int32)
         for start in range(0, m, TILE):
             offs = start + tl.arange(0, TILE)
             ok = offs < m
-            x = _load_entries(bits_ptr, ids_ptr, offs, ok)
+            v = tl.load(val_ptr + offs, mask=ok, other=0)
+            if FILTERED:
+                ok = ok & (tl.load(eq_ptr + offs, mask=ok, other=0) == eq_value)
             if p > 0:
-                ok = ok & ((x >> (SHIFT + 8)) == (prefix >> (SHIFT + 8)))
-            hist += tl.histogram(((x >> SHIFT) & 0xFF).to(tl.int32), 1 << 8, mask=ok)
+                ok = ok & ((v >> (SHIFT + RADIX_BITS)) == (prefix >> (SHIFT + RADIX_BITS)))
+            hist += tl.histogram((v >> SHIFT) & ((1 << RADIX_BITS) - 1), 1 << RADIX_BITS, mask=ok)
         below = tl.cumsum(hist, 0)
         digit = tl.sum((below < rank).to(tl.int32), 0)  # the bin holding the rank-th entry
         rank -= tl.sum(tl.where(bins < digit, hist, 0), 0)
-        prefix = prefix | (digit.to(tl.int64) << SHIFT)
-    return prefix
+        prefix = prefix | (digit << SHIFT)
+    return prefix, rank
+
+
+@triton.jit
+def _kth_smallest(bits_ptr, ids_ptr, m, rank, TILE: tl.constexpr):
+    """The rank-th smallest (1-based, rank <= m) of the first m entries, as int64 ``bits << 32 | id``:
+    its distance bits by a radix select, then its id: the smallest among the entries of those bits
+    (one pass) unless ties put it further in (a radix select of their ids)."""
+    bits, rank = _select_digits(bits_ptr, bits_ptr, 0, m, rank, False, TILE)
+    if rank == 1:
+        best = tl.full([TILE], 0x7FFFFFFF, tl.int32)
+        for start in range(0, m, TILE):
+            offs = start + tl.arange(0, TILE)
+            ok = offs < m
+            ok = ok & (tl.load(bits_ptr + offs, mask=ok, other=0) == bits)
+            best = tl.minimum(best, tl.load(ids_ptr + offs, mask=ok, other=0x7FFFFFFF))
+        id = tl.min(best, 0)
+    else:
+        id, rank = _select_digits(ids_ptr, bits_ptr, bits, m, rank, True, TILE)
+    return (bits.to(tl.int64) << 32) | id.to(tl.int64)
 
 
 @triton.jit
