@@ -41,6 +41,10 @@ from ._common import FLOAT_DTYPES, device_reason, dtype_reason
 
 MAX_DIM = 256  # a (block_n, D) key tile lives in registers
 MAX_KEYS = 1 << 31  # ids are int32 in the kernels
+# sm_90, fp16 keys, D = 32, 16 queries: 108 registers with 8 warps (2 programs, 16 warps per SM), 150
+# with 4 (3 programs, 12 warps); no spills either way. From ptxas, not yet timed on a GPU.
+_FILTER_WARPS = 8
+_RADIX_BITS = tl.constexpr(RADIX_BITS)  # compiled kernels read only constexpr globals
 
 
 @triton.jit
@@ -101,11 +105,11 @@ def _select_digits(val_ptr, eq_ptr, eq_value, m, rank, FILTERED: tl.constexpr, T
     those whose ``eq_ptr`` entry equals ``eq_value`` when FILTERED), and its rank among the entries
     equal to it. A radix select: one histogram pass per 8-bit digit from the top, over the entries
     that match the digits found so far."""
-    bins = tl.arange(0, 1 << RADIX_BITS)
+    bins = tl.arange(0, 1 << _RADIX_BITS)
     prefix = tl.zeros([], tl.int32)
-    for p in tl.static_range(32 // RADIX_BITS):
-        SHIFT: tl.constexpr = 32 - RADIX_BITS * (p + 1)
-        hist = tl.zeros([1 << RADIX_BITS], tl.int32)
+    for p in tl.static_range(32 // _RADIX_BITS):
+        shift = 32 - _RADIX_BITS * (p + 1)
+        hist = tl.zeros([1 << _RADIX_BITS], tl.int32)
         for start in range(0, m, TILE):
             offs = start + tl.arange(0, TILE)
             ok = offs < m
@@ -113,12 +117,12 @@ def _select_digits(val_ptr, eq_ptr, eq_value, m, rank, FILTERED: tl.constexpr, T
             if FILTERED:
                 ok = ok & (tl.load(eq_ptr + offs, mask=ok, other=0) == eq_value)
             if p > 0:
-                ok = ok & ((v >> (SHIFT + RADIX_BITS)) == (prefix >> (SHIFT + RADIX_BITS)))
-            hist += tl.histogram((v >> SHIFT) & ((1 << RADIX_BITS) - 1), 1 << RADIX_BITS, mask=ok)
+                ok = ok & ((v >> (shift + _RADIX_BITS)) == (prefix >> (shift + _RADIX_BITS)))
+            hist += tl.histogram((v >> shift) & ((1 << _RADIX_BITS) - 1), 1 << _RADIX_BITS, mask=ok)
         below = tl.cumsum(hist, 0)
         digit = tl.sum((below < rank).to(tl.int32), 0)  # the bin holding the rank-th entry
         rank -= tl.sum(tl.where(bins < digit, hist, 0), 0)
-        prefix = prefix | (digit << SHIFT)
+        prefix = prefix | (digit << shift)
     return prefix, rank
 
 
@@ -157,7 +161,9 @@ def _keep_smallest(bits_ptr, ids_ptr, m, tau, TILE: tl.constexpr):
     return count
 
 
-@triton.jit
+# Sizes are not specialised (one compiled kernel per dtype, D and block sizes, not per database size
+# or k: cold compilation dominates a short GPU session); strides are, for their alignment.
+@triton.jit(do_not_specialize=["Q", "N", "S", "step"])
 def _knn_sample_kernel(
     q_ptr, k_ptr, bits_ptr, ids_ptr, Q, N, D, S, step, q_stride, k_stride, buf_stride,
     BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -178,7 +184,7 @@ def _knn_sample_kernel(
     tl.store(ids_ptr + at, tl.broadcast_to(row.to(tl.int32)[None, :], bits.shape), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "rank"])
 def _knn_bound_kernel(bits_ptr, ids_ptr, bound_ptr, count_ptr, S, rank, buf_stride, count_stride,
                       TILE: tl.constexpr):
     qi = tl.program_id(0)
@@ -187,7 +193,7 @@ def _knn_bound_kernel(bits_ptr, ids_ptr, bound_ptr, count_ptr, S, rank, buf_stri
     tl.store(count_ptr + qi * count_stride, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Q", "N", "C", "tiles"])
 def _knn_filter_kernel(
     q_ptr, k_ptr, bound_ptr, bits_ptr, ids_ptr, count_ptr,
     Q, N, D, C, tiles, q_stride, k_stride, buf_stride, count_stride,
@@ -256,7 +262,7 @@ def _stream_all_keys(q_ptr, k_ptr, qi, bits_ptr, ids_ptr, N, D, C, k, q_stride, 
     return count
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C", "k"])
 def _knn_select_kernel(
     q_ptr, k_ptr, bits_ptr, ids_ptr, count_ptr, dist_ptr, out_ids_ptr,
     N, D, C, k, q_stride, k_stride, buf_stride, count_stride, out_stride,
@@ -315,7 +321,7 @@ def knn_search(queries: torch.Tensor, keys: torch.Tensor, k: int, shape: SearchS
             s.sample, s.rank, s.sample, 32, TILE=SELECT_TILE)
     _launch(_knn_filter_kernel, grids["filter"], queries, keys, buf["bound"], buf["bits"], buf["ids"], buf["counts"],
             Q, N, D, s.capacity, s.tiles, queries.stride(0), keys.stride(0), s.capacity, 32,
-            **dims, num_warps=4, num_stages=3)
+            **dims, num_warps=_FILTER_WARPS, num_stages=3)
     _launch(_knn_select_kernel, grids["select"], queries, keys, buf["bits"], buf["ids"], buf["counts"], dist, ids,
             N, D, s.capacity, k, queries.stride(0), keys.stride(0), s.capacity, 32, k,
             KB=s.kb, BLOCK_N=s.block_n, BLOCK_Q=MIN_BLOCK_Q, BLOCK_D=s.block_d, TILE=SELECT_TILE,
