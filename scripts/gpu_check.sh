@@ -95,10 +95,10 @@ bench() {  # bench NAME SECONDS NODE_IDS_OR_ARGS...
 
 stage build 60 1 env ARRAG_KERNELS_BUILD_EXT=1 ARRAG_KERNELS_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace
 if [ "$DRY" = 1 ]; then  # the plumbing of the tests stage, on one quick CPU test
-    TESTS=(tests/test_knn_ref.py::test_knn_bad_inputs)
+    TESTS=(tests/test_knn.py::test_knn_bad_inputs)
 else  # most important first: a cut-off stage keeps the log of what ran
-    TESTS=(tests/test_static_loop.py tests/test_triton_kernels.py tests/test_faid_decode.py tests/test_faid_ops.py
-           tests/test_daid_topk.py tests/test_ivfpq_cuda.py "tests/test_cpp_ext.py::test_cuda_kselect_matches_sort")
+    TESTS=(tests/test_static_loop.py tests/test_knn.py tests/test_daid.py tests/test_neighbor_keys.py
+           tests/test_faid_decode.py tests/test_faid_blend.py tests/test_ivfpq.py)
 fi
 # -v: a stage cut off by its limit still names each test that ran (first run: Triton compiles every kernel)
 stage tests 200 0 "$PY" -m pytest "${TESTS[@]}" -v -p no:cacheprovider -rfEs --durations=10 --junitxml="$WORK/tests.xml"

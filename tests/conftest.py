@@ -29,3 +29,11 @@ def tiny_model():
 def tiny_images():
     g = torch.Generator().manual_seed(1)
     return torch.rand(24, 3, 32, 32, generator=g) * 2 - 1
+
+
+@pytest.fixture(scope="session")
+def tiny_db(tiny_model, tiny_images):
+    """A flat database of the first 4 tiny images (4 x 42 = 168 entries); tests must not modify it."""
+    import arrag_kernels as ak
+
+    return ak.PatchDatabase.build(tiny_images[:4], tiny_model, progress=False)

@@ -16,7 +16,7 @@ CFG = FAiDConfig(k=4, hops=(1, 2), blenders=2)
 
 @pytest.fixture(autouse=True)
 def _reference_ops():
-    """The Triton kernel is checked in test_faid_ops.py; decodes here use the reference op for speed
+    """The Triton kernel is checked in test_faid_blend.py; decodes here use the reference op for speed
     (each interpreted launch costs ~ms), except where a test selects the backend itself."""
     with ak.use_backend("reference"):
         yield  # tiny model: 2 layers -> blenders in layers 0 and 1

@@ -303,7 +303,7 @@ def max_errors(got, want):
 
 
 # The decodes use the reference faid_blend: the Triton kernel interpreted on CPU takes minutes for a
-# whole decode; test_faid_ops.py checks it against the reference (blend and weighted candidates).
+# whole decode; test_faid_blend.py checks it against the reference (blend and weighted candidates).
 CASES = [((1,), "dynamic"), ((1,), "static"), ((1, 2), "dynamic"), ((1, 2), "static"), ((3,), "static"),
          ((1, 2, 3), "dynamic")]
 

@@ -1,6 +1,11 @@
 """IVF-PQ: device search (reference / Triton fused top-k) vs faiss-cpu, recall vs exact, empty lists,
 negative ADC distances, multi-device list sharding, official import, nprobe, atomic / resumable /
-two-process builds, bad-input errors."""
+two-process builds, bad-input errors; compiled on CUDA (no faiss there): synthetic index arrays with
+unbalanced and empty lists, every selection method, sharding, no host synchronisation.
+
+Every search is checked by the top-k oracle (tests/oracles.py) against the full candidate set of the
+same query: faiss asked for every entry, or the reference scan asked for all its candidates (ADC
+distances: a scan must be exact over its candidates); recall by the oracle's tie-aware recall."""
 
 import json
 import os
@@ -15,20 +20,28 @@ import torch
 
 import arrag_kernels as ak
 from arrag_kernels.models import get_adapter
-from arrag_kernels.ops import knn_ref, use_backend
+from arrag_kernels.ops import use_backend
 from arrag_kernels.ops._triton import ivfpq as triton_ivfpq
-from arrag_kernels.ops.ivfpq import EMPTY, FLT_MAX, finish, ivfpq_scan, ivfpq_scan_ref, ivfpq_search, pack, probe
+from arrag_kernels.ops.ivfpq import (EMPTY, FLT_MAX, finish, ivfpq_dispatcher, ivfpq_probe, ivfpq_scan, ivfpq_scan_ref,
+                                     ivfpq_search, pack, probe)
 from arrag_kernels.retrieval.faiss_index import INDEX_FILE, VALUES_FILE, ivfpq_arrays, make_ivfpq_index, set_nprobe
 from arrag_kernels.retrieval.ivfpq_build import work_dir
 from arrag_kernels.retrieval.search import DeviceIVFPQSearch, make_search
 
-from .utils import OPCHECK_KWARGS
+from .oracles import assert_topk, candidate_distances, exact_distances, recall
+from .utils import CUDA, OPCHECK_KWARGS, op_backends
 
-faiss = pytest.importorskip("faiss")
-# Two cores shared with torch: OpenMP spinning makes OPQ training ~20x slower with 2 faiss threads.
-faiss.omp_set_num_threads(1)
+try:
+    import faiss
+except ImportError:  # the GPU machine has none: the CUDA tests below still run
+    faiss = None
+else:
+    # Two cores shared with torch: OpenMP spinning makes OPQ training ~20x slower with 2 faiss threads.
+    faiss.omp_set_num_threads(1)
+needs_faiss = pytest.mark.skipif(faiss is None, reason="faiss is not installed")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="compiled Triton IVF-PQ needs CUDA")
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = op_backends(ivfpq_dispatcher)
 NLIST = 16
 
 
@@ -49,6 +62,8 @@ def keys():
 @pytest.fixture(scope="module")
 def index(keys):
     """Official layout: OPQMatrix + IndexIVFPQ(IndexFlatL2), nlist 16, M 8, 8 bits."""
+    if faiss is None:
+        pytest.skip("faiss is not installed")
     idx = make_ivfpq_index(32, NLIST, m=8, nbits=8, opq=True)
     idx.train(keys)
     idx.add(keys)
@@ -60,24 +75,19 @@ def queries():
     return torch.from_numpy(synthetic_keys(7, seed=1))
 
 
-def assert_same_neighbours(dist, ids, ref_dist, ref_ids, atol=1e-4, what=""):
-    """Equal up to ties: distances close position by position, and ids may differ only where the
-    distance lies within ``atol`` of a neighbouring distance (or of the k-th, at the boundary)."""
-    dist, ids, ref_dist, ref_ids = (torch.as_tensor(t).cpu() for t in (dist, ids, ref_dist, ref_ids))
-    assert dist.dtype == torch.float32 and ids.dtype == torch.int64
-    torch.testing.assert_close(dist, ref_dist, atol=atol, rtol=1e-5, msg=lambda m: f"{what}: distances differ\n{m}")
-    for q in range(ids.shape[0]):
-        if torch.equal(ids[q], ref_ids[q]):
-            continue
-        kth = ref_dist[q, -1].item()
-        for j in (ids[q] != ref_ids[q]).nonzero().flatten().tolist():
-            d = ref_dist[q, j].item()
-            tied = (ref_dist[q] - d).abs() <= atol
-            tied_ids = set(ref_ids[q][tied].tolist())
-            assert ids[q, j].item() in tied_ids or abs(d - kth) <= atol, (
-                f"{what}: query {q} position {j}: id {ids[q, j].item()} (d={dist[q, j].item():.6f}) vs faiss "
-                f"id {ref_ids[q, j].item()} (d={d:.6f}), not a tie"
-            )
+def faiss_truth(index, queries, nprobe=None):
+    """The oracle's truth table of faiss's search: every entry faiss finds for each query (k = ntotal),
+    with ``nprobe`` set first unless None."""
+    if nprobe is not None:
+        set_nprobe(index, nprobe)
+    dist, ids = (torch.from_numpy(a) for a in index.search(queries.cpu().numpy(), index.ntotal))
+    return candidate_distances(dist, ids, int(ids.max()) + 1)
+
+
+def scan_truth(scan_args, max_candidates):
+    """The oracle's truth table of a scan: the reference asked for all ``max_candidates`` per query."""
+    dist, ids = ivfpq_scan_ref(*scan_args, max_candidates, max_candidates)
+    return candidate_distances(dist, ids, int(scan_args[5].max()) + 1)
 
 
 def faiss_search(index, queries, nprobe, k):
@@ -102,9 +112,12 @@ def _device_and_faiss(index, queries, backend, nprobe, k):
 def test_device_search_matches_faiss(index, queries, backend, nprobe, k):
     # nprobe 1, k 2048: fewer candidates than k, padded like faiss (checked by _device_and_faiss)
     dist, ids, ref_dist, ref_ids = _device_and_faiss(index, queries, backend, nprobe, k)
-    assert_same_neighbours(dist, ids, ref_dist, ref_ids, what=f"{backend} nprobe={nprobe} k={k}")
+    truth = faiss_truth(index, queries, nprobe)
+    assert_topk(ref_dist, ref_ids, truth, atol=0, rtol=0, what="faiss")
+    assert_topk(dist, ids, truth, atol=1e-4, what=f"{backend} nprobe={nprobe} k={k}")
 
 
+@needs_faiss
 def test_long_lists_over_several_programs(keys, queries):
     """nlist 4 (~750 entries per list): a query's ~1500 candidate slots are cut into two programs
     whose ranges cross list boundaries; no OPQ, to cover the bare IndexIVFPQ form too."""
@@ -116,21 +129,21 @@ def test_long_lists_over_several_programs(keys, queries):
     assert search.rotation is None and triton_ivfpq._plan(len(queries), 300, max_candidates, None)[4] == 2
     with use_backend("triton"):
         dist, ids = search.search(queries, 300)
-    assert_same_neighbours(dist, ids, *faiss_search(idx, queries, 2, 300), what="several programs")
+    assert_topk(dist, ids, faiss_truth(idx, queries, 2), atol=1e-4, what="several programs")
 
 
 def test_triton_equals_reference(index, queries):
     search = DeviceIVFPQSearch(ivfpq_arrays(index), 5, "cpu")
+    truth = scan_truth(*scan_inputs(ivfpq_arrays(index), queries, 5))
     with use_backend("reference"):
-        ref = search.search(queries, 64)
+        assert_topk(*search.search(queries, 64), truth, atol=1e-5, what="reference")
     with use_backend("triton"):
-        out = search.search(queries, 64)
-    assert_same_neighbours(*out, *ref, atol=1e-5, what="triton vs reference")
+        assert_topk(*search.search(queries, 64), truth, atol=1e-5, what="triton")
 
 
-def scan_inputs(index, queries, nprobe):
-    """(lists, dis0, term2, term1, codes, ids, offsets) and max_candidates of ``index`` for ``queries``."""
-    a = ivfpq_arrays(index)
+def scan_inputs(a, queries, nprobe):
+    """(lists, dis0, term2, term1, codes, ids, offsets) and max_candidates of the index arrays ``a``
+    (``ivfpq_arrays``'s layout, on the queries' device) for ``queries``."""
     lists, dis0, term2 = probe(queries, a["rotation"], a["centroids"], a["codebooks"], nprobe)
     sizes = (a["offsets"][1:] - a["offsets"][:-1]).sort(descending=True).values
     return [lists, dis0, term2, a["term1"], a["codes"], a["ids"], a["offsets"]], int(sizes[:nprobe].sum())
@@ -140,33 +153,35 @@ def scan_inputs(index, queries, nprobe):
 def test_triton_selection_methods(index, queries, method):
     """Each in-kernel selection (bitonic tl.topk, min-and-mask, bisection) against the reference; two
     programs per query and a merge; k = 13 is not a power of two."""
-    args, max_candidates = scan_inputs(index, queries[:2], 1)
+    args, max_candidates = scan_inputs(ivfpq_arrays(index), queries[:2], 1)
     packed = triton_ivfpq.ivfpq_scan_packed(*args[:5], args[6], 13, max_candidates, method=method)
     assert packed.shape == (2, 16) and torch.equal(packed, packed.sort(1).values)
     dist, ids = finish(packed, args[0], args[6], args[5], 13)
-    assert_same_neighbours(dist, ids, *ivfpq_scan_ref(*args, 13, max_candidates), atol=1e-5, what=method)
+    assert_topk(dist, ids, scan_truth(args, max_candidates), atol=1e-5, what=method)
 
 
 def test_one_program_scans_several_rounds(index, queries, monkeypatch):
     """One program per query: ~3000 slots in rounds of 1024, each reading back the candidates kept so far."""
     monkeypatch.setattr(triton_ivfpq, "_TARGET_PROGRAMS", 1)
-    args, max_candidates = scan_inputs(index, queries, NLIST)
+    args, max_candidates = scan_inputs(ivfpq_arrays(index), queries, NLIST)
     _, _, _, _, programs, per_program, _ = triton_ivfpq._plan(len(queries), 97, max_candidates, None)
     assert programs == 1 and per_program >= 3 * 1024
     with use_backend("triton"):
         out = ivfpq_scan(*args, 97, max_candidates)
-    assert_same_neighbours(*out, *ivfpq_scan_ref(*args, 97, max_candidates), atol=1e-5, what="several rounds")
+    assert_topk(*out, scan_truth(args, max_candidates), atol=1e-5, what="several rounds")
 
 
 def test_negative_distances(index, queries):
     """ADC distances are approximations and can be negative: shifted below zero, they keep their order."""
-    args, max_candidates = scan_inputs(index, queries, 4)
+    args, max_candidates = scan_inputs(ivfpq_arrays(index), queries, 4)
     args[1] = args[1] - args[1].mean() - 1.0  # dis0: most candidates below zero, some above
     ref = ivfpq_scan_ref(*args, 200, max_candidates)
     assert (ref[0] < 0).any() and (ref[0] > 0).any()
     with use_backend("triton"):
         out = ivfpq_scan(*args, 200, max_candidates)
-    assert_same_neighbours(*out, *ref, atol=1e-5, what="negative distances")
+    truth = scan_truth(args, max_candidates)
+    assert_topk(*ref, truth, atol=0, rtol=0, what="negative distances, reference")
+    assert_topk(*out, truth, atol=1e-5, what="negative distances")
 
 
 def test_packing_orders_like_floats():
@@ -201,7 +216,8 @@ def test_empty_lists(index_with_empty_lists, queries, backend, nprobe, k):
     dist, ids, ref_dist, ref_ids = _device_and_faiss(index_with_empty_lists, queries, backend, nprobe, k)
     if nprobe == 1:
         assert (ids[:4] == -1).all() and (ids[4:] >= 0).any()
-    assert_same_neighbours(dist, ids, ref_dist, ref_ids, what=f"{backend} empty lists nprobe={nprobe}")
+    truth = faiss_truth(index_with_empty_lists, queries, nprobe)
+    assert_topk(dist, ids, truth, atol=1e-4, what=f"{backend} empty lists nprobe={nprobe}")
 
 
 @pytest.mark.parametrize("backend,shards,nprobe,k", [
@@ -239,8 +255,8 @@ def test_database_shard(official_dir, index, queries):
         assert torch.equal(sharded.retrieve(queries, 40)[1], db.values[ids])
     for backend in ("auto", "reference"):  # CPU queries: faiss-cpu, sharded or not
         with use_backend(backend):
-            assert_same_neighbours(*sharded.search(queries, 40), *faiss_search(index, queries, 3, 40),
-                                   what=f"sharded database on CPU under {backend!r}")
+            assert_topk(*sharded.search(queries, 40), faiss_truth(index, queries, 3), atol=1e-4,
+                        what=f"sharded database on CPU under {backend!r}")
     assert db.shard(["cpu"]).shard(None)._shards is None
 
 
@@ -259,19 +275,18 @@ def test_shard_errors(index, official_dir, keys):
 
 
 def test_recall_against_exact(index, keys, queries):
-    """recall@10 of IVF-PQ (faiss and the device search) vs exact search; grows with nprobe."""
+    """Tie-aware recall@10 of IVF-PQ (faiss and the device search) vs exact search; grows with nprobe."""
     k = 10
     qs = torch.from_numpy(synthetic_keys(64, seed=2))
-    _, exact = knn_ref(qs, torch.from_numpy(keys), k)
+    truth = exact_distances(qs, torch.from_numpy(keys))
     recalls = {}
     for nprobe in (1, 4, NLIST):
         _, f_ids = faiss_search(index, qs, nprobe, k)
         with use_backend("reference"):
             _, d_ids = DeviceIVFPQSearch(ivfpq_arrays(index), nprobe, "cpu").search(qs, k)
-        hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(f_ids, exact)]
-        d_hits = [len(set(a.tolist()) & set(b.tolist())) for a, b in zip(d_ids, exact)]
-        recalls[nprobe] = sum(hits) / (k * len(qs))
-        assert abs(sum(d_hits) - sum(hits)) <= 2, "device search recall departs from faiss's"
+        recalls[nprobe] = recall(f_ids, truth)
+        hits, d_hits = (round(recall(i, truth) * k * len(qs)) for i in (f_ids, d_ids))
+        assert abs(d_hits - hits) <= 2, "device search recall departs from faiss's"
     print(f"\nIVF-PQ recall@{k} vs exact (3001 keys, nlist {NLIST}, M 8 x 8 bits, OPQ): {recalls}")
     assert recalls[1] <= recalls[4] <= recalls[NLIST]
     assert recalls[NLIST] >= 0.5, f"recall@{k} with every list probed is {recalls[NLIST]:.2f}, expected >= 0.5"
@@ -299,11 +314,11 @@ def test_from_official_sets_nprobe_on_inner_ivf(official_dir, index, queries):
         assert db.keys is None and len(db) == len(values) and db.meta.key_dim == 32
         assert faiss.extract_index_ivf(db.index).nprobe == nprobe == db.nprobe
         dist, ids = db.search(queries, 20)
-        ref_dist, ref_ids = faiss_search(index, queries, nprobe, 20)
-        assert_same_neighbours(dist, ids, ref_dist, ref_ids, what=f"from_official nprobe={nprobe}")
+        truth = faiss_truth(index, queries, nprobe)
+        assert_topk(dist, ids, truth, atol=1e-4, what=f"from_official nprobe={nprobe}")
         with use_backend("triton"):
             t_dist, t_ids = db.search(queries, 20)
-        assert_same_neighbours(t_dist, t_ids, ref_dist, ref_ids, what=f"triton, from_official nprobe={nprobe}")
+        assert_topk(t_dist, t_ids, truth, atol=1e-4, what=f"triton, from_official nprobe={nprobe}")
         tok_dist, tokens = db.retrieve(queries, 20)
         assert torch.equal(tokens, torch.from_numpy(values.astype(np.int64))[ids])
         results[nprobe] = ids
@@ -316,7 +331,9 @@ def test_index_only_database_roundtrip(official_dir, queries, tmp_path):
     assert sorted(p.name for p in (tmp_path / "db").iterdir()) == sorted(["meta.json", INDEX_FILE, VALUES_FILE])
     back = ak.PatchDatabase.load(tmp_path / "db")
     assert back.keys is None and back.nprobe == 4 and torch.equal(back.values, db.values)
-    assert_same_neighbours(*back.search(queries, 16), *db.search(queries, 16), atol=0, what="reloaded")
+    truth = faiss_truth(db.index, queries)
+    assert_topk(*db.search(queries, 16), truth, atol=0, rtol=0, what="imported")
+    assert_topk(*back.search(queries, 16), truth, atol=0, rtol=0, what="reloaded")
     assert back.to("cpu").nprobe == 4 and len(back.to("cpu")) == len(db)
 
 
@@ -360,6 +377,7 @@ class CrashingAdapter:
         return self._adapter.encode(batch)
 
 
+@needs_faiss
 def test_build_is_atomic_and_resumable(tiny_model, tiny_images, tmp_path):
     path = tmp_path / "db"
     params = dict(index="ivfpq", path=path, nlist=NLIST, chunk_images=4, batch_size=4, train_size=1000, progress=False)
@@ -391,6 +409,34 @@ def test_build_is_atomic_and_resumable(tiny_model, tiny_images, tmp_path):
     assert fresh_adapter.images == 16
 
 
+@needs_faiss
+def test_resumed_ivfpq_build_says_what_is_done(tiny_model, tiny_images, tmp_path, capsys):
+    """Training used to print nothing for minutes between two bars, and a resumed build said nothing."""
+    adapter = get_adapter(tiny_model)
+    calls = []
+
+    class Crashing:
+        def __getattr__(self, name):
+            return getattr(adapter, name)
+
+        def encode(self, batch):
+            if len(calls) == 2:
+                raise KeyboardInterrupt("simulated crash")
+            calls.append(batch.shape[0])
+            return adapter.encode(batch)
+
+    kwargs = dict(index="ivfpq", path=tmp_path / "db", nlist=4, m=4, nbits=4, chunk_images=4, batch_size=4)
+    with pytest.raises(KeyboardInterrupt):
+        ak.PatchDatabase.build(tiny_images[:12], Crashing(), **kwargs)
+    capsys.readouterr()
+    built = ak.PatchDatabase.build(tiny_images[:12], tiny_model, **kwargs)
+    err = capsys.readouterr().err
+    assert len(built) == 12 * 42
+    assert "resuming the build in" in err and "2 of 3 chunks already encoded, 1 to go" in err
+    assert "training OPQ + IVF-PQ (nlist 4, m 4, nbits 4)" in err and "trained in" in err and "saving 504 entries" in err
+
+
+@needs_faiss
 def test_index_only_build(tiny_model, tiny_images, tmp_path, queries):
     db = ak.PatchDatabase.build(tiny_images[:8], tiny_model, index="ivfpq", path=tmp_path / "db", nlist=NLIST,
                                 keep_keys=False, nprobe=3, train_size=1000, progress=False)
@@ -407,6 +453,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@needs_faiss
 def test_two_process_build(tiny_model, tiny_images, tmp_path):
     out, reports = tmp_path / "dist_db", tmp_path / "reports"
     reports.mkdir()
@@ -426,7 +473,9 @@ def test_two_process_build(tiny_model, tiny_images, tmp_path):
                                     chunk_images=6, train_size=1000, progress=False)
     assert torch.equal(merged.keys, single.keys) and torch.equal(merged.values, single.values)
     q = single.keys[::97].contiguous()
-    assert_same_neighbours(*merged.search(q, 8), *single.search(q, 8), atol=0, what="two-process vs single build")
+    truth = faiss_truth(single.index, q)
+    assert_topk(*single.search(q, 8), truth, atol=0, rtol=0, what="single build")
+    assert_topk(*merged.search(q, 8), truth, atol=0, rtol=0, what="two-process build")
 
 
 def test_device_search_input_errors(index, queries):
@@ -440,11 +489,12 @@ def test_device_search_input_errors(index, queries):
         ivfpq_search(queries, *args, 1, 2049, 500)
     with pytest.raises(ValueError, match=r"max_candidates must be in \[1, 2\^32\), got 4294967296"):
         ivfpq_search(queries, *args, 1, 10, 1 << 32)
-    scan_args, max_candidates = scan_inputs(index, queries, 2)
+    scan_args, max_candidates = scan_inputs(a, queries, 2)
     with pytest.raises(ValueError, match=r"term2 \(Q, 8, 256\) from ivfpq_probe, got \(7, 2\), \(7, 2\) and \(6, 8"):
         ivfpq_scan(*scan_args[:2], scan_args[2][:6], *scan_args[3:], 10, max_candidates)
 
 
+@needs_faiss
 def test_cli_build_ivfpq_and_import_official(tmp_path, capsys):
     from arrag_kernels.cli import main
     from arrag_kernels.demo import procedural_images
@@ -476,7 +526,7 @@ def test_set_nprobe_keeps_uploaded_arrays(official_dir, index, queries):
         db.set_nprobe(5)
         dist, ids = db.search(queries, 8)
     assert db._search._device[queries.device] is uploaded and uploaded.nprobe == 5
-    assert_same_neighbours(dist, ids, *faiss_search(index, queries, 5, 8), what="after set_nprobe")
+    assert_topk(dist, ids, faiss_truth(index, queries, 5), atol=1e-4, what="after set_nprobe")
     with pytest.raises(ValueError, match=rf"nprobe must be in \[1, nlist = {NLIST}\], got 0"):
         db.set_nprobe(0)
 
@@ -485,7 +535,7 @@ def test_opcheck_triton_op(index, queries):
     """Full opcheck compiled on CUDA; under the interpreter only the schema and autograd checks can run
     (wrap_triton returns the raw interpreted kernel, which fake tensors cannot launch)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    args, max_candidates = scan_inputs(index, queries, 2)
+    args, max_candidates = scan_inputs(ivfpq_arrays(index), queries, 2)
     torch.library.opcheck(triton_ivfpq.ivfpq_scan_op, (*(t.to(device) for t in args), 16, max_candidates),
                           **OPCHECK_KWARGS)
 
@@ -500,3 +550,91 @@ def test_padded_neighbours_come_back_as_token_minus_one(official_dir, queries):
     probs = torch.softmax(torch.randn(len(queries), 16384), 1)
     merged = ak.ops.daid_mix(probs, dist, tokens, torch.ones(len(queries), dtype=torch.bool), 0.5, 0.6)
     assert torch.isfinite(merged).all() and torch.allclose(merged.sum(1), torch.ones(len(queries)), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled on CUDA, without faiss: synthetic arrays of 200k entries
+
+CUDA_NLIST, DIM, M = 64, 32, 8
+
+
+@pytest.fixture(scope="module")
+def cuda_arrays():
+    """CPU arrays laid out like ``ivfpq_arrays``: 200k entries in lists of very unequal sizes, every
+    7th list empty, random codebooks and codes, an orthogonal rotation."""
+    g = torch.Generator().manual_seed(0)
+    centroids = torch.randn(CUDA_NLIST, DIM, generator=g)
+    codebooks = torch.randn(M, 256, DIM // M, generator=g) * 0.3
+    term1 = (codebooks * codebooks).sum(-1) + 2.0 * torch.einsum("lmd,mjd->lmj", centroids.view(CUDA_NLIST, M, -1),
+                                                                   codebooks)
+    weights = torch.rand(CUDA_NLIST, generator=g) ** 3
+    weights[::7] = 0
+    n = 200_000
+    sizes = torch.bincount(torch.multinomial(weights, n, replacement=True, generator=g), minlength=CUDA_NLIST)
+    return {"rotation": torch.linalg.qr(torch.randn(DIM, DIM, generator=g))[0], "centroids": centroids,
+            "codebooks": codebooks, "term1": term1.contiguous(),
+            "codes": torch.randint(0, 256, (n, M), generator=g, dtype=torch.uint8),
+            "ids": torch.randperm(n, generator=g),
+            "offsets": torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(sizes, 0)])}
+
+
+@pytest.fixture(scope="module")
+def cuda_queries(cuda_arrays):
+    g = torch.Generator().manual_seed(1)
+    near = cuda_arrays["centroids"][torch.randint(0, CUDA_NLIST, (9,), generator=g)] @ cuda_arrays["rotation"]  # y = x A^T
+    return (near + 0.5 * torch.randn(9, DIM, generator=g)).cuda()
+
+
+def _cuda_truth(cuda_arrays, queries, nprobe):
+    """Truth table of the reference scan over every candidate of the ``nprobe`` probed lists, on CUDA."""
+    return scan_truth(*scan_inputs({n: t.cuda() for n, t in cuda_arrays.items()}, queries, nprobe))
+
+
+@needs_cuda
+@pytest.mark.parametrize("nprobe,k", [(1, 10), (8, 97), (32, 2048), (CUDA_NLIST, 64), (4, 1000)], ids=lambda v: str(v))
+def test_cuda_triton_search_equals_reference(cuda_arrays, cuda_queries, nprobe, k):
+    search = DeviceIVFPQSearch(cuda_arrays, nprobe, "cuda")
+    truth = _cuda_truth(cuda_arrays, cuda_queries, nprobe)
+    for backend in ("reference", "triton"):
+        with use_backend(backend):
+            assert_topk(*search.search(cuda_queries, k), truth, atol=1e-4, rtol=0, what=backend)
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["topk", "scan", "bisect"])
+@pytest.mark.parametrize("k", [13, 300])
+def test_cuda_selection_methods(cuda_arrays, cuda_queries, method, k):
+    a = {n: t.cuda() for n, t in cuda_arrays.items()}
+    lists, dis0, term2 = ivfpq_probe(cuda_queries, a["rotation"], a["centroids"], a["codebooks"], 6)
+    sizes = (cuda_arrays["offsets"][1:] - cuda_arrays["offsets"][:-1]).sort(descending=True).values
+    max_candidates = int(sizes[:6].sum())
+    packed = triton_ivfpq.ivfpq_scan_packed(lists, dis0, term2, a["term1"], a["codes"], a["offsets"], k,
+                                            max_candidates, method)
+    assert torch.equal(packed, packed.sort(1).values)
+    truth = scan_truth([lists, dis0, term2, a["term1"], a["codes"], a["ids"], a["offsets"]], max_candidates)
+    assert_topk(*finish(packed, lists, a["offsets"], a["ids"], k), truth, atol=1e-4, rtol=0, what=method)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shards", [2, 3])
+def test_cuda_sharded_search_equals_unsharded(cuda_arrays, cuda_queries, shards):
+    single = DeviceIVFPQSearch(cuda_arrays, 8, "cuda")
+    sharded = DeviceIVFPQSearch(cuda_arrays, 8, "cuda", shards=["cuda"] * shards)
+    with use_backend("triton"):
+        expected = single.search(cuda_queries, 500)
+        dist, ids = sharded.search(cuda_queries, 500)
+    assert torch.equal(dist, expected[0]) and torch.equal(ids, expected[1])
+
+
+@needs_cuda
+@pytest.mark.parametrize("shards", [None, ["cuda", "cuda"]], ids=["single", "sharded"])
+def test_cuda_search_never_synchronises(cuda_arrays, cuda_queries, shards):
+    search = DeviceIVFPQSearch(cuda_arrays, 8, "cuda", shards=shards)
+    with use_backend("triton"):
+        search.search(cuda_queries, 2048)  # compiles the kernels
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            search.search(cuda_queries, 2048)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

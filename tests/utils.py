@@ -1,49 +1,144 @@
-"""Comparison helpers: one tolerance table per dtype, informative failure messages."""
+"""Test helpers: the one list of backends (``op_backends``), one tolerance table per dtype
+(``TOLERANCES``: direct and error-relative comparisons with informative failure messages), NaN-poisoned
+output buffers, and checks shared by decode tests. The top-k oracle is in tests/oracles.py."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import pytest
 import torch
+
+from arrag_kernels import _ext
+from arrag_kernels.ops import BACKENDS
+
+CUDA = torch.cuda.is_available()
+
+
+def _triton_unavailable() -> str | None:
+    try:
+        import arrag_kernels.ops._triton  # noqa: F401  registers the Triton implementations
+    except ImportError as exc:
+        return f"triton is not importable ({exc})"
+    return None
+
+
+# Why a backend cannot run in this test session (None: it can). The one list every op test draws on.
+UNAVAILABLE = {
+    "reference": None,
+    "triton": _triton_unavailable(),  # compiled on CUDA, else through the interpreter (TRITON_INTERPRET=1)
+    "cpp": None if _ext.HAS_EXT else f"C++ extension unavailable: {_ext.EXT_ERROR}",
+    "cuda": None if CUDA and _ext.HAS_CUDA_EXT else (_ext.CUDA_EXT_ERROR or "no CUDA device"),
+}
+
+
+def op_backends(dispatcher, exclude=(), dtypes: dict | None = None) -> list:
+    """pytest parameters of every backend ``dispatcher``'s op implements (in the order of
+    ``arrag_kernels.ops.BACKENDS``), each skipped with its reason where it cannot run here. The Triton
+    kernels are imported above, so their registrations are visible; a Triton that cannot be imported
+    is listed for every op (and skipped).
+
+    With ``dtypes`` ({backend: [dtype, ...]}, key "*" for the others) the parameters are (backend, dtype)
+    pairs, each backend with the dtypes it supports (so ``parametrize("backend,dtype", ...)``)."""
+    params = []
+    for name in BACKENDS:
+        implemented = name in dispatcher._impls or (name == "triton" and UNAVAILABLE["triton"] is not None)
+        if not implemented or name in exclude:
+            continue
+        reason = UNAVAILABLE[name]
+        marks = pytest.mark.skipif(reason is not None, reason=reason or "")
+        if dtypes is None:
+            params.append(pytest.param(name, id=name, marks=marks))
+        else:
+            for dtype in dtypes.get(name, dtypes.get("*", ())):
+                params.append(pytest.param(name, dtype, id=f"{name}-{str(dtype).removeprefix('torch.')}", marks=marks))
+    return params
+
+
+# The dtypes Triton kernels are tested in: bfloat16 only compiled (the interpreter computes bf16 wrongly).
+TRITON_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
 
 def backend_device(backend: str) -> str:
     """Where a backend's kernels run in tests: Triton on CUDA when there is one (else through the
     interpreter on the CPU); the C++ extension and the reference on the CPU."""
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return "cuda" if backend == "triton" and CUDA else "cpu"
 
 
 # torch.library.opcheck arguments: every check compiled on CUDA; under the Triton interpreter only the
 # schema and autograd-registration checks (wrap_triton returns the raw interpreted kernel there, which
 # fake tensors cannot launch). torch 2.11 refuses test_utils=None, so the CUDA case passes nothing.
-OPCHECK_KWARGS = {} if torch.cuda.is_available() else {"test_utils": ("test_schema", "test_autograd_registration")}
+OPCHECK_KWARGS = {} if CUDA else {"test_utils": ("test_schema", "test_autograd_registration")}
 
 
-# (atol, rtol) per compute dtype, for kernel-vs-reference comparisons.
+@dataclass(frozen=True)
+class Tolerance:
+    """How close a kernel must be, in one compute dtype.
+
+    ``atol``/``rtol``: direct comparison against a reference (``assert_close``). ``factor``/``floor``:
+    error-relative comparison in the flash-attention style (``assert_error_relative``): the kernel's
+    largest error against a high-precision ground truth may be at most ``factor`` times the reference
+    implementation's own largest error in the same dtype, plus ``floor``.
+    """
+
+    atol: float
+    rtol: float
+    factor: float
+    floor: float
+
+
 TOLERANCES = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (2e-2, 2e-2),
+    torch.float32: Tolerance(atol=1e-5, rtol=1e-5, factor=2.0, floor=1e-6),
+    torch.float16: Tolerance(atol=2e-3, rtol=2e-3, factor=2.0, floor=1e-4),
+    torch.bfloat16: Tolerance(atol=2e-2, rtol=2e-2, factor=2.0, floor=1e-3),
 }
+
+
+def _first_mismatch(actual, expected, bad) -> str:
+    idx = tuple(int(i) for i in bad.nonzero()[0])
+    return f"first mismatch at {idx}: got {actual[idx].item()!r}, expected {expected[idx].item()!r}"
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float32, what: str = "",
                  atol: float | None = None):
     """Like torch.testing.assert_close with the table's tolerance (``atol`` raises the table's absolute
     one where a computation's error scale is known); reports max error and first mismatch."""
-    table_atol, rtol = TOLERANCES[dtype]
-    atol = table_atol if atol is None else max(atol, table_atol)
+    tol = TOLERANCES[dtype]
+    atol = tol.atol if atol is None else max(atol, tol.atol)
     actual, expected = actual.detach().float().cpu(), expected.detach().float().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
-    bad = ~torch.isclose(actual, expected, atol=atol, rtol=rtol, equal_nan=False)
+    bad = ~torch.isclose(actual, expected, atol=atol, rtol=tol.rtol, equal_nan=False)
     if bad.any():
-        idx = tuple(int(i) for i in bad.nonzero()[0])
         err = (actual - expected).abs().nan_to_num(float("inf")).max().item()
         raise AssertionError(
-            f"{what}: {int(bad.sum())}/{bad.numel()} elements differ (atol={atol}, rtol={rtol}); max abs error {err:.3g}; "
-            f"first mismatch at {idx}: got {actual[idx].item()!r}, expected {expected[idx].item()!r}"
+            f"{what}: {int(bad.sum())}/{bad.numel()} elements differ (atol={atol}, rtol={tol.rtol}); max abs error "
+            f"{err:.3g}; {_first_mismatch(actual, expected, bad)}"
+        )
+
+
+def assert_error_relative(actual: torch.Tensor, reference: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype,
+                          what: str = ""):
+    """Flash-attention-style check: ``actual`` (the kernel in ``dtype``) is at most ``factor`` times as far
+    from ``truth`` (the same computation in float64, or float32 for fp16/bf16 inputs) as ``reference``
+    (the reference implementation in ``dtype``) is, plus ``floor`` (table ``TOLERANCES``)."""
+    tol = TOLERANCES[dtype]
+    actual, reference, truth = (t.detach().double().cpu() for t in (actual, reference, truth))
+    assert actual.shape == truth.shape == reference.shape, \
+        f"{what}: shapes {tuple(actual.shape)}, reference {tuple(reference.shape)}, truth {tuple(truth.shape)}"
+    err = (actual - truth).abs().nan_to_num(float("inf"))
+    ref_err = (reference - truth).abs().max().item()
+    bound = tol.factor * ref_err + tol.floor
+    bad = err > bound
+    if bad.any():
+        raise AssertionError(
+            f"{what}: max error {err.max().item():.3g} against the float64 truth exceeds {tol.factor} x the "
+            f"reference's {ref_err:.3g} + {tol.floor:g} in {dtype} ({int(bad.sum())}/{bad.numel()} elements); "
+            f"{_first_mismatch(actual, truth, bad)}"
         )
 
 
 def poison(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """A fresh tensor full of NaN, so elements a kernel forgets to write fail the comparison."""
+    """A fresh buffer full of NaN for an op to write into, so elements it forgets to write fail the comparison."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 

@@ -19,6 +19,15 @@ static int failures = 0;
     }                                          \
   } while (0)
 
+/* Outputs are filled with NaN / -7 before each call, so an element the library forgets to write fails. */
+static void poison_f32(float* x, int n) {
+  for (int i = 0; i < n; ++i) x[i] = NAN;
+}
+
+static void poison_i64(int64_t* x, int n) {
+  for (int i = 0; i < n; ++i) x[i] = -7;
+}
+
 static void check_status(arrag_status s, const char* what) {
   CHECK(s == ARRAG_OK, "%s returned %d: %s", what, (int)s, arrag_last_error());
 }
@@ -31,6 +40,8 @@ static void test_knn(void) {
   const int64_t want_i[6] = {0, 1, 4, 1, 0, 4}; /* (1,0): ids 0 and 4 tie at 1, smaller id first */
   float d[6];
   int64_t ids[6];
+  poison_f32(d, 6);
+  poison_i64(ids, 6);
   check_status(arrag_knn(queries, 2, keys, ARRAG_FLOAT32, 5, 2, 3, d, ids), "arrag_knn");
   for (int j = 0; j < 6; ++j) {
     CHECK(d[j] == want_d[j], "knn dist[%d] = %g, expected %g", j, d[j], want_d[j]);
@@ -39,7 +50,11 @@ static void test_knn(void) {
   /* the same search over keys prepared once (blocks of 256 transposed keys + norms) */
   CHECK(arrag_knn_blocked_rows(5) == 256, "arrag_knn_blocked_rows(5) = %lld", (long long)arrag_knn_blocked_rows(5));
   static float blocked[256 * 2], norms[256];
+  poison_f32(blocked, 256 * 2);
+  poison_f32(norms, 256);
   check_status(arrag_knn_prepare(keys, ARRAG_FLOAT32, 5, 2, blocked, norms), "arrag_knn_prepare");
+  poison_f32(d, 6);
+  poison_i64(ids, 6);
   check_status(arrag_knn_blocked(queries, 2, blocked, norms, ARRAG_FLOAT32, 5, 2, 3, d, ids), "arrag_knn_blocked");
   for (int j = 0; j < 6; ++j) {
     CHECK(d[j] == want_d[j], "blocked knn dist[%d] = %g, expected %g", j, d[j], want_d[j]);
@@ -59,7 +74,8 @@ static void test_neighbor_keys(void) {
   const int32_t offsets[8] = {-1, -1, -1, 0, -1, 1, 0, -1};
   const float want[16] = {1, 0, 0, 1, -1, 0, 0, -1, /* position 4 */ 0, 0, 1, 0, 0, 1, 0, 0 /* position 3 */};
   float keys[16];
-  uint8_t valid[2];
+  uint8_t valid[2] = {7, 7};
+  poison_f32(keys, 16);
   check_status(arrag_neighbor_keys(tokens, 1, 2, 3, codebook, 4, 2, positions, 2, offsets, 4, 1, keys, valid),
                "arrag_neighbor_keys");
   for (int j = 0; j < 16; ++j) CHECK(keys[j] == want[j], "neighbor key[%d] = %g, expected %g", j, keys[j], want[j]);
@@ -79,12 +95,15 @@ static void test_daid_sample(void) {
   float p[4];
   int64_t tok;
   for (int t = 0; t < 3; ++t) {
+    poison_f32(p, 4);
+    poison_i64(&tok, 1);
     check_status(arrag_daid_sample(logits, 1, 4, 1, dist, hits, 2, active, &us[t], 5.0f, 1.0f, 0.5f, 0.6f,
                                    ARRAG_DEDUP_NEAREST, &tok, p),
                  "arrag_daid_sample");
     CHECK(tok == want_tok[t], "u = %g sampled %lld, expected %lld", us[t], (long long)tok, (long long)want_tok[t]);
   }
   for (int v = 0; v < 4; ++v) CHECK(fabsf(p[v] - want_p[v]) < 1e-6f, "p[%d] = %g, expected %g", v, p[v], want_p[v]);
+  poison_i64(&tok, 1);
   check_status(arrag_daid_sample(logits, 1, 4, 1, dist, hits, 2, active, NULL, 5.0f, 1.0f, 0.5f, 0.6f,
                                  ARRAG_DEDUP_SUM, &tok, NULL),
                "arrag_daid_sample (greedy)");

@@ -44,7 +44,6 @@ MAX_KEYS = 1 << 31  # ids are int32 in the kernels
 # sm_90, fp16 keys, D = 32, 16 queries: 108 registers with 8 warps (2 programs, 16 warps per SM), 150
 # with 4 (3 programs, 12 warps); no spills either way. From ptxas, not yet timed on a GPU.
 _FILTER_WARPS = 8
-_RADIX_BITS = tl.constexpr(RADIX_BITS)  # compiled kernels read only constexpr globals
 
 
 @triton.jit
@@ -100,16 +99,17 @@ def _load_entries(bits_ptr, ids_ptr, offs, ok):
 
 
 @triton.jit
-def _select_digits(val_ptr, eq_ptr, eq_value, m, rank, FILTERED: tl.constexpr, TILE: tl.constexpr):
+def _select_digits(val_ptr, eq_ptr, eq_value, m, rank, FILTERED: tl.constexpr, TILE: tl.constexpr,
+                   RADIX: tl.constexpr):
     """(v, r): the rank-th smallest (1-based) of the non-negative int32 values ``val_ptr[:m]`` (only
     those whose ``eq_ptr`` entry equals ``eq_value`` when FILTERED), and its rank among the entries
-    equal to it. A radix select: one histogram pass per 8-bit digit from the top, over the entries
+    equal to it. A radix select: one histogram pass per RADIX-bit digit from the top, over the entries
     that match the digits found so far."""
-    bins = tl.arange(0, 1 << _RADIX_BITS)
+    bins = tl.arange(0, 1 << RADIX)
     prefix = tl.zeros([], tl.int32)
-    for p in tl.static_range(32 // _RADIX_BITS):
-        shift = 32 - _RADIX_BITS * (p + 1)
-        hist = tl.zeros([1 << _RADIX_BITS], tl.int32)
+    for p in tl.static_range(32 // RADIX):
+        shift = 32 - RADIX * (p + 1)
+        hist = tl.zeros([1 << RADIX], tl.int32)
         for start in range(0, m, TILE):
             offs = start + tl.arange(0, TILE)
             ok = offs < m
@@ -117,8 +117,8 @@ def _select_digits(val_ptr, eq_ptr, eq_value, m, rank, FILTERED: tl.constexpr, T
             if FILTERED:
                 ok = ok & (tl.load(eq_ptr + offs, mask=ok, other=0) == eq_value)
             if p > 0:
-                ok = ok & ((v >> (shift + _RADIX_BITS)) == (prefix >> (shift + _RADIX_BITS)))
-            hist += tl.histogram((v >> shift) & ((1 << _RADIX_BITS) - 1), 1 << _RADIX_BITS, mask=ok)
+                ok = ok & ((v >> (shift + RADIX)) == (prefix >> (shift + RADIX)))
+            hist += tl.histogram((v >> shift) & ((1 << RADIX) - 1), 1 << RADIX, mask=ok)
         below = tl.cumsum(hist, 0)
         digit = tl.sum((below < rank).to(tl.int32), 0)  # the bin holding the rank-th entry
         rank -= tl.sum(tl.where(bins < digit, hist, 0), 0)
@@ -127,11 +127,11 @@ def _select_digits(val_ptr, eq_ptr, eq_value, m, rank, FILTERED: tl.constexpr, T
 
 
 @triton.jit
-def _kth_smallest(bits_ptr, ids_ptr, m, rank, TILE: tl.constexpr):
+def _kth_smallest(bits_ptr, ids_ptr, m, rank, TILE: tl.constexpr, RADIX: tl.constexpr):
     """The rank-th smallest (1-based, rank <= m) of the first m entries, as int64 ``bits << 32 | id``:
     its distance bits by a radix select, then its id: the smallest among the entries of those bits
     (one pass) unless ties put it further in (a radix select of their ids)."""
-    bits, rank = _select_digits(bits_ptr, bits_ptr, 0, m, rank, False, TILE)
+    bits, rank = _select_digits(bits_ptr, bits_ptr, 0, m, rank, False, TILE, RADIX)
     if rank == 1:
         best = tl.full([TILE], 0x7FFFFFFF, tl.int32)
         for start in range(0, m, TILE):
@@ -141,7 +141,7 @@ def _kth_smallest(bits_ptr, ids_ptr, m, rank, TILE: tl.constexpr):
             best = tl.minimum(best, tl.load(ids_ptr + offs, mask=ok, other=0x7FFFFFFF))
         id = tl.min(best, 0)
     else:
-        id, rank = _select_digits(ids_ptr, bits_ptr, bits, m, rank, True, TILE)
+        id, rank = _select_digits(ids_ptr, bits_ptr, bits, m, rank, True, TILE, RADIX)
     return (bits.to(tl.int64) << 32) | id.to(tl.int64)
 
 
@@ -186,10 +186,10 @@ def _knn_sample_kernel(
 
 @triton.jit(do_not_specialize=["S", "rank"])
 def _knn_bound_kernel(bits_ptr, ids_ptr, bound_ptr, count_ptr, S, rank, buf_stride, count_stride,
-                      TILE: tl.constexpr):
+                      TILE: tl.constexpr, RADIX: tl.constexpr):
     qi = tl.program_id(0)
     row = qi.to(tl.int64) * buf_stride
-    tl.store(bound_ptr + qi, _kth_smallest(bits_ptr + row, ids_ptr + row, S, rank, TILE))
+    tl.store(bound_ptr + qi, _kth_smallest(bits_ptr + row, ids_ptr + row, S, rank, TILE, RADIX))
     tl.store(count_ptr + qi * count_stride, 0)
 
 
@@ -230,7 +230,8 @@ def _knn_filter_kernel(
 
 @triton.jit
 def _stream_all_keys(q_ptr, k_ptr, qi, bits_ptr, ids_ptr, N, D, C, k, q_stride, k_stride,
-                     BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
+                     RADIX: tl.constexpr):
     """The fallback: every key of query ``qi`` through its C slots (C >= k + BLOCK_N, or C = N), shrunk
     to the k smallest whenever the next tile may not fit; returns the entry count (the top k are in)."""
     lane = tl.arange(0, BLOCK_Q)
@@ -250,7 +251,7 @@ def _stream_all_keys(q_ptr, k_ptr, qi, bits_ptr, ids_ptr, N, D, C, k, q_stride, 
         kept = tl.sum(keep.to(tl.int32), 0)
         if count + kept > C:  # then count > C - BLOCK_N >= k
             tl.debug_barrier()  # the slots' stores visible to the whole program
-            tau = _kth_smallest(bits_ptr, ids_ptr, count, k, TILE)
+            tau = _kth_smallest(bits_ptr, ids_ptr, count, k, TILE, RADIX)
             tl.debug_barrier()
             count = _keep_smallest(bits_ptr, ids_ptr, count, tau, TILE)
             keep = keep & (x <= tau)
@@ -267,6 +268,7 @@ def _knn_select_kernel(
     q_ptr, k_ptr, bits_ptr, ids_ptr, count_ptr, dist_ptr, out_ids_ptr,
     N, D, C, k, q_stride, k_stride, buf_stride, count_stride, out_stride,
     KB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
+    RADIX: tl.constexpr,
 ):
     qi = tl.program_id(0)
     bits_row = bits_ptr + qi.to(tl.int64) * buf_stride
@@ -274,9 +276,9 @@ def _knn_select_kernel(
     count = tl.load(count_ptr + qi * count_stride)
     if (count < k) | (count > C):  # the bound failed for this query: its survivors are not the whole story
         count = _stream_all_keys(q_ptr, k_ptr, qi, bits_row, ids_row, N, D, C, k, q_stride, k_stride,
-                                 BLOCK_N, BLOCK_Q, BLOCK_D, TILE)
+                                 BLOCK_N, BLOCK_Q, BLOCK_D, TILE, RADIX)
         tl.debug_barrier()
-    kth = _kth_smallest(bits_row, ids_row, count, k, TILE)
+    kth = _kth_smallest(bits_row, ids_row, count, k, TILE, RADIX)
     tl.debug_barrier()
     _keep_smallest(bits_row, ids_row, count, kth, TILE)  # exactly k entries: (bits, id) pairs are distinct
     tl.debug_barrier()
@@ -318,13 +320,13 @@ def knn_search(queries: torch.Tensor, keys: torch.Tensor, k: int, shape: SearchS
     _launch(_knn_sample_kernel, grids["sample"], queries, keys, buf["sample_bits"], buf["sample_ids"],
             Q, N, D, s.sample, s.sample_step, queries.stride(0), keys.stride(0), s.sample, **dims)
     _launch(_knn_bound_kernel, grids["bound"], buf["sample_bits"], buf["sample_ids"], buf["bound"], buf["counts"],
-            s.sample, s.rank, s.sample, 32, TILE=SELECT_TILE)
+            s.sample, s.rank, s.sample, 32, TILE=SELECT_TILE, RADIX=RADIX_BITS)
     _launch(_knn_filter_kernel, grids["filter"], queries, keys, buf["bound"], buf["bits"], buf["ids"], buf["counts"],
             Q, N, D, s.capacity, s.tiles, queries.stride(0), keys.stride(0), s.capacity, 32,
             **dims, num_warps=_FILTER_WARPS, num_stages=3)
     _launch(_knn_select_kernel, grids["select"], queries, keys, buf["bits"], buf["ids"], buf["counts"], dist, ids,
             N, D, s.capacity, k, queries.stride(0), keys.stride(0), s.capacity, 32, k,
-            KB=s.kb, BLOCK_N=s.block_n, BLOCK_Q=MIN_BLOCK_Q, BLOCK_D=s.block_d, TILE=SELECT_TILE,
+            KB=s.kb, BLOCK_N=s.block_n, BLOCK_Q=MIN_BLOCK_Q, BLOCK_D=s.block_d, TILE=SELECT_TILE, RADIX=RADIX_BITS,
             num_warps=8 if s.kb >= 1024 else 4)
     return dist, ids
 
