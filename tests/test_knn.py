@@ -412,11 +412,11 @@ triton_knn.knn_search(torch.zeros(16, 32), torch.zeros(200_000, 32, dtype=dtype)
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_triton_knn_compiles_for_sm90(dtype):
-    """ptxas accepts every kernel of a 16-query, k = 2048 search over 16-bit keys (no GPU needed)."""
+def test_triton_knn_compiles_for_sm90():
+    """ptxas accepts every kernel of a 16-query, k = 2048 search over fp16 keys (no GPU needed; fp16
+    only: a cold compilation takes ~10 s)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, dtype], env=env, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, "float16"], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["_knn_sample_kernel", "_knn_bound_kernel", "_knn_filter_kernel", "_knn_select_kernel"]

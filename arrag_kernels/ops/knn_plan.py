@@ -14,18 +14,20 @@ from dataclasses import dataclass
 import torch
 
 # Expected number of sample keys among a query's true k nearest: the bound is the sample's r-th
-# smallest distance with r = hits + SAFETY_SIGMAS * sqrt(hits) + 4, so the filter keeps ~r N / S keys
-# (a few k) and keeps fewer than k only when a binomial of mean `hits` exceeds r (~1e-6 at 8 hits).
+# smallest (distance, id) with r = hits + SAFETY_SIGMAS * sqrt(hits) + 4, so the filter keeps ~r N / S
+# keys (~3.6 k at 8 hits) and fewer than k only when a binomial of mean `hits` exceeds r (~1e-9 at 8
+# hits, r = 29): the fallback, a single program reading every key, stays out of decoding.
 SAMPLE_HITS = 8
-SAFETY_SIGMAS = 4
+SAFETY_SIGMAS = 6
 # Survivor slots per query: CAPACITY_FACTOR x the expected survivors (overflow needs a ~8-sigma excess).
 CAPACITY_FACTOR = 4
 # The sample's (Q, S) distances stay under this many bytes (S shrinks at large batches); S >= MIN_SAMPLE
 # (or N) keeps the bound's rank well inside the sample at large k.
 MAX_SAMPLE_BYTES = 16 << 20
 MIN_SAMPLE = 1024
-# Entries per step of the selects' loops (radix histogram passes, compaction).
-SELECT_TILE = 1024
+# Entries per step of the selects' loops (radix histogram passes, compaction): one program walks a
+# query's sample or survivors, so few long steps (latency-bound loops).
+SELECT_TILE = 4096
 RADIX_BITS = 8  # digits of the 32-bit distance bits (and of the ids when ties need them)
 # Bytes a select reads per entry without ties at its k-th distance: a pass per distance digit, one
 # pass of (bits, id) for the smallest id there.

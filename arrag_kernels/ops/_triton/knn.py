@@ -10,7 +10,7 @@ no host synchronisation: the search is CUDA-graph capturable):
    (distance bits, id) by a radix select (8 histogram passes of 8 bits over the 64-bit key), and the
    query's survivor counter reset. The key orders by distance, then id: ties are split by id, so a
    large group of equal distances does not flood the filter. r exceeds the expected number of sample
-   keys among the true k nearest by 4 sigmas (``knn_plan.SAFETY_SIGMAS``).
+   keys among the true k nearest by 6 sigmas (``knn_plan.SAFETY_SIGMAS``).
 3. ``_knn_filter_kernel``: ONE pass over the keys, each program taking tiles for up to 32 queries
    (a key is read once for all of them), distances from tensor-core dots at fp32 accuracy, a 32-bit
    compare with tau_q (distance bits, then id on equal bits) and survivor compaction: one atomic per
@@ -320,14 +320,14 @@ def knn_search(queries: torch.Tensor, keys: torch.Tensor, k: int, shape: SearchS
     _launch(_knn_sample_kernel, grids["sample"], queries, keys, buf["sample_bits"], buf["sample_ids"],
             Q, N, D, s.sample, s.sample_step, queries.stride(0), keys.stride(0), s.sample, **dims)
     _launch(_knn_bound_kernel, grids["bound"], buf["sample_bits"], buf["sample_ids"], buf["bound"], buf["counts"],
-            s.sample, s.rank, s.sample, 32, TILE=SELECT_TILE, RADIX=RADIX_BITS)
+            s.sample, s.rank, s.sample, 32, TILE=SELECT_TILE, RADIX=RADIX_BITS, num_warps=8)
     _launch(_knn_filter_kernel, grids["filter"], queries, keys, buf["bound"], buf["bits"], buf["ids"], buf["counts"],
             Q, N, D, s.capacity, s.tiles, queries.stride(0), keys.stride(0), s.capacity, 32,
             **dims, num_warps=_FILTER_WARPS, num_stages=3)
     _launch(_knn_select_kernel, grids["select"], queries, keys, buf["bits"], buf["ids"], buf["counts"], dist, ids,
             N, D, s.capacity, k, queries.stride(0), keys.stride(0), s.capacity, 32, k,
             KB=s.kb, BLOCK_N=s.block_n, BLOCK_Q=MIN_BLOCK_Q, BLOCK_D=s.block_d, TILE=SELECT_TILE, RADIX=RADIX_BITS,
-            num_warps=8 if s.kb >= 1024 else 4)
+            num_warps=8)
     return dist, ids
 
 
