@@ -241,12 +241,12 @@ def _stream_all_keys(q_ptr, k_ptr, qi, bits_ptr, ids_ptr, N, D, C, k, q_stride, 
     count = tl.zeros([], tl.int32)
     tau = tl.full([], 0x7FFFFFFFFFFFFFFF, tl.int64)
     for start in range(0, N, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
+        n = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_N)  # int64: the last tile may pass 2^31
         nok = n < N
-        kt = tl.load(k_ptr + n.to(tl.int64)[:, None] * k_stride + cols[None, :],
+        kt = tl.load(k_ptr + n[:, None] * k_stride + cols[None, :],
                      mask=nok[:, None] & (cols[None, :] < D), other=0.0)
         bits = tl.sum(tl.where(lane[:, None] == 0, _tile_distance_bits(qn, p0, p1, p2, c, kt), 0), axis=0)
-        x = (bits.to(tl.int64) << 32) | n.to(tl.int64)
+        x = (bits.to(tl.int64) << 32) | n
         keep = nok & (x <= tau)
         kept = tl.sum(keep.to(tl.int32), 0)
         if count + kept > C:  # then count > C - BLOCK_N >= k
@@ -311,10 +311,12 @@ def knn_search(queries: torch.Tensor, keys: torch.Tensor, k: int, shape: SearchS
     ``shape`` overrides the sizes of :func:`search_shape` (tests force the fallback with it)."""
     Q, D = queries.shape
     N = keys.shape[0]
-    s = shape or search_shape(N, D, k, Q, keys.element_size())
-    buf = _scratch(s, keys.device)
     dist = torch.empty(Q, k, dtype=torch.float32, device=keys.device)
     ids = torch.empty(Q, k, dtype=torch.int64, device=keys.device)
+    if Q == 0:
+        return dist, ids
+    s = shape or search_shape(N, D, k, Q, keys.element_size())
+    buf = _scratch(s, keys.device)
     grids = s.grids
     dims = dict(BLOCK_N=s.block_n, BLOCK_Q=s.block_q, BLOCK_D=s.block_d)
     _launch(_knn_sample_kernel, grids["sample"], queries, keys, buf["sample_bits"], buf["sample_ids"],
