@@ -7,8 +7,9 @@ no host synchronisation: the search is CUDA-graph capturable):
    ``(i * step) mod N`` (``step`` coprime with N, ~0.618 N: distinct rows spread over the ids; all
    keys when S = N), stored as (distance bits, id) pairs.
 2. ``_knn_bound_kernel`` (one program per query): the bound tau_q, the sample's r-th smallest
-   (distance bits, id) by a radix select (8 histogram passes of 8 bits over the 64-bit key), and the
-   query's survivor counter reset. The key orders by distance, then id: ties are split by id, so a
+   (distance bits, id) by a radix select (4 histogram passes of 8 bits over the distance bits, then
+   one pass for the smallest id at that distance, or 4 passes over the ids when the rank falls inside
+   a run of equal distances), and the query's survivor counter reset. The key orders by distance, then id: ties are split by id, so a
    large group of equal distances does not flood the filter. r exceeds the expected number of sample
    keys among the true k nearest by 6 sigmas (``knn_plan.SAFETY_SIGMAS``).
 3. ``_knn_filter_kernel``: ONE pass over the keys, each program taking tiles for up to 32 queries
@@ -27,6 +28,13 @@ no host synchronisation: the search is CUDA-graph capturable):
 Distances are ``max(|q|^2 + |y|^2 - 2 q.y, 0)`` in fp32, the same code in every kernel
 (``_tile_distance_bits``); ids are int32 (the kernels take fewer than 2^31 keys) and widen to int64
 in the output. Launches, bytes and scratch: :func:`arrag_kernels.ops.knn_plan`.
+
+Cost model at the target (10M fp16 keys x 32, k = 2048, 16 queries; not yet timed on a GPU): keys
+read once (640 MB) by ~9.8k filter programs; the sample (39k keys, 2.5 MB) and every select pass add
+~3 % (1.03x the keys' bytes in all), 8.4 MB of scratch. The selects are single programs per query
+walking ~39k sample entries (bound) and ~7.4k survivors (select) in steps of 4096: ~50 and ~15
+latency-bound steps, then a 2048-entry sort; they, not bytes, are what may keep the search above the
+floor at 1M keys.
 """
 
 from __future__ import annotations
