@@ -420,6 +420,7 @@ triton_knn.knn_search(torch.zeros(16, 32), torch.zeros(200_000, 32, dtype=dtype)
 
 
 @needs_triton
+@pytest.mark.skipif(CUDA, reason="where CUDA runs, the compiled tests build every kernel for the real GPU")
 def test_triton_knn_compiles_for_sm90():
     """ptxas accepts every kernel of a 16-query, k = 256 search over fp16 keys (no GPU needed; one
     dtype and a small final sort: cold compilations take seconds each)."""
