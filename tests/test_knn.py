@@ -336,6 +336,8 @@ def test_knn_plan_bad_input():
         knn_plan(100, 8, 4, 1, "int8")
     with pytest.raises(ValueError, match="k <= n_keys"):
         knn_plan(100, 8, 101, 1, torch.float32)
+    with pytest.raises(ValueError, match="the Triton search takes"):
+        knn_plan(10_000, 257, 10, 1, torch.float16)
 
 
 @needs_triton

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .knn import MAX_K
+
+MAX_DIM = 256  # the Triton search's limits: a (block_n, D) key tile lives in registers,
+MAX_KEYS = 1 << 31  # ids are int32 in its kernels
 # Expected number of sample keys among a query's true k nearest: the bound is the sample's r-th
 # smallest (distance, id) with r = hits + SAFETY_SIGMAS * sqrt(hits) + 4, so the filter keeps ~r N / S
 # keys (~3.6 k at 8 hits) and fewer than k only when a binomial of mean `hits` exceeds r (~1e-9 at 8
@@ -162,4 +166,7 @@ def knn_plan(n_keys: int, dim: int, k: int, batch: int, dtype: torch.dtype | str
     if min(n_keys, dim, k, batch) < 1 or k > n_keys:
         raise ValueError(f"knn_plan: need n_keys, dim, batch >= 1 and 1 <= k <= n_keys, got n_keys={n_keys}, "
                          f"dim={dim}, k={k}, batch={batch}")
+    if k > MAX_K or dim > MAX_DIM or n_keys >= MAX_KEYS:
+        raise ValueError(f"knn_plan: the Triton search takes k <= {MAX_K}, dim <= {MAX_DIM} and fewer than "
+                         f"{MAX_KEYS} keys (other shapes go to the reference); got n_keys={n_keys}, dim={dim}, k={k}")
     return _plan_of(search_shape(n_keys, dim, k, batch, torch.empty(0, dtype=dtype).element_size()))

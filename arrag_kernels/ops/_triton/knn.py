@@ -44,11 +44,9 @@ import triton
 import triton.language as tl
 
 from ..knn import MAX_K, knn_dispatcher
-from ..knn_plan import MIN_BLOCK_Q, RADIX_BITS, SELECT_TILE, SearchShape, search_shape
+from ..knn_plan import MAX_DIM, MAX_KEYS, MIN_BLOCK_Q, RADIX_BITS, SELECT_TILE, SearchShape, search_shape
 from ._common import FLOAT_DTYPES, device_reason, dtype_reason
 
-MAX_DIM = 256  # a (block_n, D) key tile lives in registers
-MAX_KEYS = 1 << 31  # ids are int32 in the kernels
 # sm_90, fp16 keys, D = 32, 16 queries: 108 registers with 8 warps (2 programs, 16 warps per SM), 150
 # with 4 (3 programs, 12 warps); no spills either way. From ptxas, not yet timed on a GPU.
 _FILTER_WARPS = 8
