@@ -61,6 +61,41 @@ def save_pixels(pixels: torch.Tensor, out_dir: Path, prefix: str) -> list[Path]:
     return paths
 
 
+def real_rows(prompts: torch.Tensor, pixels: torch.Tensor, rows: int, per_row: int):
+    """One row per distinct prompt (the first ``rows``): (row prompts (rows, P), (rows * per_row, 3, S, S)
+    pixels holding up to ``per_row`` distinct images of that prompt, white where it has fewer)."""
+    members = {}
+    for i, p in enumerate(prompts.tolist()):
+        members.setdefault(tuple(p), []).append(i)
+    chosen = list(members.values())[:rows]
+    real = torch.ones(len(chosen) * per_row, *pixels.shape[1:])  # white: +1 in [-1, 1]
+    for r, idx in enumerate(chosen):
+        real[r * per_row : r * per_row + min(per_row, len(idx))] = pixels[idx[:per_row]]
+    return prompts[torch.tensor([idx[0] for idx in chosen])], real
+
+
+def side_by_side(panels: dict[str, torch.Tensor], per_prompt: int, gap: int = 8, scale: int = 2):
+    """``panels``: label -> (rows * per_prompt, 3, S, S) pixels in [-1, 1], ``per_prompt`` consecutive
+    images per row -> one PIL image: a block of ``per_prompt`` columns per panel, blocks ``gap`` white
+    pixels apart, each labelled above; pixels enlarged ``scale`` times (nearest) so that the labels fit."""
+    from PIL import Image, ImageDraw
+
+    from arrag_kernels.eval.sampling import image_grid
+
+    blocks = [image_grid(p, columns=per_prompt) for p in panels.values()]
+    blocks = [b.resize((b.width * scale, b.height * scale), Image.NEAREST) for b in blocks]
+    header = 16
+    width = sum(b.width for b in blocks) + gap * (len(blocks) - 1)
+    canvas = Image.new("RGB", (width, header + max(b.height for b in blocks)), "white")
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for label, block in zip(panels, blocks):
+        draw.text((x + 2, 2), label, fill="black")
+        canvas.paste(block, (x, header))
+        x += block.width + gap
+    return canvas
+
+
 def run_demo(out: str | Path = "demo_out", grid: int = 16, num_images: int = 64, batch: int = 4, seed: int = 0,
              lam: float = 0.5, k: int = 64, device: str = "cpu") -> dict:
     """Build model and database, generate with and without DAiD, write PNGs, print timings."""
@@ -137,9 +172,11 @@ def run_miniature_demo(out: str | Path = "demo_out", lam: float = 0.1, tau: floa
     from arrag_kernels.eval.metrics import frechet_distance
     from arrag_kernels.eval.sampling import image_grid
     from arrag_kernels.miniature.evaluate import MiniatureRun
+    from arrag_kernels.miniature.train import describe_weights, progress_bar
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    print(f"weights: {describe_weights()}")
     t0 = time.perf_counter()
     run = MiniatureRun(progress=True)
     m = run.meta["config"]
@@ -149,17 +186,13 @@ def run_miniature_demo(out: str | Path = "demo_out", lam: float = 0.1, tau: floa
           f"({time.perf_counter() - t0:.1f} s)")
     daid = DAiDConfig(lam=lam, tau=tau, k=min(k, len(run.db)))
     test_p, test_x, test_t = run.split("test")
-    # one prompt per distinct test subgroup (the first ``prompts``), ``per_prompt`` samples each
-    first = {}
-    for i, p in enumerate(test_p.tolist()):
-        first.setdefault(tuple(p), i)
-    pick = torch.tensor(list(first.values())[:prompts])
-    grid_prompts = test_p[pick].repeat_interleave(per_prompt, 0)
+    row_prompts, real = real_rows(test_p, test_x, prompts, per_prompt)
+    grid_prompts = row_prompts.repeat_interleave(per_prompt, 0)
     methods = {"plain": (None, None), f"DAiD lam={lam} tau={tau}": (daid, None)}
     if run.blenders is not None:  # shipped beside the weights (miniature/train.py, stage 4)
         c = run.blenders.config
-        methods[f"FAiD hops={''.join(map(str, c.hops))} b={c.blenders}"] = (None, run.blenders)
-    panels = {"real (test)": test_x[pick].repeat_interleave(per_prompt, 0)}
+        methods[f"FAiD hops={c.hops_label} b={c.blenders}"] = (None, run.blenders)
+    panels = {"real (test)": real}
     for name, (cfg_d, blenders) in methods.items():
         panels[name] = run.sample(grid_prompts, cfg_d, seed=seed, cfg=cfg, blenders=blenders)
     files = []
@@ -167,20 +200,23 @@ def run_miniature_demo(out: str | Path = "demo_out", lam: float = 0.1, tau: floa
         path = out / f"miniature_{name.split()[0].lower()}.png"
         image_grid(pixels, columns=per_prompt * 4).save(path)
         files.append(path)
-    side = torch.cat([torch.cat(list(p.view(-1, per_prompt, *p.shape[1:]).unbind(1)), dim=-1)
-                      for p in panels.values()], dim=-1)  # (prompts, 3, S, per_prompt * S * 3)
-    image_grid(side, columns=1).save(out / "miniature_side_by_side.png")
+    side_by_side(panels, per_prompt).save(out / "miniature_side_by_side.png")
     print(f"wrote {', '.join(str(f) for f in files)} and {out / 'miniature_side_by_side.png'} "
-          f"(rows: one test subgroup each; columns: {' | '.join(n.split()[0] for n in panels)})")
+          f"(rows: one test subgroup each; columns: {' | '.join(panels)})")
 
     test_f = run.features(test_x)
     rows = {}
-    for name, (cfg_d, blenders) in methods.items():
-        t1 = time.perf_counter()
-        nll = run.nll(test_p, test_t, cfg_d, blenders)
-        fake = run.sample(test_p, cfg_d, seed=seed, cfg=cfg, blenders=blenders)
-        rows[name] = {"nll": nll["nll_all"], "nll_retrieval": nll["nll_retrieval"],
-                      "fd": frechet_distance(test_f, run.features(fake)), "s": time.perf_counter() - t1}
+    with progress_bar(2 * len(methods), f"test metrics ({len(test_p)} emoji)", True) as bar:
+        for name, (cfg_d, blenders) in methods.items():
+            t1 = time.perf_counter()
+            bar.set_postfix_str(f"{name}: NLL")
+            nll = run.nll(test_p, test_t, cfg_d, blenders)
+            bar.update()
+            bar.set_postfix_str(f"{name}: sampling")
+            fake = run.sample(test_p, cfg_d, seed=seed, cfg=cfg, blenders=blenders)
+            bar.update()
+            rows[name] = {"nll": nll["nll_all"], "nll_retrieval": nll["nll_retrieval"],
+                          "fd": frechet_distance(test_f, run.features(fake)), "s": time.perf_counter() - t1}
     print(f"\ntest split ({len(test_p)} held-out emoji, sampling seed {seed}, CFG {cfg}; "
           "`arrag-kernels eval` for seeds, FWD, precision/recall and sweeps):")
     print(f"{'method':<24}{'NLL nats/token':>16}{'NLL retr. pos.':>16}{'FD (classifier)':>17}{'time s':>9}")
@@ -190,15 +226,28 @@ def run_miniature_demo(out: str | Path = "demo_out", lam: float = 0.1, tau: floa
 
 
 def main_demo(args) -> dict:
-    """``arrag-kernels demo``: the miniature demo when its data and weights are there, else the random-weight one."""
+    """``arrag-kernels demo``: the miniature demo when its data and weights are there, else the random-weight one.
+
+    ``--lam`` / ``--k`` / ``--seed`` act on both (None: each demo's own default); ``--grid``, ``--images``,
+    ``--batch`` and a non-CPU ``--device`` only on the random-weight demo, and are refused (ValueError)
+    when the miniature demo would run."""
     from arrag_kernels.miniature.data import DEBIAN_PACKAGES, emoji_available
     from arrag_kernels.miniature.train import WEIGHTS_DIR
 
+    shared = {name: getattr(args, name) for name in ("lam", "k") if getattr(args, name) is not None}
     if not args.random_weights:
         if emoji_available() and (WEIGHTS_DIR / "meta.json").is_file():
-            return run_miniature_demo(out=args.out, seed=args.seed)
+            refused = [f"--{name}" for name in ("grid", "images", "batch") if getattr(args, name) is not None]
+            refused += [f"--device {args.device}"] if args.device != "cpu" else []
+            if refused:
+                raise ValueError(f"{', '.join(refused)}: only the random-weight demo takes "
+                                 f"{'this' if len(refused) == 1 else 'these'} (the miniature demo runs the shipped "
+                                 "model, 8x8 tokens, its 560 test prompts and train-split database, on the CPU); "
+                                 "add --random-weights or leave them out")
+            return run_miniature_demo(out=args.out, seed=args.seed, **shared)
         why = (f"the emoji data is not installed (apt-get install -y {DEBIAN_PACKAGES})" if not emoji_available()
                else f"no trained weights in {WEIGHTS_DIR}")
         print(f"miniature demo unavailable: {why}; running the random-weight demo instead")
-    return run_demo(out=args.out, grid=args.grid, num_images=args.images, batch=args.batch, seed=args.seed,
-                    lam=args.lam, k=args.k, device=args.device)
+    own = {key: getattr(args, name) for key, name in (("grid", "grid"), ("num_images", "images"), ("batch", "batch"))
+           if getattr(args, name) is not None}
+    return run_demo(out=args.out, seed=args.seed, device=args.device, **own, **shared)

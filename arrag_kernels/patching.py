@@ -133,7 +133,7 @@ class PatchHandle:
                 raise ValueError(f"generate({key}=...) is not available for {type(self.model).__name__}: "
                                  f"{self.adapter.no_loop_reason}")
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        call_grid = self.adapter.generation_grid(input_ids, grid)
+        call_grid = self.adapter.generation_grid(input_ids, grid, **kwargs)
         if call_grid is None:  # not an image-generation call: untouched
             return self._original_generate(inputs, generation_config, logits_processor, *args, **kwargs)
         if call_grid != tuple(self.db.meta.grid):
@@ -149,13 +149,15 @@ class PatchHandle:
             kwargs.update(filters)
         else:  # greedy: HF applies no warpers
             daid_filters = filters
-        processors = LogitsProcessorList([*(logits_processor or []), self._processor(**daid_filters)])
+        daid = self._processor({**kwargs, "input_ids": input_ids}, **daid_filters)
+        processors = LogitsProcessorList([*(logits_processor or []), daid])
         return self._original_generate(inputs, generation_config, processors, *args, **kwargs)
 
-    def _processor(self, **filters):
+    def _processor(self, generate_kwargs=None, **filters):
         from .decoding.logits import DAiDLogitsProcessor  # loads transformers' generation module
 
-        return DAiDLogitsProcessor.for_adapter(self.adapter, self.db, self._processor_config, **filters)
+        return DAiDLogitsProcessor.for_adapter(self.adapter, self.db, self._processor_config,
+                                               generate_kwargs=generate_kwargs, **filters)
 
     def _install(self):
         self.model.__dict__["generate"] = self._generate_with_processor if self._processor_mode else self._generate

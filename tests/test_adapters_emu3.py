@@ -2,15 +2,16 @@
 HF generate (negative-prompt CFG processor, prefix_allowed_tokens_fn, end-of-line tokens), through the
 adapter's logits processor and through patch_model."""
 
+import warnings
+
 import pytest
 import torch
 from transformers import Emu3Config, Emu3ForConditionalGeneration
-from transformers.generation.streamers import BaseStreamer
 
 import arrag_kernels as ak
 from arrag_kernels.models import Emu3Adapter, ImageTokenizer, get_adapter
 
-from .utils import assert_tokens_among_retrieved
+from .utils import CollectingStreamer, assert_tokens_among_retrieved
 
 CODES, GRID = 32, (4, 5)  # a non-square grid: Emu3 picks H x W per call
 BOS, EOS, PAD, BOI, WRAP, EOL, EOF, EOI = 1, 2, 0, 3, 4, 5, 6, 7
@@ -95,8 +96,59 @@ def test_square_grid_builds_from_images_through_the_registry(setup):
     assert torch.equal(built.keys, from_latents.keys) and torch.equal(built.values, from_latents.values)
     assert built.meta == from_latents.meta
     with pytest.raises(ValueError, match="chooses the image grid per call"):
-        ak.PatchDatabase.build(square, model, progress=False)  # the registered adapter has no grid
+        Emu3Adapter(model).grid  # the registered adapter has no grid of its own...
     assert isinstance(get_adapter(model, ImageTokenizer), Emu3Adapter)
+    from_model = ak.PatchDatabase.build(square, model, progress=False)  # ...so build reads it from the images' size
+    assert torch.equal(from_model.keys, built.keys) and from_model.meta == built.meta
+
+
+def test_build_from_the_model_reads_the_grid_from_image_files(setup, tmp_path):
+    """Issue 23: build(images, emu3_model) takes the grid from the files' common size, and says why it cannot
+    when the files have several sizes or a size that is not a whole number of tokens."""
+    from PIL import Image
+
+    model, _, _, _ = setup
+    pixels = torch.rand(2, 8, 8, 3, generator=torch.Generator().manual_seed(3))
+    files = []
+    for i, image in enumerate(pixels):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray((image * 255).byte().numpy()).save(files[-1])
+    from_files = ak.PatchDatabase.build(files, model, progress=False)
+    assert from_files.meta.grid == (4, 4)
+    assert torch.equal(from_files.keys, ak.PatchDatabase.build(files, Emu3Adapter(model, grid=(4, 4)),
+                                                               progress=False).keys)
+    Image.new("RGB", (10, 10)).save(tmp_path / "other.png")
+    with pytest.raises(ValueError, match="2 different sizes .*give images of one size"):
+        ak.PatchDatabase.build([*files, tmp_path / "other.png"], model, progress=False)
+    with pytest.raises(ValueError, match="images of 9 x 9 pixels do not split into 2-pixel tokens"):
+        ak.PatchDatabase.build(torch.zeros(1, 3, 9, 9), model, progress=False)
+
+
+def test_from_tokens_with_the_adapters_codebook_matches_the_model(setup):
+    """Issue 23: a database made as the README shows, from_tokens(grids, adapter.codebook()), is recognised as
+    this model's (no "different VQ codebook" warning); one from another codebook still warns."""
+    model, adapter, _, _ = setup
+    grids = torch.randint(0, CODES, (3, *GRID), generator=torch.Generator().manual_seed(4))
+    db = ak.PatchDatabase.from_tokens(grids, adapter.codebook())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with ak.patched(model, db, ak.DAiDConfig(k=4)):
+            _generate(model)
+        db.check_compatible(adapter)
+    other = ak.PatchDatabase.from_tokens(grids, torch.nn.functional.normalize(torch.randn(CODES, adapter.embed_dim), dim=-1))
+    with pytest.warns(UserWarning, match="different VQ codebook"):
+        other.check_compatible(adapter)
+
+
+def test_vocabulary_without_every_visual_token_is_a_clear_error():
+    """Issue 23: an Emu3 vocabulary naming fewer visual tokens than the codebook has codes says so
+    (it was a bare KeyError: 0)."""
+    model = tiny_emu3()
+    vocab = {name: i for name, i in model.config.vocabulary_map.items() if name != "<|visual token000000|>"}
+    model.model.vocabulary_mapping = type(model.model.vocabulary_mapping)(vocab)
+    with pytest.raises(ValueError, match=f"names {CODES - 1} visual tokens but the VQ codebook has {CODES} codes: "
+                                         r"no .* entry for 1 of codes .*first: 0\)"):
+        Emu3Adapter(model).image_stream()
 
 
 @pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
@@ -163,23 +215,12 @@ def test_patched_lam_one_draws_retrieved_tokens_then_unpatch_restores(setup):
     assert torch.equal(_generate(model), before) and "generate" not in model.__dict__
 
 
-class _Collect(BaseStreamer):
-    def __init__(self):
-        self.chunks = []
-
-    def put(self, value):
-        self.chunks.append(value.clone())
-
-    def end(self):
-        self.chunks.append(None)
-
-
 def test_patched_generate_keeps_streamer_and_return_dict(setup):
     model, _, db, _ = setup
     with ak.patched(model, db, ak.DAiDConfig(lam=0.5, k=4)):
         tokens = _generate(model, seed=3)
         out = _generate(model, seed=3, return_dict_in_generate=True, output_scores=True)
-        streamer = _Collect()
+        streamer = CollectingStreamer()
         ids, neg = _prompt()
         torch.manual_seed(3)
         model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=GRID[0] * ROW + 3,

@@ -104,7 +104,7 @@ def test_failed_build_writes_nothing(tiny_model, tmp_path):
         ak.PatchDatabase.build(folder, tiny_model, progress=False)
     from arrag_kernels.cli import main
 
-    assert main(["build-db", str(folder), "--out", str(tmp_path / "db")]) == 2
+    assert main(["build-db", str(folder), "--out", str(tmp_path / "db"), "--stop-on-bad-image"]) == 2
     assert not (tmp_path / "db").exists()
 
 

@@ -109,10 +109,10 @@ class _FactsAdapter:
     def encode(self, pixels):
         raise NotImplementedError
 
-    def generation_grid(self, input_ids, grid=None):
+    def generation_grid(self, input_ids, grid=None, **generate_kwargs):
         return GRID if input_ids is not None and bool((input_ids[:, -1] == BOI).all()) else None
 
-    def image_stream(self):
+    def image_stream(self, **generate_kwargs):
         return ak.models.ImageStream(BOI, torch.arange(CODE0, EOL), EOL)
 
 

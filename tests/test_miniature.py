@@ -128,3 +128,19 @@ def test_demo_falls_back_without_emoji(monkeypatch, tmp_path, capsys):
     results = main_demo(args)
     assert "miniature demo unavailable: the emoji data is not installed" in capsys.readouterr().out
     assert "daid" in results and (tmp_path / "images" / "plain_0.png").is_file()
+
+
+@needs_emoji
+def test_evaluation_reports_progress_for_every_long_phase(quick_run, capsys):
+    """Issue 21 item 8: the test-split metrics and Fig. 6 (minutes at full size) show progress bars."""
+    pytest.importorskip("pytorchfwd")
+    pytest.importorskip("matplotlib")
+    from arrag_kernels.miniature.evaluate import evaluate_miniature
+
+    root, _, _ = quick_run
+    evaluate_miniature(root / "eval_progress", weights=root / "w", seeds=(0, 1), lams=(0.0,), taus=(1.0,), k=4,
+                       fig6_k=3, progress=True, cache_dir=root / "cache")
+    err = capsys.readouterr().err
+    assert "sweep lam x tau" in err
+    assert "test metrics" in err and "sampling seed 1" in err and "teacher-forced NLL" in err
+    assert "Fig. 6 retrieval accuracy" in err

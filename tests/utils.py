@@ -28,7 +28,6 @@ UNAVAILABLE = {
     "reference": None,
     "triton": _triton_unavailable(),  # compiled on CUDA, else through the interpreter (TRITON_INTERPRET=1)
     "cpp": None if _ext.HAS_EXT else f"C++ extension unavailable: {_ext.EXT_ERROR}",
-    "cuda": None if CUDA and _ext.HAS_CUDA_EXT else (_ext.CUDA_EXT_ERROR or "no CUDA device"),
 }
 
 
@@ -157,6 +156,19 @@ def replay_without_host_sync(loop, model, ids: torch.Tensor, num_tokens: int = 6
         return loop.run(embeds, mask, num_tokens, do_sample=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+class CollectingStreamer:
+    """A ``transformers`` streamer that keeps every chunk ``generate`` hands it (None marks the end)."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.clone())
+
+    def end(self):
+        self.chunks.append(None)
 
 
 def assert_tokens_among_retrieved(cells: torch.Tensor, codebook: torch.Tensor, db, grid, k: int) -> int:

@@ -31,6 +31,65 @@ def int_at_least(low: int):
     return parse
 
 
+def int_between(low: int, high: int):
+    """An argparse ``type``: an integer in [``low``, ``high``]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {text!r}")
+        return value
+
+    return parse
+
+
+def retrieval_k(text: str) -> int:
+    """An argparse ``type``: retrieved neighbours per step, 1 .. the search ops' largest k (2048)."""
+    from arrag_kernels.ops.knn import MAX_K
+
+    return int_between(1, MAX_K)(text)
+
+
+def _output(text: str, want_dir: bool) -> str:
+    from arrag_kernels.miniature.train import check_not_shipped
+
+    try:
+        check_not_shipped(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    path = Path(text)
+    if want_dir and path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a directory to write into")
+    if not want_dir and path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; expected a file name (e.g. {path / 'out.safetensors'})")
+    return text
+
+
+def output_dir(text: str) -> str:
+    """An argparse ``type`` for an output directory: not a file, not the shipped miniature weights (read-only)."""
+    return _output(text, want_dir=True)
+
+
+def output_file(text: str) -> str:
+    """An argparse ``type`` for an output file: not a directory, not in the shipped miniature weights."""
+    return _output(text, want_dir=False)
+
+
+def check_prompt_ids(ids, model) -> None:
+    """Raise ValueError unless every prompt id is a row of the model's input embedding table (a model
+    that does not expose it through transformers' ``get_input_embeddings`` is not checked here)."""
+    try:
+        vocab = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"--prompt-ids: expected ids in [0, {vocab - 1}] (the model's vocabulary), got "
+                         f"{int(ids.min())} .. {int(ids.max())}")
+
+
 def float_in(low: float, low_open: bool, hint: str = ""):
     """An argparse ``type``: a finite number > ``low`` (``low_open``) or >= ``low``; ``hint`` goes in the error."""
 
@@ -41,6 +100,21 @@ def float_in(low: float, low_open: bool, hint: str = ""):
             value = float("nan")
         if not (value > low if low_open else value >= low) or value == float("inf"):
             raise argparse.ArgumentTypeError(f"expected a number {'>' if low_open else '>='} {low}{hint}, got {text!r}")
+        return value
+
+    return parse
+
+
+def float_between(low: float, high: float):
+    """An argparse ``type``: a number in [``low``, ``high``]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected a number in [{low}, {high}], got {text!r}")
         return value
 
     return parse

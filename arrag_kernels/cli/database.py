@@ -5,23 +5,40 @@ from __future__ import annotations
 
 import argparse
 
-from arrag_kernels.cli.common import int_at_least, load_model
+from arrag_kernels.cli.common import int_at_least, load_model, output_dir
 
 
 def _cmd_build_db(args):
-    import arrag_kernels as ak
+    import sys
 
-    model, _ = load_model(args.model, args.device)
+    import arrag_kernels as ak
+    from arrag_kernels.retrieval.images import list_image_files, readable_images
+
+    ak.KeyLayout(neighborhood=args.neighborhood, hops=args.hops, border=args.border)  # bad values fail before work
+    model, _ = load_model(args.model or "tiny", args.device)
+    files = list_image_files(args.images)
+    images, bad = readable_images(files)  # every file opened before the encoding starts
+    if bad and (args.stop_on_bad_image or not images):
+        why = "--stop-on-bad-image" if images else f"none of the {len(files)} images can be read"
+        raise ValueError(f"cannot read image {str(bad[0][0])!r}: {bad[0][1]} ({why}; {len(bad)} unreadable: "
+                         f"{', '.join(p.name for p, _ in bad[:5])}{', ...' if len(bad) > 5 else ''})")
+    if args.model is None:  # after the checks: an error stays one line
+        print("arrag-kernels build-db: warning: no --model given: building for the random tiny test model; a "
+              "database fits only the model that built it, so pass --model DIR (or --model tiny to mean it)",
+              file=sys.stderr)
     kwargs = dict(neighborhood=args.neighborhood, hops=args.hops, border=args.border, key_source=args.key_source,
                   batch_size=args.batch_size, index=args.index)
     if args.index == "ivfpq":  # built on disk: chunked, resumable, saved atomically at --out
-        db = ak.PatchDatabase.build(args.images, model, path=args.out, nlist=args.nlist, m=args.m, nbits=args.nbits,
+        db = ak.PatchDatabase.build(images, model, path=args.out, nlist=args.nlist, m=args.m, nbits=args.nbits,
                                     opq=args.opq, nprobe=args.nprobe, chunk_images=args.chunk_images, **kwargs)
         print(f"wrote {db} (nlist {args.nlist}, nprobe {db.nprobe}) to {args.out}")
-        return
-    db = ak.PatchDatabase.build(args.images, model, **kwargs)
-    path = db.save(args.out)
-    print(f"wrote {db} to {path}")
+    else:
+        db = ak.PatchDatabase.build(images, model, **kwargs)
+        print(f"wrote {db} to {db.save(args.out)}")
+    if bad:
+        print(f"skipped {len(bad)} unreadable of {len(files)} images (--stop-on-bad-image stops instead):")
+        for path, why in bad:
+            print(f"  {path}: {why}")
 
 
 def _cmd_import_official(args):
@@ -40,8 +57,9 @@ def _cmd_import_official(args):
 def add_subcommands(sub) -> None:
     b = sub.add_parser("build-db", help="encode a folder of images into a patch database")
     b.add_argument("images", help="folder of images (searched recursively)")
-    b.add_argument("--out", required=True, help="database directory to write (atomically)")
-    b.add_argument("--model", default="tiny", help="'tiny' or a local checkpoint directory (any registered model type)")
+    b.add_argument("--out", type=output_dir, required=True, help="database directory to write (atomically)")
+    b.add_argument("--model", default=None, help="a local checkpoint directory (any registered model type), or 'tiny' "
+                   "(a random test model; the default, with a warning)")
     b.add_argument("--neighborhood", choices=["causal", "full"], default="causal")
     b.add_argument("--hops", default="1", help="hop set, e.g. 1, 2 or 12 (default 1)")
     b.add_argument("--border", choices=["skip", "zero"], default="skip")
@@ -56,6 +74,8 @@ def add_subcommands(sub) -> None:
     b.add_argument("--opq", action=argparse.BooleanOptionalAction, default=True, help="ivfpq: OPQ rotation (official: on)")
     b.add_argument("--nprobe", type=int_at_least(1), default=1, help="ivfpq: lists probed per query, saved with the index")
     b.add_argument("--chunk-images", type=int_at_least(1), default=1024, help="ivfpq: images per resumable chunk")
+    b.add_argument("--stop-on-bad-image", action="store_true",
+                   help="stop at an unreadable image (default: skip it; the skipped files are listed at the end)")
     b.set_defaults(func=_cmd_build_db)
 
     o = sub.add_parser("import-official", help="validate a released AR-RAG database (faiss_ivf_pq_opq.index + "
@@ -66,5 +86,5 @@ def add_subcommands(sub) -> None:
                    help="VQ codebook size; not stored in the files (Janus-Pro: 16384)")
     o.add_argument("--grid", type=int_at_least(1), nargs=2, metavar=("H", "W"), default=[24, 24],
                    help="token grid of the database's images; not stored in the files (Janus-Pro, 384 px: 24 24)")
-    o.add_argument("--out", help="database directory to write (atomically); omit to only validate")
+    o.add_argument("--out", type=output_dir, help="database directory to write (atomically); omit to only validate")
     o.set_defaults(func=_cmd_import_official)

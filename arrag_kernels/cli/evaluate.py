@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"expected comma-separated numbers like 0.05,0.1, got {text!r}") from None
+from arrag_kernels.cli.common import float_in, output_dir, retrieval_k
+
+
+def _number_list(parse_one, what: str):
+    """An argparse ``type``: comma-separated values, each through ``parse_one`` (an argparse type)."""
+
+    def parse(text: str) -> list:
+        try:
+            return [parse_one(x) for x in text.split(",")]
+        except (argparse.ArgumentTypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise ValueError(text)
+    return value
 
 
 def _cmd_eval(args):
     from arrag_kernels.miniature.evaluate import evaluate_miniature, format_results
 
-    seeds = [int(s) for s in _floats(args.seeds)]
-    results = evaluate_miniature(out=args.out, weights=args.weights, seeds=seeds, lams=_floats(args.lams),
-                                 taus=_floats(args.taus), k=args.k, cfg=args.cfg,
+    if args.weights and not (Path(args.weights) / "meta.json").is_file():
+        raise ValueError(f"--weights: {args.weights!r} holds no trained miniature model (no meta.json); expected a "
+                         "directory written by `python -m arrag_kernels.miniature.train --out DIR`")
+    results = evaluate_miniature(out=args.out, weights=args.weights, seeds=args.seeds, lams=args.lams,
+                                 taus=args.taus, k=args.k, cfg=args.cfg,
                                  faid_hops=((1,), (1, 2)) if args.faid_sweep else None,
                                  faid_blenders=(1, 2) if args.faid_sweep else None)
     sweep = results["sweep"]
@@ -37,12 +56,16 @@ def add_subcommands(sub) -> None:
     e = sub.add_parser("eval", help="evaluate the trained miniature model: NLL plain vs DAiD vs FAiD, Frechet distance, FWD, "
                        "precision/recall, DAiD lam x tau sweep (chosen on val, reported on test), Fig. 6 curve")
     e.add_argument("--weights", default=None, help="trained miniature directory (default: the shipped weights)")
-    e.add_argument("--out", default="eval_out", help="output directory (default eval_out)")
-    e.add_argument("--seeds", default="0,1,2", help="sampling seeds for the test metrics (default 0,1,2)")
-    e.add_argument("--lams", default="0,0.05,0.1,0.2,0.4", help="DAiD lam values of the sweep")
-    e.add_argument("--taus", default="0.3,0.6,1.2", help="DAiD tau values of the sweep")
-    e.add_argument("--k", type=int, default=256, help="retrieved neighbours per step (default 256)")
-    e.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    e.add_argument("--out", type=output_dir, default="eval_out", help="output directory (default eval_out)")
+    e.add_argument("--seeds", type=_number_list(int, "integers like 0,1,2"), default=[0, 1, 2],
+                   help="sampling seeds for the test metrics (default 0,1,2)")
+    e.add_argument("--lams", type=_number_list(_fraction, "numbers in [0, 1] like 0,0.05,0.1"),
+                   default=[0.0, 0.05, 0.1, 0.2, 0.4], help="DAiD lam values of the sweep, each in [0, 1]")
+    e.add_argument("--taus", type=_number_list(float_in(0.0, True), "numbers > 0 like 0.3,0.6"), default=[0.3, 0.6, 1.2],
+                   help="DAiD tau values of the sweep, each > 0")
+    e.add_argument("--k", type=retrieval_k, default=256, help="retrieved neighbours per step (default 256)")
+    e.add_argument("--cfg", type=float_in(1.0, False, " (1 = no guidance)"), default=5.0,
+                   help="classifier-free guidance scale, >= 1 (default 5)")
     e.add_argument("--faid-sweep", action="store_true", help="also the FAiD hops (1 | 1+2) x blenders (1 | 2) sweep "
-                   "(trains blenders for each cell: ~30 min on 2 cores)")
+                   "(trains blenders for each cell: ~13 min more on 2 cores)")
     e.set_defaults(func=_cmd_eval)

@@ -3,7 +3,7 @@ file, optionally the base weights under HF names)."""
 
 from __future__ import annotations
 
-from arrag_kernels.cli.common import load_model
+from arrag_kernels.cli.common import check_prompt_ids, int_at_least, load_model, output_file
 
 
 def _cmd_train_faid(args):
@@ -11,16 +11,29 @@ def _cmd_train_faid(args):
 
     import arrag_kernels as ak
     from arrag_kernels.faid import FAiDConfig, save_blenders
-    from arrag_kernels.faid.train import save_finetuned, train_faid
+    from arrag_kernels.faid.train import check_training_args, save_finetuned, train_faid
     from arrag_kernels.models import FAiDAdapter, get_adapter
+    from arrag_kernels.retrieval.images import normalise_image_source
 
-    model, _ = load_model(args.model, args.device)
-    db = ak.PatchDatabase.load(args.db)
-    if args.prompt_ids:
-        prompt = torch.tensor([[int(t) for t in args.prompt_ids.split(",")]])
-    else:
-        prompt = get_adapter(model, FAiDAdapter).empty_prompt(model.generation_config)
+    # every argument before any work (loading the model and the database, encoding the images)
+    check_training_args(args.steps, args.batch_size, args.lr, args.lora_rank)
     config = FAiDConfig(k=args.k, hops=args.hops, blenders=args.blenders)
+    if args.finetuned_out and not (args.lora_rank > 0 or args.train_head):
+        raise ValueError("--finetuned-out: nothing to write without --lora-rank > 0 or --train-head")
+    try:
+        prompt = torch.tensor([[int(t) for t in args.prompt_ids.split(",")]]) if args.prompt_ids else None
+    except ValueError:
+        raise ValueError(f"--prompt-ids: expected comma-separated integers like 1,5,100, got {args.prompt_ids!r}") from None
+    normalise_image_source(args.images)  # the folder exists and holds images
+    db = ak.PatchDatabase.load(args.db)
+    if config.k > len(db):
+        raise ValueError(f"--k {config.k} is larger than the database ({len(db)} entries); pass --k {len(db)} or less")
+    model, _ = load_model(args.model, args.device)
+    adapter = get_adapter(model, FAiDAdapter)
+    db.check_compatible(adapter, strict=True)  # a database of another model's codebook: refused, not warned about
+    if prompt is None:
+        prompt = adapter.empty_prompt(model.generation_config)
+    check_prompt_ids(prompt, model)
     blenders, losses = train_faid(model, db, config, args.images, prompt, steps=args.steps,
                                   batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank,
                                   train_head=args.train_head, seed=args.seed,
@@ -46,7 +59,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--model", default="tiny", help="'tiny' or a local checkpoint directory (any registered model type)")
     p.add_argument("--db", required=True, help="database directory (arrag-kernels build-db)")
     p.add_argument("--images", required=True, help="folder of training images")
-    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--out", type=output_file, required=True, help="output .safetensors file")
     p.add_argument("--prompt-ids", default=None,
                    help="comma-separated prompt ids (default: the family's prompt without text; Janus: BOS,BOI)")
     p.add_argument("--k", type=int, default=10)
@@ -57,7 +70,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA on q/v via peft")
     p.add_argument("--train-head", action="store_true", help="also train the image head (Janus: generation_head)")
-    p.add_argument("--finetuned-out", default=None,
+    p.add_argument("--finetuned-out", type=output_file, default=None,
                    help="where LoRA / head weights go (default: <out stem>.finetuned.safetensors)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute the decoder layers in backward instead of keeping their activations "
@@ -68,10 +81,10 @@ def add_subcommands(subparsers) -> None:
 
     c = subparsers.add_parser("convert", help="official AR-RAG FAiD checkpoint -> arrag_kernels blender file")
     c.add_argument("checkpoint", help="official .safetensors / .bin (DeepSeek-Janus naming)")
-    c.add_argument("--out", required=True, help="output .safetensors file")
-    c.add_argument("--num-layers", type=int, required=True, help="decoder layers of the model (Janus-Pro-1B: 24)")
-    c.add_argument("--hidden-size", type=int, required=True, help="hidden size (Janus-Pro-1B: 2048)")
-    c.add_argument("--k", type=int, default=10, help="retrieved tokens per step stored in the file's config")
-    c.add_argument("--base-out", default=None,
+    c.add_argument("--out", type=output_file, required=True, help="output .safetensors file")
+    c.add_argument("--num-layers", type=int_at_least(1), required=True, help="decoder layers of the model (Janus-Pro-1B: 24)")
+    c.add_argument("--hidden-size", type=int_at_least(1), required=True, help="hidden size (Janus-Pro-1B: 2048)")
+    c.add_argument("--k", type=int_at_least(1), default=10, help="retrieved tokens per step stored in the file's config")
+    c.add_argument("--base-out", type=output_file, default=None,
                    help="also write the base-model weights under HF JanusForConditionalGeneration names (.safetensors)")
     c.set_defaults(func=_cmd_convert)

@@ -32,14 +32,17 @@ class DAiDLogitsProcessor(LogitsProcessor):
     """A ``transformers.LogitsProcessor`` applying DAiD after CFG at retrieval positions.
 
     The image stream of each row starts right after the last ``image_start_token_id`` in
-    ``input_ids``; it is laid out in raster order, ``grid[1]`` image tokens per row, followed by
-    ``eol_token_id`` when given (Emu3: an end-of-line token after every row). At the next position:
+    ``input_ids``; after ``image_offset`` tokens (GLM-Image: its preview grid; untouched) comes the
+    grid, in raster order, ``grid[1]`` image tokens per row, followed by ``eol_token_id`` when given
+    (Emu3: an end-of-line token after every row). At the next position:
 
     * an image cell with a database key: ``p = (1 - lam) softmax(filter(s / T)) + lam p_ret``, with
       ``p_ret`` over the retrieved image tokens (mapped to vocabulary ids) and ``filter`` HF's top-k
       then top-p; the processor returns ``log p``;
     * any other image cell: ``log softmax(filter(s / T))`` (same sampling distribution as HF);
-    * an end-of-line position, or after the image (or no image start yet): the scores unchanged.
+    * any other position (the offset before the grid, an end-of-line position, after the image, no
+      image start yet): the scores unchanged, or ``log softmax(filter(s / T))`` when ``temperature``,
+      ``top_k`` or ``top_p`` are set (HF's warpers are then neutral and would not filter them).
 
     So pass ``temperature``, ``top_k``, ``top_p`` here (they act before the merge, like the fused
     sampler) and call ``generate`` with ``temperature=1.0, top_k=0, top_p=1.0``: HF's warpers run
@@ -63,11 +66,12 @@ class DAiDLogitsProcessor(LogitsProcessor):
         image_start_token_id: vocabulary id after which the image tokens start.
         image_token_ids: (V_img,) vocabulary id of each image code; None when vocabulary id == code.
         eol_token_id: vocabulary id closing each row of the stream, or None.
+        image_offset: tokens between the start token and the grid's first cell (not merged there).
     """
 
     def __init__(self, db, config: DAiDConfig, codebook, image_start_token_id: int,
                  image_token_ids: torch.Tensor | None = None, eol_token_id: int | None = None,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, image_offset: int = 0):
         if not isinstance(config, DAiDConfig):
             raise TypeError(f"config: expected an arrag_kernels.DAiDConfig, got {type(config).__name__}")
         m = db.meta
@@ -77,12 +81,15 @@ class DAiDLogitsProcessor(LogitsProcessor):
         if image_token_ids.shape != (m.codebook_size,):
             raise ValueError(f"image_token_ids: expected ({m.codebook_size},) vocabulary ids, one per code, "
                              f"got {tuple(image_token_ids.shape)}")
+        if isinstance(image_offset, bool) or not isinstance(image_offset, int) or image_offset < 0:
+            raise ValueError(f"image_offset: expected an int >= 0 (tokens before the grid), got {image_offset!r}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0 or not 0.0 <= top_p <= 1.0:
             raise ValueError(f"top_k must be an int >= 0 and top_p in [0, 1], got top_k={top_k!r}, top_p={top_p!r}")
         self.config = config
         self.image_start = int(image_start_token_id)
+        self.image_offset = image_offset
         self.code_to_vocab = image_token_ids.long()
         self.temperature, self.top_k, self.top_p = float(temperature), top_k, float(top_p)
         self.grid = tuple(m.grid)
@@ -91,14 +98,16 @@ class DAiDLogitsProcessor(LogitsProcessor):
 
     @classmethod
     def for_adapter(cls, adapter, db, config: DAiDConfig, temperature: float = 1.0, top_k: int = 0,
-                    top_p: float = 1.0) -> "DAiDLogitsProcessor":
+                    top_p: float = 1.0, generate_kwargs: dict | None = None) -> "DAiDLogitsProcessor":
         """The processor for a :class:`arrag_kernels.models.LogitsProcessorAdapter` (Emu3) on ``db``'s grid,
-        from the adapter's facts: its codebook and ``image_stream()`` (image-start, code and end-of-line
-        vocabulary ids). What :func:`arrag_kernels.patch_model` adds to each image-generation call;
-        by hand, pass it as ``logits_processor=[...]`` with the family's usual ``generate`` arguments."""
-        stream = adapter.image_stream()
+        from the adapter's facts: its codebook and ``image_stream(**generate_kwargs)`` (image-start, code
+        and end-of-line vocabulary ids, the grid's offset; ``generate_kwargs``: the call's other
+        ``generate`` arguments, GLM-Image's ``image_grid_thw``). What :func:`arrag_kernels.patch_model`
+        adds to each image-generation call; by hand, pass it as ``logits_processor=[...]`` with the
+        family's usual ``generate`` arguments."""
+        stream = adapter.image_stream(**(generate_kwargs or {}))
         return cls(db, config, adapter, stream.start_token_id, stream.code_token_ids, stream.eol_token_id,
-                   temperature=temperature, top_k=top_k, top_p=top_p)
+                   temperature=temperature, top_k=top_k, top_p=top_p, image_offset=stream.offset)
 
     def _image_state(self, input_ids: torch.Tensor):
         """(grid tokens (B, H*W) with -1 where not generated, next stream position j (B,)), or None."""
@@ -106,13 +115,15 @@ class DAiDLogitsProcessor(LogitsProcessor):
         is_start = input_ids == self.image_start
         if not bool(is_start.any(1).all()):
             return None
-        stream_begin = L - is_start.flip(1).int().argmax(1)  # (B,) first position after the last start token
+        # (B,) first position of the grid: after the last start token and the offset
+        stream_begin = L - is_start.flip(1).int().argmax(1) + self.image_offset
         H, W = self.grid
         j = torch.arange(H * self.row_len, device=input_ids.device)
         pos = stream_begin[:, None] + j
         generated = pos < L
         ids = input_ids.gather(1, pos.clamp_max(L - 1))
-        codes = self._vocab_to_code[ids.clamp_min(0)]
+        table = self._vocab_to_code  # ids the head cannot produce (ImageGPT's start token) are no code
+        codes = torch.where(ids < len(table), table[ids.clamp(0, len(table) - 1)], -1)
         cell = (j // self.row_len) * W + j % self.row_len
         is_cell = (j % self.row_len < W)[None] & generated
         # non-cells (end-of-line, not generated yet) go to a spare last column, dropped after
@@ -138,18 +149,29 @@ class DAiDLogitsProcessor(LogitsProcessor):
             self._vocab_to_code[self.code_to_vocab] = torch.arange(len(self.code_to_vocab), device=device)
         state = self._image_state(input_ids)
         if state is None:
-            return scores
+            return self._untouched(scores)
         tokens, j = state
         H, W = self.grid
-        in_image = (j < H * self.row_len) & (j % self.row_len < W)  # (B,) next position is an image cell
+        in_image = (j >= 0) & (j < H * self.row_len) & (j % self.row_len < W)  # (B,) next position is a grid cell
         if not bool(in_image.any()):
-            return scores
+            return self._untouched(scores)
         step = torch.where(in_image, (j // self.row_len) * W + j % self.row_len, 0)
-        filtered = top_k_top_p_filter_ref(scores.float() / self.temperature, self.top_k, self.top_p)
+        filtered = self._filter(scores)
         probs = torch.softmax(filtered, dim=-1)
         dist, codes, valid = self.retriever.retrieve(tokens, step)
         hit_ids = torch.where(codes >= 0, self.code_to_vocab[codes.clamp_min(0)], -1)
         active = in_image & valid  # valid: the cell has a database key (border policy)
         c = self.config
         merged = daid_mix(probs, dist, hit_ids, active, c.lam, c.tau, c.dedup)
-        return torch.where(in_image[:, None], merged.log().to(scores.dtype), scores)
+        return torch.where(in_image[:, None], merged.log().to(scores.dtype), self._untouched(scores, filtered))
+
+    def _filter(self, scores: torch.Tensor) -> torch.Tensor:
+        return top_k_top_p_filter_ref(scores.float() / self.temperature, self.top_k, self.top_p)
+
+    def _untouched(self, scores: torch.Tensor, filtered: torch.Tensor | None = None) -> torch.Tensor:
+        """The scores where DAiD does not merge: as given, or, when this processor holds the call's
+        sampling filters (HF's warpers then neutral, see the class docstring), the filtered
+        log-probabilities HF's warpers would have sampled from (GLM-Image's preview, tokens after the grid)."""
+        if self.temperature == 1.0 and self.top_k == 0 and self.top_p == 1.0:
+            return scores
+        return torch.log_softmax(self._filter(scores) if filtered is None else filtered, dim=-1).to(scores.dtype)

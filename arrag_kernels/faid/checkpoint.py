@@ -48,7 +48,11 @@ def _read_state_dict(source) -> tuple[dict, dict]:
 
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    return torch.load(str(path), map_location="cpu", weights_only=True), {}
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True), {}
+    except (EOFError, IndexError, KeyError, RuntimeError) as e:  # what torch.load raises on other files (images, text)
+        raise CheckpointError(f"cannot read {str(path)!r} as a checkpoint: expected a .safetensors file or a torch.save "
+                              f"file holding only tensors ({type(e).__name__})") from e
 
 
 def split_official(state_dict: dict, weights: OfficialWeights) -> tuple[dict, dict]:
@@ -244,7 +248,11 @@ def convert_official(source, out: str | os.PathLike, num_layers: int, hidden_siz
     ``model.load_state_dict``; raises :class:`CheckpointError` listing the keys that have no HF name,
     before writing anything.
     """
-    state, _ = _read_state_dict(source)
+    state, meta = _read_state_dict(source)
+    if "faid_config" in meta or any(_FAID_KEY.match(key) for key in state):
+        raise CheckpointError(f"{source!s}: already an arrag_kernels blender file (keys like "
+                              "'layers.0.blender.conv1.weight'), not an official checkpoint: load it as it is "
+                              "(patch_model(..., blender_weights=), generate --faid), no convert needed")
     base, faid, unmapped = official_to_hf(state, model_type)
     if base_out is not None and unmapped:
         raise CheckpointError(

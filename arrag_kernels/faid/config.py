@@ -60,6 +60,11 @@ class FAiDConfig:
         every = num_layers // self.blenders
         return tuple(i for i in range(num_layers) if i % every == 0)
 
+    @property
+    def hops_label(self) -> str:
+        """The hop set for people: "1+2" (the paper's "12" reads as twelve hops)."""
+        return "+".join(map(str, self.hops))
+
     def to_dict(self) -> dict:
         return {"k": int(self.k), "hops": list(self.hops), "blenders": int(self.blenders)}
 

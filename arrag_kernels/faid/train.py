@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 from pathlib import Path
 
 import torch
@@ -352,6 +353,50 @@ def allocated_bytes(fn, device="cpu") -> tuple[object, int, int]:
     return out, current, peak
 
 
+class NonFiniteLossError(ValueError):
+    """Training stopped at a NaN / inf loss (nothing is returned or written). A ValueError: the CLI
+    reports it as a user error (exit 2)."""
+
+
+def check_finite_loss(loss: float, step: int, steps: int) -> float:
+    """``loss`` if finite, else :class:`NonFiniteLossError` naming the step."""
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"training stopped: the loss is {loss} at step {step} of {steps}, nothing was saved "
+                                 "(check the model and the images for inf/NaN values, or lower the learning rate)")
+    return loss
+
+
+@contextlib.contextmanager
+def fp32_training(model):
+    """The model's floating-point parameters and buffers in fp32 while the block runs, their own dtypes
+    restored after it (parameters added meanwhile, e.g. LoRA, stay fp32). fp16/bf16 weights would get
+    fp16 AdamW states (its eps underflows to 0: NaN from the second step) and a lossy forward; fp32
+    master weights cost twice the memory of a half-precision model for the duration."""
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    dtypes = {name: t.dtype for name, t in tensors.items() if t.is_floating_point()}
+    model.float()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, t in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items():
+                if name in dtypes and t.dtype != dtypes[name]:
+                    t.data = t.data.to(dtypes[name])
+
+
+def check_training_args(steps: int, batch_size: int, lr: float, lora_rank: int) -> None:
+    """:func:`train_faid`'s numeric arguments, checked before any work (ValueError naming the bad one)."""
+    if int(steps) < 1:
+        raise ValueError(f"steps: expected at least 1 training step, got {steps}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size: expected at least 1 image per step, got {batch_size}")
+    if int(lora_rank) < 0:
+        raise ValueError(f"lora_rank: expected 0 (no LoRA) or a positive rank, got {lora_rank}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr: expected a finite learning rate > 0, got {lr}")
+
+
 def encode_images(model, images, batch_size: int = 16) -> torch.Tensor:
     """Training targets: (B, N) token ids of images (folder, paths or a (B, 3, S, S) tensor in [-1, 1])."""
     from ..retrieval.images import iter_image_batches, normalise_image_source
@@ -367,12 +412,14 @@ def train_faid(model, db, config, images, prompt_ids: torch.Tensor, steps: int =
                activation_checkpointing: bool = False, log=print) -> tuple[FAiDBlenders, list[float]]:
     """Train fresh blenders for ``config`` on ``images`` with one prompt row per image or a shared (1, P) prompt.
 
-    Returns the trained blenders and the loss of every step; LoRA (``lora_rank > 0``) and the head
-    (``train_head``) are trained in ``model`` itself (save them with :func:`save_finetuned`).
-    ``activation_checkpointing`` recomputes the decoder layers in backward (see :class:`FAiDTrainer`).
+    Returns the trained blenders (fp32) and the loss of every step; LoRA (``lora_rank > 0``) and the
+    head (``train_head``) are trained in ``model`` itself (save them with :func:`save_finetuned`).
+    Training runs in fp32 whatever the model's dtype (:func:`fp32_training`; its dtypes are restored
+    afterwards, the head rounded back to them) and stops with :class:`NonFiniteLossError` at the first
+    NaN / inf loss. ``activation_checkpointing`` recomputes the decoder layers in backward (see
+    :class:`FAiDTrainer`).
     """
-    if int(steps) < 1:
-        raise ValueError(f"steps: expected at least 1 training step, got {steps}")
+    check_training_args(steps, batch_size, lr, lora_rank)
     torch.manual_seed(seed)
     tokens = encode_images(model, images)  # on the model's device, where the trainer retrieves
     prompts = prompt_ids.to(tokens.device)
@@ -380,13 +427,14 @@ def train_faid(model, db, config, images, prompt_ids: torch.Tensor, steps: int =
         prompts = prompts.expand(tokens.shape[0], -1)
     elif prompts.shape[0] != tokens.shape[0]:
         raise ValueError(f"prompt_ids: expected 1 or {tokens.shape[0]} rows (one per image), got {prompts.shape[0]}")
-    blenders = FAiDBlenders.for_model(model, config)
-    trainer = FAiDTrainer(model, db, blenders, lr=lr, lora_rank=lora_rank, train_head=train_head,
-                          activation_checkpointing=activation_checkpointing)
-    losses = []
-    g = torch.Generator().manual_seed(seed)
-    for s in range(steps):
-        idx = torch.randint(0, tokens.shape[0], (min(batch_size, tokens.shape[0]),), generator=g).to(tokens.device)
-        losses.append(trainer.step(prompts[idx], tokens[idx]))
-        log(f"step {s + 1}/{steps}: loss {losses[-1]:.4f}")
+    with fp32_training(model):
+        blenders = FAiDBlenders.for_model(model, config)
+        trainer = FAiDTrainer(model, db, blenders, lr=lr, lora_rank=lora_rank, train_head=train_head,
+                              activation_checkpointing=activation_checkpointing)
+        losses = []
+        g = torch.Generator().manual_seed(seed)
+        for s in range(steps):
+            idx = torch.randint(0, tokens.shape[0], (min(batch_size, tokens.shape[0]),), generator=g).to(tokens.device)
+            losses.append(check_finite_loss(trainer.step(prompts[idx], tokens[idx]), s + 1, steps))
+            log(f"step {s + 1}/{steps}: loss {losses[-1]:.4f}")
     return blenders.eval(), losses

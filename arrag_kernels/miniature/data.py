@@ -97,6 +97,12 @@ def parse_emoji_test(path: str | os.PathLike) -> list[EmojiEntry]:
     return entries
 
 
+def emoji_labels(entries: list[EmojiEntry]) -> tuple[list[str], list[str]]:
+    """(group names, subgroup names) in file order: index i is label id i (the model's prompt ids
+    depend on this order, never on which emoji a run keeps)."""
+    return list(dict.fromkeys(e.group for e in entries)), list(dict.fromkeys(e.subgroup for e in entries))
+
+
 def render_emoji(char: str, font, size: int):
     """One emoji as a (size, size, 3) uint8 array on ``BACKGROUND``, or None if the font has no glyph."""
     from PIL import Image, ImageDraw
@@ -182,8 +188,7 @@ def load_emoji_dataset(size: int = 32, limit: int | None = None, seed: int = 0, 
 
     font_path, test_path = emoji_sources(font, emoji_test)
     all_entries = parse_emoji_test(test_path)
-    group_names = list(dict.fromkeys(e.group for e in all_entries))  # label ids do not depend on ``limit``
-    subgroup_names = list(dict.fromkeys(e.subgroup for e in all_entries))
+    group_names, subgroup_names = emoji_labels(all_entries)  # label ids do not depend on ``limit``
     entries = all_entries
     if limit is not None:
         if limit < 1:
@@ -205,6 +210,9 @@ def load_emoji_dataset(size: int = 32, limit: int | None = None, seed: int = 0, 
         tmp = cache.with_suffix(".tmp.npz")
         np.savez_compressed(tmp, images=images, keep=keep)
         os.replace(tmp, cache)
+        if progress:
+            print(f"cached the rendered emoji in {cache} ({cache.stat().st_size / 1e6:.1f} MB; set "
+                  "ARRAG_KERNELS_CACHE to put the cache elsewhere)")
     entries = [e for e, k in zip(entries, keep) if k]
     if not entries:
         raise ValueError(f"no emoji could be rendered with {str(font_path)!r}")

@@ -19,6 +19,7 @@ Protocol (all seeded):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -33,7 +34,7 @@ from ..eval.sampling import decode_tokens, generate_tokens, image_grid
 from ..eval.sweep import best_cell, save_heatmap, save_json, sweep_grid
 from .data import load_emoji_dataset
 from .train import (WEIGHTS_DIR, BlenderConfig, MiniatureConfig, dataset_prompts, encode_tokens, load_miniature,
-                    load_miniature_blenders)
+                    load_miniature_blenders, progress_bar)
 
 DEFAULT_LAMS = (0.0, 0.05, 0.1, 0.2, 0.4)
 DEFAULT_TAUS = (0.3, 0.6, 1.2)
@@ -80,12 +81,21 @@ class MiniatureRun:
         return f"faid(hops={''.join(map(str, c.hops))},b={c.blenders},k={c.k})"
 
 
-def split_metrics(run: MiniatureRun, split, seeds, cfg: float, daid=None, blenders=None, grid_path=None) -> dict:
+def split_metrics(run: MiniatureRun, split, seeds, cfg: float, daid=None, blenders=None, grid_path=None,
+                  bar=None) -> dict:
     """NLL and, per sampling seed, FD / FWD / precision / recall of one method on a split
-    (``split``: (prompts, pixels, tokens, features)); the first seed's samples go to ``grid_path``."""
+    (``split``: (prompts, pixels, tokens, features)); the first seed's samples go to ``grid_path``.
+    ``bar``: a progress bar advanced once per seed and once for the NLL (None: a bar of its own)."""
     prompts, real, tokens, real_f = split
+    own = progress_bar(len(seeds) + 1, "test metrics", run.progress) if bar is None else contextlib.nullcontext(bar)
+    with own as bar:
+        return _split_metrics(run, prompts, real, tokens, real_f, seeds, cfg, daid, blenders, grid_path, bar)
+
+
+def _split_metrics(run, prompts, real, tokens, real_f, seeds, cfg, daid, blenders, grid_path, bar) -> dict:
     fd, fw, prec, rec = [], [], [], []
     for seed in seeds:
+        bar.set_postfix_str(f"sampling seed {seed}")
         fake = run.sample(prompts, daid, seed=seed, cfg=cfg, blenders=blenders)
         fake_f = run.features(fake)
         fd.append(frechet_distance(real_f, fake_f))
@@ -95,8 +105,12 @@ def split_metrics(run: MiniatureRun, split, seeds, cfg: float, daid=None, blende
         rec.append(pr["recall"])
         if seed == seeds[0] and grid_path is not None:
             image_grid(fake[:128]).save(grid_path)
-    return {"nll": run.nll(prompts, tokens, daid, blenders), "fd": _mean_std(fd), "fwd": _mean_std(fw),
-            "precision": _mean_std(prec), "recall": _mean_std(rec)}
+        bar.update()
+    bar.set_postfix_str("teacher-forced NLL")
+    nll = run.nll(prompts, tokens, daid, blenders)
+    bar.update()
+    return {"nll": nll, "fd": _mean_std(fd), "fwd": _mean_std(fw), "precision": _mean_std(prec),
+            "recall": _mean_std(rec)}
 
 
 def faid_sweep(run: MiniatureRun, val, test, hops=((1,), (1, 2)), blenders=(1, 2), seeds=(0, 1, 2),
@@ -185,8 +199,11 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
         results["blenders"] = run.blender_meta
     test = {}
     split = (test_p, test_x, test_t, test_f)
-    for name, (daid, blenders) in methods.items():
-        test[name] = split_metrics(run, split, seeds, cfg, daid, blenders, out / f"samples_{name.split('(')[0]}.png")
+    with progress_bar(len(methods) * (len(seeds) + 1), "test metrics", progress) as bar:
+        for name, (daid, blenders) in methods.items():
+            bar.set_description(f"test metrics: {name}")
+            test[name] = split_metrics(run, split, seeds, cfg, daid, blenders,
+                                       out / f"samples_{name.split('(')[0]}.png", bar)
     recon = decode_tokens(run.model, test_t)
     test["vq_reconstruction"] = {"fd": frechet_distance(test_f, run.features(recon)), "fwd": fwd(test_x, recon),
                                  **precision_recall(test_f, run.features(recon)),
@@ -199,9 +216,12 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
                                            faid_hops or ((1, 2),), faid_blenders or (2,), seeds, cfg, blender_cfg, out)
 
     # Fig. 6.
-    train_t = encode_tokens(run.model, run.ds.pixels("train")[:1000])
-    fig6 = {"train": retrieval_accuracy(run.model, run.db, train_t, k=fig6_k),
-            "test": retrieval_accuracy(run.model, run.db, test_t, k=fig6_k)}
+    with progress_bar(2, "Fig. 6 retrieval accuracy (train, test images)", progress) as bar:
+        train_t = encode_tokens(run.model, run.ds.pixels("train")[:1000])
+        fig6 = {"train": retrieval_accuracy(run.model, run.db, train_t, k=fig6_k)}
+        bar.update()
+        fig6["test"] = retrieval_accuracy(run.model, run.db, test_t, k=fig6_k)
+        bar.update()
     results["fig6"] = fig6
     save_fig6(fig6, out / "fig6_retrieval_accuracy.png")
     results["wall_s"] = time.perf_counter() - t_start

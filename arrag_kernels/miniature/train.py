@@ -22,13 +22,17 @@ Stages (each seeded; a few minutes on 2 CPU cores at the default sizes):
 ``python -m arrag_kernels.miniature.train --out DIR`` runs all four and writes
 ``model.safetensors`` + ``config.json`` (HF ``save_pretrained``, fp16), ``classifier.safetensors``,
 ``meta.json`` (the config, dataset split sizes, losses, wall times), ``blenders.safetensors`` (fp16)
-and ``blenders.json``; ``--blenders-only`` trains stage 4 on an existing ``--out``.
+and ``blenders.json``; ``--blenders-only`` trains stage 4 on an existing ``--out``. ``--out`` has no
+default, and the weights shipped in ``arrag_kernels/miniature/weights`` are never written by these
+functions (:func:`check_not_shipped`): to replace them, train elsewhere and copy the files by hand
+(then update :data:`SHIPPED_SHA256`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -42,6 +46,12 @@ from ..models.tiny import TINY_BOI, TINY_BOS, TINY_PAD, tiny_janus
 from .data import EmojiDataset, load_emoji_dataset
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+# SHA-256 of the shipped weight files: the demo says whether it runs them or something else put there.
+SHIPPED_SHA256 = {
+    "model.safetensors": "0f8746f2f961d197f5df15cf90196920122f8fb1723232b0d6c36db46c025427",
+    "classifier.safetensors": "e543cff25be9b927994159bed51fc253d38a97a1895881f7e33e0587478d4a1b",
+    "blenders.safetensors": "2c0918e1c4c4a0b6e7aa091b0815dffb4cd18ba98196322ee2600b1c861248d4",
+}
 # Prompt layout: [BOS, GROUP_BASE + group, SUBGROUP_BASE + subgroup, BOI]; ids stay below the image token (255).
 GROUP_BASE, SUBGROUP_BASE = 3, TINY_BOI + 1
 
@@ -107,6 +117,33 @@ class BlenderConfig:
         return FAiDConfig(k=self.k, hops=self.hops, blenders=self.blenders)
 
 
+def check_not_shipped(out: str | os.PathLike) -> Path:
+    """``out`` as a Path; raises ValueError when it is the package's shipped weights directory or inside it
+    (the library's tools never write there)."""
+    out = Path(out)
+    shipped = WEIGHTS_DIR.resolve()
+    if out.resolve() == shipped or shipped in out.resolve().parents:
+        raise ValueError(f"{str(out)!r} is in the shipped weights directory {str(WEIGHTS_DIR)!r}, which the library "
+                         "never writes to; pass another output path (e.g. under /tmp; `arrag-kernels eval --weights "
+                         "DIR` evaluates a trained one)")
+    return out
+
+
+def describe_weights(path: str | os.PathLike | None = None) -> str:
+    """One line saying which miniature weights ``path`` (default: the shipped directory) holds: the shipped
+    files unmodified, or what ``meta.json`` says trained them."""
+    path = Path(path) if path else WEIGHTS_DIR
+    changed = [name for name, digest in SHIPPED_SHA256.items() if not (path / name).is_file()
+               or hashlib.sha256((path / name).read_bytes()).hexdigest() != digest]
+    if not changed:
+        return f"{path} (the shipped weights)"
+    meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else {}
+    where = "WARNING: the shipped weights directory holds other files" if path.resolve() == WEIGHTS_DIR.resolve() \
+        else "not the shipped weights"
+    return (f"{path} ({where}: {', '.join(changed)} differ; trained by "
+            f"`{meta.get('command', 'unknown')}`, config {meta.get('config', {})})")
+
+
 def prompt_for(group_ids: torch.Tensor, subgroup_ids: torch.Tensor) -> torch.Tensor:
     """(B,) group and subgroup indices -> (B, 4) prompt ids ``[BOS, group, subgroup, BOI]``."""
     if len(group_ids) and (int(group_ids.max()) + GROUP_BASE >= TINY_BOI or int(subgroup_ids.max()) + SUBGROUP_BASE >= 255):
@@ -116,12 +153,46 @@ def prompt_for(group_ids: torch.Tensor, subgroup_ids: torch.Tensor) -> torch.Ten
                         torch.full((B,), TINY_BOI)], dim=1)
 
 
+def prompt_ids(subgroups: str | list[str], emoji_test: str | os.PathLike | None = None,
+               num_classes: int | None = None) -> torch.Tensor:
+    """The miniature model's prompt recipe: subgroup names of Unicode's ``emoji-test.txt`` (e.g.
+    ``"face-smiling"``, ``"animal-mammal"``; the group follows from the subgroup) -> (B, 4) prompt ids
+    ``[BOS, group, subgroup, BOI]`` (:func:`prompt_for`), for ``model.generate`` or ``generate --prompt-ids``.
+
+    Label ids are positions in the installed ``emoji-test.txt`` (``unicode-data``), as in training;
+    ``num_classes`` (a run's ``meta.json`` value; default: the shipped model's) is checked against it
+    so that another Unicode version cannot shift the ids silently."""
+    from .data import emoji_labels, emoji_sources, parse_emoji_test
+
+    names = [subgroups] if isinstance(subgroups, str) else list(subgroups)
+    if not names:
+        raise ValueError("prompt_ids: expected at least one subgroup name, got none")
+    entries = parse_emoji_test(emoji_sources(emoji_test=emoji_test)[1])
+    group_names, subgroup_names = emoji_labels(entries)
+    expected = num_classes if num_classes is not None else json.loads((WEIGHTS_DIR / "meta.json").read_text())["num_classes"]
+    if len(subgroup_names) != expected:
+        raise ValueError(f"the installed emoji-test.txt has {len(subgroup_names)} subgroups, the model was trained on "
+                         f"{expected}: its prompt ids would not match (install the unicode-data it was trained with)")
+    group_of = {e.subgroup: e.group for e in entries}
+    unknown = [n for n in names if n not in group_of]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], subgroup_names, n=3)
+        raise ValueError(f"unknown emoji subgroup {unknown[0]!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                         + f"; expected one of the {len(subgroup_names)} subgroups of emoji-test.txt, e.g. "
+                         f"{', '.join(subgroup_names[:3])}")
+    return prompt_for(torch.tensor([group_names.index(group_of[n]) for n in names]),
+                      torch.tensor([subgroup_names.index(n) for n in names]))
+
+
 def dataset_prompts(ds: EmojiDataset, idx: torch.Tensor | None = None) -> torch.Tensor:
     p = prompt_for(ds.group_ids(), ds.subgroup_ids())
     return p if idx is None else p[idx]
 
 
-def _bar(total: int, desc: str, progress: bool):
+def progress_bar(total: int, desc: str, progress: bool):
+    """The miniature stages' tqdm bar (stderr; ``progress=False``: silent)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", disable=not progress)
@@ -149,7 +220,7 @@ def train_vq(model, pixels: torch.Tensor, cfg: MiniatureConfig, progress: bool =
     opt = torch.optim.Adam(vq.parameters(), lr=cfg.vq_lr)
     used = torch.zeros(cfg.codebook_size, dtype=torch.bool)
     losses = []
-    with _bar(cfg.vq_steps, "training VQ", progress) as bar:
+    with progress_bar(cfg.vq_steps, "training VQ", progress) as bar:
         for step in range(cfg.vq_steps):
             x = pixels[torch.randint(0, len(pixels), (cfg.vq_batch,), generator=g)]
             zn, q, ids = _quantize(vq, vq.quant_conv(vq.encoder(x)))
@@ -196,7 +267,7 @@ def train_lm(model, prompts: torch.Tensor, tokens: torch.Tensor, cfg: MiniatureC
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lm_lr, total_steps=cfg.lm_steps, pct_start=0.1)
     model.train()
     losses = []
-    with _bar(cfg.lm_steps, "training LM", progress) as bar:
+    with progress_bar(cfg.lm_steps, "training LM", progress) as bar:
         for _ in range(cfg.lm_steps):
             idx = torch.randint(0, len(tokens), (cfg.lm_batch,), generator=g)
             p, t = prompts[idx], tokens[idx]
@@ -228,7 +299,7 @@ def train_classifier(ds: EmojiDataset, cfg: MiniatureConfig, progress: bool = Tr
     opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
     clf.train()
     losses = []
-    with _bar(cfg.clf_steps, "training classifier", progress) as bar:
+    with progress_bar(cfg.clf_steps, "training classifier", progress) as bar:
         for _ in range(cfg.clf_steps):
             b = torch.randint(0, len(x), (cfg.clf_batch,), generator=g)
             xb = x[b]
@@ -263,7 +334,7 @@ def train_blenders(model, ds: EmojiDataset, cfg: BlenderConfig = BlenderConfig()
     import arrag_kernels as ak
 
     from ..faid import FAiDBlenders
-    from ..faid.train import FAiDTrainer
+    from ..faid.train import FAiDTrainer, check_finite_loss
 
     db_idx, fit_idx = blender_split(ds, cfg.db_fraction, cfg.seed)
     db = ak.PatchDatabase.build(ds.pixels()[db_idx], model, progress=progress)
@@ -276,10 +347,11 @@ def train_blenders(model, ds: EmojiDataset, cfg: BlenderConfig = BlenderConfig()
     retrieved = [torch.cat(x) for x in zip(*(trainer.retrieve_all(t) for t in tokens.split(256)))]  # once per image
     g = torch.Generator().manual_seed(cfg.seed + 3)
     losses = []
-    with _bar(cfg.steps, "training FAiD blenders", progress) as bar:
-        for _ in range(cfg.steps):
+    with progress_bar(cfg.steps, "training FAiD blenders", progress) as bar:
+        for step in range(cfg.steps):
             b = torch.randint(0, len(tokens), (min(cfg.batch, len(tokens)),), generator=g)
-            losses.append(trainer.step(prompts[b], tokens[b], (retrieved[0][b], retrieved[1][b])))
+            loss = trainer.step(prompts[b], tokens[b], (retrieved[0][b], retrieved[1][b]))
+            losses.append(check_finite_loss(loss, step + 1, cfg.steps))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             bar.update()
     for p, f in zip(model.parameters(), flags):  # the trainer froze the base model for training
@@ -293,7 +365,7 @@ def train_and_save_blenders(out: str | os.PathLike, cfg: BlenderConfig = Blender
     """Stage 4 on the trained model in ``out``: writes ``blenders.safetensors`` (fp16) and ``blenders.json``."""
     from ..faid import save_blenders
 
-    out = Path(out)
+    out = check_not_shipped(out)
     model, _, meta = load_miniature(out)
     mcfg = MiniatureConfig(**meta["config"])
     ds = load_emoji_dataset(size=mcfg.size, limit=mcfg.limit, seed=mcfg.seed, cache_dir=cache_dir, progress=progress)
@@ -304,8 +376,7 @@ def train_and_save_blenders(out: str | os.PathLike, cfg: BlenderConfig = Blender
     last = lambda xs: float(torch.tensor(xs[-20:]).mean())  # noqa: E731
     bmeta = {"config": dataclasses.asdict(cfg), **info, "loss_first20": first(losses), "loss_last20": last(losses),
              "train_s": time.perf_counter() - t0, "torch": torch.__version__,
-             "command": "python -m arrag_kernels.miniature.train --blenders-only"
-                        + ("" if out.resolve() == WEIGHTS_DIR.resolve() else f" --out {out}")}
+             "command": f"python -m arrag_kernels.miniature.train --blenders-only --out {out}"}
     (out / "blenders.json").write_text(json.dumps(bmeta, indent=2))
     return bmeta
 
@@ -328,7 +399,7 @@ def train_miniature(out: str | os.PathLike, cfg: MiniatureConfig = MiniatureConf
     """Run all stages and save the model, the classifier, ``meta.json`` and the blenders under ``out``."""
     from safetensors.torch import save_file
 
-    out = Path(out)
+    out = check_not_shipped(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     times = {}
@@ -359,8 +430,7 @@ def train_miniature(out: str | os.PathLike, cfg: MiniatureConfig = MiniatureConf
         "losses_last50": {"vq": tail(vq_losses), "lm": tail(lm_losses), "classifier": tail(clf_losses)},
         "times_s": times,
         "torch": torch.__version__,
-        "command": "python -m arrag_kernels.miniature.train"
-                   + ("" if out.resolve() == WEIGHTS_DIR.resolve() else f" --out {out}") + f" --seed {cfg.seed}",
+        "command": f"python -m arrag_kernels.miniature.train --out {out} --seed {cfg.seed}",
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     meta["blenders"] = train_and_save_blenders(out, blender_cfg, progress, cache_dir)
@@ -388,8 +458,9 @@ def load_miniature(path: str | os.PathLike | None = None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="train the miniature AR-RAG model on rendered emoji")
-    p.add_argument("--out", default=str(WEIGHTS_DIR))
+    p = argparse.ArgumentParser(prog="python -m arrag_kernels.miniature.train",
+                                description="train the miniature AR-RAG model on rendered emoji")
+    p.add_argument("--out", required=True, help="directory to write (never the shipped weights directory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a handful of emoji and steps (smoke test)")
     p.add_argument("--blenders-only", action="store_true", help="only stage 4 (FAiD blenders) on the model in --out")
@@ -400,10 +471,13 @@ def main(argv=None):
         cfg = dataclasses.replace(cfg, limit=60, vq_steps=3, lm_steps=3, clf_steps=3, vq_batch=8, lm_batch=8,
                                   clf_batch=8)
         blender_cfg = dataclasses.replace(blender_cfg, k=4, steps=3, batch=4)
-    if args.blenders_only:
-        print(json.dumps(train_and_save_blenders(args.out, blender_cfg), indent=2))
-    else:
-        print(json.dumps(train_miniature(args.out, cfg, blender_cfg=blender_cfg), indent=2))
+    try:
+        if args.blenders_only:
+            print(json.dumps(train_and_save_blenders(args.out, blender_cfg), indent=2))
+        else:
+            print(json.dumps(train_miniature(args.out, cfg, blender_cfg=blender_cfg), indent=2))
+    except (ValueError, OSError) as e:  # user errors: one line, exit 2 (as the arrag-kernels CLI)
+        p.exit(2, f"{p.prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
 
 
 if __name__ == "__main__":

@@ -6,16 +6,24 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from .base import (FAiDAdapter, ImageDecoder, ImageStream, ImageTokenizer, LogitsProcessorAdapter, MemberUnavailable,
+from .base import (FAiDAdapter, GridPerCall, ImageDecoder, ImageStream, ImageTokenizer, LogitsProcessorAdapter, MemberUnavailable,
                    ModelAdapter, OfficialWeights, PretrainedLoader, TeacherForcingAdapter, check_protocol,
                    codebook_fingerprint, protocol_members)
 from .emu3 import Emu3Adapter
+from .glm_image import GlmImageAdapter
+from .imagegpt import ImageGPTAdapter
 from .janus import JanusAdapter, hf_image_generate_kwargs
 from .tiny import tiny_janus, tiny_janus_config, tiny_prompt_ids
 
 # model_type -> factory(model) -> adapter. Extend with register_adapter, not by editing this dict.
-# Emu3's adapter has the tokenizer side only (DAiD runs in its own generate through a logits processor).
-ADAPTERS: dict[str, Callable] = {JanusAdapter.model_type: JanusAdapter, Emu3Adapter.model_type: Emu3Adapter}
+# Emu3's, ImageGPT's and GLM-Image's adapters have the tokenizer side only (DAiD runs in their own generate
+# through a logits processor).
+ADAPTERS: dict[str, Callable] = {
+    JanusAdapter.model_type: JanusAdapter,
+    Emu3Adapter.model_type: Emu3Adapter,
+    ImageGPTAdapter.model_type: ImageGPTAdapter,
+    GlmImageAdapter.model_type: GlmImageAdapter,
+}
 
 
 def register_adapter(model_type: str, factory: Callable, replace: bool = False) -> None:
@@ -117,7 +125,10 @@ __all__ = [
     "ADAPTERS",
     "Emu3Adapter",
     "FAiDAdapter",
+    "GlmImageAdapter",
+    "GridPerCall",
     "ImageDecoder",
+    "ImageGPTAdapter",
     "ImageStream",
     "ImageTokenizer",
     "JanusAdapter",

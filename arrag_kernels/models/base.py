@@ -58,6 +58,18 @@ class ImageTokenizer(Protocol):
 
 
 @runtime_checkable
+class GridPerCall(Protocol):
+    """An :class:`ImageTokenizer` of a family that picks its image grid per call (Emu3, GLM-Image): built
+    from the model alone, its ``grid`` raises :class:`MemberUnavailable`; :meth:`arrag_kernels.PatchDatabase.build`
+    then reads the grid from the images' size (``pixels_per_token`` pixels per token) through ``at_grid``."""
+
+    pixels_per_token: int  # pixels of the encoder's input per image token, along each side
+
+    def at_grid(self, grid: tuple[int, int]) -> ImageTokenizer:
+        """The tokenizer for images of ``grid`` = (H, W) tokens."""
+
+
+@runtime_checkable
 class ImageDecoder(Protocol):
     """What the KV-cached decode loops need from a model (CFG rows doubled: [cond; uncond])."""
 
@@ -159,6 +171,7 @@ class ImageStream(NamedTuple):
     start_token_id: int  # the image tokens start right after the last occurrence of this id
     code_token_ids: torch.Tensor  # (V_img,) vocabulary id of each image code, in code order
     eol_token_id: int | None  # id closing each row of W image tokens, or None when rows follow each other
+    offset: int = 0  # tokens between the start token and the grid's first cell (GLM-Image: its preview grid)
 
 
 @runtime_checkable
@@ -173,13 +186,16 @@ class LogitsProcessorAdapter(ImageTokenizer, Protocol):
     generate_mode: str  # "logits_processor"
     no_loop_reason: str  # one line: why the library's loops and FAiD do not apply (shown when asked for)
 
-    def generation_grid(self, input_ids: torch.Tensor | None, grid: tuple[int, int] | None = None):
+    def generation_grid(self, input_ids: torch.Tensor | None, grid: tuple[int, int] | None = None,
+                        **generate_kwargs):
         """(H, W) an image-generation call's prompt ids ask for (``grid``: the call's explicit one), None
-        for any other call (passed through untouched); raises one line if the size cannot be read."""
+        for any other call (passed through untouched); raises one line if the size cannot be read.
+        ``generate_kwargs``: the call's other ``generate`` arguments (GLM-Image reads ``image_grid_thw``)."""
 
-    def image_stream(self) -> ImageStream:
-        """The vocabulary ids of the image stream the family's ``generate`` writes: its start, one id per
-        image code, the end-of-line token; raises one line if the model's vocabulary lacks them."""
+    def image_stream(self, **generate_kwargs) -> ImageStream:
+        """The vocabulary ids of the image stream an image-generation call (its ``generate`` arguments)
+        writes: its start, one id per image code, the end-of-line token, the offset of the grid after the
+        start; raises one line if the model's vocabulary lacks them."""
 
 
 @runtime_checkable

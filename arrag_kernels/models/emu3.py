@@ -45,7 +45,11 @@ class Emu3Adapter(VQCodebook):
         self._grid = None if grid is None else (int(grid[0]), int(grid[1]))
         self.codebook_size = int(self.vq.config.codebook_size)
         self.embed_dim = int(self.vq.config.embed_dim)
-        self.factor = int(self.vq.vision_spatial_factor)
+        self.pixels_per_token = int(self.vq.vision_spatial_factor)
+
+    def at_grid(self, grid: tuple[int, int]) -> "Emu3Adapter":
+        """This model's tokenizer for a grid of ``(H, W)`` tokens (:class:`arrag_kernels.models.GridPerCall`)."""
+        return Emu3Adapter(self.model, grid=grid)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -61,7 +65,7 @@ class Emu3Adapter(VQCodebook):
                 f"building a database from image files needs a square grid, got {self.grid}: encode (B, 3, H*f, W*f) "
                 "pixels with adapter.encode and build with PatchDatabase.from_latents"
             )
-        return self.grid[0] * self.factor
+        return self.grid[0] * self.pixels_per_token
 
     @property
     def device(self) -> torch.device:
@@ -82,21 +86,30 @@ class Emu3Adapter(VQCodebook):
         tokens = self.nearest_codes(cells.reshape(-1, cells.shape[-1])).view(cells.shape[:3])
         return F.normalize(cells.float(), p=2, dim=-1), tokens
 
-    def image_stream(self) -> ImageStream:
+    def image_stream(self, **generate_kwargs) -> ImageStream:
         """Emu3's image stream: it starts after ``<|image token|>``, codes map through
         ``vocabulary_mapping.img2bpe``, every row ends with the end-of-line token."""
         mapping = self.model.vocabulary_mapping
         wrapper = mapping.vocab_map.get(IMAGE_WRAPPER_TOKEN)
         if wrapper is None or mapping.eol_token_id is None:
             raise ValueError(f"Emu3 vocabulary_map lacks {IMAGE_WRAPPER_TOKEN!r} or the end-of-line token '<|extra_200|>'")
-        code_ids = torch.tensor([mapping.img2bpe[code] for code in range(self.codebook_size)])
+        img2bpe = mapping.img2bpe
+        missing = [code for code in range(self.codebook_size) if code not in img2bpe]
+        if missing:
+            shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+            raise ValueError(
+                f"Emu3 vocabulary_map names {len(img2bpe)} visual tokens but the VQ codebook has {self.codebook_size} "
+                f"codes: no '<|visual tokenNNNNNN|>' entry for {len(missing)} of codes 0..{self.codebook_size - 1} "
+                f"(first: {shown}); the vocabulary must name one visual token per code (check config.vocabulary_map "
+                "against vq_config.codebook_size)")
+        code_ids = torch.tensor([img2bpe[code] for code in range(self.codebook_size)])
         return ImageStream(wrapper, code_ids, mapping.eol_token_id)
 
     @cached_property
     def _id_to_token(self) -> dict[int, str]:
         return {i: t for t, i in self.model.vocabulary_mapping.vocab_map.items()}
 
-    def generation_grid(self, input_ids: torch.Tensor | None, grid: tuple[int, int] | None = None):
+    def generation_grid(self, input_ids: torch.Tensor | None, grid: tuple[int, int] | None = None, **generate_kwargs):
         """The (H, W) an image-generation call asks for, or None for any other call (text, image understanding).
 
         An image-generation prompt ends with ``<|image start|>H*W<|image token|>`` in every row (what

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import KeyLayout, check_int
-from ..models import as_tokenizer
+from ..models import GridPerCall, MemberUnavailable, as_tokenizer
 from ..ops import feature_neighbor_keys, retrieval_positions
 from . import ivfpq_build
 from .faiss_index import INDEX_FILE, VALUES_FILE, import_faiss, inner_ivfpq
@@ -66,9 +66,53 @@ def check_finite_keys(keys: torch.Tensor, what: str = "keys") -> None:
             )
 
 
+# ---- building -------------------------------------------------------------------------
+def _image_sizes(source) -> set[tuple[int, int]]:
+    """The distinct (width, height) of a list of image paths / PIL images (files: read from their headers)."""
+    from PIL import Image
+
+    sizes = set()
+    for item in source:
+        if isinstance(item, Image.Image):
+            sizes.add(item.size)
+        elif isinstance(item, (str, os.PathLike)):
+            try:
+                with Image.open(item) as im:
+                    sizes.add(im.size)
+            except OSError as e:
+                raise ValueError(f"cannot read image {str(item)!r}: {e}") from e
+        else:
+            raise TypeError(f"images: list items must be paths or PIL images, got {type(item).__name__}")
+    return sizes
 
 
-    # ---- building -------------------------------------------------------------------------
+def _at_images_grid(adapter, source):
+    """``adapter``, or for a family that picks its grid per call (:class:`arrag_kernels.models.GridPerCall`,
+    built without a grid) its tokenizer at the grid the images' size gives: a tensor's (H, W) pixels,
+    or the common size of image files / PIL images (centre-cropped to a square, as every build does)."""
+    try:
+        adapter.grid
+        return adapter
+    except MemberUnavailable:
+        if not isinstance(adapter, GridPerCall):
+            raise
+    f = adapter.pixels_per_token
+    if isinstance(source, torch.Tensor):
+        height, width = source.shape[-2:]
+    else:
+        sizes = _image_sizes(source)
+        if len(sizes) != 1:
+            raise ValueError(f"the images have {len(sizes)} different sizes (e.g. {sorted(sizes)[:3]}) and "
+                             f"{type(adapter).__name__} picks its grid from the images' size: give images of one "
+                             "size, or build with an adapter at a fixed grid (e.g. Emu3Adapter(model, grid=(H, W)))")
+        height = width = min(sizes.pop())  # (w, h) centre-cropped to a square
+    if height % f or width % f:
+        raise ValueError(f"images of {height} x {width} pixels do not split into {f}-pixel tokens, which "
+                         f"{type(adapter).__name__} reads the grid from; resize them to multiples of {f} or build with "
+                         "an adapter at a fixed grid (e.g. Emu3Adapter(model, grid=(H, W)))")
+    return adapter.at_grid((int(height) // f, int(width) // f))
+
+
 def build(
     cls,
     images,
@@ -97,7 +141,8 @@ def build(
         images: a folder (searched recursively), a list of paths or PIL images, or a float tensor
             (B, 3, H, W) in [-1, 1]. Images are centre-cropped and resized to the model's size.
         model: a supported model (e.g. HF ``JanusForConditionalGeneration``), its adapter, or any
-            :class:`arrag_kernels.models.ImageTokenizer`.
+            :class:`arrag_kernels.models.ImageTokenizer`. Families that pick their grid per call (Emu3,
+            GLM-Image) take it from the images' size (which must then be one size, a whole number of tokens).
         neighborhood, hops, border: the key layout, see :class:`arrag_kernels.KeyLayout`.
         key_source: "latent" (official: pre-quantisation encoder latents, L2-normalised per cell)
             or "codebook" (normalised codebook vectors of the patches' token ids, exactly what
@@ -121,8 +166,8 @@ def build(
         raise ValueError(f"index: expected one of {INDEX_TYPES}, got {index!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    adapter = as_tokenizer(model)
     count, source = normalise_image_source(images)
+    adapter = _at_images_grid(as_tokenizer(model), source)
     codebook = adapter.codebook().float()
 
     from tqdm.auto import tqdm
@@ -173,7 +218,8 @@ def from_tokens(cls, tokens: torch.Tensor, codebook: torch.Tensor, neighborhood:
             as given: pass the same (usually L2-normalised) rows to the decode-time query.
         neighborhood, hops, border: the key layout, see :class:`arrag_kernels.KeyLayout`.
         fingerprint: stored model fingerprint; default :func:`arrag_kernels.models.codebook_fingerprint`
-            of ``codebook``.
+            of ``codebook``, which a model's adapter recognises as its own when ``codebook`` is its
+            ``codebook()`` (see :meth:`PatchDatabase.check_compatible`).
 
     Equals :meth:`build` with ``key_source="codebook"`` on the same tokens (keys, values, metadata).
     """

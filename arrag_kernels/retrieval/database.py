@@ -12,11 +12,23 @@ import warnings
 
 import torch
 
+from ..models.base import codebook_fingerprint
 from . import builders, storage
 from .builders import check_finite_keys
 from .faiss_index import IndexFormatError, inner_ivfpq, set_nprobe, validate_ivfpq
 from .meta import KEY_SOURCES, DatabaseError, DatabaseMeta
 from .search import INDEX_TYPES, make_search
+
+
+def _names_codebook_of(fingerprint: str, adapter) -> bool:
+    """True if a database's stored ``fingerprint`` is that of ``adapter``'s codebook: the adapter's own
+    (what :meth:`PatchDatabase.build` stores; HF adapters hash the raw rows) or, for a database made by
+    ``from_tokens`` / ``from_latents`` from ``adapter.codebook()`` without ``fingerprint=``, the hash of
+    those (normalised) rows. The second hash is only computed when the first does not match."""
+    if fingerprint == adapter.fingerprint():
+        return True
+    codebook = getattr(adapter, "codebook", None)
+    return callable(codebook) and fingerprint == codebook_fingerprint(codebook())
 
 
 class PatchDatabase:
@@ -108,8 +120,13 @@ class PatchDatabase:
     load = classmethod(storage.load)
 
     # ---- use ------------------------------------------------------------------------------
-    def check_compatible(self, adapter) -> None:
-        """Raise :class:`DatabaseError` if this database cannot serve ``adapter``'s model."""
+    def check_compatible(self, adapter, strict: bool = False) -> None:
+        """Raise :class:`DatabaseError` if this database cannot serve ``adapter``'s model; warn if its
+        fingerprint names another codebook (neither the adapter's fingerprint nor that of its ``codebook()``).
+
+        ``strict=True`` (the command line) raises instead of warning when the database records the
+        fingerprint of another codebook; a database without one (an imported release) still only warns.
+        """
         m = self.meta
         problems = []
         if m.codebook_size != adapter.codebook_size:
@@ -120,12 +137,13 @@ class PatchDatabase:
             problems.append(f"grid {tuple(m.grid)} (model: {tuple(adapter.grid)})")
         if problems:
             raise DatabaseError("database was built for another model: " + "; ".join(problems))
-        if m.model_fingerprint != adapter.fingerprint():
-            warnings.warn(
-                "the database was built with a different VQ codebook than this model's "
-                f"(fingerprint {m.model_fingerprint} vs {adapter.fingerprint()}); retrieval quality may suffer",
-                stacklevel=3,
-            )
+        if not _names_codebook_of(m.model_fingerprint, adapter):
+            message = ("the database was built with a different VQ codebook than this model's "
+                       f"(fingerprint {m.model_fingerprint or 'none recorded'} vs {adapter.fingerprint()})")
+            if strict and m.model_fingerprint:
+                raise DatabaseError(f"{message}: its keys and tokens mean something else for this model; build the "
+                                    "database with this model (arrag-kernels build-db --model <this model>)")
+            warnings.warn(f"{message}; retrieval quality may suffer", stacklevel=3)
 
     def to(self, device=None, dtype=None) -> "PatchDatabase":
         """Move keys and values (e.g. to the model's GPU); ``dtype`` sets the key storage type."""

@@ -25,6 +25,23 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
+def readable_images(files, progress: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Open and decode every image file: (the readable ones, [(path, why) for the others]), in order.
+    Lets a build skip or list every bad file at once instead of stopping at the first."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    good, bad = [], []
+    for path in tqdm(files, desc="checking images", unit="img", disable=not progress, delay=2):  # shown after 2 s
+        try:
+            with Image.open(path) as im:
+                im.load()
+            good.append(Path(path))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # unreadable, truncated, or too large
+            bad.append((Path(path), str(e).splitlines()[0] if str(e) else type(e).__name__))
+    return good, bad
+
+
 def pil_to_tensor(image, size: int) -> torch.Tensor:
     """Centre-crop to a square, resize to ``size`` and map to a (3, size, size) float tensor in [-1, 1].
 

@@ -109,7 +109,7 @@ class Retriever:
         else:
             facts = tokenizer if grid is None else types.SimpleNamespace(  # what check_compatible reads, at ``grid``
                 codebook_size=tokenizer.codebook_size, embed_dim=tokenizer.embed_dim, grid=tuple(grid),
-                fingerprint=tokenizer.fingerprint)
+                fingerprint=tokenizer.fingerprint, codebook=tokenizer.codebook)
             db.check_compatible(facts)
             codebook = tokenizer.codebook()
             # ImageTokenizers name their device; masked generators keep only the codebook's
