@@ -1,12 +1,17 @@
 """Exact k-NN (``knn``) on every backend against the one top-k oracle (tests/oracles.py), the
-reference against faiss, each backend's tie order and internals (Triton's selection paths and
-threshold search, the C++ blocked layout), the CUDA k-select, dispatch and torch.library registration.
+reference against faiss, each backend's tie order and internals (the Triton search's kernels, forced
+fallback and launch plan, the C++ blocked layout), the CUDA k-select, dispatch and torch.library
+registration.
 
 Shapes are small and odd on purpose: under TRITON_INTERPRET=1 the cost follows the number of
 programs and ops, and odd sizes exercise every mask.
 """
 
+import dataclasses
 import importlib
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +19,7 @@ import torch
 
 import arrag_kernels as ak
 from arrag_kernels import _ext
-from arrag_kernels.ops import BackendUnavailable, knn, knn_ref, use_backend
+from arrag_kernels.ops import BackendUnavailable, knn, knn_plan, knn_ref, use_backend
 from arrag_kernels.ops.knn import knn_dispatcher
 
 from .oracles import assert_topk, candidate_distances, exact_distances, knn_atol, tie_order
@@ -192,7 +197,7 @@ def test_knn_bad_inputs():
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton: selection paths and the threshold search
+# Triton: the exact search's kernels (sample, bound, filter, select and its fallback), its launch plan
 
 
 def _triton():
@@ -201,103 +206,190 @@ def _triton():
     return triton_knn
 
 
-def _unpack(packed, k):
-    packed = packed[:, :k]
-    return (packed >> 32).to(torch.int32).view(torch.float32), packed & 0xFFFFFFFF
-
-
-@needs_triton
-@pytest.mark.parametrize("sort", [False, True], ids=["scan", "bitonic"])
-@pytest.mark.parametrize("Q,N,k", [(3, 1025, 7), (2, 300, 64)])
-def test_triton_knn_selection_paths(Q, N, k, sort):
-    """Both selection methods (min-and-mask and tl.topk), each with several blocks and merges."""
-    g = _gen(7)
-    device = backend_device("triton")
-    queries = torch.randn(Q, 32, generator=g).to(device)
-    keys = torch.randn(N, 32, generator=g).to(device)
-    dist, ids = _unpack(_triton().knn_packed(queries, keys, k, sort=sort, threshold=False), k)
-    assert_knn(dist, ids, queries, keys, what="selection path")
-
-
-THRESHOLD_CASES = [  # (Q, N, D, k)
-    (1, 97, 32, 7),  # too few keys for a bound: every key is a candidate
-    (3, 3001, 32, 100),  # bounded by the k-th nearest of keys[::3]
-    (2, 4001, 32, 30),  # the bound's own search is bounded too
+SEARCH_CASES = [  # (Q, N, D, k)
+    (1, 97, 13, 1),  # every key sampled: the bound is the exact k-th
+    (3, 1025, 13, 7),
+    (1, 1025, 32, 64),
+    (3, 3001, 32, 100),  # a sample of 1024 keys
+    (2, 4001, 32, 30),
     (5, 1500, 20, 64),  # D padded to 32
-    (33, 2001, 32, 40),  # two query blocks in the filter
 ]
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
-@pytest.mark.parametrize("Q,N,D,k", THRESHOLD_CASES, ids=[f"q{q}-n{n}-d{d}-k{k}" for q, n, d, k in THRESHOLD_CASES])
-def test_triton_knn_threshold(Q, N, D, k, dtype):
-    """Bound + filter + select (forced: the automatic choice needs >= 2^18 keys)."""
+@pytest.mark.parametrize("Q,N,D,k", SEARCH_CASES, ids=[f"q{q}-n{n}-d{d}-k{k}" for q, n, d, k in SEARCH_CASES])
+def test_triton_knn_search(Q, N, D, k, dtype):
+    """The four kernels against the oracle, with the bound from every key (S = N) or from a sample."""
     queries, keys = _knn_inputs(Q, N, D, k, dtype, backend_device("triton"))
-    dist, ids = _unpack(_triton().knn_packed(queries, keys, k, threshold=True), k)
-    assert_knn(dist, ids, queries, keys, what="threshold search")
+    dist, ids = _triton().knn_search(queries, keys, k)
+    assert_knn(dist, ids, queries, keys, what="triton search")
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
-def test_triton_knn_threshold_ties(dtype):
-    """40 distinct keys repeated over 3001 rows: the threshold falls inside runs of equal
-    distances, which the packed bound splits by id; results equal the tie-ordered truth exactly."""
-    g = _gen(3)
-    base = torch.randint(-1, 2, (40, 32), generator=g).float()  # small integers: exact arithmetic
-    keys = base[torch.randint(0, 40, (3001,), generator=g)]
-    queries = torch.randint(-1, 2, (3, 32), generator=g).float()
-    device = backend_device("triton")
-    dist, ids = _unpack(_triton().knn_packed(queries.to(device), keys.to(dtype).to(device), 100, threshold=True), 100)
-    truth = exact_distances(queries, keys)
-    assert_topk(dist, ids, truth, atol=0, rtol=0, what="threshold ties")
-    want_dist, want_ids = tie_order(truth, 100)
-    assert torch.equal(dist.cpu(), want_dist) and torch.equal(ids.cpu(), want_ids)
-    assert torch.equal(ids.cpu(), knn_ref(queries, keys, 100)[1])
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
-def test_triton_knn_threshold_fallback(dtype, monkeypatch):
-    """Keys whose strided subset lies apart from the rest: queries near the rest find their bound
-    among distant keys, overflow the buffer and are redone by the block search; queries near the
-    subset do not. Both kinds are exact, and only the first kind takes the fallback."""
+def test_triton_knn_two_query_blocks():
+    """33 queries: the sample and filter programs take two blocks of 32 (fp16 keys only: every query
+    costs two programs, slow under the interpreter)."""
     triton_knn = _triton()
-    N, k = 3001, 100
-    s = triton_knn._bound_stride(N, 128)
-    assert s > 1 and triton_knn._bound_stride(-(-N // s), 128) == 0  # one bounded level
-    g = _gen(11)
-    keys = torch.randn(N, 32, generator=g)
-    keys[::s] += 3.0
-    queries = torch.randn(4, 32, generator=g)
-    queries[2:] += 3.0
-    device = backend_device("triton")
-    keys, queries = keys.to(dtype).to(device), queries.to(device)
-    redone = []
-    block_search = triton_knn._block_search
-
-    def spy(*args, lens=None):
-        if lens is not None:
-            redone.append(lens.cpu() > 0)
-        return block_search(*args, lens=lens)
-
-    monkeypatch.setattr(triton_knn, "_block_search", spy)
-    dist, ids = _unpack(triton_knn.knn_packed(queries, keys, k, threshold=True), k)
-    # Queries near the subset have exactly k candidates: were they redone, a level's distances
-    # would differ from the next level's for the same key.
-    assert [r.tolist() for r in redone] == [[True, True, False, False]]
-    assert_knn(dist, ids, queries, keys, what="threshold fallback")
+    queries, keys = _knn_inputs(33, 1100, 16, 40, torch.float16, backend_device("triton"))
+    assert triton_knn.search_shape(1100, 16, 40, 33, 2).query_blocks == 2
+    dist, ids = triton_knn.knn_search(queries, keys, 40)
+    assert_knn(dist, ids, queries, keys, what="two query blocks")
 
 
-@pytest.mark.skipif(not CUDA, reason="the automatic threshold search needs >= 2^18 keys: too slow for the interpreter")
-def test_triton_knn_threshold_cuda_graph():
-    """The automatic choice at 2^18 keys, under torch.library.opcheck and replayed from a CUDA
-    graph: no host synchronisation, launches fixed by shapes."""
+def _recorded(monkeypatch):
+    """Records the search's launches (kernel name, grid) and its scratch buffers."""
+    triton_knn = _triton()
+    launches, scratch = [], {}
+    launch, allocate = triton_knn._launch, triton_knn._scratch
+
+    def recording_launch(kernel, grid, *args, **meta):
+        launches.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, tuple(grid)))
+        launch(kernel, grid, *args, **meta)
+
+    def recording_scratch(shape, device):
+        scratch.update(allocate(shape, device))
+        return scratch
+
+    monkeypatch.setattr(triton_knn, "_launch", recording_launch)
+    monkeypatch.setattr(triton_knn, "_scratch", recording_scratch)
+    return launches, scratch
+
+
+def _too_tight(shape):  # the sample's nearest key: a few survivors, fewer than k
+    return dataclasses.replace(shape, rank=1)
+
+
+def _too_loose(shape):  # the sample's farthest key, and the fewest slots the fallback allows: overflow
+    return dataclasses.replace(shape, rank=shape.sample, capacity=shape.k + shape.block_n)
+
+
+@needs_triton
+@pytest.mark.parametrize("bound", [None, _too_tight, _too_loose], ids=["sampled", "too-tight", "overflow"])
+@pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
+def test_triton_knn_ties_and_fallback(dtype, bound, monkeypatch):
+    """40 distinct keys repeated over 1500 rows (small integers: exact arithmetic): the bound, the k-th
+    distance and every compaction fall inside runs of equal distances, split by id; results equal the
+    tie-ordered truth exactly, whether the survivors are selected or the select's fallback streams every
+    key (forced by a bound made too tight or too loose: the counters show the fallback's condition)."""
+    triton_knn = _triton()
+    g = _gen(3)
+    base = torch.randint(-1, 2, (40, 32), generator=g).float()
+    keys = base[torch.randint(0, 40, (1500,), generator=g)]
+    queries = torch.randint(-1, 2, (3, 32), generator=g).float()
+    device, k = backend_device("triton"), 100
+    shape = triton_knn.search_shape(1500, 32, k, 3, torch.empty(0, dtype=dtype).element_size())
+    assert shape.sample < 1500
+    _, scratch = _recorded(monkeypatch)
+    dist, ids = triton_knn.knn_search(queries.to(device), keys.to(dtype).to(device), k, bound and bound(shape))
+    truth = exact_distances(queries, keys)
+    assert_topk(dist, ids, truth, atol=0, rtol=0, what="triton ties")
+    want_dist, want_ids = tie_order(truth, k)
+    assert torch.equal(dist.cpu(), want_dist) and torch.equal(ids.cpu(), want_ids)
+    counts = scratch["counts"][:, 0].cpu()
+    if bound is None:
+        assert ((counts >= k) & (counts <= shape.capacity)).all()
+    elif bound is _too_tight:
+        assert (counts < k).all()
+    else:
+        assert (counts > k + shape.block_n).all()
+
+
+@needs_triton
+def test_triton_knn_fallback_distinct_distances():
+    """The forced fallback on random fp16 keys of odd sizes: C = k + block_n slots are shrunk to the
+    k smallest several times while 3001 keys stream through."""
+    triton_knn = _triton()
+    queries, keys = _knn_inputs(3, 3001, 13, 64, torch.float16, backend_device("triton"))
+    dist, ids = triton_knn.knn_search(queries, keys, 64, _too_loose(triton_knn.search_shape(3001, 13, 64, 3, 2)))
+    assert_knn(dist, ids, queries, keys, what="fallback")
+
+
+@needs_triton
+def test_triton_knn_plan_pins_launches_and_scratch(monkeypatch):
+    """knn_plan's kernels, grids and scratch are exactly what the search launches and allocates."""
+    launches, scratch = _recorded(monkeypatch)
+    queries, keys = _knn_inputs(3, 3001, 20, 100, torch.float16, backend_device("triton"))
+    _triton().knn_search(queries, keys, 100)
+    plan = knn_plan(3001, 20, 100, 3, torch.float16)
+    assert plan["launches"] == len(launches) == 4
+    assert [(f"_knn_{kn['name']}_kernel", kn["grid"]) for kn in plan["kernels"]] == launches
+    assert plan["scratch"] == {name: t.nbytes for name, t in scratch.items()}
+    assert plan["scratch_bytes"] == sum(t.nbytes for t in scratch.values())
+    assert plan["sample"] == scratch["sample_bits"].shape[1] and plan["capacity"] == scratch["bits"].shape[1]
+
+
+@pytest.mark.parametrize("n_keys", [10_000_000, 1_000_000])
+@pytest.mark.parametrize("batch", [1, 16])
+def test_knn_plan_meets_the_targets(n_keys, batch):
+    """Issue 22's targets for 32-d fp16 keys, k = 2048: <= 1.25x the keys' bytes read, <= 64 MB of
+    scratch, <= 8 launches."""
+    plan = knn_plan(n_keys, 32, 2048, batch, "float16")
+    assert plan["key_bytes"] == n_keys * 32 * 2
+    assert plan["bytes_read"] <= 1.25 * plan["key_bytes"]
+    assert plan["scratch_bytes"] <= 64 << 20
+    assert plan["launches"] <= 8
+
+
+def test_knn_plan_bad_input():
+    with pytest.raises(ValueError, match="floating torch dtype"):
+        knn_plan(100, 8, 4, 1, "int8")
+    with pytest.raises(ValueError, match="k <= n_keys"):
+        knn_plan(100, 8, 101, 1, torch.float32)
+    with pytest.raises(ValueError, match="the Triton search takes"):
+        knn_plan(10_000, 257, 10, 1, torch.float16)
+
+
+@needs_triton
+def test_triton_knn_reads_nothing_back_to_the_host(monkeypatch):
+    """Capture safety as far as the CPU shows: no .item() / .tolist() / bool() / int() / float() on a
+    tensor from the library's code during the search (each is a device-to-host sync on CUDA)."""
+
+    def refuse(name):
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("arrag_kernels"):
+                raise AssertionError(f"the search called Tensor.{name}")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+
+    queries, keys = _knn_inputs(3, 1025, 13, 7, torch.float32, backend_device("triton"))
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        refuse(name)
+    dist, ids = _triton().knn_search(queries, keys, 7)
+    monkeypatch.undo()
+    assert_knn(dist, ids, queries, keys, what="no host reads")
+
+
+@needs_triton
+def test_triton_knn_no_queries(monkeypatch):
+    """No queries: empty results and nothing launched (a grid of 0 programs is an error on CUDA)."""
+    launches, _ = _recorded(monkeypatch)
+    dist, ids = _triton().knn_search(torch.zeros(0, 8), torch.randn(50, 8), 3)
+    assert dist.shape == ids.shape == (0, 3) and launches == []
+
+
+@needs_triton
+def test_triton_knn_refuses_two_billion_keys():
+    """Ids are int32 in the kernels: from 2^31 keys the Triton search is unavailable (auto falls back to
+    the int64 reference) instead of wrapping ids."""
+    triton_knn = _triton()
+    keys = torch.zeros(1, 4).expand(triton_knn.MAX_KEYS, 4)  # a stride-0 view: no memory
+    assert "limit" in triton_knn._check(torch.zeros(1, 4), keys, 1)
+    assert "limit" not in (triton_knn._check(torch.zeros(1, 4), keys[: triton_knn.MAX_KEYS - 1], 1) or "")
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_triton_knn_cuda_graph():
+    """The search at 2^18 keys, under torch.library.opcheck and replayed from a CUDA graph: no host
+    synchronisation, launches fixed by shapes."""
     triton_knn = _triton()
     g = _gen(5)
     queries = torch.randn(16, 32, generator=g).cuda()
-    keys = torch.randn(triton_knn.THRESHOLD_MIN_KEYS, 32, generator=g).half().cuda()
-    k = triton_knn.THRESHOLD_MIN_KB
+    keys = torch.randn(1 << 18, 32, generator=g).half().cuda()
+    k = 256
     torch.library.opcheck(triton_knn.knn_op, (queries, keys, k))
     triton_knn.knn_op(queries, keys, k)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -306,6 +398,39 @@ def test_triton_knn_threshold_cuda_graph():
     queries.copy_(torch.randn(16, 32, generator=g).cuda())
     graph.replay()
     assert_knn(dist, ids, queries, keys, what="CUDA-graph replay")
+
+
+# Compiles the search's kernels for sm_90 exactly as knn_search launches them (the same arguments, with
+# the launcher replaced), without a GPU: the interpreter does not catch what only the compiler refuses.
+_COMPILE_FOR_SM90 = r"""
+import sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from arrag_kernels.ops._triton import knn as triton_knn
+TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32", torch.int64: "i64"}
+def compile_launch(kernel, grid, *args, num_warps=4, num_stages=3, **constexprs):
+    names = kernel.arg_names
+    signature = {n: "*" + TYPES[a.dtype] if isinstance(a, torch.Tensor) else "i32" for n, a in zip(names, args)}
+    signature.update({n: "constexpr" for n in constexprs})
+    triton.compile(ASTSource(kernel, {n: signature[n] for n in names}, constexprs), target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=num_warps, num_stages=num_stages))
+    print(kernel.__name__, flush=True)
+triton_knn._launch = compile_launch
+dtype = getattr(torch, sys.argv[1])
+triton_knn.knn_search(torch.zeros(16, 32), torch.zeros(200_000, 32, dtype=dtype), 256)
+"""
+
+
+@needs_triton
+@pytest.mark.skipif(CUDA, reason="where CUDA runs, the compiled tests build every kernel for the real GPU")
+def test_triton_knn_compiles_for_sm90():
+    """ptxas accepts every kernel of a 16-query, k = 256 search over fp16 keys (no GPU needed; one
+    dtype and a small final sort: cold compilations take seconds each)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, "float16"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["_knn_sample_kernel", "_knn_bound_kernel", "_knn_filter_kernel", "_knn_select_kernel"]
 
 
 # ---------------------------------------------------------------------------------------------

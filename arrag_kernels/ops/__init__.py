@@ -14,6 +14,7 @@ from .daid import daid_mix, daid_mix_ref, daid_sample, daid_sample_ref, retrieva
 from .faid import faid_blend, faid_blend_ref
 from .ivfpq import ivfpq_search, ivfpq_search_ref
 from .knn import MAX_K, knn, knn_ref
+from .knn_plan import knn_plan
 from .neighborhood import (
     feature_neighbor_keys,
     neighbor_keys,
@@ -67,6 +68,7 @@ __all__ = [
     "ivfpq_search",
     "ivfpq_search_ref",
     "knn",
+    "knn_plan",
     "knn_ref",
     "neighbor_keys",
     "neighbor_keys_ref",

@@ -80,6 +80,9 @@ def knn(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor
     Returns:
         dist: (Q, k) float32 squared L2 distances, ascending.
         ids: (Q, k) int64 row indices into ``keys``; equal distances are ordered by id.
+
+    On CUDA the Triton search runs four launches fixed by the shapes, without host synchronisation
+    (CUDA-graph capturable); :func:`arrag_kernels.ops.knn_plan` gives their grids, bytes and scratch.
     """
     _check_knn(queries, keys, k)
     return knn_dispatcher(queries, keys, k)

@@ -7,6 +7,7 @@ import os
 import torch
 
 from .._dispatch import current_backend
+from ..knn_plan import next_pow2  # noqa: F401  launch geometry lives in knn_plan (importable without triton)
 
 # triton.jit picks the interpreter at decoration time, so what counts is the value at import.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -38,7 +39,3 @@ def dtype_reason(name: str, t: torch.Tensor, allowed: tuple) -> str | None:
     if t.dtype not in allowed:
         return f"{name} dtype {t.dtype} is not supported (expected one of {', '.join(str(d) for d in allowed)})"
     return None
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()

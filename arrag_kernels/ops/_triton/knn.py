@@ -1,49 +1,40 @@
-"""Triton exact k-NN: fused squared-L2 distances and top-k.
+"""Triton exact k-NN: a sampled bound, one streaming filter over the keys, a radix select per query.
 
-Every candidate is packed into one int64, ``(float bits of d) << 32 | id``: distances are clamped
-to >= 0, whose IEEE bits order like the floats, so ordering packed integers orders by distance and
-then by id, which is exactly the reference's tie rule.
+Four launches whose sizes follow from the shapes alone (:func:`arrag_kernels.ops.knn_plan.search_shape`;
+no host synchronisation: the search is CUDA-graph capturable):
 
-Block search (small k or few keys), two stages:
-Stage 1 (``_knn_block_kernel``, grid (Q, N / BLOCK_N)): one program scans BLOCK_N keys for one
-query, in coalesced tiles of SUB rows (distances in fp32), and keeps its KB = next_pow2(k)
-smallest packed candidates. The query id varies fastest in the
-grid, so the Q programs reading one key block run together and share it through L2.
-Stage 2 (``_topk_merge_kernel``): each program reduces a CHUNK of candidates to KB, repeated until
-one chunk is left (a tree; the number of launches depends on shapes only, never on data).
+1. ``_knn_sample_kernel``: distances of every query to a fixed sample of S keys, rows
+   ``(i * step) mod N`` (``step`` coprime with N, ~0.618 N: distinct rows spread over the ids; all
+   keys when S = N), stored as (distance bits, id) pairs.
+2. ``_knn_bound_kernel`` (one program per query): the bound tau_q, the sample's r-th smallest
+   (distance bits, id) by a radix select (4 histogram passes of 8 bits over the distance bits, then
+   one pass for the smallest id at that distance, or 4 passes over the ids when the rank falls inside
+   a run of equal distances), and the query's survivor counter reset. The key orders by distance, then id: ties are split by id, so a
+   large group of equal distances does not flood the filter. r exceeds the expected number of sample
+   keys among the true k nearest by 6 sigmas (``knn_plan.SAFETY_SIGMAS``).
+3. ``_knn_filter_kernel``: ONE pass over the keys, each program taking tiles for up to 32 queries
+   (a key is read once for all of them), distances from tensor-core dots at fp32 accuracy, a 32-bit
+   compare with tau_q (distance bits, then id on equal bits) and survivor compaction: one atomic per
+   survivor on the query's counter, slots past the capacity C dropped but counted.
+4. ``_knn_select_kernel`` (one program per query): if k <= count_q <= C the buffer holds every key
+   with (distance, id) <= tau_q, at least k of them, hence the exact top k whatever tau_q was; a
+   radix select finds the k-th smallest, a compaction keeps the k entries up to it, and a sort of
+   next_pow2(k) orders them (the public contract; distances ascending, ties by id).
+   Otherwise (the sample was unlike the data: fewer than k survivors, or more than C) the same
+   program streams every key itself through its C slots, shrinking them to the k smallest by the
+   same radix select whenever they fill: exact, no extra memory, slow (one program reads all keys),
+   and only for the queries whose bound failed, detected on the device.
 
-Selection is either a bitonic ``tl.topk`` (GPU, large k) or k rounds of min-and-mask (small k, and
-always under the interpreter, where ``tl.topk`` takes minutes on a few thousand elements).
+Distances are ``max(|q|^2 + |y|^2 - 2 q.y, 0)`` in fp32, the same code in every kernel
+(``_tile_distance_bits``); ids are int32 (the kernels take fewer than 2^31 keys) and widen to int64
+in the output. Launches, bytes and scratch: :func:`arrag_kernels.ops.knn_plan`.
 
-Threshold search (KB >= 256, N >= 2^18 keys, D <= 128). There the block search is far from the
-memory floor: each query re-reads every key from L2, stage 1 writes KB candidates per 2 KB keys
-and query (at 16 queries as many bytes as fp16 keys) and sorts them all. Instead, on each level:
-(a) bound: tau_q = the k-th smallest packed candidate of the strided subset ``keys[::s]``, found
-    by this same search on the subset (the next level; ``_bound_stride``: s ~ (N / KB)^(1/3), and
-    a level of fewer than 16 KB keys has no bound). k distinct keys have packed value <= tau_q, so
-    every true top-k key does too.
-(b) filter (``_knn_filter_kernel``): one pass over the keys, each program taking tiles of BLOCK_N
-    keys for up to 32 queries, so a key is read once for all of them, with the distances from
-    tensor-core dots at fp32 accuracy. Candidates with packed <= tau_q take a slot of a per-query
-    buffer of capacity C = 4 KB s (~4x the expected k s); slots past C are dropped but counted.
-(c) select: the merge tree over the first min(count_q, C) slots only (``len_ptr``: the rest is
-    never read, so the buffer needs no padding and chunks past the count cost nothing).
-(d) exactness: if k <= count_q <= C, the buffer holds every key with packed <= tau_q, at least k
-    of them, hence the true top k, whatever tau_q was. Queries outside that range (data whose
-    strided subset is unlike the rest) are redone by the block search, launched every time with
-    per-query key counts ``len_ptr`` that are 0 for the other queries, whose programs exit at once
-    (on a grid of _FALLBACK_PROGRAMS per query); ``torch.where`` picks per query. A lower level
-    that overflows still returns k real keys, a valid (looser) bound: only the top level needs this.
-No host sync, and launches and shapes follow from shapes alone: the search is graph-capturable.
-
-Cost at the target (N = 10M fp16 keys, D = 32, Q = 16, k = 2048; floor = 640 MB / 4.8 TB/s =
-133 us on an H200). Design estimate: levels of 10M, 588k, 84k and 28k keys (s = 17, 7, 3); key
-rows read 1.07 N, candidate buffers 16 x 249k x 8 B = 32 MB written and read once: ~1.2x the floor
-in bytes (the block search: 640 MB of candidates written and read, 16 x 640 MB of L2 reads).
-Selection ~0.2M candidates per query instead of ~13M. 16 launches, plus 13 of the fallback that
-exit at once. The filter's compiled loop (sm_90) is ~30 PTX instructions per (key, query), ~145 us
-at full issue rate. Measured on an H200 (README, Benchmarks): 2.58 ms at Q = 1 and 16 in a CUDA
-graph, 19x the floor, so bytes are not what limits it; where the time goes is not yet profiled.
+Cost model at the target (10M fp16 keys x 32, k = 2048, 16 queries; not yet timed on a GPU): keys
+read once (640 MB) by ~9.8k filter programs; the sample (39k keys, 2.5 MB) and every select pass add
+~3 % (1.03x the keys' bytes in all), 8.4 MB of scratch. The selects are single programs per query
+walking ~39k sample entries (bound) and ~7.4k survivors (select) in steps of 4096: ~50 and ~15
+latency-bound steps, then a 2048-entry sort; they, not bytes, are what may keep the search above the
+floor at 1M keys.
 """
 
 from __future__ import annotations
@@ -53,95 +44,36 @@ import triton
 import triton.language as tl
 
 from ..knn import MAX_K, knn_dispatcher
-from ._common import FLOAT_DTYPES, INTERPRETED, device_reason, dtype_reason, next_pow2
+from ..knn_plan import MAX_DIM, MAX_KEYS, MIN_BLOCK_Q, RADIX_BITS, SELECT_TILE, SearchShape, search_shape
+from ._common import FLOAT_DTYPES, device_reason, dtype_reason
 
-_EMPTY = 0x7FFFFFFFFFFFFFFF  # packed value of a missing candidate: sorts after every real one
-MAX_DIM = 1024
-MAX_KEYS = 1 << 31  # ids must fit the low 32 bits of the packed candidate
-# Threshold search: from these sizes on (below, its 20-30 launches cost more than they save), for
-# keys of up to FILTER_MAX_DIM dims (a key tile lives in registers). Estimates, to tune on a GPU.
-THRESHOLD_MIN_KB = 256
-THRESHOLD_MIN_KEYS = 1 << 18
-FILTER_MAX_DIM = 128
-# Programs per query of the fallback's block search: cheap to launch and exit, enough to run it.
-_FALLBACK_PROGRAMS = 64
+# sm_90, fp16 keys, D = 32, 16 queries: 108 registers with 8 warps (2 programs, 16 warps per SM), 150
+# with 4 (3 programs, 12 warps); no spills either way. From ptxas, not yet timed on a GPU.
+_FILTER_WARPS = 8
 
 
 @triton.jit
-def _store_smallest(x, out_ptr, KB: tl.constexpr, SORT: tl.constexpr):
-    """Store the KB smallest values of the 1-D int64 block ``x`` (distinct values) ascending."""
-    if SORT:
-        top = tl.topk(-x, KB)  # packed values are >= 0, so negation reverses the order exactly
-        tl.store(out_ptr + tl.arange(0, KB), -top)
-    else:
-        for j in range(KB):
-            m = tl.min(x, axis=0)
-            tl.store(out_ptr + j, m)
-            x = tl.where(x == m, 0x7FFFFFFFFFFFFFFF, x)
-
-
-@triton.jit
-def _block_smallest(q, qn, cols, k_ptr, out_ptr, blk, N, D, k_stride,
-                    BLOCK_N: tl.constexpr, SUB: tl.constexpr, KB: tl.constexpr, SORT: tl.constexpr):
-    """Store the KB smallest packed candidates of key block ``blk`` (keys past N are missing)."""
-    # The block's candidates as (R, SUB): keys are read in coalesced (SUB, D) row tiles, and tile i
-    # is written into row i with a select (registers cannot be indexed dynamically).
-    R: tl.constexpr = BLOCK_N // SUB
-    tile = tl.arange(0, R)
-    packed = tl.full([R, SUB], 0x7FFFFFFFFFFFFFFF, tl.int64)
-    for i in range(R):
-        n = tl.cast(blk, tl.int64) * BLOCK_N + i * SUB + tl.arange(0, SUB)
-        inb = n < N
-        mask = inb[:, None] & (cols[None, :] < D)
-        # Upcast at once: bf16 arithmetic is wrong in the interpreter, and accumulation is fp32 anyway.
-        k = tl.load(k_ptr + n[:, None] * k_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dist = tl.maximum(qn + tl.sum(k * k, axis=1) - 2.0 * tl.sum(k * q[None, :], axis=1), 0.0)
-        bits = (dist.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)  # & drops the sign of a -0.0
-        cand = tl.where(inb, (bits << 32) | n, 0x7FFFFFFFFFFFFFFF)
-        packed = tl.where(tile[:, None] == i, cand[None, :], packed)
-    _store_smallest(tl.reshape(packed, [BLOCK_N]), out_ptr + blk * KB, KB, SORT)
-
-
-@triton.jit
-def _knn_block_kernel(
-    q_ptr, k_ptr, out_ptr, N, D, q_stride, k_stride, out_stride,
-    BLOCK_N: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr, KB: tl.constexpr, SORT: tl.constexpr,
-    len_ptr=None, HAS_LEN: tl.constexpr = False,
-):
-    qi = tl.program_id(0)
+def _query_rows(q_ptr, k_ptr, qi, qok, D, q_stride, BLOCK_D: tl.constexpr):
+    """A block of queries ready for ``_tile_distance_bits``: (|q|^2, three dot operands, the dot's factor)."""
     cols = tl.arange(0, BLOCK_D)
-    q = tl.load(q_ptr + qi * q_stride + cols, mask=cols < D, other=0.0).to(tl.float32)
-    qn = tl.sum(q * q, axis=0)
-    out_ptr += qi.to(tl.int64) * out_stride
-    if HAS_LEN:
-        # Query qi searches only its first len[qi] keys (0: none, its output is not written), on a
-        # grid that may be smaller than the number of blocks (the fallback's): programs loop.
-        n_valid = tl.minimum(N, tl.load(len_ptr + qi))
-        for blk in range(tl.program_id(1), tl.cdiv(n_valid, BLOCK_N), tl.num_programs(1)):
-            _block_smallest(q, qn, cols, k_ptr, out_ptr, blk, n_valid, D, k_stride, BLOCK_N, SUB, KB, SORT)
+    q = tl.load(q_ptr + qi[:, None] * q_stride + cols[None, :], mask=qok[:, None] & (cols[None, :] < D), other=0.0)
+    q = q.to(tl.float32)
+    qn = tl.sum(q * q, axis=1)
+    # fp32 keys: 3xTF32. Keys of a 16-bit type are exact in it, so each query is split into 3 parts
+    # of that type (3 x 11 or 3 x 8 bits >= fp32's 24) after a per-query power-of-two scaling that
+    # puts its largest entry in [2^14, 2^15) (inside fp16's range; lower parts rarely subnormal):
+    # every product is exact and only the fp32 accumulation rounds.
+    if k_ptr.dtype.element_ty == tl.float32:
+        c = tl.full([qi.shape[0]], -2.0, tl.float32)
+        p0, p1, p2 = q, q, q
     else:
-        _block_smallest(q, qn, cols, k_ptr, out_ptr, tl.program_id(1), N, D, k_stride, BLOCK_N, SUB, KB, SORT)
-
-
-@triton.jit
-def _topk_merge_kernel(
-    in_ptr, out_ptr, M, in_stride, out_stride, CHUNK: tl.constexpr, KB: tl.constexpr, SORT: tl.constexpr,
-    len_ptr=None, len_stride=1, level=0, HAS_LEN: tl.constexpr = False,
-):
-    row = tl.program_id(0)
-    m = M
-    if HAS_LEN:
-        # Row ``row`` had len[row] valid candidates ``level`` merges ago (the rest is never read) and
-        # each merge keeps KB per CHUNK: chunks past that prefix are skipped and their output, which
-        # no later level reads, is not written.
-        m = tl.load(len_ptr + row * len_stride).to(tl.int64)
-        for _ in range(level):  # a runtime loop: one compiled kernel for every level
-            m = tl.cdiv(m, CHUNK) * KB
-        m = tl.minimum(m, M)
-    for chunk in range(tl.program_id(1), tl.cdiv(m, CHUNK), tl.num_programs(1)):
-        cols = chunk * CHUNK + tl.arange(0, CHUNK)
-        x = tl.load(in_ptr + row.to(tl.int64) * in_stride + cols, mask=cols < m, other=0x7FFFFFFFFFFFFFFF)
-        _store_smallest(x, out_ptr + row.to(tl.int64) * out_stride + chunk * KB, KB, SORT)
+        e = (tl.max(tl.abs(q), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent
+        scale = (tl.minimum(tl.maximum(268 - e, 1), 254) << 23).to(tl.float32, bitcast=True)
+        p0, rest = _split(q * scale[:, None], k_ptr.dtype.element_ty)
+        p1, rest = _split(rest, k_ptr.dtype.element_ty)
+        p2, rest = _split(rest, k_ptr.dtype.element_ty)
+        c = -2.0 / scale  # a power of two: d = fma(dot, c, qn + kn) rounds once, like qn + kn - 2 dot
+    return qn, p0, p1, p2, c
 
 
 @triton.jit
@@ -151,10 +83,127 @@ def _split(rest, dtype: tl.constexpr):
 
 
 @triton.jit
+def _tile_distance_bits(qn, p0, p1, p2, c, k):
+    """(BLOCK_Q, BLOCK_N) int32 bits of the squared distances to the key tile ``k`` (BLOCK_N, BLOCK_D):
+    non-negative floats, whose bits order like them (the sign of a -0.0 cleared)."""
+    kt = tl.trans(k)
+    if k.dtype == tl.float32:
+        dot = tl.dot(p0, kt, input_precision="tf32x3")
+    else:
+        dot = tl.dot(p2, kt, tl.dot(p1, kt, tl.dot(p0, kt)))
+    kf = k.to(tl.float32)
+    dist = tl.maximum(qn[:, None] + tl.sum(kf * kf, axis=1)[None, :] + dot * c[:, None], 0.0)
+    return dist.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _load_entries(bits_ptr, ids_ptr, offs, ok):
+    """Entries as int64 ``bits << 32 | id`` (missing ones: int64 max, after every real entry)."""
+    b = tl.load(bits_ptr + offs, mask=ok, other=0).to(tl.int64)
+    i = tl.load(ids_ptr + offs, mask=ok, other=0).to(tl.int64)
+    return tl.where(ok, (b << 32) | i, 0x7FFFFFFFFFFFFFFF)
+
+
+@triton.jit
+def _select_digits(val_ptr, eq_ptr, eq_value, m, rank, FILTERED: tl.constexpr, TILE: tl.constexpr,
+                   RADIX: tl.constexpr):
+    """(v, r): the rank-th smallest (1-based) of the non-negative int32 values ``val_ptr[:m]`` (only
+    those whose ``eq_ptr`` entry equals ``eq_value`` when FILTERED), and its rank among the entries
+    equal to it. A radix select: one histogram pass per RADIX-bit digit from the top, over the entries
+    that match the digits found so far."""
+    bins = tl.arange(0, 1 << RADIX)
+    prefix = tl.zeros([], tl.int32)
+    for p in tl.static_range(32 // RADIX):
+        shift = 32 - RADIX * (p + 1)
+        hist = tl.zeros([1 << RADIX], tl.int32)
+        for start in range(0, m, TILE):
+            offs = start + tl.arange(0, TILE)
+            ok = offs < m
+            v = tl.load(val_ptr + offs, mask=ok, other=0)
+            if FILTERED:
+                ok = ok & (tl.load(eq_ptr + offs, mask=ok, other=0) == eq_value)
+            if p > 0:
+                ok = ok & ((v >> (shift + RADIX)) == (prefix >> (shift + RADIX)))
+            hist += tl.histogram((v >> shift) & ((1 << RADIX) - 1), 1 << RADIX, mask=ok)
+        below = tl.cumsum(hist, 0)
+        digit = tl.sum((below < rank).to(tl.int32), 0)  # the bin holding the rank-th entry
+        rank -= tl.sum(tl.where(bins < digit, hist, 0), 0)
+        prefix = prefix | (digit << shift)
+    return prefix, rank
+
+
+@triton.jit
+def _kth_smallest(bits_ptr, ids_ptr, m, rank, TILE: tl.constexpr, RADIX: tl.constexpr):
+    """The rank-th smallest (1-based, rank <= m) of the first m entries, as int64 ``bits << 32 | id``:
+    its distance bits by a radix select, then its id: the smallest among the entries of those bits
+    (one pass) unless ties put it further in (a radix select of their ids)."""
+    bits, rank = _select_digits(bits_ptr, bits_ptr, 0, m, rank, False, TILE, RADIX)
+    if rank == 1:
+        best = tl.full([TILE], 0x7FFFFFFF, tl.int32)
+        for start in range(0, m, TILE):
+            offs = start + tl.arange(0, TILE)
+            ok = offs < m
+            ok = ok & (tl.load(bits_ptr + offs, mask=ok, other=0) == bits)
+            best = tl.minimum(best, tl.load(ids_ptr + offs, mask=ok, other=0x7FFFFFFF))
+        id = tl.min(best, 0)
+    else:
+        id, rank = _select_digits(ids_ptr, bits_ptr, bits, m, rank, True, TILE, RADIX)
+    return (bits.to(tl.int64) << 32) | id.to(tl.int64)
+
+
+@triton.jit
+def _keep_smallest(bits_ptr, ids_ptr, m, tau, TILE: tl.constexpr):
+    """Moves the entries <= tau among the first m to the front, in order; returns their count. In
+    place: an entry moves only backwards, past entries already read (this program's own loads)."""
+    count = tl.zeros([], tl.int32)
+    for start in range(0, m, TILE):
+        offs = start + tl.arange(0, TILE)
+        x = _load_entries(bits_ptr, ids_ptr, offs, offs < m)
+        keep = x <= tau
+        slot = count + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(bits_ptr + slot, (x >> 32).to(tl.int32), mask=keep)
+        tl.store(ids_ptr + slot, (x & 0xFFFFFFFF).to(tl.int32), mask=keep)
+        count += tl.sum(keep.to(tl.int32), 0)
+    return count
+
+
+# Sizes are not specialised (one compiled kernel per dtype, D and block sizes, not per database size
+# or k: cold compilation dominates a short GPU session); strides are, for their alignment.
+@triton.jit(do_not_specialize=["Q", "N", "S", "step"])
+def _knn_sample_kernel(
+    q_ptr, k_ptr, bits_ptr, ids_ptr, Q, N, D, S, step, q_stride, k_stride, buf_stride,
+    BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    nqb = tl.cdiv(Q, BLOCK_Q)
+    qi = (tl.program_id(0) % nqb) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    qok = qi < Q
+    qn, p0, p1, p2, c = _query_rows(q_ptr, k_ptr, qi, qok, D, q_stride, BLOCK_D)
+    i = (tl.program_id(0) // nqb) * BLOCK_N + tl.arange(0, BLOCK_N)
+    iok = i < S
+    row = (i.to(tl.int64) * step) % N
+    cols = tl.arange(0, BLOCK_D)
+    k = tl.load(k_ptr + row[:, None] * k_stride + cols[None, :], mask=iok[:, None] & (cols[None, :] < D), other=0.0)
+    bits = _tile_distance_bits(qn, p0, p1, p2, c, k)
+    at = qi.to(tl.int64)[:, None] * buf_stride + i[None, :]
+    ok = qok[:, None] & iok[None, :]
+    tl.store(bits_ptr + at, bits, mask=ok)
+    tl.store(ids_ptr + at, tl.broadcast_to(row.to(tl.int32)[None, :], bits.shape), mask=ok)
+
+
+@triton.jit(do_not_specialize=["S", "rank"])
+def _knn_bound_kernel(bits_ptr, ids_ptr, bound_ptr, count_ptr, S, rank, buf_stride, count_stride,
+                      TILE: tl.constexpr, RADIX: tl.constexpr):
+    qi = tl.program_id(0)
+    row = qi.to(tl.int64) * buf_stride
+    tl.store(bound_ptr + qi, _kth_smallest(bits_ptr + row, ids_ptr + row, S, rank, TILE, RADIX))
+    tl.store(count_ptr + qi * count_stride, 0)
+
+
+@triton.jit(do_not_specialize=["Q", "N", "C", "tiles"])
 def _knn_filter_kernel(
-    q_ptr, k_ptr, bound_ptr, buf_ptr, count_ptr,
-    Q, N, D, C, tau_col, id_scale, tiles, q_stride, k_stride, bound_stride, buf_stride, count_stride,
-    BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BOUND: tl.constexpr,
+    q_ptr, k_ptr, bound_ptr, bits_ptr, ids_ptr, count_ptr,
+    Q, N, D, C, tiles, q_stride, k_stride, buf_stride, count_stride,
+    BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Query blocks vary fastest: the programs sharing key tiles run together (L2) when Q > BLOCK_Q.
     nqb = tl.cdiv(Q, BLOCK_Q)
@@ -162,192 +211,138 @@ def _knn_filter_kernel(
     first = (tl.program_id(0) // nqb).to(tl.int64) * tiles * BLOCK_N
     cols = tl.arange(0, BLOCK_D)
     qok = qi < Q
-    q = tl.load(q_ptr + qi[:, None] * q_stride + cols[None, :], mask=qok[:, None] & (cols[None, :] < D), other=0.0)
-    q = q.to(tl.float32)
-    qn = tl.sum(q * q, axis=1)
-    if HAS_BOUND:
-        t = tl.load(bound_ptr + qi * bound_stride + tau_col, mask=qok, other=0)
-        # The bound's ids index keys[::id_scale]; its row j is row j * id_scale here. tau stays
-        # below an infinite distance, which marks the rows past N (kn below).
-        lo = t & 0xFFFFFFFF
-        t = tl.where(t == 0x7FFFFFFFFFFFFFFF, t, t - lo + lo * id_scale)
-        tau = tl.where(qok, tl.minimum(t, (0x7F800000 << 32) - 1), -1)  # padding queries take nothing
-        count_row = count_ptr + qi * count_stride
-    buf_row = buf_ptr + qi.to(tl.int64) * buf_stride
-
-    # Distances on tensor cores at fp32 accuracy, (BLOCK_Q, BLOCK_N) per tile: queries as the MMA
-    # rows keeps the whole tile in one register layout, down to the atomics and stores.
-    # fp32 keys: 3xTF32. Keys of a 16-bit type are exact in it, so each query is split into 3 parts
-    # of that type (3 x 11 or 3 x 8 bits >= fp32's 24) after a per-query power-of-two scaling that
-    # puts its largest entry in [2^14, 2^15) (inside fp16's range; lower parts rarely subnormal):
-    # every product is exact and only the fp32 accumulation rounds, like the block search's FMAs.
-    F32: tl.constexpr = k_ptr.dtype.element_ty == tl.float32
-    if F32:
-        c = tl.full([BLOCK_Q], -2.0, tl.float32)
-    else:
-        e = (tl.max(tl.abs(q), axis=1).to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent
-        scale = (tl.minimum(tl.maximum(268 - e, 1), 254) << 23).to(tl.float32, bitcast=True)
-        p0, rest = _split(q * scale[:, None], k_ptr.dtype.element_ty)
-        p1, rest = _split(rest, k_ptr.dtype.element_ty)
-        p2, rest = _split(rest, k_ptr.dtype.element_ty)
-        c = -2.0 / scale  # a power of two: d = fma(dot, c, qn + kn) rounds once, like qn + kn - 2 dot
-
+    qn, p0, p1, p2, c = _query_rows(q_ptr, k_ptr, qi, qok, D, q_stride, BLOCK_D)
+    tau = tl.load(bound_ptr + qi, mask=qok, other=0)
+    tau_bits = tl.where(qok, (tau >> 32).to(tl.int32), -1)  # padding queries keep nothing
+    tau_id = (tau & 0xFFFFFFFF).to(tl.int32)
+    count_row = count_ptr + qi * count_stride
+    row = qi.to(tl.int64) * buf_stride
     # Several tiles per program: the compiler pipelines their loads (num_stages).
-    for i in range(tiles):
-        n = first + i * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = tl.load(k_ptr + n[:, None] * k_stride + cols[None, :], mask=(n < N)[:, None] & (cols[None, :] < D), other=0.0)
-        kt = tl.trans(k)
-        if F32:
-            dot = tl.dot(q, kt, input_precision="tf32x3")
-        else:
-            dot = tl.dot(p2, kt, tl.dot(p1, kt, tl.dot(p0, kt)))
-        kf = k.to(tl.float32)
-        kn = tl.where(n < N, tl.sum(kf * kf, axis=1), float("inf"))
-        dist = tl.maximum(qn[:, None] + kn[None, :] + dot * c[:, None], 0.0)
-        packed = ((dist.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64) << 32) | n[None, :]
-        if HAS_BOUND:
-            # One atomic per candidate (~k s of N per query, ~1 per tile) on counters 128 B apart, in
-            # different L2 slices; slots past C are dropped but counted. An in-tile prefix sum with
-            # one atomic per (tile, query) compiled to a 3x longer loop (layout conversions).
-            keep = packed <= tau[:, None]
-            slot = tl.atomic_add(tl.broadcast_to(count_row[:, None], keep.shape), 1, mask=keep, sem="relaxed")
-            tl.store(buf_row[:, None] + slot, packed, mask=keep & (slot < C))
-        else:  # every key is a candidate, at its own slot
-            tl.store(buf_row[:, None] + n[None, :], packed, mask=qok[:, None] & (n < N)[None, :])
+    for t in range(tiles):
+        n = first + t * BLOCK_N + tl.arange(0, BLOCK_N)
+        nok = n < N
+        k = tl.load(k_ptr + n[:, None] * k_stride + cols[None, :], mask=nok[:, None] & (cols[None, :] < D), other=0.0)
+        bits = _tile_distance_bits(qn, p0, p1, p2, c, k)
+        n32 = n.to(tl.int32)
+        # 32-bit compares: (bits, id) <= (tau_bits, tau_id)
+        keep = (bits < tau_bits[:, None]) | ((bits == tau_bits[:, None]) & (n32[None, :] <= tau_id[:, None]))
+        keep = keep & nok[None, :]
+        # One atomic per survivor (a few k of N per query) on counters 128 B apart, in different L2
+        # slices; slots past C are dropped but counted.
+        slot = tl.atomic_add(tl.broadcast_to(count_row[:, None], keep.shape), 1, mask=keep, sem="relaxed")
+        tl.store(bits_ptr + row[:, None] + slot, bits, mask=keep & (slot < C))
+        tl.store(ids_ptr + row[:, None] + slot, tl.broadcast_to(n32[None, :], keep.shape), mask=keep & (slot < C))
 
 
-def _plan(k: int, sort: bool | None):
-    """(KB, BLOCK_N, CHUNK, SORT) for a given k."""
-    kb = next_pow2(k)
-    if sort is None:
-        sort = not INTERPRETED and kb > 32
-    if INTERPRETED:
-        # The interpreter pays per program and per op, not per element: few, large blocks, except
-        # for its tl.topk, which is slow per element (minutes at 4096).
-        block = max(2 * kb, 128 if sort else 4096)
-        return kb, block, block, sort
-    return kb, max(2 * kb, 1024), max(4 * kb, 1024), sort
+@triton.jit
+def _stream_all_keys(q_ptr, k_ptr, qi, bits_ptr, ids_ptr, N, D, C, k, q_stride, k_stride,
+                     BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
+                     RADIX: tl.constexpr):
+    """The fallback: every key of query ``qi`` through its C slots (C >= k + BLOCK_N, or C = N), shrunk
+    to the k smallest whenever the next tile may not fit; returns the entry count (the top k are in)."""
+    lane = tl.arange(0, BLOCK_Q)
+    # Row 0 of a BLOCK_Q-row dot: the distances' code and rounding are the filter's.
+    qn, p0, p1, p2, c = _query_rows(q_ptr, k_ptr, qi + lane, lane == 0, D, q_stride, BLOCK_D)
+    cols = tl.arange(0, BLOCK_D)
+    count = tl.zeros([], tl.int32)
+    tau = tl.full([], 0x7FFFFFFFFFFFFFFF, tl.int64)
+    for start in range(0, N, BLOCK_N):
+        n = tl.cast(start, tl.int64) + tl.arange(0, BLOCK_N)  # int64: the last tile may pass 2^31
+        nok = n < N
+        kt = tl.load(k_ptr + n[:, None] * k_stride + cols[None, :],
+                     mask=nok[:, None] & (cols[None, :] < D), other=0.0)
+        bits = tl.sum(tl.where(lane[:, None] == 0, _tile_distance_bits(qn, p0, p1, p2, c, kt), 0), axis=0)
+        x = (bits.to(tl.int64) << 32) | n
+        keep = nok & (x <= tau)
+        kept = tl.sum(keep.to(tl.int32), 0)
+        if count + kept > C:  # then count > C - BLOCK_N >= k
+            tl.debug_barrier()  # the slots' stores visible to the whole program
+            tau = _kth_smallest(bits_ptr, ids_ptr, count, k, TILE, RADIX)
+            tl.debug_barrier()
+            count = _keep_smallest(bits_ptr, ids_ptr, count, tau, TILE)
+            keep = keep & (x <= tau)
+            kept = tl.sum(keep.to(tl.int32), 0)
+        slot = count + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(bits_ptr + slot, bits, mask=keep)
+        tl.store(ids_ptr + slot, n.to(tl.int32), mask=keep)
+        count += kept
+    return count
 
 
-def _warps(block: int) -> int:
-    # A block's int64 candidates live in registers: 8 warps keep large blocks at <= 32 per thread
-    # (an estimate from register budgets, not yet tuned on a GPU).
-    return 8 if block >= 4096 else 4
+@triton.jit(do_not_specialize=["N", "C", "k"])
+def _knn_select_kernel(
+    q_ptr, k_ptr, bits_ptr, ids_ptr, count_ptr, dist_ptr, out_ids_ptr,
+    N, D, C, k, q_stride, k_stride, buf_stride, count_stride, out_stride,
+    KB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
+    RADIX: tl.constexpr,
+):
+    qi = tl.program_id(0)
+    bits_row = bits_ptr + qi.to(tl.int64) * buf_stride
+    ids_row = ids_ptr + qi.to(tl.int64) * buf_stride
+    count = tl.load(count_ptr + qi * count_stride)
+    if (count < k) | (count > C):  # the bound failed for this query: its survivors are not the whole story
+        count = _stream_all_keys(q_ptr, k_ptr, qi, bits_row, ids_row, N, D, C, k, q_stride, k_stride,
+                                 BLOCK_N, BLOCK_Q, BLOCK_D, TILE, RADIX)
+        tl.debug_barrier()
+    kth = _kth_smallest(bits_row, ids_row, count, k, TILE, RADIX)
+    tl.debug_barrier()
+    _keep_smallest(bits_row, ids_row, count, kth, TILE)  # exactly k entries: (bits, id) pairs are distinct
+    tl.debug_barrier()
+    j = tl.arange(0, KB)
+    x = tl.sort(_load_entries(bits_row, ids_row, j, j < k))
+    out = qi.to(tl.int64) * out_stride + j
+    tl.store(dist_ptr + out, (x >> 32).to(tl.int32).to(tl.float32, bitcast=True), mask=j < k)
+    tl.store(out_ids_ptr + out, x & 0xFFFFFFFF, mask=j < k)
 
 
-def _merge(cand, kb, chunk, sort, lens=None, programs=None, sorted_rows=True):
-    """Merge tree: (Q, M) packed candidates -> (Q, KB) ascending.
-
-    ``lens`` (Q,) int32, any stride: only the first lens[q] candidates of row q are valid, and rows
-    with 0 are not written. ``programs`` caps the programs per row. Rows that are not
-    ``sorted_rows`` get at least one merge.
-    """
-    level = 0
-    while cand.shape[1] > kb or (level == 0 and not sorted_rows):
-        nch = triton.cdiv(cand.shape[1], chunk)
-        nxt = torch.empty(cand.shape[0], nch * kb, dtype=torch.int64, device=cand.device)
-        torch.library.wrap_triton(_topk_merge_kernel)[(cand.shape[0], min(nch, programs or nch))](
-            cand, nxt, cand.shape[1], cand.stride(0), nxt.stride(0), CHUNK=chunk, KB=kb, SORT=sort,
-            len_ptr=cand if lens is None else lens, len_stride=1 if lens is None else lens.stride(0),
-            level=level, HAS_LEN=lens is not None, num_warps=_warps(chunk),
-        )
-        cand = nxt
-        level += 1
-    return cand
+def _launch(kernel, grid, *args, **meta):
+    """Every launch of the search goes through here (the launch-plan test counts them)."""
+    torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 
-def _block_search(queries, keys, k, sort, lens=None):
-    """Stage 1 and the merge tree. ``lens``: per-query key counts, on a small grid (the fallback)."""
+def _scratch(shape: SearchShape, device) -> dict[str, torch.Tensor]:
+    """The search's buffers (``knn_plan``'s ``scratch``; none needs initialising)."""
+    Q, S, C = shape.batch, shape.sample, shape.capacity
+    i32 = dict(dtype=torch.int32, device=device)
+    return dict(
+        sample_bits=torch.empty(Q, S, **i32), sample_ids=torch.empty(Q, S, **i32),
+        bound=torch.empty(Q, dtype=torch.int64, device=device),
+        counts=torch.empty(Q, 32, **i32),  # one counter per query, 128 B apart: see the filter's atomics
+        bits=torch.empty(Q, C, **i32), ids=torch.empty(Q, C, **i32),
+    )
+
+
+def knn_search(queries: torch.Tensor, keys: torch.Tensor, k: int, shape: SearchShape | None = None):
+    """(Q, D) queries, (N, D) keys -> (Q, k) fp32 distances ascending, (Q, k) int64 ids (ties by id).
+    ``shape`` overrides the sizes of :func:`search_shape` (tests force the fallback with it)."""
     Q, D = queries.shape
     N = keys.shape[0]
-    kb, block_n, chunk, sort = _plan(k, sort)
-    nblk = triton.cdiv(N, block_n)
-    programs = nblk if lens is None else min(nblk, _FALLBACK_PROGRAMS)
-    cand = torch.empty(Q, nblk * kb, dtype=torch.int64, device=keys.device)
-    block_d = max(next_pow2(D), 2)
-    torch.library.wrap_triton(_knn_block_kernel)[(Q, programs)](
-        queries, keys, cand, N, D, queries.stride(0), keys.stride(0), cand.stride(0),
-        BLOCK_N=block_n, SUB=min(block_n, max(16, 8192 // block_d)), BLOCK_D=block_d, KB=kb, SORT=sort,
-        len_ptr=cand if lens is None else lens, HAS_LEN=lens is not None, num_warps=_warps(block_n),
-    )
-    return _merge(cand, kb, chunk, sort, lens=lens, programs=None if lens is None else _FALLBACK_PROGRAMS)
-
-
-def _bound_stride(n: int, kb: int) -> int:
-    """Stride s of the key subset that bounds a level of n keys; 0: no bound (every key is a candidate).
-
-    A level's selection work is its buffer, ~k s, plus its bound's (the level of n / s keys below):
-    s ~ (n / KB)^(1/3) balances them over the recursion. The subset keeps >= 4 KB keys (>= k are
-    needed), and levels under 16 KB keys are cheaper to filter whole.
-    """
-    if n < 16 * kb:
-        return 0
-    return max(2, min(round((n / kb) ** (1 / 3)), n // (4 * kb)))
-
-
-def _threshold_search(queries, keys, k, sort):
-    """Bound, filter, select on every level, deepest first; block search for queries that overflow."""
-    Q, D = queries.shape
-    kb, _, chunk, sort = _plan(k, sort)
-    strides, views = [], [keys]
-    while s := _bound_stride(views[-1].shape[0], kb):
-        strides.append(s)
-        views.append(views[-1][::s])  # rows need unit stride only in the last dim
-    # One counter per (bounded level, query), 32 ints (128 B) apart: see the filter's atomics.
-    counts = torch.zeros(len(strides), Q, 32, dtype=torch.int32, device=keys.device)
-    block_q = min(max(next_pow2(Q), 16), 32)  # tl.dot needs >= 16
-    block_d = max(next_pow2(D), 16)
-    # The interpreter pays per program: one large tile each. On a GPU, 2048 distances per tile and
-    # up to 8 tiles per program (whose loads the compiler pipelines) while >= ~1000 programs remain.
-    block_n = 1024 if INTERPRETED else min(2048 // block_q, 4096 // block_d)
-    bound = None
-    for level in reversed(range(len(views))):
-        view, s = views[level], strides[level] if level < len(strides) else 0
-        N = view.shape[0]
-        cap = N if bound is None else min(N, 4 * kb * s)
-        buf = torch.empty(Q, cap, dtype=torch.int64, device=keys.device)
-        count = counts[level, :, 0] if bound is not None else None
-        ntiles = triton.cdiv(N, block_n)
-        tiles = min(8, max(1, ntiles // 1024))
-        torch.library.wrap_triton(_knn_filter_kernel)[(triton.cdiv(Q, block_q) * triton.cdiv(ntiles, tiles),)](
-            queries, view, buf if bound is None else bound, buf, buf if count is None else count,
-            Q, N, D, cap, k - 1, s, tiles, queries.stride(0), view.stride(0),
-            0 if bound is None else bound.stride(0), buf.stride(0), 0 if count is None else count.stride(0),
-            BLOCK_N=block_n, BLOCK_Q=block_q, BLOCK_D=block_d, HAS_BOUND=bound is not None,
-            num_warps=4, num_stages=3,  # sm_90, fp16, D = 32: 96 registers, 5 programs per SM
-        )
-        bound = _merge(buf, kb, chunk, sort, lens=count, sorted_rows=False)
-    if not strides:
-        return bound
-    count, cap = counts[0, :, 0], min(keys.shape[0], 4 * kb * strides[0])
-    need = (count < k) | (count > cap)
-    full = _block_search(queries, keys, k, sort, lens=need.int() * (MAX_KEYS - 1))
-    return torch.where(need[:, None], full, bound)
-
-
-def knn_packed(
-    queries: torch.Tensor, keys: torch.Tensor, k: int, sort: bool | None = None, threshold: bool | None = None
-) -> torch.Tensor:
-    """(Q, KB) int64 packed candidates of the KB = next_pow2(k) nearest keys, ascending.
-
-    ``sort`` forces the selection method (None: by k and device), ``threshold`` the search (True:
-    threshold search, False: block search, None: by k, N and D); tests use them to cover every path.
-    """
-    kb = next_pow2(k)
-    fits = keys.shape[1] <= FILTER_MAX_DIM
-    if threshold is None:
-        threshold = fits and kb >= THRESHOLD_MIN_KB and keys.shape[0] >= THRESHOLD_MIN_KEYS
-    elif threshold and not fits:
-        raise ValueError(f"the threshold search takes keys of up to {FILTER_MAX_DIM} dims, got {keys.shape[1]}")
-    return (_threshold_search if threshold else _block_search)(queries, keys, k, sort)
+    dist = torch.empty(Q, k, dtype=torch.float32, device=keys.device)
+    ids = torch.empty(Q, k, dtype=torch.int64, device=keys.device)
+    if Q == 0:
+        return dist, ids
+    s = shape or search_shape(N, D, k, Q, keys.element_size())
+    buf = _scratch(s, keys.device)
+    grids = s.grids
+    dims = dict(BLOCK_N=s.block_n, BLOCK_Q=s.block_q, BLOCK_D=s.block_d)
+    _launch(_knn_sample_kernel, grids["sample"], queries, keys, buf["sample_bits"], buf["sample_ids"],
+            Q, N, D, s.sample, s.sample_step, queries.stride(0), keys.stride(0), s.sample, **dims)
+    _launch(_knn_bound_kernel, grids["bound"], buf["sample_bits"], buf["sample_ids"], buf["bound"], buf["counts"],
+            s.sample, s.rank, s.sample, 32, TILE=SELECT_TILE, RADIX=RADIX_BITS, num_warps=8)
+    _launch(_knn_filter_kernel, grids["filter"], queries, keys, buf["bound"], buf["bits"], buf["ids"], buf["counts"],
+            Q, N, D, s.capacity, s.tiles, queries.stride(0), keys.stride(0), s.capacity, 32,
+            **dims, num_warps=_FILTER_WARPS, num_stages=3)
+    _launch(_knn_select_kernel, grids["select"], queries, keys, buf["bits"], buf["ids"], buf["counts"], dist, ids,
+            N, D, s.capacity, k, queries.stride(0), keys.stride(0), s.capacity, 32, k,
+            KB=s.kb, BLOCK_N=s.block_n, BLOCK_Q=MIN_BLOCK_Q, BLOCK_D=s.block_d, TILE=SELECT_TILE, RADIX=RADIX_BITS,
+            num_warps=8)
+    return dist, ids
 
 
 @torch.library.triton_op("arrag_kernels::knn_triton", mutates_args=())
 def knn_op(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, D) queries, (N, D) keys -> (Q, k) fp32 distances ascending, (Q, k) int64 ids."""
-    packed = knn_packed(queries, keys, k)[:, :k]
-    dist = (packed >> 32).to(torch.int32).view(torch.float32)
-    return dist, packed & 0xFFFFFFFF
+    return knn_search(queries, keys, k)
 
 
 def _check(queries, keys, k):
