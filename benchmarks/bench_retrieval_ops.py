@@ -12,8 +12,8 @@ Providers:
   image by image, a host-side flat search, ids sent back, then dedup / softmax / mix in several
   small per-row device ops;
 * ``triton-graph`` (``knn`` only): the Triton search replayed from a CUDA graph, as the static
-  decode loop runs it: device time without Python launch overhead (the threshold search is 20-30
-  launches). ``knn`` cases on CUDA also record ``x_floor``: time over key bytes / the card's memory
+  decode loop runs it: device time without Python launch overhead (the search is 4 launches:
+  ``ak.ops.knn_plan``). ``knn`` cases on CUDA also record ``x_floor``: time over key bytes / the card's memory
   bandwidth (``cards.card_bytes_per_s``, by device name; absent for a card it does not list).
 
 Each timed call ends with ``torch.cuda.synchronize()`` on CUDA; outputs are checked against the

@@ -31,7 +31,7 @@ in the output. Launches, bytes and scratch: :func:`arrag_kernels.ops.knn_plan`.
 
 Cost model at the target (10M fp16 keys x 32, k = 2048, 16 queries; not yet timed on a GPU): keys
 read once (640 MB) by ~9.8k filter programs; the sample (39k keys, 2.5 MB) and every select pass add
-~3 % (1.03x the keys' bytes in all), 8.4 MB of scratch. The selects are single programs per query
+~3 % (1.03x the keys' bytes in all), 8.8 MB of scratch. The selects are single programs per query
 walking ~39k sample entries (bound) and ~7.4k survivors (select) in steps of 4096: ~50 and ~15
 latency-bound steps, then a 2048-entry sort; they, not bytes, are what may keep the search above the
 floor at 1M keys.
