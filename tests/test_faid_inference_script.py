@@ -21,6 +21,7 @@ with some slots padded (-1), which the script clamps to code 0. Token ids are th
 decode (each step sees only earlier tokens), fed to the script in place of its multinomial draw.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -244,6 +245,9 @@ def test_train_semantics_is_the_default_and_files_keep_semantics(model, tmp_path
     assert ak.faid.load_blenders(tmp_path / "old.safetensors", model).config.semantics == "train"
     with pytest.raises(ValueError, match=r"FAiDConfig.semantics: expected one of \('train', 'inference-script'\)"):
         FAiDConfig(semantics="inference")
+    # blenders built for one semantics are not silently decoded with another
+    with pytest.raises(ak.faid.CheckpointError, match="the blenders were built for"):
+        ak.faid.load_blenders(blenders, model, dataclasses.replace(blenders.config, semantics="train"))
 
 
 def test_masked_decoding_refuses_the_inference_script_semantics():
