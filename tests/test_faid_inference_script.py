@@ -214,6 +214,8 @@ def test_logits_equal_inference_script_every_step(model, db, hops):
     W = h.adapter.grid[1]
     gap = (want[:B] - train[:B]).abs().amax(-1)  # (B, N)
     tol = 10 * RTOL * want.abs().max().item()  # ten times this test's tolerance: training would fail it
+    print(f"hops={hops}: max |script - training forward| = {gap.max().item():.3g} "
+          f"(relative {gap.max().item() / want.abs().max().item():.3g})")
     no_retrieval = [p for p in range(1, N) if p < W or p % W in (0, W - 1)]
     assert gap[:, no_retrieval].min() > tol, "the chained input at steps without retrieval"
     with_padding = padded.any(-1) & torch.tensor([p >= W and 0 < p % W < W - 1 for p in range(N)])

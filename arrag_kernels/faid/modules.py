@@ -43,7 +43,7 @@ from torch import nn
 
 from ..config import KeyLayout
 from ..models import as_faid_adapter
-from .config import FAiDConfig
+from .config import SEMANTICS, FAiDConfig
 
 # What a target's window holds besides e_k: the cells generated before it (AR decoding, training) or
 # every cell of the map, zeros at unknown ones (masked decoding).
@@ -169,10 +169,12 @@ def retrieved_masks(ids: torch.Tensor, valid: torch.Tensor, dtype, semantics: st
     the database as -1 and is clamped.
     """
     v = valid.unsqueeze(-1)
+    if semantics == "train":
+        return (v & (ids >= 0)).unsqueeze(-1).to(dtype), v.unsqueeze(-1).to(dtype)
     if semantics == "inference-script":
         first = v.unsqueeze(-1).to(dtype)
         return first, torch.ones_like(first)
-    return (v & (ids >= 0)).unsqueeze(-1).to(dtype), v.unsqueeze(-1).to(dtype)
+    raise ValueError(f"semantics: expected one of {SEMANTICS}, got {semantics!r}")
 
 
 def blender_input(layer: FAiDLayer, features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
