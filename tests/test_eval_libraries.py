@@ -42,7 +42,8 @@ def test_fid_with_the_project_extractor_equals_the_projects_frechet_distance():
 def test_frechet_distance_of_features_is_torchmetrics_and_equals_the_closed_form(n, d):
     g = torch.Generator().manual_seed(n)
     a = torch.randn(n, d, generator=g, dtype=torch.float64)
-    b = torch.randn(n + 7, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64) + 0.5
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64)
+    b = torch.randn(n + 7, d, generator=g, dtype=torch.float64) @ mix + 0.5
     assert frechet_distance(a, b) == pytest.approx(_reference(a, b), rel=1e-4)
 
 
@@ -95,7 +96,8 @@ def test_clip_score_with_a_local_clip_equals_the_direct_computation(clip_dir):
     model, processor = CLIPModel.from_pretrained(clip_dir), CLIPProcessor.from_pretrained(clip_dir)
     uint8 = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     with torch.no_grad():
-        image = model.get_image_features(pixel_values=processor(images=list(uint8), return_tensors="pt")["pixel_values"])
+        pixel_values = processor(images=list(uint8), return_tensors="pt")["pixel_values"]
+        image = model.get_image_features(pixel_values=pixel_values)
         text = processor(text=captions, return_tensors="pt", padding=True)
         text = model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
     image, text = image.pooler_output, text.pooler_output

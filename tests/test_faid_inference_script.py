@@ -109,7 +109,7 @@ def script_decoder_layer(layer, parts, state, hidden_states, attention_mask, pos
     return residual + hidden_states, retrieved_features
 
 
-def script_logits(model, parts, prompt, uncond, image_tokens, retrieved_codes, cfg_weight):
+def script_logits(model, parts, prompt, uncond, image_tokens, retrieved_codes):
     """``generate`` of t2i_faid.py for one image (parallel_size = 1): raw head logits (2, N, V) of every
     step, rows (conditional, unconditional); ``image_tokens`` (N,) replace the multinomial draw,
     ``retrieved_codes`` (N, K) what the retriever returns at each step (-1: padding)."""
@@ -125,8 +125,9 @@ def script_logits(model, parts, prompt, uncond, image_tokens, retrieved_codes, c
     recorded, seen = [], 0
     for i in range(N):
         if i > image_dim and (i - 1) % image_dim < image_dim - retri_num - 1:
-            retrieved_codes_clamped = torch.where(retrieved_codes[i : i + 1] < 0,
-                                                  torch.zeros_like(retrieved_codes[i : i + 1]), retrieved_codes[i : i + 1])
+            retrieved_codes_i = retrieved_codes[i : i + 1]  # what the retriever returns at step i, (1, K)
+            retrieved_codes_clamped = torch.where(retrieved_codes_i < 0, torch.zeros_like(retrieved_codes_i),
+                                                  retrieved_codes_i)
             retrieved_emb = inner.generation_embeddings(retrieved_codes_clamped)
             retrieved_emb_aligned = inner.generation_aligner(retrieved_emb).unsqueeze(0)  # [1, 1, K, D]
         else:
@@ -145,9 +146,8 @@ def script_logits(model, parts, prompt, uncond, image_tokens, retrieved_codes, c
         hidden_states = lm.norm(hidden_states)
         logits = inner.generation_head(hidden_states[:, -1, :])
         recorded.append(logits)
-        logit_cond, logit_uncond = logits[0::2, :], logits[1::2, :]
-        assert (logit_uncond + cfg_weight * (logit_cond - logit_uncond)).shape[0] == 1
-        next_token = image_tokens[i].view(1, 1)  # the library's draw in place of torch.multinomial
+        # CFG, softmax and torch.multinomial: replaced by the library's draw
+        next_token = image_tokens[i].view(1, 1)
         next_token = torch.cat([next_token.unsqueeze(dim=1), next_token.unsqueeze(dim=1)], dim=1).view(-1)
         inputs_embeds = inner.generation_aligner(inner.generation_embeddings(next_token)).unsqueeze(dim=1)
     return torch.stack(recorded, dim=1)
@@ -157,8 +157,8 @@ def script_logits_batch(model, parts, prompts, tokens, codes):
     """Every image through the script separately, in the library's row order (conditional rows, then
     unconditional)."""
     uncond = uncond_prompts(prompts, model.generation_config.pad_token_id)
-    per_image = [script_logits(model, parts, prompts[b], uncond[b], tokens[b], codes[b],
-                               model.generation_config.guidance_scale) for b in range(prompts.shape[0])]
+    per_image = [script_logits(model, parts, prompts[b], uncond[b], tokens[b], codes[b])
+                 for b in range(prompts.shape[0])]
     return torch.cat([torch.stack([x[0] for x in per_image]), torch.stack([x[1] for x in per_image])])
 
 
@@ -243,7 +243,8 @@ def test_train_semantics_is_the_default_and_files_keep_semantics(model, tmp_path
         meta = f.metadata()
     old = json.loads(meta["faid_config"])
     del old["semantics"]
-    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata={**meta, "faid_config": json.dumps(old)})
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"),
+              metadata={**meta, "faid_config": json.dumps(old)})
     assert ak.faid.load_blenders(tmp_path / "old.safetensors", model).config.semantics == "train"
     with pytest.raises(ValueError, match=r"FAiDConfig.semantics: expected one of \('train', 'inference-script'\)"):
         FAiDConfig(semantics="inference")

@@ -105,7 +105,7 @@ def fid(real: torch.Tensor, fake: torch.Tensor, extractor: Extractor | None = No
             TorchScript Inception or CLIP tower, any ``pixels -> (n, d)`` callable), passed as
             torchmetrics' ``feature=`` module; it reads the pixels as given, in [-1, 1].
         inception_weights: a local file of torchmetrics' FID Inception-v3 weights
-            (``pt_inception-2015-12-05-6726825d.pth``, what torch-fidelity would download), read by
+            (``weights-inception-2015-12-05-6726825d.pth``, what torch-fidelity would download), read by
             torchmetrics' own Inception (``feature=2048``; needs ``torch-fidelity``), fed uint8 pixels.
     """
     if (extractor is None) == (inception_weights is None):
@@ -115,8 +115,9 @@ def fid(real: torch.Tensor, fake: torch.Tensor, extractor: Extractor | None = No
     if inception_weights is not None:
         path = Path(inception_weights)
         if not path.is_file():
-            raise FileNotFoundError(f"Inception weights {str(path)!r} not found: they cannot be downloaded here; copy "
-                                    "torchmetrics' FID Inception file (pt_inception-2015-12-05-6726825d.pth) and pass its path")
+            raise FileNotFoundError(f"Inception weights {str(path)!r} not found: they cannot be downloaded here; "
+                                    "copy torchmetrics' FID Inception file (weights-inception-2015-12-05-6726825d.pth) "
+                                    "and pass its path")
         try:
             metric = _torchmetrics_fid(2048, feature_extractor_weights_path=os.fspath(path))
         except ModuleNotFoundError as e:

@@ -93,8 +93,9 @@ def load_blenders(source, model, config: FAiDConfig | None = None) -> FAiDBlende
     """
     if isinstance(source, FAiDBlenders):
         if config is not None and config != source.config:  # e.g. another semantics: it would be ignored
-            raise CheckpointError(f"the blenders were built for {source.config}, the patch asks for {config}; build "
-                                  "them with that config (e.g. dataclasses.replace(config, ...)) or pass a file / state dict")
+            raise CheckpointError(f"the blenders were built for {source.config}, the patch asks for {config}; "
+                                  "build them with that config (e.g. dataclasses.replace(config, ...)) or pass a "
+                                  "file / state dict")
         return source
     adapter = as_faid_adapter(model)
     state, meta = _read_state_dict(source)
