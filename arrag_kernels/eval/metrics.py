@@ -1,13 +1,13 @@
 """Sample metrics between a real and a generated image set.
 
-* FID / Frechet distance through torchmetrics' ``FrechetInceptionDistance``: of any feature
-  extractor's features (``feature=`` a module; the project's extractors, :mod:`.features`), of a
-  local Inception weights file (torchmetrics' own Inception, which needs ``torch-fidelity``), or of
-  feature sets already extracted (:func:`frechet_distance`, a pass-through feature module). Nothing
-  downloads. The project's closed form :func:`frechet_distance_from_stats`
-  (``||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1^1/2 S_2 S_1^1/2)^1/2)``, the trace term from the
-  eigenvalues of the symmetric PSD matrix ``S_1^1/2 S_2 S_1^1/2``) stays for statistics computed
-  elsewhere (e.g. published reference statistics) and is what the torchmetrics path is tested against.
+* Frechet distance of Gaussians fitted to features already extracted (:func:`frechet_distance`;
+  what the miniature evaluation and the demo report, on cached features, with no dependency):
+  ``||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1^1/2 S_2 S_1^1/2)^1/2)``, the trace term computed from
+  the eigenvalues of the symmetric PSD matrix ``S_1^1/2 S_2 S_1^1/2`` (no complex sqrtm).
+* FID of image sets through torchmetrics' ``FrechetInceptionDistance`` (:func:`fid`): with any
+  feature extractor as its ``feature=`` module (the project's extractors, :mod:`.features`) or
+  torchmetrics' own Inception from a local weights file (needs ``torch-fidelity``); nothing
+  downloads. Tested equal to :func:`frechet_distance` on the same features (the reference).
 * CLIP score through torchmetrics' ``CLIPScore`` with a local CLIP directory.
 * CMMD (Jayasumana et al. 2024): squared MMD with a Gaussian RBF kernel between CLIP image
   embeddings (no well-kept package exists; a few lines here).
@@ -60,6 +60,12 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2) -> float:
     return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * tr_sqrt)
 
 
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to (n_a, d) and (n_b, d) feature sets."""
+    _check_sets(features_a, features_b, "Frechet distance")
+    return frechet_distance_from_stats(*gaussian_stats(features_a), *gaussian_stats(features_b))
+
+
 class _FeatureModule(nn.Module):
     """``fn`` as the ``feature`` module torchmetrics' FID calls on each batch (``num_features`` spares
     it a probe on a dummy 299 x 299 image)."""
@@ -86,14 +92,6 @@ def _frechet(metric, real, fake, batch_size: int) -> float:
             for i in range(0, len(x), batch_size):
                 metric.update(x[i : i + batch_size], real=is_real)
         return float(metric.compute())
-
-
-def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to (n_a, d) and (n_b, d) feature sets (torchmetrics'
-    FID on the given features, float64)."""
-    _check_sets(features_a, features_b, "Frechet distance")
-    metric = _torchmetrics_fid(_FeatureModule(nn.Identity(), features_a.shape[1]))
-    return _frechet(metric, features_a.double(), features_b.double(), len(features_a) + len(features_b))
 
 
 def fid(real: torch.Tensor, fake: torch.Tensor, extractor: Extractor | None = None,
