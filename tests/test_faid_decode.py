@@ -1,5 +1,7 @@
 """FAiD through patch_model: exact no-op when zeroed, equals a literal full-map decode, checkpoints."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -331,19 +333,21 @@ def test_failed_patch_leaves_no_hooks(tiny_model, db):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("semantics", ["train", "inference-script"])
 @pytest.mark.parametrize("daid", [False, True], ids=["faid", "daid+faid"])
-def test_cuda_graph_with_faid_equals_static_without_host_sync(tiny_images, daid):
+def test_cuda_graph_with_faid_equals_static_without_host_sync(tiny_images, daid, semantics):
     """FAiD steps recorded in the CUDA graph (DAiD retrieval inline or overlapped): same tokens as the
     eager static loop, and the replays run with torch's sync debug mode set to error (any host
-    synchronisation raises)."""
+    synchronisation raises); both FAiDConfig semantics."""
     from arrag_kernels.decoding import StaticImageDecoder
     from arrag_kernels.models import tiny_janus
 
     model = tiny_janus(seed=0).cuda()
     gpu_db = ak.PatchDatabase.build(tiny_images, model, progress=False)
-    cfg = (ak.DAiDConfig(lam=0.3, k=8), CFG) if daid else CFG
+    faid_cfg = dataclasses.replace(CFG, semantics=semantics)
+    cfg = (ak.DAiDConfig(lam=0.3, k=8), faid_cfg) if daid else faid_cfg
     ids = tiny_prompt_ids(2, seed=3).cuda()
-    blenders = _random_blenders(model, scale=0.3)
+    blenders = _random_blenders(model, scale=0.3, config=faid_cfg)
     with ak.use_backend("auto"), ak.patched(model, gpu_db, cfg, blender_weights=blenders) as h:
         for do_sample in (False, True):
             kw = dict(attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=do_sample,

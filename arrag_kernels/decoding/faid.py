@@ -19,7 +19,9 @@ a window of radius R can read.
 
 Every step blends, as in the official code (:mod:`arrag_kernels.faid.modules`): where the position retrieves nothing
 (official layout: row 0, column 0, last column) the retrieved features are zero and the context
-term and biases are still added; only the conditional CFG rows get the blend.
+term and biases are still added; only the conditional CFG rows get the blend. Padded ids and the
+chained blenders' inputs follow ``FAiDConfig.semantics`` (:func:`retrieved_masks`), the same masks
+in every loop.
 
 The hooks act only during a forward that follows :meth:`FAiDRuntime.begin_step`; any other forward
 (text generation, a plain call) passes through unchanged.
@@ -131,7 +133,7 @@ class FAiDRuntime:
             valid = torch.zeros(B, dtype=torch.bool, device=tokens.device)
         # (B, K, D) aligner(embeddings(ids)); padding (-1) looks up token 0, masked in the blend
         self.features = self.adapter.embed_image_tokens(ids.clamp_min(0))
-        self.keep, self.keep_chained = retrieved_masks(ids, valid, self.features.dtype)
+        self.keep, self.keep_chained = retrieved_masks(ids, valid, self.features.dtype, self.blenders.config.semantics)
         self._armed = set(self.blenders.layer_ids)
 
     def _capture_hook(self, i):

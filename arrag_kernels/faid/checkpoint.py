@@ -90,11 +90,16 @@ def load_blenders(source, model, config: FAiDConfig | None = None) -> FAiDBlende
     """Blenders for ``model`` (or its :class:`arrag_kernels.models.FAiDAdapter`) from a file or state dict,
     in our naming or the family's official one (the adapter's ``official_weights``, if it has one).
 
-    ``config`` defaults to the file's metadata, else is inferred from the tensors (k = 10).
+    ``config`` defaults to the file's metadata, else is inferred from the tensors (k = 10); given
+    :class:`FAiDBlenders`, it must equal theirs.
     Raises :class:`CheckpointError` when a tensor's shape, a missing or an unexpected key does not
     fit the model and configuration.
     """
     if isinstance(source, FAiDBlenders):
+        if config is not None and config != source.config:  # e.g. another semantics: it would be ignored
+            raise CheckpointError(f"the blenders were built for {source.config}, the patch asks for {config}; "
+                                  "build them with that config (e.g. dataclasses.replace(config, ...)) or pass a "
+                                  "file / state dict")
         return source
     adapter = as_faid_adapter(model)
     state, meta = _read_state_dict(source)

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from ..config import _normalise_hops, check_int
 
 VALID_HOPS = (1, 2, 3)
+# Which official forward the blenders follow (:func:`arrag_kernels.faid.modules.retrieved_masks` lists
+# the differences): the training forward, which the released weights were trained with, or the
+# inference script ``t2i_faid.py``, which produced the paper's numbers.
+SEMANTICS = ("train", "inference-script")
 
 
 @dataclass(frozen=True)
@@ -26,11 +30,18 @@ class FAiDConfig:
     after attention, at the current position of the conditional CFG rows.
 
     ``hops`` accepts an int, an iterable or the paper's string spelling ("12" = (1, 2)).
+
+    ``semantics``: ``"train"`` (default) follows the official training forward; ``"inference-script"``
+    the official decode script ``t2i_faid.py``: padded ids (-1) embed code 0 instead of zeroing their
+    slot, and a later blender reads the previous blender's output also where the position retrieves
+    nothing (see :func:`arrag_kernels.faid.modules.retrieved_masks`). Both decoding and the
+    teacher-forced forward (training, NLL) follow it; blender files store it (older files: "train").
     """
 
     k: int = 10
     hops: tuple[int, ...] = (1, 2)
     blenders: int = 2
+    semantics: str = "train"
 
     def __post_init__(self):
         hops = _normalise_hops(self.hops, "FAiDConfig.hops")
@@ -44,6 +55,9 @@ class FAiDConfig:
             raise ValueError(f"FAiDConfig.blenders: expected >= 1 blender modules, got {self.blenders}")
         object.__setattr__(self, "k", k)
         object.__setattr__(self, "blenders", blenders)
+        if self.semantics not in SEMANTICS:
+            raise ValueError(f"FAiDConfig.semantics: expected one of {SEMANTICS} (the official training forward or "
+                             f"the official inference script t2i_faid.py), got {self.semantics!r}")
 
     @property
     def radius(self) -> int:
@@ -66,8 +80,10 @@ class FAiDConfig:
         return "+".join(map(str, self.hops))
 
     def to_dict(self) -> dict:
-        return {"k": int(self.k), "hops": list(self.hops), "blenders": int(self.blenders)}
+        return {"k": int(self.k), "hops": list(self.hops), "blenders": int(self.blenders), "semantics": self.semantics}
 
     @classmethod
     def from_dict(cls, d: dict) -> "FAiDConfig":
-        return cls(k=int(d["k"]), hops=tuple(d["hops"]), blenders=int(d["blenders"]))
+        """Inverse of :meth:`to_dict`; dicts written before ``semantics`` existed get "train"."""
+        return cls(k=int(d["k"]), hops=tuple(d["hops"]), blenders=int(d["blenders"]),
+                   semantics=d.get("semantics", "train"))

@@ -28,9 +28,11 @@ before the target) and, by default, the paper's ``reduce="sum"``.
 Official semantics (``llama_conv.py``; README "Semantics"), shared by decoding and training through
 :func:`retrieved_masks` and :func:`blender_input`: every blender runs at every image position and its
 output is always added; positions that retrieve nothing get zero retrieved features (the context
-term and the biases still act); padded ids (-1) zero only their own slot of the first blender; a
-later blender reads ``retrieval_layernorm`` of the previous blender's ``w_k hhat_k``, zero where the
-position retrieves nothing.
+term and the biases still act); a later blender reads ``retrieval_layernorm`` of the previous
+blender's ``w_k hhat_k``. The training forward (``FAiDConfig.semantics="train"``) also zeroes padded
+ids (-1) in their own slot of the first blender and a later blender's input where the position
+retrieves nothing; the inference script (``"inference-script"``) embeds -1 as code 0 and chains
+everywhere.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from torch import nn
 
 from ..config import KeyLayout
 from ..models import as_faid_adapter
-from .config import FAiDConfig
+from .config import SEMANTICS, FAiDConfig
 
 # What a target's window holds besides e_k: the cells generated before it (AR decoding, training) or
 # every cell of the map, zeros at unknown ones (masked decoding).
@@ -133,22 +135,46 @@ class FAiDBlenders(nn.Module):
         return blenders.to(device=adapter.device, dtype=adapter.dtype)
 
 
-def retrieved_masks(ids: torch.Tensor, valid: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which retrieved features the blenders see (the official training forward).
+def retrieved_masks(ids: torch.Tensor, valid: torch.Tensor, dtype, semantics: str = "train"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which retrieved features the blenders see, after the official training forward (``"train"``)
+    or the official inference script ``t2i_faid.py`` (``"inference-script"``).
 
     Args:
-        ids: (..., K) retrieved token ids, -1 for padding.
+        ids: (..., K) retrieved token ids, -1 for padding (looked up as code 0 by the caller).
         valid: (...) bool, True where the position retrieves (official: not row 0, column 0 or the
             last column).
+        dtype: of the masks.
+        semantics: one of :data:`arrag_kernels.faid.config.SEMANTICS`.
 
     Returns:
-        ``first`` (..., K, 1): the first blender keeps slot k where the position retrieves and
-        ``ids[k] >= 0`` (official: the embeddings of -1 slots are zeroed, the rest of the step is
-        not); ``chained`` (..., 1, 1): later blenders keep every slot where the position retrieves
-        (official: each blender zeroes its retrieved input at non-retrieving positions). In ``dtype``.
+        ``first`` (..., K, 1) or (..., 1, 1), the first blender's mask, and ``chained`` (..., 1, 1),
+        every later blender's mask on the previous blender's ``w_k hhat_k``:
+
+        * ``"train"``: ``first`` keeps slot k where the position retrieves and ``ids[k] >= 0`` (the
+          embeddings of -1 slots are zeroed, the rest of the step is not); ``chained`` keeps every
+          slot where the position retrieves (each blender zeroes its retrieved input at
+          non-retrieving positions).
+        * ``"inference-script"``: ``first`` keeps every slot where the position retrieves (-1 is
+          clamped to code 0 and embedded; steps without retrieval pass zeros); ``chained`` is all
+          ones (the script zeroes nothing but the first blender's input, so at steps without
+          retrieval a later blender reads RMSNorm of the previous blender's output).
+
+    Everything else the script does equals the training forward at decode time: the same steps
+    retrieve (``i > W`` and ``(i - 1) % W < W - 2``: row >= 1, 1 <= column <= W - 2), the window holds
+    the normalised inputs of the cells generated before the target (the script's zero-filled map is
+    the training forward's causal mask), the blend of the mean over K goes to the conditional CFG row
+    only. Not reproduced: the script decodes one image at a time and maps a faiss id -1 through
+    ``next_codes[-1]`` (the last entry's token) before its clamp ever sees it; here padding comes from
+    the database as -1 and is clamped.
     """
     v = valid.unsqueeze(-1)
-    return (v & (ids >= 0)).unsqueeze(-1).to(dtype), v.unsqueeze(-1).to(dtype)
+    if semantics == "train":
+        return (v & (ids >= 0)).unsqueeze(-1).to(dtype), v.unsqueeze(-1).to(dtype)
+    if semantics == "inference-script":
+        first = v.unsqueeze(-1).to(dtype)
+        return first, torch.ones_like(first)
+    raise ValueError(f"semantics: expected one of {SEMANTICS}, got {semantics!r}")
 
 
 def blender_input(layer: FAiDLayer, features: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

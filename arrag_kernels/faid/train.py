@@ -5,7 +5,8 @@ the hidden state at prompt position P-1+j predicts grid cell j, and the normalis
 token u (sequence position P+u) is context cell u. Each target position j is paired with the K
 database entries nearest to its neighbourhood query (the same query as at decode time). As in the
 official training forward, every blender blends at every position: positions without a key get
-zero retrieved features, padded ids zero their own slot (:func:`retrieved_masks`).
+zero retrieved features, padded ids zero their own slot (:func:`retrieved_masks`; with
+``FAiDConfig.semantics="inference-script"`` the masks of the official inference script instead).
 
 Memory-efficient formulation (``formulation="dense"``, default, :func:`blend_dense`): the context
 term of every position comes from one causal window (each hop's conv pair run once on it), and the
@@ -84,7 +85,7 @@ class TeacherForcedFAiD:
         embeds = torch.cat([prompt, image], dim=1)
         P = prompt_ids.shape[1]
         features = self.adapter.embed_image_tokens(ids.clamp_min(0))  # (B, N, K, D); padding masked in the blend
-        masks = retrieved_masks(ids, valid, features.dtype)
+        masks = retrieved_masks(ids, valid, features.dtype, self.blenders.config.semantics)
         with _training_hooks(self, features, masks, P, self.activation_checkpointing):
             hidden = self.adapter.hidden_states(embeds)[:, P - 1 : P - 1 + N]
         return self.adapter.image_logits(hidden)

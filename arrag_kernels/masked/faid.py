@@ -68,6 +68,9 @@ class MaskedFAiD:
 
     def __init__(self, generator, db, blenders: FAiDBlenders, reduce: str = "sum", fast: bool = True, device=None):
         check_blend_args("full", reduce)
+        if blenders.config.semantics != "train":
+            raise ValueError(f"FAiDConfig.semantics={blenders.config.semantics!r} describes the official "
+                             "autoregressive decode script; masked decoding has no such script: use \"train\"")
         if blenders.num_layers != generator.num_layers or blenders.dim != generator.hidden_size:
             raise ValueError(f"blenders were built for {blenders.num_layers} layers of width {blenders.dim}; the "
                              f"generator has {generator.num_layers} layers of width {generator.hidden_size}")
