@@ -78,6 +78,10 @@ def test_model_directories_load_by_model_type(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("arrag-kernels generate: error: --model: checkpoint"), err
     monkeypatch.setitem(ADAPTERS, "nobody", lambda model: None)  # a factory without load_pretrained
-    assert main(["build-db", str(tmp_path), "--model", str(tmp_path), "--out", str(tmp_path / "db")]) == 2
+    from arrag_kernels.demo import procedural_images
+
+    (tmp_path / "imgs").mkdir()
+    procedural_images(1, 32)[0].save(tmp_path / "imgs" / "0.png")  # build-db reads the images before the model
+    assert main(["build-db", str(tmp_path / "imgs"), "--model", str(tmp_path), "--out", str(tmp_path / "db")]) == 2
     err = capsys.readouterr().err
     assert "does not implement arrag_kernels.models.PretrainedLoader: missing load_pretrained()" in err

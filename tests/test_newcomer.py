@@ -342,7 +342,7 @@ def test_convert_errors_are_one_line(trained_cli_files, tmp_path, capsys):
     (["--batch", "0"], "batch_size: expected at least 1 image per step, got 0"),
     (["--lora-rank", "-1"], "lora_rank: expected 0 .* got -1"),
     (["--lr", "nan"], "lr: expected a finite learning rate > 0"),
-    (["--k", "0"], "FAiDConfig.k: expected k >= 1"),
+    (["--k", "0"], r"argument --k: expected an integer in \[1, 2048\]"),
     (["--k", "500"], r"--k 500 is larger than the database \(168 entries\)"),
     (["--hops", "5"], "FAiDConfig.hops"),
     (["--prompt-ids", "1,x"], "--prompt-ids: expected comma-separated integers"),
@@ -426,3 +426,40 @@ def test_prompt_ids_and_output_paths_checked(tmp_path, capsys):
                              "--hidden-size", "64"], capsys)
     _one_line_error(code, err, "convert", "is a directory; expected a file name")
     assert not (tmp_path / "g").exists()
+
+
+# ---- review follow-ups: checks before work, in the CLI and in the one retriever ----
+def test_build_db_reads_the_images_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    import arrag_kernels.cli.database as database_cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the image folder was checked")
+
+    monkeypatch.setattr(database_cli, "load_model", no_load)
+    (tmp_path / "empty").mkdir()
+    code, _, err = _run_cli(["build-db", str(tmp_path / "empty"), "--model", "tiny", "--out", str(tmp_path / "db")],
+                            capsys)
+    _one_line_error(code, err, "build-db", "holds no images")
+
+
+def test_seeds_beyond_what_torch_takes_are_refused_at_parse(tmp_path, capsys):
+    code, _, err = _run_cli(["generate", "--prompt-ids", "1,100", "--seed", str(2**64 + 1), "--out", str(tmp_path)],
+                            capsys)
+    _one_line_error(code, err, "generate", r"argument --seed: expected an integer in \[0, ")
+
+
+def test_retriever_refuses_k_above_the_search_limit_and_absent_devices():
+    import arrag_kernels as ak
+    from arrag_kernels.ops.knn import MAX_K
+    from arrag_kernels.retrieval.query import Retriever
+
+    n = MAX_K + 100
+    db = ak.PatchDatabase.from_keys(torch.randn(n, 32), torch.randint(0, 16, (n,)), codebook_size=16, embed_dim=8,
+                                    grid=(4, 4))
+    codebook = torch.nn.functional.normalize(torch.randn(16, 8), dim=-1)
+    with pytest.raises(ValueError, match=f"DAiDConfig.k = {MAX_K + 1}: the search returns at most k = {MAX_K}"):
+        Retriever(db, MAX_K + 1, codebook, setting="DAiDConfig.k")
+    assert Retriever(db, MAX_K, codebook).k == MAX_K
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device cuda: this machine has 0 CUDA device"):
+            Retriever(db, 4, codebook, device="cuda")

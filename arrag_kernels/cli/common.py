@@ -46,6 +46,11 @@ def int_between(low: int, high: int):
     return parse
 
 
+def seed(text: str) -> int:
+    """An argparse ``type``: a random seed torch accepts (0 .. 2^63 - 1)."""
+    return int_between(0, 2**63 - 1)(text)
+
+
 def retrieval_k(text: str) -> int:
     """An argparse ``type``: retrieved neighbours per step, 1 .. the search ops' largest k (2048)."""
     from arrag_kernels.ops.knn import MAX_K
@@ -136,16 +141,23 @@ def check_device(spec: str) -> None:
             raise ValueError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
+def check_model_spec(spec: str, device: str) -> None:
+    """Raise ValueError for a ``--model`` that is neither ``tiny`` nor a directory, or a ``--device`` this
+    machine lacks: what can be checked before any work."""
+    check_device(device)
+    if spec != "tiny" and not Path(spec).is_dir():
+        raise ValueError(f"--model: expected 'tiny' or a local checkpoint directory, got {spec!r} (not a directory)")
+
+
 def load_model(spec: str, device: str):
     """``(model, encode_prompts or None)`` for ``--model``: ``tiny`` (the embedded random model) or a local
-    checkpoint directory of any registered family (:func:`arrag_kernels.models.load_pretrained`)."""
+    checkpoint directory of a registered family whose adapter factory can load one (``load_pretrained``:
+    Janus; :func:`arrag_kernels.models.load_pretrained`)."""
     from arrag_kernels.models import load_pretrained, tiny_janus
 
-    check_device(device)
+    check_model_spec(spec, device)
     if spec == "tiny":
         return tiny_janus(seed=0).to(device), None
-    if not Path(spec).is_dir():
-        raise ValueError(f"--model: expected 'tiny' or a local checkpoint directory, got {spec!r} (not a directory)")
     try:
         return load_pretrained(spec, device)
     except ValueError as e:

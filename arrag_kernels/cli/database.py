@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from arrag_kernels.cli.common import int_at_least, load_model, output_dir
+from arrag_kernels.cli.common import check_model_spec, int_at_least, load_model, output_dir
 
 
 def _cmd_build_db(args):
@@ -15,13 +15,14 @@ def _cmd_build_db(args):
     from arrag_kernels.retrieval.images import list_image_files, readable_images
 
     ak.KeyLayout(neighborhood=args.neighborhood, hops=args.hops, border=args.border)  # bad values fail before work
-    model, _ = load_model(args.model or "tiny", args.device)
+    check_model_spec(args.model or "tiny", args.device)
     files = list_image_files(args.images)
-    images, bad = readable_images(files)  # every file opened before the encoding starts
+    images, bad = readable_images(files)  # every file opened before the model loads and the encoding starts
     if bad and (args.stop_on_bad_image or not images):
         why = "--stop-on-bad-image" if images else f"none of the {len(files)} images can be read"
         raise ValueError(f"cannot read image {str(bad[0][0])!r}: {bad[0][1]} ({why}; {len(bad)} unreadable: "
                          f"{', '.join(p.name for p, _ in bad[:5])}{', ...' if len(bad) > 5 else ''})")
+    model, _ = load_model(args.model or "tiny", args.device)
     if args.model is None:  # after the checks: an error stays one line
         print("arrag-kernels build-db: warning: no --model given: building for the random tiny test model; a "
               "database fits only the model that built it, so pass --model DIR (or --model tiny to mean it)",
@@ -58,10 +59,10 @@ def add_subcommands(sub) -> None:
     b = sub.add_parser("build-db", help="encode a folder of images into a patch database")
     b.add_argument("images", help="folder of images (searched recursively)")
     b.add_argument("--out", type=output_dir, required=True, help="database directory to write (atomically)")
-    b.add_argument("--model", default=None, help="a local checkpoint directory (any registered model type), or 'tiny' "
-                   "(a random test model; the default, with a warning)")
+    b.add_argument("--model", default=None, help="a local checkpoint directory (a family whose adapter can load it: "
+                   "Janus), or 'tiny' (a random test model; the default, with a warning)")
     b.add_argument("--neighborhood", choices=["causal", "full"], default="causal")
-    b.add_argument("--hops", default="1", help="hop set, e.g. 1, 2 or 12 (default 1)")
+    b.add_argument("--hops", default="1", help="hop set: 1, 2 or 12 (= hops 1 and 2); default 1")
     b.add_argument("--border", choices=["skip", "zero"], default="skip")
     b.add_argument("--key-source", choices=["latent", "codebook"], default="latent")
     b.add_argument("--batch-size", type=int_at_least(1), default=16)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from arrag_kernels.cli.common import check_device, float_between, int_at_least, output_dir, retrieval_k
+from arrag_kernels.cli.common import check_device, float_between, int_at_least, output_dir, retrieval_k, seed
 
 
 def _cmd_demo(args):
@@ -20,7 +20,7 @@ def add_subcommands(sub) -> None:
                    help="DAiD mixing weight (default: 0.1 for the miniature demo, 0.5 for --random-weights)")
     d.add_argument("--k", type=retrieval_k, default=None,
                    help="retrieved neighbours per step (default: 256 miniature, 64 random-weight)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=seed, default=0)
     d.add_argument("--random-weights", action="store_true",
                    help="the random-weight demo on procedural images instead of the trained emoji model")
     r = d.add_argument_group("random-weight demo only (refused for the miniature demo)")

@@ -3,7 +3,7 @@ file, optionally the base weights under HF names)."""
 
 from __future__ import annotations
 
-from arrag_kernels.cli.common import check_prompt_ids, int_at_least, load_model, output_file
+from arrag_kernels.cli.common import check_prompt_ids, int_at_least, load_model, output_file, retrieval_k, seed
 
 
 def _cmd_train_faid(args):
@@ -57,14 +57,14 @@ def _cmd_convert(args):
 
 def add_subcommands(subparsers) -> None:
     p = subparsers.add_parser("train-faid", help="fine-tune FAiD blenders on images (CE on image tokens)")
-    p.add_argument("--model", default="tiny", help="'tiny' or a local checkpoint directory (any registered model type)")
+    p.add_argument("--model", default="tiny", help="'tiny' or a local checkpoint directory (a family whose adapter can load it: Janus)")
     p.add_argument("--db", required=True, help="database directory (arrag-kernels build-db)")
     p.add_argument("--images", required=True, help="folder of training images")
     p.add_argument("--out", type=output_file, required=True, help="output .safetensors file")
     p.add_argument("--prompt-ids", default=None,
                    help="comma-separated prompt ids (default: the family's prompt without text; Janus: BOS,BOI)")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--hops", default="12")
+    p.add_argument("--k", type=retrieval_k, default=10, help="retrieved tokens per position (default 10, as the paper)")
+    p.add_argument("--hops", default="12", help="hop set of the blenders' windows: 1, 2 or 12 (= hops 1 and 2; default)")
     p.add_argument("--blenders", type=int, default=2)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=4)
@@ -76,7 +76,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute the decoder layers in backward instead of keeping their activations "
                         "(same gradients, less memory, about one more forward of compute)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_train_faid)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from arrag_kernels.cli.common import (check_prompt_ids, float_between, float_in, int_at_least, load_model, output_dir,
-                                      retrieval_k)
+                                      retrieval_k, seed)
 
 
 # DAiD flags: None on the command line means "not given" (refused without --daid), then these values.
@@ -108,7 +108,7 @@ def _cmd_generate(args):
 
 def add_subcommands(sub) -> None:
     g = sub.add_parser("generate", help="generate images from prompts, optionally with DAiD and/or FAiD")
-    g.add_argument("--model", default="tiny", help="'tiny' or a local checkpoint directory (any registered model type)")
+    g.add_argument("--model", default="tiny", help="'tiny' or a local checkpoint directory (a family whose adapter can load it: Janus)")
     g.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable; needs a processor)")
     g.add_argument("--prompt-ids", action="append", default=[], help="comma-separated prompt token ids (repeatable)")
     g.add_argument("--out", type=output_dir, default="generated", help="output directory for PNG files")
@@ -118,7 +118,7 @@ def add_subcommands(sub) -> None:
     g.add_argument("--temperature", type=float_in(0.0, True), default=1.0)
     g.add_argument("--top-k", type=int_at_least(0), default=0, help="top-k filtering before sampling (default 0 = off, as Janus)")
     g.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed, default=0)
     g.add_argument("--daid", action="store_true", help="retrieval-augmented decoding (needs --db)")
     g.add_argument("--db", help="patch database directory")
     g.add_argument("--verify-full", action="store_true",

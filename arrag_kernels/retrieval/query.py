@@ -16,6 +16,7 @@ import torch
 
 from ..config import check_int
 from ..ops import neighbor_keys, retrieval_positions
+from ..ops.knn import MAX_K
 
 
 class Hits(NamedTuple):
@@ -47,10 +48,16 @@ class Hits(NamedTuple):
 
 
 def _normal_device(device) -> torch.device:
-    """``device`` with the index a bare "cuda" means now, so equal devices compare equal."""
+    """``device`` with the index a bare "cuda" means now, so equal devices compare equal; a CUDA device
+    this machine does not have is a ValueError naming it."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            raise ValueError(f"device {device}: this machine has {count} CUDA device(s); retrieve on 'cpu' or an "
+                             "available CUDA device")
+        if device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -96,9 +103,10 @@ class Retriever:
 
     def __init__(self, db, k: int, tokenizer, device=None, setting: str = "k", grid=None):
         k = check_int(setting, k)
-        if not 1 <= k <= len(db):
-            raise ValueError(f"{setting} = {k}: expected 1 <= {setting} <= {len(db)}" if k < 1 else
-                             f"{setting} = {k} is larger than the database ({len(db)} entries); use k <= {len(db)}")
+        if not 1 <= k <= min(len(db), MAX_K):
+            raise ValueError(f"{setting} = {k}: expected 1 <= {setting} <= {min(len(db), MAX_K)}" if k < 1 else
+                             f"{setting} = {k} is larger than the database ({len(db)} entries); use k <= {len(db)}"
+                             if k > len(db) else f"{setting} = {k}: the search returns at most k = {MAX_K}")
         m = db.meta
         if isinstance(tokenizer, torch.Tensor):
             codebook = tokenizer.detach()
