@@ -135,6 +135,21 @@ def test_lora_training_changes_only_lora_blenders_and_head(setup, tmp_path):
     with pytest.raises(ValueError, match="already has LoRA"):
         load_finetuned(fresh, tmp_path / "tuned.safetensors")
 
+    # a file that does not fit leaves the model as it was (no stray LoRA layers): the right file loads after it
+    from safetensors.torch import load_file, save_file
+
+    from arrag_kernels.faid import CheckpointError
+
+    state = load_file(str(tmp_path / "tuned.safetensors"))
+    state.pop(next(k for k in state if "lora_B" in k))
+    save_file(state, str(tmp_path / "broken.safetensors"), metadata={"lora_rank": "4"})
+    other = tiny_janus(seed=0)
+    names = {n for n, _ in other.named_parameters()}
+    with pytest.raises(CheckpointError, match="does not fit the model: missing"):
+        load_finetuned(other, tmp_path / "broken.safetensors")
+    assert {n for n, _ in other.named_parameters()} == names
+    load_finetuned(other, tmp_path / "tuned.safetensors")
+
 
 def _save_images(images, folder):
     from PIL import Image

@@ -26,6 +26,17 @@ def add_lora(adapter, rank: int) -> list:
     return list(_lora_params(module).values())
 
 
+def _remove_lora(module) -> None:
+    """Undo :func:`add_lora` on ``module``: every peft LoRA layer is replaced by the layer it wraps."""
+    from peft.tuners.lora import LoraLayer
+
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoraLayer):
+                setattr(parent, name, child.get_base_layer())
+    module.__dict__.pop("peft_config", None)  # what peft's injection records on the module
+
+
 def _lora_params(module) -> dict:
     return {n: p for n, p in module.named_parameters() if "lora_" in n}
 
@@ -74,6 +85,8 @@ def load_finetuned(model, path) -> None:
     bad = [f"{k}: {tuple(state[k].shape)} (model needs {tuple(p.shape)})" for k, p in expected.items()
            if k in state and state[k].shape != p.shape]
     if missing or unexpected or bad:
+        if rank:  # leave the model as it was: no stray adapters
+            _remove_lora(adapter.lora_module())
         raise CheckpointError(f"{path} does not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}, "
                               f"shapes {bad[:4]}")
     with torch.no_grad():
