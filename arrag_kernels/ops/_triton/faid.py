@@ -85,8 +85,7 @@ def _faid_candidates_kernel(ret, center_t, partial, bias, hhat, B, K, D, SPLIT,
 
 @triton.jit
 def _faid_score_kernel(hhat, w1_t, b1, w2, score, BK, D,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                               UPCAST: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     """score[blk, c] = sum_{cols in blk} relu(hhat[c] @ w1_t[:, cols] + b1[cols]) * w2[cols]."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < BK
