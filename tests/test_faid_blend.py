@@ -1,18 +1,23 @@
 """FAiD blend (``faid_blend``): the affine fast path on every backend == the literal official formulation
 (float64), for the blend and for the weighted candidates w_k hhat_k the next blender reads; kernels
-against the reference, error-relative; input errors; torch.library registration; FAiDConfig."""
+against the reference, error-relative (batch and reduction tiles included); the launch plan pinned against
+the kernels launched; no host reads; input errors; torch.library registration; FAiDConfig."""
 
 import copy
+import sys
 
 import pytest
 import torch
 
 from arrag_kernels.faid import ComposedBlender, FAiDConfig, FAiDLayer, blend_dense, blend_literal
-from arrag_kernels.ops import faid_blend, faid_blend_ref, use_backend
+from arrag_kernels.ops import faid_blend, faid_blend_plan, faid_blend_ref, use_backend
+from arrag_kernels.ops import faid_plan
 from arrag_kernels.ops.faid import faid_blend_dispatcher
 
 from .utils import (OPCHECK_KWARGS, TRITON_DTYPES, UNAVAILABLE, assert_close, assert_error_relative, backend_device,
                     op_backends)
+
+needs_triton = pytest.mark.skipif(UNAVAILABLE["triton"] is not None, reason=UNAVAILABLE["triton"] or "")
 
 # (D, hops, H, W): small widths including non-multiples of the Triton tile, odd grids.
 CASES = [(32, (1,), 5, 7), (48, (1, 2), 7, 5), (32, (2,), 3, 3), (48, (1, 2, 3), 5, 6)]
@@ -121,6 +126,120 @@ def test_kernel_matches_reference(backend, dtype, B, n, K, D):
         truth = faid_blend_ref(*(a.float() for a in args))
         for g_, w_, t_, name in zip(got, want, truth, ("blended", "w_k hhat_k")):
             assert_error_relative(g_, w_, t_, dtype, what=f"{name} {dtype}")
+
+
+def _blend_args(B, n, K, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.2).to(dtype)  # noqa: E731
+    return (r(B, n, D), r(B, K, D), r(n, D, D), r(D, D), r(D), r(D, D), r(D), r(D), r(1))
+
+
+def _triton_faid():
+    from arrag_kernels.ops._triton import faid as triton_faid
+
+    return triton_faid
+
+
+def _recorded(monkeypatch):
+    """Records the blend's launches (kernel name, grid) and its scratch buffers."""
+    triton_faid = _triton_faid()
+    launches, scratch = [], {}
+    launch, allocate = triton_faid._launch, triton_faid._scratch
+
+    def recording_launch(kernel, grid, *args, **meta):
+        launches.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, tuple(grid)))
+        launch(kernel, grid, *args, **meta)
+
+    def recording_scratch(shape, device):
+        scratch.update(allocate(shape, device))
+        return scratch
+
+    monkeypatch.setattr(triton_faid, "_launch", recording_launch)
+    monkeypatch.setattr(triton_faid, "_scratch", recording_scratch)
+    return launches, scratch
+
+
+@needs_triton
+@pytest.mark.parametrize("programs", [faid_plan.CONTEXT_PROGRAMS, 2], ids=["split", "long-chunks"])
+@pytest.mark.parametrize("B,n,K,D", [(70, 2, 3, 24), (5, 7, 13, 40)])
+def test_triton_blend_tiles(B, n, K, D, programs, monkeypatch):
+    """Every tiling of the batched GEMMs: several batch tiles of the context GEMM (B > 64: the taps are
+    read once per tile), several candidate row blocks with a ragged last one, one reduction step per
+    chunk or many (few context programs); error-relative against the float64 truth."""
+    monkeypatch.setattr(faid_plan, "CONTEXT_PROGRAMS", programs)
+    launches, scratch = _recorded(monkeypatch)
+    args = _blend_args(B, n, K, D, torch.float32, seed=B + D)
+    shape = faid_plan.blend_shape(B, n, K, D, 4)
+    assert (shape.batch_tiles > 1 or shape.row_blocks > 1) and (programs > 2 or shape.chunk > shape.block_d)
+    with use_backend("triton"):
+        got = faid_blend(*(a.to(backend_device("triton")) for a in args))
+    want = faid_blend_ref(*args)
+    truth = faid_blend_ref(*(a.double() for a in args))
+    for g_, w_, t_, name in zip(got, want, truth, ("blended", "w_k hhat_k")):
+        assert_error_relative(g_, w_, t_, torch.float32, what=f"{name} B={B} split={shape.split}")
+    assert dict(launches)["_faid_context_kernel"] == (shape.col_blocks, shape.split, shape.batch_tiles)
+    assert scratch["context"].shape[0] == shape.split
+
+
+@needs_triton
+def test_faid_blend_plan_pins_launches_and_scratch(monkeypatch):
+    """faid_blend_plan's kernels, grids and scratch are exactly what the blend launches and allocates."""
+    launches, scratch = _recorded(monkeypatch)
+    B, n, K, D = 3, 5, 10, 80
+    with use_backend("triton"):
+        faid_blend(*(a.to(backend_device("triton")) for a in _blend_args(B, n, K, D, torch.float16, seed=4)))
+    plan = faid_blend_plan(B, n, K, D, torch.float16)
+    assert plan["launches"] == len(launches) == 4
+    assert [(f"_faid_{kn['name']}_kernel", kn["grid"]) for kn in plan["kernels"]] == launches
+    assert plan["scratch"] == {name: t.nbytes for name, t in scratch.items()}
+    assert plan["scratch_bytes"] == sum(t.nbytes for t in scratch.values())
+    assert plan["tap_bytes"] == n * D * D * 2 and plan["tap_reads"] == 1
+
+
+def test_faid_blend_plan_reads_the_taps_once_per_step():
+    """Issue 22 item 3 at the Janus-Pro-1B decode shape (D 2048, hops 1+2: 12 causal cells, K 10, bf16):
+    the composed taps are read once per step for the whole batch (the per-image context kernel read
+    them 16 times at batch 16), in 4 launches, with a few MB of scratch."""
+    for batch in (1, 16):
+        plan = faid_blend_plan(batch, 12, 10, 2048, "bfloat16")
+        assert plan["tap_bytes"] == 12 * 2048 * 2048 * 2
+        assert plan["tap_reads"] == 1 and plan["launches"] == 4
+        assert plan["scratch_bytes"] <= 4 << 20
+        context = plan["kernels"][0]
+        assert context["bytes_read"] <= 1.5 * plan["tap_bytes"]  # taps once + the cells per column block
+
+
+def test_faid_blend_plan_bad_input():
+    with pytest.raises(ValueError, match="floating torch dtype"):
+        faid_blend_plan(1, 4, 10, 32, "int8")
+    with pytest.raises(ValueError, match="batch, cells, k, dim >= 1"):
+        faid_blend_plan(1, 4, 0, 32, torch.float32)
+
+
+@needs_triton
+def test_triton_blend_reads_nothing_back_to_the_host(monkeypatch):
+    """Capture safety as far as the CPU shows: no .item() / .tolist() / bool() / int() / float() on a
+    tensor from the library's code during the blend (each is a device-to-host sync on CUDA)."""
+
+    def refuse(name):
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("arrag_kernels"):
+                raise AssertionError(f"the blend called Tensor.{name}")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+
+    args = [a.to(backend_device("triton")) for a in _blend_args(2, 3, 5, 32, torch.float32, seed=6)]
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        refuse(name)
+    with use_backend("triton"):
+        got = faid_blend(*args)
+    monkeypatch.undo()
+    want = faid_blend_ref(*args)
+    assert_close(got[0], want[0], what="blended (no host reads)")
+    assert_close(got[1], want[1], what="w_k hhat_k (no host reads)")
 
 
 def test_faid_blend_errors():

@@ -240,7 +240,7 @@ class ComposedBlender:
     """Inference weights of one blender in the layouts :func:`arrag_kernels.ops.faid_blend` reads.
 
     Attributes (``dtype`` on ``device``): ``taps_t`` (n, D_in, D_out) for the n causal offsets
-    ``offsets``; ``center_t`` (D_in, D_out); ``bias`` (D,); ``w1_t`` (D_in, D_out), ``b1`` (D,),
+    ``offsets`` (contiguous: the (n*D_in, D_out) right operand of the blend's context GEMM); ``center_t`` (D_in, D_out); ``bias`` (D,); ``w1_t`` (D_in, D_out), ``b1`` (D,),
     ``w2`` (D,), ``b2`` (1,) of the score MLP. Built once at load time (fp32 composition).
     """
 

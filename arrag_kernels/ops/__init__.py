@@ -14,6 +14,7 @@ from .daid import daid_mix, daid_mix_ref, daid_sample, daid_sample_ref, retrieva
 from .faid import faid_blend, faid_blend_ref
 from .ivfpq import ivfpq_search, ivfpq_search_ref
 from .knn import MAX_K, knn, knn_ref
+from .faid_plan import faid_blend_plan
 from .knn_plan import knn_plan
 from .neighborhood import (
     feature_neighbor_keys,
@@ -63,6 +64,7 @@ __all__ = [
     "daid_sample",
     "daid_sample_ref",
     "faid_blend",
+    "faid_blend_plan",
     "faid_blend_ref",
     "feature_neighbor_keys",
     "ivfpq_search",

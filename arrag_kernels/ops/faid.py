@@ -9,8 +9,11 @@ For one image b with n causal context cells c_j (D,), K retrieved features e_k (
 and the weighted candidates w_k hhat_k (K, D), which the official code hands to the next blender.
 
 Weights are stored input-major (``x @ W_t``) so a program reading a block of output columns reads
-contiguous rows. The Triton implementation (``_triton/faid.py``, op ``arrag_kernels::faid_blend_triton``)
-never materialises anything of size K x D x D.
+contiguous rows. Both implementations evaluate the three terms as GEMMs over the whole batch (the
+context term (B, n*D) x (n*D, D), the centre and score terms (B*K, D) x (D, D)), so each weight is
+read once per step, not once per image. The Triton implementation (``_triton/faid.py``, op
+``arrag_kernels::faid_blend_triton``; launch plan: :func:`arrag_kernels.ops.faid_blend_plan`) never
+materialises anything of size K x D x D.
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ def _check_faid_blend(cells, retrieved, taps_t, center_t, bias, w1_t, b1, w2, b2
 def faid_blend_ref(cells, retrieved, taps_t, center_t, bias, w1_t, b1, w2, b2):
     """Pure PyTorch reference of :func:`faid_blend` (fp32 accumulation, output in ``retrieved.dtype``)."""
     f = torch.float32
-    ctx = torch.einsum("bnd,nde->be", cells.to(f), taps_t.to(f)) + bias.to(f)  # (B, D)
+    B, n, D = cells.shape
+    # the context term as one (B, n*D) x (n*D, D) GEMM: the taps are read once for the whole batch
+    ctx = cells.to(f).reshape(B, n * D) @ taps_t.to(f).reshape(n * D, D) + bias.to(f)  # (B, D)
     hhat = ctx.unsqueeze(1) + retrieved.to(f) @ center_t.to(f)  # (B, K, D)
     w = torch.sigmoid(torch.relu(hhat @ w1_t.to(f) + b1.to(f)) @ w2.to(f) + b2.to(f))  # (B, K)
     weighted = w.unsqueeze(-1) * hhat
