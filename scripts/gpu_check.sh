@@ -122,8 +122,7 @@ else
     MAX_TIME=1.0
     GENERATE=("$D[janus-pro-1b-b16-hf-generate]" "$D[janus-pro-1b-b16-cuda-graph-plain]"
               "$D[janus-pro-1b-b1-hf-generate]" "$D[janus-pro-1b-b1-cuda-graph-plain]")
-    # most important first: a cut-off stage keeps the log of what ran; fp32 variants deselected. The
-    # per-op modules are main's (issue 21's split; this branch still has the older ones).
+    # most important first: a cut-off stage keeps the log of what ran; fp32 variants deselected
     TESTS=(tests/test_overlap_streams.py tests/test_static_loop.py tests/test_knn.py tests/test_daid.py
            tests/test_neighbor_keys.py tests/test_faid_blend.py tests/test_faid_decode.py tests/test_ivfpq.py
            -k "not float32")

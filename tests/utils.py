@@ -125,6 +125,8 @@ def assert_error_relative(actual: torch.Tensor, reference: torch.Tensor, truth: 
     assert actual.shape == truth.shape == reference.shape, \
         f"{what}: shapes {tuple(actual.shape)}, reference {tuple(reference.shape)}, truth {tuple(truth.shape)}"
     err = (actual - truth).abs().nan_to_num(float("inf"))
+    assert torch.isfinite(reference).all() and torch.isfinite(truth).all(), \
+        f"{what}: the reference or the truth is not finite; an error-relative bound needs finite ones"
     ref_err = (reference - truth).abs().max().item()
     bound = tol.factor * ref_err + tol.floor
     bad = err > bound

@@ -106,7 +106,8 @@ class ImageDecoder(Protocol):
         """(2B, 1) token ids -> (2B, 1, D) next-step input embeddings."""
 
     def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, H*W) image token ids -> (B, S, S, 3) pixels in [-1, 1] (the family's VQ decoder)."""
+        """(B, H*W) image token ids -> (B, S, S, 3) pixels, nominally in [-1, 1] (the family's VQ decoder's own
+        output, unclamped: HF Janus's overshoots slightly; clamp before writing images)."""
 
 
 @runtime_checkable

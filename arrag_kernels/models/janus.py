@@ -252,7 +252,7 @@ class JanusAdapter(VQCodebook):
         return self.model.prepare_embeddings_for_image_generation(tokens)
 
     def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, H*W) token ids -> (B, S, S, 3) pixels in [-1, 1]."""
+        """(B, H*W) token ids -> (B, S, S, 3) pixels: HF's ``decode_image_tokens``, nominally [-1, 1], unclamped."""
         return self.model.decode_image_tokens(tokens)
 
     # ---- FAiD ------------------------------------------------------------------------------
