@@ -16,7 +16,8 @@ def test_training_refuses_the_shipped_weights(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(mini, "WEIGHTS_DIR", shipped)  # a stand-in: nothing can touch the real files
     with pytest.raises(SystemExit) as e:  # --out has no default (it used to be the shipped directory)
         mini.main(["--quick"])
-    assert e.value.code == 2 and "--out" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--out" in err and len(err.strip().splitlines()) == 1, err  # one line, no usage
     for argv in (["--quick", "--out", str(shipped)], ["--blenders-only", "--out", str(shipped / ".." / "shipped")]):
         with pytest.raises(SystemExit) as e:
             mini.main(argv)

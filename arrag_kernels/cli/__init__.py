@@ -12,11 +12,10 @@ argparse's own code); 0 is success; anything else is a bug worth reporting.
 from __future__ import annotations
 
 import argparse
-import pickle
 import sys
 
 from arrag_kernels.cli import database, demo, evaluate, faid, generate
-from arrag_kernels.cli.common import USER_ERROR, UserErrorParser
+from arrag_kernels.cli.common import USER_ERROR, UserErrorParser, user_error_message
 
 __all__ = ["USER_ERROR", "build_parser", "main"]
 
@@ -32,28 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _user_error_message(args, e: BaseException) -> str | None:
-    """The one-line message of a user error, None for anything else (a bug: let it raise)."""
-    from safetensors import SafetensorError
-
-    if isinstance(e, SystemExit):
-        return e.code if isinstance(e.code, str) else None
-    if isinstance(e, (pickle.UnpicklingError, SafetensorError)):  # never echo torch's advice to unpickle anything
-        what = repr(getattr(args, "checkpoint", None) or "the input file")
-        return (f"cannot read {what} as a checkpoint: expected a .safetensors file or a torch.save file holding only "
-                f"tensors ({type(e).__name__})")
-    if isinstance(e, (ValueError, OSError, ImportError)):
-        lines = str(e).strip().splitlines()
-        return lines[0] if lines else type(e).__name__
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (Exception, SystemExit) as e:
-        message = _user_error_message(args, e)
+        message = user_error_message(e, getattr(args, "checkpoint", None))
         if message is None:
             raise
         print(f"arrag-kernels {args.command}: error: {message}", file=sys.stderr)

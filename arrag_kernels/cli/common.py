@@ -1,12 +1,30 @@
-"""What the command modules share: the one-line-error parser, argument validators, the device check and
-``load_model``."""
+"""What the command modules (and the miniature trainer's command line) share: the one-line-error parser,
+the user-error message, argument validators, the device check and ``load_model``."""
 
 from __future__ import annotations
 
 import argparse
+import pickle
 from pathlib import Path
 
 USER_ERROR = 2
+
+
+def user_error_message(e: BaseException, input_file=None) -> str | None:
+    """The one-line message of a user error, None for anything else (a bug: let it raise). ``input_file``
+    names the file a checkpoint error is about."""
+    from safetensors import SafetensorError
+
+    if isinstance(e, SystemExit):
+        return e.code if isinstance(e.code, str) else None
+    if isinstance(e, (pickle.UnpicklingError, SafetensorError)):  # never echo torch's advice to unpickle anything
+        what = repr(input_file or "the input file")
+        return (f"cannot read {what} as a checkpoint: expected a .safetensors file or a torch.save file holding only "
+                f"tensors ({type(e).__name__})")
+    if isinstance(e, (ValueError, OSError, ImportError)):
+        lines = str(e).strip().splitlines()
+        return lines[0] if lines else type(e).__name__
+    return None
 
 
 class UserErrorParser(argparse.ArgumentParser):

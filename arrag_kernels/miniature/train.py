@@ -30,7 +30,6 @@ functions (:func:`check_not_shipped`): to replace them, train elsewhere and copy
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -458,10 +457,12 @@ def load_miniature(path: str | os.PathLike | None = None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m arrag_kernels.miniature.train",
-                                description="train the miniature AR-RAG model on rendered emoji")
+    from ..cli.common import USER_ERROR, UserErrorParser, seed, user_error_message
+
+    p = UserErrorParser(prog="python -m arrag_kernels.miniature.train",
+                        description="train the miniature AR-RAG model on rendered emoji")
     p.add_argument("--out", required=True, help="directory to write (never the shipped weights directory)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--quick", action="store_true", help="a handful of emoji and steps (smoke test)")
     p.add_argument("--blenders-only", action="store_true", help="only stage 4 (FAiD blenders) on the model in --out")
     args = p.parse_args(argv)
@@ -476,8 +477,11 @@ def main(argv=None):
             print(json.dumps(train_and_save_blenders(args.out, blender_cfg), indent=2))
         else:
             print(json.dumps(train_miniature(args.out, cfg, blender_cfg=blender_cfg), indent=2))
-    except (ValueError, OSError) as e:  # user errors: one line, exit 2 (as the arrag-kernels CLI)
-        p.exit(2, f"{p.prog}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
+    except Exception as e:  # user errors: one line, exit 2 (as the arrag-kernels CLI); anything else is a bug
+        message = user_error_message(e)
+        if message is None:
+            raise
+        p.exit(USER_ERROR, f"{p.prog}: error: {message}\n")
 
 
 if __name__ == "__main__":
