@@ -9,6 +9,7 @@ from transformers import GenerationConfig
 import arrag_kernels as ak
 from arrag_kernels.models import get_adapter, hf_image_generate_kwargs, tiny_prompt_ids
 from tests.janus_reference import teacher_forced_cfg_probs
+from tests.oracles import exact_distances, tie_order
 
 
 def _gen(do_sample, **kw):
@@ -64,10 +65,9 @@ def _brute_force_retrieval(db, tokens_row, step, codebook, W, k):
     """Query from explicit neighbour cells, distances by direct differences, order by (d, id)."""
     r, c = divmod(step, W)
     cells = [tokens_row[(r + dr) * W + (c + dc)] for dr, dc in [(-1, -1), (-1, 0), (-1, 1), (0, -1)]]
-    q = torch.cat([codebook[int(t)] for t in cells]).double()
-    d = ((db.keys.double() - q) ** 2).sum(1)
-    order = torch.sort(d, stable=True).indices[:k].tolist()  # stable: equal distances in id order
-    return [float(d[i]) for i in order], [int(db.values[i]) for i in order]
+    q = torch.cat([codebook[int(t)] for t in cells])
+    dist, ids = tie_order(exact_distances(q[None], db.keys), k)  # the one oracle: equal distances in id order
+    return dist[0].double().tolist(), [int(db.values[i]) for i in ids[0]]
 
 
 def test_merged_distribution_matches_independent_computation(tiny_model, db):
