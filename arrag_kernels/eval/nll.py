@@ -22,20 +22,14 @@ from dataclasses import dataclass
 import torch
 
 from ..config import DAiDConfig, KeyLayout
-from ..models import TeacherForcingAdapter, get_adapter
+from ..models import TeacherForcingAdapter, base, get_adapter
 
 
 def teacher_forced_logits(model, prompt_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """(B, P) prompts and (B, N) ground-truth image tokens -> (B, N, V) image-head logits.
-
-    Sequence: the prompt, then image tokens 0..N-2 as next-step inputs (both embedded by the family's
-    :class:`arrag_kernels.models.TeacherForcingAdapter`); the hidden state at sequence position P-1+j
-    predicts token j.
-    """
-    adapter = get_adapter(model, TeacherForcingAdapter)
-    P, N = prompt_ids.shape[1], tokens.shape[1]
-    embeds = torch.cat([adapter.embed_prompt(prompt_ids), adapter.embed_image_tokens(tokens[:, :-1])], dim=1)
-    return adapter.image_logits(adapter.hidden_states(embeds)[:, P - 1 : P - 1 + N])
+    """(B, P) prompts and (B, N) ground-truth image tokens -> (B, N, V) image-head logits of ``model``
+    (:func:`arrag_kernels.models.base.teacher_forced_logits` through the family's
+    :class:`arrag_kernels.models.TeacherForcingAdapter`)."""
+    return base.teacher_forced_logits(get_adapter(model, TeacherForcingAdapter), prompt_ids, tokens)
 
 
 @dataclass

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from ..models import FAiDAdapter, get_adapter
+from ..models.base import teacher_forced_logits
 from ..retrieval.query import Retriever
 from .finetuned import add_lora
 from .modules import FAiDBlenders, blend_dense, blend_literal, blender_input, retrieved_masks
@@ -80,15 +81,10 @@ class TeacherForcedFAiD:
         if ids.shape[:2] != (B, N) or valid.shape != (B, N):
             raise ValueError(f"retrieved: expected ids (B, N, K) and valid (B, N) with (B, N) = {(B, N)}, got "
                              f"{tuple(ids.shape)} and {tuple(valid.shape)}; pass retrieve_all(tokens)")
-        prompt = self.adapter.embed_prompt(prompt_ids)
-        image = self.adapter.embed_image_tokens(tokens[:, :-1])
-        embeds = torch.cat([prompt, image], dim=1)
-        P = prompt_ids.shape[1]
         features = self.adapter.embed_image_tokens(ids.clamp_min(0))  # (B, N, K, D); padding masked in the blend
         masks = retrieved_masks(ids, valid, features.dtype, self.blenders.config.semantics)
-        with _training_hooks(self, features, masks, P, self.activation_checkpointing):
-            hidden = self.adapter.hidden_states(embeds)[:, P - 1 : P - 1 + N]
-        return self.adapter.image_logits(hidden)
+        with _training_hooks(self, features, masks, prompt_ids.shape[1], self.activation_checkpointing):
+            return teacher_forced_logits(self.adapter, prompt_ids, tokens)
 
 
 class FAiDTrainer(TeacherForcedFAiD):

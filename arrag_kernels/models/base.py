@@ -137,6 +137,16 @@ class TeacherForcingAdapter(ModelAdapter, Protocol):
         cache (training, teacher forcing); ``image_logits`` applies to them."""
 
 
+def teacher_forced_logits(adapter: TeacherForcingAdapter, prompt_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(B, P) prompts and (B, N) ground-truth image tokens -> (B, N, V) image-head logits: the prompt, then
+    image tokens 0..N-2 as next-step inputs, one causal forward; the hidden state at sequence position
+    P-1+j predicts token j. The one teacher-forced forward of the package (NLL, training; FAiD runs it
+    with its blender hooks installed)."""
+    P, N = prompt_ids.shape[1], tokens.shape[1]
+    embeds = torch.cat([adapter.embed_prompt(prompt_ids), adapter.embed_image_tokens(tokens[:, :-1])], dim=1)
+    return adapter.image_logits(adapter.hidden_states(embeds)[:, P - 1 : P - 1 + N])
+
+
 @runtime_checkable
 class FAiDAdapter(TeacherForcingAdapter, Protocol):
     """What FAiD (decode-time blenders, training, blender checkpoints) needs beyond :class:`TeacherForcingAdapter`.
