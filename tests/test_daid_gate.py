@@ -129,3 +129,21 @@ def test_masked_decoding_refuses_a_gate():
     db = token_database(grids, gen, ak.KeyLayout(neighborhood="full"))
     with pytest.raises(ValueError, match="not supported by masked decoding"):
         MaskedDAiD(db, ak.DAiDConfig(k=4, gate=("max_prob", 0.9)), gen)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("overlap", [False, True], ids=["inline", "overlap"])
+def test_gated_cuda_graph_decode_steps_never_synchronise(tiny_images, overlap):
+    """The gate reads p_model on the device only: replays run with torch's sync debug mode set to error."""
+    from arrag_kernels.decoding import StaticImageDecoder
+    from arrag_kernels.models import tiny_janus
+    from tests.utils import replay_without_host_sync
+
+    model = tiny_janus(seed=0).cuda()
+    adapter = get_adapter(model)
+    db = ak.PatchDatabase.build(tiny_images, model, progress=False)
+    daid = ak.DAiDSampler(db, ak.DAiDConfig(lam=0.5, k=16, gate=MID_GATE), adapter)
+    loop = StaticImageDecoder(adapter, process_logits=None, fused_cfg=(5.0, 1.0), daid=daid, cuda_graph=True,
+                              overlap_retrieval=overlap)
+    tokens = replay_without_host_sync(loop, model, tiny_prompt_ids(2, seed=3).cuda())
+    assert (tokens >= 0).all()
