@@ -13,6 +13,7 @@ from dataclasses import dataclass
 NEIGHBORHOODS = ("causal", "full")
 BORDERS = ("skip", "zero")
 DEDUP_MODES = ("nearest", "sum")
+GATE_KINDS = ("max_prob", "entropy")
 
 
 def check_int(name: str, value) -> int:
@@ -116,12 +117,19 @@ class DAiDConfig:
     with ``dedup="sum"`` (paper formula) ``p_ret(v) = sum_{j: t_j = v} softmax_j(-d_j / tau)``.
     The sampled distribution is ``(1 - lam) * p_model + lam * p_ret`` where ``p_model`` is the
     model's distribution after CFG, temperature and any other logits processing.
+
+    ``gate`` makes retrieval adaptive: None (default) merges at every retrieval step; a pair
+    ``("max_prob", t)`` (0 < t <= 1) leaves the rows with ``max p_model >= t`` to the model alone, and
+    ``("entropy", t)`` (t >= 0 nats) those with ``H(p_model) <= t``. Confident rows sample from
+    ``p_model`` exactly; where the loop can skip the search for them it does (see
+    :meth:`arrag_kernels.decoding.DAiDSampler.merge`), elsewhere the search runs and they are inactive.
     """
 
     lam: float = 0.05
     tau: float = 0.6
     k: int = 2048
     dedup: str = "nearest"
+    gate: tuple | None = None
 
     def __post_init__(self):
         lam, tau, k = check_real("DAiDConfig.lam", self.lam), check_real("DAiDConfig.tau", self.tau), check_int("DAiDConfig.k", self.k)
@@ -136,6 +144,23 @@ class DAiDConfig:
         object.__setattr__(self, "k", k)
         if not isinstance(self.dedup, str) or self.dedup not in DEDUP_MODES:
             raise ValueError(f"DAiDConfig.dedup: expected one of {DEDUP_MODES}, got {self.dedup!r}")
+        if self.gate is not None:
+            object.__setattr__(self, "gate", _check_gate(self.gate))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _check_gate(gate) -> tuple[str, float]:
+    """``DAiDConfig.gate`` as a (kind, threshold) tuple, or a clear error."""
+    expected = ('expected None, ("max_prob", t) with 0 < t <= 1 or ("entropy", t) with t >= 0 nats, '
+                f"got {gate!r}")
+    if isinstance(gate, str) or not isinstance(gate, (tuple, list)) or len(gate) != 2:
+        raise ValueError(f"DAiDConfig.gate: {expected}")
+    kind, threshold = gate
+    if not isinstance(kind, str) or kind not in GATE_KINDS:
+        raise ValueError(f"DAiDConfig.gate: kind must be one of {GATE_KINDS}; {expected}")
+    threshold = check_real("DAiDConfig.gate threshold", threshold)
+    if not (0.0 < threshold <= 1.0 if kind == "max_prob" else threshold >= 0.0):
+        raise ValueError(f"DAiDConfig.gate: threshold out of range; {expected}")
+    return kind, threshold

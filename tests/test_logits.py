@@ -50,8 +50,8 @@ def _generate(model, processor=None, do_sample=True, temperature=1.0, seed=0):
     return out[:, ids.shape[1]:]
 
 
-def _processor(db, codebook, lam, **kw):
-    return ak.DAiDLogitsProcessor(db, ak.DAiDConfig(lam=lam, k=6), codebook, image_start_token_id=BOI,
+def _processor(db, codebook, lam, gate=None, **kw):
+    return ak.DAiDLogitsProcessor(db, ak.DAiDConfig(lam=lam, k=6, gate=gate), codebook, image_start_token_id=BOI,
                                   image_token_ids=torch.arange(CODE0, EOL), eol_token_id=EOL, **kw)
 
 
@@ -72,6 +72,14 @@ def test_lam_one_draws_only_retrieved_tokens(setup):
     retrieves = ak.ops.retrieval_positions(GRID, db.meta.layout)
     assert assert_tokens_among_retrieved(cells, codebook, db, GRID, 6) == 3 * int(retrieves.sum()) > 0
     assert not torch.equal(out, _generate(model))
+
+
+def test_gate_closing_every_row_is_plain_and_closing_none_is_ungated(setup):
+    model, db, codebook = setup
+    ungated = _generate(model, _processor(db, codebook, 1.0))
+    assert torch.equal(_generate(model, _processor(db, codebook, 1.0, gate=("max_prob", 1.0))), ungated)
+    assert torch.equal(_generate(model, _processor(db, codebook, 1.0, gate=("entropy", float("inf")))),
+                       _generate(model))
 
 
 def test_refuses_doubled_cfg_scores(setup):

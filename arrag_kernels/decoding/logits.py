@@ -26,6 +26,7 @@ from ..config import DAiDConfig
 from ..ops import daid_mix
 from ..ops.daid import top_k_top_p_filter_ref
 from ..retrieval.query import Retriever
+from .daid import gate_open
 
 
 class DAiDLogitsProcessor(LogitsProcessor):
@@ -162,6 +163,8 @@ class DAiDLogitsProcessor(LogitsProcessor):
         hit_ids = torch.where(codes >= 0, self.code_to_vocab[codes.clamp_min(0)], -1)
         active = in_image & valid  # valid: the cell has a database key (border policy)
         c = self.config
+        if c.gate is not None:
+            active &= gate_open(probs, c.gate)
         merged = daid_mix(probs, dist, hit_ids, active, c.lam, c.tau, c.dedup)
         return torch.where(in_image[:, None], merged.log().to(scores.dtype), self._untouched(scores, filtered))
 

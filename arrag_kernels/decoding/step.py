@@ -19,7 +19,8 @@ Two selection policies:
   tokens equal unpatched HF ``generate``. Its retrieval runs inside the merge.
 * :class:`FusedSelect`: one fused op (CFG, temperature, top-k / top-p, DAiD merge, inverse-CDF
   sampling with up-front uniforms); retrieval runs every step with the device step (its ``valid``
-  mask ignores positions without a key) and can overlap the model step on a side stream.
+  mask ignores positions without a key) and can overlap the model step on a side stream. A DAiD
+  gate (``DAiDConfig.gate``) makes the rows it finds confident inactive; the search still runs.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops import daid_sample
+from ..ops.daid import model_distribution_ref
 
 
 @dataclass
@@ -199,6 +201,12 @@ class FusedSelect:
             lam, tau, dedup = 0.0, 1.0, "nearest"
         if self.side is not None:
             torch.cuda.current_stream(self.side.device).wait_stream(self.side)
+        if self.daid is not None and self.daid.config.gate is not None:
+            # the gate reads p_model, which the fused op computes internally: compute it once more here
+            # (fixed shapes, no host read) and make the confident rows inactive
+            dist, ids, valid = hits
+            p_model = model_distribution_ref(logits, guidance, temperature, top_k, top_p)
+            hits = (dist, ids, valid & self.daid.gate_open(p_model))
         u = None if self.uniforms is None else at_step(self.uniforms, step)
         return daid_sample(logits, *hits, u, guidance_scale=guidance, temperature=temperature,
                            lam=lam, tau=tau, dedup=dedup, top_k=top_k, top_p=top_p)

@@ -5,8 +5,9 @@ position j is ``p_model(. | prompt, t_<j)`` (one teacher-forced forward for all 
 ``guidance_scale`` w the CFG logits ``l_u + w (l_c - l_u)`` of the conditional and unconditional
 prompts). DAiD's distribution at j is the library's merge (:meth:`arrag_kernels.DAiDSampler.merge`,
 i.e. ``daid_mix``) of ``p_model`` with the retrieval distribution of the query built from the
-ground-truth neighbours of j, exactly what the decoder would see had it generated t_<j. The NLL of
-t_j is ``-log p(t_j)``; it is reported per token, over all positions and over retrieval positions.
+ground-truth neighbours of j, exactly what the decoder would see had it generated t_<j (with a
+``DAiDConfig.gate``, only where the gate finds ``p_model`` not confident; elsewhere ``p_model``). The NLL
+of t_j is ``-log p(t_j)``; it is reported per token, over all positions and over retrieval positions.
 
 With FAiD blenders the conditional logits are those of FAiD's teacher-forced forward, the one the
 trainer trains through (:class:`arrag_kernels.faid.train.TeacherForcedFAiD`: the K entries nearest
@@ -34,10 +35,13 @@ def teacher_forced_logits(model, prompt_ids: torch.Tensor, tokens: torch.Tensor)
 
 @dataclass
 class NLLResult:
-    """Per-token NLL (nats) of every image and position: ``nll`` (num_images, N); ``retrieval`` (N,) bool."""
+    """Per-token NLL (nats) of every image and position: ``nll`` (num_images, N); ``retrieval`` (N,) bool;
+    with a DAiD gate, ``gated`` (num_images, N) bool: the gate left that position of that image to the
+    model (no merge, a search saved), else None."""
 
     nll: torch.Tensor
     retrieval: torch.Tensor
+    gated: torch.Tensor | None = None
 
     def summary(self) -> dict:
         r = self.retrieval
@@ -49,6 +53,8 @@ class NLLResult:
         if (~r).any():
             out["nll_non_retrieval"] = float(self.nll[:, ~r].mean())
         out["bits_per_token"] = out["nll_all"] / math.log(2)
+        if self.gated is not None and r.any():
+            out["searches_saved"] = float(self.gated[:, r].float().mean())  # of the (image, retrieval position) pairs
         return out
 
 
@@ -98,7 +104,7 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
     if guidance_scale is not None and generation_config is None:
         generation_config = model.generation_config
     device = adapter.device
-    out = []
+    out, gated = [], []
     for start in range(0, tokens.shape[0], batch_size):
         t = tokens[start : start + batch_size].to(device)
         p = prompt_ids[start : start + batch_size].to(device)
@@ -108,10 +114,15 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
             logits = uncond + guidance_scale * (logits - uncond)
         probs = torch.softmax(logits, dim=-1)  # (b, N, V)
         if sampler is not None:
+            closed = torch.zeros(t.shape, dtype=torch.bool, device=device)
             for j in range(N):
                 if sampler.retrieves_at[j]:
+                    if daid.gate is not None:
+                        closed[:, j] = ~sampler.gate_open(probs[:, j])
                     probs[:, j] = sampler.merge(probs[:, j], t, j)
+            gated.append(closed.cpu())
         out.append(-probs.gather(-1, t.unsqueeze(-1)).squeeze(-1).clamp_min(1e-30).log().cpu())
     # without a database, "retrieval positions" are those of the official key layout
     layout = db.meta.layout if db is not None else KeyLayout()
-    return NLLResult(torch.cat(out), retrieval_positions(adapter.grid, layout).cpu())
+    gated = torch.cat(gated) if daid is not None and daid.gate is not None else None
+    return NLLResult(torch.cat(out), retrieval_positions(adapter.grid, layout).cpu(), gated)

@@ -54,6 +54,9 @@ class MaskedDAiD(MaskedRetriever):
     """DAiD for masked decoders: ``config.k`` hits per unknown cell, merged per cell by :func:`sample_cells`."""
 
     def __init__(self, db: PatchDatabase, config: DAiDConfig, generator, device=None):
+        if config.gate is not None:
+            raise ValueError(f"DAiDConfig.gate={config.gate!r} is not supported by masked decoding (it has its own "
+                             "retrieval schedule, MaskedDecodeConfig.start_fraction); use gate=None")
         super().__init__(db, config.k, generator, device, setting="DAiDConfig.k")
         self.config = config
 

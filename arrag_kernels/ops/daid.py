@@ -151,15 +151,22 @@ def top_k_top_p_filter_ref(scores: torch.Tensor, top_k: int = 0, top_p: float = 
     return scores
 
 
-def daid_sample_ref(logits, dist, tokens, active, uniforms, *, guidance_scale, temperature, lam, tau, dedup,
-                    top_k=0, top_p=1.0):
-    """Pure PyTorch reference of :func:`daid_sample`."""
+def model_distribution_ref(logits, guidance_scale, temperature: float = 1.0, top_k: int = 0,
+                           top_p: float = 1.0) -> torch.Tensor:
+    """(B, V) float32 ``p_model`` of :func:`daid_sample`: CFG (when ``guidance_scale`` is not None),
+    temperature, top-k / top-p, softmax; the distribution DAiD merges into."""
     scores = logits.float()
     if guidance_scale is not None:
         cond, uncond = scores.chunk(2)
         scores = uncond + guidance_scale * (cond - uncond)
-    scores = top_k_top_p_filter_ref(scores / temperature, top_k, top_p)
-    probs = daid_mix_ref(torch.softmax(scores, dim=-1), dist, tokens, active, lam, tau, dedup)
+    return torch.softmax(top_k_top_p_filter_ref(scores / temperature, top_k, top_p), dim=-1)
+
+
+def daid_sample_ref(logits, dist, tokens, active, uniforms, *, guidance_scale, temperature, lam, tau, dedup,
+                    top_k=0, top_p=1.0):
+    """Pure PyTorch reference of :func:`daid_sample`."""
+    probs = daid_mix_ref(model_distribution_ref(logits, guidance_scale, temperature, top_k, top_p),
+                         dist, tokens, active, lam, tau, dedup)
     if uniforms is None:
         return probs.argmax(-1)
     cdf = probs.cumsum(-1)
