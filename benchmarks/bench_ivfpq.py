@@ -15,14 +15,15 @@ is recorded by ``conftest.py``.
   run), with the ``torch`` reference scan interleaved up to 200k keys. recall@K against the
   exact neighbours is recorded next to each latency (computed outside the timed call).
   Skipped without faiss (the GPU machine has none).
-* GPU only (skipped without CUDA): ``triton`` (the fused scan + in-kernel top-k) and ``torch``
-  device searches with synthetic IVF-PQ arrays (random codebooks and codes, balanced lists): 1M and
-  10M entries with nlist = 4 sqrt N, and the official database's layout, 800 lists, at 100M entries
-  (the issue-22 target size) and 506M (where one distance per candidate slot would take 1.3 GB at
-  nprobe 32). Latency depends on the
-  shapes only, so no FAISS training is needed. Next to each latency: the candidate buffer the
-  provider allocates (``candidate_buffer_bytes``), what one fp32 distance per candidate slot would
-  take (``dense_buffer_bytes``) and the measured peak of extra GPU memory (``peak_extra_bytes``).
+* GPU only (skipped without CUDA): ``triton`` (sample bound, one filter, radix select:
+  ``ak.ops.ivfpq_plan``) and ``torch`` device searches with synthetic IVF-PQ arrays (random
+  codebooks and codes, balanced lists): 1M and 10M entries with nlist = 4 sqrt N, and the official
+  database's layout, 800 lists, at 100M entries (the issue-22 target size) and 506M (where one
+  distance per candidate slot would take 1.3 GB at nprobe 32). Latency depends on the shapes only,
+  so no FAISS training is needed. Next to each latency: the candidate buffer the provider allocates
+  (``candidate_buffer_bytes``: the plan's scratch for triton), what one fp32 distance per candidate
+  slot would take (``dense_buffer_bytes``) and the measured peak of extra GPU memory
+  (``peak_extra_bytes``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import pytest
 import torch
 
 import timing
-from arrag_kernels.ops import knn, knn_ref, use_backend
+from arrag_kernels.ops import ivfpq_plan, knn, knn_ref, use_backend
 from arrag_kernels.ops.ivfpq import ivfpq_search
 from arrag_kernels.retrieval.faiss_index import ivfpq_arrays, set_nprobe
 from arrag_kernels.retrieval.ivfpq_build import train_ivfpq
@@ -167,8 +168,6 @@ def gpu_arrays(n: int, nlist: int, device="cuda") -> dict:
 @pytest.mark.parametrize("provider", ["triton", "torch"])
 @pytest.mark.parametrize("n,nlist", GPU_CASES, ids=lambda v: f"N{v // 1_000_000}M" if v >= 1_000_000 else f"nlist{v}")
 def test_gpu_ivfpq(benchmark, n, nlist, provider, nprobe):
-    from arrag_kernels.ops._triton.ivfpq import candidate_buffer_bytes
-
     a = gpu_arrays(n, nlist)
     sizes = (a["offsets"][1:] - a["offsets"][:-1]).sort(descending=True).values
     max_candidates = int(sizes[:nprobe].sum())
@@ -190,11 +189,11 @@ def test_gpu_ivfpq(benchmark, n, nlist, provider, nprobe):
     base = torch.cuda.memory_allocated()
     fn()
     peak = torch.cuda.max_memory_allocated() - base
+    scratch = (ivfpq_plan(BATCH, K, max_candidates, nprobe)["scratch_bytes"] if provider == "triton"
+               else BATCH * max_candidates * 8)
     dist, ids = _run(benchmark, f"ivfpq-gpu-N{n}", provider, fn, nprobe=nprobe,
                      nlist=nlist, max_candidates=max_candidates, peak_extra_bytes=peak,
-                     dense_buffer_bytes=BATCH * max_candidates * 4,
-                     candidate_buffer_bytes=(candidate_buffer_bytes(BATCH, K, max_candidates) if provider == "triton"
-                                             else BATCH * max_candidates * 8))
+                     dense_buffer_bytes=BATCH * max_candidates * 4, candidate_buffer_bytes=scratch)
     if provider == "triton" and gather_bytes <= 16 << 30:
         with use_backend("reference"):
             ref_dist, _ = ivfpq_search(queries, *(a[k] for k in names), nprobe, K, max_candidates)

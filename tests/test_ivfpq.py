@@ -1,12 +1,15 @@
 """IVF-PQ: device search (reference / Triton fused top-k) vs faiss-cpu, recall vs exact, empty lists,
 negative ADC distances, multi-device list sharding, official import, nprobe, atomic / resumable /
 two-process builds, bad-input errors; compiled on CUDA (no faiss there): synthetic index arrays with
-unbalanced and empty lists, every selection method, sharding, no host synchronisation.
+unbalanced and empty lists, the forced fallback, sharding, no host synchronisation. The Triton scan
+(sample bound, filter, radix select) also against the reference on integer-valued tables (exact
+distances: ties broken by slot like the reference, ids past 2^31), with its launch plan pinned.
 
 Every search is checked by the top-k oracle (tests/oracles.py) against the full candidate set of the
 same query: faiss asked for every entry, or the reference scan asked for all its candidates (ADC
 distances: a scan must be exact over its candidates); recall by the oracle's tie-aware recall."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -24,6 +27,7 @@ from arrag_kernels.ops import use_backend
 from arrag_kernels.ops._triton import ivfpq as triton_ivfpq
 from arrag_kernels.ops.ivfpq import (EMPTY, FLT_MAX, finish, ivfpq_dispatcher, ivfpq_probe, ivfpq_scan, ivfpq_scan_ref,
                                      ivfpq_search, pack, probe)
+from arrag_kernels.ops.ivfpq_plan import BLOCK_SLOTS, ivfpq_plan, scan_shape
 from arrag_kernels.retrieval.faiss_index import INDEX_FILE, VALUES_FILE, ivfpq_arrays, make_ivfpq_index, set_nprobe
 from arrag_kernels.retrieval.ivfpq_build import work_dir
 from arrag_kernels.retrieval.search import DeviceIVFPQSearch, make_search
@@ -126,7 +130,7 @@ def test_long_lists_over_several_programs(keys, queries):
     idx.add(keys)
     search = DeviceIVFPQSearch(ivfpq_arrays(idx), 2, "cpu")
     max_candidates = search.shards[0].max_candidates(2)
-    assert search.rotation is None and triton_ivfpq._plan(len(queries), 300, max_candidates, None)[4] == 2
+    assert search.rotation is None and scan_shape(len(queries), 300, max_candidates, 2, 8, 256).programs == 2
     with use_backend("triton"):
         dist, ids = search.search(queries, 300)
     assert_topk(dist, ids, faiss_truth(idx, queries, 2), atol=1e-4, what="several programs")
@@ -149,26 +153,122 @@ def scan_inputs(a, queries, nprobe):
     return [lists, dis0, term2, a["term1"], a["codes"], a["ids"], a["offsets"]], int(sizes[:nprobe].sum())
 
 
-@pytest.mark.parametrize("method", ["topk", "scan", "bisect"])
-def test_triton_selection_methods(index, queries, method):
-    """Each in-kernel selection (bitonic tl.topk, min-and-mask, bisection) against the reference; two
-    programs per query and a merge; k = 13 is not a power of two."""
-    args, max_candidates = scan_inputs(ivfpq_arrays(index), queries[:2], 1)
-    packed = triton_ivfpq.ivfpq_scan_packed(*args[:5], args[6], 13, max_candidates, method=method)
-    assert packed.shape == (2, 16) and torch.equal(packed, packed.sort(1).values)
-    dist, ids = finish(packed, args[0], args[6], args[5], 13)
-    assert_topk(dist, ids, scan_truth(args, max_candidates), atol=1e-5, what=method)
+def integer_scan(q=3, nlist=12, nprobe=5, max_size=2000, seed=0):
+    """Scan inputs whose tables hold small integers (every distance exact in fp32, in any summation
+    order, with many ties and negative distances), list 3 empty, ids shifted past 2^32; and
+    max_candidates."""
+    g = torch.Generator().manual_seed(seed)
+    m = 8
+    sizes = torch.randint(0, max_size, (nlist,), generator=g)
+    sizes[3] = 0
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    n = int(offsets[-1])
+    lists = torch.stack([torch.randperm(nlist, generator=g)[:nprobe].sort().values for _ in range(q)])
+    args = [lists, torch.randint(-5, 5, (q, nprobe), generator=g).float(),
+            torch.randint(-3, 4, (q, m, 256), generator=g).float(),
+            torch.randint(-3, 4, (nlist, m, 256), generator=g).float(),
+            torch.randint(0, 4, (n, m), generator=g, dtype=torch.uint8), torch.randperm(n, generator=g) + (1 << 33),
+            offsets]
+    return args, int(sizes.sort(descending=True).values[:nprobe].sum())
 
 
-def test_one_program_scans_several_rounds(index, queries, monkeypatch):
-    """One program per query: ~3000 slots in rounds of 1024, each reading back the candidates kept so far."""
-    monkeypatch.setattr(triton_ivfpq, "_TARGET_PROGRAMS", 1)
-    args, max_candidates = scan_inputs(ivfpq_arrays(index), queries, NLIST)
-    _, _, _, _, programs, per_program, _ = triton_ivfpq._plan(len(queries), 97, max_candidates, None)
-    assert programs == 1 and per_program >= 3 * 1024
+def _scan_triton(args, k, max_candidates, shape=None):
     with use_backend("triton"):
-        out = ivfpq_scan(*args, 97, max_candidates)
-    assert_topk(*out, scan_truth(args, max_candidates), atol=1e-5, what="several rounds")
+        return triton_ivfpq.ivfpq_scan_search(*args, k, max_candidates, shape=shape)
+
+
+@pytest.mark.parametrize("k", [10, 37, 300])
+def test_triton_scan_equals_reference_exactly(k):
+    """Integer tables: the Triton scan returns exactly the reference's distances and ids, ties by slot
+    (the entry stored first), ids past 2^32; the bound comes from a strict subset of the candidates."""
+    args, max_candidates = integer_scan()
+    assert scan_shape(3, k, max_candidates, 5, 8, 256).sample < max_candidates
+    dist, ids = _scan_triton(args, k, max_candidates)
+    ref = ivfpq_scan_ref(*args, k, max_candidates)
+    assert (ref[1] >= 1 << 33).all() and (ref[0] < 0).any()
+    assert torch.equal(dist, ref[0]) and torch.equal(ids, ref[1])
+
+
+def test_triton_scan_fallback_exact():
+    """A 16-slot sample makes a loose bound: the survivors overflow the k + BLOCK_SLOTS slots, each
+    select program scans its candidates itself (shrinking them several times); still exact."""
+    args, max_candidates = integer_scan(max_size=3000, seed=1)
+    k = 50
+    shape = dataclasses.replace(scan_shape(3, k, max_candidates, 5, 8, 256), sample=16, capacity=k + BLOCK_SLOTS)
+    assert max_candidates > 3 * shape.capacity
+    dist, ids = _scan_triton(args, k, max_candidates, shape)
+    ref = ivfpq_scan_ref(*args, k, max_candidates)
+    assert torch.equal(dist, ref[0]) and torch.equal(ids, ref[1])
+
+
+def test_triton_scan_fewer_candidates_than_k():
+    """Queries with fewer candidates than k (the first none: nprobe 1 on the empty list) are padded."""
+    args, max_candidates = integer_scan(nprobe=1, max_size=300)
+    args[0][0] = 3  # the empty list
+    dist, ids = _scan_triton(args, 400, max_candidates)
+    ref = ivfpq_scan_ref(*args, 400, max_candidates)
+    assert (ids[0] == -1).all() and (dist[0] == FLT_MAX).all() and (ids == -1).any(1).all()
+    assert torch.equal(dist, ref[0]) and torch.equal(ids, ref[1])
+
+
+def _recorded(monkeypatch):
+    """Records the scan's launches (kernel name, grid) and its scratch buffers."""
+    launches, scratch = [], {}
+    launch, allocate = triton_ivfpq._launch, triton_ivfpq._scratch
+
+    def recording_launch(kernel, grid, *args, **meta):
+        launches.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, tuple(grid)))
+        launch(kernel, grid, *args, **meta)
+
+    def recording_scratch(shape, device):
+        scratch.update(allocate(shape, device))
+        return scratch
+
+    monkeypatch.setattr(triton_ivfpq, "_launch", recording_launch)
+    monkeypatch.setattr(triton_ivfpq, "_scratch", recording_scratch)
+    return launches, scratch
+
+
+def test_triton_ivfpq_plan_pins_launches_and_scratch(monkeypatch):
+    """ivfpq_plan's kernels, grids and scratch are exactly what the scan launches and allocates."""
+    launches, scratch = _recorded(monkeypatch)
+    args, max_candidates = integer_scan()
+    _scan_triton(args, 100, max_candidates)
+    plan = ivfpq_plan(3, 100, max_candidates, 5)
+    assert plan["launches"] == len(launches) == 4
+    assert [(f"_ivfpq_{kn['name']}_kernel", kn["grid"]) for kn in plan["kernels"]] == launches
+    assert plan["scratch"] == {name: t.nbytes for name, t in scratch.items()}
+    assert plan["scratch_bytes"] == sum(t.nbytes for t in scratch.values())
+    assert plan["sample"] == scratch["sample_keys"].shape[1] and plan["capacity"] == scratch["keys"].shape[1]
+
+
+@pytest.mark.parametrize("entries", [100_000_000, 506_000_000])
+def test_ivfpq_plan_released_configuration(entries):
+    """nlist 800, M 8, nprobe 32, k 2048, batch 16 (balanced lists): every candidate's codes and table
+    entries read once plus a few %, <= 64 MB of scratch, 4 launches."""
+    max_candidates = 32 * -(-entries // 800)
+    plan = ivfpq_plan(16, 2048, max_candidates, 32)
+    assert plan["candidate_bytes"] == 16 * max_candidates * 8 * 5
+    assert plan["bytes_read"] <= 1.1 * plan["candidate_bytes"]
+    assert plan["scratch_bytes"] <= 64 << 20
+    assert plan["launches"] == 4
+
+
+def test_ivfpq_plan_bad_input():
+    with pytest.raises(ValueError, match=r"k <= 2048 and fewer than 2147483648 candidates"):
+        ivfpq_plan(1, 2049, 100, 1)
+    with pytest.raises(ValueError, match=r"every size must be >= 1"):
+        ivfpq_plan(1, 10, 0, 1)
+
+
+def test_one_program_scans_several_tiles(index, queries):
+    """Filter programs looping over several slot tiles (what large databases get) give the same result."""
+    args, max_candidates = scan_inputs(ivfpq_arrays(index), queries, NLIST)
+    shape = scan_shape(len(queries), 97, max_candidates, NLIST, 8, 256)
+    shape = dataclasses.replace(shape, tiles=2, programs=-(-max_candidates // (2 * BLOCK_SLOTS)))
+    assert shape.programs >= 2
+    out = _scan_triton(args, 97, max_candidates, shape)
+    assert_topk(*out, scan_truth(args, max_candidates), atol=1e-5, what="several tiles")
 
 
 def test_negative_distances(index, queries):
@@ -601,18 +701,18 @@ def test_cuda_triton_search_equals_reference(cuda_arrays, cuda_queries, nprobe, 
 
 
 @needs_cuda
-@pytest.mark.parametrize("method", ["topk", "scan", "bisect"])
 @pytest.mark.parametrize("k", [13, 300])
-def test_cuda_selection_methods(cuda_arrays, cuda_queries, method, k):
+def test_cuda_fallback(cuda_arrays, cuda_queries, k):
+    """A 16-slot sample: every query's survivors overflow and its select program scans alone."""
     a = {n: t.cuda() for n, t in cuda_arrays.items()}
     lists, dis0, term2 = ivfpq_probe(cuda_queries, a["rotation"], a["centroids"], a["codebooks"], 6)
     sizes = (cuda_arrays["offsets"][1:] - cuda_arrays["offsets"][:-1]).sort(descending=True).values
     max_candidates = int(sizes[:6].sum())
-    packed = triton_ivfpq.ivfpq_scan_packed(lists, dis0, term2, a["term1"], a["codes"], a["offsets"], k,
-                                            max_candidates, method)
-    assert torch.equal(packed, packed.sort(1).values)
-    truth = scan_truth([lists, dis0, term2, a["term1"], a["codes"], a["ids"], a["offsets"]], max_candidates)
-    assert_topk(*finish(packed, lists, a["offsets"], a["ids"], k), truth, atol=1e-4, rtol=0, what=method)
+    args = [lists, dis0, term2, a["term1"], a["codes"], a["ids"], a["offsets"]]
+    shape = dataclasses.replace(scan_shape(len(cuda_queries), k, max_candidates, 6, M, 256), sample=16,
+                                capacity=k + BLOCK_SLOTS)
+    out = triton_ivfpq.ivfpq_scan_search(*args, k, max_candidates, shape=shape)
+    assert_topk(*out, scan_truth(args, max_candidates), atol=1e-4, rtol=0, what=f"fallback k={k}")
 
 
 @needs_cuda

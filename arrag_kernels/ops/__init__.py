@@ -13,6 +13,7 @@ from ._dispatch import BACKENDS, BackendUnavailable, current_backend, register_l
 from .daid import daid_mix, daid_mix_ref, daid_sample, daid_sample_ref, retrieval_distribution_ref
 from .faid import faid_blend, faid_blend_ref
 from .ivfpq import ivfpq_search, ivfpq_search_ref
+from .ivfpq_plan import ivfpq_plan
 from .knn import MAX_K, knn, knn_ref
 from .faid_plan import faid_blend_plan
 from .knn_plan import knn_plan
@@ -67,6 +68,7 @@ __all__ = [
     "faid_blend_plan",
     "faid_blend_ref",
     "feature_neighbor_keys",
+    "ivfpq_plan",
     "ivfpq_search",
     "ivfpq_search_ref",
     "knn",

@@ -1,24 +1,29 @@
-"""Triton IVF-PQ list scan with the top-k fused in: ADC distances selected where they are computed.
+"""Triton IVF-PQ scan: a sampled bound, one filter over the candidates, a radix select per query.
 
-The candidates are the packed ``key(distance) << 32 | slot`` int64 of :mod:`arrag_kernels.ops.ivfpq`
-(signed keys: ADC distances can be negative), so ordering integers orders by (distance, slot).
+The exact search's structure (:mod:`arrag_kernels.ops._triton.knn`) over a query's candidate slots
+(the probed lists' entries, ascending list id, then storage order: slot s of query q) and their ADC
+distances. Four launches whose sizes follow from the shapes alone
+(:func:`arrag_kernels.ops.ivfpq_plan.scan_shape`; no host synchronisation, CUDA-graph capturable):
 
-Stage 1 (``_ivfpq_scan_kernel``, grid (Q, P)): a query's candidate slots are cut into P equal
-ranges, one per program, so programs are balanced whatever the list sizes. A program finds each
-slot's probe by binary search over the probes' end slots, computes SUB distances at a time and
-keeps the KB = next_pow2(k) smallest candidates in its output row: each round fills a pool of
-ROWS x SUB candidates (the KB kept so far, read back from the output row, then fresh ones) and
-selects KB of it.
-Stage 2 (``_merge_kernel``): each program reduces a CHUNK of candidates to KB, repeated until one
-chunk is left (a tree; the number of launches depends on shapes only, never on data).
+1. ``_ivfpq_sample_kernel``: the distances of S_q = min(S, T_q) evenly spaced slots
+   ``floor(i T_q / S_q)`` of each query (T_q: its candidates; every slot when T_q <= S).
+2. ``_ivfpq_bound_kernel`` (one program per query): the bound tau_q, the sample's r_q-th smallest
+   (distance key, slot) by the exact search's radix select (``ivfpq_plan.sample_rank``: min(k, T_q)
+   when every slot is sampled), and the query's survivor counter reset.
+3. ``_ivfpq_filter_kernel`` (grid (programs, Q)): every candidate's distance once, a 32-bit compare
+   with tau_q (distance key, then slot on equal keys) and survivor compaction (one atomic per
+   survivor; slots past the capacity C dropped but counted).
+4. ``_ivfpq_select_kernel`` (one program per query): if min(k, T_q) <= count_q <= C the buffer
+   holds every candidate with (distance, slot) <= tau_q, hence the exact top k; a radix select, a
+   compaction and a sort of next_pow2(k) entries order them, and each slot's entry id is gathered
+   (int64 positions and ids). Otherwise the program scans the query's candidates itself through its
+   C slots, shrinking them to the k smallest whenever they fill: exact, no extra memory, slow, only
+   for the queries whose bound failed, detected on the device.
 
-Memory: Q x P x KB candidates of 8 bytes, P bounded by a target program count, instead of one
-distance per candidate slot (``max_candidates``, 1.4 GB at 506M entries, nprobe 32, batch 16).
-
-Selection: bitonic ``tl.topk`` (GPU, KB > 32), KB rounds of min-and-mask (small KB), or, under the
-interpreter (which pays per op, not per element, and takes minutes for a ``tl.topk`` of 4096),
-a 64-step bisection for the KB-th smallest value and a compaction; that one leaves the KB
-unordered, so the final KB are sorted by torch.
+Distance keys are int32 that order like the ADC distances (negative ones included:
+``bits ^ ((bits >> 31) & 0x7FFFFFFF)``); every kernel computes them with ``_slot_keys``. Ties go to
+the smaller slot, i.e. the entry stored first: the reference scan's order. Launches, bytes and
+scratch: :func:`arrag_kernels.ops.ivfpq_plan.ivfpq_plan`.
 """
 
 from __future__ import annotations
@@ -27,159 +32,233 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ivfpq import finish, ivfpq_dispatcher, slots
-from ._common import INTERPRETED, device_reason, next_pow2
-
-METHODS = {"topk": 0, "scan": 1, "bisect": 2}
-# Stage-1 programs per launch (all queries together): enough to fill a GPU; few under the interpreter.
-_TARGET_PROGRAMS = 16 if INTERPRETED else 4096
+from ..ivfpq import ivfpq_dispatcher, slots
+from ..ivfpq_plan import BLOCK_SLOTS, MAX_SLOTS, ScanShape, scan_shape
+from ..knn_plan import RADIX_BITS, SAFETY_SIGMAS, SELECT_TILE
+from ._common import device_reason
+from .knn import _keep_smallest, _kth_smallest, _load_entries
 
 
 @triton.jit
-def _store_smallest(x, out_ptr, KB: tl.constexpr, METHOD: tl.constexpr):
-    """Store the KB smallest values of the 1-D int64 block ``x`` (distinct but for EMPTY): ascending
-    for METHOD 0 (topk) and 1 (scan), in any order for 2 (bisect)."""
-    if METHOD == 0:
-        tl.store(out_ptr + tl.arange(0, KB), ~tl.topk(~x, KB))  # ~ reverses the signed order, no overflow
-    elif METHOD == 1:
-        for j in range(KB):
-            m = tl.min(x, axis=0)
-            tl.store(out_ptr + j, m)
-            x = tl.where(x == m, 0x7FFFFFFFFFFFFFFF, x)
-    else:
-        lo = tl.min(x, axis=0)
-        hi = tl.max(x, axis=0)
-        for _ in range(64):  # the KB-th smallest value stays in [lo, hi], which halves each step
-            mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
-            enough = tl.sum((x <= mid).to(tl.int32), axis=0) >= KB
-            hi = tl.where(enough, mid, hi)
-            lo = tl.where(enough, lo, mid + 1)
-        below = x < lo
-        tie = x == lo  # one candidate, or several EMPTY
-        room = KB - tl.sum(below.to(tl.int32), axis=0)
-        take = below | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= room))
-        tl.store(out_ptr + tl.cumsum(take.to(tl.int32), 0) - 1, x, mask=take)
+def _probe_of(s, ends_row, nprobe, search_steps):
+    """Probe index of each slot ``s``: the first whose end slot is > s (binary search over the nprobe ends)."""
+    j_lo = tl.zeros(s.shape, tl.int32)
+    j_hi = j_lo + nprobe
+    for _ in range(search_steps):  # ceil(log2(nprobe + 1)): a runtime bound, not one kernel per nprobe
+        mid = (j_lo + j_hi) // 2
+        open_ = j_lo < j_hi
+        end = tl.load(ends_row + mid, mask=open_, other=0)
+        j_lo = tl.where(open_ & (end <= s), mid + 1, j_lo)
+        j_hi = tl.where(open_ & (end > s), mid, j_hi)
+    return tl.minimum(j_lo, nprobe - 1)
 
 
-# Integer arguments that vary with nprobe, the database or k are never specialised (no value-1 or
-# divisible-by-16 variants): one compiled kernel per block configuration, whatever the search.
-@triton.jit(do_not_specialize=["nprobe", "max_candidates", "slots_per_program", "out_stride", "search_steps"])
-def _ivfpq_scan_kernel(
-    lists_ptr, dis0_ptr, ends_ptr, term1_ptr, term2_ptr, codes_ptr, offsets_ptr, out_ptr,
-    nprobe, max_candidates, slots_per_program, out_stride, search_steps,
-    M: tl.constexpr, KSUB: tl.constexpr, KB: tl.constexpr, SUB: tl.constexpr, ROWS: tl.constexpr,
-    METHOD: tl.constexpr,
+@triton.jit
+def _entry_of(s, lists_row, ends_row, offsets_ptr, nprobe, search_steps):
+    """(int64 entry position, list id, probe index) of each slot ``s``."""
+    j = _probe_of(s, ends_row, nprobe, search_steps)
+    lst = tl.load(lists_row + j)
+    start = tl.load(offsets_ptr + lst)
+    slot0 = tl.load(ends_row + j) - (tl.load(offsets_ptr + lst + 1) - start)
+    return start + (s - slot0), lst, j
+
+
+@triton.jit
+def _slot_keys(s, valid, lists_row, dis0_row, ends_row, term1_ptr, t2_row, codes_ptr, offsets_ptr, nprobe,
+               search_steps, M: tl.constexpr, KSUB: tl.constexpr):
+    """int32 keys ordering like the ADC distances of slots ``s`` (where ``valid``)."""
+    pos, lst, j = _entry_of(s, lists_row, ends_row, offsets_ptr, nprobe, search_steps)
+    m = tl.arange(0, M)
+    c = tl.load(codes_ptr + pos[:, None] * M + m[None, :], mask=valid[:, None], other=0).to(tl.int32)
+    lut = tl.load(term1_ptr + lst[:, None] * (M * KSUB) + m[None, :] * KSUB + c, mask=valid[:, None], other=0.0)
+    lut += tl.load(t2_row + m[None, :] * KSUB + c, mask=valid[:, None], other=0.0)
+    bits = (tl.load(dis0_row + j) + tl.sum(lut, axis=1)).to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _candidates(ends_ptr, qi, nprobe, max_candidates):
+    """int64 number of candidate slots of query ``qi``."""
+    return tl.minimum(tl.load(ends_ptr + qi.to(tl.int64) * nprobe + nprobe - 1), max_candidates)
+
+
+# Integer arguments that vary with nprobe, the database or k are never specialised: one compiled
+# kernel per block configuration, whatever the search.
+@triton.jit(do_not_specialize=["nprobe", "max_candidates", "S", "search_steps"])
+def _ivfpq_sample_kernel(
+    lists_ptr, dis0_ptr, ends_ptr, term1_ptr, term2_ptr, codes_ptr, offsets_ptr, keys_ptr, slots_ptr,
+    nprobe, max_candidates, S, search_steps, M: tl.constexpr, KSUB: tl.constexpr, BLOCK: tl.constexpr,
+):
+    qi = tl.program_id(1)
+    row = qi.to(tl.int64) * nprobe
+    total = _candidates(ends_ptr, qi, nprobe, max_candidates)
+    size = tl.minimum(total, S)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < size
+    s = (i.to(tl.int64) * total) // tl.maximum(size, 1)  # distinct, evenly spaced; i itself when size = total
+    key = _slot_keys(s, ok, lists_ptr + row, dis0_ptr + row, ends_ptr + row, term1_ptr, term2_ptr + qi * (M * KSUB),
+                     codes_ptr, offsets_ptr, nprobe, search_steps, M, KSUB)
+    at = qi.to(tl.int64) * S + i
+    tl.store(keys_ptr + at, key, mask=ok)
+    tl.store(slots_ptr + at, s.to(tl.int32), mask=ok)
+
+
+@triton.jit(do_not_specialize=["nprobe", "max_candidates", "S", "k"])
+def _ivfpq_bound_kernel(keys_ptr, slots_ptr, ends_ptr, bound_ptr, count_ptr, nprobe, max_candidates, S, k,
+                        count_stride, SIGMAS: tl.constexpr, TILE: tl.constexpr, RADIX: tl.constexpr):
+    qi = tl.program_id(0)
+    total = _candidates(ends_ptr, qi, nprobe, max_candidates)
+    size = tl.minimum(total, S).to(tl.int32)
+    # ivfpq_plan.sample_rank, per query
+    hits = k * size.to(tl.float32) / tl.maximum(total, 1).to(tl.float32)
+    rank = tl.minimum(tl.ceil(hits + SIGMAS * tl.sqrt(hits) + 4.0).to(tl.int32), size)
+    rank = tl.where(size == total, tl.minimum(size, k), rank)
+    bound = tl.full([], -0x7FFFFFFFFFFFFFFF - 1, tl.int64)  # no candidates: keep nothing
+    if size > 0:
+        row = qi.to(tl.int64) * S
+        bound = _kth_smallest(keys_ptr + row, slots_ptr + row, size, rank, TILE, RADIX)
+    tl.store(bound_ptr + qi, bound)
+    tl.store(count_ptr + qi * count_stride, 0)
+
+
+@triton.jit(do_not_specialize=["nprobe", "max_candidates", "C", "tiles", "search_steps"])
+def _ivfpq_filter_kernel(
+    lists_ptr, dis0_ptr, ends_ptr, term1_ptr, term2_ptr, codes_ptr, offsets_ptr, bound_ptr, keys_ptr, slots_ptr,
+    count_ptr, nprobe, max_candidates, C, tiles, search_steps, count_stride,
+    M: tl.constexpr, KSUB: tl.constexpr, BLOCK: tl.constexpr,
+):
+    qi = tl.program_id(1)
+    row = qi.to(tl.int64) * nprobe
+    total = _candidates(ends_ptr, qi, nprobe, max_candidates)
+    tau = tl.load(bound_ptr + qi)
+    tau_key = (tau >> 32).to(tl.int32)
+    tau_slot = (tau & 0xFFFFFFFF).to(tl.int32)
+    out = qi.to(tl.int64) * C
+    first = tl.program_id(0).to(tl.int64) * tiles * BLOCK
+    for t in range(tiles):
+        s = first + t * BLOCK + tl.arange(0, BLOCK)
+        ok = s < total
+        key = _slot_keys(s, ok, lists_ptr + row, dis0_ptr + row, ends_ptr + row, term1_ptr,
+                         term2_ptr + qi * (M * KSUB), codes_ptr, offsets_ptr, nprobe, search_steps, M, KSUB)
+        s32 = s.to(tl.int32)
+        keep = ok & ((key < tau_key) | ((key == tau_key) & (s32 <= tau_slot)))  # 32-bit compares
+        # One atomic per survivor (a few k of the candidates) on a counter 128 B from the others.
+        at = tl.atomic_add(count_ptr + qi * count_stride + tl.zeros([BLOCK], tl.int32), 1, mask=keep, sem="relaxed")
+        tl.store(keys_ptr + out + at, key, mask=keep & (at < C))
+        tl.store(slots_ptr + out + at, s32, mask=keep & (at < C))
+
+
+@triton.jit
+def _scan_all_slots(keys_ptr, slots_ptr, total, k, C, lists_row, dis0_row, ends_row, term1_ptr, t2_row, codes_ptr,
+                    offsets_ptr, nprobe, search_steps, M: tl.constexpr, KSUB: tl.constexpr, BLOCK: tl.constexpr,
+                    TILE: tl.constexpr, RADIX: tl.constexpr):
+    """The fallback: every candidate of one query through its C slots (C >= k + BLOCK, or C >= total),
+    shrunk to the k smallest whenever the next tile may not fit; returns the entry count (the top k are in)."""
+    count = tl.zeros([], tl.int32)
+    tau = tl.full([], 0x7FFFFFFFFFFFFFFF, tl.int64)
+    for start in range(0, total, BLOCK):
+        s = tl.cast(start, tl.int64) + tl.arange(0, BLOCK)
+        ok = s < total
+        key = _slot_keys(s, ok, lists_row, dis0_row, ends_row, term1_ptr, t2_row, codes_ptr, offsets_ptr, nprobe,
+                         search_steps, M, KSUB)
+        x = (key.to(tl.int64) << 32) | s
+        keep = ok & (x <= tau)
+        kept = tl.sum(keep.to(tl.int32), 0)
+        if count + kept > C:  # then count > C - BLOCK >= k
+            tl.debug_barrier()  # the slots' stores visible to the whole program
+            tau = _kth_smallest(keys_ptr, slots_ptr, count, k, TILE, RADIX)
+            tl.debug_barrier()
+            count = _keep_smallest(keys_ptr, slots_ptr, count, tau, TILE)
+            keep = keep & (x <= tau)
+            kept = tl.sum(keep.to(tl.int32), 0)
+        at = count + tl.cumsum(keep.to(tl.int32), 0) - 1
+        tl.store(keys_ptr + at, key, mask=keep)
+        tl.store(slots_ptr + at, s.to(tl.int32), mask=keep)
+        count += kept
+    return count
+
+
+@triton.jit(do_not_specialize=["nprobe", "max_candidates", "C", "k", "search_steps"])
+def _ivfpq_select_kernel(
+    lists_ptr, dis0_ptr, ends_ptr, term1_ptr, term2_ptr, codes_ptr, offsets_ptr, ids_ptr, keys_ptr, slots_ptr,
+    count_ptr, dist_ptr, out_ids_ptr, nprobe, max_candidates, C, k, search_steps, count_stride,
+    M: tl.constexpr, KSUB: tl.constexpr, KB: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
+    RADIX: tl.constexpr,
 ):
     qi = tl.program_id(0)
-    prog = tl.program_id(1)
     row = qi.to(tl.int64) * nprobe
-    lo = prog.to(tl.int64) * slots_per_program
-    hi = tl.minimum(lo + slots_per_program, tl.minimum(tl.load(ends_ptr + row + nprobe - 1), max_candidates))
-    out = out_ptr + qi.to(tl.int64) * out_stride + prog * KB
-    # Pool rows [0, KEEP) hold the KB candidates kept so far, the FRESH slots after them new ones.
-    KEEP: tl.constexpr = (KB + SUB - 1) // SUB
-    FRESH: tl.constexpr = (ROWS - KEEP) * SUB
-    r = tl.arange(0, ROWS)[:, None]
-    flat = r * SUB + tl.arange(0, SUB)[None, :]
-    m = tl.arange(0, M)
-    t2_base = term2_ptr + qi * (M * KSUB) + m * KSUB
-    if lo >= hi:  # past this query's candidates: padding only
-        tl.store(out + tl.arange(0, KB), tl.full([KB], 0x7FFFFFFFFFFFFFFF, tl.int64))
-    for base in range(lo, hi, FRESH):
-        pool = tl.load(out + flat, mask=(flat < KB) & (base > lo), other=0x7FFFFFFFFFFFFFFF)
-        for i in range(ROWS - KEEP):
-            s = base + i * SUB + tl.arange(0, SUB)
-            valid = s < hi
-            # Probe of each slot: the first whose end slot is > s (binary search over the nprobe ends).
-            j_lo = tl.zeros([SUB], tl.int32)
-            j_hi = j_lo + nprobe
-            for _ in range(search_steps):  # ceil(log2(nprobe + 1)): a runtime bound, not one kernel per nprobe
-                mid = (j_lo + j_hi) // 2
-                open_ = j_lo < j_hi
-                end = tl.load(ends_ptr + row + mid, mask=open_, other=0)
-                j_lo = tl.where(open_ & (end <= s), mid + 1, j_lo)
-                j_hi = tl.where(open_ & (end > s), mid, j_hi)
-            j = tl.minimum(j_lo, nprobe - 1)
-            lst = tl.load(lists_ptr + row + j)
-            start = tl.load(offsets_ptr + lst)
-            slot0 = tl.load(ends_ptr + row + j) - (tl.load(offsets_ptr + lst + 1) - start)
-            pos = start + (s - slot0)
-            c = tl.load(codes_ptr + pos[:, None] * M + m[None, :], mask=valid[:, None], other=0).to(tl.int32)
-            lut = tl.load(term1_ptr + lst[:, None] * (M * KSUB) + m[None, :] * KSUB + c, mask=valid[:, None], other=0.0)
-            lut += tl.load(t2_base[None, :] + c, mask=valid[:, None], other=0.0)
-            bits = (tl.load(dis0_ptr + row + j) + tl.sum(lut, axis=1)).to(tl.int32, bitcast=True)
-            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # order-preserving float -> int32
-            cand = tl.where(valid, (key.to(tl.int64) << 32) | s, 0x7FFFFFFFFFFFFFFF)
-            pool = tl.where(r == KEEP + i, cand[None, :], pool)
-        _store_smallest(tl.reshape(pool, [ROWS * SUB], can_reorder=True), out, KB, METHOD)
-        tl.debug_barrier()  # the next round reads the kept candidates back
+    total = _candidates(ends_ptr, qi, nprobe, max_candidates)
+    need = tl.minimum(total, k).to(tl.int32)
+    keys_row = keys_ptr + qi.to(tl.int64) * C
+    slots_row = slots_ptr + qi.to(tl.int64) * C
+    count = tl.load(count_ptr + qi * count_stride)
+    if (count < need) | (count > C):  # the bound failed for this query: its survivors are not the whole story
+        count = _scan_all_slots(keys_row, slots_row, total, k, C, lists_ptr + row, dis0_ptr + row, ends_ptr + row,
+                                term1_ptr, term2_ptr + qi * (M * KSUB), codes_ptr, offsets_ptr, nprobe, search_steps,
+                                M, KSUB, BLOCK, TILE, RADIX)
+        tl.debug_barrier()
+    if need > 0:
+        kth = _kth_smallest(keys_row, slots_row, count, need, TILE, RADIX)
+        tl.debug_barrier()
+        _keep_smallest(keys_row, slots_row, count, kth, TILE)  # exactly `need` entries: (key, slot) pairs are distinct
+        tl.debug_barrier()
+    j = tl.arange(0, KB)
+    real = j < need
+    x = tl.sort(_load_entries(keys_row, slots_row, j, real))
+    key = (x >> 32).to(tl.int32)
+    dist = (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    pos, _, _ = _entry_of(x & 0xFFFFFFFF, lists_ptr + row, ends_ptr + row, offsets_ptr, nprobe, search_steps)
+    out = qi.to(tl.int64) * k + j
+    tl.store(dist_ptr + out, tl.where(real, dist, 3.4028234663852886e38), mask=j < k)
+    tl.store(out_ids_ptr + out, tl.where(real, tl.load(ids_ptr + pos, mask=real, other=0), -1), mask=j < k)
 
 
-@triton.jit(do_not_specialize=["width", "in_stride", "out_stride"])
-def _merge_kernel(in_ptr, out_ptr, width, in_stride, out_stride, CHUNK: tl.constexpr, KB: tl.constexpr,
-                  METHOD: tl.constexpr):
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    cols = chunk * CHUNK + tl.arange(0, CHUNK)
-    x = tl.load(in_ptr + row.to(tl.int64) * in_stride + cols, mask=cols < width, other=0x7FFFFFFFFFFFFFFF)
-    _store_smallest(x, out_ptr + row.to(tl.int64) * out_stride + chunk * KB, KB, METHOD)
+def _launch(kernel, grid, *args, **meta):
+    """Every launch of the scan goes through here (the launch-plan test counts them)."""
+    torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 
-def _plan(q: int, k: int, max_candidates: int, method: str | None):
-    """Launch shapes: (KB, SUB, ROWS, method, programs per query, slots per program, merge CHUNK)."""
-    kb = next_pow2(k)
-    if method is None:
-        method = ("scan" if kb <= 64 else "bisect") if INTERPRETED else ("scan" if kb <= 32 else "topk")
-    if INTERPRETED:
-        # Few, large blocks (two pool rows), except for the interpreter's slow tl.topk.
-        pool = max(2 * kb, 256 if method == "topk" else 2048)
-        sub, chunk = pool // 2, pool
-    else:
-        pool, sub, chunk = max(2 * kb, 2048), 256, max(4 * kb, 1024)
-    fresh = (pool // sub - -(-kb // sub)) * sub  # pool rows minus those the KB kept candidates take
-    per_query = max(1, min(-(-_TARGET_PROGRAMS // q), -(-max_candidates // fresh)))
-    per_program = -(-max_candidates // (per_query * fresh)) * fresh  # whole rounds
-    return kb, sub, pool // sub, method, -(-max_candidates // per_program), per_program, chunk
+def _scratch(shape: ScanShape, device) -> dict[str, torch.Tensor]:
+    """The scan's buffers (``ivfpq_plan``'s ``scratch``; none needs initialising)."""
+    Q, S, C = shape.batch, shape.sample, shape.capacity
+    i32 = dict(dtype=torch.int32, device=device)
+    return dict(
+        sample_keys=torch.empty(Q, S, **i32), sample_slots=torch.empty(Q, S, **i32),
+        bound=torch.empty(Q, dtype=torch.int64, device=device),
+        counts=torch.empty(Q, 32, **i32),  # one counter per query, 128 B apart: see the filter's atomics
+        keys=torch.empty(Q, C, **i32), slots=torch.empty(Q, C, **i32),
+    )
 
 
-def candidate_buffer_bytes(q: int, k: int, max_candidates: int) -> int:
-    """Bytes of the largest candidate buffer a search of this shape allocates (stage 1's output)."""
-    kb, _, _, _, programs, _, _ = _plan(q, k, max_candidates, None)
-    return q * programs * kb * 8
-
-
-def _warps(block: int) -> int:
-    # A pool of int64 candidates lives in registers: 8 warps keep 4096 of them at 16 per thread
-    # (an estimate from register budgets, not yet tuned on a GPU).
-    return 8 if block >= 4096 else 4
-
-
-def ivfpq_scan_packed(lists, dis0, term2, term1, codes, offsets, k, max_candidates, method=None) -> torch.Tensor:
-    """(Q, KB) int64 packed candidates, the KB = next_pow2(k) smallest by (distance, slot), ascending.
-
-    ``method`` forces the selection ("topk", "scan" or "bisect"; None: by k and device); tests use it
-    to cover all three.
-    """
+def ivfpq_scan_search(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates,
+                      shape: ScanShape | None = None):
+    """The Triton scan (contract of :func:`arrag_kernels.ops.ivfpq.ivfpq_scan`); ``shape`` overrides
+    the sizes of :func:`scan_shape` (tests force the fallback with it)."""
     q, nprobe = lists.shape
     _, m, ksub = term1.shape
-    kb, sub, rows, method, programs, per_program, chunk = _plan(q, k, max_candidates, method)
+    dist = torch.empty(q, k, dtype=torch.float32, device=lists.device)
+    out_ids = torch.empty(q, k, dtype=torch.int64, device=lists.device)
+    if q == 0:
+        return dist, out_ids
+    s = shape or scan_shape(q, k, max_candidates, nprobe, m, ksub)
+    buf = _scratch(s, lists.device)
     _, _, ends = slots(lists, offsets)
-    cand = torch.empty(q, programs * kb, dtype=torch.int64, device=lists.device)
-    torch.library.wrap_triton(_ivfpq_scan_kernel)[(q, programs)](
-        lists.contiguous(), dis0.contiguous(), ends, term1.contiguous(), term2.contiguous(), codes.contiguous(),
-        offsets.contiguous(), cand, nprobe, max_candidates, per_program, cand.stride(0), nprobe.bit_length(),
-        M=m, KSUB=ksub, KB=kb, SUB=sub, ROWS=rows, METHOD=METHODS[method],
-        num_warps=_warps(rows * sub),
-    )
-    while cand.shape[1] > kb:
-        nch = triton.cdiv(cand.shape[1], chunk)
-        nxt = torch.empty(q, nch * kb, dtype=torch.int64, device=lists.device)
-        torch.library.wrap_triton(_merge_kernel)[(q, nch)](
-            cand, nxt, cand.shape[1], cand.stride(0), nxt.stride(0), CHUNK=chunk, KB=kb, METHOD=METHODS[method],
-            num_warps=_warps(chunk),
-        )
-        cand = nxt
-    return cand.sort(1).values if method == "bisect" else cand
+    probes = (lists.contiguous(), dis0.contiguous(), ends, term1.contiguous(), term2.contiguous(), codes.contiguous(),
+              offsets.contiguous())
+    steps = nprobe.bit_length()
+    grids = s.grids
+    dims = dict(M=m, KSUB=ksub)
+    _launch(_ivfpq_sample_kernel, grids["sample"], *probes, buf["sample_keys"], buf["sample_slots"],
+            nprobe, max_candidates, s.sample, steps, **dims, BLOCK=BLOCK_SLOTS, num_warps=4)
+    _launch(_ivfpq_bound_kernel, grids["bound"], buf["sample_keys"], buf["sample_slots"], ends, buf["bound"],
+            buf["counts"], nprobe, max_candidates, s.sample, k, 32, SIGMAS=float(SAFETY_SIGMAS),
+            TILE=SELECT_TILE, RADIX=RADIX_BITS, num_warps=8)
+    _launch(_ivfpq_filter_kernel, grids["filter"], *probes, buf["bound"], buf["keys"], buf["slots"], buf["counts"],
+            nprobe, max_candidates, s.capacity, s.tiles, steps, 32, **dims, BLOCK=BLOCK_SLOTS, num_warps=4)
+    _launch(_ivfpq_select_kernel, grids["select"], *probes, ids.contiguous(), buf["keys"], buf["slots"],
+            buf["counts"], dist, out_ids, nprobe, max_candidates, s.capacity, k, steps, 32,
+            **dims, KB=s.kb, BLOCK=BLOCK_SLOTS, TILE=SELECT_TILE, RADIX=RADIX_BITS, num_warps=8)
+    return dist, out_ids
 
 
 # A torch.library op, so torch.compile and CUDA graphs see one opaque, shape-static operation.
@@ -195,15 +274,16 @@ def ivfpq_scan_op(
     k: int,
     max_candidates: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused Triton scan + top-k, then the slots' ids (same contract as :func:`arrag_kernels.ops.ivfpq.ivfpq_scan`)."""
-    packed = ivfpq_scan_packed(lists, dis0, term2, term1, codes, offsets, k, max_candidates)
-    return finish(packed, lists, offsets, ids, k)
+    """Bound, filter and select, then the slots' ids (same contract as :func:`arrag_kernels.ops.ivfpq.ivfpq_scan`)."""
+    return ivfpq_scan_search(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates)
 
 
 def _check(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates):
     m = term1.shape[1]
     if m & (m - 1):
         return f"M = {m} sub-quantizers is not a power of two (Triton block shapes)"
+    if max_candidates >= MAX_SLOTS:
+        return f"{max_candidates} candidates per query exceed the Triton scan's limit of {MAX_SLOTS} (int32 slots)"
     return device_reason(lists)
 
 

@@ -107,11 +107,13 @@ def _load_entries(bits_ptr, ids_ptr, offs, ok):
 @triton.jit
 def _select_digits(val_ptr, eq_ptr, eq_value, m, rank, FILTERED: tl.constexpr, TILE: tl.constexpr,
                    RADIX: tl.constexpr):
-    """(v, r): the rank-th smallest (1-based) of the non-negative int32 values ``val_ptr[:m]`` (only
-    those whose ``eq_ptr`` entry equals ``eq_value`` when FILTERED), and its rank among the entries
-    equal to it. A radix select: one histogram pass per RADIX-bit digit from the top, over the entries
-    that match the digits found so far."""
+    """(v, r): the rank-th smallest (1-based) of the int32 values ``val_ptr[:m]`` (only those whose
+    ``eq_ptr`` entry equals ``eq_value`` when FILTERED), and its rank among the entries equal to it. A
+    radix select: one histogram pass per RADIX-bit digit from the top, over the entries that match the
+    digits found so far. The digits are those of ``v ^ sign bit``, which order like signed values
+    (the IVF-PQ scan's distance keys can be negative)."""
     bins = tl.arange(0, 1 << RADIX)
+    sign = tl.full([], 1, tl.int32) << 31
     prefix = tl.zeros([], tl.int32)
     for p in tl.static_range(32 // RADIX):
         shift = 32 - RADIX * (p + 1)
@@ -119,7 +121,7 @@ def _select_digits(val_ptr, eq_ptr, eq_value, m, rank, FILTERED: tl.constexpr, T
         for start in range(0, m, TILE):
             offs = start + tl.arange(0, TILE)
             ok = offs < m
-            v = tl.load(val_ptr + offs, mask=ok, other=0)
+            v = tl.load(val_ptr + offs, mask=ok, other=0) ^ sign
             if FILTERED:
                 ok = ok & (tl.load(eq_ptr + offs, mask=ok, other=0) == eq_value)
             if p > 0:
@@ -129,7 +131,7 @@ def _select_digits(val_ptr, eq_ptr, eq_value, m, rank, FILTERED: tl.constexpr, T
         digit = tl.sum((below < rank).to(tl.int32), 0)  # the bin holding the rank-th entry
         rank -= tl.sum(tl.where(bins < digit, hist, 0), 0)
         prefix = prefix | (digit << shift)
-    return prefix, rank
+    return prefix ^ sign, rank
 
 
 @triton.jit
