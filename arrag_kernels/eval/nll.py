@@ -3,9 +3,10 @@
 For an image with ground-truth tokens t_0..t_{N-1} after a prompt, the model's distribution at
 position j is ``p_model(. | prompt, t_<j)`` (one teacher-forced forward for all positions; with
 ``guidance_scale`` w the CFG logits ``l_u + w (l_c - l_u)`` of the conditional and unconditional
-prompts). DAiD's distribution at j is the library's merge (:meth:`arrag_kernels.DAiDSampler.merge`,
-i.e. ``daid_mix``) of ``p_model`` with the retrieval distribution of the query built from the
-ground-truth neighbours of j, exactly what the decoder would see had it generated t_<j (with a
+prompts). DAiD's distribution at j is the library's merge (``daid_mix``, as in
+:meth:`arrag_kernels.DAiDSampler.merge`) of ``p_model`` with the retrieval distribution of the query
+built from the ground-truth neighbours of j (every position's in one search), exactly what the decoder
+would see had it generated t_<j (with a
 ``DAiDConfig.gate``, only where the gate finds ``p_model`` not confident; elsewhere ``p_model``). The NLL
 of t_j is ``-log p(t_j)``; it is reported per token, over all positions and over retrieval positions.
 
@@ -81,7 +82,7 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
     """
     from ..decoding import DAiDSampler
     from ..faid.train import TeacherForcedFAiD
-    from ..ops import retrieval_positions
+    from ..ops import daid_mix, retrieval_positions
     from ..retrieval.query import on_device
 
     adapter = get_adapter(model, TeacherForcingAdapter)
@@ -113,16 +114,18 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
             uncond = teacher_forced_logits(model, adapter.unconditional_prompt(p, generation_config), t).float()
             logits = uncond + guidance_scale * (logits - uncond)
         probs = torch.softmax(logits, dim=-1)  # (b, N, V)
-        if sampler is not None:
-            closed = torch.zeros(t.shape, dtype=torch.bool, device=device)
-            for j in range(N):
-                if sampler.retrieves_at[j]:
-                    if daid.gate is not None:
-                        closed[:, j] = ~sampler.gate_open(probs[:, j])
-                    probs[:, j] = sampler.merge(probs[:, j], t, j)
-            gated.append(closed.cpu())
+        if sampler is not None:  # every position's hits in one search, one merge over the (b * N) rows
+            dist, ids, valid = sampler.retrieve(t)
+            active = valid & torch.tensor(sampler.retrieves_at, device=device)
+            open_rows = sampler.gate_open(probs)  # (b, N), None without a gate
+            if open_rows is not None:
+                gated.append((active & ~open_rows).cpu())
+                active = active & open_rows
+            c = sampler.config
+            probs = daid_mix(probs.view(-1, probs.shape[-1]), dist.view(-1, c.k), ids.view(-1, c.k),
+                             active.view(-1), c.lam, c.tau, c.dedup).view(probs.shape)
         out.append(-probs.gather(-1, t.unsqueeze(-1)).squeeze(-1).clamp_min(1e-30).log().cpu())
     # without a database, "retrieval positions" are those of the official key layout
     layout = db.meta.layout if db is not None else KeyLayout()
-    gated = torch.cat(gated) if daid is not None and daid.gate is not None else None
+    gated = torch.cat(gated) if gated else None
     return NLLResult(torch.cat(out), retrieval_positions(adapter.grid, layout).cpu(), gated)

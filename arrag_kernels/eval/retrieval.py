@@ -30,18 +30,17 @@ def retrieval_accuracy(model, db, tokens: torch.Tensor, k: int = 16, seed: int =
     codebook = retriever.codebook
     g = torch.Generator().manual_seed(seed)
     dists, rand = [], []
+    at = torch.tensor(retriever.retrieves_at)
     for start in range(0, tokens.shape[0], batch_size):
         t = tokens[start : start + batch_size].cpu().long()
-        for j in range(N):
-            if not retriever.retrieves_at[j]:
-                continue
-            _, ret, valid = retriever.retrieve(t, j)
-            gt = codebook[t[:, j]]  # (b, d)
-            d = (codebook[ret.clamp_min(0)] - gt.unsqueeze(1)).norm(dim=-1)  # (b, k)
-            d = torch.where(ret >= 0, d, float("nan"))
-            dists.append(d[valid])
-            r = torch.randint(0, codebook.shape[0], (t.shape[0],), generator=g)
-            rand.append((codebook[r] - gt).norm(dim=-1)[valid])
+        _, ret, valid = retriever.retrieve(t)  # every position in one search: (b, N, k), (b, N)
+        # position-major over the retrieval positions: (P, b, ...)
+        ret, valid, truth = ret.transpose(0, 1)[at], valid.T[at], t.T[at]
+        gt = codebook[truth]  # (P, b, d)
+        d = (codebook[ret.clamp_min(0)] - gt.unsqueeze(2)).norm(dim=-1)  # (P, b, k)
+        dists.append(torch.where(ret >= 0, d, float("nan"))[valid])
+        r = torch.randint(0, codebook.shape[0], truth.shape, generator=g)
+        rand.append((codebook[r] - gt).norm(dim=-1)[valid])
     dists, rand = torch.cat(dists), torch.cat(rand)
     if dists.shape[0] == 0:
         raise ValueError("no retrieval position in the grid under the database's key layout")
