@@ -4,7 +4,6 @@ against the reference, error-relative (batch and reduction tiles included); the 
 the kernels launched; no host reads; input errors; torch.library registration; FAiDConfig."""
 
 import copy
-import sys
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from arrag_kernels.ops import faid_plan
 from arrag_kernels.ops.faid import faid_blend_dispatcher
 
 from .utils import (OPCHECK_KWARGS, TRITON_DTYPES, UNAVAILABLE, assert_close, assert_error_relative, backend_device,
-                    op_backends)
+                    forbid_host_reads, op_backends, record_launches)
 
 needs_triton = pytest.mark.skipif(UNAVAILABLE["triton"] is not None, reason=UNAVAILABLE["triton"] or "")
 
@@ -142,21 +141,7 @@ def _triton_faid():
 
 def _recorded(monkeypatch):
     """Records the blend's launches (kernel name, grid) and its scratch buffers."""
-    triton_faid = _triton_faid()
-    launches, scratch = [], {}
-    launch, allocate = triton_faid._launch, triton_faid._scratch
-
-    def recording_launch(kernel, grid, *args, **meta):
-        launches.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, tuple(grid)))
-        launch(kernel, grid, *args, **meta)
-
-    def recording_scratch(shape, device):
-        scratch.update(allocate(shape, device))
-        return scratch
-
-    monkeypatch.setattr(triton_faid, "_launch", recording_launch)
-    monkeypatch.setattr(triton_faid, "_scratch", recording_scratch)
-    return launches, scratch
+    return record_launches(monkeypatch, _triton_faid())
 
 
 @needs_triton
@@ -221,19 +206,9 @@ def test_triton_blend_reads_nothing_back_to_the_host(monkeypatch):
     """Capture safety as far as the CPU shows: no .item() / .tolist() / bool() / int() / float() on a
     tensor from the library's code during the blend (each is a device-to-host sync on CUDA)."""
 
-    def refuse(name):
-        original = getattr(torch.Tensor, name)
-
-        def guarded(self, *args, **kwargs):
-            if sys._getframe(1).f_globals.get("__name__", "").startswith("arrag_kernels"):
-                raise AssertionError(f"the blend called Tensor.{name}")
-            return original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, guarded)
 
     args = [a.to(backend_device("triton")) for a in _blend_args(2, 3, 5, 32, torch.float32, seed=6)]
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
-        refuse(name)
+    forbid_host_reads(monkeypatch, "the blend")
     with use_backend("triton"):
         got = faid_blend(*args)
     monkeypatch.undo()

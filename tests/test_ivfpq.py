@@ -33,7 +33,7 @@ from arrag_kernels.retrieval.ivfpq_build import work_dir
 from arrag_kernels.retrieval.search import DeviceIVFPQSearch, make_search
 
 from .oracles import assert_topk, candidate_distances, exact_distances, recall
-from .utils import CUDA, OPCHECK_KWARGS, op_backends
+from .utils import CUDA, OPCHECK_KWARGS, op_backends, record_launches
 
 try:
     import faiss
@@ -213,20 +213,7 @@ def test_triton_scan_fewer_candidates_than_k():
 
 def _recorded(monkeypatch):
     """Records the scan's launches (kernel name, grid) and its scratch buffers."""
-    launches, scratch = [], {}
-    launch, allocate = triton_ivfpq._launch, triton_ivfpq._scratch
-
-    def recording_launch(kernel, grid, *args, **meta):
-        launches.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, tuple(grid)))
-        launch(kernel, grid, *args, **meta)
-
-    def recording_scratch(shape, device):
-        scratch.update(allocate(shape, device))
-        return scratch
-
-    monkeypatch.setattr(triton_ivfpq, "_launch", recording_launch)
-    monkeypatch.setattr(triton_ivfpq, "_scratch", recording_scratch)
-    return launches, scratch
+    return record_launches(monkeypatch, triton_ivfpq)
 
 
 def test_triton_ivfpq_plan_pins_launches_and_scratch(monkeypatch):

@@ -24,7 +24,7 @@ from arrag_kernels.ops.knn import knn_dispatcher
 
 from .oracles import assert_topk, candidate_distances, exact_distances, knn_atol, tie_order
 from .utils import (CUDA, OPCHECK_KWARGS, TOLERANCES, TRITON_DTYPES, UNAVAILABLE, assert_close, backend_device,
-                    op_backends)
+                    forbid_host_reads, op_backends, record_launches)
 
 needs_triton = pytest.mark.skipif(UNAVAILABLE["triton"] is not None, reason=UNAVAILABLE["triton"] or "")
 needs_ext = pytest.mark.skipif(not _ext.HAS_EXT, reason=f"C++ extension unavailable: {_ext.EXT_ERROR}")
@@ -240,20 +240,7 @@ def test_triton_knn_two_query_blocks():
 def _recorded(monkeypatch):
     """Records the search's launches (kernel name, grid) and its scratch buffers."""
     triton_knn = _triton()
-    launches, scratch = [], {}
-    launch, allocate = triton_knn._launch, triton_knn._scratch
-
-    def recording_launch(kernel, grid, *args, **meta):
-        launches.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, tuple(grid)))
-        launch(kernel, grid, *args, **meta)
-
-    def recording_scratch(shape, device):
-        scratch.update(allocate(shape, device))
-        return scratch
-
-    monkeypatch.setattr(triton_knn, "_launch", recording_launch)
-    monkeypatch.setattr(triton_knn, "_scratch", recording_scratch)
-    return launches, scratch
+    return record_launches(monkeypatch, triton_knn)
 
 
 def _too_tight(shape):  # the sample's nearest key: a few survivors, fewer than k
@@ -345,19 +332,9 @@ def test_triton_knn_reads_nothing_back_to_the_host(monkeypatch):
     """Capture safety as far as the CPU shows: no .item() / .tolist() / bool() / int() / float() on a
     tensor from the library's code during the search (each is a device-to-host sync on CUDA)."""
 
-    def refuse(name):
-        original = getattr(torch.Tensor, name)
-
-        def guarded(self, *args, **kwargs):
-            if sys._getframe(1).f_globals.get("__name__", "").startswith("arrag_kernels"):
-                raise AssertionError(f"the search called Tensor.{name}")
-            return original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, guarded)
 
     queries, keys = _knn_inputs(3, 1025, 13, 7, torch.float32, backend_device("triton"))
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
-        refuse(name)
+    forbid_host_reads(monkeypatch, "the search")
     dist, ids = _triton().knn_search(queries, keys, 7)
     monkeypatch.undo()
     assert_knn(dist, ids, queries, keys, what="no host reads")

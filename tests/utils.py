@@ -189,3 +189,44 @@ def assert_tokens_among_retrieved(cells: torch.Tensor, codebook: torch.Tensor, d
         for b in range(B):
             assert cells[b, step].item() in hits[b].tolist(), f"image {b} step {step}"
     return B * len(steps)
+
+
+def record_launches(monkeypatch, kernels_module) -> tuple[list, dict]:
+    """Records what a Triton op module launches: ``(launches, scratch)``, filled as the op runs, with
+    (kernel name, grid) per launch and the scratch buffers its ``_scratch(shape, device)`` allocated.
+    For the modules that launch through ``_launch`` and allocate through ``_scratch`` (knn, ivfpq, faid),
+    so their plans can be pinned against what actually runs."""
+    launches, scratch = [], {}
+    launch, allocate = kernels_module._launch, kernels_module._scratch
+
+    def recording_launch(kernel, grid, *args, **meta):
+        launches.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, tuple(grid)))
+        launch(kernel, grid, *args, **meta)
+
+    def recording_scratch(shape, device):
+        scratch.update(allocate(shape, device))
+        return scratch
+
+    monkeypatch.setattr(kernels_module, "_launch", recording_launch)
+    monkeypatch.setattr(kernels_module, "_scratch", recording_scratch)
+    return launches, scratch
+
+
+def forbid_host_reads(monkeypatch, what: str) -> None:
+    """Capture safety as far as the CPU shows: until ``monkeypatch.undo()``, any ``.item()`` /
+    ``.tolist()`` / ``bool()`` / ``int()`` / ``float()`` / index use of a tensor called from the package's
+    own code (each a device-to-host synchronisation on CUDA) raises, naming ``what``."""
+    import sys
+
+    def refuse(name):
+        original = getattr(torch.Tensor, name)
+
+        def guarded(self, *args, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__", "").startswith("arrag_kernels"):
+                raise AssertionError(f"{what} called Tensor.{name}")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, guarded)
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        refuse(name)
