@@ -212,7 +212,8 @@ def test_train_on_index_only_databases(tiny_images, tmp_path, capsys):
     capsys.readouterr()
     assert main(args + ["--out", str(tmp_path / "zero.safetensors"), "--steps", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "arrag-kernels train-faid: error: steps: expected at least 1 training step, got 0"
+    assert err == ("arrag-kernels train-faid: error: argument --steps: expected an integer >= 1, got '0' "
+                   "(see arrag-kernels train-faid --help)")
     assert not (tmp_path / "zero.safetensors").exists()
 
 

@@ -340,9 +340,9 @@ def test_convert_errors_are_one_line(trained_cli_files, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--batch", "0"], "batch_size: expected at least 1 image per step, got 0"),
-    (["--lora-rank", "-1"], "lora_rank: expected 0 .* got -1"),
-    (["--lr", "nan"], "lr: expected a finite learning rate > 0"),
+    (["--batch", "0"], "argument --batch-size: expected an integer >= 1, got '0'"),
+    (["--lora-rank", "-1"], "argument --lora-rank: expected an integer >= 0, got '-1'"),
+    (["--lr", "nan"], "argument --lr: expected a number > 0.0, got 'nan'"),
     (["--k", "0"], r"argument --k: expected an integer in \[1, 2048\]"),
     (["--k", "500"], r"--k 500 is larger than the database \(168 entries\)"),
     (["--hops", "5"], "FAiDConfig.hops"),

@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad argument (USER_ERROR, its one line already printed)
+        return e.code if isinstance(e.code, int) else USER_ERROR
     try:
         args.func(args)
     except (Exception, SystemExit) as e:

@@ -3,7 +3,8 @@ file, optionally the base weights under HF names)."""
 
 from __future__ import annotations
 
-from arrag_kernels.cli.common import check_prompt_ids, int_at_least, load_model, output_file, retrieval_k, seed
+from arrag_kernels.cli.common import (check_prompt_ids, float_in, int_at_least, load_model, output_file, retrieval_k,
+                                      seed)
 
 
 def _cmd_train_faid(args):
@@ -12,12 +13,11 @@ def _cmd_train_faid(args):
     import arrag_kernels as ak
     from arrag_kernels.faid import FAiDConfig, save_blenders
     from arrag_kernels.faid.finetuned import save_finetuned
-    from arrag_kernels.faid.train import check_training_args, train_faid
+    from arrag_kernels.faid.train import train_faid
     from arrag_kernels.models import FAiDAdapter, get_adapter
     from arrag_kernels.retrieval.images import normalise_image_source
 
     # every argument before any work (loading the model and the database, encoding the images)
-    check_training_args(args.steps, args.batch_size, args.lr, args.lora_rank)
     config = FAiDConfig(k=args.k, hops=args.hops, blenders=args.blenders)
     if args.finetuned_out and not (args.lora_rank > 0 or args.train_head):
         raise ValueError("--finetuned-out: nothing to write without --lora-rank > 0 or --train-head")
@@ -65,11 +65,11 @@ def add_subcommands(subparsers) -> None:
                    help="comma-separated prompt ids (default: the family's prompt without text; Janus: BOS,BOI)")
     p.add_argument("--k", type=retrieval_k, default=10, help="retrieved tokens per position (default 10, as the paper)")
     p.add_argument("--hops", default="12", help="hop set of the blenders' windows: 1, 2 or 12 (= hops 1 and 2; default)")
-    p.add_argument("--blenders", type=int, default=2)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--lora-rank", type=int, default=0, help="> 0: LoRA on q/v via peft")
+    p.add_argument("--blenders", type=int_at_least(1), default=2, help="blender layers (default 2: layers 0 and L/2)")
+    p.add_argument("--steps", type=int_at_least(1), default=100)
+    p.add_argument("--batch-size", type=int_at_least(1), default=4)
+    p.add_argument("--lr", type=float_in(0.0, True), default=2e-4)
+    p.add_argument("--lora-rank", type=int_at_least(0), default=0, help="> 0: LoRA on q/v via peft")
     p.add_argument("--train-head", action="store_true", help="also train the image head (Janus: generation_head)")
     p.add_argument("--finetuned-out", type=output_file, default=None,
                    help="where LoRA / head weights go (default: <out stem>.finetuned.safetensors)")
