@@ -18,7 +18,7 @@ term and biases, is still added); a later blender reads RMSNorm of the previous 
 candidates ``s_k hhat_k`` at every cell, retrieving or not: the chaining of the official inference
 script, where the causal path's default ``semantics="train"`` zeroes a later blender's input at
 positions without retrieval (:func:`arrag_kernels.faid.modules.retrieved_masks`). Masked decoding has
-no official code to follow; this choice is pinned by the tests and kept for existing blenders.
+no official code to follow; this choice is kept so that blenders trained with it stay valid.
 
 Two evaluations, equal up to rounding (tests): :func:`blend_full_literal` cuts every window and runs
 K conv stacks per cell (:func:`arrag_kernels.faid.blend_literal`); :func:`blend_full` uses that the
