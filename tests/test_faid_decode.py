@@ -393,15 +393,21 @@ def test_daid_and_faid_share_one_search_per_step(tiny_model, db, loop):
         h.faid.retriever.db = shared_db
 
 
-def test_search_order_does_not_depend_on_k(tiny_model, db):
+@pytest.mark.parametrize("index", ["flat", "ivfpq"])
+def test_search_order_does_not_depend_on_k(tiny_model, tiny_images, db, index, tmp_path):
     """What sharing relies on (Retriever.covers): the k = 4 hits of every position are the first 4 of its
-    k = 8 hits, ties (repeated neighbourhoods of the tiny images) included."""
+    k = 64 hits, exact search and IVF-PQ (faiss on the CPU: ties of equal PQ codes included)."""
     from arrag_kernels.retrieval.query import Retriever
 
+    if index == "ivfpq":
+        pytest.importorskip("faiss")
+        db = ak.PatchDatabase.build(tiny_images, tiny_model, index="ivfpq", path=tmp_path / "ivf", nlist=16,
+                                    nprobe=4, train_size=1000, progress=False)
     adapter = get_adapter(tiny_model)
-    small, large = Retriever(db, 4, adapter), Retriever(db, 8, adapter)
+    small, large = Retriever(db, 4, adapter), Retriever(db, 64, adapter)
     assert large.covers(small) and not small.covers(large)
-    tokens = torch.randint(0, db.meta.codebook_size, (3, db.meta.grid[0] * db.meta.grid[1]))
+    tokens = torch.randint(0, db.meta.codebook_size, (8, db.meta.grid[0] * db.meta.grid[1]),
+                           generator=torch.Generator().manual_seed(0))
     tokens[2, 20:] = -1
     a, b = small.retrieve(tokens), large.retrieve(tokens)
     assert torch.equal(a.tokens, b.tokens[..., :4]) and torch.equal(a.distances, b.distances[..., :4])
