@@ -10,7 +10,7 @@ from arrag_kernels.decoding import hf_image_generate
 from arrag_kernels.faid import (CheckpointError, FAiDBlenders, FAiDConfig, blend_literal, convert_official,
                                 load_blenders, load_official_checkpoint, save_blenders)
 from arrag_kernels.faid.modules import blender_input, retrieved_masks
-from arrag_kernels.models import hf_image_generate_kwargs, tiny_prompt_ids
+from arrag_kernels.models import get_adapter, hf_image_generate_kwargs, tiny_prompt_ids
 from tests.utils import replay_without_host_sync
 
 CFG = FAiDConfig(k=4, hops=(1, 2), blenders=2)
@@ -40,9 +40,9 @@ def _random_blenders(model, seed=0, scale=0.05, config=CFG):
     return blenders
 
 
-def _generate(model, **kw):
+def _generate(model, do_sample=False, **kw):
     ids = tiny_prompt_ids(2)
-    return model.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=False,
+    return model.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", do_sample=do_sample,
                           **hf_image_generate_kwargs(model), **kw)
 
 
@@ -363,3 +363,66 @@ def test_cuda_graph_with_faid_equals_static_without_host_sync(tiny_images, daid,
                                   cuda_graph=True)
         tokens = replay_without_host_sync(loop, model, ids)
     assert (tokens >= 0).all()
+
+
+@pytest.mark.parametrize("loop", ["dynamic", "static"])
+def test_daid_and_faid_share_one_search_per_step(tiny_model, db, loop):
+    """With DAiD and FAiD on one database, each step searches once (DAiD's k, FAiD takes the first K): the
+    same tokens as two searches per step (FAiD given its own database object, so nothing is shared),
+    greedy and sampled. The dynamic loop searches at the 42 retrieval steps, the static one at the prefill
+    (DAiD only: no key there) and every device step; DecodeStats counts each step's retrieval once."""
+    import copy
+
+    searched = {"dynamic": 42, "static": 64}[loop]
+    cfg = (ak.DAiDConfig(lam=0.5, k=8), CFG)
+    with ak.patched(tiny_model, db, cfg, blender_weights=_random_blenders(tiny_model, scale=0.3)) as h:
+        assert h.daid.covers(h.faid.retriever)
+        shared_db = h.faid.retriever.db
+        for do_sample in (False, True):
+            runs = {}
+            for shared in (True, False):
+                h.faid.retriever.db = shared_db if shared else copy.copy(shared_db)  # another object: no sharing
+                h.daid.searches = h.faid.retriever.searches = 0
+                torch.manual_seed(0)
+                stats = ak.DecodeStats()
+                runs[shared] = _generate(tiny_model, do_sample, loop=loop, stats=stats)
+                assert (h.daid.searches, h.faid.retriever.searches) == (
+                    (searched, 0) if shared else (searched, searched - (loop == "static"))), f"shared={shared}"
+                assert stats.retrieval_steps == searched  # the shared search and its merge: one retrieval step
+            assert torch.equal(runs[True], runs[False]), f"do_sample={do_sample}"
+        h.faid.retriever.db = shared_db
+
+
+@pytest.mark.parametrize("index", ["flat", "ivfpq"])
+def test_search_order_does_not_depend_on_k(tiny_model, tiny_images, db, index, tmp_path):
+    """What sharing relies on (Retriever.covers): the k = 4 hits of every position are the first 4 of its
+    k = 64 hits, exact search and IVF-PQ (faiss on the CPU: ties of equal PQ codes included)."""
+    from arrag_kernels.retrieval.query import Retriever
+
+    if index == "ivfpq":
+        pytest.importorskip("faiss")
+        db = ak.PatchDatabase.build(tiny_images, tiny_model, index="ivfpq", path=tmp_path / "ivf", nlist=16,
+                                    nprobe=4, train_size=1000, progress=False)
+    adapter = get_adapter(tiny_model)
+    small, large = Retriever(db, 4, adapter), Retriever(db, 64, adapter)
+    assert large.covers(small) and not small.covers(large)
+    tokens = torch.randint(0, db.meta.codebook_size, (8, db.meta.grid[0] * db.meta.grid[1]),
+                           generator=torch.Generator().manual_seed(0))
+    tokens[2, 20:] = -1
+    a, b = small.retrieve(tokens), large.retrieve(tokens)
+    assert torch.equal(a.tokens, b.tokens[..., :4]) and torch.equal(a.distances, b.distances[..., :4])
+    assert torch.equal(a.valid, b.valid)
+
+
+@pytest.mark.parametrize("loop", ["dynamic", "static"])
+def test_closed_daid_gate_still_searches_for_faid(tiny_model, db, loop):
+    """A DAiD gate that closes every row (the CPU merge would skip its search) leaves FAiD's hits: the shared
+    search still runs at every retrieval step and the tokens are FAiD's alone."""
+    blenders = _random_blenders(tiny_model, scale=0.3)
+    with ak.patched(tiny_model, db, CFG, blender_weights=blenders):
+        faid_only = _generate(tiny_model, loop=loop)
+    closed = ak.DAiDConfig(lam=0.5, k=8, gate=("entropy", float("inf")))  # entropy never exceeds inf
+    with ak.patched(tiny_model, db, (closed, CFG), blender_weights=blenders) as h:
+        gated = _generate(tiny_model, loop=loop)
+        assert (h.daid.searches, h.faid.retriever.searches) == ({"dynamic": 42, "static": 64}[loop], 0)
+    assert torch.equal(gated, faid_only)

@@ -79,8 +79,8 @@ def test_merged_distribution_matches_independent_computation(tiny_model, db):
     with ak.patched(tiny_model, db, ak.DAiDConfig(lam=lam, tau=tau, k=k, dedup="nearest")) as handle:
         merge = handle.daid.merge
 
-        def recording_merge(model_probs, tokens, step):
-            out = merge(model_probs, tokens, step)
+        def recording_merge(model_probs, tokens, step, hits=None):
+            out = merge(model_probs, tokens, step, hits)
             recorded[step] = out.clone()
             return out
 

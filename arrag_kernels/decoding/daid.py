@@ -37,17 +37,19 @@ class DAiDSampler(Retriever):
         """:func:`gate_open` of ``config.gate``: (B,) bool rows that merge, None for all."""
         return gate_open(model_probs, self.config.gate)
 
-    def merge(self, model_probs: torch.Tensor, tokens: torch.Tensor, step: int) -> torch.Tensor:
+    def merge(self, model_probs: torch.Tensor, tokens: torch.Tensor, step: int, hits=None) -> torch.Tensor:
         """(B, V) model probabilities -> (B, V) float32 DAiD probabilities for position ``step``.
 
-        With a gate, the rows it closes keep ``model_probs``; on the CPU the search is skipped when
-        it closes every row. On an accelerator the search always runs (the gated rows inactive),
-        since skipping would read the gate on the host, a synchronisation per retrieval step.
+        ``hits``: this step's :meth:`retrieve` when it already ran (the decode step's search shared
+        with FAiD), else None: the merge searches. With a gate, the rows it closes keep
+        ``model_probs``; on the CPU the search is skipped when it closes every row. On an accelerator
+        the search always runs (the gated rows inactive), since skipping would read the gate on the
+        host, a synchronisation per retrieval step.
         """
         c = self.config
         open_rows = self.gate_open(model_probs)
         if open_rows is not None and model_probs.device.type == "cpu" and not bool(open_rows.any()):
             return model_probs.float()
-        dist, ids, valid = self.retrieve(tokens, step)
+        dist, ids, valid = self.retrieve(tokens, step) if hits is None else hits
         active = valid if open_rows is None else valid & open_rows
         return daid_mix(model_probs, dist, ids, active, c.lam, c.tau, c.dedup)

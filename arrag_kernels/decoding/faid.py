@@ -104,7 +104,7 @@ class FAiDRuntime:
         self._armed.clear()
 
     @torch.no_grad()
-    def begin_step(self, tokens: torch.Tensor, step) -> None:
+    def begin_step(self, tokens: torch.Tensor, step, hits=None) -> None:
         """Prepare the model step that predicts token ``step``: retrieval (needs tokens < step only).
 
         ``step`` is an int (step 0, the prefill, must come first: it allocates the ring buffers), or a
@@ -113,6 +113,10 @@ class FAiDRuntime:
         (CUDA-graph capturable): every step retrieves, and the retrieval's ``valid`` mask is False
         exactly where the position has no key (``retrieves_at``). Either way every step blends, with
         the retrieved features masked by :func:`retrieved_masks`.
+
+        ``hits``: the step's :class:`~arrag_kernels.retrieval.query.Hits` of a retriever that
+        :meth:`~arrag_kernels.retrieval.query.Retriever.covers` ``self.retriever`` (DAiD's search,
+        shared by the decode step); their first ``k`` are used instead of searching again.
         """
         B = tokens.shape[0]
         on_device = isinstance(step, torch.Tensor)
@@ -127,7 +131,8 @@ class FAiDRuntime:
         self.window_slots = self._slots.index_select(0, at)[0]  # (n,)
         self.window_present = self._present.index_select(0, at)[0]
         if on_device or self.retrieves_at[step]:
-            _, ids, valid = self.retriever.retrieve(tokens, at)
+            _, ids, valid = self.retriever.retrieve(tokens, at) if hits is None else hits
+            ids = ids[..., : self.retriever.k]  # shared hits come nearest first: the k nearest (a view)
         else:
             ids = torch.full((B, self.blenders.config.k), -1, dtype=torch.long, device=tokens.device)
             valid = torch.zeros(B, dtype=torch.bool, device=tokens.device)

@@ -15,7 +15,9 @@ the device step counter, so it is recorded in the graph too. DAiD retrieval for 
 tokens < i, so with ``overlap_retrieval`` it runs on a side stream concurrently with the model
 forward of step i and joins the main stream before sampling (FAiD's retrieval cannot: layer 0 of
 the forward reads it); the forward then runs on a stream of higher priority than the search's
-(:func:`arrag_kernels.decoding.step.overlap_streams`), the CUDA graph captured on it.
+(:func:`arrag_kernels.decoding.step.overlap_streams`), the CUDA graph captured on it. When one search
+serves DAiD and FAiD (:func:`arrag_kernels.decoding.step.shared_search`) it runs before the forward
+on the main stream and ``overlap_retrieval`` has nothing left to overlap.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import contextlib
 
 import torch
 
-from .step import DecodeStep, FusedSelect, overlap_streams, timing
+from .step import DecodeStep, FusedSelect, overlap_streams, shared_search, timing
 
 
 class StaticKVCache:
@@ -91,7 +93,8 @@ class StaticImageDecoder:
             accepting a device step tensor).
         cuda_graph: capture one decode step and replay it (CUDA only).
         overlap_retrieval: on CUDA, run DAiD retrieval on a side stream concurrently with the model
-            forward of the same step; a no-op elsewhere (same tokens either way).
+            forward of the same step; a no-op elsewhere (same tokens either way) and where the search
+            is shared with FAiD (:func:`arrag_kernels.decoding.step.shared_search`).
     """
 
     def __init__(self, decoder, process_logits, fused_cfg=None, daid=None, faid=None, cuda_graph: bool = False,
@@ -175,7 +178,8 @@ class StaticImageDecoder:
         B, L = rows // 2, S + num_tokens
         if self.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA tensors, got {device}")
-        use_side = self.overlap_retrieval and self.daid is not None and device.type == "cuda"
+        use_side = (self.overlap_retrieval and self.daid is not None and device.type == "cuda"
+                    and not shared_search(self.daid, self.faid))
         self.forward_stream, side = overlap_streams(device) if use_side else (None, None)
         with self.on_forward_stream():
             layers, kv_heads, head_dim = self.decoder.kv_spec()

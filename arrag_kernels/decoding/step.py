@@ -5,6 +5,8 @@ A step predicts grid cell ``step`` of every image (2B CFG rows: conditional, the
 1. FAiD begin: retrieval for the blenders and their per-step state (needs tokens < step only), so it is
    ready when the decoder-layer hooks fire during the model step;
 2. DAiD retrieval, forked by the selection policy (on a side CUDA stream with ``overlap_retrieval``);
+   when both run and DAiD's retriever covers FAiD's (:func:`shared_search`), one search with DAiD's k
+   runs first, on the main stream, and FAiD gets its first K hits instead of searching too;
 3. the model step on the new input embeddings (prompt at the prefill, the previous token afterwards);
 4. image head, logits processing, DAiD merge and sampling (the selection policy);
 5. write of the new token into the grid, and its next-input embedding for both CFG rows.
@@ -33,6 +35,7 @@ import torch
 
 from ..ops import daid_sample
 from ..ops.daid import model_distribution_ref
+from ..retrieval.query import Retriever
 
 
 @dataclass
@@ -71,11 +74,13 @@ class DecodeStats:
         self.steps += 1
 
     @contextlib.contextmanager
-    def time_retrieval(self, device):
+    def time_retrieval(self, device, new_step: bool = True):
+        """Add the enclosed block's time to ``retrieval_s``; ``new_step`` False: it continues a step's
+        retrieval already counted in ``retrieval_steps`` (the merge after a search shared with FAiD)."""
         with _elapsed(device) as seconds:
             yield
         self.retrieval_s += seconds[0]
-        self.retrieval_steps += 1
+        self.retrieval_steps += new_step
 
 
 @contextlib.contextmanager
@@ -94,11 +99,22 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def timing(stats: DecodeStats | None, kind: str, device):
-    """``stats.time_step`` / ``stats.time_retrieval`` (``kind``: "step" or "retrieval"), or a no-op without stats."""
+def timing(stats: DecodeStats | None, kind: str, device, new_step: bool = True):
+    """``stats.time_step`` / ``stats.time_retrieval(device, new_step)`` (``kind``: "step" or "retrieval"),
+    or a no-op without stats."""
     if stats is None:
         return contextlib.nullcontext()
-    return stats.time_step(device) if kind == "step" else stats.time_retrieval(device)
+    return stats.time_step(device) if kind == "step" else stats.time_retrieval(device, new_step)
+
+
+def shared_search(daid, faid) -> bool:
+    """Whether one DAiD search per step serves FAiD too: both run and DAiD's retriever
+    :meth:`~arrag_kernels.retrieval.query.Retriever.covers` FAiD's (same database object and tokenizer,
+    FAiD's k <= DAiD's k; :func:`arrag_kernels.patch_model` builds them so). The decode step then
+    searches once, before the model step and on the main stream (FAiD's layer-0 hook reads the hits, so
+    an overlapped decode has no side stream left to use), and hands FAiD the first K hits."""
+    retriever = getattr(faid, "retriever", None)
+    return daid is not None and isinstance(retriever, Retriever) and daid.covers(retriever)
 
 
 def at_step(buffer: torch.Tensor, step) -> torch.Tensor:
@@ -119,14 +135,19 @@ class MultinomialSelect:
     def __init__(self, process_logits, do_sample: bool, daid=None, stats: DecodeStats | None = None):
         self.process_logits, self.do_sample, self.daid, self.stats = process_logits, do_sample, daid, stats
 
-    def fork(self, tokens, step):
-        return None  # the merge retrieves, at the retrieval steps only
+    def fork(self, tokens, step, shared: bool = False):
+        """None: the merge retrieves, at the retrieval steps only; with ``shared`` (FAiD reads the hits
+        before the model step) the search of a retrieval step runs now and its hits are returned."""
+        if not (shared and self.daid.retrieves_at[step]):
+            return None
+        with timing(self.stats, "retrieval", tokens.device):
+            return self.daid.retrieve(tokens, step)
 
     def select(self, logits, hits, tokens, step):
         scores = self.process_logits(logits)
         if self.daid is not None and self.daid.retrieves_at[step]:
-            with timing(self.stats, "retrieval", logits.device):
-                probs = self.daid.merge(torch.softmax(scores, dim=-1), tokens, step)
+            with timing(self.stats, "retrieval", logits.device, new_step=hits is None):
+                probs = self.daid.merge(torch.softmax(scores, dim=-1), tokens, step, hits)
             return torch.multinomial(probs, 1).squeeze(-1) if self.do_sample else probs.argmax(-1)
         if self.do_sample:
             return torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(-1)
@@ -157,7 +178,8 @@ class FusedSelect:
             that (see :func:`arrag_kernels.decoding.static.fusable_cfg`): the op applies them to the raw logits.
         uniforms: (num_tokens, B) sampling uniforms, or None for argmax.
         daid: optional :class:`arrag_kernels.decoding.DAiDSampler`.
-        side_stream: a CUDA stream to run the DAiD search on, concurrently with the model step.
+        side_stream: a CUDA stream to run the DAiD search on, concurrently with the model step (not
+            with a search shared with FAiD, :func:`shared_search`).
         stats: optional :class:`DecodeStats` (retrieval timed only without a side stream).
     """
 
@@ -170,11 +192,12 @@ class FusedSelect:
                         torch.full((batch, 1), -1, dtype=torch.long, device=device),
                         torch.zeros(batch, dtype=torch.bool, device=device))
 
-    def fork(self, tokens, step):
+    def fork(self, tokens, step, shared: bool = False):
         """DAiD hits (dist, token ids, valid) of ``step``, or the padding hit without DAiD.
 
         With a side stream the search is only enqueued there, after the main stream's work so far (the
-        tokens < step it reads); :meth:`select` joins it before sampling.
+        tokens < step it reads); :meth:`select` joins it before sampling. ``shared``: FAiD reads the hits
+        before the model step; the decode then has no side stream (``shared_search``).
         """
         if self.daid is None:
             return self.no_hits
@@ -219,19 +242,25 @@ class DecodeStep:
         decoder: the model's adapter (``step``, ``image_logits``, ``embed_image_tokens``).
         select: :class:`MultinomialSelect` or :class:`FusedSelect`.
         faid: optional FAiD step state (:class:`arrag_kernels.decoding.FAiDRuntime`, or any object with
-            its ``begin_step(tokens, step)``).
+            its ``begin_step(tokens, step)``; with a ``retriever`` that DAiD's covers, also ``hits=``:
+            :func:`shared_search`).
     """
 
     def __init__(self, decoder, select, faid=None):
         self.decoder, self.select, self.faid = decoder, select, faid
+        self.shared = shared_search(select.daid, faid)
 
     def __call__(self, tokens: torch.Tensor, step, embeds: torch.Tensor, mask: torch.Tensor, cache,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Predict cell ``step`` from ``embeds`` (2B, S, D), write it into ``tokens`` (B, N); return the
         next input embeddings (2B, 1, D)."""
-        if self.faid is not None:
-            self.faid.begin_step(tokens, step)
-        hits = self.select.fork(tokens, step)
+        if self.shared:  # one search: DAiD's k, its first K to FAiD
+            hits = self.select.fork(tokens, step, shared=True)
+            self.faid.begin_step(tokens, step, hits)
+        else:
+            if self.faid is not None:
+                self.faid.begin_step(tokens, step)
+            hits = self.select.fork(tokens, step)
         hidden = self.decoder.step(embeds, mask, cache, position_ids=position_ids)
         next_token = self.select.select(self.decoder.image_logits(hidden), hits, tokens, step)
         if isinstance(step, torch.Tensor):

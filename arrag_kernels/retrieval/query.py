@@ -97,7 +97,7 @@ class Retriever:
             tokenizer's own ``grid``. Queries always use the database's grid.
 
     Attributes:
-        db, k, layout, grid (the database's), codebook ((V, d) float32 on ``device``), device,
+        db, k, tokenizer, layout, grid (the database's), codebook ((V, d) float32 on ``device``), device,
         retrieves_at (list of H*W bools: the position has a key), searches (database searches so far).
     """
 
@@ -124,12 +124,21 @@ class Retriever:
             default_device = getattr(tokenizer, "device", None) or codebook.device
         self.device = _normal_device(device if device is not None else default_device)
         self.k = k
+        self.tokenizer = tokenizer
         self.db = on_device(db, self.device)
         self.layout = m.layout
         self.grid = tuple(m.grid)
         self.codebook = codebook.to(device=self.device, dtype=torch.float32)
         self.retrieves_at = retrieval_positions(self.grid, self.layout).tolist()
         self.searches = 0
+
+    def covers(self, other: "Retriever") -> bool:
+        """Whether ``other``'s hits are always the first ``other.k`` of this retriever's, so one search of this
+        retriever can answer both: the same database object (one search state: exact, or IVF-PQ with the
+        same nprobe), the same tokenizer (the same queries) and ``other.k <= k``. The search's order does
+        not depend on k (nearest first, ties by smaller id), so the k nearest start with the ``other.k`` nearest.
+        """
+        return self.db is other.db and self.tokenizer is other.tokenizer and other.k <= self.k
 
     def retrieve(self, tokens: torch.Tensor, positions=None) -> Hits:
         """Nearest entries of ``positions`` of the (B, H*W) grids ``tokens`` (-1: not generated / unknown).
