@@ -63,6 +63,18 @@ def _sem(x: torch.Tensor) -> float:
     return float(x.std() / math.sqrt(x.numel())) if x.numel() > 1 else 0.0
 
 
+def merge_hits(probs: torch.Tensor, dist: torch.Tensor, ids: torch.Tensor, active: torch.Tensor, lam: float,
+               tau: float, dedup: str) -> torch.Tensor:
+    """:func:`arrag_kernels.ops.daid_mix` over every position of a batch at once: (b, N, V) model
+    probabilities, (b, N, k) hits (distances and token ids, as ``Retriever.retrieve`` returns them)
+    and (b, N) ``active`` -> (b, N, V) float32 DAiD probabilities (inactive rows unchanged)."""
+    from ..ops import daid_mix
+
+    k = dist.shape[-1]
+    return daid_mix(probs.reshape(-1, probs.shape[-1]), dist.reshape(-1, k), ids.reshape(-1, k), active.reshape(-1),
+                    lam, tau, dedup).view(probs.shape)
+
+
 @torch.no_grad()
 def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, daid: DAiDConfig | None = None,
               guidance_scale: float | None = None, generation_config=None, batch_size: int = 64,
@@ -82,7 +94,7 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
     """
     from ..decoding import DAiDSampler
     from ..faid.train import TeacherForcedFAiD
-    from ..ops import daid_mix, retrieval_positions
+    from ..ops import retrieval_positions
     from ..retrieval.query import on_device
 
     adapter = get_adapter(model, TeacherForcingAdapter)
@@ -122,8 +134,7 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
                 gated.append((active & ~open_rows).cpu())
                 active = active & open_rows
             c = sampler.config
-            probs = daid_mix(probs.view(-1, probs.shape[-1]), dist.view(-1, c.k), ids.view(-1, c.k),
-                             active.view(-1), c.lam, c.tau, c.dedup).view(probs.shape)
+            probs = merge_hits(probs, dist, ids, active, c.lam, c.tau, c.dedup)
         out.append(-probs.gather(-1, t.unsqueeze(-1)).squeeze(-1).clamp_min(1e-30).log().cpu())
     # without a database, "retrieval positions" are those of the official key layout
     layout = db.meta.layout if db is not None else KeyLayout()
