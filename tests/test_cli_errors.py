@@ -1,12 +1,14 @@
 """CLI user errors: one line ``arrag-kernels <command>: error: ...`` and exit code 2, never a traceback
 (issue 14: each test pins a failure reported against an earlier version)."""
 
+import argparse
 import re
 
 import pytest
 import torch
 
 from arrag_kernels.cli import USER_ERROR, main
+from arrag_kernels.cli.common import float_between, float_in, int_at_least, int_between
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +57,19 @@ def test_cli_cuda_without_cuda(capsys):
 def test_cli_verify_full_flag(cli_db, tmp_path, capsys):
     args = ["generate", "--prompt-ids", "1,100", "--daid", "--db", cli_db, "--k", "8", "--out", str(tmp_path / "g")]
     assert main(args + ["--verify-full"]) == 0 and (tmp_path / "g" / "daid_0.png").is_file()
+
+
+@pytest.mark.parametrize("make, good, bad", [
+    (lambda: int_at_least(1), {"1": 1, "7": 7}, ["0", "-3", "1.5", "1e3", "x", ""]),
+    (lambda: int_between(0, 2**63 - 1), {"0": 0, str(2**63 - 1): 2**63 - 1}, ["-1", str(2**63)]),
+    (lambda: float_in(0.0, True), {"1e-9": 1e-9, "2": 2.0}, ["0", "-1", "inf", "nan", "x"]),
+    (lambda: float_in(1.0, False), {"1": 1.0, "5.5": 5.5}, ["0.99", "inf", "nan"]),
+    (lambda: float_between(0.0, 1.0), {"0": 0.0, "1": 1.0, "0.25": 0.25}, ["-0.1", "1.01", "nan", "inf", "-inf"]),
+])
+def test_bounded_argument_types_accept_edges_and_reject_the_rest(make, good, bad):
+    parse = make()
+    for text, value in good.items():
+        assert parse(text) == value and type(parse(text)) is type(value)
+    for text in bad:
+        with pytest.raises(argparse.ArgumentTypeError, match=f"got {re.escape(repr(text))}$"):
+            parse(text)

@@ -4,6 +4,7 @@ the user-error message, argument validators, the device check and ``load_model``
 from __future__ import annotations
 
 import argparse
+import math
 import pickle
 from pathlib import Path
 
@@ -34,34 +35,43 @@ class UserErrorParser(argparse.ArgumentParser):
         self.exit(USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def int_at_least(low: int):
-    """An argparse ``type``: an integer >= ``low``."""
+def _bounded(convert, noun: str, low, high=None, low_open: bool = False, hint: str = ""):
+    """An argparse ``type``: ``convert(text)`` (int or float; floats must be finite) > ``low`` (``low_open``) or
+    >= ``low``, and <= ``high`` when given; ``hint`` goes in the error."""
+    bound = f"in [{low}, {high}]" if high is not None else f"{'>' if low_open else '>='} {low}{hint}"
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
             value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        ok = (value is not None and not (isinstance(value, float) and not math.isfinite(value))
+              and (value > low if low_open else value >= low) and (high is None or value <= high))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {noun} {bound}, got {text!r}")
         return value
 
     return parse
+
+
+def int_at_least(low: int):
+    """An argparse ``type``: an integer >= ``low``."""
+    return _bounded(int, "an integer", low)
 
 
 def int_between(low: int, high: int):
     """An argparse ``type``: an integer in [``low``, ``high``]."""
+    return _bounded(int, "an integer", low, high)
 
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, {high}], got {text!r}")
-        return value
 
-    return parse
+def float_in(low: float, low_open: bool, hint: str = ""):
+    """An argparse ``type``: a finite number > ``low`` (``low_open``) or >= ``low``; ``hint`` goes in the error."""
+    return _bounded(float, "a number", low, low_open=low_open, hint=hint)
+
+
+def float_between(low: float, high: float):
+    """An argparse ``type``: a number in [``low``, ``high``]."""
+    return _bounded(float, "a number", low, high)
 
 
 def seed(text: str) -> int:
@@ -111,36 +121,6 @@ def check_prompt_ids(ids, model) -> None:
     if int(ids.min()) < 0 or int(ids.max()) >= vocab:
         raise ValueError(f"--prompt-ids: expected ids in [0, {vocab - 1}] (the model's vocabulary), got "
                          f"{int(ids.min())} .. {int(ids.max())}")
-
-
-def float_in(low: float, low_open: bool, hint: str = ""):
-    """An argparse ``type``: a finite number > ``low`` (``low_open``) or >= ``low``; ``hint`` goes in the error."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not (value > low if low_open else value >= low) or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"expected a number {'>' if low_open else '>='} {low}{hint}, got {text!r}")
-        return value
-
-    return parse
-
-
-def float_between(low: float, high: float):
-    """An argparse ``type``: a number in [``low``, ``high``]."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = float("nan")
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected a number in [{low}, {high}], got {text!r}")
-        return value
-
-    return parse
 
 
 def check_device(spec: str) -> None:
