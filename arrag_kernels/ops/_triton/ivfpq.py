@@ -36,7 +36,7 @@ from ..ivfpq import ivfpq_dispatcher, slots
 from ..ivfpq_plan import BLOCK_SLOTS, MAX_SLOTS, ScanShape, scan_shape
 from ..knn_plan import RADIX_BITS, SAFETY_SIGMAS, SELECT_TILE
 from ._common import device_reason
-from .knn import _keep_smallest, _kth_smallest, _load_entries
+from .knn import _append_survivors, _keep_smallest, _kth_smallest, _load_entries
 
 
 @triton.jit
@@ -161,20 +161,7 @@ def _scan_all_slots(keys_ptr, slots_ptr, total, k, C, lists_row, dis0_row, ends_
         ok = s < total
         key = _slot_keys(s, ok, lists_row, dis0_row, ends_row, term1_ptr, t2_row, codes_ptr, offsets_ptr, nprobe,
                          search_steps, M, KSUB)
-        x = (key.to(tl.int64) << 32) | s
-        keep = ok & (x <= tau)
-        kept = tl.sum(keep.to(tl.int32), 0)
-        if count + kept > C:  # then count > C - BLOCK >= k
-            tl.debug_barrier()  # the slots' stores visible to the whole program
-            tau = _kth_smallest(keys_ptr, slots_ptr, count, k, TILE, RADIX)
-            tl.debug_barrier()
-            count = _keep_smallest(keys_ptr, slots_ptr, count, tau, TILE)
-            keep = keep & (x <= tau)
-            kept = tl.sum(keep.to(tl.int32), 0)
-        at = count + tl.cumsum(keep.to(tl.int32), 0) - 1
-        tl.store(keys_ptr + at, key, mask=keep)
-        tl.store(slots_ptr + at, s.to(tl.int32), mask=keep)
-        count += kept
+        count, tau = _append_survivors(keys_ptr, slots_ptr, count, tau, key, s, ok, C, k, TILE, RADIX)
     return count
 
 

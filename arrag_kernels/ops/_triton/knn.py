@@ -169,6 +169,27 @@ def _keep_smallest(bits_ptr, ids_ptr, m, tau, TILE: tl.constexpr):
     return count
 
 
+@triton.jit
+def _append_survivors(bits_ptr, ids_ptr, count, tau, bits, ids, ok, C, k, TILE: tl.constexpr, RADIX: tl.constexpr):
+    """One tile of the fallback's stream: appends the tile's entries ``bits << 32 | ids`` that are <= tau
+    (and ``ok``) after the first ``count`` slots, first shrinking those to the k smallest (a tighter tau)
+    when the tile might not fit in the C slots; returns the new (count, tau)."""
+    x = (bits.to(tl.int64) << 32) | ids
+    keep = ok & (x <= tau)
+    kept = tl.sum(keep.to(tl.int32), 0)
+    if count + kept > C:  # then count > C - tile >= k
+        tl.debug_barrier()  # the slots' stores visible to the whole program
+        tau = _kth_smallest(bits_ptr, ids_ptr, count, k, TILE, RADIX)
+        tl.debug_barrier()
+        count = _keep_smallest(bits_ptr, ids_ptr, count, tau, TILE)
+        keep = keep & (x <= tau)
+        kept = tl.sum(keep.to(tl.int32), 0)
+    slot = count + tl.cumsum(keep.to(tl.int32), 0) - 1
+    tl.store(bits_ptr + slot, bits, mask=keep)
+    tl.store(ids_ptr + slot, ids.to(tl.int32), mask=keep)
+    return count + kept, tau
+
+
 # Sizes are not specialised (one compiled kernel per dtype, D and block sizes, not per database size
 # or k: cold compilation dominates a short GPU session); strides are, for their alignment.
 @triton.jit(do_not_specialize=["Q", "N", "S", "step"])
@@ -254,20 +275,7 @@ def _stream_all_keys(q_ptr, k_ptr, qi, bits_ptr, ids_ptr, N, D, C, k, q_stride, 
         kt = tl.load(k_ptr + n[:, None] * k_stride + cols[None, :],
                      mask=nok[:, None] & (cols[None, :] < D), other=0.0)
         bits = tl.sum(tl.where(lane[:, None] == 0, _tile_distance_bits(qn, p0, p1, p2, c, kt), 0), axis=0)
-        x = (bits.to(tl.int64) << 32) | n
-        keep = nok & (x <= tau)
-        kept = tl.sum(keep.to(tl.int32), 0)
-        if count + kept > C:  # then count > C - BLOCK_N >= k
-            tl.debug_barrier()  # the slots' stores visible to the whole program
-            tau = _kth_smallest(bits_ptr, ids_ptr, count, k, TILE, RADIX)
-            tl.debug_barrier()
-            count = _keep_smallest(bits_ptr, ids_ptr, count, tau, TILE)
-            keep = keep & (x <= tau)
-            kept = tl.sum(keep.to(tl.int32), 0)
-        slot = count + tl.cumsum(keep.to(tl.int32), 0) - 1
-        tl.store(bits_ptr + slot, bits, mask=keep)
-        tl.store(ids_ptr + slot, n.to(tl.int32), mask=keep)
-        count += kept
+        count, tau = _append_survivors(bits_ptr, ids_ptr, count, tau, bits, n, nok, C, k, TILE, RADIX)
     return count
 
 
