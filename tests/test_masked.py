@@ -334,6 +334,35 @@ def test_faid_gate_and_decode(gen, db):
     assert [q.shape[0] for q in counter.calls] == [2 * counts[t] for t in range(3, 6)]
 
 
+def test_daid_and_faid_share_one_search_per_step(gen, db):
+    """DAiD (k = 8) and FAiD (k = 4) on one database object: one search per retrieving step, FAiD reading
+    the first 4 of DAiD's hits, and the same tokens as with two databases (two searches per step)."""
+    blenders = FAiDBlenders(gen.hidden_size, gen.num_layers, ak.FAiDConfig(k=4, hops=(1,), blenders=1))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in blenders.parameters():  # blenders that change the model (fresh ones add nothing)
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    daid_config = ak.DAiDConfig(lam=0.5, tau=0.5, k=8)
+    cfg = MaskedDecodeConfig(steps=6)
+    labels = torch.tensor([0, 1, 2])
+
+    def decode(daid_db, faid_db, with_faid=True):
+        daid = MaskedDAiD(daid_db, daid_config, gen)
+        faid = MaskedFAiD(gen, faid_db, blenders) if with_faid else None
+        counters = [_Counting(daid)] + ([_Counting(faid.retriever)] if faid and faid_db is not daid_db else [])
+        tokens = masked_decode(gen, labels, cfg, daid=daid, faid=faid, rng=_rng())
+        return tokens, sum(len(c.calls) for c in counters)
+
+    one = db.to()
+    shared, shared_searches = decode(one, one)
+    separate, separate_searches = decode(db.to(), db.to())
+    daid_only, _ = decode(db.to(), db.to(), with_faid=False)
+    retrieving_steps = sum(cfg.retrieves_at(t) for t in range(cfg.steps))
+    assert shared_searches == retrieving_steps and separate_searches == 2 * retrieving_steps
+    assert torch.equal(shared, separate)
+    assert not torch.equal(shared, daid_only)  # FAiD did take part
+
+
 def test_faid_training_updates_blenders_only(gen, db, grids):
     torch.manual_seed(0)
     blenders = FAiDBlenders(gen.hidden_size, gen.num_layers, ak.FAiDConfig(k=4, hops=(1, 2), blenders=2))

@@ -81,15 +81,18 @@ class MaskedFAiD:
         self.blend = blend_full if fast else blend_full_literal
         self.retriever = MaskedRetriever(db, blenders.config.k, generator, device, setting="FAiDConfig.k")
 
-    def features(self, tokens: torch.Tensor, positions: torch.Tensor, retrieve: bool) -> torch.Tensor:
+    def features(self, tokens: torch.Tensor, positions: torch.Tensor, retrieve: bool, hits=None) -> torch.Tensor:
         """(B, N, K, D) embeddings of the tokens retrieved for ``positions``; zeros at other cells, for
-        padded hits and invalid keys, and everywhere when not ``retrieve``."""
+        padded hits and invalid keys, and everywhere when not ``retrieve``. ``hits``: this step's (B, P)
+        hits of a retriever that covers this one (DAiD's, shared by the loop); their first K are used
+        instead of searching again."""
         B, N = tokens.shape
         K, D = self.blenders.config.k, self.blenders.dim
         dtype = self.blenders.layer(self.blenders.layer_ids[0]).retrieval_layernorm.weight.dtype
         out = torch.zeros(B, N, K, D, device=tokens.device, dtype=dtype)
         if retrieve:
-            _, ids, valid = self.retriever.retrieve(tokens, positions)
+            _, ids, valid = self.retriever.retrieve(tokens, positions) if hits is None else hits
+            ids = ids[..., :K]  # shared hits come nearest first: the K nearest
             keep = ((ids >= 0) & valid.unsqueeze(-1)).unsqueeze(-1)
             e = self.generator.embed_tokens(ids.clamp_min(0)).to(dtype) * keep
             out.scatter_(1, positions[:, :, None, None].expand(*ids.shape, D), e)
@@ -114,9 +117,10 @@ class MaskedFAiD:
 
         return hook
 
-    def begin_step(self, tokens: torch.Tensor, positions: torch.Tensor, retrieve: bool):
-        """Retrieval for the step's unknown cells (if ``retrieve``); returns the hook for its forward."""
-        return self.make_hook(tokens, self.features(tokens, positions, retrieve))
+    def begin_step(self, tokens: torch.Tensor, positions: torch.Tensor, retrieve: bool, hits=None):
+        """Retrieval for the step's unknown cells (if ``retrieve``; from ``hits`` when the loop shares
+        DAiD's search); returns the hook for its forward."""
+        return self.make_hook(tokens, self.features(tokens, positions, retrieve, hits))
 
     def loss(self, token_grids: torch.Tensor, condition: torch.Tensor, rng: torch.Generator | None = None):
         """Masked CE of ground-truth grids (B, N) with a MaskGIT random mask; retrieval at every masked cell

@@ -33,7 +33,8 @@ def masked_decode(
 
     Step t (see :class:`MaskedDecodeConfig`): the model predicts every cell; at the P unknown cells
     ``p = softmax(logits / temperature)``, merged per cell as ``(1 - lam) p + lam p_ret`` with ``daid``'s
-    hits at retrieving steps (one search for the B * P cells); a token is drawn at every unknown cell
+    hits at retrieving steps (one search for the B * P cells, which FAiD shares when DAiD's retriever
+    covers its own); a token is drawn at every unknown cell
     by inverse CDF from uniforms of ``rng`` (:func:`sample_cells`, one fused op for all B * P cells);
     the ``P - P_next`` most confident samples
     (``log p(token) + choice_temperature (1 - (t+1)/T) gumbel``) are kept, the rest stay unknown.
@@ -60,16 +61,18 @@ def masked_decode(
     counts = config.masked_counts(N)
     tokens = torch.full((B, N), -1, dtype=torch.long, device=device)
     T = config.steps
+    # One search per retrieving step serves DAiD and FAiD when DAiD's retriever covers FAiD's (same database
+    # and tokenizer, FAiD's k <= DAiD's): FAiD takes the first K of DAiD's hits.
+    shared = daid is not None and faid is not None and daid.covers(faid.retriever)
     for t in range(T):
         P, P_next = counts[t], counts[t + 1]
         retrieve = config.retrieves_at(t)
         positions = masked_positions(tokens, P)
-        hook = faid.begin_step(tokens, positions, retrieve) if faid is not None else None
+        hits = daid.retrieve(tokens, positions) if daid is not None and retrieve else None
+        hook = faid.begin_step(tokens, positions, retrieve, hits if shared else None) if faid is not None else None
         logits = generator.logits(tokens, condition, hook)
         cell_logits = torch.gather(logits, 1, positions.unsqueeze(-1).expand(B, P, logits.shape[-1]))
-        hits = None
-        if daid is not None and retrieve:
-            hits = daid.retrieve(tokens, positions).flat()  # (B * P) rows
+        hits = None if hits is None else hits.flat()  # (B * P) rows
         u = torch.rand(B, P, generator=rng, device=device)
         g = torch.rand(B, P, generator=rng, device=device)
         sampled, prob = sample_cells(cell_logits.reshape(B * P, -1), u.reshape(-1), config.temperature, hits,
