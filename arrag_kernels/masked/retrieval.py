@@ -16,14 +16,15 @@ from __future__ import annotations
 import torch
 
 from ..config import DAiDConfig, KeyLayout
-from ..ops import daid_sample, feature_neighbor_keys
+from ..ops import daid_mix, daid_sample, feature_neighbor_keys
 from ..retrieval import DatabaseError, DatabaseMeta, PatchDatabase
 from ..retrieval.query import Retriever
 
 
 def masked_positions(tokens: torch.Tensor, count: int) -> torch.Tensor:
     """(B, N) ids (-1 = unknown) with exactly ``count`` unknown cells per row -> (B, count) their flat
-    positions, ascending. Read on the device only (no host synchronisation)."""
+    positions, ascending. Read on the device only (no host synchronisation). A row with fewer unknown
+    cells gets them first, then its first known cells."""
     order = torch.argsort((tokens >= 0).to(torch.int8), dim=1, stable=True)  # unknown cells first, in order
     return order[:, :count]
 
@@ -59,6 +60,29 @@ class MaskedDAiD(MaskedRetriever):
                              "retrieval schedule, MaskedDecodeConfig.start_fraction); use gate=None")
         super().__init__(db, config.k, generator, device, setting="DAiDConfig.k")
         self.config = config
+
+    def merge_logits(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """DAiD for a sampler the library does not own, one that draws each unknown cell from
+        ``softmax(logits)`` (a pipeline's scheduler step): (B, N, V) logits of every cell of the grids
+        ``tokens`` (B, N), -1 at unknown cells -> (B, N, V) with ``log((1 - lam) softmax(l) + lam p_ret)``
+        (:func:`arrag_kernels.ops.daid_mix`) at the unknown cells that have a key and a hit, the logits as
+        given everywhere else. One search for the unknown cells of all grids (rows may differ in how many
+        they have)."""
+        B, N, V = logits.shape
+        unknown = tokens < 0
+        count = int(unknown.sum(1).max())
+        if count == 0:
+            return logits
+        positions = masked_positions(tokens, count)  # (B, P): each row's unknown cells first
+        at = positions.unsqueeze(-1).expand(B, count, V)
+        cell_logits = logits.gather(1, at)
+        dist, ids, valid = self.retrieve(tokens, positions).flat()
+        active = valid & unknown.gather(1, positions).reshape(-1)
+        c = self.config
+        merged = daid_mix(torch.softmax(cell_logits.float(), dim=-1).reshape(B * count, V), dist, ids, active,
+                          c.lam, c.tau, c.dedup).log().to(logits.dtype).view(B, count, V)
+        use = (active & (ids >= 0).any(1)).view(B, count, 1)  # daid_mix merges only these rows
+        return logits.scatter(1, at, torch.where(use, merged, cell_logits))
 
 
 def merged_token_probability(logits, dist, ids, active, token, temperature: float, lam: float, tau: float,
