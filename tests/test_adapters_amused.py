@@ -10,7 +10,9 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 import arrag_kernels as ak  # noqa: E402
-from arrag_kernels.masked import MaskedDAiD  # noqa: E402
+from arrag_kernels.faid import FAiDBlenders  # noqa: E402
+from arrag_kernels.masked import (MaskedDAiD, MaskedDecodeConfig, MaskedFAiD, MaskedGenerator, masked_decode,  # noqa: E402
+                                  train_masked_faid)
 from arrag_kernels.models import AmusedAdapter, ImageTokenizer, PipelineAdapter, check_protocol, get_adapter  # noqa: E402
 from arrag_kernels.ops import daid_mix  # noqa: E402
 
@@ -184,6 +186,58 @@ def test_merge_logits_rows_with_different_unknown_cells(setup):
                             0.3, 0.5, "nearest")
         assert torch.allclose(merged[b, positions].exp(), expected, atol=1e-6)
     assert daid.searches == 3
+
+
+def test_logits_equal_the_guided_logits_of_the_pipelines_steps(setup):
+    """The MaskedGenerator side: adapter.logits is the transformer forward + CFG of a pipeline step."""
+    pipe, _, _, _ = setup
+    seen = []
+    step = pipe.scheduler.step
+    pipe.scheduler.step = lambda model_output, timestep, sample, **kw: seen.append((model_output, sample)) or step(
+        model_output, timestep, sample, **kw)
+    try:
+        _call(pipe, guidance_scale=4.0)
+    finally:
+        del pipe.scheduler.step
+    guided = AmusedAdapter(pipe, guidance_scale=4.0)
+    prompt_ids = guided.encode_prompts(PROMPTS)
+    for logits, sample in (seen[0], seen[-1]):
+        tokens = torch.where(sample == MASK, -1, sample).reshape(2, -1)
+        with torch.no_grad():
+            ours = guided.logits(tokens, prompt_ids)
+        assert torch.allclose(ours, logits.flatten(2).transpose(1, 2), atol=1e-5)
+
+
+def test_masked_loop_with_faid_and_daid_and_blender_training(setup):
+    """FAiD through hooks on UVit2DModel's transformer layers: the library's masked loop with the adapter."""
+    pipe, _, db, images = setup
+    adapter, guided = AmusedAdapter(pipe), AmusedAdapter(pipe, guidance_scale=3.0)
+    check_protocol(adapter, MaskedGenerator)
+    prompt_ids = adapter.encode_prompts(PROMPTS)
+    torch.manual_seed(0)
+    blenders = FAiDBlenders(adapter.hidden_size, adapter.num_layers, ak.FAiDConfig(k=4, hops=(1,), blenders=2))
+    faid = MaskedFAiD(adapter, db, blenders)
+    tokens = torch.randint(0, CODES, (2, SIDE * SIDE), generator=torch.Generator().manual_seed(4))
+    tokens[:, ::3] = -1
+    positions = (tokens < 0).nonzero()[:, 1].view(2, -1)
+    with torch.no_grad():
+        plain = adapter.logits(tokens, prompt_ids)
+        blended = adapter.logits(tokens, prompt_ids, faid.begin_step(tokens, positions, True))
+        uncond = adapter.logits(tokens, adapter.encode_prompts(["", ""]))
+        guided_blend = guided.logits(tokens, prompt_ids, faid.begin_step(tokens, positions, True))
+    assert (blended - plain).abs().max() > 1e-3  # the blenders reach the model
+    assert torch.allclose(guided_blend, uncond + 3.0 * (blended - uncond), atol=1e-5)  # conditional rows only
+    rng = torch.Generator().manual_seed(5)
+    loop = MaskedDecodeConfig(steps=4)
+    out = masked_decode(guided, prompt_ids, loop, daid=MaskedDAiD(db, ak.DAiDConfig(lam=0.5, k=4), guided), faid=faid,
+                        rng=rng)
+    assert out.shape == (2, SIDE * SIDE) and bool((out >= 0).all()) and int(out.max()) < CODES
+    _, grids = adapter.encode(images[:6])
+    before = {n: p.detach().clone() for n, p in blenders.named_parameters()}
+    losses = train_masked_faid(faid, grids.reshape(6, -1), adapter.encode_prompts(PROMPTS * 3), steps=2, batch_size=2)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert any(not torch.equal(p, before[n]) for n, p in blenders.named_parameters())
+    assert all(p.grad is None for p in pipe.transformer.parameters())
 
 
 def test_refusals(setup):

@@ -9,8 +9,8 @@ from typing import Callable
 
 from .amused import AmusedAdapter
 from .base import (FAiDAdapter, GridPerCall, ImageDecoder, ImageStream, ImageTokenizer, LogitsProcessorAdapter, MemberUnavailable,
-                   ModelAdapter, OfficialWeights, PipelineAdapter, PretrainedLoader, TeacherForcingAdapter, check_protocol,
-                   codebook_fingerprint, protocol_members)
+                   ModelAdapter, OfficialWeights, PipelineAdapter, PretrainedLoader, TeacherForcingAdapter,
+                   check_protocol, codebook_fingerprint, protocol_members)
 from .emu3 import Emu3Adapter
 from .glm_image import GlmImageAdapter
 from .imagegpt import ImageGPTAdapter
@@ -31,7 +31,8 @@ ADAPTERS: dict[str, Callable] = {
 
 
 def register_adapter(model_type: str, factory: Callable, replace: bool = False) -> None:
-    """Make ``patch_model``, ``PatchDatabase.build`` etc. accept models with ``config.model_type == model_type``.
+    """Make ``patch_model``, ``PatchDatabase.build`` etc. accept models with ``config.model_type == model_type``
+    (diffusers pipelines: ``type(pipeline).__name__ == model_type``, see :func:`family_of`).
 
     ``factory(model)`` returns an object implementing :class:`ModelAdapter` (checked when it is
     built; :class:`TeacherForcingAdapter` for NLL, :class:`FAiDAdapter` for FAiD). A factory may also
