@@ -168,8 +168,9 @@ def test_the_pipelines_own_features_keep_working(setup):
 
 
 def test_merge_logits_rows_with_different_unknown_cells(setup):
-    """The generic hook under the step: merged log-probabilities at the unknown cells, the logits elsewhere,
-    also when the grids have different numbers of unknown cells (one padded search)."""
+    """The generic hook under the step: logits of the merged distribution at the unknown cells, the logits
+    elsewhere, also when the grids have different numbers of unknown cells (one padded search); lam = 0 returns
+    the logits bit for bit."""
     _, adapter, db, _ = setup
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, CODES, (2, SIDE * SIDE), generator=g)
@@ -184,8 +185,11 @@ def test_merge_logits_rows_with_different_unknown_cells(setup):
         dist, ids, _ = daid.retrieve(tokens[b:b + 1], positions[None]).flat()
         expected = daid_mix(logits[b, positions].softmax(-1), dist, ids, torch.ones(len(positions), dtype=torch.bool),
                             0.3, 0.5, "nearest")
-        assert torch.allclose(merged[b, positions].exp(), expected, atol=1e-6)
+        assert torch.allclose(merged[b, positions].softmax(-1), expected, atol=1e-6)
+    assert not torch.allclose(merged[unknown].softmax(-1), logits[unknown].softmax(-1), atol=1e-3)
     assert daid.searches == 3
+    untouched = MaskedDAiD(db, ak.DAiDConfig(lam=0.0, k=6), adapter)
+    assert torch.equal(untouched.merge_logits(logits, tokens), logits) and untouched.searches == 1
 
 
 def test_logits_equal_the_guided_logits_of_the_pipelines_steps(setup):

@@ -16,13 +16,12 @@ def step_with_daid(step, adapter, daid: MaskedDAiD):
     """``step`` (the bound function at ``adapter.patch_target()``) with masked DAiD on its logits.
 
     At a retrieving step (``t >= ceil(adapter.start_fraction * T)``, ``(t, T) = adapter.step_index(timestep)``)
-    the logits of the unknown cells (``adapter.mask_token_id`` in the grid) become
-    ``log((1 - lam) softmax(l) + lam p_ret)`` (:meth:`MaskedDAiD.merge_logits`: one search for all of them)
-    and ``step`` runs on them, so the sampler draws from the merged distribution and ranks its draws by
-    their merged probability; every other argument (the generator included) and every other step reach
-    ``step`` unchanged. With ``lam = 0`` the merged cells carry ``log softmax(l)``, whose softmax is the
-    sampler's own distribution to within rounding (the same tokens in the tests). A grid of another size
-    than the database's raises.
+    the logits of the unknown cells (``adapter.mask_token_id`` in the grid) become logits of
+    ``(1 - lam) softmax(l) + lam p_ret`` (:meth:`MaskedDAiD.merge_logits`: one search for all of them) and
+    ``step`` runs on them, so the sampler draws from the merged distribution and ranks its draws by their
+    merged probability; every other argument (the generator included) and every other step reach
+    ``step`` unchanged. With ``lam = 0`` the logits reach ``step`` exactly as given (the search still
+    runs). A grid of another size than the database's raises.
     """
     H, W = daid.grid
     mask_id = adapter.mask_token_id

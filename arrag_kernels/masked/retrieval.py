@@ -64,10 +64,12 @@ class MaskedDAiD(MaskedRetriever):
     def merge_logits(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """DAiD for a sampler the library does not own, one that draws each unknown cell from
         ``softmax(logits)`` (a pipeline's scheduler step): (B, N, V) logits of every cell of the grids
-        ``tokens`` (B, N), -1 at unknown cells -> (B, N, V) with ``log((1 - lam) softmax(l) + lam p_ret)``
-        (:func:`arrag_kernels.ops.daid_mix`) at the unknown cells that have a key and a hit, the logits as
-        given everywhere else. One search for the unknown cells of all grids (rows may differ in how many
-        they have)."""
+        ``tokens`` (B, N), -1 at unknown cells -> (B, N, V) logits whose softmax is the merged
+        ``p = (1 - lam) softmax(l) + lam p_ret`` (:func:`arrag_kernels.ops.daid_mix`) at the unknown cells
+        that have a key and a hit, the logits as given everywhere else. A merged cell gets
+        ``l + log p - log_softmax(l)``, with the correction 0 wherever ``p`` equals ``softmax(l)``: so with
+        ``lam = 0`` the logits come back exactly and the sampler draws exactly as unpatched. One search for
+        the unknown cells of all grids (rows may differ in how many they have)."""
         B, N, V = logits.shape
         unknown = tokens < 0
         count = int(unknown.sum(1).max())
@@ -75,14 +77,16 @@ class MaskedDAiD(MaskedRetriever):
             return logits
         positions = masked_positions(tokens, count)  # (B, P): each row's unknown cells first
         at = positions.unsqueeze(-1).expand(B, count, V)
-        cell_logits = logits.gather(1, at)
+        cell_logits = logits.gather(1, at).float().reshape(B * count, V)
         dist, ids, valid = self.retrieve(tokens, positions).flat()
         active = valid & unknown.gather(1, positions).reshape(-1)
         c = self.config
-        merged = daid_mix(torch.softmax(cell_logits.float(), dim=-1).reshape(B * count, V), dist, ids, active,
-                          c.lam, c.tau, c.dedup).log().to(logits.dtype).view(B, count, V)
-        use = (active & (ids >= 0).any(1)).view(B, count, 1)  # daid_mix merges only these rows
-        return logits.scatter(1, at, torch.where(use, merged, cell_logits))
+        probs = torch.softmax(cell_logits, dim=-1)
+        merged = daid_mix(probs, dist, ids, active, c.lam, c.tau, c.dedup)
+        correction = torch.where(merged == probs, 0.0, merged.log() - torch.log_softmax(cell_logits, dim=-1))
+        use = (active & (ids >= 0).any(1)).unsqueeze(1)  # the rows daid_mix merges
+        cells = torch.where(use, cell_logits + correction, cell_logits).to(logits.dtype).view(B, count, V)
+        return logits.scatter(1, at, cells)
 
 
 def merged_token_probability(logits, dist, ids, active, token, temperature: float, lam: float, tau: float,

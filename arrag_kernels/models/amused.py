@@ -11,7 +11,8 @@ most confident draws and masks the rest again. That step is where the paper's ma
 (AR-RAG appendix B.2, the library's :mod:`arrag_kernels.masked`): :func:`arrag_kernels.patch_model`
 replaces ``step`` on the pipeline's scheduler instance (``patch_target``) by one that merges
 ``(1 - lam) softmax(l) + lam p_ret`` at the unknown cells (8-neighbour queries of the known cells, one
-search per step) and hands the log of it to the scheduler's own ``step``; the pipeline call (prompts,
+search per step) and hands logits of it to the scheduler's own ``step`` (with ``lam = 0`` exactly the
+given logits, so exactly the unpatched tokens); the pipeline call (prompts,
 ``num_images_per_prompt``, ``guidance_scale``, ``generator``, ``output_type``, callbacks) is unchanged.
 Steps ``t >= ceil(start_fraction * T)`` retrieve (default 0.5, the paper's final half, as
 :class:`arrag_kernels.masked.MaskedDecodeConfig`); register ``lambda p: AmusedAdapter(p, start_fraction=...)``
