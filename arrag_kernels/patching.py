@@ -122,12 +122,10 @@ class PatchHandle:
     def generate_images(self, inputs=None, attention_mask=None, logits_processor=None, stats: DecodeStats | None = None,
                         progress: bool = False, **kwargs):
         """Image generation with HF ``generate`` arguments; fills ``stats`` with timings if given."""
-        if self._pipeline_mode:
+        if self._processor_mode or self._pipeline_mode:
+            call = "the pipeline" if self._pipeline_mode else "model.generate(...)"
             raise ValueError(f"generate_images runs the library's decode loop, which {type(self.model).__name__} does "
-                             f"not use ({self.adapter.no_loop_reason}); call the pipeline (patched) instead")
-        if self._processor_mode:
-            raise ValueError(f"generate_images runs the library's decode loop, which {type(self.model).__name__} does "
-                             f"not use ({self.adapter.no_loop_reason}); call model.generate(...) (patched) instead")
+                             f"not use ({self.adapter.no_loop_reason}); call {call} (patched) instead")
         self.adapter.check_image_generation()
         return hf_image_generate(
             self.model, self.adapter, daid=self.daid, faid=self.faid, inputs=inputs, attention_mask=attention_mask,

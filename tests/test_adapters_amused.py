@@ -99,6 +99,8 @@ def test_databases_from_images_and_from_tokens_through_the_registry(setup):
     built = ak.PatchDatabase.build(images, pipe, neighborhood="full", border="zero", key_source="codebook",
                                    progress=False)
     assert torch.equal(from_tokens.keys, built.keys) and torch.equal(from_tokens.values, built.values)
+    by_adapter = ak.PatchDatabase.build(images, adapter, neighborhood="full", border="zero", progress=False)
+    assert torch.equal(by_adapter.keys, db.keys) and by_adapter.meta.model_fingerprint == db.meta.model_fingerprint
     import warnings
 
     with warnings.catch_warnings():

@@ -23,8 +23,8 @@ from ..retrieval.query import Retriever
 
 def masked_positions(tokens: torch.Tensor, count: int) -> torch.Tensor:
     """(B, N) ids (-1 = unknown) with exactly ``count`` unknown cells per row -> (B, count) their flat
-    positions, ascending. Read on the device only (no host synchronisation). A row with fewer unknown
-    cells gets them first, then its first known cells."""
+    positions, ascending (a row with fewer unknown cells: all of them, then its first known cells). Read
+    on the device only (no host synchronisation)."""
     order = torch.argsort((tokens >= 0).to(torch.int8), dim=1, stable=True)  # unknown cells first, in order
     return order[:, :count]
 

@@ -16,7 +16,7 @@ given logits, so exactly the unpatched tokens); the pipeline call (prompts,
 ``num_images_per_prompt``, ``guidance_scale``, ``generator``, ``output_type``, callbacks) is unchanged.
 Steps ``t >= ceil(start_fraction * T)`` retrieve (default 0.5, the paper's final half, as
 :class:`arrag_kernels.masked.MaskedDecodeConfig`); register ``lambda p: AmusedAdapter(p, start_fraction=...)``
-for another gate.
+for another gate. Retrieval runs where the transformer is at patching time: move the pipeline first.
 
 Tokenizer: the VQ model's encoder and ``quant_conv`` give the pre-quantisation latents (database keys,
 L2-normalised per cell); the code is the nearest raw codebook row (as ``VectorQuantizer``); queries use
