@@ -16,7 +16,7 @@ def step_with_daid(step, adapter, daid: MaskedDAiD):
     """``step`` (the bound function at ``adapter.patch_target()``) with masked DAiD on its logits.
 
     At a retrieving step (``t >= ceil(adapter.start_fraction * T)``, ``(t, T) = adapter.step_index(timestep)``)
-    the logits of the unknown cells (``adapter.mask_token_id`` in the grid) become logits of
+    the logits of the unknown cells (``adapter.mask_token_id`` in the grid) with a known neighbour become logits of
     ``(1 - lam) softmax(l) + lam p_ret`` (:meth:`MaskedDAiD.merge_logits`: one search for all of them) and
     ``step`` runs on them, so the sampler draws from the merged distribution and ranks its draws by their
     merged probability; every other argument (the generator included) and every other step reach

@@ -14,6 +14,7 @@ confidence needs, from O(V + K log K) work per cell.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..config import DAiDConfig, KeyLayout
 from ..ops import daid_mix, daid_sample, feature_neighbor_keys
@@ -66,10 +67,12 @@ class MaskedDAiD(MaskedRetriever):
         ``softmax(logits)`` (a pipeline's scheduler step): (B, N, V) logits of every cell of the grids
         ``tokens`` (B, N), -1 at unknown cells -> (B, N, V) logits whose softmax is the merged
         ``p = (1 - lam) softmax(l) + lam p_ret`` (:func:`arrag_kernels.ops.daid_mix`) at the unknown cells
-        that have a key and a hit, the logits as given everywhere else. A merged cell gets
-        ``l + log p - log_softmax(l)``, with the correction 0 wherever ``p`` equals ``softmax(l)``: so with
-        ``lam = 0`` the logits come back exactly and the sampler draws exactly as unpatched. One search for
-        the unknown cells of all grids (rows may differ in how many they have)."""
+        whose neighbourhood is (partly) known, that have a key and a hit; the logits as given everywhere
+        else. A cell without a known cell in its key window is left to the model: its query is all zeros
+        and says nothing about it (the library's own loop, :func:`masked_decode`, merges there too). A
+        merged cell gets ``l + log p - log_softmax(l)``, with the correction 0 wherever ``p`` equals
+        ``softmax(l)``: so with ``lam = 0`` the logits come back exactly and the sampler draws exactly as
+        unpatched. One search for the unknown cells of all grids (rows may differ in how many they have)."""
         B, N, V = logits.shape
         unknown = tokens < 0
         count = int(unknown.sum(1).max())
@@ -79,7 +82,9 @@ class MaskedDAiD(MaskedRetriever):
         at = positions.unsqueeze(-1).expand(B, count, V)
         cell_logits = logits.gather(1, at).float().reshape(B * count, V)
         dist, ids, valid = self.retrieve(tokens, positions).flat()
-        active = valid & unknown.gather(1, positions).reshape(-1)
+        r = self.layout.radius  # a known cell within the key window (the unknown centre adds nothing)
+        known_near = F.max_pool2d((~unknown).float().view(B, 1, *self.grid), 2 * r + 1, stride=1, padding=r)
+        active = valid & (unknown & (known_near.view(B, N) > 0)).gather(1, positions).reshape(-1)
         c = self.config
         probs = torch.softmax(cell_logits, dim=-1)
         merged = daid_mix(probs, dist, ids, active, c.lam, c.tau, c.dedup)

@@ -10,10 +10,11 @@ every unknown cell from ``softmax(logits)`` (``torch.multinomial`` with the call
 most confident draws and masks the rest again. That step is where the paper's masked DAiD fits
 (AR-RAG appendix B.2, the library's :mod:`arrag_kernels.masked`): :func:`arrag_kernels.patch_model`
 replaces ``step`` on the pipeline's scheduler instance (``patch_target``) by one that merges
-``(1 - lam) softmax(l) + lam p_ret`` at the unknown cells (8-neighbour queries of the known cells, one
-search per step) and hands logits of it to the scheduler's own ``step`` (with ``lam = 0`` exactly the
-given logits, so exactly the unpatched tokens); the pipeline call (prompts,
-``num_images_per_prompt``, ``guidance_scale``, ``generator``, ``output_type``, callbacks) is unchanged.
+``(1 - lam) softmax(l) + lam p_ret`` at the unknown cells whose neighbourhood is partly known
+(8-neighbour queries of the known cells, one search per step) and hands logits of it to the scheduler's
+own ``step`` (with ``lam = 0`` exactly the given logits, so exactly the unpatched tokens); the pipeline
+call (prompts, ``num_images_per_prompt``, ``guidance_scale``, ``generator``, ``output_type``, callbacks) is
+unchanged.
 Steps ``t >= ceil(start_fraction * T)`` retrieve (default 0.5, the paper's final half, as
 :class:`arrag_kernels.masked.MaskedDecodeConfig`); register ``lambda p: AmusedAdapter(p, start_fraction=...)``
 for another gate. Retrieval runs where the transformer is at patching time: move the pipeline first.
