@@ -2,6 +2,7 @@
 token grids) and masked DAiD inside the pipeline's own call, through patch_model wrapping its scheduler step."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -102,8 +103,6 @@ def test_databases_from_images_and_from_tokens_through_the_registry(setup):
     assert torch.equal(from_tokens.keys, built.keys) and torch.equal(from_tokens.values, built.values)
     by_adapter = ak.PatchDatabase.build(images, adapter, neighborhood="full", border="zero", progress=False)
     assert torch.equal(by_adapter.keys, db.keys) and by_adapter.meta.model_fingerprint == db.meta.model_fingerprint
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # both fingerprints name this pipeline's codebook
         from_tokens.check_compatible(adapter)
