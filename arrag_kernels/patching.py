@@ -5,8 +5,12 @@ modules are never touched) that routes ``generation_mode="image"`` through the l
 loop and leaves every other mode to the original method. Families whose own HF ``generate`` decodes
 images (their adapter's ``generate_mode`` is ``"logits_processor"``: Emu3) instead keep that
 ``generate`` and get DAiD as a logits processor added to each image-generation call, built here from
-the adapter's facts (:meth:`arrag_kernels.DAiDLogitsProcessor.for_adapter`). The database is moved
-to the retrieval device once per patch: DAiD and FAiD share that copy.
+the adapter's facts (:meth:`arrag_kernels.DAiDLogitsProcessor.for_adapter`). Pipelines that sample
+a masked grid in their own call (the adapter's ``generate_mode`` is ``"pipeline"``: diffusers'
+``AmusedPipeline``) keep that call; the sampler step the adapter names (``patch_target()``: its
+scheduler's ``step``) is bound on that part's instance with masked DAiD applied to its logits
+(:func:`arrag_kernels.masked.step_with_daid`). The database is moved to the retrieval device once
+per patch: DAiD and FAiD share that copy.
 ``unpatch_model`` / ``handle.remove()`` / leaving ``with patched(...)`` delete that binding again,
 restoring the original behaviour exactly.
 """
@@ -19,7 +23,8 @@ import os
 from .config import DAiDConfig
 from .decoding import DAiDSampler, DecodeStats, FAiDRuntime, hf_image_generate
 from .faid import FAiDConfig, load_blenders
-from .models import ImageTokenizer, LogitsProcessorAdapter, check_protocol, get_adapter
+from .masked import MaskedDAiD, step_with_daid
+from .models import ImageTokenizer, LogitsProcessorAdapter, PipelineAdapter, check_protocol, get_adapter
 from .retrieval import PatchDatabase
 from .retrieval.query import on_device
 
@@ -33,8 +38,13 @@ def _handle_of(model):
     return model.__dict__.get(_HANDLE_ATTR)
 
 
+# generate_mode of an adapter whose family samples in its own call -> the protocol it then implements
+_OWN_CALL_MODES = {"logits_processor": LogitsProcessorAdapter, "pipeline": PipelineAdapter}
+
+
 def _patch_adapter(model):
-    """The family's adapter: a ModelAdapter (library decode loop) or, when it says so, a LogitsProcessorAdapter."""
+    """The family's adapter: a ModelAdapter (library decode loop) or, when it says so, a LogitsProcessorAdapter
+    or a PipelineAdapter."""
     try:
         return get_adapter(model)
     except TypeError as error:
@@ -43,13 +53,15 @@ def _patch_adapter(model):
         adapter = get_adapter(model, ImageTokenizer)
     except TypeError:
         raise loop_error from None
-    if getattr(adapter, "generate_mode", None) != "logits_processor":
+    protocol = _OWN_CALL_MODES.get(getattr(adapter, "generate_mode", None))
+    if protocol is None:
         raise loop_error
-    return check_protocol(adapter, LogitsProcessorAdapter, f"the adapter for {type(model).__name__}")
+    return check_protocol(adapter, protocol, f"the adapter for {type(model).__name__}")
 
 
 class PatchHandle:
-    """The live patch of one model. ``remove()`` undoes it; ``generate_images`` exposes timings."""
+    """The live patch of one model. ``remove()`` undoes it; ``generate_images`` exposes timings; ``daid`` is the
+    DAiD state (the loop's ``DAiDSampler``; a pipeline's ``MaskedDAiD``; None for a logits-processor family)."""
 
     def __init__(self, model, db, config, device=None, blender_weights=None):
         self.adapter = _patch_adapter(model)
@@ -76,16 +88,24 @@ class PatchHandle:
         if (faid_config is None) != (blender_weights is None):
             raise ValueError("blender_weights are needed with a FAiDConfig, and only with one")
         self.model = model
-        self._saved_generate = model.__dict__.get("generate", _MISSING)
-        self._original_generate = model.generate  # bound method (or the instance's own override)
-        if self._processor_mode:
+        if self._processor_mode or self._pipeline_mode:
             if faid_config is not None or not configs or device is not None:
                 what = "FAiD" if faid_config else "device=" if configs else "patching without a config"
                 raise ValueError(f"{what} is not available for "
                                  f"{type(model).__name__}: {self.adapter.no_loop_reason}; patch with an "
                                  "arrag_kernels.DAiDConfig only")
+            self.db = on_device(db, self.adapter.device)  # where the family's logits are: one copy for every call
+        if self._pipeline_mode:
+            owner, name = self.adapter.patch_target()
+            self._target = (owner, name, owner.__dict__.get(name, _MISSING))
+            # the retriever (and its checks of the database against the adapter) is built now, once
+            self.daid = MaskedDAiD(self.db, configs[0], self.adapter)
+            self._patched_step = step_with_daid(getattr(owner, name), self.adapter, self.daid)
+            return
+        self._saved_generate = model.__dict__.get("generate", _MISSING)
+        self._original_generate = model.generate  # bound method (or the instance's own override)
+        if self._processor_mode:
             self._processor_config = configs[0]
-            self.db = on_device(db, self.adapter.device)  # where Emu3's logits are: one copy for every call
             self._processor()  # checks the adapter's facts and the database against the model now
             return
         if configs:  # retrieval only serves image generation; text-only patches never need the image grid
@@ -102,9 +122,10 @@ class PatchHandle:
     def generate_images(self, inputs=None, attention_mask=None, logits_processor=None, stats: DecodeStats | None = None,
                         progress: bool = False, **kwargs):
         """Image generation with HF ``generate`` arguments; fills ``stats`` with timings if given."""
-        if self._processor_mode:
+        if self._processor_mode or self._pipeline_mode:
+            call = "the pipeline" if self._pipeline_mode else "model.generate(...)"
             raise ValueError(f"generate_images runs the library's decode loop, which {type(self.model).__name__} does "
-                             f"not use ({self.adapter.no_loop_reason}); call model.generate(...) (patched) instead")
+                             f"not use ({self.adapter.no_loop_reason}); call {call} (patched) instead")
         self.adapter.check_image_generation()
         return hf_image_generate(
             self.model, self.adapter, daid=self.daid, faid=self.faid, inputs=inputs, attention_mask=attention_mask,
@@ -119,6 +140,10 @@ class PatchHandle:
     @property
     def _processor_mode(self) -> bool:
         return getattr(self.adapter, "generate_mode", None) == "logits_processor"
+
+    @property
+    def _pipeline_mode(self) -> bool:
+        return getattr(self.adapter, "generate_mode", None) == "pipeline"
 
     def _generate_with_processor(self, inputs=None, generation_config=None, logits_processor=None, *args, grid=None,
                                  **kwargs):
@@ -160,20 +185,25 @@ class PatchHandle:
                                                generate_kwargs=generate_kwargs, **filters)
 
     def _install(self):
-        self.model.__dict__["generate"] = self._generate_with_processor if self._processor_mode else self._generate
+        if self._pipeline_mode:
+            owner, name, _ = self._target
+            owner.__dict__[name] = self._patched_step
+        else:
+            self.model.__dict__["generate"] = self._generate_with_processor if self._processor_mode else self._generate
         self.model.__dict__[_HANDLE_ATTR] = self
 
     def remove(self) -> None:
-        """Restore the model's original ``generate``. Idempotent."""
+        """Restore the model's original ``generate`` (a pipeline: its sampler step). Idempotent."""
         model = self.model
         if _handle_of(model) is not self:
             return
         if self.faid is not None:
             self.faid.remove()
-        if self._saved_generate is _MISSING:
-            model.__dict__.pop("generate", None)
+        owner, name, saved = self._target if self._pipeline_mode else (model, "generate", self._saved_generate)
+        if saved is _MISSING:
+            owner.__dict__.pop(name, None)
         else:
-            model.__dict__["generate"] = self._saved_generate
+            owner.__dict__[name] = saved
         del model.__dict__[_HANDLE_ATTR]
 
 
@@ -183,9 +213,12 @@ def patch_model(model, db=None, config=None, device=None, blender_weights=None) 
     Families whose own ``generate`` decodes images (HF Emu3) keep it: the patched ``generate`` adds
     DAiD as a logits processor to each image-generation call (the grid read from the prompt, or
     ``grid=(H, W)``), with every HF feature of that call; only a ``DAiDConfig`` applies there.
+    A pipeline that samples a masked grid in its own call (diffusers' ``AmusedPipeline``) keeps that call:
+    DAiD joins its scheduler step (``pipe(prompt, ...)`` unchanged); only a ``DAiDConfig`` applies.
 
     Args:
-        model: a supported model instance (HF ``JanusForConditionalGeneration``, ``Emu3ForConditionalGeneration``).
+        model: a supported model instance (HF ``JanusForConditionalGeneration``, ``Emu3ForConditionalGeneration``)
+            or pipeline (diffusers ``AmusedPipeline``).
         db: the :class:`arrag_kernels.PatchDatabase` to retrieve from; it must have been built for
             this model's codebook size and grid.
         config: :class:`arrag_kernels.DAiDConfig`, :class:`arrag_kernels.FAiDConfig` or a tuple of

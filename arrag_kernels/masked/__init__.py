@@ -11,6 +11,7 @@ retrieved features into every cell with full (non-causal) windows.
 * :mod:`.retrieval`: :class:`MaskedRetriever` (the library's retriever for many cells per image),
   :class:`MaskedDAiD`, the per-cell merge and draw, databases from token grids;
 * :mod:`.loop`: :func:`masked_decode`;
+* :mod:`.pipeline`: :func:`step_with_daid`, masked DAiD inside a pipeline's own sampler step (aMUSEd);
 * :mod:`.faid`: non-causal blenders (literal and fast forms), :class:`MaskedFAiD`, training;
 * :mod:`.tiny`: :class:`TinyMaskGIT`, the built-in bidirectional transformer over a VQ grid.
 """
@@ -19,6 +20,7 @@ from .base import LayerHook, MaskedGenerator
 from .config import MaskedDecodeConfig, random_mask
 from .faid import MaskedFAiD, blend_full, blend_full_literal, train_masked_faid
 from .loop import MaskedDecodeStats, masked_decode
+from .pipeline import step_with_daid
 from .retrieval import (MaskedDAiD, MaskedRetriever, masked_positions, merged_token_probability, sample_cells,
                         token_database)
 from .tiny import TinyMaskGIT, TinyMaskGITAdapter, tiny_maskgit, train_maskgit
@@ -40,6 +42,7 @@ __all__ = [
     "merged_token_probability",
     "random_mask",
     "sample_cells",
+    "step_with_daid",
     "tiny_maskgit",
     "token_database",
     "train_masked_faid",

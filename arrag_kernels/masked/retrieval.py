@@ -14,16 +14,18 @@ confidence needs, from O(V + K log K) work per cell.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..config import DAiDConfig, KeyLayout
-from ..ops import daid_sample, feature_neighbor_keys
+from ..ops import daid_mix, daid_sample, feature_neighbor_keys
 from ..retrieval import DatabaseError, DatabaseMeta, PatchDatabase
 from ..retrieval.query import Retriever
 
 
 def masked_positions(tokens: torch.Tensor, count: int) -> torch.Tensor:
     """(B, N) ids (-1 = unknown) with exactly ``count`` unknown cells per row -> (B, count) their flat
-    positions, ascending. Read on the device only (no host synchronisation)."""
+    positions, ascending (a row with fewer unknown cells: all of them, then its first known cells). Read
+    on the device only (no host synchronisation)."""
     order = torch.argsort((tokens >= 0).to(torch.int8), dim=1, stable=True)  # unknown cells first, in order
     return order[:, :count]
 
@@ -59,6 +61,37 @@ class MaskedDAiD(MaskedRetriever):
                              "retrieval schedule, MaskedDecodeConfig.start_fraction); use gate=None")
         super().__init__(db, config.k, generator, device, setting="DAiDConfig.k")
         self.config = config
+
+    def merge_logits(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """DAiD for a sampler the library does not own, one that draws each unknown cell from
+        ``softmax(logits)`` (a pipeline's scheduler step): (B, N, V) logits of every cell of the grids
+        ``tokens`` (B, N), -1 at unknown cells -> (B, N, V) logits whose softmax is the merged
+        ``p = (1 - lam) softmax(l) + lam p_ret`` (:func:`arrag_kernels.ops.daid_mix`) at the unknown cells
+        whose neighbourhood is (partly) known, that have a key and a hit; the logits as given everywhere
+        else. A cell without a known cell in its key window is left to the model: its query is all zeros
+        and says nothing about it (the library's own loop, :func:`masked_decode`, merges there too). A
+        merged cell gets ``l + log p - log_softmax(l)``, with the correction 0 wherever ``p`` equals
+        ``softmax(l)``: so with ``lam = 0`` the logits come back exactly and the sampler draws exactly as
+        unpatched. One search for the unknown cells of all grids (rows may differ in how many they have)."""
+        B, N, V = logits.shape
+        unknown = tokens < 0
+        count = int(unknown.sum(1).max())
+        if count == 0:
+            return logits
+        positions = masked_positions(tokens, count)  # (B, P): each row's unknown cells first
+        at = positions.unsqueeze(-1).expand(B, count, V)
+        cell_logits = logits.gather(1, at).float().reshape(B * count, V)
+        dist, ids, valid = self.retrieve(tokens, positions).flat()
+        r = self.layout.radius  # a known cell within the key window (the unknown centre adds nothing)
+        known_near = F.max_pool2d((~unknown).float().view(B, 1, *self.grid), 2 * r + 1, stride=1, padding=r)
+        active = valid & (unknown & (known_near.view(B, N) > 0)).gather(1, positions).reshape(-1)
+        c = self.config
+        probs = torch.softmax(cell_logits, dim=-1)
+        merged = daid_mix(probs, dist, ids, active, c.lam, c.tau, c.dedup)
+        correction = torch.where(merged == probs, 0.0, merged.log() - torch.log_softmax(cell_logits, dim=-1))
+        use = (active & (ids >= 0).any(1)).unsqueeze(1)  # the rows daid_mix merges
+        cells = torch.where(use, cell_logits + correction, cell_logits).to(logits.dtype).view(B, count, V)
+        return logits.scatter(1, at, cells)
 
 
 def merged_token_probability(logits, dist, ids, active, token, temperature: float, lam: float, tau: float,

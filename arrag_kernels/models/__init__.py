@@ -1,4 +1,5 @@
-"""Model adapters, looked up by ``model.config.model_type`` in a registry that users extend."""
+"""Model adapters, looked up by ``model.config.model_type`` (a diffusers pipeline: its class name) in a
+registry that users extend."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from .amused import AmusedAdapter
 from .base import (FAiDAdapter, GridPerCall, ImageDecoder, ImageStream, ImageTokenizer, LogitsProcessorAdapter, MemberUnavailable,
-                   ModelAdapter, OfficialWeights, PretrainedLoader, TeacherForcingAdapter, check_protocol,
-                   codebook_fingerprint, protocol_members)
+                   ModelAdapter, OfficialWeights, PipelineAdapter, PretrainedLoader, TeacherForcingAdapter,
+                   check_protocol, codebook_fingerprint, protocol_members)
 from .emu3 import Emu3Adapter
 from .glm_image import GlmImageAdapter
 from .imagegpt import ImageGPTAdapter
@@ -17,17 +19,20 @@ from .tiny import tiny_janus, tiny_janus_config, tiny_prompt_ids
 
 # model_type -> factory(model) -> adapter. Extend with register_adapter, not by editing this dict.
 # Emu3's, ImageGPT's and GLM-Image's adapters have the tokenizer side only (DAiD runs in their own generate
-# through a logits processor).
+# through a logits processor); aMUSEd's (a diffusers pipeline, registered by its class name) has it too (DAiD
+# runs in the pipeline's scheduler step).
 ADAPTERS: dict[str, Callable] = {
     JanusAdapter.model_type: JanusAdapter,
     Emu3Adapter.model_type: Emu3Adapter,
     ImageGPTAdapter.model_type: ImageGPTAdapter,
     GlmImageAdapter.model_type: GlmImageAdapter,
+    AmusedAdapter.model_type: AmusedAdapter,
 }
 
 
 def register_adapter(model_type: str, factory: Callable, replace: bool = False) -> None:
-    """Make ``patch_model``, ``PatchDatabase.build`` etc. accept models with ``config.model_type == model_type``.
+    """Make ``patch_model``, ``PatchDatabase.build`` etc. accept models with ``config.model_type == model_type``
+    (diffusers pipelines: ``type(pipeline).__name__ == model_type``, see :func:`family_of`).
 
     ``factory(model)`` returns an object implementing :class:`ModelAdapter` (checked when it is
     built; :class:`TeacherForcingAdapter` for NLL, :class:`FAiDAdapter` for FAiD). A factory may also
@@ -87,9 +92,17 @@ def official_weights_for(model_type: str) -> OfficialWeights:
                           f"official_weights of the factory registered for model_type {model_type!r}")
 
 
+def family_of(model) -> str | None:
+    """The registry key of ``model``: its ``config.model_type`` (transformers models), or its class name when it
+    has a config without one (diffusers pipelines: ``model_index.json`` names the class, not a model type)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    return type(model).__name__ if model_type is None and config is not None else model_type
+
+
 def get_adapter(model, protocol: type = ModelAdapter):
     """The adapter of ``model``'s family, checked against ``protocol``; raises listing the supported families otherwise."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = family_of(model)
     if model_type not in ADAPTERS:
         raise TypeError(
             f"arrag_kernels supports model types {sorted(ADAPTERS)}, got {type(model).__name__} "
@@ -99,11 +112,15 @@ def get_adapter(model, protocol: type = ModelAdapter):
     try:
         return check_protocol(adapter, protocol, f"the adapter for model_type {model_type!r} ({type(adapter).__name__})")
     except TypeError as e:
-        if getattr(adapter, "generate_mode", None) != "logits_processor":
-            raise
-        raise TypeError(f"{e}. This family has no library decode loop: run DAiD inside the model's own generate "
-                        "with arrag_kernels.patch_model(model, db, DAiDConfig(...)) or "
-                        "arrag_kernels.DAiDLogitsProcessor.for_adapter(adapter, db, config)") from None
+        mode = getattr(adapter, "generate_mode", None)
+        if mode == "logits_processor":
+            raise TypeError(f"{e}. This family has no library decode loop: run DAiD inside the model's own generate "
+                            "with arrag_kernels.patch_model(model, db, DAiDConfig(...)) or "
+                            "arrag_kernels.DAiDLogitsProcessor.for_adapter(adapter, db, config)") from None
+        if mode == "pipeline":
+            raise TypeError(f"{e}. This family has no library decode loop: run DAiD inside the pipeline's own call "
+                            "with arrag_kernels.patch_model(pipeline, db, DAiDConfig(...))") from None
+        raise
 
 
 def as_faid_adapter(model_or_adapter) -> FAiDAdapter:
@@ -123,6 +140,7 @@ def as_tokenizer(model_or_tokenizer) -> ImageTokenizer:
 
 __all__ = [
     "ADAPTERS",
+    "AmusedAdapter",
     "Emu3Adapter",
     "FAiDAdapter",
     "GlmImageAdapter",
@@ -136,12 +154,14 @@ __all__ = [
     "MemberUnavailable",
     "ModelAdapter",
     "OfficialWeights",
+    "PipelineAdapter",
     "PretrainedLoader",
     "TeacherForcingAdapter",
     "as_faid_adapter",
     "as_tokenizer",
     "check_protocol",
     "codebook_fingerprint",
+    "family_of",
     "get_adapter",
     "load_pretrained",
     "official_weights_for",

@@ -210,6 +210,30 @@ class LogitsProcessorAdapter(ImageTokenizer, Protocol):
 
 
 @runtime_checkable
+class PipelineAdapter(ImageTokenizer, Protocol):
+    """An adapter whose family samples a masked token grid inside its own pipeline call (diffusers'
+    ``AmusedPipeline``), through one sampler-step function of one of the pipeline's parts: it sets
+    ``generate_mode = "pipeline"`` and :func:`arrag_kernels.patch_model` then replaces that function on that
+    part's instance (``patch_target()``) by the same step with masked DAiD applied to its logits
+    (:func:`arrag_kernels.masked.step_with_daid`), restored on unpatch; the pipeline call itself is
+    unchanged. The adapter supplies facts only. The registry finds a pipeline by its class name (a
+    diffusers pipeline's config records no ``model_type``)."""
+
+    generate_mode: str  # "pipeline"
+    no_loop_reason: str  # one line: why the library's loops and FAiD do not apply (shown when asked for)
+    mask_token_id: int  # the id of unknown cells in the step's token grid (outside [0, codebook_size))
+    start_fraction: float  # steps t >= ceil(start_fraction * T) of a T-step call retrieve
+
+    def patch_target(self) -> tuple[Any, str]:
+        """(object, attribute name) of the step function, called as ``step(logits, timestep, grid, *args,
+        **kwargs)`` with guided logits (B, V, H, W) and a (B, H, W) grid, or (B, H*W, V) and (B, H*W); it
+        draws the grid's unknown cells from ``softmax(logits)`` and returns what the pipeline expects."""
+
+    def step_index(self, timestep) -> tuple[int, int]:
+        """(t, T): the 0-based index of a step call's ``timestep`` in its pipeline call, and the number of steps."""
+
+
+@runtime_checkable
 class OfficialWeights(Protocol):
     """Names of a released FAiD checkpoint (base model + blenders) for one family (Janus: the official
     AR-RAG release in DeepSeek names). Adapters of families with such a release expose one as
