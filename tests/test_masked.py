@@ -334,6 +334,19 @@ def test_faid_gate_and_decode(gen, db):
     assert [q.shape[0] for q in counter.calls] == [2 * counts[t] for t in range(3, 6)]
 
 
+def test_cells_without_known_neighbours_have_no_valid_hits(gen, db):
+    """A cell whose 3 x 3 window holds no known cell queries all zeros: its hits are not valid (left to
+    the model by masked_decode, the pipeline step and FAiD alike); cells next to a known one stay valid."""
+    tokens = torch.full((2, 64), -1)
+    tokens[0, 9] = 5  # row 1, col 1 of image 0; image 1 knows nothing
+    positions = torch.tensor([[0, 18, 27, 63], [0, 18, 27, 63]])  # (0,0), (2,2), (3,3), (7,7)
+    hits = MaskedRetriever(db, 4, gen).retrieve(tokens, positions)
+    assert hits.valid.tolist() == [[True, True, False, False], [False, False, False, False]]
+    everywhere = MaskedRetriever(db, 4, gen).retrieve(tokens)
+    assert everywhere.valid[0].view(8, 8)[:3, :3].all() and int(everywhere.valid[0].sum()) == 9
+    assert not everywhere.valid[1].any()
+
+
 def test_daid_and_faid_share_one_search_per_step(gen, db):
     """DAiD (k = 8) and FAiD (k = 4) on one database object: one search per retrieving step, FAiD reading
     the first 4 of DAiD's hits, and the same tokens as with two databases (two searches per step)."""

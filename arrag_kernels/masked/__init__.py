@@ -2,8 +2,8 @@
 
 The paper's Show-o adaptation (AR-RAG appendix B.2, method.md section 6): in the final part of the
 unmasking schedule (``MaskedDecodeConfig.start_fraction``, default the final half) every unknown cell
-is queried with its 8 neighbours (zeros for unknown / outside cells), all cells of all images are
-searched in one call, DAiD merges per cell ``(1 - lam) p_model + lam p_ret`` and FAiD blends
+is queried with its 8 neighbours (zeros for unknown / outside cells; a cell with no known neighbour is left
+to the model), all cells of all images are searched in one call (shared by DAiD and FAiD), DAiD merges per cell ``(1 - lam) p_model + lam p_ret`` and FAiD blends
 retrieved features into every cell with full (non-causal) windows.
 
 * :mod:`.base`: the :class:`MaskedGenerator` protocol a model family implements;

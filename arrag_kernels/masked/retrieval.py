@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..config import DAiDConfig, KeyLayout
 from ..ops import daid_mix, daid_sample, feature_neighbor_keys
 from ..retrieval import DatabaseError, DatabaseMeta, PatchDatabase
-from ..retrieval.query import Retriever
+from ..retrieval.query import Hits, Retriever
 
 
 def masked_positions(tokens: torch.Tensor, count: int) -> torch.Tensor:
@@ -51,6 +51,19 @@ class MaskedRetriever(Retriever):
             )
         super().__init__(db, k, generator, device, setting)
 
+    def retrieve(self, tokens: torch.Tensor, positions=None) -> Hits:
+        """:meth:`Retriever.retrieve`, with ``valid`` False also at cells that have no known cell in their key
+        window: their query is all zeros and says nothing about them, so they are left to the model (no
+        DAiD merge, zero FAiD features)."""
+        hits = super().retrieve(tokens, positions)
+        B, N = tokens.shape
+        r = self.layout.radius
+        known = (tokens >= 0).float().view(B, 1, *self.grid)
+        known_near = F.max_pool2d(known, 2 * r + 1, stride=1, padding=r).view(B, N) > 0
+        if positions is not None:
+            known_near = known_near.gather(1, positions.reshape(B, -1))
+        return hits._replace(valid=hits.valid & known_near.reshape(hits.valid.shape))
+
 
 class MaskedDAiD(MaskedRetriever):
     """DAiD for masked decoders: ``config.k`` hits per unknown cell, merged per cell by :func:`sample_cells`."""
@@ -67,10 +80,8 @@ class MaskedDAiD(MaskedRetriever):
         ``softmax(logits)`` (a pipeline's scheduler step): (B, N, V) logits of every cell of the grids
         ``tokens`` (B, N), -1 at unknown cells -> (B, N, V) logits whose softmax is the merged
         ``p = (1 - lam) softmax(l) + lam p_ret`` (:func:`arrag_kernels.ops.daid_mix`) at the unknown cells
-        whose neighbourhood is (partly) known, that have a key and a hit; the logits as given everywhere
-        else. A cell without a known cell in its key window is left to the model: its query is all zeros
-        and says nothing about it (the library's own loop, :func:`masked_decode`, merges there too). A
-        merged cell gets ``l + log p - log_softmax(l)``, with the correction 0 wherever ``p`` equals
+        whose hits are valid (:meth:`MaskedRetriever.retrieve`: a known cell in the key window) and not all
+        padding; the logits as given everywhere else. A merged cell gets ``l + log p - log_softmax(l)``, with the correction 0 wherever ``p`` equals
         ``softmax(l)``: so with ``lam = 0`` the logits come back exactly and the sampler draws exactly as
         unpatched. One search for the unknown cells of all grids (rows may differ in how many they have)."""
         B, N, V = logits.shape
@@ -82,9 +93,7 @@ class MaskedDAiD(MaskedRetriever):
         at = positions.unsqueeze(-1).expand(B, count, V)
         cell_logits = logits.gather(1, at).float().reshape(B * count, V)
         dist, ids, valid = self.retrieve(tokens, positions).flat()
-        r = self.layout.radius  # a known cell within the key window (the unknown centre adds nothing)
-        known_near = F.max_pool2d((~unknown).float().view(B, 1, *self.grid), 2 * r + 1, stride=1, padding=r)
-        active = valid & (unknown & (known_near.view(B, N) > 0)).gather(1, positions).reshape(-1)
+        active = valid & unknown.gather(1, positions).reshape(-1)  # rows with fewer unknown cells end in known ones
         c = self.config
         probs = torch.softmax(cell_logits, dim=-1)
         merged = daid_mix(probs, dist, ids, active, c.lam, c.tau, c.dedup)
