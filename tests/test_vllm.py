@@ -53,7 +53,7 @@ def _params(daid=None, **vllm_settings):
     """A stand-in for vllm.SamplingParams (the attributes the processors read)."""
     settings = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, presence_penalty=0.0, frequency_penalty=0.0,
                     repetition_penalty=1.0)
-    extra = None if daid is None else {"arrag_daid": {"image_token_offset": OFFSET, **daid}}
+    extra = None if daid is None else {f"arrag_daid_{k}": v for k, v in {"image_token_offset": OFFSET, **daid}.items()}
     return SimpleNamespace(extra_args=extra, **{**settings, **vllm_settings})
 
 
@@ -183,21 +183,22 @@ def test_mrv2_refuses_speculative_decoding(engine):
 
 
 @pytest.mark.parametrize("extra, match", [
-    ({"lam": 0.5}, None),
+    ({"lam": 0.5}, "arrag_daid_image_token_offset .* is required"),
     ({"image_token_offset": OFFSET, "lam": 2.0}, "DAiDConfig.lam"),
-    ({"image_token_offset": OFFSET, "heads": 2}, "unknown keys \\['heads'\\]"),
-    ({"lam": 0.5, "image_token_offset": None}, "image_token_offset"),
+    ({"image_token_offset": OFFSET, "heads": 2}, "unknown DAiD keys \\['arrag_daid_heads'\\]"),
+    ({"lam": 0.5, "image_token_offset": None}, "arrag_daid_image_token_offset: expected an int"),
     ({"image_token_offset": OFFSET, "grid": [4]}, "expected \\[H, W\\]"),
-    ({"image_token_offset": OFFSET, "top_p": 1.5}, "top_p in \\[0, 1\\]"),
+    ({"image_token_offset": OFFSET, "top_p": 1.5}, "arrag_daid_top_p in \\[0, 1\\]"),
 ], ids=["no-offset", "lam", "unknown", "offset-type", "grid", "top-p"])
 def test_request_settings_errors_name_the_key(extra, match):
-    with pytest.raises((ValueError, TypeError), match=match or "'image_token_offset' .* is required"):
-        akv.RequestDAiD.from_extra_args({"arrag_daid": {**extra}})
+    with pytest.raises((ValueError, TypeError), match=match):
+        akv.RequestDAiD.from_extra_args({f"arrag_daid_{key}": value for key, value in extra.items()})
 
 
 def test_request_settings_parse_and_plain_requests_pass():
-    settings = akv.RequestDAiD.from_extra_args({"arrag_daid": {"image_token_offset": 9, "start": 2, "grid": [4, 5],
-                                                               "k": 7, "gate": ["max_prob", 0.5], "top_k": 3}})
+    extra = {"arrag_daid_image_token_offset": 9, "arrag_daid_start": 2, "arrag_daid_grid": [4, 5], "arrag_daid_k": 7,
+             "arrag_daid_gate": ["max_prob", 0.5], "arrag_daid_top_k": 3, "session_id": "other keys are not ours"}
+    settings = akv.RequestDAiD.from_extra_args(extra)
     assert settings == akv.RequestDAiD(ak.DAiDConfig(k=7, gate=("max_prob", 0.5)), 9, 2, (4, 5), top_k=3)
     assert akv.RequestDAiD.from_extra_args(None) is None and akv.RequestDAiD.from_extra_args({"other": 1}) is None
     assert akv.validate_request(_params(None, temperature=0.3)) is None  # vLLM's own sampling for others

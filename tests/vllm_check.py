@@ -77,10 +77,12 @@ def requests(daid: dict | None):
         r0 = SamplingParams(temperature=0.0, **common)
         r1 = SamplingParams(seed=7, **filters, **common)
     else:
-        layout = {"image_token_offset": OFFSET}
-        r0 = SamplingParams(temperature=0.0, extra_args={"arrag_daid": {**daid, "k": K["r0"], **layout}}, **common)
-        r1 = SamplingParams(seed=7, extra_args={"arrag_daid": {**daid, **filters, "k": K["r1"], **layout,
-                                                                "grid": list(GRID)}}, **common)
+        def extra(**settings):  # flat keys, as vLLM's server passes them (vllm_xargs)
+            settings = {**daid, "image_token_offset": OFFSET, **settings}
+            return {f"arrag_daid_{key}": value for key, value in settings.items()}
+
+        r0 = SamplingParams(temperature=0.0, extra_args=extra(k=K["r0"]), **common)
+        r1 = SamplingParams(seed=7, extra_args=extra(k=K["r1"], grid=list(GRID), **filters), **common)
     r2 = SamplingParams(temperature=0.0, **common)
     r3 = SamplingParams(seed=11, temperature=0.8, **common)
     return prompts, [r0, r1, r2, r3]

@@ -26,12 +26,18 @@ The engine's database (one per engine) is named in the engine config::
 :func:`register_database` in the engine's process; ``codebook``: a safetensors file holding the (V, d)
 L2-normalised codebook rows that form queries (``adapter.codebook()``; not needed for a registered name).
 
-A request turns DAiD on with ``SamplingParams(extra_args={"arrag_daid": {...}})`` (keys:
-:data:`REQUEST_KEYS`); its image is the ``H * W`` output tokens after the first ``start`` ones, code
-``c`` being vocabulary id ``image_token_offset + c``. Such a request gives its temperature / top-k /
-top-p there and runs with vLLM's own settings neutral (temperature 1, or 0 for greedy; top_k 0;
-top_p 1; min_p 0; no penalties; checked at admission), because vLLM applies those after the
-processor, to the merged distribution. Requests without the key are not touched.
+A request turns DAiD on with flat ``extra_args`` keys ``arrag_daid_<key>`` (``<key>`` from
+:data:`REQUEST_KEYS`; flat because vLLM's server takes only flat values, as ``vllm_xargs``), at least
+``arrag_daid_image_token_offset``: ``SamplingParams(extra_args={"arrag_daid_image_token_offset": 40,
+"arrag_daid_lam": 0.05, ...})``. Its image is the ``H * W`` output tokens after the first ``start``
+ones, code ``c`` being vocabulary id ``image_token_offset + c``. Such a request gives its temperature /
+top-k / top-p there and runs with vLLM's own settings neutral (temperature 1, or 0 for greedy; top_k 0;
+top_p 1; min_p 0; no penalties; checked at admission), because vLLM applies those after the processor,
+to the merged distribution. Requests without such keys are not touched.
+
+Settings the engine's database decides (grid, k, image ids within the vocabulary) are checked when the
+request enters the batch, inside the engine: a request that fails them stops the engine with that
+error (vLLM has no per-request failure there), so clients should send the layout the engine serves.
 """
 
 from __future__ import annotations
@@ -50,7 +56,8 @@ from ..retrieval import PatchDatabase
 logger = logging.getLogger(__name__)
 
 ENGINE_KEY = "arrag_kernels"  # additional_config[ENGINE_KEY] = {"database": ..., "codebook": ...}
-REQUEST_KEY = "arrag_daid"  # SamplingParams.extra_args[REQUEST_KEY] = {...}
+# SamplingParams.extra_args["arrag_daid_<key>"] (flat: vLLM's server passes only flat values, `vllm_xargs`)
+REQUEST_PREFIX = "arrag_daid_"
 REQUEST_KEYS = ("image_token_offset", "start", "grid", "lam", "tau", "k", "dedup", "gate", "temperature", "top_k",
                 "top_p")
 MAX_SAMPLERS = 64  # distinct DAiD settings kept per engine (each a Retriever view of the one database)
@@ -58,7 +65,7 @@ MAX_SAMPLERS = 64  # distinct DAiD settings kept per engine (each a Retriever vi
 
 @dataclass(frozen=True)
 class RequestDAiD:
-    """One request's DAiD settings, from ``SamplingParams.extra_args["arrag_daid"]``.
+    """One request's DAiD settings, from its ``SamplingParams.extra_args["arrag_daid_<key>"]``.
 
     ``image_token_offset`` (required): vocabulary id of image code 0 (codes are contiguous ids);
     ``start`` (default 0): output tokens before the grid's first cell; ``grid`` (default: the engine
@@ -77,36 +84,40 @@ class RequestDAiD:
 
     @classmethod
     def from_extra_args(cls, extra_args) -> "RequestDAiD | None":
-        """The settings of a request's ``extra_args``, None when it does not ask for DAiD; ValueError /
-        TypeError naming the bad key otherwise."""
-        if not extra_args or REQUEST_KEY not in extra_args:
+        """The settings of a request's ``extra_args`` (its ``arrag_daid_*`` keys), None when it has none;
+        ValueError / TypeError naming the bad key otherwise."""
+        given = {key[len(REQUEST_PREFIX):]: value for key, value in (extra_args or {}).items()
+                 if key.startswith(REQUEST_PREFIX)}
+        if not given:
             return None
-        given = extra_args[REQUEST_KEY]
-        where = f"extra_args[{REQUEST_KEY!r}]"
-        if not isinstance(given, dict):
-            raise ValueError(f"{where}: expected a dict of DAiD settings, got {type(given).__name__}")
-        unknown = sorted(set(given) - set(REQUEST_KEYS))
+        unknown = sorted(REQUEST_PREFIX + key for key in set(given) - set(REQUEST_KEYS))
         if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}; expected some of {list(REQUEST_KEYS)}")
+            raise ValueError(f"extra_args: unknown DAiD keys {unknown}; expected some of "
+                             f"{[REQUEST_PREFIX + key for key in REQUEST_KEYS]}")
         if "image_token_offset" not in given:
-            raise ValueError(f"{where}: 'image_token_offset' (the vocabulary id of image code 0) is required")
-        offset = check_int(f"{where}['image_token_offset']", given["image_token_offset"])
-        start = check_int(f"{where}['start']", given.get("start", 0))
+            raise ValueError(f"extra_args: {REQUEST_PREFIX}image_token_offset (the vocabulary id of image code 0) is "
+                             f"required to turn DAiD on, got only {sorted(REQUEST_PREFIX + key for key in given)}")
+
+        def number(key, default, check=check_int):
+            return check(REQUEST_PREFIX + key, given.get(key, default))
+
+        offset, start = number("image_token_offset", None), number("start", 0)
         if offset < 0 or start < 0:
-            raise ValueError(f"{where}: image_token_offset and start must be >= 0, got {offset} and {start}")
+            raise ValueError(f"extra_args: {REQUEST_PREFIX}image_token_offset and {REQUEST_PREFIX}start must be >= 0, "
+                             f"got {offset} and {start}")
         grid = given.get("grid")
         if grid is not None:
             if not isinstance(grid, (list, tuple)) or len(grid) != 2:
-                raise ValueError(f"{where}['grid']: expected [H, W], got {grid!r}")
-            grid = tuple(check_int(f"{where}['grid']", g) for g in grid)
+                raise ValueError(f"extra_args: {REQUEST_PREFIX}grid: expected [H, W], got {grid!r}")
+            grid = tuple(check_int(REQUEST_PREFIX + "grid", g) for g in grid)
         daid = {key: given[key] for key in ("lam", "tau", "k", "dedup", "gate") if key in given}
         if isinstance(daid.get("gate"), list):  # JSON has no tuples
             daid["gate"] = tuple(daid["gate"])
-        temperature = check_real(f"{where}['temperature']", given.get("temperature", 1.0))
-        top_k = check_int(f"{where}['top_k']", given.get("top_k", 0))
-        top_p = check_real(f"{where}['top_p']", given.get("top_p", 1.0))
+        temperature, top_k = number("temperature", 1.0, check_real), number("top_k", 0)
+        top_p = number("top_p", 1.0, check_real)
         if not temperature > 0 or top_k < 0 or not 0.0 <= top_p <= 1.0:
-            raise ValueError(f"{where}: expected temperature > 0, top_k >= 0 (0: off) and top_p in [0, 1] (1: off), "
+            raise ValueError(f"extra_args: expected {REQUEST_PREFIX}temperature > 0, {REQUEST_PREFIX}top_k >= 0 "
+                             f"(0: off) and {REQUEST_PREFIX}top_p in [0, 1] (1: off), "
                              f"got {temperature}, {top_k}, {top_p}")
         return cls(DAiDConfig(**daid), offset, start, grid, temperature, top_k, top_p)
 
@@ -140,9 +151,9 @@ def validate_request(sampling_params) -> RequestDAiD | None:
         if name == "temperature" and value < _GREEDY_TEMPERATURE:
             continue
         if value not in neutral:
-            raise ValueError(f"a request with extra_args[{REQUEST_KEY!r}] must leave vLLM's {name} at {meaning} "
+            raise ValueError(f"a request with DAiD settings ({REQUEST_PREFIX}*) must leave vLLM's {name} at {meaning} "
                              f"(got {value}): vLLM would apply it to the DAiD distribution; give temperature, top_k "
-                             f"and top_p in extra_args[{REQUEST_KEY!r}] instead")
+                             f"and top_p as {REQUEST_PREFIX}temperature / top_k / top_p instead")
     return settings
 
 
@@ -245,11 +256,11 @@ class BatchMerger:
         """Check a request's settings against the engine's database and vocabulary (ValueError, one line)."""
         m = self.db.meta
         if settings.grid is not None and tuple(settings.grid) != self.grid:
-            raise ValueError(f"extra_args[{REQUEST_KEY!r}]['grid'] = {list(settings.grid)}, but the engine's database "
+            raise ValueError(f"{REQUEST_PREFIX}grid = {list(settings.grid)}, but the engine's database "
                              f"holds {list(self.grid)} grids; request that grid or serve a database built for it")
         last = settings.image_token_offset + m.codebook_size - 1
         if last >= self.vocab_size:
-            raise ValueError(f"extra_args[{REQUEST_KEY!r}]['image_token_offset'] = {settings.image_token_offset}: the "
+            raise ValueError(f"{REQUEST_PREFIX}image_token_offset = {settings.image_token_offset}: the "
                              f"{m.codebook_size} image codes would reach id {last}, beyond the vocabulary "
                              f"({self.vocab_size} ids)")
         self.sampler(settings.config)  # k against the database's size
