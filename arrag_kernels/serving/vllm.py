@@ -42,7 +42,6 @@ error (vLLM has no per-request failure there), so clients should send the layout
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 
@@ -52,8 +51,6 @@ from ..config import DAiDConfig, check_int, check_real
 from ..decoding.daid import DAiDSampler
 from ..ops.daid import top_k_top_p_filter_ref
 from ..retrieval import PatchDatabase
-
-logger = logging.getLogger(__name__)
 
 ENGINE_KEY = "arrag_kernels"  # additional_config[ENGINE_KEY] = {"database": ..., "codebook": ...}
 # SamplingParams.extra_args["arrag_daid_<key>"] (flat: vLLM's server passes only flat values, `vllm_xargs`)
@@ -132,7 +129,8 @@ class RequestDAiD:
         return (self.temperature, self.top_k, self.top_p) != (1.0, 0, 1.0)
 
 
-# vLLM's own sampling settings that act after the processor: (attribute, neutral values, what they mean)
+# vLLM's own sampling settings that act after the processor (the penalties: in the V1 runner; refused in both
+# for one rule): (attribute, neutral values, what they mean)
 _VLLM_NEUTRAL = (("temperature", (1.0,), "1, or 0 for greedy"), ("top_k", (0, -1), "0"), ("top_p", (1.0,), "1"),
                  ("min_p", (0.0,), "0"), ("presence_penalty", (0.0,), "0"), ("frequency_penalty", (0.0,), "0"),
                  ("repetition_penalty", (1.0,), "1"))
