@@ -10,7 +10,7 @@ inside functions included, and resolved to the module it names (``from .x import
     retrieval   patch databases and their search
     faid        FAiD blender modules, checkpoints, training
     decoding    the KV-cached decode loop, DAiD sampler, FAiD runtime, logits processor
-    uses        masked decoding, evaluation, patching of HF models
+    uses        masked decoding, evaluation, patching of HF models, serving engines (vLLM)
     front ends  the public package namespace, CLIs, demo, miniature model
 
 A module may import from its own layer and the layers below.
@@ -40,6 +40,7 @@ LAYER_OF_PREFIX = {
     "arrag_kernels.masked": "uses",
     "arrag_kernels.eval": "uses",
     "arrag_kernels.patching": "uses",
+    "arrag_kernels.serving": "uses",
     "arrag_kernels": "front ends",  # the package's __init__ re-exports the public API of every layer
     "arrag_kernels.__main__": "front ends",
     "arrag_kernels.cli": "front ends",

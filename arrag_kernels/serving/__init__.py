@@ -1,0 +1,1 @@
+"""Serving engines. :mod:`arrag_kernels.serving.vllm`: DAiD as a vLLM logits processor (imports vLLM lazily)."""
