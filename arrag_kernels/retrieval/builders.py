@@ -18,7 +18,7 @@ import torch
 from ..config import KeyLayout, check_int
 from ..models import GridPerCall, MemberUnavailable, as_tokenizer
 from ..ops import feature_neighbor_keys, retrieval_positions
-from . import ivfpq_build
+from . import ivfpq_build, parts
 from .faiss_index import INDEX_FILE, VALUES_FILE, import_faiss, inner_ivfpq
 from .images import iter_image_batches, normalise_image_source
 from .meta import KEY_SOURCES, META_FILE, OFFICIAL_FINGERPRINT, DatabaseError, DatabaseMeta
@@ -134,6 +134,7 @@ def build(
     keep_keys: bool | None = None,
     chunk_images: int = 1024,
     resume: bool = True,
+    merge: bool = False,
 ) -> "PatchDatabase":
     """Encode images with the model's own VQ tokenizer and collect one entry per kept target patch.
 
@@ -156,8 +157,14 @@ def build(
     ``nlist`` lists, ``m`` sub-quantizers of ``nbits`` bits and (``opq``) an OPQ rotation, the
     chunks are added in order and the database replaces ``path`` atomically. ``keep_keys``
     (default: when the keys take <= 256 MiB) keeps the exact keys too. Under
-    ``torch.distributed`` every rank encodes its share of the chunks and rank 0 trains,
-    fills and saves; every rank returns the saved database.
+    ``torch.distributed`` (W ranks, one shared file system) the build is split into W parts:
+    rank r encodes a contiguous share of the chunks, rank 0 trains (the others wait), rank r
+    fills part r from the trained index, and ``path`` becomes a partitioned database
+    (:mod:`arrag_kernels.retrieval.parts`; no process holds every entry): every rank returns its
+    own part (local ids; global id = ``db.meta.part.first_id`` + id). ``merge=True`` (small
+    databases only) has rank 0 merge the parts in memory into one database at ``path`` instead,
+    which every rank returns. Either way the lists hold the same ids and codes as a
+    single-process build. A finished part is kept when a killed build is resumed.
     """
     layout = KeyLayout(neighborhood=neighborhood, hops=hops, border=border)
     if key_source not in KEY_SOURCES:
@@ -201,7 +208,7 @@ def build(
         return _build_ivfpq(
             cls, Path(path), meta, count, source, lambda lo, hi: encode(source[lo:hi], first=lo),
             dict(nlist=nlist, m=m, nbits=nbits, opq=opq), nprobe, train_size, keep_keys, chunk_images, resume,
-            progress,
+            progress, merge,
         )
     with tqdm(total=count, desc="encoding images", unit="img", disable=not progress) as bar:
         keys, values = encode(source, bar)
@@ -283,37 +290,48 @@ def from_keys(cls, keys: torch.Tensor, values: torch.Tensor, codebook_size: int,
 
 
 def _build_ivfpq(cls, path, meta, count, source, encode, params, nprobe, train_size, keep_keys, chunk_images,
-                 resume, progress) -> "PatchDatabase":
+                 resume, progress, merge) -> "PatchDatabase":
     """The chunked, resumable, optionally distributed IVF-PQ build (see :mod:`.ivfpq_build`)."""
     import torch.distributed as dist
 
     if chunk_images < 1:
         raise ValueError(f"chunk_images must be >= 1, got {chunk_images}")
-    if path.exists() and not (path / META_FILE).is_file():
+    if path.exists() and not ((path / META_FILE).is_file() or parts.is_partitioned(path)):
         raise FileExistsError(f"{str(path)!r} exists and is not a database directory; refusing to overwrite it")
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    num_chunks = -(-count // chunk_images)
+    plan = ivfpq_build.plan_parts(num_chunks, world)  # every rank fails alike when there are too few chunks
     manifest = {"meta": meta.to_dict(), "source": ivfpq_build.source_fingerprint(source),
                 "chunk_images": chunk_images, "train_size": train_size, **params}
     work = ivfpq_build.prepare_work_dir(path, manifest, resume, rank)
     if distributed:
         dist.barrier()
-    ivfpq_build.encode_chunks(work, count, chunk_images, encode, rank, world, progress)
+    ivfpq_build.encode_chunks(work, count, chunk_images, encode, plan[rank], rank if distributed else None, progress)
     if distributed:
         dist.barrier()
     if rank == 0:
-        sizes = ivfpq_build.chunk_sizes(work, len(range(0, count, chunk_images)))
+        sizes = ivfpq_build.chunk_sizes(work, num_chunks)
+        index = ivfpq_build.load_or_train(work, sizes, train_size=train_size, progress=progress, **params)
+    if world == 1:  # one piece, filled and saved by this process
         if keep_keys is None:
             keep_keys = sum(sizes) * meta.key_dim * 4 <= KEEP_KEYS_MAX_BYTES
-        index = ivfpq_build.load_or_train(work, sizes, train_size=train_size, progress=progress, **params)
-        values, keys = ivfpq_build.fill_ivfpq(index, lambda i: ivfpq_build.read_chunk(work, i), len(sizes),
+        values, keys = ivfpq_build.fill_ivfpq(index, lambda i: ivfpq_build.read_chunk(work, i), range(num_chunks),
                                               keep_keys, progress)
         ivfpq_build.say(progress, f"saving {len(values)} entries to {str(path)!r}")
         cls(keys, values, meta, index=index, nprobe=nprobe).save(path)
         shutil.rmtree(work, ignore_errors=True)
-    if distributed:
-        dist.barrier()
-    return cls.load(path)
+        return cls.load(path)
+    dist.barrier()  # the trained index is checkpointed
+    sizes = ivfpq_build.chunk_sizes(work, num_chunks)
+    if keep_keys is None:
+        keep_keys = sum(sizes) * meta.key_dim * 4 <= KEEP_KEYS_MAX_BYTES
+    ivfpq_build.fill_part(cls, work, plan, rank, sizes, meta, count, chunk_images, keep_keys, nprobe, progress)
+    dist.barrier()
+    if rank == 0:
+        ivfpq_build.finish_parts(work, path, len(plan), merge, progress)
+    dist.barrier()
+    return cls.load(path if merge else path / parts.part_dir_name(rank))
 
 
 def from_official(
