@@ -122,20 +122,29 @@ def encode_chunks(
 
     Returns the number of chunks encoded by this call.
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    todo = [i for i in chunks if not _chunk_file(work, i).is_file()]
+    todo = missing_chunks(work, chunks)
     if len(todo) < len(chunks):
         say(progress, f"resuming the build in {str(work)!r}: {len(chunks) - len(todo)} of {len(chunks)} chunks"
                       f"{'' if worker is None else f' of worker {worker}'} already encoded, {len(todo)} to go")
     bar = tqdm(todo, desc=f"encoding chunks (worker {worker or 0})", unit="chunk", disable=not progress,
                position=worker or 0)
     for i in bar:
-        keys, values = encode(i * chunk_images, min((i + 1) * chunk_images, num_images))
-        arrays = {"keys": keys.float().cpu().contiguous(), "values": values.to(torch.int32).cpu().contiguous()}
-        _atomic_write(_chunk_file(work, i), lambda p: save_file(arrays, p))
+        write_chunk(work, i, *encode(i * chunk_images, min((i + 1) * chunk_images, num_images)))
     return len(todo)
+
+
+def missing_chunks(work: Path, chunks: range) -> list[int]:
+    return [i for i in chunks if not _chunk_file(work, i).is_file()]
+
+
+def write_chunk(work: Path, i: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Save chunk ``i``'s keys (float32) and values (int32) atomically: the file is complete or absent."""
+    from safetensors.torch import save_file
+
+    arrays = {"keys": keys.float().cpu().contiguous(), "values": values.to(torch.int32).cpu().contiguous()}
+    _atomic_write(_chunk_file(work, i), lambda p: save_file(arrays, p))
 
 
 def read_chunk(work: Path, i: int) -> tuple[np.ndarray, np.ndarray]:
