@@ -270,7 +270,13 @@ def finish_parts(work: Path, path: Path, num_parts: int, merge: bool, progress: 
     """Check the ``num_parts`` parts filled in ``work``, then put them at ``path`` atomically: as a partitioned
     database, or (``merge``) merged in memory into one database; then remove ``work``. On any error
     nothing is published and the previous database at ``path`` stays."""
-    infos = [parts.part_info(work / parts.part_dir_name(r)) for r in range(num_parts)]
+    infos = []
+    for r in range(num_parts):
+        part_dir = work / parts.part_dir_name(r)
+        try:
+            infos.append(parts.part_info(part_dir))
+        except DatabaseError as e:
+            raise DatabaseError(f"part {r} ({part_dir.name}) is missing, unreadable or corrupted: {e}") from e
     trained_sha256 = infos[0].meta.part.trained_sha256
     parts.write_parts_json(work, trained_sha256, infos)
     if merge:

@@ -218,7 +218,8 @@ def build_with_ray(
 
         encoder = dict(fn_constructor_args=(adapter_factory, layout, key_source, batch_size, str(work), chunk_images,
                                             count, id_column, image_column),
-                       batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=num_cpus, num_gpus=num_gpus or None)
+                       batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=num_cpus,
+                       num_gpus=num_gpus or None)
         if isinstance(source, ray.data.Dataset):  # rows in any blocks: group them by chunk
 
             def with_chunk(batch: dict) -> dict:
