@@ -286,3 +286,34 @@ def test_ray_build_equals_single_process(local_ray, tiny_images, single, tmp_pat
     assert [p.index for p in infos] == list(range(WORKERS))
     assert_equals_single(tmp_path / "db", single)
     assert not work_dir(tmp_path / "db").exists()
+
+
+def test_ray_build_from_a_dataset_in_any_order(local_ray, tiny_images, tmp_path, tiny_model):
+    """A ``ray.data`` dataset (id + image columns, rows in any order and blocks, as read from parquet shards) is
+    grouped by chunk: the same database as the single-process build of the images in id order."""
+    from arrag_kernels.retrieval.ray_build import build_with_ray
+
+    images = tiny_images[:12]
+    order = np.random.default_rng(0).permutation(len(images))
+    rows = [{"id": int(i), "image": images[i].numpy()} for i in order]
+    dataset = local_ray.data.from_items(rows, override_num_blocks=5)
+    kwargs = {**{k: v for k, v in BUILD.items() if k != "index"}}
+    db = build_with_ray(dataset, functools.partial(tiny_janus, seed=0), tmp_path / "ray", parts=2, concurrency=1,
+                        merge=True, **kwargs)
+    single = ak.PatchDatabase.build(images, tiny_model, path=tmp_path / "single", **BUILD)
+    assert_same_lists(db.index, single.index)
+    assert torch.equal(db.values, single.values) and torch.equal(db.keys, single.keys)
+
+
+def test_ray_chunk_encoder_rejects_bad_ids(tiny_images, tmp_path):
+    from arrag_kernels.config import KeyLayout
+    from arrag_kernels.retrieval.ray_build import _ChunkEncoder
+
+    encoder = _ChunkEncoder(functools.partial(tiny_janus, seed=0), KeyLayout(), "latent", CHUNK, tmp_path, CHUNK, 12,
+                            "id", "image")
+    images = np.stack([im.numpy() for im in tiny_images[3:6]])
+    assert encoder({"id": np.array([5, 3, 4]), "image": images}) == {"chunk": [1], "entries": [3 * 42]}
+    assert (tmp_path / "chunk-000001.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"'id': the ids of the dataset must be 0..11, each once; chunk 1 should hold "
+                                         r"ids 3..5, got 3 ids \[3, 5\]"):
+        encoder({"id": np.array([5, 3, 3]), "image": images})

@@ -226,9 +226,10 @@ def build_with_ray(
                 batch[_CHUNK] = np.asarray(batch[id_column]).astype(np.int64) // chunk_images
                 return batch
 
-            grouped = (source.map_batches(with_chunk, batch_format="numpy")
-                       .filter(lambda row: int(row[_CHUNK]) in todo)
-                       .groupby(_CHUNK, num_partitions=min(len(todo), 64)))
+            rows = source.map_batches(with_chunk, batch_format="numpy")
+            if len(todo) < num_chunks:  # resuming: only the missing chunks
+                rows = rows.filter(lambda row: int(row[_CHUNK]) in todo)
+            grouped = rows.groupby(_CHUNK, num_partitions=min(len(todo), 64))
             done = grouped.map_groups(_ChunkEncoder, **encoder).take_all()
         else:  # one block per chunk, one batch per block
             blocks = _chunk_blocks(source, sorted(todo), chunk_images, id_column, image_column)
