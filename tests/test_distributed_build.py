@@ -237,7 +237,7 @@ def test_bad_part_publishes_nothing(kind, merge, killed_then_resumed, single, ot
     (work / PARTS_FILE).unlink()  # a work directory: the parts, not yet listed
     previous = ak.PatchDatabase.from_keys(single.keys[:10], single.values[:10], 512, 8, (8, 8))
     previous.save(target)
-    if kind in ("forged trained digest", "another codebook"):
+    if kind in ("forged trained digest", "another codebook"):  # these breaks re-list the part in parts.json
         parts.write_parts_json(work, parts.part_info(work / "part-00000").meta.part.trained_sha256,
                                [parts.part_info(work / parts.part_dir_name(r)) for r in range(WORKERS)])
     _break(kind, work, other_trained)
@@ -317,3 +317,21 @@ def test_ray_chunk_encoder_rejects_bad_ids(tiny_images, tmp_path):
     with pytest.raises(ValueError, match=r"'id': the ids of the dataset must be 0..11, each once; chunk 1 should hold "
                                          r"ids 3..5, got 3 ids \[3, 5\]"):
         encoder({"id": np.array([5, 3, 3]), "image": images})
+
+
+def test_bad_listing_or_trained_index(killed_then_resumed, other_trained, tmp_path):
+    path = tmp_path / "db"
+    shutil.copytree(killed_then_resumed["out"], path)
+    listing = json.loads((path / PARTS_FILE).read_text())
+    del listing["parts"][1]["sha256"]
+    (path / PARTS_FILE).write_text(json.dumps(listing))
+    with pytest.raises(DatabaseError, match=r"parts.json' is corrupted or incomplete: parts\[1\].sha256 missing"):
+        parts.check_parts(path)
+    shutil.rmtree(path)
+    shutil.copytree(killed_then_resumed["out"], path)
+    faiss.write_index(other_trained, str(path / "trained.index"))
+    with pytest.raises(DatabaseError, match=r"trained.index' is not the trained index parts.json records"):
+        parts.check_parts(path)
+    (path / "trained.index").unlink()
+    with pytest.raises(DatabaseError, match=r"trained.index \(the trained index every part was filled from\) is missing"):
+        parts.check_parts(path)

@@ -5,8 +5,9 @@ A build runs in a work directory next to the target (``.<name>.partial``):
 1. **encode**: images are cut into global chunks of ``chunk_images``; each chunk's keys (float32)
    and values (int32) go to ``chunk-<i>.safetensors`` (written to a temporary name, then renamed,
    so a chunk file is complete or absent). A build in W parts gives part r the contiguous chunks
-   :func:`plan_parts` assigns it; the worker of part r (a ``torch.distributed`` rank, a Ray task)
-   encodes them. Chunk files that already exist are not encoded again.
+   :func:`plan_parts` assigns it; under ``torch.distributed`` rank r encodes them (under Ray, see
+   :mod:`.ray_build`, a pool of actors encodes the chunks as they come). Chunk files that already exist
+   are not encoded again.
 2. **train**: a sample of ``train_size`` keys drawn from every chunk trains the index (once: rank 0,
    or the Ray driver); the trained, empty index is checkpointed to ``trained.index``.
 3. **fill**: one piece: the chunks are added in order (ids 0..N-1 follow the image order) and the
