@@ -19,9 +19,10 @@ Peak memory (CPU allocator events, outside the timed rounds) goes to ``extra_inf
 32 x 32 images with the tiny Janus VQ (8 x 8 grid, 42 entries per image, nlist 64, exact keys not kept) by
 4 ``torchrun`` (gloo) workers, each filling its own part, against the same build in one process (the
 baseline). Each process runs this file as a script (``--worker``) and writes its peak resident memory
-(``getrusage``), its entries and its index bytes to its own JSON file; they go to ``extra_info``
-(``worker_peak_rss_mib`` per rank, ``one_process_peak_rss_mib``). Resident memory includes torch and the
-model (a few hundred MiB); ``worker_index_mib`` is the part of it that grows with the database.
+(``VmHWM``; ``getrusage``'s ``ru_maxrss`` too), its entries and its index bytes to its own JSON file; they
+go to ``extra_info`` (``worker_peak_rss_mib`` per rank, ``one_process_peak_rss_mib``). Resident memory
+includes torch and the model (a few hundred MiB); ``worker_index_mib`` is the part that grows with the
+database.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import argparse
 import functools
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -41,7 +41,7 @@ import torch
 
 import arrag_kernels as ak
 import timing
-from arrag_kernels.profiling import allocated_bytes
+from arrag_kernels.profiling import allocated_bytes, peak_memory_mib
 from arrag_kernels.models import JanusAdapter
 from arrag_kernels.models.tiny import tiny_janus_config
 
@@ -140,7 +140,7 @@ def _parted_worker(out: str, report_dir: str, images: int) -> None:
                                 chunk_images=PARTED_CHUNK, keep_keys=False, progress=False)
     report = {"build_s": time.perf_counter() - start, "entries": len(db),
               "index_mib": len(db) * (inner_ivfpq(db.index).code_size + 8) / 2**20,
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              **peak_memory_mib()}
     (Path(report_dir) / f"rank{rank}.json").write_text(json.dumps(report))
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -170,6 +170,7 @@ def test_parted_ivfpq_build(benchmark, tmp_path):
     assert sum(r["entries"] for r in parted) == single[0]["entries"] == images * 42
     benchmark.extra_info.update(
         worker_peak_rss_mib=[round(r["peak_rss_mib"], 1) for r in parted],
+        worker_ru_maxrss_mib=[round(r["ru_maxrss_mib"], 1) for r in parted],
         worker_entries=[r["entries"] for r in parted],
         worker_index_mib=[round(r["index_mib"], 2) for r in parted],
         one_process_peak_rss_mib=round(single[0]["peak_rss_mib"], 1),

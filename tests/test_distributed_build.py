@@ -333,5 +333,5 @@ def test_bad_listing_or_trained_index(killed_then_resumed, other_trained, tmp_pa
     with pytest.raises(DatabaseError, match=r"trained.index' is not the trained index parts.json records"):
         parts.check_parts(path)
     (path / "trained.index").unlink()
-    with pytest.raises(DatabaseError, match=r"trained.index \(the trained index every part was filled from\) is missing"):
+    with pytest.raises(DatabaseError, match=r"trained.index \(the trained index every part was filled from\) is miss"):
         parts.check_parts(path)

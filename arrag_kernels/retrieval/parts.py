@@ -110,7 +110,8 @@ def _read_parts_json(path: Path) -> dict:
 
 
 def write_parts_json(path: Path, trained_sha256: str, parts: list[PartInfo]) -> None:
-    """Write ``parts.json`` listing ``parts`` (in id order) into ``path``, atomically (it marks the directory complete)."""
+    """Write ``parts.json`` listing ``parts`` (in id order) into ``path``, atomically (it marks the directory
+    complete)."""
     listing = {"format": FORMAT, "trained_sha256": trained_sha256, "total": sum(p.count for p in parts),
                "num_images": sum(p.num_images for p in parts),
                "parts": [{"dir": p.dir.name, "first_id": p.first_id, "count": p.count, "num_images": p.num_images,
@@ -233,7 +234,8 @@ def merge_in_memory(path: str | os.PathLike, verify: str = "quick"):
         nprobe = nprobe or db.nprobe  # every part is saved with the build's nprobe
     merged.ntotal = ivf.ntotal  # the OPQ wrapper counts its inner index's entries
     if any(k is None for k in keys) and not all(k is None for k in keys):
-        raise DatabaseError(f"{str(path)!r}: some parts hold their exact keys and some do not; rebuild with one keep_keys")
+        raise DatabaseError(f"{str(path)!r}: some parts hold their exact keys and some do not; "
+                            "rebuild with one keep_keys")
     meta = dataclasses.replace(parts[0].meta, part=None, num_images=sum(p.num_images for p in parts))
     return PatchDatabase(None if keys[0] is None else torch.cat(keys), torch.cat(values), meta, index=merged,
                          nprobe=nprobe)
