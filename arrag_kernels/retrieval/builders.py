@@ -297,6 +297,12 @@ def from_keys(cls, keys: torch.Tensor, values: torch.Tensor, codebook_size: int,
     return cls(keys.float(), values, meta)
 
 
+def resolve_keep_keys(keep_keys: bool | None, sizes: list[int], key_dim: int) -> bool:
+    """``keep_keys``, or by default whether the exact keys of an IVF-PQ build (``sizes``: entries per chunk)
+    take at most KEEP_KEYS_MAX_BYTES."""
+    return sum(sizes) * key_dim * 4 <= KEEP_KEYS_MAX_BYTES if keep_keys is None else keep_keys
+
+
 def _build_ivfpq(cls, path, meta, count, source, encode, params, nprobe, train_size, keep_keys, chunk_images,
                  resume, progress, merge) -> "PatchDatabase":
     """The chunked, resumable, optionally distributed IVF-PQ build (see :mod:`.ivfpq_build`)."""
@@ -318,12 +324,11 @@ def _build_ivfpq(cls, path, meta, count, source, encode, params, nprobe, train_s
     ivfpq_build.encode_chunks(work, count, chunk_images, encode, plan[rank], rank if distributed else None, progress)
     if distributed:
         dist.barrier()
+    sizes = ivfpq_build.chunk_sizes(work, num_chunks)  # every rank has encoded its chunks
+    keep_keys = resolve_keep_keys(keep_keys, sizes, meta.key_dim)
     if rank == 0:
-        sizes = ivfpq_build.chunk_sizes(work, num_chunks)
         index = ivfpq_build.load_or_train(work, sizes, train_size=train_size, progress=progress, **params)
     if world == 1:  # one piece, filled and saved by this process
-        if keep_keys is None:
-            keep_keys = sum(sizes) * meta.key_dim * 4 <= KEEP_KEYS_MAX_BYTES
         values, keys = ivfpq_build.fill_ivfpq(index, lambda i: ivfpq_build.read_chunk(work, i), range(num_chunks),
                                               keep_keys, progress)
         ivfpq_build.say(progress, f"saving {len(values)} entries to {str(path)!r}")
@@ -331,9 +336,6 @@ def _build_ivfpq(cls, path, meta, count, source, encode, params, nprobe, train_s
         shutil.rmtree(work, ignore_errors=True)
         return cls.load(path)
     dist.barrier()  # the trained index is checkpointed
-    sizes = ivfpq_build.chunk_sizes(work, num_chunks)
-    if keep_keys is None:
-        keep_keys = sum(sizes) * meta.key_dim * 4 <= KEEP_KEYS_MAX_BYTES
     ivfpq_build.fill_part(cls, work, plan, rank, sizes, meta, count, chunk_images, keep_keys, nprobe, progress)
     dist.barrier()
     if rank == 0:

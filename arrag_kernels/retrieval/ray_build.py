@@ -28,7 +28,7 @@ import torch
 from ..config import KeyLayout
 from ..models import MemberUnavailable, as_tokenizer
 from . import ivfpq_build
-from .builders import KEEP_KEYS_MAX_BYTES, ImageEncoder
+from .builders import ImageEncoder, resolve_keep_keys
 from .images import normalise_image_source
 from .parts import check_parts, is_partitioned
 
@@ -241,8 +241,7 @@ def build_with_ray(
                              f"{count} images 0..{count - 1}; {len(done)} chunks were encoded")
     sizes = ivfpq_build.chunk_sizes(work, num_chunks)
     ivfpq_build.load_or_train(work, sizes, train_size=train_size, progress=progress, **params)
-    if keep_keys is None:
-        keep_keys = sum(sizes) * meta.key_dim * 4 <= KEEP_KEYS_MAX_BYTES
+    keep_keys = resolve_keep_keys(keep_keys, sizes, meta.key_dim)
     ivfpq_build.say(progress, f"filling {len(plan)} parts with Ray tasks")
     fill = ray.remote(num_cpus=1)(_fill_part)
     ray.get([fill.remote(str(work), plan, r, sizes, meta, count, chunk_images, keep_keys, nprobe)
