@@ -70,14 +70,13 @@ def assert_same_lists(got, want) -> None:
     assert np.array_equal(faiss.serialize_index(got), faiss.serialize_index(want))
 
 
-def assert_equals_single(path: Path, single) -> list:
+def assert_equals_single(path: Path, single) -> None:
     infos = parts.check_parts(path, verify="full")
     assert [(p.first_id, p.count) for p in infos] == [(r * 252, 252) for r in range(WORKERS)]
     merged = parts.merge_in_memory(path)
     assert_same_lists(merged.index, single.index)
     assert torch.equal(merged.values, single.values) and torch.equal(merged.keys, single.keys)
     assert merged.meta == single.meta
-    return infos
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +261,24 @@ def test_gap_or_overlap_in_the_ids(killed_then_resumed, tmp_path):
         parts.check_parts(path)
 
 
+def test_bad_listing_or_trained_index(killed_then_resumed, other_trained, tmp_path):
+    path = tmp_path / "db"
+    shutil.copytree(killed_then_resumed["out"], path)
+    listing = json.loads((path / PARTS_FILE).read_text())
+    del listing["parts"][1]["sha256"]
+    (path / PARTS_FILE).write_text(json.dumps(listing))
+    with pytest.raises(DatabaseError, match=r"parts.json' is corrupted or incomplete: parts\[1\].sha256 missing"):
+        parts.check_parts(path)
+    shutil.rmtree(path)
+    shutil.copytree(killed_then_resumed["out"], path)
+    faiss.write_index(other_trained, str(path / "trained.index"))
+    with pytest.raises(DatabaseError, match=r"trained.index' is not the trained index parts.json records"):
+        parts.check_parts(path)
+    (path / "trained.index").unlink()
+    with pytest.raises(DatabaseError, match=r"trained.index \(the trained index every part was filled from\) is miss"):
+        parts.check_parts(path)
+
+
 def test_too_few_chunks_for_the_parts():
     with pytest.raises(ValueError, match="cannot split 3 chunks of images into 4 parts: every part needs at least one"):
         ivfpq_build.plan_parts(3, 4)
@@ -297,9 +314,8 @@ def test_ray_build_from_a_dataset_in_any_order(local_ray, tiny_images, tmp_path,
     order = np.random.default_rng(0).permutation(len(images))
     rows = [{"id": int(i), "image": images[i].numpy()} for i in order]
     dataset = local_ray.data.from_items(rows, override_num_blocks=5)
-    kwargs = {**{k: v for k, v in BUILD.items() if k != "index"}}
     db = build_with_ray(dataset, functools.partial(tiny_janus, seed=0), tmp_path / "ray", parts=2, concurrency=1,
-                        merge=True, **kwargs)
+                        merge=True, **{k: v for k, v in BUILD.items() if k != "index"})
     single = ak.PatchDatabase.build(images, tiny_model, path=tmp_path / "single", **BUILD)
     assert_same_lists(db.index, single.index)
     assert torch.equal(db.values, single.values) and torch.equal(db.keys, single.keys)
@@ -311,27 +327,12 @@ def test_ray_chunk_encoder_rejects_bad_ids(tiny_images, tmp_path):
 
     encoder = _ChunkEncoder(functools.partial(tiny_janus, seed=0), KeyLayout(), "latent", CHUNK, tmp_path, CHUNK, 12,
                             "id", "image")
-    images = np.stack([im.numpy() for im in tiny_images[3:6]])
-    assert encoder({"id": np.array([5, 3, 4]), "image": images}) == {"chunk": [1], "entries": [3 * 42]}
-    assert (tmp_path / "chunk-000001.safetensors").is_file()
+    ids = np.array([5, 3, 4])  # a group's rows come in any order: the chunk holds them in id order
+    images = tiny_images[ids].numpy()
+    assert encoder({"id": ids, "image": images}) == {"chunk": [1], "entries": [3 * 42]}
+    keys, values = ivfpq_build.read_chunk(tmp_path, 1)
+    want_keys, want_values = encoder.encode(tiny_images[3:6])
+    assert np.array_equal(keys, want_keys.numpy()) and np.array_equal(values, want_values.numpy())
     with pytest.raises(ValueError, match=r"'id': the ids of the dataset must be 0..11, each once; chunk 1 should hold "
                                          r"ids 3..5, got 3 ids \[3, 5\]"):
         encoder({"id": np.array([5, 3, 3]), "image": images})
-
-
-def test_bad_listing_or_trained_index(killed_then_resumed, other_trained, tmp_path):
-    path = tmp_path / "db"
-    shutil.copytree(killed_then_resumed["out"], path)
-    listing = json.loads((path / PARTS_FILE).read_text())
-    del listing["parts"][1]["sha256"]
-    (path / PARTS_FILE).write_text(json.dumps(listing))
-    with pytest.raises(DatabaseError, match=r"parts.json' is corrupted or incomplete: parts\[1\].sha256 missing"):
-        parts.check_parts(path)
-    shutil.rmtree(path)
-    shutil.copytree(killed_then_resumed["out"], path)
-    faiss.write_index(other_trained, str(path / "trained.index"))
-    with pytest.raises(DatabaseError, match=r"trained.index' is not the trained index parts.json records"):
-        parts.check_parts(path)
-    (path / "trained.index").unlink()
-    with pytest.raises(DatabaseError, match=r"trained.index \(the trained index every part was filled from\) is miss"):
-        parts.check_parts(path)
