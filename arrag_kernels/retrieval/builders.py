@@ -18,7 +18,7 @@ import torch
 from ..config import KeyLayout, check_int
 from ..models import GridPerCall, MemberUnavailable, as_tokenizer
 from ..ops import feature_neighbor_keys, retrieval_positions
-from . import ivfpq_build
+from . import ivfpq_build, parts
 from .faiss_index import INDEX_FILE, VALUES_FILE, import_faiss, inner_ivfpq
 from .images import iter_image_batches, normalise_image_source
 from .meta import KEY_SOURCES, META_FILE, OFFICIAL_FINGERPRINT, DatabaseError, DatabaseMeta
@@ -67,6 +67,41 @@ def check_finite_keys(keys: torch.Tensor, what: str = "keys") -> None:
 
 
 # ---- building -------------------------------------------------------------------------
+class ImageEncoder:
+    """Images -> (keys, values) of their kept target patches, with a model's tokenizer ``adapter`` (at a
+    fixed grid): what :func:`build` and its distributed front ends (:mod:`.ray_build`) encode with."""
+
+    def __init__(self, adapter, layout: KeyLayout, key_source: str, batch_size: int):
+        if key_source not in KEY_SOURCES:
+            raise ValueError(f"key_source: expected one of {KEY_SOURCES}, got {key_source!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.adapter, self.layout, self.key_source, self.batch_size = adapter, layout, key_source, batch_size
+        self.codebook = adapter.codebook().float()
+
+    def __call__(self, src, bar=None, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (n, key_dim) and values (n,) of the images ``src`` (numbered from ``first`` in error messages),
+        encoded ``batch_size`` at a time; ``bar`` (a tqdm bar) counts the images."""
+        keys, values = [], []
+        for batch in iter_image_batches(src, self.adapter.image_size, self.batch_size):
+            latents, tokens = self.adapter.encode(batch)
+            k, v = _grid_entries(self.codebook[tokens] if self.key_source == "codebook" else latents, tokens,
+                                 self.layout)
+            check_finite_keys(k, f"keys of images {first}..{first + batch.shape[0] - 1}")
+            first += batch.shape[0]
+            keys.append(k)
+            values.append(v)
+            if bar is not None:
+                bar.update(batch.shape[0])
+        return torch.cat(keys), torch.cat(values)
+
+    def meta(self, num_images: int, index: str) -> DatabaseMeta:
+        a = self.adapter
+        return DatabaseMeta(layout=self.layout, codebook_size=a.codebook_size, embed_dim=a.embed_dim,
+                            grid=tuple(a.grid), key_source=self.key_source, model_fingerprint=a.fingerprint(),
+                            num_images=num_images, index=index)
+
+
 def _image_sizes(source) -> set[tuple[int, int]]:
     """The distinct (width, height) of a list of image paths / PIL images (files: read from their headers)."""
     from PIL import Image
@@ -134,6 +169,7 @@ def build(
     keep_keys: bool | None = None,
     chunk_images: int = 1024,
     resume: bool = True,
+    merge: bool = False,
 ) -> "PatchDatabase":
     """Encode images with the model's own VQ tokenizer and collect one entry per kept target patch.
 
@@ -156,52 +192,31 @@ def build(
     ``nlist`` lists, ``m`` sub-quantizers of ``nbits`` bits and (``opq``) an OPQ rotation, the
     chunks are added in order and the database replaces ``path`` atomically. ``keep_keys``
     (default: when the keys take <= 256 MiB) keeps the exact keys too. Under
-    ``torch.distributed`` every rank encodes its share of the chunks and rank 0 trains,
-    fills and saves; every rank returns the saved database.
+    ``torch.distributed`` (W ranks, one shared file system) the build is split into W parts:
+    rank r encodes a contiguous share of the chunks, rank 0 trains (the others wait), rank r
+    fills part r from the trained index, and ``path`` becomes a partitioned database
+    (:mod:`arrag_kernels.retrieval.parts`; no process holds every entry): every rank returns its
+    own part (local ids; global id = ``db.meta.part.first_id`` + id). ``merge=True`` (small
+    databases only) has rank 0 merge the parts in memory into one database at ``path`` instead,
+    which every rank returns. Either way the lists hold the same ids and codes as a
+    single-process build. A finished part is kept when a killed build is resumed.
     """
     layout = KeyLayout(neighborhood=neighborhood, hops=hops, border=border)
-    if key_source not in KEY_SOURCES:
-        raise ValueError(f"key_source: expected one of {KEY_SOURCES}, got {key_source!r}")
     if index not in INDEX_TYPES:
         raise ValueError(f"index: expected one of {INDEX_TYPES}, got {index!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     count, source = normalise_image_source(images)
-    adapter = _at_images_grid(as_tokenizer(model), source)
-    codebook = adapter.codebook().float()
+    encode = ImageEncoder(_at_images_grid(as_tokenizer(model), source), layout, key_source, batch_size)
+    meta = encode.meta(count, index)
 
     from tqdm.auto import tqdm
 
-    def encode(src, bar=None, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = [], []
-        for batch in iter_image_batches(src, adapter.image_size, batch_size):
-            latents, tokens = adapter.encode(batch)
-            k, v = _grid_entries(codebook[tokens] if key_source == "codebook" else latents, tokens, layout)
-            check_finite_keys(k, f"keys of images {first}..{first + batch.shape[0] - 1}")
-            first += batch.shape[0]
-            keys.append(k)
-            values.append(v)
-            if bar is not None:
-                bar.update(batch.shape[0])
-        return torch.cat(keys), torch.cat(values)
-
-    meta = DatabaseMeta(
-        layout=layout,
-        codebook_size=adapter.codebook_size,
-        embed_dim=adapter.embed_dim,
-        grid=tuple(adapter.grid),
-        key_source=key_source,
-        model_fingerprint=adapter.fingerprint(),
-        num_images=count,
-        index=index,
-    )
     if index == "ivfpq":
         if path is None:
             raise ValueError("index='ivfpq' builds on disk: pass path=<database directory>")
         return _build_ivfpq(
             cls, Path(path), meta, count, source, lambda lo, hi: encode(source[lo:hi], first=lo),
             dict(nlist=nlist, m=m, nbits=nbits, opq=opq), nprobe, train_size, keep_keys, chunk_images, resume,
-            progress,
+            progress, merge,
         )
     with tqdm(total=count, desc="encoding images", unit="img", disable=not progress) as bar:
         keys, values = encode(source, bar)
@@ -282,38 +297,51 @@ def from_keys(cls, keys: torch.Tensor, values: torch.Tensor, codebook_size: int,
     return cls(keys.float(), values, meta)
 
 
+def resolve_keep_keys(keep_keys: bool | None, sizes: list[int], key_dim: int) -> bool:
+    """``keep_keys``, or by default whether the exact keys of an IVF-PQ build (``sizes``: entries per chunk)
+    take at most KEEP_KEYS_MAX_BYTES."""
+    return sum(sizes) * key_dim * 4 <= KEEP_KEYS_MAX_BYTES if keep_keys is None else keep_keys
+
+
 def _build_ivfpq(cls, path, meta, count, source, encode, params, nprobe, train_size, keep_keys, chunk_images,
-                 resume, progress) -> "PatchDatabase":
+                 resume, progress, merge) -> "PatchDatabase":
     """The chunked, resumable, optionally distributed IVF-PQ build (see :mod:`.ivfpq_build`)."""
     import torch.distributed as dist
 
     if chunk_images < 1:
         raise ValueError(f"chunk_images must be >= 1, got {chunk_images}")
-    if path.exists() and not (path / META_FILE).is_file():
+    if path.exists() and not ((path / META_FILE).is_file() or parts.is_partitioned(path)):
         raise FileExistsError(f"{str(path)!r} exists and is not a database directory; refusing to overwrite it")
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    num_chunks = -(-count // chunk_images)
+    plan = ivfpq_build.plan_parts(num_chunks, world)  # every rank fails alike when there are too few chunks
     manifest = {"meta": meta.to_dict(), "source": ivfpq_build.source_fingerprint(source),
                 "chunk_images": chunk_images, "train_size": train_size, **params}
     work = ivfpq_build.prepare_work_dir(path, manifest, resume, rank)
     if distributed:
         dist.barrier()
-    ivfpq_build.encode_chunks(work, count, chunk_images, encode, rank, world, progress)
+    ivfpq_build.encode_chunks(work, count, chunk_images, encode, plan[rank], rank if distributed else None, progress)
     if distributed:
         dist.barrier()
+    sizes = ivfpq_build.chunk_sizes(work, num_chunks)  # every rank has encoded its chunks
+    keep_keys = resolve_keep_keys(keep_keys, sizes, meta.key_dim)
     if rank == 0:
-        sizes = ivfpq_build.chunk_sizes(work, len(range(0, count, chunk_images)))
-        if keep_keys is None:
-            keep_keys = sum(sizes) * meta.key_dim * 4 <= KEEP_KEYS_MAX_BYTES
         index = ivfpq_build.load_or_train(work, sizes, train_size=train_size, progress=progress, **params)
-        values, keys = ivfpq_build.fill_ivfpq(index, lambda i: ivfpq_build.read_chunk(work, i), len(sizes),
+    if world == 1:  # one piece, filled and saved by this process
+        values, keys = ivfpq_build.fill_ivfpq(index, lambda i: ivfpq_build.read_chunk(work, i), range(num_chunks),
                                               keep_keys, progress)
         ivfpq_build.say(progress, f"saving {len(values)} entries to {str(path)!r}")
         cls(keys, values, meta, index=index, nprobe=nprobe).save(path)
         shutil.rmtree(work, ignore_errors=True)
-    if distributed:
-        dist.barrier()
-    return cls.load(path)
+        return cls.load(path)
+    dist.barrier()  # the trained index is checkpointed
+    ivfpq_build.fill_part(cls, work, plan, rank, sizes, meta, count, chunk_images, keep_keys, nprobe, progress)
+    dist.barrier()
+    if rank == 0:
+        ivfpq_build.finish_parts(work, path, len(plan), merge, progress)
+    dist.barrier()
+    return cls.load(path if merge else path / parts.part_dir_name(rank))
 
 
 def from_official(

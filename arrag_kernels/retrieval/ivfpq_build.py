@@ -4,21 +4,27 @@ A build runs in a work directory next to the target (``.<name>.partial``):
 
 1. **encode**: images are cut into global chunks of ``chunk_images``; each chunk's keys (float32)
    and values (int32) go to ``chunk-<i>.safetensors`` (written to a temporary name, then renamed,
-   so a chunk file is complete or absent). Under ``torch.distributed`` rank r encodes the chunks
-   with ``i % world_size == r``; chunk files that already exist are not encoded again.
-2. **train**: a sample of ``train_size`` keys drawn from every chunk trains the index;
-   the trained, empty index is checkpointed to ``trained.index``.
-3. **fill**: rank 0 adds the chunks in order (ids 0..N-1 follow the image order) and saves the
-   database atomically; the work directory is removed only after that.
+   so a chunk file is complete or absent). A build in W parts gives part r the contiguous chunks
+   :func:`plan_parts` assigns it; under ``torch.distributed`` rank r encodes them (under Ray, see
+   :mod:`.ray_build`, a pool of actors encodes the chunks as they come). Chunk files that already exist
+   are not encoded again.
+2. **train**: a sample of ``train_size`` keys drawn from every chunk trains the index (once: rank 0,
+   or the Ray driver); the trained, empty index is checkpointed to ``trained.index``.
+3. **fill**: one piece: the chunks are added in order (ids 0..N-1 follow the image order) and the
+   database is saved atomically. In parts: every worker adds its own chunks to a copy of the
+   trained index and saves its part (:mod:`.parts`) in the work directory (a finished part is kept
+   on resume), then the lead publishes the partitioned database (or merges it in memory, when asked).
+   The work directory is removed only after that.
 
 ``manifest.json`` records what the chunks were made from (image count and fingerprint, chunk size,
 key layout, index parameters); a work directory with another manifest is never reused.
-Memory stays bounded by one chunk plus the training sample plus the index itself (M bytes + 8 bytes
-of id per entry), unless the exact keys are kept.
+Memory per worker stays bounded by one chunk plus its part's index (M bytes + 8 bytes of id per
+entry; the trainer also holds the training sample), unless the exact keys are kept.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,9 +37,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import parts
 from .faiss_index import import_faiss, make_ivfpq_index
+from .meta import ARRAYS_FILE, TRAINED_FILE, DatabaseError, PartOf
 
-MANIFEST, TRAINED = "manifest.json", "trained.index"
+MANIFEST = "manifest.json"
 
 
 def work_dir(path: Path) -> Path:
@@ -93,34 +101,51 @@ def prepare_work_dir(path: Path, manifest: dict, resume: bool, rank: int) -> Pat
     return work
 
 
+def plan_parts(num_chunks: int, parts: int) -> list[range]:
+    """The chunks of each of ``parts`` parts: contiguous ranges, in order, as equal in length as they can be."""
+    if not 1 <= parts <= num_chunks:
+        raise ValueError(f"cannot split {num_chunks} chunks of images into {parts} parts: every part needs at least "
+                         f"one chunk (use a smaller chunk_images, or fewer parts / workers)")
+    return [range(r * num_chunks // parts, (r + 1) * num_chunks // parts) for r in range(parts)]
+
+
 def encode_chunks(
     work: Path,
     num_images: int,
     chunk_images: int,
     encode: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
-    rank: int = 0,
-    world_size: int = 1,
+    chunks: range,
+    worker: int | None = None,
     progress: bool = True,
 ) -> int:
-    """Encode this rank's missing chunks; ``encode(lo, hi)`` returns keys (n, D) and values (n,) of images lo..hi-1.
+    """Encode the missing ones of ``chunks``; ``encode(lo, hi)`` returns keys (n, D) and values (n,) of images
+    lo..hi-1. ``worker`` (a rank or part number, None for a single process) labels the messages.
 
     Returns the number of chunks encoded by this call.
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    num_chunks = -(-num_images // chunk_images)
-    mine = range(rank, num_chunks, world_size)
-    todo = [i for i in mine if not _chunk_file(work, i).is_file()]
-    if len(todo) < len(mine):
-        say(progress, f"resuming the build in {str(work)!r}: {len(mine) - len(todo)} of {len(mine)} chunks"
-                      f"{f' of rank {rank}' if world_size > 1 else ''} already encoded, {len(todo)} to go")
-    bar = tqdm(todo, desc=f"encoding chunks (rank {rank})", unit="chunk", disable=not progress, position=rank)
+    todo = missing_chunks(work, chunks)
+    if len(todo) < len(chunks):
+        say(progress, f"resuming the build in {str(work)!r}: {len(chunks) - len(todo)} of {len(chunks)} chunks"
+                      f"{'' if worker is None else f' of worker {worker}'} already encoded, {len(todo)} to go")
+    bar = tqdm(todo, desc=f"encoding chunks (worker {worker or 0})", unit="chunk", disable=not progress,
+               position=worker or 0)
     for i in bar:
-        keys, values = encode(i * chunk_images, min((i + 1) * chunk_images, num_images))
-        arrays = {"keys": keys.float().cpu().contiguous(), "values": values.to(torch.int32).cpu().contiguous()}
-        _atomic_write(_chunk_file(work, i), lambda p: save_file(arrays, p))
+        write_chunk(work, i, *encode(i * chunk_images, min((i + 1) * chunk_images, num_images)))
     return len(todo)
+
+
+def missing_chunks(work: Path, chunks: range) -> list[int]:
+    return [i for i in chunks if not _chunk_file(work, i).is_file()]
+
+
+def write_chunk(work: Path, i: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Save chunk ``i``'s keys (float32) and values (int32) atomically: the file is complete or absent."""
+    from safetensors.torch import save_file
+
+    arrays = {"keys": keys.float().cpu().contiguous(), "values": values.to(torch.int32).cpu().contiguous()}
+    _atomic_write(_chunk_file(work, i), lambda p: save_file(arrays, p))
 
 
 def read_chunk(work: Path, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,13 +209,14 @@ def train_ivfpq(
     return index
 
 
-def fill_ivfpq(index, read: Callable[[int], tuple[np.ndarray, np.ndarray]], num_chunks: int, keep_keys: bool,
+def fill_ivfpq(index, read: Callable[[int], tuple[np.ndarray, np.ndarray]], chunks: range, keep_keys: bool,
                progress: bool = True):
-    """Add every chunk in order; return (values (N,) int64 tensor, keys (N, D) float32 tensor or None)."""
+    """Add ``chunks`` in order, one ``index.add`` per chunk (so every build adds the same batches and gets
+    the same codes); return (values (n,) int64 tensor, keys (n, D) float32 tensor or None)."""
     from tqdm.auto import tqdm
 
     values, keys = [], []
-    for i in tqdm(range(num_chunks), desc="adding to index", unit="chunk", disable=not progress):
+    for i in tqdm(chunks, desc="adding to index", unit="chunk", disable=not progress):
         k, v = read(i)
         index.add(np.ascontiguousarray(k, dtype=np.float32))
         values.append(torch.from_numpy(v.astype(np.int64)))
@@ -203,10 +229,62 @@ def load_or_train(work: Path, sizes: list[int], nlist: int, m: int, nbits: int, 
                   progress: bool = False):
     """The checkpointed trained index of ``work``, training and checkpointing it first if absent."""
     faiss = import_faiss()
-    trained = work / TRAINED
+    trained = work / TRAINED_FILE
     if trained.is_file():
         say(progress, f"resuming: using the trained index saved in {str(trained)!r} (training skipped)")
         return faiss.read_index(str(trained))
     index = train_ivfpq(lambda i: read_chunk(work, i)[0], sizes, nlist, m, nbits, opq, train_size, progress=progress)
     _atomic_write(trained, lambda p: faiss.write_index(index, p))
     return index
+
+
+def fill_part(cls, work: Path, plan: list[range], r: int, sizes: list[int], meta, num_images: int, chunk_images: int,
+              keep_keys: bool, nprobe: int, progress: bool = False):
+    """Fill part ``r`` of ``plan`` from ``work``'s chunks and trained index and save it to ``work/part-<r>``;
+    a part already saved there from the same trained index, chunks and metadata is kept as it is.
+
+    Returns its :class:`~arrag_kernels.retrieval.parts.PartInfo`.
+    """
+    chunks = plan[r]
+    first_id, count = sum(sizes[: chunks.start]), sum(sizes[chunks.start : chunks.stop])
+    lo, hi = chunks.start * chunk_images, min(chunks.stop * chunk_images, num_images)
+    index = import_faiss().read_index(str(work / TRAINED_FILE))
+    part_meta = dataclasses.replace(meta, num_images=hi - lo, part=PartOf(
+        index=r, parts=len(plan), first_id=first_id, count=count, total=sum(sizes),
+        trained_sha256=parts.trained_digest(index)))
+    part_dir = work / parts.part_dir_name(r)
+    try:
+        done, records = parts.check_part(part_dir)
+        done = done == part_meta and (ARRAYS_FILE in records) == keep_keys
+    except DatabaseError:
+        done = False  # absent, or left half-written by a killed save (which the save below cleans up)
+    if not done:
+        values, keys = fill_ivfpq(index, lambda i: read_chunk(work, i), chunks, keep_keys, progress)
+        say(progress, f"saving part {r} ({count} entries, ids {first_id}..{first_id + count - 1}) to {str(part_dir)!r}")
+        cls(keys, values, part_meta, index=index, nprobe=nprobe).save(part_dir)
+    else:
+        say(progress, f"resuming: part {r} is already built in {str(part_dir)!r}")
+    return parts.part_info(part_dir)
+
+
+def finish_parts(work: Path, path: Path, num_parts: int, merge: bool, progress: bool = False) -> None:
+    """Check the ``num_parts`` parts filled in ``work``, then put them at ``path`` atomically: as a partitioned
+    database, or (``merge``) merged in memory into one database; then remove ``work``. On any error
+    nothing is published and the previous database at ``path`` stays."""
+    infos = []
+    for r in range(num_parts):
+        part_dir = work / parts.part_dir_name(r)
+        try:
+            infos.append(parts.part_info(part_dir))
+        except DatabaseError as e:
+            raise DatabaseError(f"part {r} ({part_dir.name}) is missing, unreadable or corrupted: {e}") from e
+    trained_sha256 = infos[0].meta.part.trained_sha256
+    parts.write_parts_json(work, trained_sha256, infos)
+    if merge:
+        db = parts.merge_in_memory(work)
+        say(progress, f"saving {len(db)} entries (the {num_parts} parts merged) to {str(path)!r}")
+        db.save(path)
+    else:
+        say(progress, f"publishing the {num_parts} parts to {str(path)!r}")
+        parts.publish_parts(work, path, infos, trained_sha256)
+    shutil.rmtree(work, ignore_errors=True)

@@ -10,8 +10,9 @@ from ..config import KeyLayout
 
 KEY_SOURCES = ("latent", "codebook")
 # The files of a database directory (an index="ivfpq" one also holds faiss_index.INDEX_FILE and
-# faiss_index.VALUES_FILE).
+# faiss_index.VALUES_FILE), and those of a partitioned database (see :mod:`.parts`).
 ARRAYS_FILE, META_FILE = "arrays.safetensors", "meta.json"
+PARTS_FILE, TRAINED_FILE = "parts.json", "trained.index"
 
 
 class DatabaseError(ValueError):
@@ -20,6 +21,20 @@ class DatabaseError(ValueError):
 
 # The model fingerprint of an imported official release: it names no codebook (the release records none).
 OFFICIAL_FINGERPRINT = "official"
+
+
+@dataclass(frozen=True)
+class PartOf:
+    """Where a part of a partitioned database (:mod:`.parts`) sits: part ``index`` of ``parts``, holding the
+    ``count`` entries with global ids ``first_id ..`` of ``total``, filled from the trained index whose
+    :func:`~arrag_kernels.retrieval.parts.trained_digest` is ``trained_sha256``."""
+
+    index: int
+    parts: int
+    first_id: int
+    count: int
+    total: int
+    trained_sha256: str
 
 
 @dataclass(frozen=True)
@@ -32,6 +47,7 @@ class DatabaseMeta:
     model_fingerprint: str
     num_images: int
     index: str = "flat"
+    part: PartOf | None = None  # set on the parts of a partitioned database only
 
     @property
     def key_dim(self) -> int:
@@ -41,6 +57,8 @@ class DatabaseMeta:
         d = dataclasses.asdict(self)
         d["layout"] = self.layout.to_dict()
         d["grid"] = list(self.grid)
+        if self.part is None:
+            del d["part"]  # ordinary databases keep the meta.json they always had
         return d
 
     @classmethod
@@ -54,4 +72,5 @@ class DatabaseMeta:
             model_fingerprint=str(d["model_fingerprint"]),
             num_images=int(d["num_images"]),
             index=str(d.get("index", "flat")),
+            part=None if d.get("part") is None else PartOf(**d["part"]),
         )

@@ -34,7 +34,7 @@ import torch
 from .faiss_index import INDEX_FILE, VALUES_FILE, IndexFormatError, check_ivfpq_contents, import_faiss
 from .integrity import (FORMAT_VERSION, READABLE_VERSIONS, VERIFY_MODES, check_file, digest_file, file_records,
                         meta_digest)
-from .meta import ARRAYS_FILE, META_FILE, DatabaseError, DatabaseMeta
+from .meta import ARRAYS_FILE, META_FILE, PARTS_FILE, DatabaseError, DatabaseMeta
 
 
 def read_faiss_index(file: Path, deep_check: bool = False):
@@ -99,7 +99,8 @@ def _recover(path: Path) -> None:
     """Finish or undo saves to ``path`` whose process died on this host, then remove their directories.
 
     A save killed between moving the old database aside and moving the new one in leaves no ``path``:
-    the complete new directory (its meta.json is written last) is moved in, else the old one back.
+    the complete new directory (its meta.json, or a partitioned database's parts.json, is written last) is
+    moved in, else the old one back.
     """
     dead = {}
     for kind in ("tmp", "old"):
@@ -113,13 +114,49 @@ def _recover(path: Path) -> None:
         candidates = [dirs["tmp"] for dirs in dead.values() if "tmp" in dirs] + \
                      [dirs["old"] for dirs in dead.values() if "old" in dirs]
         for d in candidates:
-            if (d / META_FILE).is_file():
+            if _is_complete(d):
                 with contextlib.suppress(OSError):  # another process may be recovering it right now
                     os.replace(d, path)
                     break
     for dirs in dead.values():
         for d in dirs.values():
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _is_complete(d: Path) -> bool:
+    """Whether ``d`` is a finished database directory: its meta.json (a partitioned one: its parts.json) is
+    written last."""
+    return (d / META_FILE).is_file() or (d / PARTS_FILE).is_file()
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike):
+    """Yield a fresh temporary directory next to ``path``; when the block ends without an error, move it to
+    ``path`` (an existing database there goes to ``.<name>.old-<token>`` for that moment, then is removed).
+
+    The block must write the completion marker (meta.json, or parts.json) last. On an error the
+    temporary directory is removed and the previous database stays. Directories of earlier calls for
+    ``path`` that were killed are finished or removed first (:func:`_recover`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _recover(path)
+    if path.exists() and not _is_complete(path):
+        raise FileExistsError(f"{str(path)!r} exists and is not a database directory; refusing to overwrite it")
+    token = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp, old = path.parent / f".{path.name}.tmp-{token}", path.parent / f".{path.name}.old-{token}"
+    os.mkdir(tmp)  # mode 0o777 & ~umask, unlike tempfile.mkdtemp's 0o700
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save(db, path: str | os.PathLike) -> Path:
@@ -129,15 +166,7 @@ def save(db, path: str | os.PathLike) -> Path:
     were killed (``.<name>.tmp-*`` / ``.<name>.old-*`` of dead processes on this host) are
     finished or removed first. Files and directories get the usual permissions (umask).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _recover(path)
-    if path.exists() and not (path / META_FILE).is_file():
-        raise FileExistsError(f"{str(path)!r} exists and is not a database directory; refusing to overwrite it")
-    token = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp, old = path.parent / f".{path.name}.tmp-{token}", path.parent / f".{path.name}.old-{token}"
-    os.mkdir(tmp)  # mode 0o777 & ~umask, unlike tempfile.mkdtemp's 0o700
-    try:
+    with atomic_directory(path) as tmp:
         names = []
         if db.keys is not None:
             write_arrays(tmp / ARRAYS_FILE, db.keys, db.values)
@@ -153,35 +182,13 @@ def save(db, path: str | os.PathLike) -> Path:
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-    except BaseException:
-        if old.exists() and not path.exists():
-            os.replace(old, path)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+    return Path(path)
 
 
-def load(cls, path: str | os.PathLike, verify: str | bool = "quick"):
-    """Read a database directory written by :meth:`save`.
-
-    ``verify``: ``"quick"`` (default) checks meta.json's own checksum, each file's size and the
-    digests of 8 pages spread over each file (a bounded read, whatever the size); ``"full"`` hashes
-    every file completely; ``"none"`` checks nothing. ``True`` / ``False`` mean ``"full"`` / ``"none"``.
-    Saves to ``path`` that were killed are finished or cleaned up first (where the files allow).
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    mode = {True: "full", False: "none"}.get(verify, verify) if isinstance(verify, bool) else verify
-    if mode not in VERIFY_MODES:
-        raise ValueError(f"verify: expected one of {VERIFY_MODES} (or a bool), got {verify!r}")
-    path = Path(path)
-    with contextlib.suppress(OSError):  # a read-only location: load what is there
-        _recover(path)
+def read_checked_meta(path: Path, mode: str) -> tuple[dict, DatabaseMeta, dict]:
+    """meta.json of the database directory ``path`` (its raw dict, its :class:`DatabaseMeta`, its file records),
+    after checking meta.json's own checksum and every listed file (``mode``: see :func:`load`) without
+    reading any array; DatabaseError when something is missing or corrupted."""
     meta_file = path / META_FILE
     if not meta_file.is_file():
         raise DatabaseError(f"{str(path)!r} is not a database directory (expected {META_FILE})")
@@ -216,6 +223,27 @@ def load(cls, path: str | os.PathLike, verify: str | bool = "quick"):
             check_file(path / name, record, mode)
     except (KeyError, TypeError, IndexError) as e:
         raise DatabaseError(f"{str(meta_file)!r} is corrupted or incomplete: {e!r}") from e
+    return raw, meta, records
+
+
+def load(cls, path: str | os.PathLike, verify: str | bool = "quick"):
+    """Read a database directory written by :meth:`save`.
+
+    ``verify``: ``"quick"`` (default) checks meta.json's own checksum, each file's size and the
+    digests of 8 pages spread over each file (a bounded read, whatever the size); ``"full"`` hashes
+    every file completely; ``"none"`` checks nothing. ``True`` / ``False`` mean ``"full"`` / ``"none"``.
+    Saves to ``path`` that were killed are finished or cleaned up first (where the files allow).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    mode = {True: "full", False: "none"}.get(verify, verify) if isinstance(verify, bool) else verify
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify: expected one of {VERIFY_MODES} (or a bool), got {verify!r}")
+    path = Path(path)
+    with contextlib.suppress(OSError):  # a read-only location: load what is there
+        _recover(path)
+    raw, meta, records = read_checked_meta(path, mode)
     index, keys = None, None
     if meta.index == "ivfpq":
         index = read_faiss_index(path / INDEX_FILE, deep_check=mode == "full")
