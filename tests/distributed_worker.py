@@ -24,7 +24,12 @@ from arrag_kernels.retrieval import DistributedDatabase  # noqa: E402
 
 
 def _search(work: Path, case: dict, rank: int, world: int) -> dict:
-    """Every rank searches the same queries for each k (case "different_queries": rank r its own)."""
+    """Every rank searches the same queries for each k (case "different_queries": rank r its own),
+    reading nothing on the host after a first search (the set-up a decode loop's warm-up step does)."""
+    import pytest
+
+    from tests.utils import forbid_host_reads
+
     if "parts" in case:
         db = DistributedDatabase.from_parts(work / case["parts"])
     else:
@@ -33,11 +38,14 @@ def _search(work: Path, case: dict, rank: int, world: int) -> dict:
     if case.get("different_queries"):
         queries = queries + rank
     out = {"len": len(db), "shard_len": len(db.shard)}
-    for k in case["ks"]:
-        dist_, ids = db.search(queries, k)
-        dist2, tokens = db.retrieve(queries, k)
-        assert torch.equal(dist_, dist2)
-        out[k] = (dist_, ids, tokens)
+    db.search(queries, case["ks"][0])
+    with pytest.MonkeyPatch.context() as patch:
+        forbid_host_reads(patch, "the sharded search")
+        for k in case["ks"]:
+            dist_, ids = db.search(queries, k)
+            dist2, tokens = db.retrieve(queries, k)
+            assert torch.equal(dist_, dist2)
+            out[k] = (dist_, ids, tokens)
     return out
 
 

@@ -56,7 +56,8 @@ def merge_topk(distances: torch.Tensor, ids: torch.Tensor, tokens: torch.Tensor,
     Args:
         distances, ids, tokens: (Q, S * k) float32 distances, int64 global ids (-1: padding) and int64
             tokens: S blocks of k columns, block s from the shard with the s-th id range, each sorted
-            by (distance, id) with its padding last (what every search backend returns).
+            by (distance, id) with its padding last (the exact search and faiss order ties by id; the
+            device IVF-PQ search by list slot, which is id order within a list).
         k: results per query.
 
     Returns (Q, k) distances, ids, tokens ordered by distance, then by the lower global id, padding
@@ -327,9 +328,10 @@ class DistributedDatabase:
             dist_, ids, tokens = (torch.nn.functional.pad(dist_, pad, value=FLT_MAX),
                                   torch.nn.functional.pad(ids, pad, value=-1), torch.nn.functional.pad(tokens, pad, value=-1))
         # One int64 message per candidate: distance bits, global id, token and a fingerprint of its
-        # query (a weighted sum in float64), which every rank compares with its own.
-        weights = torch.arange(1, queries.shape[1] + 1, device=queries.device, dtype=torch.float64)
-        fingerprint = (queries.double() * weights).sum(1).view(torch.int64)
+        # query (a weighted integer sum of the float32 bits: exact in any order), which every rank
+        # compares with its own.
+        bits = queries.float().contiguous().view(torch.int32).long()
+        fingerprint = (bits * torch.arange(1, bits.shape[1] + 1, device=bits.device)).sum(1)
         sent = torch.stack([dist_.view(torch.int32).long(), ids, tokens, fingerprint[:, None].expand(q, k)], -1)
         received = sent.new_empty((world * q, k, 4))
         _all_gather_single(received, sent.contiguous(), group=self.group)
