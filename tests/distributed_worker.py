@@ -33,7 +33,7 @@ def _search(work: Path, case: dict, rank: int, world: int) -> dict:
     if "parts" in case:
         db = DistributedDatabase.from_parts(work / case["parts"])
     else:
-        db = ak.PatchDatabase.load(work / case["db"]).distributed()
+        db = ak.PatchDatabase.load(work / case["db"]).distributed().to("cpu")  # to(): a copy, no collective
     queries = torch.load(work / "queries.pt")
     if case.get("different_queries"):
         queries = queries + rank

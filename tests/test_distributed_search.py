@@ -51,15 +51,18 @@ def _queries(keys: torch.Tensor) -> torch.Tensor:
                       torch.nn.functional.normalize(torch.randn(2, 32, generator=g), dim=-1)])
 
 
-def _save_parts(path, trained, keys, values, meta, world, other=None, bad=None):
-    """A partitioned database by the contract of /work/coord/parts.md: part r holds the global ids of
-    the r-th range, added with ``add_with_ids`` in id order to a copy of ``trained`` (``other`` for part
-    ``bad``)."""
+def _save_parts(path, trained, keys, values, meta, world, other=None, bad=None, global_ids=False):
+    """A partitioned database by the contract of /work/coord/parts.md: part r holds the entries of the
+    r-th id range, added in id order to a copy of ``trained`` (``other`` for part ``bad``), with row
+    ids 0..count-1 (``global_ids``: part ``bad`` with its global ids, as the contract's first draft)."""
     parts = []
     for r in range(world):
         lo, hi = N * r // world, N * (r + 1) // world
-        index = faiss.clone_index(other if r == bad else trained)
-        index.add_with_ids(keys[lo:hi].numpy(), np.arange(lo, hi, dtype=np.int64))
+        index = faiss.clone_index(other if r == bad and other is not None else trained)
+        if r == bad and global_ids:
+            index.add_with_ids(keys[lo:hi].numpy(), np.arange(lo, hi, dtype=np.int64))
+        else:
+            index.add(keys[lo:hi].numpy())
         name = f"part-{r:05d}"
         ak.PatchDatabase(None, values[lo:hi], meta, index=index, nprobe=NPROBE).save(path / name)
         parts.append({"dir": name, "first_id": lo, "count": hi - lo})
@@ -89,6 +92,7 @@ def work(tmp_path_factory, tiny_model, tiny_images):
         _save_parts(root / f"parts-{world}", trained, keys, values, meta, world)
         _save_parts(root / f"parts-{world}-bad", trained, keys, values, meta, world, other=other, bad=world - 1)
     missing = _save_parts(root / "parts-2-missing", trained, keys, values, meta, 2)
+    _save_parts(root / "parts-2-global", trained, keys, values, meta, 2, bad=1, global_ids=True)
     shutil.rmtree(missing / "part-00001")
     torch.save(_queries(keys), root / "queries.pt")
     ak.PatchDatabase.build(tiny_images, tiny_model, progress=False).save(root / "janus-flat")
@@ -111,6 +115,7 @@ GENERATION = {  # and the device IVF-PQ search (its Triton kernels interpreted o
     "masked": {"kind": "masked"},
     "logits": {"kind": "logits"},
     "missing-part": {"kind": "bad_shard", "parts": "parts-2-missing"},
+    "global-ids": {"kind": "bad_shard", "parts": "parts-2-global"},
     "wrong-world": {"kind": "bad_shard", "parts": "parts-4"},
 }
 
@@ -120,7 +125,7 @@ def _spawn(work, world: int, cases: dict, timeout: float = 240.0) -> list[dict]:
     run = work / f"run-{world}"
     run.mkdir()
     for name in ("exact", "exact-other", "ivfpq", "queries.pt", "janus-flat", "janus-ivfpq", "parts-2", "parts-4",
-                 "parts-2-bad", "parts-4-bad", "parts-2-missing"):
+                 "parts-2-bad", "parts-4-bad", "parts-2-missing", "parts-2-global"):
         (run / name).symlink_to(work / name)
     cases = {name: {k: v.format(world=world) if isinstance(v, str) else v for k, v in case.items()}
              for name, case in cases.items()}
@@ -210,7 +215,8 @@ def test_a_shard_of_another_codebook_fails_on_every_rank(ranks):
 
 
 @pytest.mark.parametrize("case, words", [("missing-part", ["rank 1:", "part-00001"]),
-                                         ("wrong-world", ["4 parts", "2 ranks"])])
+                                         ("wrong-world", ["4 parts", "2 ranks"]),
+                                         ("global-ids", ["rank 1:", "holds ids 300..600", "row ids 0..300"])])
 def test_bad_parts_fail_on_every_rank(ranks, case, words):
     for results in ranks[2]:
         error = results[case].get("error", "")

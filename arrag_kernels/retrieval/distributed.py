@@ -41,9 +41,11 @@ import torch.distributed as dist
 from ..ops.ivfpq import FLT_MAX, pack
 from .database import PatchDatabase
 from .faiss_index import import_faiss, inner_ivfpq
-from .meta import DatabaseError
+from .meta import DatabaseError, DatabaseMeta
 
 PARTS_FILE = "parts.json"  # the manifest of a partitioned database (see /work/coord/parts.md)
+# What the shards' metadata must agree on (num_images counts each shard's own images: summed).
+_SHARED_META = ("layout", "codebook_size", "embed_dim", "grid", "key_source", "model_fingerprint", "index")
 _LAST = torch.iinfo(torch.int64).max  # merge key of padding: after every real candidate
 
 # torch 2.13 renamed all_gather_into_tensor (the old name warns); torch >= 2.6 is supported.
@@ -93,7 +95,8 @@ def trained_fingerprint(index) -> str:
 
 
 def _id_range(index) -> tuple[int, int] | None:
-    """(smallest, largest) id in an IVF index's lists (None if it holds none): one pass over the ids."""
+    """(smallest, largest) id in an IVF index's lists (None if it holds none): one pass over the ids,
+    no copy."""
     faiss = import_faiss()
     invlists = inner_ivfpq(index).invlists
     low, high = None, None
@@ -148,10 +151,10 @@ def _agree(group, facts: dict) -> list[dict]:
     if not problems:
         first = every[0]
         for r, f in enumerate(every[1:], 1):
-            for field in sorted(set(f["meta"]) | set(first["meta"])):  # model, codebook, key layout, index type
-                if f["meta"].get(field) != first["meta"].get(field):
-                    problems.append(f"rank {r}'s shard has {field} = {f['meta'].get(field)!r}, rank 0's "
-                                    f"{first['meta'].get(field)!r}")
+            for field in _SHARED_META:
+                if f["meta"][field] != first["meta"][field]:
+                    problems.append(f"rank {r}'s shard has {field} = {f['meta'][field]!r}, rank 0's "
+                                    f"{first['meta'][field]!r}")
             if f["trained"] != first["trained"]:
                 problems.append(f"rank {r}'s shard was filled from another trained IVF-PQ index than rank 0's (OPQ, "
                                 f"coarse centroids or PQ codebooks differ: fingerprint {str(f['trained'])[:12]} vs "
@@ -180,13 +183,11 @@ class DistributedDatabase:
     Args:
         shard: this rank's :class:`arrag_kernels.PatchDatabase` (exact or IVF-PQ; on the device the
             rank searches on: CPU for gloo, its GPU for NCCL).
-        first_id: the global id of the shard's first entry; rank r's shard must start where rank
-            r - 1's ends.
+        first_id: the global id of the shard's first entry (its row 0; an IVF-PQ shard's index holds
+            the row ids 0 .. len(shard) - 1, as a part of a partitioned database does); rank r's shard
+            must start where rank r - 1's ends.
         total: entries of the whole database (the same on every rank).
         group: the process group (default: the world).
-        ids: what the shard's own search returns: ``"local"`` row ids 0 .. len(shard) - 1 (a slice of
-            a database, :meth:`from_database`) or ``"global"`` ids first_id .. (a part of a partitioned
-            database, whose FAISS index holds global ids, :meth:`from_parts`).
 
     Raises :class:`arrag_kernels.retrieval.DatabaseError` on every rank, naming the rank, if a shard
     is bad or the shards disagree: another key layout, codebook fingerprint, model or index type, an
@@ -199,14 +200,12 @@ class DistributedDatabase:
             shard's (what :func:`arrag_kernels.retrieval.query.on_device` looks at).
     """
 
-    def __init__(self, shard: PatchDatabase, first_id: int, total: int, group=None, ids: str = "local"):
+    def __init__(self, shard: PatchDatabase, first_id: int, total: int, group=None):
         rank, world = _group_position(group)
         # Bad arguments on one rank are reported on every rank by the exchange: no rank waits for it.
         problems = []
         if not isinstance(shard, PatchDatabase):
             problems.append(f"shard: expected an arrag_kernels.PatchDatabase, got {type(shard).__name__}")
-        if ids not in ("local", "global"):
-            problems.append(f"ids: expected 'local' (the shard's row ids) or 'global', got {ids!r}")
         for name, value in (("first_id", first_id), ("total", total)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 problems.append(f"{name}: expected an int >= 0, got {value!r}")
@@ -214,22 +213,20 @@ class DistributedDatabase:
             _agree(group, {"problems": problems})
         if first_id + len(shard) > total:
             problems.append(f"its ids {first_id}..{first_id + len(shard) - 1} reach beyond total = {total} entries")
-        base = first_id if ids == "global" else 0
         if shard.index is not None:
             held = _id_range(shard.index)
-            if held is not None and (held[0] < base or held[1] >= base + len(shard)):
-                problems.append(f"its IVF-PQ index holds ids {held[0]}..{held[1]}, expected {ids} ids "
-                                f"{base}..{base + len(shard) - 1}")
+            if held is not None and (held[0] < 0 or held[1] >= len(shard)):
+                problems.append(f"its IVF-PQ index holds ids {held[0]}..{held[1]}, expected its row ids "
+                                f"0..{len(shard) - 1} (global id = first_id + row id)")
         meta = shard.meta
-        facts = {"problems": problems, "meta": dataclasses.replace(meta, num_images=0).to_dict(),
+        facts = {"problems": problems, "meta": {name: getattr(meta, name) for name in _SHARED_META},
                  "num_images": meta.num_images, "first_id": first_id, "count": len(shard), "total": total,
                  "trained": None if shard.index is None else trained_fingerprint(shard.index),
                  "nprobe": shard.nprobe, "key_dtype": None if shard.keys is None else str(shard.keys.dtype)}
         every = _agree(group, facts)
         self.shard = shard
         self.first_id, self.total, self.group, self.rank, self.world_size = first_id, total, group, rank, world
-        self.meta = dataclasses.replace(meta, num_images=sum(f["num_images"] for f in every))
-        self._id_base = base
+        self.meta = DatabaseMeta(**facts["meta"], num_images=sum(f["num_images"] for f in every))
 
     @classmethod
     def from_database(cls, db: PatchDatabase, group=None) -> "DistributedDatabase":
@@ -271,7 +268,7 @@ class DistributedDatabase:
             shard = PatchDatabase.load(path / parts[rank]["dir"], verify=verify)
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # DatabaseError is a ValueError
             _agree(group, {"problems": [f"cannot load its part of {str(path)!r}: {e}"]})  # raises on every rank
-        return cls(shard, first_id, total, group, ids="global")
+        return cls(shard, first_id, total, group)
 
     def __len__(self) -> int:
         return self.total
@@ -320,9 +317,8 @@ class DistributedDatabase:
         found = min(k, len(self.shard))  # a shard smaller than k pads its list
         dist_, ids = self.shard.search(queries, found)
         real = ids >= 0
-        row = torch.where(real, ids - self._id_base, 0)
-        tokens = torch.where(real, self.shard.values.to(ids.device)[row], -1)
-        ids = torch.where(real, row + self.first_id, -1)
+        tokens = torch.where(real, self.shard.values.to(ids.device)[ids.clamp_min(0)], -1)
+        ids = torch.where(real, ids + self.first_id, -1)
         if found < k:
             pad = (0, k - found)
             dist_, ids, tokens = (torch.nn.functional.pad(dist_, pad, value=FLT_MAX),
