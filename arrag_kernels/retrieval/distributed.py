@@ -7,14 +7,14 @@ the same generation (the same queries); a search
 
 1. searches the queries in the local shard: top-k (distance, global id, token), the tokens from the
    shard's own values (values are not replicated),
-2. gathers every rank's top-k (one ``all_gather`` into one tensor),
+2. gathers every rank's top-k (one ``all_gather`` into one tensor: 16 bytes per candidate),
 3. merges them on the device (:func:`merge_topk`): distance first, then the lower global id
    (FAISS's order, and the exact search's), padding (id -1) last.
 
 Every rank gets the same hits, those of the unsharded database: each shard searches the same query
 batch the unsharded database would, so even the distances are bitwise equal. Shapes are fixed by
 the number of queries, ``k`` and the world size and nothing is read on the host, so on NCCL the
-search can be captured in a CUDA graph; gloo (CPU) works too, without capture. Collectives need
+search is meant to be captured in a CUDA graph (not run on NCCL yet); gloo (CPU) works, without capture. Collectives need
 every rank to search at the same time with the same queries and ``k``: decode loops do when every
 rank runs the same loop on the same prompts with the same seed. Ranks that search different queries
 fail a device-side check (a RuntimeError on the CPU, a device assert on CUDA) instead of mixing
@@ -323,20 +323,22 @@ class DistributedDatabase:
             pad = (0, k - found)
             dist_, ids, tokens = (torch.nn.functional.pad(dist_, pad, value=FLT_MAX),
                                   torch.nn.functional.pad(ids, pad, value=-1), torch.nn.functional.pad(tokens, pad, value=-1))
-        # One int64 message per candidate: distance bits, global id, token and a fingerprint of its
-        # query (a weighted integer sum of the float32 bits: exact in any order), which every rank
-        # compares with its own.
+        # Two int64 per candidate: (distance bits << 32 | token bits) and the global id; one more
+        # column carries a fingerprint of the query (a weighted integer sum of its float32 bits: exact
+        # in any order), which every rank compares with its own.
         bits = queries.float().contiguous().view(torch.int32).long()
         fingerprint = (bits * torch.arange(1, bits.shape[1] + 1, device=bits.device)).sum(1)
-        sent = torch.stack([dist_.view(torch.int32).long(), ids, tokens, fingerprint[:, None].expand(q, k)], -1)
-        received = sent.new_empty((world * q, k, 4))
-        _all_gather_single(received, sent.contiguous(), group=self.group)
-        received = received.view(world, q, k, 4)
-        torch._assert_async((received[:, :, 0, 3] == fingerprint).all(),
+        sent = torch.cat([torch.stack([(dist_.view(torch.int32).long() << 32) | (tokens & 0xFFFFFFFF), ids], -1),
+                          fingerprint[:, None, None].expand(q, 1, 2)], 1)  # (Q, k + 1, 2)
+        received = sent.new_empty((world * q, k + 1, 2))
+        _all_gather_single(received, sent, group=self.group)
+        received = received.view(world, q, k + 1, 2)
+        torch._assert_async((received[:, :, k, 0] == fingerprint).all(),
                             "DistributedDatabase: the ranks searched different queries; every rank must search "
                             "the same queries (run the same prompts with the same seed on every rank)")
-        received = received.transpose(0, 1).reshape(q, world * k, 4)  # (Q, shards' blocks in rank order)
-        return merge_topk(received[..., 0].int().view(torch.float32), received[..., 1], received[..., 2], k)
+        hits = received[:, :, :k].transpose(0, 1).reshape(q, world * k, 2)  # (Q, the shards' blocks in rank order)
+        first, ids = hits[..., 0], hits[..., 1]
+        return merge_topk((first >> 32).int().view(torch.float32), ids, (first << 32) >> 32, k)
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q, key_dim) queries -> ((Q, k) float32 squared L2 distances, (Q, k) int64 global ids), the
