@@ -1,7 +1,7 @@
 """One rank of the sharded-search tests (tests/test_distributed_search.py), started by
-``torch.multiprocessing``: joins a gloo group through a file in the work directory, runs the cases
-the test wrote into ``<work>/cases.json`` on the databases it saved there and writes what it got to
-``<work>/rank<r>.pt`` (tensors, or the error message of a case that raised). Generation cases run
+``torch.multiprocessing``: joins a gloo group through a file in the run directory, runs the cases
+the test wrote into ``<run>/cases.json`` on the databases it saved in the data directory and writes
+what it got to ``<run>/rank<r>.pt`` (tensors, or the error message of a case that raised). Generation cases run
 unsharded and sharded in the same process, so their tokens compare without cross-process float noise.
 """
 
@@ -146,14 +146,14 @@ def _logits(work: Path, case: dict, rank: int, world: int) -> dict:
 CASES = {"search": _search, "bad_shard": _bad_shard, "janus": _janus, "masked": _masked, "logits": _logits}
 
 
-def main(rank: int, world: int, work: str) -> None:
+def main(rank: int, world: int, data: str, run: str) -> None:
     torch.set_num_threads(1)
-    work = Path(work)
-    dist.init_process_group("gloo", init_method=f"file://{work / 'rendezvous'}", rank=rank, world_size=world,
+    work, run = Path(data), Path(run)
+    dist.init_process_group("gloo", init_method=f"file://{run / 'rendezvous'}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     results = {}
     try:
-        for name, case in json.loads((work / "cases.json").read_text()).items():
+        for name, case in json.loads((run / "cases.json").read_text()).items():
             try:
                 start = time.perf_counter()
                 with ak.use_backend(case.get("backend", "auto")):
@@ -162,5 +162,5 @@ def main(rank: int, world: int, work: str) -> None:
             except Exception as e:  # recorded for the test to check; the next case still runs
                 results[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     finally:
-        torch.save(results, work / f"rank{rank}.pt")
+        torch.save(results, run / f"rank{rank}.pt")
         dist.destroy_process_group()

@@ -7,6 +7,7 @@ tests/distributed_worker.py and write per-rank result files; the merge itself is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 import arrag_kernels as ak
-from arrag_kernels.retrieval import DatabaseError, DistributedDatabase
+from arrag_kernels.retrieval import DistributedDatabase
 from arrag_kernels.retrieval.distributed import PARTS_FILE, merge_topk
 from arrag_kernels.retrieval.faiss_index import make_ivfpq_index
 from tests import distributed_worker
@@ -86,7 +87,7 @@ def work(tmp_path_factory, tiny_model, tiny_images):
     other.train(keys.numpy()[::-1].copy() * 0.9)
     index = faiss.clone_index(trained)
     index.add(keys.numpy())
-    meta = flat.meta.__class__(**{**flat.meta.__dict__, "index": "ivfpq"})
+    meta = dataclasses.replace(flat.meta, index="ivfpq")
     ak.PatchDatabase(None, values, meta, index=index, nprobe=NPROBE).save(root / "ivfpq")
     for world in (2, 4):
         _save_parts(root / f"parts-{world}", trained, keys, values, meta, world)
@@ -101,7 +102,7 @@ def work(tmp_path_factory, tiny_model, tiny_images):
     return root
 
 
-SEARCHES = {
+EVERY_WORLD = {  # cases run on 2 and on 4 ranks
     "exact": {"kind": "search", "db": "exact", "ks": KS},
     "ivfpq": {"kind": "search", "db": "ivfpq", "ks": KS},
     "parts": {"kind": "search", "db": "ivfpq", "parts": "parts-{world}", "ks": KS},
@@ -109,7 +110,7 @@ SEARCHES = {
     "bad-codebook": {"kind": "bad_shard", "db": "exact", "other": "exact-other", "rank": 1},
     "bad-trained": {"kind": "bad_shard", "parts": "parts-{world}-bad"},
 }
-GENERATION = {  # and the device IVF-PQ search (its Triton kernels interpreted on the CPU)
+TWO_RANKS = {  # the slower cases (the device search's Triton kernels run interpreted) and 2-part ones
     "ivfpq-device": {"kind": "search", "db": "ivfpq", "ks": [7], "backend": "triton"},
     "janus": {"kind": "janus", "dbs": ["janus-flat", "janus-ivfpq"]},
     "masked": {"kind": "masked"},
@@ -121,19 +122,17 @@ GENERATION = {  # and the device IVF-PQ search (its Triton kernels interpreted o
 
 
 def _spawn(work, world: int, cases: dict, timeout: float = 240.0) -> list[dict]:
-    """Run the cases on ``world`` gloo ranks; each rank's results (a hang fails the test)."""
+    """Run the cases on ``world`` gloo ranks on the databases in ``work``; each rank's results (a hang
+    fails the test)."""
     run = work / f"run-{world}"
     run.mkdir()
-    for name in ("exact", "exact-other", "ivfpq", "queries.pt", "janus-flat", "janus-ivfpq", "parts-2", "parts-4",
-                 "parts-2-bad", "parts-4-bad", "parts-2-missing", "parts-2-global"):
-        (run / name).symlink_to(work / name)
     cases = {name: {k: v.format(world=world) if isinstance(v, str) else v for k, v in case.items()}
              for name, case in cases.items()}
     (run / "cases.json").write_text(json.dumps(cases))
     # Ranks fork from a fresh server process that imported the worker (and torch, arrag_kernels) once.
     torch.multiprocessing.get_context("forkserver").set_forkserver_preload([distributed_worker.__name__])
-    ctx = torch.multiprocessing.start_processes(distributed_worker.main, args=(world, str(run)), nprocs=world,
-                                                join=False, start_method="forkserver")
+    ctx = torch.multiprocessing.start_processes(distributed_worker.main, args=(world, str(work), str(run)),
+                                                nprocs=world, join=False, start_method="forkserver")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
@@ -146,7 +145,7 @@ def _spawn(work, world: int, cases: dict, timeout: float = 240.0) -> list[dict]:
 @pytest.fixture(scope="module")
 def ranks(work):
     """{world size: per-rank results}: 2 ranks run every case, 4 ranks the searches."""
-    return {2: _spawn(work, 2, {**SEARCHES, **GENERATION}), 4: _spawn(work, 4, SEARCHES)}
+    return {2: _spawn(work, 2, {**EVERY_WORLD, **TWO_RANKS}), 4: _spawn(work, 4, EVERY_WORLD)}
 
 
 def _ok(result: dict) -> dict:
@@ -160,7 +159,7 @@ WORLDS = [2, 4]
 @pytest.mark.parametrize("world, case", [(w, c) for w in WORLDS for c in ("exact", "ivfpq", "parts")] + [(2, "ivfpq-device")])
 def test_sharded_search_equals_unsharded(work, ranks, world, case):
     """Every rank gets the unsharded database's ids, distances (bitwise) and tokens."""
-    spec = {**SEARCHES, **GENERATION}[case]
+    spec = {**EVERY_WORLD, **TWO_RANKS}[case]
     full = ak.PatchDatabase.load(work / spec["db"])
     queries = torch.load(work / "queries.pt")
     with ak.use_backend(spec.get("backend", "auto")):
