@@ -191,8 +191,9 @@ class DistributedDatabase:
 
     Raises :class:`arrag_kernels.retrieval.DatabaseError` on every rank, naming the rank, if a shard
     is bad or the shards disagree: another key layout, codebook fingerprint, model or index type, an
-    IVF-PQ shard filled from another trained index, another nprobe or key dtype, id ranges with a gap
-    or an overlap, or another total.
+    IVF-PQ shard filled from another trained index or whose index holds ids other than its row ids
+    (checked in one pass over the lists' ids), another nprobe or key dtype, id ranges with a gap or an
+    overlap, or another total.
 
     Attributes:
         meta: the whole database's :class:`~arrag_kernels.retrieval.DatabaseMeta` (``num_images``:
