@@ -239,7 +239,7 @@ def test_masked_and_logits_processor_paths_give_the_unsharded_tokens(ranks, case
     for results in ranks[2]:
         got = _ok(results[case])
         assert torch.equal(got["sharded"], got["unsharded"])
-        assert bool((got["sharded"] >= 0).all())
+        assert bool((got["sharded"] >= 0).all()) and not torch.equal(got["sharded"], got["plain"])
 
 
 # ---- the merge alone ----------------------------------------------------------------------------
