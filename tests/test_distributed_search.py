@@ -156,7 +156,8 @@ def _ok(result: dict) -> dict:
 WORLDS = [2, 4]
 
 
-@pytest.mark.parametrize("world, case", [(w, c) for w in WORLDS for c in ("exact", "ivfpq", "parts")] + [(2, "ivfpq-device")])
+@pytest.mark.parametrize("world, case",
+                         [(w, c) for w in WORLDS for c in ("exact", "ivfpq", "parts")] + [(2, "ivfpq-device")])
 def test_sharded_search_equals_unsharded(work, ranks, world, case):
     """Every rank gets the unsharded database's ids, distances (bitwise) and tokens."""
     spec = {**EVERY_WORLD, **TWO_RANKS}[case]

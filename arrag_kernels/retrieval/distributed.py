@@ -14,11 +14,11 @@ the same generation (the same queries); a search
 Every rank gets the same hits, those of the unsharded database: each shard searches the same query
 batch the unsharded database would, so even the distances are bitwise equal. Shapes are fixed by
 the number of queries, ``k`` and the world size and nothing is read on the host, so on NCCL the
-search is meant to be captured in a CUDA graph (not run on NCCL yet); gloo (CPU) works, without capture. Collectives need
-every rank to search at the same time with the same queries and ``k``: decode loops do when every
-rank runs the same loop on the same prompts with the same seed. Ranks that search different queries
-fail a device-side check (a RuntimeError on the CPU, a device assert on CUDA) instead of mixing
-their hits.
+search is meant to be captured in a CUDA graph (not run on NCCL yet); gloo (CPU) works, without
+capture. Collectives need every rank to search at the same time with the same queries and ``k``:
+decode loops do when every rank runs the same loop on the same prompts with the same seed. Ranks
+that search different queries fail a device-side check (a RuntimeError on the CPU, a device assert
+on CUDA) instead of mixing their hits.
 
 :class:`DistributedDatabase` presents the interface the decode loops use (``len``, ``meta``,
 ``search``, ``retrieve``, ``to``, ``check_compatible``, ``nprobe``), so the one
@@ -322,8 +322,8 @@ class DistributedDatabase:
         ids = torch.where(real, ids + self.first_id, -1)
         if found < k:
             pad = (0, k - found)
-            dist_, ids, tokens = (torch.nn.functional.pad(dist_, pad, value=FLT_MAX),
-                                  torch.nn.functional.pad(ids, pad, value=-1), torch.nn.functional.pad(tokens, pad, value=-1))
+            dist_ = torch.nn.functional.pad(dist_, pad, value=FLT_MAX)
+            ids, tokens = (torch.nn.functional.pad(t, pad, value=-1) for t in (ids, tokens))
         # Two int64 per candidate: (distance bits << 32 | token bits) and the global id; one more
         # column carries a fingerprint of the query (a weighted integer sum of its float32 bits: exact
         # in any order), which every rank compares with its own.
