@@ -25,7 +25,7 @@ from .decoding import DAiDSampler, DecodeStats, FAiDRuntime, hf_image_generate
 from .faid import FAiDConfig, load_blenders
 from .masked import MaskedDAiD, step_with_daid
 from .models import ImageTokenizer, LogitsProcessorAdapter, PipelineAdapter, check_protocol, get_adapter
-from .retrieval import PatchDatabase
+from .retrieval import DistributedDatabase, PatchDatabase
 from .retrieval.query import on_device
 
 # The live handle sits in the instance's __dict__ beside the bound generate (a reference cycle the
@@ -79,7 +79,7 @@ class PatchHandle:
             raise ValueError("config: give at most one DAiDConfig and one FAiDConfig")
         if configs and db is None:
             raise ValueError("DAiD and FAiD need a PatchDatabase: patch_model(model, db, config)")
-        if db is not None and not isinstance(db, PatchDatabase):
+        if db is not None and not isinstance(db, (PatchDatabase, DistributedDatabase)):
             hint = f"; load it first: arrag_kernels.PatchDatabase.load({db!r})" if isinstance(db, (str, os.PathLike)) else ""
             raise TypeError(f"db: expected an arrag_kernels.PatchDatabase, got {type(db).__name__}{hint}")
         if db is not None and not configs:
@@ -219,8 +219,9 @@ def patch_model(model, db=None, config=None, device=None, blender_weights=None) 
     Args:
         model: a supported model instance (HF ``JanusForConditionalGeneration``, ``Emu3ForConditionalGeneration``)
             or pipeline (diffusers ``AmusedPipeline``).
-        db: the :class:`arrag_kernels.PatchDatabase` to retrieve from; it must have been built for
-            this model's codebook size and grid.
+        db: the :class:`arrag_kernels.PatchDatabase` to retrieve from (or a
+            :class:`arrag_kernels.retrieval.DistributedDatabase` split over processes); it must have been
+            built for this model's codebook size and grid.
         config: :class:`arrag_kernels.DAiDConfig`, :class:`arrag_kernels.FAiDConfig` or a tuple of
             both; ``None`` runs the library's decode loop without retrieval.
         device: where retrieval runs (default: the model's device; Emu3: the logits' device, not settable).

@@ -1,6 +1,7 @@
 """Patch databases and the search backends behind them."""
 
 from .database import PatchDatabase
+from .distributed import DistributedDatabase
 from .meta import DatabaseError, DatabaseMeta
 from .search import INDEX_TYPES, DeviceIVFPQSearch, ExactSearch, FaissFlatSearch, FaissIVFPQSearch, IVFPQSearch
 
@@ -8,6 +9,7 @@ __all__ = [
     "DatabaseError",
     "DatabaseMeta",
     "DeviceIVFPQSearch",
+    "DistributedDatabase",
     "ExactSearch",
     "FaissFlatSearch",
     "FaissIVFPQSearch",

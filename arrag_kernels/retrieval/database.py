@@ -173,6 +173,16 @@ class PatchDatabase:
         make_search(db.meta.index, db.keys, db.index, db.nprobe, db._shards)  # raises now if it cannot shard
         return db
 
+    def distributed(self, group=None):
+        """This database split over the ranks of the ``torch.distributed`` ``group`` (default: the
+        world), called collectively with the same database on every rank: rank r keeps the r-th of
+        about equal contiguous id ranges and searches it, the ranks' top-k are merged
+        (:class:`arrag_kernels.retrieval.distributed.DistributedDatabase`, which decode loops and
+        :func:`arrag_kernels.patch_model` take like this database)."""
+        from .distributed import DistributedDatabase
+
+        return DistributedDatabase.from_database(self, group)
+
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q, key_dim) queries -> ((Q, k) float32 squared L2 distances, (Q, k) int64 entry ids)."""
         if queries.dim() != 2 or queries.shape[1] != self.meta.key_dim:
