@@ -32,6 +32,8 @@ def _search(work: Path, case: dict, rank: int, world: int) -> dict:
 
     if "parts" in case:
         db = DistributedDatabase.from_parts(work / case["parts"])
+    elif "own_part" in case:
+        db = ak.PatchDatabase.load(work / case["own_part"] / f"part-{rank:05d}").distributed()
     else:
         db = ak.PatchDatabase.load(work / case["db"]).distributed().to("cpu")  # to(): a copy, no collective
     queries = torch.load(work / "queries.pt")

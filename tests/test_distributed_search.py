@@ -18,8 +18,10 @@ import torch
 
 import arrag_kernels as ak
 from arrag_kernels.retrieval import DistributedDatabase
-from arrag_kernels.retrieval.distributed import PARTS_FILE, merge_topk
+from arrag_kernels.retrieval.distributed import merge_topk
 from arrag_kernels.retrieval.faiss_index import make_ivfpq_index
+from arrag_kernels.retrieval.meta import PARTS_FILE, PartOf
+from arrag_kernels.retrieval.parts import trained_digest
 from tests import distributed_worker
 from tests.oracles import FLT_MAX, assert_topk, tie_order
 
@@ -65,7 +67,9 @@ def _save_parts(path, trained, keys, values, meta, world, other=None, bad=None, 
         else:
             index.add(keys[lo:hi].numpy())
         name = f"part-{r:05d}"
-        ak.PatchDatabase(None, values[lo:hi], meta, index=index, nprobe=NPROBE).save(path / name)
+        part = PartOf(index=r, parts=world, first_id=lo, count=hi - lo, total=N, trained_sha256=trained_digest(index))
+        part_meta = dataclasses.replace(meta, part=part)
+        ak.PatchDatabase(None, values[lo:hi], part_meta, index=index, nprobe=NPROBE).save(path / name)
         parts.append({"dir": name, "first_id": lo, "count": hi - lo})
     (path / PARTS_FILE).write_text(json.dumps({"format": 1, "total": N, "parts": parts}))
     return path
@@ -106,6 +110,8 @@ EVERY_WORLD = {  # cases run on 2 and on 4 ranks
     "exact": {"kind": "search", "db": "exact", "ks": KS},
     "ivfpq": {"kind": "search", "db": "ivfpq", "ks": KS},
     "parts": {"kind": "search", "db": "ivfpq", "parts": "parts-{world}", "ks": KS},
+    # each rank its own part, as a torchrun build returns it: db.distributed() must not slice it again
+    "own-part": {"kind": "search", "db": "ivfpq", "own_part": "parts-{world}", "ks": KS},
     "different-queries": {"kind": "search", "db": "exact", "ks": [3], "different_queries": True},
     "bad-codebook": {"kind": "bad_shard", "db": "exact", "other": "exact-other", "rank": 1},
     "bad-trained": {"kind": "bad_shard", "parts": "parts-{world}-bad"},
@@ -157,7 +163,7 @@ WORLDS = [2, 4]
 
 
 @pytest.mark.parametrize("world, case",
-                         [(w, c) for w in WORLDS for c in ("exact", "ivfpq", "parts")] + [(2, "ivfpq-device")])
+                         [(w, c) for w in WORLDS for c in ("exact", "ivfpq", "parts", "own-part")] + [(2, "ivfpq-device")])
 def test_sharded_search_equals_unsharded(work, ranks, world, case):
     """Every rank gets the unsharded database's ids, distances (bitwise) and tokens."""
     spec = {**EVERY_WORLD, **TWO_RANKS}[case]

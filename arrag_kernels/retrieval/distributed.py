@@ -29,7 +29,6 @@ decoding, the logits processor, :func:`arrag_kernels.patch_model`) run on it unc
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -41,9 +40,9 @@ import torch.distributed as dist
 from ..ops.ivfpq import FLT_MAX, pack
 from .database import PatchDatabase
 from .faiss_index import import_faiss, inner_ivfpq
-from .meta import DatabaseError, DatabaseMeta
+from .meta import PARTS_FILE, DatabaseError, DatabaseMeta
+from .parts import trained_digest
 
-PARTS_FILE = "parts.json"  # the manifest of a partitioned database (see /work/coord/parts.md)
 # What the shards' metadata must agree on (num_images counts each shard's own images: summed).
 _SHARED_META = ("layout", "codebook_size", "embed_dim", "grid", "key_source", "model_fingerprint", "index")
 _LAST = torch.iinfo(torch.int64).max  # merge key of padding: after every real candidate
@@ -74,24 +73,6 @@ def merge_topk(distances: torch.Tensor, ids: torch.Tensor, tokens: torch.Tensor,
     padding = ids < 0
     return (torch.gather(distances, 1, order).masked_fill(padding, FLT_MAX), ids,
             torch.gather(tokens, 1, order).masked_fill(padding, -1))
-
-
-def trained_fingerprint(index) -> str:
-    """SHA-256 of what a trained (OPQ +) IVF-PQ index encodes with (list count, PQ shape, the OPQ
-    matrix, coarse centroids and PQ codebooks), not of its entries: equal for every part filled from
-    one trained index."""
-    faiss = import_faiss()
-    ivf = inner_ivfpq(index)
-    digest = hashlib.sha256(f"{ivf.nlist} {ivf.pq.M} {ivf.pq.nbits} {ivf.by_residual} {ivf.metric_type}".encode())
-    if isinstance(index, faiss.IndexPreTransform):
-        for i in range(index.chain.size()):
-            vt = faiss.downcast_VectorTransform(index.chain.at(i))
-            digest.update(faiss.vector_to_array(vt.A).tobytes())
-            if vt.have_bias:
-                digest.update(faiss.vector_to_array(vt.b).tobytes())
-    digest.update(ivf.quantizer.reconstruct_n(0, ivf.nlist).tobytes())
-    digest.update(faiss.vector_to_array(ivf.pq.centroids).tobytes())
-    return digest.hexdigest()
 
 
 def _id_range(index) -> tuple[int, int] | None:
@@ -222,7 +203,7 @@ class DistributedDatabase:
         meta = shard.meta
         facts = {"problems": problems, "meta": {name: getattr(meta, name) for name in _SHARED_META},
                  "num_images": meta.num_images, "first_id": first_id, "count": len(shard), "total": total,
-                 "trained": None if shard.index is None else trained_fingerprint(shard.index),
+                 "trained": None if shard.index is None else trained_digest(shard.index),
                  "nprobe": shard.nprobe, "key_dtype": None if shard.keys is None else str(shard.keys.dtype)}
         every = _agree(group, facts)
         self.shard = shard
@@ -233,8 +214,11 @@ class DistributedDatabase:
     def from_database(cls, db: PatchDatabase, group=None) -> "DistributedDatabase":
         """Split ``db``, the same database on every rank (e.g. loaded from one directory), into
         contiguous id ranges of about equal size: rank r keeps the r-th (a copy: ``db`` can be freed).
-        An IVF-PQ database keeps its trained index on every rank and the entries of its range."""
+        An IVF-PQ database keeps its trained index on every rank and the entries of its range. A part of a
+        partitioned database (``db.meta.part``, what a torchrun build returns each rank) is used as it is."""
         rank, world = _group_position(group)
+        if db.meta.part is not None:  # a torchrun build's own part (parts.py): already this rank's shard
+            return cls(db, db.meta.part.first_id, db.meta.part.total, group)
         lo, hi = len(db) * rank // world, len(db) * (rank + 1) // world
         try:
             if len(db) < world:
@@ -267,6 +251,9 @@ class DistributedDatabase:
                                     "rank per part")
             first_id = int(parts[rank]["first_id"])
             shard = PatchDatabase.load(path / parts[rank]["dir"], verify=verify)
+            if shard.meta.part is not None and shard.meta.part.first_id != first_id:
+                raise DatabaseError(f"part {parts[rank]['dir']!r} starts at id {shard.meta.part.first_id} by its own "
+                                    f"meta.json but at {first_id} by parts.json")
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:  # DatabaseError is a ValueError
             _agree(group, {"problems": [f"cannot load its part of {str(path)!r}: {e}"]})  # raises on every rank
         return cls(shard, first_id, total, group)
