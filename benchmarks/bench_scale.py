@@ -6,7 +6,7 @@ the peak memory of every process (tests/scale_build.py runs the steps, one proce
 Default: 50M entries (OPQ + IVF-PQ, nlist 1024, M 8, 8 bits, 32-d keys, int32 tokens) in 16 parts, one
 faiss thread per process (``OMP_NUM_THREADS``), the steps run one after another; ``ARRAG_SCALE_ENTRIES``
 sets another size. One round: the row's time is the whole pipeline; ``extra_info`` holds each step's
-seconds and peak RSS (``getrusage``), the build time per part, the merge time, the load and search
+seconds and peak RSS (``VmHWM``: see tests/scale_build.py), the build time per part, the merge time, the load and search
 times of the merged on-disk database (``queries`` x ``k`` at ``nprobe``) and of the shards, the bytes
 on disk, and the whole index's size for scale. The hits are checked against the one-piece index
 (:func:`scale_build.check_hits`); the steps over the memory bounds of tests/test_scale.py are listed

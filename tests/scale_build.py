@@ -3,7 +3,10 @@
 Used by tests/test_scale.py (small in the default suite, >= 50M entries under ``-m scale``) and
 benchmarks/bench_scale.py. :func:`run` drives the steps, each a separate process
 (``python -m tests.scale_build STEP WORK_DIR``) that writes ``WORK_DIR/stats/<step>.json`` with its
-peak RSS (``getrusage``: resident pages of every kind, so a mapped file's pages count too) and time:
+time and its peak RSS: resident pages of every kind, so a mapped file's pages count too. The peak is
+the kernel's high-water mark of the process's own memory (``VmHWM``); ``getrusage``'s ``ru_maxrss``
+is recorded too, but on Linux it starts from the parent's RSS at the fork (it survives ``exec``),
+so a small step launched by a big parent (pytest with torch) reports the parent's size:
 
 1. ``train``: OPQ + IVF-PQ (M = 8, 8 bits, 32-d keys) trained on a sample -> ``parts/trained.index``;
 2. ``part-<r>``, one process per part: part r's chunks of keys, each generated from (seed, chunk)
@@ -212,6 +215,14 @@ def step_one_piece(cfg: Config, work: Path) -> dict:
     return {}
 
 
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes (``VmHWM`` of /proc/self/status)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 STEPS = {"train": step_train, "publish": step_publish, "merge": step_merge, "search-merged": step_search_merged,
          "search-shards": step_search_shards, "one-piece": step_one_piece}
 
@@ -227,8 +238,8 @@ def main(step: str, work: str) -> None:
         info = step_part(cfg, work, int(step[len("part-"):]))
     else:
         info = STEPS[step](cfg, work)
-    info.update(step=step, seconds=time.perf_counter() - start,
-                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    info.update(step=step, seconds=time.perf_counter() - start, peak_rss_bytes=peak_rss(),
+                ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     (work / "stats").mkdir(exist_ok=True)
     (work / "stats" / f"{step}.json").write_text(json.dumps(info))
 
@@ -253,7 +264,7 @@ def run(cfg: Config, work: Path, one_piece: bool = True, timeout: float | None =
 
 def baseline_rss() -> int:
     """Peak RSS of a process that only imports what the steps import (arrag_kernels, faiss)."""
-    code = "import resource, arrag_kernels, faiss; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    code = "import arrag_kernels, faiss; from tests.scale_build import peak_rss; print(peak_rss())"
     root = Path(__file__).resolve().parent.parent
     return int(subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                               check=True).stdout)
