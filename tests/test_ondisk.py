@@ -117,12 +117,13 @@ def test_faiss_mmap_path_crashes_and_load_avoids_it(built):
     """faiss-cpu 1.15.1: an on-disk index read with IO_FLAG_MMAP crashes when searched (issue 25); the
     library's load of the same directory, in the same kind of fresh process, searches it."""
     _, merged, _, _ = built
-    run = lambda code: subprocess.run([sys.executable, "-c", code, str(merged / INDEX_FILE if code is _MMAP_SEARCH
-                                                                         else merged)],
-                                      capture_output=True, text=True, timeout=300, cwd=os.getcwd())
-    ours = run(_LIBRARY_SEARCH)
+
+    def run(code, path):
+        return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+
+    ours = run(_LIBRARY_SEARCH, merged)
     assert ours.returncode == 0 and "searched" in ours.stdout, ours.stderr[-2000:]
-    theirs = run(_MMAP_SEARCH)
+    theirs = run(_MMAP_SEARCH, merged / INDEX_FILE)
     if faiss.__version__ != "1.15.1":
         pytest.skip(f"the crash was seen with faiss-cpu 1.15.1, this is {faiss.__version__} (exit {theirs.returncode})")
     assert theirs.returncode < 0 and "searched" not in theirs.stdout  # killed by a signal (SIGSEGV)
