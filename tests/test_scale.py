@@ -16,7 +16,7 @@ from tests import scale_build as sb  # noqa: E402
 
 def test_small_scale_pipeline(tmp_path):
     stats = sb.run(sb.SMALL, tmp_path)
-    sb.check_hits(tmp_path)
+    sb.check_hits(sb.SMALL, tmp_path)
     assert {f"part-{r}" for r in range(sb.SMALL.parts)} <= set(stats)
     assert sum(stats[f"part-{r}"]["entries"] for r in range(sb.SMALL.parts)) == sb.SMALL.entries
     assert all(s["peak_rss_bytes"] > 0 and s["seconds"] > 0 for s in sb.bounded_steps(stats).values())
@@ -25,6 +25,6 @@ def test_small_scale_pipeline(tmp_path):
 @pytest.mark.scale
 def test_50m_entries_in_16_parts(tmp_path):
     stats = sb.run(sb.LARGE, tmp_path)
-    sb.check_hits(tmp_path)
+    sb.check_hits(sb.LARGE, tmp_path)
     report = sb.memory_report(sb.LARGE, stats)
     assert report["over_bounds"] == {}, report
