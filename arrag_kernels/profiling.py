@@ -1,5 +1,5 @@
-"""Memory accounting for measurements (tests and benchmarks): bytes autograd saves for backward, and
-what the allocator of a device retains and peaks at while a function runs."""
+"""Memory accounting for measurements (tests and benchmarks): bytes autograd saves for backward, what
+the allocator of a device retains and peaks at while a function runs, and a process's peak resident memory."""
 
 from __future__ import annotations
 
@@ -65,3 +65,19 @@ def allocated_bytes(fn, device="cpu") -> tuple[object, int, int]:
         current += e.nbytes()
         peak = max(peak, current)
     return out, current, peak
+
+
+def peak_memory_mib() -> dict[str, float]:
+    """This process's peak resident memory in MiB: ``peak_rss_mib`` from ``VmHWM`` (Linux; else ``ru_maxrss``)
+    and ``ru_maxrss_mib`` from ``getrusage``, which on Linux can carry the launcher's peak over fork + exec
+    (a torchrun worker then reports at least its agent's)."""
+    import resource
+
+    peak = {"ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    try:
+        with open("/proc/self/status") as status:
+            hwm = next(line for line in status if line.startswith("VmHWM:"))
+        peak["peak_rss_mib"] = int(hwm.split()[1]) / 1024
+    except (OSError, StopIteration):
+        peak["peak_rss_mib"] = peak["ru_maxrss_mib"]
+    return peak

@@ -14,18 +14,34 @@ Cases (random weights and images; the time does not depend on them): the tiny Ja
 (32 base channels) with Janus-Pro's codebook (16384 x 8) and 24 x 24 grid, at 384 and 192 pixels,
 and Janus-Pro's own VQ encoder (128 base channels, 2 residual blocks per level) at 384 pixels.
 Peak memory (CPU allocator events, outside the timed rounds) goes to ``extra_info``.
+
+``test_parted_ivfpq_build``: the ``index="ivfpq"`` build of ``ARRAG_BENCH_BUILD_IMAGES`` (default 2048) random
+32 x 32 images with the tiny Janus VQ (8 x 8 grid, 42 entries per image, nlist 64, exact keys not kept) by
+4 ``torchrun`` (gloo) workers, each filling its own part, against the same build in one process (the
+baseline). Each process runs this file as a script (``--worker``) and writes its peak resident memory
+(``VmHWM``; ``getrusage``'s ``ru_maxrss`` too), its entries and its index bytes to its own JSON file; they
+go to ``extra_info`` (``worker_peak_rss_mib`` per rank, ``one_process_peak_rss_mib``). Resident memory
+includes torch and the model (a few hundred MiB); ``worker_index_mib`` is the part that grows with the
+database.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import arrag_kernels as ak
 import timing
-from arrag_kernels.profiling import allocated_bytes
+from arrag_kernels.profiling import allocated_bytes, peak_memory_mib
 from arrag_kernels.models import JanusAdapter
 from arrag_kernels.models.tiny import tiny_janus_config
 
@@ -100,3 +116,73 @@ def report():
     if _rows:
         print("\nbuild from images, library vs HF quantizer path (medians of interleaved rounds):\n  "
               + "\n  ".join(_rows))
+
+
+# ---- the parted IVF-PQ build: 4 torchrun workers vs one process --------------------------------------------
+PARTED_WORKERS, PARTED_CHUNK, PARTED_NLIST = 4, 128, 64
+
+
+def _parted_worker(out: str, report_dir: str, images: int) -> None:
+    """One build process (a torchrun rank, or the whole build): build, then report to ``report_dir/rank<r>.json``."""
+    import faiss
+    import torch.distributed as dist
+
+    from arrag_kernels.models import tiny_janus
+    from arrag_kernels.retrieval.faiss_index import inner_ivfpq
+
+    faiss.omp_set_num_threads(1)
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    pixels = torch.rand(images, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    start = time.perf_counter()
+    db = ak.PatchDatabase.build(pixels, tiny_janus(seed=0), index="ivfpq", path=out, nlist=PARTED_NLIST,
+                                chunk_images=PARTED_CHUNK, keep_keys=False, progress=False)
+    report = {"build_s": time.perf_counter() - start, "entries": len(db),
+              "index_mib": len(db) * (inner_ivfpq(db.index).code_size + 8) / 2**20,
+              **peak_memory_mib()}
+    (Path(report_dir) / f"rank{rank}.json").write_text(json.dumps(report))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run_build(workers: int, images: int, root: Path) -> list[dict]:
+    out, reports = root / f"db-{workers}", root / f"reports-{workers}"
+    reports.mkdir(parents=True, exist_ok=True)
+    launcher = [sys.executable] if workers == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                        "--nproc_per_node", str(workers), "--master_port", "29731"]
+    subprocess.run([*launcher, __file__, "--worker", str(out), str(reports), str(images)], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+    return [json.loads((reports / f"rank{r}.json").read_text()) for r in range(workers)]
+
+
+def test_parted_ivfpq_build(benchmark, tmp_path):
+    images = int(os.environ.get("ARRAG_BENCH_BUILD_IMAGES", 2048))
+    results = {}
+
+    def build(workers):
+        return lambda: results.__setitem__(workers, _run_build(workers, images, tmp_path))
+
+    benchmark.group = "parted-ivfpq-build"
+    benchmark.extra_info.update(images=images, workers=PARTED_WORKERS, chunk_images=PARTED_CHUNK, nlist=PARTED_NLIST)
+    timing.run(benchmark, build(PARTED_WORKERS), {"one_process": build(1)}, min_rounds=1, warmup=False)
+    parted, single = results[PARTED_WORKERS], results[1]
+    assert sum(r["entries"] for r in parted) == single[0]["entries"] == images * 42
+    benchmark.extra_info.update(
+        worker_peak_rss_mib=[round(r["peak_rss_mib"], 1) for r in parted],
+        worker_ru_maxrss_mib=[round(r["ru_maxrss_mib"], 1) for r in parted],
+        worker_entries=[r["entries"] for r in parted],
+        worker_index_mib=[round(r["index_mib"], 2) for r in parted],
+        one_process_peak_rss_mib=round(single[0]["peak_rss_mib"], 1),
+        one_process_index_mib=round(single[0]["index_mib"], 2),
+    )
+    _rows.append(f"parted ivfpq build of {images} images: {PARTED_WORKERS} workers peak "
+                 f"{max(r['peak_rss_mib'] for r in parted):.0f} MiB each (index {parted[0]['index_mib']:.1f} MiB), "
+                 f"one process {single[0]['peak_rss_mib']:.0f} MiB (index {single[0]['index_mib']:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="a build process of test_parted_ivfpq_build")
+    parser.add_argument("--worker", nargs=3, metavar=("OUT", "REPORT_DIR", "IMAGES"), required=True)
+    out, report_dir, count = parser.parse_args().worker
+    _parted_worker(out, report_dir, int(count))

@@ -11,7 +11,7 @@ python -m pip install --quiet --upgrade pip
 python -m pip install --quiet torch==2.13.0
 python -m pip install --quiet -c scripts/constraints-cpu.txt setuptools wheel pybind11 cmake ninja
 # No build isolation: the build uses the tools above and never resolves torch again.
-python -m pip install --quiet --no-build-isolation -c scripts/constraints-cpu.txt -e ".[dev,eval]"
+python -m pip install --quiet --no-build-isolation -c scripts/constraints-cpu.txt -e ".[dev,eval,distributed]"
 # FWD: the authors' pytorchfwd pins scipy==1.11.1 (numpy < 2) and wants torchvision for its folder CLI;
 # only its packet transform and distance are used, so it goes in without its dependencies (they are in [eval]).
 python -m pip install --quiet --no-deps -c scripts/constraints-cpu.txt pytorchfwd

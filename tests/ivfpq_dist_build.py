@@ -8,13 +8,13 @@ The images are the tests' ``tiny_images`` (24 random 32 x 32 images, seed 1; ``-
 ``--merge`` asks for one merged database instead of the partitioned one. ``--die-rank R`` kills rank R
 (``os._exit``, no cleanup) when it is about to encode its (B+1)-th batch. Each rank writes its own
 ``REPORT_DIR/rank<r>.json`` (the ranks' stdout can interleave under load): images it encoded, entries of
-the database it got back, its part record, and its peak resident memory (``getrusage``, MiB).
+the database it got back, its part record, and its peak resident memory (MiB,
+:func:`arrag_kernels.profiling.peak_memory_mib`).
 """
 
 import argparse
 import json
 import os
-import resource
 from pathlib import Path
 
 import faiss
@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 import arrag_kernels as ak
 from arrag_kernels.models import get_adapter, tiny_janus
+from arrag_kernels.profiling import peak_memory_mib
 
 faiss.omp_set_num_threads(1)
 
@@ -63,7 +64,7 @@ def main() -> None:
     part = db.meta.part
     report = {"encoded": adapter.encoded, "entries": len(db),
               "part": None if part is None else [part.index, part.parts, part.first_id, part.count],
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              **peak_memory_mib()}
     (Path(args.report_dir) / f"rank{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 

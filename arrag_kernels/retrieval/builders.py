@@ -67,6 +67,41 @@ def check_finite_keys(keys: torch.Tensor, what: str = "keys") -> None:
 
 
 # ---- building -------------------------------------------------------------------------
+class ImageEncoder:
+    """Images -> (keys, values) of their kept target patches, with a model's tokenizer ``adapter`` (at a
+    fixed grid): what :func:`build` and its distributed front ends (:mod:`.ray_build`) encode with."""
+
+    def __init__(self, adapter, layout: KeyLayout, key_source: str, batch_size: int):
+        if key_source not in KEY_SOURCES:
+            raise ValueError(f"key_source: expected one of {KEY_SOURCES}, got {key_source!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.adapter, self.layout, self.key_source, self.batch_size = adapter, layout, key_source, batch_size
+        self.codebook = adapter.codebook().float()
+
+    def __call__(self, src, bar=None, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (n, key_dim) and values (n,) of the images ``src`` (numbered from ``first`` in error messages),
+        encoded ``batch_size`` at a time; ``bar`` (a tqdm bar) counts the images."""
+        keys, values = [], []
+        for batch in iter_image_batches(src, self.adapter.image_size, self.batch_size):
+            latents, tokens = self.adapter.encode(batch)
+            k, v = _grid_entries(self.codebook[tokens] if self.key_source == "codebook" else latents, tokens,
+                                 self.layout)
+            check_finite_keys(k, f"keys of images {first}..{first + batch.shape[0] - 1}")
+            first += batch.shape[0]
+            keys.append(k)
+            values.append(v)
+            if bar is not None:
+                bar.update(batch.shape[0])
+        return torch.cat(keys), torch.cat(values)
+
+    def meta(self, num_images: int, index: str) -> DatabaseMeta:
+        a = self.adapter
+        return DatabaseMeta(layout=self.layout, codebook_size=a.codebook_size, embed_dim=a.embed_dim,
+                            grid=tuple(a.grid), key_source=self.key_source, model_fingerprint=a.fingerprint(),
+                            num_images=num_images, index=index)
+
+
 def _image_sizes(source) -> set[tuple[int, int]]:
     """The distinct (width, height) of a list of image paths / PIL images (files: read from their headers)."""
     from PIL import Image
@@ -167,41 +202,14 @@ def build(
     single-process build. A finished part is kept when a killed build is resumed.
     """
     layout = KeyLayout(neighborhood=neighborhood, hops=hops, border=border)
-    if key_source not in KEY_SOURCES:
-        raise ValueError(f"key_source: expected one of {KEY_SOURCES}, got {key_source!r}")
     if index not in INDEX_TYPES:
         raise ValueError(f"index: expected one of {INDEX_TYPES}, got {index!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     count, source = normalise_image_source(images)
-    adapter = _at_images_grid(as_tokenizer(model), source)
-    codebook = adapter.codebook().float()
+    encode = ImageEncoder(_at_images_grid(as_tokenizer(model), source), layout, key_source, batch_size)
+    meta = encode.meta(count, index)
 
     from tqdm.auto import tqdm
 
-    def encode(src, bar=None, first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = [], []
-        for batch in iter_image_batches(src, adapter.image_size, batch_size):
-            latents, tokens = adapter.encode(batch)
-            k, v = _grid_entries(codebook[tokens] if key_source == "codebook" else latents, tokens, layout)
-            check_finite_keys(k, f"keys of images {first}..{first + batch.shape[0] - 1}")
-            first += batch.shape[0]
-            keys.append(k)
-            values.append(v)
-            if bar is not None:
-                bar.update(batch.shape[0])
-        return torch.cat(keys), torch.cat(values)
-
-    meta = DatabaseMeta(
-        layout=layout,
-        codebook_size=adapter.codebook_size,
-        embed_dim=adapter.embed_dim,
-        grid=tuple(adapter.grid),
-        key_source=key_source,
-        model_fingerprint=adapter.fingerprint(),
-        num_images=count,
-        index=index,
-    )
     if index == "ivfpq":
         if path is None:
             raise ValueError("index='ivfpq' builds on disk: pass path=<database directory>")
@@ -289,6 +297,12 @@ def from_keys(cls, keys: torch.Tensor, values: torch.Tensor, codebook_size: int,
     return cls(keys.float(), values, meta)
 
 
+def resolve_keep_keys(keep_keys: bool | None, sizes: list[int], key_dim: int) -> bool:
+    """``keep_keys``, or by default whether the exact keys of an IVF-PQ build (``sizes``: entries per chunk)
+    take at most KEEP_KEYS_MAX_BYTES."""
+    return sum(sizes) * key_dim * 4 <= KEEP_KEYS_MAX_BYTES if keep_keys is None else keep_keys
+
+
 def _build_ivfpq(cls, path, meta, count, source, encode, params, nprobe, train_size, keep_keys, chunk_images,
                  resume, progress, merge) -> "PatchDatabase":
     """The chunked, resumable, optionally distributed IVF-PQ build (see :mod:`.ivfpq_build`)."""
@@ -310,12 +324,11 @@ def _build_ivfpq(cls, path, meta, count, source, encode, params, nprobe, train_s
     ivfpq_build.encode_chunks(work, count, chunk_images, encode, plan[rank], rank if distributed else None, progress)
     if distributed:
         dist.barrier()
+    sizes = ivfpq_build.chunk_sizes(work, num_chunks)  # every rank has encoded its chunks
+    keep_keys = resolve_keep_keys(keep_keys, sizes, meta.key_dim)
     if rank == 0:
-        sizes = ivfpq_build.chunk_sizes(work, num_chunks)
         index = ivfpq_build.load_or_train(work, sizes, train_size=train_size, progress=progress, **params)
     if world == 1:  # one piece, filled and saved by this process
-        if keep_keys is None:
-            keep_keys = sum(sizes) * meta.key_dim * 4 <= KEEP_KEYS_MAX_BYTES
         values, keys = ivfpq_build.fill_ivfpq(index, lambda i: ivfpq_build.read_chunk(work, i), range(num_chunks),
                                               keep_keys, progress)
         ivfpq_build.say(progress, f"saving {len(values)} entries to {str(path)!r}")
@@ -323,9 +336,6 @@ def _build_ivfpq(cls, path, meta, count, source, encode, params, nprobe, train_s
         shutil.rmtree(work, ignore_errors=True)
         return cls.load(path)
     dist.barrier()  # the trained index is checkpointed
-    sizes = ivfpq_build.chunk_sizes(work, num_chunks)
-    if keep_keys is None:
-        keep_keys = sum(sizes) * meta.key_dim * 4 <= KEEP_KEYS_MAX_BYTES
     ivfpq_build.fill_part(cls, work, plan, rank, sizes, meta, count, chunk_images, keep_keys, nprobe, progress)
     dist.barrier()
     if rank == 0:

@@ -5,8 +5,9 @@ A build runs in a work directory next to the target (``.<name>.partial``):
 1. **encode**: images are cut into global chunks of ``chunk_images``; each chunk's keys (float32)
    and values (int32) go to ``chunk-<i>.safetensors`` (written to a temporary name, then renamed,
    so a chunk file is complete or absent). A build in W parts gives part r the contiguous chunks
-   :func:`plan_parts` assigns it; the worker of part r (a ``torch.distributed`` rank, a Ray task)
-   encodes them. Chunk files that already exist are not encoded again.
+   :func:`plan_parts` assigns it; under ``torch.distributed`` rank r encodes them (under Ray, see
+   :mod:`.ray_build`, a pool of actors encodes the chunks as they come). Chunk files that already exist
+   are not encoded again.
 2. **train**: a sample of ``train_size`` keys drawn from every chunk trains the index (once: rank 0,
    or the Ray driver); the trained, empty index is checkpointed to ``trained.index``.
 3. **fill**: one piece: the chunks are added in order (ids 0..N-1 follow the image order) and the
@@ -122,20 +123,29 @@ def encode_chunks(
 
     Returns the number of chunks encoded by this call.
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    todo = [i for i in chunks if not _chunk_file(work, i).is_file()]
+    todo = missing_chunks(work, chunks)
     if len(todo) < len(chunks):
         say(progress, f"resuming the build in {str(work)!r}: {len(chunks) - len(todo)} of {len(chunks)} chunks"
                       f"{'' if worker is None else f' of worker {worker}'} already encoded, {len(todo)} to go")
     bar = tqdm(todo, desc=f"encoding chunks (worker {worker or 0})", unit="chunk", disable=not progress,
                position=worker or 0)
     for i in bar:
-        keys, values = encode(i * chunk_images, min((i + 1) * chunk_images, num_images))
-        arrays = {"keys": keys.float().cpu().contiguous(), "values": values.to(torch.int32).cpu().contiguous()}
-        _atomic_write(_chunk_file(work, i), lambda p: save_file(arrays, p))
+        write_chunk(work, i, *encode(i * chunk_images, min((i + 1) * chunk_images, num_images)))
     return len(todo)
+
+
+def missing_chunks(work: Path, chunks: range) -> list[int]:
+    return [i for i in chunks if not _chunk_file(work, i).is_file()]
+
+
+def write_chunk(work: Path, i: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Save chunk ``i``'s keys (float32) and values (int32) atomically: the file is complete or absent."""
+    from safetensors.torch import save_file
+
+    arrays = {"keys": keys.float().cpu().contiguous(), "values": values.to(torch.int32).cpu().contiguous()}
+    _atomic_write(_chunk_file(work, i), lambda p: save_file(arrays, p))
 
 
 def read_chunk(work: Path, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -261,7 +271,13 @@ def finish_parts(work: Path, path: Path, num_parts: int, merge: bool, progress: 
     """Check the ``num_parts`` parts filled in ``work``, then put them at ``path`` atomically: as a partitioned
     database, or (``merge``) merged in memory into one database; then remove ``work``. On any error
     nothing is published and the previous database at ``path`` stays."""
-    infos = [parts.part_info(work / parts.part_dir_name(r)) for r in range(num_parts)]
+    infos = []
+    for r in range(num_parts):
+        part_dir = work / parts.part_dir_name(r)
+        try:
+            infos.append(parts.part_info(part_dir))
+        except DatabaseError as e:
+            raise DatabaseError(f"part {r} ({part_dir.name}) is missing, unreadable or corrupted: {e}") from e
     trained_sha256 = infos[0].meta.part.trained_sha256
     parts.write_parts_json(work, trained_sha256, infos)
     if merge:

@@ -97,20 +97,21 @@ def _read_parts_json(path: Path) -> dict:
         listing = json.loads(file.read_text())
         if listing["format"] != FORMAT:
             raise DatabaseError(f"{str(file)!r}: format {listing['format']!r}, this library reads {FORMAT}")
-        for key in ("trained_sha256", "total", "num_images"):
-            listing[key]  # noqa: B018 (present)
-        for entry in listing["parts"]:
-            for key in ("dir", "first_id", "count", "num_images", "sha256"):
-                entry[key]  # noqa: B018
+        missing = [k for k in ("trained_sha256", "total", "num_images", "parts") if k not in listing]
+        missing += [f"parts[{r}].{k}" for r, entry in enumerate(listing.get("parts", []))
+                    for k in ("dir", "first_id", "count", "num_images", "sha256") if k not in entry]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DatabaseError(f"{str(file)!r} is corrupted or incomplete: {e!r}") from e
+    if missing:
+        raise DatabaseError(f"{str(file)!r} is corrupted or incomplete: {', '.join(missing)} missing")
     if not listing["parts"]:
         raise DatabaseError(f"{str(file)!r} lists no parts")
     return listing
 
 
 def write_parts_json(path: Path, trained_sha256: str, parts: list[PartInfo]) -> None:
-    """Write ``parts.json`` listing ``parts`` (in id order) into ``path``, atomically (it marks the directory complete)."""
+    """Write ``parts.json`` listing ``parts`` (in id order) into ``path``, atomically (it marks the directory
+    complete)."""
     listing = {"format": FORMAT, "trained_sha256": trained_sha256, "total": sum(p.count for p in parts),
                "num_images": sum(p.num_images for p in parts),
                "parts": [{"dir": p.dir.name, "first_id": p.first_id, "count": p.count, "num_images": p.num_images,
@@ -227,13 +228,14 @@ def merge_in_memory(path: str | os.PathLike, verify: str = "quick"):
     values, keys, nprobe = [], [], None
     for part in parts:
         db = PatchDatabase.load(part.dir, verify="none")  # just checked
-        ivf.merge_from(inner_ivfpq(db.index), part.first_id)
+        ivf.merge_from(inner_ivfpq(db.index), part.first_id)  # shift the part's ids 0..count-1 to global ids
         values.append(db.values)
         keys.append(db.keys)
-        nprobe = nprobe or db.nprobe
+        nprobe = nprobe or db.nprobe  # every part is saved with the build's nprobe
     merged.ntotal = ivf.ntotal  # the OPQ wrapper counts its inner index's entries
     if any(k is None for k in keys) and not all(k is None for k in keys):
-        raise DatabaseError(f"{str(path)!r}: some parts hold their exact keys and some do not; rebuild with one keep_keys")
+        raise DatabaseError(f"{str(path)!r}: some parts hold their exact keys and some do not; "
+                            "rebuild with one keep_keys")
     meta = dataclasses.replace(parts[0].meta, part=None, num_images=sum(p.num_images for p in parts))
     return PatchDatabase(None if keys[0] is None else torch.cat(keys), torch.cat(values), meta, index=merged,
                          nprobe=nprobe)
