@@ -17,6 +17,7 @@ from . import builders, storage
 from .builders import check_finite_keys
 from .faiss_index import IndexFormatError, inner_ivfpq, set_nprobe, validate_ivfpq
 from .meta import KEY_SOURCES, OFFICIAL_FINGERPRINT, DatabaseError, DatabaseMeta
+from .ondisk import lists_on_disk, refuse_device
 from .search import INDEX_TYPES, make_search
 
 
@@ -36,7 +37,8 @@ class PatchDatabase:
 
     Build with :meth:`build`, persist with :meth:`save` / :meth:`load`, query with :meth:`retrieve`.
     An ``index="ivfpq"`` database also holds a trained FAISS index (``index``) with one entry per
-    value, searched with ``nprobe`` lists; its ``keys`` may be None.
+    value, searched with ``nprobe`` lists; its ``keys`` may be None. An on-disk one
+    (:mod:`.ondisk`: its lists in a file, its int32 values memory-mapped) stays on the CPU.
     """
 
     def __init__(self, keys: torch.Tensor | None, values: torch.Tensor, meta: DatabaseMeta, index=None,
@@ -48,10 +50,15 @@ class PatchDatabase:
             raise DatabaseError("keys may be None only for an index='ivfpq' database (index-only)")
         if values.dim() != 1:
             raise DatabaseError(f"values must be (N,), got {tuple(values.shape)}")
+        # An on-disk database's token range was checked when it was merged and is checked against its
+        # meta.json by load: scanning its memory-mapped values here would read the whole file.
+        on_disk = False
         if index is not None:
             try:
                 nprobe = inner_ivfpq(index).nprobe if nprobe is None else nprobe
-                validate_ivfpq(index, values.cpu().numpy(), meta.key_dim, meta.codebook_size, nprobe)
+                on_disk = lists_on_disk(index)
+                validate_ivfpq(index, values.cpu().numpy(), meta.key_dim, meta.codebook_size, nprobe,
+                               check_range=not on_disk)
             except IndexFormatError as e:
                 raise DatabaseError(str(e)) from e
             set_nprobe(index, nprobe)
@@ -73,13 +80,13 @@ class PatchDatabase:
             raise DatabaseError(f"index: expected one of {INDEX_TYPES}, got {meta.index!r}")
         if keys_shape[0] == 0:
             raise DatabaseError("a database needs at least one entry")
-        if values.numel() and (int(values.min()) < 0 or int(values.max()) >= meta.codebook_size):
+        if values.numel() and not on_disk and (int(values.min()) < 0 or int(values.max()) >= meta.codebook_size):
             raise DatabaseError(
                 f"values must be token ids in [0, {meta.codebook_size}), got range "
                 f"[{int(values.min())}, {int(values.max())}]"
             )
         self.keys = keys
-        self.values = values.long()
+        self.values = values if on_disk else values.long()  # on disk: the int32 memory map, not a copy
         self.meta = meta
         self.index = index
         self._shards = None
@@ -146,7 +153,11 @@ class PatchDatabase:
             warnings.warn(f"{message}; retrieval quality may suffer", stacklevel=3)
 
     def to(self, device=None, dtype=None) -> "PatchDatabase":
-        """Move keys and values (e.g. to the model's GPU); ``dtype`` sets the key storage type."""
+        """Move keys and values (e.g. to the model's GPU); ``dtype`` sets the key storage type. An on-disk
+        database (:mod:`.ondisk`) stays on the CPU: another device is a ValueError."""
+        if device is not None and torch.device(device).type != "cpu" and self.index is not None \
+                and lists_on_disk(self.index):
+            raise refuse_device(f"moving the database to {device}")
         db = PatchDatabase.__new__(PatchDatabase)
         db.keys = None if self.keys is None else self.keys.to(device=device, dtype=dtype or self.keys.dtype)
         db.values = self.values.to(device=device)
@@ -200,5 +211,5 @@ class PatchDatabase:
         dist, ids = self.search(queries, k)
         # IVF-PQ pads missing neighbours with id -1; they come back as token -1, which the DAiD and
         # FAiD steps ignore.
-        tokens = self.values.to(ids.device)[ids.clamp_min(0)]
+        tokens = self.values.to(ids.device)[ids.clamp_min(0)].long()  # int32 for on-disk databases
         return dist, torch.where(ids >= 0, tokens, -1)

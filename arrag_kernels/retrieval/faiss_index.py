@@ -63,8 +63,10 @@ def set_nprobe(index, nprobe: int) -> None:
     ivf.nprobe = int(nprobe)
 
 
-def validate_ivfpq(index, values: np.ndarray, dim: int, codebook_size: int, nprobe: int | None = None) -> None:
-    """Check an index + value array pair; raise IndexFormatError naming what was expected and received."""
+def validate_ivfpq(index, values: np.ndarray, dim: int, codebook_size: int, nprobe: int | None = None,
+                   check_range: bool = True) -> None:
+    """Check an index + value array pair; raise IndexFormatError naming what was expected and received.
+    ``check_range=False`` skips reading every value (their range was checked elsewhere)."""
     faiss = import_faiss()
     if index.d != dim:
         raise IndexFormatError(f"index dimension is {index.d}, expected {dim} (the key dimension of the layout)")
@@ -87,7 +89,7 @@ def validate_ivfpq(index, values: np.ndarray, dim: int, codebook_size: int, npro
         )
     if not np.issubdtype(values.dtype, np.integer):
         raise IndexFormatError(f"{VALUES_FILE} must hold integer token ids, got dtype {values.dtype}")
-    if values.size and (int(values.min()) < 0 or int(values.max()) >= codebook_size):
+    if check_range and values.size and (int(values.min()) < 0 or int(values.max()) >= codebook_size):
         raise IndexFormatError(
             f"{VALUES_FILE} holds codes outside the codebook: range [{int(values.min())}, {int(values.max())}], "
             f"expected [0, {codebook_size})"

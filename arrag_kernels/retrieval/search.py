@@ -14,6 +14,7 @@ import torch
 
 from ..ops import current_backend, knn
 from ..ops.ivfpq import ivfpq_probe, ivfpq_scan, pack
+from .ondisk import lists_on_disk, refuse_device
 
 INDEX_TYPES = ("flat", "faiss-flat", "ivfpq")
 
@@ -194,11 +195,15 @@ class IVFPQSearch:
     ``auto`` and ``reference`` backends: the PyTorch scan is 3-50x slower than faiss on a CPU and
     stays the test oracle, :func:`arrag_kernels.ops.ivfpq_search_ref`), the device search
     (:class:`DeviceIVFPQSearch`, its lists on ``shards`` if given) for CUDA queries and for a forced
-    ``triton`` backend (the interpreter on CPU), its arrays uploaded once per device."""
+    ``triton`` backend (the interpreter on CPU), its arrays uploaded once per device. An on-disk index
+    (:mod:`.ondisk`) is searched by faiss-cpu only: device searches and ``shards`` are a ValueError."""
 
     def __init__(self, index, nprobe: int, shards=None):
         self.index = index
         self.nprobe = nprobe
+        self.on_disk = lists_on_disk(index)  # searched by faiss-cpu only (see :mod:`.ondisk`)
+        if self.on_disk and shards is not None:
+            raise refuse_device(f"sharding over {list(shards)}")
         self.shard_devices = None if shards is None else check_shard_devices(shards)
         self._faiss = None
         self._device: dict[torch.device, DeviceIVFPQSearch] = {}
@@ -215,6 +220,8 @@ class IVFPQSearch:
             if self._faiss is None:
                 self._faiss = FaissIVFPQSearch(self.index, self.nprobe)
             return self._faiss.search(queries, k)
+        if self.on_disk:
+            raise refuse_device(f"a search with queries on {queries.device} under the {current_backend()!r} backend")
         if queries.device not in self._device:
             from .faiss_index import ivfpq_arrays
 

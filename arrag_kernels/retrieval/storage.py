@@ -35,6 +35,7 @@ from .faiss_index import INDEX_FILE, VALUES_FILE, IndexFormatError, check_ivfpq_
 from .integrity import (FORMAT_VERSION, READABLE_VERSIONS, VERIFY_MODES, check_file, digest_file, file_records,
                         meta_digest)
 from .meta import ARRAYS_FILE, META_FILE, PARTS_FILE, DatabaseError, DatabaseMeta
+from .ondisk import LISTS_FILE, ON_DISK, lists_on_disk, open_ondisk
 
 
 def read_faiss_index(file: Path, deep_check: bool = False):
@@ -166,6 +167,9 @@ def save(db, path: str | os.PathLike) -> Path:
     were killed (``.<name>.tmp-*`` / ``.<name>.old-*`` of dead processes on this host) are
     finished or removed first. Files and directories get the usual permissions (umask).
     """
+    if db.index is not None and lists_on_disk(db.index):
+        raise ValueError(f"save: this database keeps its inverted lists on disk ({LISTS_FILE}) and is not re-saved; "
+                         "copy or move its directory instead (it holds no absolute paths)")
     with atomic_directory(path) as tmp:
         names = []
         if db.keys is not None:
@@ -175,14 +179,21 @@ def save(db, path: str | os.PathLike) -> Path:
             import_faiss().write_index(db.index, str(tmp / INDEX_FILE))
             np.save(tmp / VALUES_FILE, db.values.cpu().numpy().astype(np.int32))
             names += [INDEX_FILE, VALUES_FILE]
-        meta = {"format_version": FORMAT_VERSION, **db.meta.to_dict(), "num_entries": len(db),
-                "files": {name: digest_file(tmp / name) for name in names}}
-        meta["meta_sha256"] = meta_digest(meta)
-        with open(tmp / META_FILE, "w") as f:  # written last: a directory with meta.json is complete
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        write_meta(tmp, db.meta, len(db), names)
     return Path(path)
+
+
+def write_meta(directory: Path, meta: DatabaseMeta, num_entries: int, names: list[str], extra: dict | None = None) -> None:
+    """Write ``directory``'s meta.json: ``meta``, the entry count, the integrity records of the files ``names``,
+    the ``extra`` records (e.g. an on-disk database's) and its own checksum. Call it last: a directory
+    with meta.json is complete."""
+    record = {"format_version": FORMAT_VERSION, **meta.to_dict(), "num_entries": num_entries,
+              "files": {name: digest_file(directory / name) for name in names}, **(extra or {})}
+    record["meta_sha256"] = meta_digest(record)
+    with open(directory / META_FILE, "w") as f:
+        json.dump(record, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_checked_meta(path: Path, mode: str) -> tuple[dict, DatabaseMeta, dict]:
@@ -245,7 +256,11 @@ def load(cls, path: str | os.PathLike, verify: str | bool = "quick"):
         _recover(path)
     raw, meta, records = read_checked_meta(path, mode)
     index, keys = None, None
-    if meta.index == "ivfpq":
+    if meta.index == "ivfpq" and ON_DISK in raw:
+        if LISTS_FILE not in records:
+            raise DatabaseError(f"{str(path)!r}: an on-disk database needs {LISTS_FILE} listed in {META_FILE}")
+        index, values = open_ondisk(path, raw, meta)
+    elif meta.index == "ivfpq":
         index = read_faiss_index(path / INDEX_FILE, deep_check=mode == "full")
         values = torch.from_numpy(read_values(path / VALUES_FILE))
     if ARRAYS_FILE in records:
