@@ -67,17 +67,26 @@ def allocated_bytes(fn, device="cpu") -> tuple[object, int, int]:
     return out, current, peak
 
 
-def peak_memory_mib() -> dict[str, float]:
-    """This process's peak resident memory in MiB: ``peak_rss_mib`` from ``VmHWM`` (Linux; else ``ru_maxrss``)
-    and ``ru_maxrss_mib`` from ``getrusage``, which on Linux can carry the launcher's peak over fork + exec
-    (a torchrun worker then reports at least its agent's)."""
+def process_memory() -> dict[str, int]:
+    """This process's memory in bytes: ``peak_rss_bytes`` (``VmHWM``, the kernel's high-water mark of its
+    resident pages), ``rss_anon_bytes`` / ``rss_file_bytes`` (resident now: its own memory / mapped files,
+    page cache the kernel can take back) and ``ru_maxrss_bytes`` from ``getrusage``, which on Linux can carry
+    the launcher's peak over fork + exec (a torchrun worker then reports at least its agent's). Off Linux
+    the /proc fields fall back to ``ru_maxrss`` (peak) and 0."""
     import resource
 
-    peak = {"ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     try:
         with open("/proc/self/status") as status:
-            hwm = next(line for line in status if line.startswith("VmHWM:"))
-        peak["peak_rss_mib"] = int(hwm.split()[1]) / 1024
-    except (OSError, StopIteration):
-        peak["peak_rss_mib"] = peak["ru_maxrss_mib"]
-    return peak
+            fields = dict(line.split(":", 1) for line in status if ":" in line)
+        kib = {name: int(fields[name].split()[0]) * 1024 for name in ("VmHWM", "RssAnon", "RssFile")}
+    except (OSError, KeyError, ValueError):
+        kib = {"VmHWM": ru, "RssAnon": 0, "RssFile": 0}
+    return {"peak_rss_bytes": kib["VmHWM"], "rss_anon_bytes": kib["RssAnon"], "rss_file_bytes": kib["RssFile"],
+            "ru_maxrss_bytes": ru}
+
+
+def peak_memory_mib() -> dict[str, float]:
+    """:func:`process_memory`'s two peaks in MiB: ``peak_rss_mib`` (``VmHWM``) and ``ru_maxrss_mib``."""
+    memory = process_memory()
+    return {"peak_rss_mib": memory["peak_rss_bytes"] / 2**20, "ru_maxrss_mib": memory["ru_maxrss_bytes"] / 2**20}

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -37,6 +36,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from arrag_kernels.profiling import process_memory
 
 DIM, M, NBITS, CODEBOOK = 32, 8, 8, 16384  # the official layout: 4 x 8-d neighbour keys, Janus-Pro's codebook
 BYTES_PER_ENTRY = M + 8 + 4  # PQ code + id + int32 token
@@ -176,7 +177,7 @@ def step_search_merged(cfg: Config, work: Path) -> dict:
     _timed_search(db, q[:1], cfg.k)  # first touch of the mapped quantizer tables
     dist, ids, tokens, seconds = _timed_search(db, q, cfg.k)
     _save_hits(work, "search-merged", dist, ids, tokens)
-    return {"load_seconds": load_seconds, "search_seconds": seconds, "after_search": memory()}  # database open
+    return {"load_seconds": load_seconds, "search_seconds": seconds, "after_search": process_memory()}  # database open
 
 
 def step_shard(cfg: Config, work: Path, r: int) -> dict:
@@ -220,13 +221,6 @@ def step_one_piece(cfg: Config, work: Path) -> dict:
     return {}
 
 
-def memory() -> dict:
-    """This process's peak RSS (``VmHWM``) and its anonymous and file-backed resident bytes now (/proc/self/status)."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    kib = {name: int(fields[name].split()[0]) * 1024 for name in ("VmHWM", "RssAnon", "RssFile")}
-    return {"peak_rss_bytes": kib["VmHWM"], "rss_anon_bytes": kib["RssAnon"], "rss_file_bytes": kib["RssFile"]}
-
-
 STEPS = {"train": step_train, "publish": step_publish, "merge": step_merge, "search-merged": step_search_merged,
          "one-piece": step_one_piece}
 
@@ -243,8 +237,7 @@ def main(step: str, work: str) -> None:
         info = (step_part if kind == "part" else step_shard)(cfg, work, int(r))
     else:
         info = STEPS[step](cfg, work)
-    info.update(step=step, seconds=time.perf_counter() - start, **memory(),
-                ru_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    info.update(step=step, seconds=time.perf_counter() - start, **process_memory())
     (work / "stats").mkdir(exist_ok=True)
     (work / "stats" / f"{step}.json").write_text(json.dumps(info))
 
@@ -270,7 +263,7 @@ def run(cfg: Config, work: Path, one_piece: bool = True, timeout: float | None =
 
 def baseline_memory() -> dict:
     """:func:`memory` of a process that only imports what the steps import (arrag_kernels, faiss)."""
-    code = "import json, arrag_kernels, faiss; from tests.scale_build import memory; print(json.dumps(memory()))"
+    code = "import json, faiss; from arrag_kernels.profiling import process_memory; print(json.dumps(process_memory()))"
     root = Path(__file__).resolve().parent.parent
     return json.loads(subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                                      check=True).stdout)
