@@ -20,22 +20,30 @@ Protocol (all seeded):
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import json
 import statistics
 import time
 from pathlib import Path
+
+import torch
 
 from ..config import DAiDConfig
 from ..eval.features import extract
 from ..eval.metrics import frechet_distance, fwd, precision_recall
 from ..eval.nll import image_nll
 from ..eval.retrieval import retrieval_accuracy
-from ..eval.sampling import decode_tokens, generate_tokens, image_grid
+from ..eval.sampling import decode_tokens, generate_tokens, generate_with_prefix, image_grid
 from ..eval.sweep import best_cell, save_heatmap, save_json, sweep_grid
 from .data import load_emoji_dataset
 from .train import (WEIGHTS_DIR, BlenderConfig, MiniatureConfig, dataset_prompts, encode_tokens, load_miniature,
                     load_miniature_blenders, progress_bar)
 
+# Why results.json has no CLIP score / CMMD (arrag_kernels.eval.clip_score / cmmd exist for real images).
+CLIP_NOTE = ("not computed: no local CLIP model is available (nothing can be downloaded here), and the miniature's "
+             "prompts are class labels, not captions, so a CLIP score would measure how well an outside CLIP reads "
+             "32 px emoji as their subgroup names; the classifier-feature FD stands in for both")
 DEFAULT_LAMS = (0.0, 0.05, 0.1, 0.2, 0.4)
 DEFAULT_TAUS = (0.3, 0.6, 1.2)
 
@@ -66,15 +74,28 @@ class MiniatureRun:
     def features(self, pixels):
         return extract(self.classifier, pixels)
 
-    def sample(self, prompts, daid: DAiDConfig | None, seed: int, cfg: float, blenders=None):
-        """Pixels of one sample per prompt: plain, DAiD (``daid``), FAiD (``blenders``) or both."""
+    def sample(self, prompts, daid: DAiDConfig | None, seed: int, cfg: float, blenders=None, model=None,
+               prefix_tokens=None):
+        """Pixels of one sample per prompt: plain, DAiD (``daid``), FAiD (``blenders``) or both; ``model``:
+        a fine-tuned copy instead of the run's; ``prefix_tokens``: RA-CM3's retrieved image before each
+        prompt (:func:`arrag_kernels.eval.sampling.generate_with_prefix`, no DAiD / FAiD)."""
+        model = self.model if model is None else model
+        if prefix_tokens is not None:
+            tokens = generate_with_prefix(model, prefix_tokens, prompts, seed=seed, guidance_scale=cfg)
+        else:
+            db = self.db if daid is not None or blenders is not None else None
+            tokens = generate_tokens(model, prompts, db, daid, seed=seed, guidance_scale=cfg, blenders=blenders)
+        return decode_tokens(model, tokens)
+
+    def nll_result(self, prompts, tokens, daid: DAiDConfig | None = None, blenders=None, model=None,
+                   prefix_tokens=None):
+        """:func:`image_nll` (per image and position) of one method (arguments as :meth:`sample`)."""
         db = self.db if daid is not None or blenders is not None else None
-        tokens = generate_tokens(self.model, prompts, db, daid, seed=seed, guidance_scale=cfg, blenders=blenders)
-        return decode_tokens(self.model, tokens)
+        return image_nll(self.model if model is None else model, prompts, tokens, db, daid, blenders=blenders,
+                         prefix_tokens=prefix_tokens)
 
     def nll(self, prompts, tokens, daid: DAiDConfig | None = None, blenders=None) -> dict:
-        db = self.db if daid is not None or blenders is not None else None
-        return image_nll(self.model, prompts, tokens, db, daid, blenders=blenders).summary()
+        return self.nll_result(prompts, tokens, daid, blenders).summary()
 
     def faid_name(self) -> str:
         c = self.blenders.config
@@ -92,25 +113,31 @@ def split_metrics(run: MiniatureRun, split, seeds, cfg: float, daid=None, blende
         return _split_metrics(run, prompts, real, tokens, real_f, seeds, cfg, daid, blenders, grid_path, bar)
 
 
+def sample_metrics(run: MiniatureRun, real, real_f, fake) -> dict:
+    """FD (classifier features), FWD, precision and recall of generated pixels ``fake`` against ``real``
+    (``real_f``: its features)."""
+    fake_f = run.features(fake)
+    pr = precision_recall(real_f, fake_f)
+    return {"fd": frechet_distance(real_f, fake_f), "fwd": fwd(real, fake), "precision": pr["precision"],
+            "recall": pr["recall"]}
+
+
+SAMPLE_METRICS = ("fd", "fwd", "precision", "recall")
+
+
 def _split_metrics(run, prompts, real, tokens, real_f, seeds, cfg, daid, blenders, grid_path, bar) -> dict:
-    fd, fw, prec, rec = [], [], [], []
+    per_seed = []
     for seed in seeds:
         bar.set_postfix_str(f"sampling seed {seed}")
         fake = run.sample(prompts, daid, seed=seed, cfg=cfg, blenders=blenders)
-        fake_f = run.features(fake)
-        fd.append(frechet_distance(real_f, fake_f))
-        fw.append(fwd(real, fake))
-        pr = precision_recall(real_f, fake_f)
-        prec.append(pr["precision"])
-        rec.append(pr["recall"])
+        per_seed.append(sample_metrics(run, real, real_f, fake))
         if seed == seeds[0] and grid_path is not None:
             image_grid(fake[:128]).save(grid_path)
         bar.update()
     bar.set_postfix_str("teacher-forced NLL")
     nll = run.nll(prompts, tokens, daid, blenders)
     bar.update()
-    return {"nll": nll, "fd": _mean_std(fd), "fwd": _mean_std(fw), "precision": _mean_std(prec),
-            "recall": _mean_std(rec)}
+    return {"nll": nll, **{m: _mean_std([r[m] for r in per_seed]) for m in SAMPLE_METRICS}}
 
 
 def faid_sweep(run: MiniatureRun, val, test, hops=((1,), (1, 2)), blenders=(1, 2), seeds=(0, 1, 2),
@@ -143,6 +170,104 @@ def faid_sweep(run: MiniatureRun, val, test, hops=((1,), (1, 2)), blenders=(1, 2
     return sweep
 
 
+RECIPE_LRS = (2e-4, 1e-3)  # the paper's and the shipped blenders'
+RECIPE_STEPS = (55, 110)  # 1 and 2 epochs of the 883 blender-training images at batch 16 (the paper: one epoch)
+
+
+def paper_recipe(run: MiniatureRun, val, test, lrs=RECIPE_LRS, step_budgets=RECIPE_STEPS, seeds=(0, 1, 2),
+                 cfg: float = 5.0, recipe=None, sample_seed: int = 0, out=None) -> dict:
+    """FAiD fine-tuned the paper's way, its no-retrieval control and the RA-CM3 baseline
+    (:mod:`.finetune`), on the test split with paired standard errors.
+
+    1. FAiD (training seed ``seeds[0]``) for every learning rate of ``lrs``, its val NLL (all positions)
+       after each step budget of ``step_budgets`` (one run per learning rate: the states at the
+       budgets); the lowest val NLL chooses (lr, steps).
+    2. With those settings, FAiD, the control and RA-CM3 for every training seed (FAiD's first seed
+       is the grid's run): test NLL per image (FAiD retrieving from the train-split database, RA-CM3
+       its top-1 train image) and the sample metrics of one sample per test prompt (sampling seed
+       ``sample_seed``, CFG ``cfg``).
+    3. Per method: NLL averaged over the seeds per image, with the paired standard error over the
+       test images of its gain over the base model; FAiD - control likewise, and per seed; sample
+       metrics as mean and std over the training seeds.
+
+    ``val`` / ``test``: (prompts, pixels, tokens, features). ``out``: where ``samples_<method>.png``
+    (first seed) go."""
+    from ..eval.nll import paired_sem
+    from .finetune import METHODS, ImageRetrieval, RecipeConfig, finetune
+
+    recipe = recipe or RecipeConfig()
+    t0 = time.perf_counter()
+    grid, states = [], {}
+    for lr in lrs:
+        def checkpoint(step, ft, lr=lr):
+            nll = run.nll_result(val[0], val[2], None, ft.blenders, model=ft.model).summary()
+            grid.append({"lr": lr, "steps": step, "val_nll": nll["nll_all"], "val_nll_retrieval": nll["nll_retrieval"],
+                         "train_s": ft.train_s, "loss_last10": statistics.fmean(ft.losses[-10:])})
+            states[(lr, step)] = copy.deepcopy((ft.model, ft.blenders, ft.train_s, ft.losses))
+
+        finetune(run.model, run.classifier, run.ds, dataclasses.replace(
+            recipe, method="faid", lr=lr, steps=max(step_budgets), seed=seeds[0]), step_budgets, checkpoint, run.progress)
+    chosen = min(grid, key=lambda c: c["val_nll"])
+    best = dataclasses.replace(recipe, lr=chosen["lr"], steps=chosen["steps"])
+
+    prompts, real, tokens, real_f = test
+    train_pixels = run.ds.pixels("train")
+    ra_prefix = ImageRetrieval(run.classifier, train_pixels, encode_tokens(run.model, train_pixels)).retrieve(prompts)
+    plain = run.nll_result(prompts, tokens)
+    r = plain.retrieval
+    per_image = lambda res: (res.nll.mean(1), res.nll[:, r].mean(1))  # noqa: E731
+    plain_all, plain_ret = per_image(plain)
+    methods = {}
+    for method in METHODS:
+        rows, nlls = [], []
+        for seed in seeds:
+            if method == "faid" and seed == seeds[0]:
+                model, blenders, train_s, losses = states[(chosen["lr"], chosen["steps"])]
+            else:
+                ft = finetune(run.model, run.classifier, run.ds, dataclasses.replace(best, method=method, seed=seed),
+                              progress=run.progress)
+                model, blenders, train_s, losses = ft.model, ft.blenders, ft.train_s, ft.losses
+            prefix = ra_prefix if method == "ra-cm3" else None
+            result = run.nll_result(prompts, tokens, None, blenders, model=model, prefix_tokens=prefix)
+            fake = run.sample(prompts, None, sample_seed, cfg, blenders, model=model, prefix_tokens=prefix)
+            if seed == seeds[0] and out is not None:
+                image_grid(fake[:128]).save(Path(out) / f"samples_{method.replace('-', '')}_recipe.png")
+            nlls.append(per_image(result))
+            rows.append({"seed": seed, "nll_all": float(nlls[-1][0].mean()), "nll_retrieval": float(nlls[-1][1].mean()),
+                         **sample_metrics(run, real, real_f, fake), "train_s": train_s,
+                         "loss_last10": statistics.fmean(losses[-10:])})
+        m_all = torch.stack([n[0] for n in nlls]).mean(0)
+        m_ret = torch.stack([n[1] for n in nlls]).mean(0)
+        methods[method] = {
+            "nll_all": float(m_all.mean()), "nll_retrieval": float(m_ret.mean()),
+            "gain_vs_plain_all": float((plain_all - m_all).mean()), "gain_vs_plain_all_sem": paired_sem(plain_all, m_all),
+            "gain_vs_plain_retrieval": float((plain_ret - m_ret).mean()),
+            "gain_vs_plain_retrieval_sem": paired_sem(plain_ret, m_ret),
+            **{m: _mean_std([row[m] for row in rows]) for m in SAMPLE_METRICS}, "seeds": rows,
+            "per_image": (m_all, m_ret, nlls)}
+    faid, control = methods["faid"]["per_image"], methods["control"]["per_image"]
+    vs_control = {"gain_all": float((control[0] - faid[0]).mean()), "gain_all_sem": paired_sem(control[0], faid[0]),
+                  "gain_retrieval": float((control[1] - faid[1]).mean()),
+                  "gain_retrieval_sem": paired_sem(control[1], faid[1]),
+                  "per_seed": [{"seed": s, "gain_all": float((c[0] - f[0]).mean()), "gain_all_sem": paired_sem(c[0], f[0]),
+                                "gain_retrieval": float((c[1] - f[1]).mean()),
+                                "gain_retrieval_sem": paired_sem(c[1], f[1])}
+                               for s, f, c in zip(seeds, faid[2], control[2])]}
+    for m in methods.values():
+        del m["per_image"]
+    return {"what": "LoRA q/v + head (+ FAiD blenders) fine-tuning, the paper's recipe (arrag_kernels.miniature.finetune); "
+                    "NLL in nats/token of the test images, conditional distribution, averaged over training seeds per "
+                    "image; gains = plain (or control) - method per image, mean and paired standard error over images; "
+                    "sample metrics: one sample per test prompt per training seed, mean and std over the seeds",
+            "recipe": {k: v for k, v in best.to_dict().items() if k not in ("method", "seed")},
+            "grid": {"lr": list(lrs), "steps": list(step_budgets), "seed": seeds[0], "chosen_by_val_nll": chosen,
+                     "cells": grid},
+            "seeds": list(seeds), "sample_seed": sample_seed, "cfg": cfg,
+            "test": {"plain": {"nll_all": float(plain_all.mean()), "nll_retrieval": float(plain_ret.mean())}, **methods,
+                     "faid_vs_control": vs_control},
+            "wall_s": time.perf_counter() - t0}
+
+
 def _mean_std(xs: list[float]) -> dict:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "values": xs}
 
@@ -150,11 +275,16 @@ def _mean_std(xs: list[float]) -> dict:
 def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 2), lams=DEFAULT_LAMS,
                        taus=DEFAULT_TAUS, k: int = 256, cfg: float = 5.0, fig6_k: int = 32, progress: bool = True,
                        cache_dir=None, faid_hops=None, faid_blenders=None,
-                       blender_cfg: BlenderConfig = BlenderConfig()) -> dict:
-    """Run the protocol above; write ``results.json``, heatmaps, the Fig. 6 plot and sample grids to ``out``.
+                       blender_cfg: BlenderConfig = BlenderConfig(), recipe_seeds=None, studies_dir=None) -> dict:
+    """Run the protocol above; write ``results.json``, heatmaps, the Fig. 6 plot and sample grids to ``out``
+    (``results.json`` is also written after each phase, so an interrupted run leaves what it finished).
 
     ``faid_hops`` (e.g. ``((1,), (1, 2))``) and ``faid_blenders`` (e.g. ``(1, 2)``) run :func:`faid_sweep`
-    (it trains blenders for every cell; both None: no sweep)."""
+    (it trains blenders for every cell; both None: no sweep). ``recipe_seeds`` (e.g. ``(0, 1, 2)``) runs
+    :func:`paper_recipe` with those training seeds (FAiD the paper's way, its control, RA-CM3; None: not
+    run). ``studies_dir``: a directory holding ``gate.json`` and ``daid_sweep.json`` (written by
+    ``scripts/daid_gate_curve.py`` and ``scripts/daid_sweep.py``), copied into ``results.json`` as
+    ``daid_gate`` and ``daid_sweep``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -164,7 +294,8 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
     val_f, test_f = run.features(val_x), run.features(test_x)
     k = min(k, len(run.db))
     results = {"weights": run.meta, "database_entries": len(run.db), "k": k, "cfg": cfg, "seeds": list(seeds),
-               "splits": {s: int(run.ds.split.count(s)) for s in ("train", "val", "test")}}
+               "splits": {s: int(run.ds.split.count(s)) for s in ("train", "val", "test")},
+               "clip_score_cmmd": CLIP_NOTE}
 
     # DAiD sweep on val: NLL (teacher-forced) and FD of one sample per prompt.
     nll_cache = {}
@@ -179,12 +310,20 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
                               "val_fd": frechet_distance(val_f, run.features(fake))}
         return nll_cache[key]
 
+    if studies_dir is not None:
+        for key, name in (("daid_gate", "gate.json"), ("daid_sweep", "daid_sweep.json")):
+            path = Path(studies_dir) / name
+            if not path.is_file():
+                raise FileNotFoundError(f"studies_dir: {str(path)!r} not found; write it with scripts/"
+                                        f"{'daid_gate_curve' if key == 'daid_gate' else 'daid_sweep'}.py")
+            results[key] = json.loads(path.read_text())
     sweep = sweep_grid(val_cell, list(lams), list(taus), progress=progress)
     chosen = best_cell(sweep, "val_fd")
     chosen_nll = best_cell(sweep, "val_nll")
     results["sweep"] = {**sweep, "chosen_by_val_fd": chosen, "chosen_by_val_nll": chosen_nll}
     save_heatmap(sweep, "val_fd", out / "sweep_daid_val_fd.png", "DAiD: val Frechet distance (classifier features)")
     save_heatmap(sweep, "val_nll", out / "sweep_daid_val_nll.png", "DAiD: val NLL (nats/token)")
+    save_json(results, out / "results.json")
 
     # Test: plain vs the chosen DAiD (and the NLL-chosen one when it differs), several sampling seeds.
     methods = {"plain": None}
@@ -211,9 +350,15 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
     image_grid(test_x[:128]).save(out / "real_test.png")
     image_grid(recon[:128]).save(out / "reconstruction_test.png")
     results["test"] = test
+    save_json(results, out / "results.json")
     if faid_hops is not None or faid_blenders is not None:
         results["faid_sweep"] = faid_sweep(run, (val_p, val_x, val_t, val_f), (test_p, test_x, test_t, test_f),
                                            faid_hops or ((1, 2),), faid_blenders or (2,), seeds, cfg, blender_cfg, out)
+        save_json(results, out / "results.json")
+    if recipe_seeds is not None:
+        results["paper_recipe"] = paper_recipe(run, (val_p, val_x, val_t, val_f), split, seeds=tuple(recipe_seeds),
+                                               cfg=cfg, out=out)
+        save_json(results, out / "results.json")
 
     # Fig. 6.
     with progress_bar(2, "Fig. 6 retrieval accuracy (train, test images)", progress) as bar:
