@@ -351,13 +351,13 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
     image_grid(recon[:128]).save(out / "reconstruction_test.png")
     results["test"] = test
     save_json(results, out / "results.json")
-    if faid_hops is not None or faid_blenders is not None:
-        results["faid_sweep"] = faid_sweep(run, (val_p, val_x, val_t, val_f), (test_p, test_x, test_t, test_f),
-                                           faid_hops or ((1, 2),), faid_blenders or (2,), seeds, cfg, blender_cfg, out)
-        save_json(results, out / "results.json")
     if recipe_seeds is not None:
         results["paper_recipe"] = paper_recipe(run, (val_p, val_x, val_t, val_f), split, seeds=tuple(recipe_seeds),
                                                cfg=cfg, out=out)
+        save_json(results, out / "results.json")
+    if faid_hops is not None or faid_blenders is not None:
+        results["faid_sweep"] = faid_sweep(run, (val_p, val_x, val_t, val_f), (test_p, test_x, test_t, test_f),
+                                           faid_hops or ((1, 2),), faid_blenders or (2,), seeds, cfg, blender_cfg, out)
         save_json(results, out / "results.json")
 
     # Fig. 6.
