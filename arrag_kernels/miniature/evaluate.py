@@ -393,19 +393,161 @@ def save_fig6(fig6: dict, path: Path) -> Path:
     return path
 
 
+def _method_label(name: str, results: dict) -> str:
+    """README wording of a ``results["test"]`` key."""
+    if name == "plain":
+        return "plain"
+    if name.startswith("daid("):
+        sweep = results["sweep"]
+        why = [f"val {m}" for m, key in (("FD", "chosen_by_val_fd"), ("NLL", "chosen_by_val_nll"))
+               if name == f"daid(lam={sweep[key]['lam']},tau={sweep[key]['tau']})"]
+        lam, tau = name[len("daid(lam="):-1].split(",tau=")
+        return f"DAiD lam {lam}, tau {tau} (chosen by {' and '.join(why)})"
+    c = results["blenders"]["config"]
+    return (f"FAiD hops {'+'.join(map(str, c['hops']))}, {c['blenders']} blenders, K = {c['k']} (official config; "
+            f"shipped: blenders only, {c['steps']} steps)")
+
+
+def _pm(metric: dict, fmt: str) -> str:
+    return f"{metric['mean']:{fmt}} ± {metric['std']:{fmt}}"
+
+
+def _test_row(label: str, r: dict) -> str:
+    n = r["nll"]
+    return (f"| {label} | {n['nll_all']:.3f} ± {n['nll_all_sem']:.3f} | {n['nll_retrieval']:.3f} ± "
+            f"{n['nll_retrieval_sem']:.3f} | {_pm(r['fd'], '.2f')} | {_pm(r['fwd'], '.3f')} | "
+            f"{_pm(r['precision'], '.3f')} | {_pm(r['recall'], '.3f')} |")
+
+
 def format_results(results: dict) -> str:
-    """The test table as Markdown."""
-    lines = ["| method | NLL all (nats/token) | NLL retrieval pos. | FD (classifier) | FWD | precision | recall |",
-             "|---|---|---|---|---|---|---|"]
+    """The README's test table (Markdown): every method of ``results["test"]``, the FAiD sweep's
+    val-chosen cell, the VQ floor."""
+    lines = [f"| method (test, {results['splits']['test']} images) | NLL all | NLL at retrieval positions | "
+             "FD (classifier) | FWD | precision | recall |", "|---|---|---|---|---|---|---|"]
     for name, r in results["test"].items():
-        if name == "vq_reconstruction":
-            continue
-        n = r["nll"]
-        lines.append(f"| {name} | {n['nll_all']:.3f} ± {n['nll_all_sem']:.3f} | {n['nll_retrieval']:.3f} ± "
-                     f"{n['nll_retrieval_sem']:.3f} | {r['fd']['mean']:.2f} ± {r['fd']['std']:.2f} | "
-                     f"{r['fwd']['mean']:.3f} ± {r['fwd']['std']:.3f} | {r['precision']['mean']:.3f} ± "
-                     f"{r['precision']['std']:.3f} | {r['recall']['mean']:.3f} ± {r['recall']['std']:.3f} |")
+        if name != "vq_reconstruction":
+            lines.append(_test_row(_method_label(name, results), r))
+    if "faid_sweep" in results:
+        c = results["faid_sweep"]["chosen_by_val_fd"]
+        hops = "hop 1" if c["hops"] == "1" else f"hops {'+'.join(c['hops'])}"
+        lines.append(_test_row(f"FAiD {hops}, {c['blenders']} blender{'s' * (c['blenders'] > 1)} (chosen by val FD "
+                               "in the sweep below)", results["faid_sweep"]["test"]))
     v = results["test"]["vq_reconstruction"]
-    lines.append(f"| VQ reconstruction (floor) | - | - | {v['fd']:.2f} | {v['fwd']:.3f} | {v['precision']:.3f} | "
-                 f"{v['recall']:.3f} |")
+    lines.append(f"| VQ reconstruction of the test images (tokenizer floor) | - | - | {v['fd']:.2f} | {v['fwd']:.3f} | "
+                 f"{v['precision']:.3f} | {v['recall']:.3f} |")
     return "\n".join(lines)
+
+
+RECIPE_LABELS = {"faid": "FAiD: LoRA q/v + blenders + head", "control": "control: LoRA q/v + head, no retrieval",
+                 "ra-cm3": "RA-CM3: top-1 train image prepended, LoRA q/v + head"}
+
+
+def format_recipe(results: dict) -> str:
+    """The paper-recipe tables (Markdown): the val grid, then test with paired standard errors."""
+    pr = results["paper_recipe"]
+    grid = pr["grid"]
+    epochs = lambda steps: f"{steps} steps"  # noqa: E731
+    lines = [f"| FAiD val NLL (seed {grid['seed']}) | " + " | ".join(epochs(s) for s in grid["steps"]) + " |",
+             "|---|" + "---|" * len(grid["steps"])]
+    for lr in grid["lr"]:
+        cells = {c["steps"]: c["val_nll"] for c in grid["cells"] if c["lr"] == lr}
+        chosen = grid["chosen_by_val_nll"]
+        lines.append(f"| lr {lr:g} | " + " | ".join(
+            (f"**{cells[s]:.4f}**" if (lr, s) == (chosen["lr"], chosen["steps"]) else f"{cells[s]:.4f}")
+            for s in grid["steps"]) + " |")
+    t = pr["test"]
+    lines += ["", f"| test ({results['splits']['test']} images), {len(pr['seeds'])} training seeds | NLL all | gain vs plain "
+              "(all) | NLL at retrieval positions | gain vs plain (retrieval positions) | FD (classifier) | FWD | "
+              "precision | recall |", "|---|---|---|---|---|---|---|---|---|",
+              f"| plain (base model) | {t['plain']['nll_all']:.3f} | 0 | {t['plain']['nll_retrieval']:.3f} | 0 | - | - | - | - |"]
+    for method, label in RECIPE_LABELS.items():
+        m = t[method]
+        lines.append(f"| {label} | {m['nll_all']:.3f} | {m['gain_vs_plain_all']:.3f} ± {m['gain_vs_plain_all_sem']:.3f} | "
+                     f"{m['nll_retrieval']:.3f} | {m['gain_vs_plain_retrieval']:.3f} ± "
+                     f"{m['gain_vs_plain_retrieval_sem']:.3f} | {_pm(m['fd'], '.2f')} | {_pm(m['fwd'], '.3f')} | "
+                     f"{_pm(m['precision'], '.3f')} | {_pm(m['recall'], '.3f')} |")
+    v = t["faid_vs_control"]
+    lines.append(f"| FAiD vs control (gain = control - FAiD) | - | {v['gain_all']:.3f} ± {v['gain_all_sem']:.3f} | - | "
+                 f"{v['gain_retrieval']:.3f} ± {v['gain_retrieval_sem']:.3f} | - | - | - | - |")
+    return "\n".join(lines)
+
+
+def _share(x: float) -> str:
+    return "< 0.1 %" if 0 < x < 5e-4 else f"{100 * x:.1f} %"
+
+
+def format_gate(results: dict) -> str:
+    """The DAiD gate table (Markdown) of ``results["daid_gate"]`` (``gate.json``)."""
+    splits = results["daid_gate"]["splits"]
+    names = ("val", "test")
+    lines = ["| gate | " + " | ".join(f"{s}: searches saved | {s}: NLL at retrieval positions | {s}: gain vs plain"
+                                      for s in names) + " |", "|---|" + "---|" * 6,
+             "| plain (no DAiD) | " + " | ".join(f"100 % | {splits[s]['plain_nll_retrieval']:.3f} | 0" for s in names)
+             + " |"]
+    for i, row in enumerate(splits["val"]["gates"]):
+        gate = row["gate"]
+        label = ("none (DAiD everywhere)" if gate is None else f"max prob >= {gate[1]:g}" if gate[0] == "max_prob"
+                 else f"entropy <= {gate[1]:g} nats")
+        cells = []
+        for s in names:
+            r = splits[s]["gates"][i]
+            cells.append(f"{_share(r['searches_saved'])} | {r['nll_retrieval']:.3f} | {r['gain_vs_plain']:.4f} ± "
+                         f"{r['gain_vs_plain_sem']:.4f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_daid_sweep(results: dict) -> str:
+    """The wider DAiD sweep table (Markdown) of ``results["daid_sweep"]`` (``daid_sweep.json``)."""
+    ds = results["daid_sweep"]
+    val = ds["val"]["cells"]
+    key = lambda c: (c["lam"], c["tau"], c["dedup"], c["k"])  # noqa: E731
+    best = {}
+    for c in val:
+        v = (c["dedup"], c["k"])
+        if v not in best or c["nll_retrieval"] < best[v]["nll_retrieval"]:
+            best[v] = c
+    evaluation = results["sweep"]["chosen_by_val_nll"]
+    t, plain = ds["test_conditional"], ds["test_conditional"]["plain"]
+    lines = ["| DAiD cell (lam, tau, dedup, k) | chosen on val | val: NLL at retrieval positions | test: NLL at retrieval "
+             "positions | test: NLL all | test: gain vs plain (retrieval positions) |", "|---|---|---|---|---|---|",
+             f"| plain | - | {ds['val']['plain_nll_retrieval']:.3f} | {plain['nll_retrieval']:.3f} | "
+             f"{plain['nll_all']:.3f} | 0 |"]
+    for c in t["cells"]:
+        if c["chosen_on_val"]:
+            why = "**overall**"
+        elif key(best[(c["dedup"], c["k"])]) == key(c):
+            why = f"best {c['dedup']}, k {c['k']}"
+        elif key(c) == (evaluation["lam"], evaluation["tau"], "nearest", results["k"]):
+            why = "the evaluation's (val NLL, grid above)"
+        else:
+            raise ValueError(f"daid_sweep: the test cell {key(c)} is neither chosen nor a variant's best nor the "
+                             "evaluation's")
+        lines.append(f"| {c['lam']:g}, {c['tau']:g}, {c['dedup']}, {c['k']} | {why} | {c['val_nll_retrieval']:.3f} | "
+                     f"{c['nll_retrieval']:.3f} | {c['nll_all']:.3f} | {c['gain_vs_plain']:.3f} ± "
+                     f"{c['gain_vs_plain_sem']:.3f} |")
+    return "\n".join(lines)
+
+
+def format_faid_sweep(results: dict) -> str:
+    """The FAiD hops x blenders val table (Markdown) of ``results["faid_sweep"]``."""
+    fs = results["faid_sweep"]
+    lines = ["| val (NLL / FD) | " + " | ".join(f"{b} blender{'s' * (b > 1)}" for b in fs["blenders"]) + " |",
+             "|---|" + "---|" * len(fs["blenders"])]
+    for h in fs["hops"]:
+        cells = {c["blenders"]: c for c in fs["cells"] if c["hops"] == h}
+        label = "hop 1" if h == "1" else f"hops {'+'.join(h)}"
+        lines.append(f"| {label} | " + " | ".join(f"{cells[b]['val_nll']:.3f} / {cells[b]['val_fd']:.2f}"
+                                                  for b in fs["blenders"]) + " |")
+    return "\n".join(lines)
+
+
+def readme_tables(results: dict) -> dict:
+    """Every README evaluation table printed from ``results`` (a ``results.json``): name -> Markdown. Only
+    the studies ``results`` holds are printed."""
+    tables = {"test": format_results(results)}
+    for name, key, fn in (("paper_recipe", "paper_recipe", format_recipe), ("daid_gate", "daid_gate", format_gate),
+                          ("daid_sweep", "daid_sweep", format_daid_sweep), ("faid_sweep", "faid_sweep", format_faid_sweep)):
+        if key in results:
+            tables[name] = fn(results)
+    return tables
