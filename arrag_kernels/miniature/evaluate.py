@@ -350,6 +350,16 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
     image_grid(test_x[:128]).save(out / "real_test.png")
     image_grid(recon[:128]).save(out / "reconstruction_test.png")
     results["test"] = test
+
+    # Fig. 6 (before the studies that train: a run stopped during them keeps it).
+    with progress_bar(2, "Fig. 6 retrieval accuracy (train, test images)", progress) as bar:
+        train_t = encode_tokens(run.model, run.ds.pixels("train")[:1000])
+        fig6 = {"train": retrieval_accuracy(run.model, run.db, train_t, k=fig6_k)}
+        bar.update()
+        fig6["test"] = retrieval_accuracy(run.model, run.db, test_t, k=fig6_k)
+        bar.update()
+    results["fig6"] = fig6
+    save_fig6(fig6, out / "fig6_retrieval_accuracy.png")
     save_json(results, out / "results.json")
     if recipe_seeds is not None:
         results["paper_recipe"] = paper_recipe(run, (val_p, val_x, val_t, val_f), split, seeds=tuple(recipe_seeds),
@@ -359,16 +369,6 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
         results["faid_sweep"] = faid_sweep(run, (val_p, val_x, val_t, val_f), (test_p, test_x, test_t, test_f),
                                            faid_hops or ((1, 2),), faid_blenders or (2,), seeds, cfg, blender_cfg, out)
         save_json(results, out / "results.json")
-
-    # Fig. 6.
-    with progress_bar(2, "Fig. 6 retrieval accuracy (train, test images)", progress) as bar:
-        train_t = encode_tokens(run.model, run.ds.pixels("train")[:1000])
-        fig6 = {"train": retrieval_accuracy(run.model, run.db, train_t, k=fig6_k)}
-        bar.update()
-        fig6["test"] = retrieval_accuracy(run.model, run.db, test_t, k=fig6_k)
-        bar.update()
-    results["fig6"] = fig6
-    save_fig6(fig6, out / "fig6_retrieval_accuracy.png")
     results["wall_s"] = time.perf_counter() - t_start
     save_json(results, out / "results.json")
     return results
