@@ -1,0 +1,52 @@
+"""FAiD fine-tuned the paper's way on the miniature, its no-retrieval control and the RA-CM3 baseline (issue 24
+items 1 and 5), on their own: :func:`arrag_kernels.miniature.evaluate.paper_recipe` on the shipped model, the
+part of ``arrag-kernels eval --paper-recipe SEEDS`` that trains. Writes a JSON file::
+
+    PYTHONPATH=. OMP_NUM_THREADS=2 python scripts/paper_recipe.py --out docs/miniature/paper_recipe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+from arrag_kernels.miniature.evaluate import RECIPE_LRS, RECIPE_STEPS, MiniatureRun, paper_recipe
+
+
+def _numbers(kind):
+    return lambda text: tuple(kind(x) for x in text.split(","))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="docs/miniature/paper_recipe.json")
+    ap.add_argument("--lrs", type=_numbers(float), default=RECIPE_LRS, help="learning rates of the val grid")
+    ap.add_argument("--steps", type=_numbers(int), default=RECIPE_STEPS, help="step budgets of the val grid")
+    ap.add_argument("--seeds", type=_numbers(int), default=(0, 1, 2), help="training seeds")
+    ap.add_argument("--samples", default=None, help="directory for the first seed's sample grids (default: none)")
+    args = ap.parse_args(argv)
+
+    t0, load0 = time.perf_counter(), os.getloadavg()
+    run = MiniatureRun(progress=True)
+    val_p, val_x, val_t = run.split("val")
+    test_p, test_x, test_t = run.split("test")
+    out = paper_recipe(run, (val_p, val_x, val_t, run.features(val_x)), (test_p, test_x, test_t, run.features(test_x)),
+                       lrs=args.lrs, step_budgets=args.steps, seeds=args.seeds, out=args.samples)
+    out.update(database_entries=len(run.db), script_wall_s=time.perf_counter() - t0,
+               loadavg_1min_start_end=[load0[0], os.getloadavg()[0]], torch_threads=torch.get_num_threads(),
+               torch=torch.__version__,
+               command="PYTHONPATH=. OMP_NUM_THREADS=2 python scripts/paper_recipe.py "
+                       f"--lrs {','.join(map(str, args.lrs))} --steps {','.join(map(str, args.steps))} "
+                       f"--seeds {','.join(map(str, args.seeds))} --out {args.out}")
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(json.dumps({k: out[k] for k in ("recipe", "grid", "wall_s")}, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
