@@ -171,7 +171,7 @@ def faid_sweep(run: MiniatureRun, val, test, hops=((1,), (1, 2)), blenders=(1, 2
 
 
 RECIPE_LRS = (2e-4, 1e-3)  # the paper's and the shipped blenders'
-RECIPE_STEPS = (28, 55)  # half and one epoch of the 883 blender-training images at batch 16 (the paper: one epoch)
+RECIPE_STEPS = (28, 55, 110)  # 1/2, 1 and 2 epochs of the 883 blender-training images at batch 16 (paper: 1 epoch)
 
 
 def paper_recipe(run: MiniatureRun, val, test, lrs=RECIPE_LRS, step_budgets=RECIPE_STEPS, seeds=(0, 1, 2),
