@@ -89,3 +89,19 @@ def test_readme_tables_are_printed_from_results_json():
     assert {"test", "paper_recipe", "daid_gate", "daid_sweep"} <= set(tables)
     for name, table in tables.items():
         assert table in readme, f"README's {name} table differs from readme_tables(results.json)[{name!r}]:\n{table}"
+
+
+def test_add_studies_records_where_each_study_came_from(tmp_path):
+    from arrag_kernels.miniature.evaluate import add_studies
+
+    (tmp_path / "gate.json").write_text(json.dumps({"splits": {}, "command": "python scripts/daid_gate_curve.py"}))
+    results = {"test": {"plain": {}}}
+    merged = add_studies(results, {"daid_gate": tmp_path / "gate.json"})
+    assert merged["daid_gate"]["splits"] == {} and merged["test"] == results["test"]
+    assert merged["provenance"]["daid_gate"] == {"file": str(tmp_path / "gate.json"),
+                                                 "command": "python scripts/daid_gate_curve.py"}
+    assert "provenance" not in results  # the input is not modified
+    with pytest.raises(ValueError, match="unknown study keys"):
+        add_studies(results, {"gate": tmp_path / "gate.json"})
+    with pytest.raises(FileNotFoundError, match="scripts/paper_recipe.py"):
+        add_studies(results, {"paper_recipe": tmp_path / "missing.json"})

@@ -311,12 +311,8 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
         return nll_cache[key]
 
     if studies_dir is not None:
-        for key, name in (("daid_gate", "gate.json"), ("daid_sweep", "daid_sweep.json")):
-            path = Path(studies_dir) / name
-            if not path.is_file():
-                raise FileNotFoundError(f"studies_dir: {str(path)!r} not found; write it with scripts/"
-                                        f"{'daid_gate_curve' if key == 'daid_gate' else 'daid_sweep'}.py")
-            results[key] = json.loads(path.read_text())
+        results = add_studies(results, {"daid_gate": Path(studies_dir) / "gate.json",
+                                        "daid_sweep": Path(studies_dir) / "daid_sweep.json"})
     sweep = sweep_grid(val_cell, list(lams), list(taus), progress=progress)
     chosen = best_cell(sweep, "val_fd")
     chosen_nll = best_cell(sweep, "val_nll")
@@ -372,6 +368,27 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
     results["wall_s"] = time.perf_counter() - t_start
     save_json(results, out / "results.json")
     return results
+
+
+# Studies that scripts compute on their own, each writing a JSON file: results.json key -> the script.
+STUDY_SCRIPTS = {"daid_gate": "scripts/daid_gate_curve.py", "daid_sweep": "scripts/daid_sweep.py",
+                 "paper_recipe": "scripts/paper_recipe.py"}
+
+
+def add_studies(results: dict, studies: dict) -> dict:
+    """``results`` with each study file's content (``studies``: key of :data:`STUDY_SCRIPTS` -> path) under its
+    key, and ``provenance[key]`` naming the file and the command that wrote it."""
+    unknown = sorted(set(studies) - set(STUDY_SCRIPTS))
+    if unknown:
+        raise ValueError(f"unknown study keys {unknown}; expected some of {sorted(STUDY_SCRIPTS)}")
+    out = {**results, "provenance": dict(results.get("provenance", {}))}
+    for key, path in studies.items():
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}: {str(path)!r} not found; write it with {STUDY_SCRIPTS[key]}")
+        out[key] = json.loads(path.read_text())
+        out["provenance"][key] = {"file": str(path), "command": out[key].get("command")}
+    return out
 
 
 def save_fig6(fig6: dict, path: Path) -> Path:
