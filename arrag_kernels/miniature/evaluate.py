@@ -14,7 +14,13 @@ Protocol (all seeded):
 * optional FAiD sweep hops x blenders (:func:`faid_sweep`, the second half of Fig. 7): blenders
   trained per cell by the shipped ones' recipe, val NLL and val FD, the best val-FD cell on test;
 * Fig. 6: retrieval accuracy on up to 1,000 train images (the paper's setting: their own patches
-  are in the database) and on the test images (never in it).
+  are in the database) and on the test images (never in it);
+* optional paper recipe (:func:`paper_recipe`): FAiD fine-tuned with LoRA q/v + blenders + head,
+  learning rate and steps chosen on val, its no-retrieval control and the RA-CM3 baseline
+  (:mod:`.finetune`), several training seeds, paired standard errors on test;
+* optional studies computed by their own scripts (gate curve, wider DAiD sweep; :func:`add_studies`).
+
+:func:`readme_tables` prints the README's evaluation tables from a ``results.json``.
 """
 
 from __future__ import annotations
