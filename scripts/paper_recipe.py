@@ -3,6 +3,11 @@ items 1 and 5), on their own: :func:`arrag_kernels.miniature.evaluate.paper_reci
 part of ``arrag-kernels eval --paper-recipe SEEDS`` that trains. Writes a JSON file::
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python scripts/paper_recipe.py --out docs/miniature/paper_recipe.json
+
+``--ra-cm3-grid`` runs only RA-CM3 with its own learning rate and steps chosen on val
+(:func:`arrag_kernels.miniature.evaluate.ra_cm3_own_grid`)::
+
+    PYTHONPATH=. OMP_NUM_THREADS=2 python scripts/paper_recipe.py --ra-cm3-grid --out docs/miniature/ra_cm3_grid.json
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import time
 
 import torch
 
-from arrag_kernels.miniature.evaluate import RECIPE_LRS, RECIPE_STEPS, MiniatureRun, paper_recipe
+from arrag_kernels.miniature.evaluate import (RA_CM3_LRS, RECIPE_LRS, RECIPE_STEPS, MiniatureRun, paper_recipe,
+                                              ra_cm3_own_grid)
 
 
 def _numbers(kind):
@@ -24,7 +30,10 @@ def _numbers(kind):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/miniature/paper_recipe.json")
-    ap.add_argument("--lrs", type=_numbers(float), default=RECIPE_LRS, help="learning rates of the val grid")
+    ap.add_argument("--ra-cm3-grid", action="store_true", help="only RA-CM3 on its own val grid (training seed: the "
+                    "first of --seeds)")
+    ap.add_argument("--lrs", type=_numbers(float), default=None,
+                    help=f"learning rates of the val grid (default {RECIPE_LRS}; with --ra-cm3-grid {RA_CM3_LRS})")
     ap.add_argument("--steps", type=_numbers(int), default=RECIPE_STEPS, help="step budgets of the val grid")
     ap.add_argument("--seeds", type=_numbers(int), default=(0, 1, 2), help="training seeds")
     ap.add_argument("--samples", default=None, help="directory for the first seed's sample grids (default: none)")
@@ -34,17 +43,23 @@ def main(argv=None) -> dict:
     run = MiniatureRun(progress=True)
     val_p, val_x, val_t = run.split("val")
     test_p, test_x, test_t = run.split("test")
-    out = paper_recipe(run, (val_p, val_x, val_t, run.features(val_x)), (test_p, test_x, test_t, run.features(test_x)),
-                       lrs=args.lrs, step_budgets=args.steps, seeds=args.seeds, out=args.samples)
+    val, test = (val_p, val_x, val_t, run.features(val_x)), (test_p, test_x, test_t, run.features(test_x))
+    if args.ra_cm3_grid:
+        args.lrs = args.lrs or RA_CM3_LRS
+        out = ra_cm3_own_grid(run, val, test, lrs=args.lrs, step_budgets=args.steps, seed=args.seeds[0])
+    else:
+        args.lrs = args.lrs or RECIPE_LRS
+        out = paper_recipe(run, val, test, lrs=args.lrs, step_budgets=args.steps, seeds=args.seeds, out=args.samples)
     out.update(database_entries=len(run.db), script_wall_s=time.perf_counter() - t0,
                loadavg_1min_start_end=[load0[0], os.getloadavg()[0]], torch_threads=torch.get_num_threads(),
                torch=torch.__version__,
-               command="PYTHONPATH=. OMP_NUM_THREADS=2 python scripts/paper_recipe.py "
+               command=f"PYTHONPATH=. OMP_NUM_THREADS={torch.get_num_threads()} python scripts/paper_recipe.py "
+                       + ("--ra-cm3-grid " if args.ra_cm3_grid else "") +
                        f"--lrs {','.join(map(str, args.lrs))} --steps {','.join(map(str, args.steps))} "
                        f"--seeds {','.join(map(str, args.seeds))} --out {args.out}")
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
-    print(json.dumps({k: out[k] for k in ("recipe", "grid", "wall_s")}, indent=1))
+    print(json.dumps({k: out[k] for k in ("grid", "wall_s")}, indent=1))
     return out
 
 

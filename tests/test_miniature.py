@@ -152,7 +152,7 @@ def test_quick_paper_recipe(quick_run):
     seeds, the paired errors; the grid's checkpoint at a budget is that budget's own run."""
     pytest.importorskip("pytorchfwd")
     pytest.importorskip("peft")
-    from arrag_kernels.miniature.evaluate import MiniatureRun, paper_recipe
+    from arrag_kernels.miniature.evaluate import MiniatureRun, paper_recipe, ra_cm3_own_grid
     from arrag_kernels.miniature.finetune import RecipeConfig, finetune
     from arrag_kernels.miniature.train import BlenderConfig
 
@@ -178,6 +178,11 @@ def test_quick_paper_recipe(quick_run):
     assert vs["gain_all"] == pytest.approx(test["control"]["nll_all"] - test["faid"]["nll_all"], abs=1e-5)
     assert len(vs["per_seed"]) == 2 and vs["gain_all_sem"] > 0
     assert (root / "samples_racm3_recipe.png").stat().st_size > 0
+    own = ra_cm3_own_grid(run, *splits, lrs=(1e-3,), step_budgets=(1, 2), recipe=recipe)
+    assert [c["steps"] for c in own["grid"]["cells"]] == [1, 2]
+    assert own["grid"]["chosen_by_val_nll"]["val_nll"] == min(c["val_nll"] for c in own["grid"]["cells"])
+    assert own["test"]["gain_vs_plain_all"] == pytest.approx(test["plain"]["nll_all"] - own["test"]["nll_all"], abs=1e-5)
+    assert own["test"]["fd"] > 0 and own["test"]["gain_vs_plain_all_sem"] > 0
 
     # the state after step 1 of a 3-step run is a 1-step run's (the schedule ignores the budget)
     seen = {}

@@ -178,6 +178,65 @@ def faid_sweep(run: MiniatureRun, val, test, hops=((1,), (1, 2)), blenders=(1, 2
 
 RECIPE_LRS = (2e-4, 1e-3)  # the paper's and the shipped blenders'
 RECIPE_STEPS = (28, 55, 110)  # 1/2, 1 and 2 epochs of the 883 blender-training images at batch 16 (paper: 1 epoch)
+RA_CM3_LRS = (2e-4, 1e-3, 5e-3)  # its own grid reaches higher: a new input layout to learn
+
+
+def ra_cm3_prefix(run: MiniatureRun, prompts):
+    """RA-CM3's retrieved image for each prompt at evaluation: the top-1 train-split image
+    (:class:`.finetune.ImageRetrieval`), as VQ tokens."""
+    from .finetune import ImageRetrieval
+
+    train_pixels = run.ds.pixels("train")
+    return ImageRetrieval(run.classifier, train_pixels, encode_tokens(run.model, train_pixels)).retrieve(prompts)
+
+
+def recipe_grid(run: MiniatureRun, val, method: str, lrs, step_budgets, seed: int, recipe) -> tuple:
+    """``method`` (:data:`.finetune.METHODS`) fine-tuned by ``recipe`` for every learning rate of ``lrs``
+    (training seed ``seed``), its val NLL (all positions) after each budget of ``step_budgets`` (one run
+    per learning rate, read at checkpoints). Returns (cells, the lowest val NLL cell, {(lr, steps): (model,
+    blenders, train_s, losses)})."""
+    from .finetune import finetune
+
+    prefix = ra_cm3_prefix(run, val[0]) if method == "ra-cm3" else None
+    cells, states = [], {}
+    for lr in lrs:
+        def checkpoint(step, ft, lr=lr):
+            nll = run.nll_result(val[0], val[2], None, ft.blenders, model=ft.model, prefix_tokens=prefix).summary()
+            cells.append({"lr": lr, "steps": step, "val_nll": nll["nll_all"], "val_nll_retrieval": nll["nll_retrieval"],
+                          "train_s": ft.train_s, "loss_last10": statistics.fmean(ft.losses[-10:])})
+            states[(lr, step)] = copy.deepcopy((ft.model, ft.blenders, ft.train_s, ft.losses))
+
+        finetune(run.model, run.classifier, run.ds, dataclasses.replace(
+            recipe, method=method, lr=lr, steps=max(step_budgets), seed=seed), step_budgets, checkpoint, run.progress)
+    return cells, min(cells, key=lambda c: c["val_nll"]), states
+
+
+def ra_cm3_own_grid(run: MiniatureRun, val, test, lrs=RA_CM3_LRS, step_budgets=RECIPE_STEPS, seed: int = 0,
+                    cfg: float = 5.0, recipe=None, sample_seed: int = 0) -> dict:
+    """RA-CM3 with its own learning rate and steps chosen on val (:func:`recipe_grid`, training seed ``seed``),
+    then on test: NLL with the paired standard error of its gain over the base model, and the sample
+    metrics of one sample per test prompt (one training seed: the prefix sampler has no KV cache)."""
+    from ..eval.nll import paired_sem
+    from .finetune import RecipeConfig
+
+    t0 = time.perf_counter()
+    cells, chosen, states = recipe_grid(run, val, "ra-cm3", lrs, step_budgets, seed, recipe or RecipeConfig())
+    model, _, train_s, _ = states[(chosen["lr"], chosen["steps"])]
+    prompts, real, tokens, real_f = test
+    prefix = ra_cm3_prefix(run, prompts)
+    plain, result = run.nll_result(prompts, tokens), run.nll_result(prompts, tokens, model=model, prefix_tokens=prefix)
+    r = plain.retrieval
+    plain_all, plain_ret, m_all, m_ret = plain.nll.mean(1), plain.nll[:, r].mean(1), result.nll.mean(1), result.nll[:, r].mean(1)
+    fake = run.sample(prompts, None, sample_seed, cfg, model=model, prefix_tokens=prefix)
+    return {"grid": {"lr": list(lrs), "steps": list(step_budgets), "seed": seed, "chosen_by_val_nll": chosen,
+                     "cells": cells},
+            "test": {"nll_all": float(m_all.mean()), "nll_retrieval": float(m_ret.mean()),
+                     "gain_vs_plain_all": float((plain_all - m_all).mean()),
+                     "gain_vs_plain_all_sem": paired_sem(plain_all, m_all),
+                     "gain_vs_plain_retrieval": float((plain_ret - m_ret).mean()),
+                     "gain_vs_plain_retrieval_sem": paired_sem(plain_ret, m_ret),
+                     **sample_metrics(run, real, real_f, fake), "train_s": train_s},
+            "wall_s": time.perf_counter() - t0}
 
 
 def paper_recipe(run: MiniatureRun, val, test, lrs=RECIPE_LRS, step_budgets=RECIPE_STEPS, seeds=(0, 1, 2),
@@ -199,26 +258,15 @@ def paper_recipe(run: MiniatureRun, val, test, lrs=RECIPE_LRS, step_budgets=RECI
     ``val`` / ``test``: (prompts, pixels, tokens, features). ``out``: where ``samples_<method>.png``
     (first seed) go."""
     from ..eval.nll import paired_sem
-    from .finetune import METHODS, ImageRetrieval, RecipeConfig, finetune
+    from .finetune import METHODS, RecipeConfig, finetune
 
     recipe = recipe or RecipeConfig()
     t0 = time.perf_counter()
-    grid, states = [], {}
-    for lr in lrs:
-        def checkpoint(step, ft, lr=lr):
-            nll = run.nll_result(val[0], val[2], None, ft.blenders, model=ft.model).summary()
-            grid.append({"lr": lr, "steps": step, "val_nll": nll["nll_all"], "val_nll_retrieval": nll["nll_retrieval"],
-                         "train_s": ft.train_s, "loss_last10": statistics.fmean(ft.losses[-10:])})
-            states[(lr, step)] = copy.deepcopy((ft.model, ft.blenders, ft.train_s, ft.losses))
-
-        finetune(run.model, run.classifier, run.ds, dataclasses.replace(
-            recipe, method="faid", lr=lr, steps=max(step_budgets), seed=seeds[0]), step_budgets, checkpoint, run.progress)
-    chosen = min(grid, key=lambda c: c["val_nll"])
+    grid, chosen, states = recipe_grid(run, val, "faid", lrs, step_budgets, seeds[0], recipe)
     best = dataclasses.replace(recipe, lr=chosen["lr"], steps=chosen["steps"])
 
     prompts, real, tokens, real_f = test
-    train_pixels = run.ds.pixels("train")
-    ra_prefix = ImageRetrieval(run.classifier, train_pixels, encode_tokens(run.model, train_pixels)).retrieve(prompts)
+    ra_prefix = ra_cm3_prefix(run, prompts)
     plain = run.nll_result(prompts, tokens)
     r = plain.retrieval
     per_image = lambda res: (res.nll.mean(1), res.nll[:, r].mean(1))  # noqa: E731
@@ -288,7 +336,7 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
     ``faid_hops`` (e.g. ``((1,), (1, 2))``) and ``faid_blenders`` (e.g. ``(1, 2)``) run :func:`faid_sweep`
     (it trains blenders for every cell; both None: no sweep). ``recipe_seeds`` (e.g. ``(0, 1, 2)``) runs
     :func:`paper_recipe` with those training seeds (FAiD the paper's way, its control, RA-CM3; None: not
-    run). ``studies_dir``: a directory holding ``gate.json`` and ``daid_sweep.json`` (written by
+    run; also :func:`ra_cm3_own_grid` with the first seed). ``studies_dir``: a directory holding ``gate.json`` and ``daid_sweep.json`` (written by
     ``scripts/daid_gate_curve.py`` and ``scripts/daid_sweep.py``), copied into ``results.json`` as
     ``daid_gate`` and ``daid_sweep``."""
     out = Path(out)
@@ -366,6 +414,8 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
     if recipe_seeds is not None:
         results["paper_recipe"] = paper_recipe(run, (val_p, val_x, val_t, val_f), split, seeds=tuple(recipe_seeds),
                                                cfg=cfg, out=out)
+        results["ra_cm3_own_grid"] = ra_cm3_own_grid(run, (val_p, val_x, val_t, val_f), split, seed=recipe_seeds[0],
+                                                     cfg=cfg)
         save_json(results, out / "results.json")
     if faid_hops is not None or faid_blenders is not None:
         results["faid_sweep"] = faid_sweep(run, (val_p, val_x, val_t, val_f), (test_p, test_x, test_t, test_f),
@@ -378,7 +428,7 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
 
 # Studies that scripts compute on their own, each writing a JSON file: results.json key -> the script.
 STUDY_SCRIPTS = {"daid_gate": "scripts/daid_gate_curve.py", "daid_sweep": "scripts/daid_sweep.py",
-                 "paper_recipe": "scripts/paper_recipe.py"}
+                 "paper_recipe": "scripts/paper_recipe.py", "ra_cm3_own_grid": "scripts/paper_recipe.py --ra-cm3-grid"}
 
 
 def add_studies(results: dict, studies: dict) -> dict:
