@@ -515,30 +515,47 @@ RECIPE_LABELS = {"faid": "FAiD: LoRA q/v + blenders + head", "control": "control
                  "ra-cm3": "RA-CM3: top-1 train image prepended, LoRA q/v + head"}
 
 
-def format_recipe(results: dict) -> str:
-    """The paper-recipe tables (Markdown): the val grid, then test with paired standard errors."""
-    pr = results["paper_recipe"]
-    grid = pr["grid"]
-    epochs = lambda steps: f"{steps} steps"  # noqa: E731
-    lines = [f"| FAiD val NLL (seed {grid['seed']}) | " + " | ".join(epochs(s) for s in grid["steps"]) + " |",
-             "|---|" + "---|" * len(grid["steps"])]
+def _grid_table(grid: dict, title: str) -> list[str]:
+    """A val grid (lr rows x step-budget columns, val NLL; the chosen cell in bold) as Markdown lines."""
+    chosen = grid["chosen_by_val_nll"]
+    lines = [f"| {title} | " + " | ".join(f"{s} steps" for s in grid["steps"]) + " |", "|---|" + "---|" * len(grid["steps"])]
     for lr in grid["lr"]:
         cells = {c["steps"]: c["val_nll"] for c in grid["cells"] if c["lr"] == lr}
-        chosen = grid["chosen_by_val_nll"]
         lines.append(f"| lr {lr:g} | " + " | ".join(
             (f"**{cells[s]:.4f}**" if (lr, s) == (chosen["lr"], chosen["steps"]) else f"{cells[s]:.4f}")
             for s in grid["steps"]) + " |")
+    return lines
+
+
+def _gains(m: dict) -> str:
+    return (f"{m['nll_all']:.3f} | {m['gain_vs_plain_all']:.3f} ± {m['gain_vs_plain_all_sem']:.3f} | "
+            f"{m['nll_retrieval']:.3f} | {m['gain_vs_plain_retrieval']:.3f} ± {m['gain_vs_plain_retrieval_sem']:.3f}")
+
+
+def format_recipe(results: dict) -> str:
+    """The paper-recipe tables (Markdown): the val grid(s), then test with paired standard errors."""
+    pr = results["paper_recipe"]
+    own = results.get("ra_cm3_own_grid")
+    lines = _grid_table(pr["grid"], f"FAiD: val NLL (training seed {pr['grid']['seed']})")
+    if own is not None:
+        lines += [""] + _grid_table(own["grid"], f"RA-CM3: val NLL (training seed {own['grid']['seed']})")
     t = pr["test"]
-    lines += ["", f"| test ({results['splits']['test']} images), {len(pr['seeds'])} training seeds | NLL all | gain vs plain "
-              "(all) | NLL at retrieval positions | gain vs plain (retrieval positions) | FD (classifier) | FWD | "
-              "precision | recall |", "|---|---|---|---|---|---|---|---|---|",
-              f"| plain (base model) | {t['plain']['nll_all']:.3f} | 0 | {t['plain']['nll_retrieval']:.3f} | 0 | - | - | - | - |"]
+    lines += ["", f"| test ({results['splits']['test']} images) | NLL all | gain vs plain (all) | NLL at retrieval "
+              "positions | gain vs plain (retrieval positions) | FD (classifier) | FWD | precision | recall |",
+              "|---|---|---|---|---|---|---|---|---|",
+              f"| plain (base model; sample metrics over {len(results['seeds'])} sampling seeds, table above) | {t['plain']['nll_all']:.3f} | 0 | {t['plain']['nll_retrieval']:.3f} | 0 | "
+              f"{_pm(results['test']['plain']['fd'], '.2f')} | {_pm(results['test']['plain']['fwd'], '.3f')} | "
+              f"{_pm(results['test']['plain']['precision'], '.3f')} | {_pm(results['test']['plain']['recall'], '.3f')} |"]
+    recipe = f"lr {pr['recipe']['lr']:g}, {pr['recipe']['steps']} steps, {len(pr['seeds'])} training seeds"
     for method, label in RECIPE_LABELS.items():
         m = t[method]
-        lines.append(f"| {label} | {m['nll_all']:.3f} | {m['gain_vs_plain_all']:.3f} ± {m['gain_vs_plain_all_sem']:.3f} | "
-                     f"{m['nll_retrieval']:.3f} | {m['gain_vs_plain_retrieval']:.3f} ± "
-                     f"{m['gain_vs_plain_retrieval_sem']:.3f} | {_pm(m['fd'], '.2f')} | {_pm(m['fwd'], '.3f')} | "
+        lines.append(f"| {label} ({recipe}) | {_gains(m)} | {_pm(m['fd'], '.2f')} | {_pm(m['fwd'], '.3f')} | "
                      f"{_pm(m['precision'], '.3f')} | {_pm(m['recall'], '.3f')} |")
+    if own is not None:
+        c, m = own["grid"]["chosen_by_val_nll"], own["test"]
+        lines.append(f"| RA-CM3, its own val grid (lr {c['lr']:g}, {c['steps']} steps, training seed "
+                     f"{own['grid']['seed']}) | {_gains(m)} | {m['fd']:.2f} | {m['fwd']:.3f} | {m['precision']:.3f} | "
+                     f"{m['recall']:.3f} |")
     v = t["faid_vs_control"]
     lines.append(f"| FAiD vs control (gain = control - FAiD) | - | {v['gain_all']:.3f} ± {v['gain_all_sem']:.3f} | - | "
                  f"{v['gain_retrieval']:.3f} ± {v['gain_retrieval_sem']:.3f} | - | - | - | - |")
