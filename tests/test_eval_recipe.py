@@ -105,3 +105,13 @@ def test_add_studies_records_where_each_study_came_from(tmp_path):
         add_studies(results, {"gate": tmp_path / "gate.json"})
     with pytest.raises(FileNotFoundError, match="scripts/paper_recipe.py"):
         add_studies(results, {"paper_recipe": tmp_path / "missing.json"})
+
+
+def test_eval_missing_studies_stops_before_any_work(tmp_path, monkeypatch, capsys):
+    from arrag_kernels import cli
+    from arrag_kernels.miniature import evaluate
+
+    monkeypatch.setattr(evaluate, "MiniatureRun", lambda *a, **k: pytest.fail("the evaluation started"))
+    assert cli.main(["eval", "--out", str(tmp_path / "out"), "--studies", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("arrag-kernels eval: error: daid_gate:") and "daid_gate_curve.py" in err[0]

@@ -339,6 +339,9 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
     run; also :func:`ra_cm3_own_grid` with the first seed). ``studies_dir``: a directory holding ``gate.json`` and ``daid_sweep.json`` (written by
     ``scripts/daid_gate_curve.py`` and ``scripts/daid_sweep.py``), copied into ``results.json`` as
     ``daid_gate`` and ``daid_sweep``."""
+    # the studies' files are read first: a missing one stops the run before any work
+    studies = add_studies({}, {"daid_gate": Path(studies_dir) / "gate.json",
+                               "daid_sweep": Path(studies_dir) / "daid_sweep.json"}) if studies_dir is not None else {}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -364,9 +367,7 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
                               "val_fd": frechet_distance(val_f, run.features(fake))}
         return nll_cache[key]
 
-    if studies_dir is not None:
-        results = add_studies(results, {"daid_gate": Path(studies_dir) / "gate.json",
-                                        "daid_sweep": Path(studies_dir) / "daid_sweep.json"})
+    results = {**results, **studies}
     sweep = sweep_grid(val_cell, list(lams), list(taus), progress=progress)
     chosen = best_cell(sweep, "val_fd")
     chosen_nll = best_cell(sweep, "val_nll")
