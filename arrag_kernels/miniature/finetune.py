@@ -43,8 +43,10 @@ METHODS = ("faid", "control", "ra-cm3")
 @dataclass(frozen=True)
 class RecipeConfig:
     """One fine-tuning run: ``method`` (:data:`METHODS`), learning rate, steps, batch, LoRA rank, warm-up
-    steps, training seed (initialisation and batch order); ``blenders``: FAiD's placement and K (and the
-    database split, always its seed-0 split so that every seed sees the same data)."""
+    steps, training seed (initialisation and batch order); ``blenders``: only its ``k``, ``hops``,
+    ``blenders`` (FAiD's placement and K) and ``db_fraction`` are read (the database split is always the
+    seed-0 one, so every training seed sees the same data; its steps, batch, lr and seed are those of
+    the shipped blenders' stage, not used here)."""
 
     method: str = "faid"
     lr: float = 2e-4
@@ -93,8 +95,8 @@ class ImageRetrieval:
 
 @dataclass
 class Finetuned:
-    """A trained run: the fine-tuned model copy, the blenders (``"faid"``), the retrieval (``"ra-cm3"``),
-    the loss of every step and the wall time."""
+    """A trained run: its config, the fine-tuned model copy, the blenders (``"faid"``; None otherwise), the
+    loss of every step and the wall time."""
 
     config: RecipeConfig
     model: object
