@@ -100,7 +100,7 @@ def merge_hits(probs: torch.Tensor, dist: torch.Tensor, ids: torch.Tensor, activ
 @torch.no_grad()
 def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, daid: DAiDConfig | None = None,
               guidance_scale: float | None = None, generation_config=None, batch_size: int = 64,
-              blenders=None, prefix_tokens: torch.Tensor | None = None) -> NLLResult:
+              blenders=None, prefix_tokens: torch.Tensor | None = None, zero_retrieved: bool = False) -> NLLResult:
     """Teacher-forced NLL of ``tokens`` (B, N) after ``prompt_ids`` (B, P), plain, under DAiD or with FAiD.
 
     Args:
@@ -115,6 +115,8 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
             ``generation_config`` (default: ``model.generation_config``).
         prefix_tokens: (B, Q) image tokens before each prompt (RA-CM3's retrieved image, see
             :func:`teacher_forced_logits`); the unconditional CFG row gets none. Not with ``blenders``.
+        zero_retrieved: with ``blenders``, an ablation: every position blends zero retrieved features
+            (no search; what the blenders add without retrieval, their context term and biases).
     """
     from ..decoding import DAiDSampler
     from ..faid.train import TeacherForcedFAiD
@@ -134,6 +136,8 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
     if (db is None) != (daid is None and blenders is None):
         raise ValueError("DAiD / FAiD NLL needs db together with daid (a DAiDConfig) and/or blenders (FAiDBlenders); "
                          "pass none of them for plain NLL")
+    if zero_retrieved and blenders is None:
+        raise ValueError("zero_retrieved is an ablation of FAiD: pass blenders too")
     if prefix_tokens is not None and blenders is not None:
         raise ValueError("prefix_tokens (RA-CM3) and blenders (FAiD) cannot be combined: the FAiD forward has no "
                          "prefix; pass one of them")
@@ -149,7 +153,15 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
         t = tokens[start : start + batch_size].to(device)
         p = prompt_ids[start : start + batch_size].to(device)
         prefix = prefix_tokens[start : start + batch_size].to(device) if prefix_tokens is not None else None
-        logits = (faid.logits(p, t) if faid is not None else teacher_forced_logits(model, p, t, prefix)).float()
+        if faid is None:
+            logits = teacher_forced_logits(model, p, t, prefix)
+        elif zero_retrieved:  # padding ids and no position retrieving: every retrieved feature masked to zero
+            k = blenders.config.k
+            logits = faid.logits(p, t, (torch.full((*t.shape, k), -1, dtype=torch.long, device=device),
+                                        torch.zeros(t.shape, dtype=torch.bool, device=device)))
+        else:
+            logits = faid.logits(p, t)
+        logits = logits.float()
         if guidance_scale is not None:
             uncond = teacher_forced_logits(model, adapter.unconditional_prompt(p, generation_config), t).float()
             logits = uncond + guidance_scale * (logits - uncond)

@@ -43,6 +43,7 @@ from ..eval.retrieval import retrieval_accuracy
 from ..eval.sampling import decode_tokens, generate_tokens, generate_with_prefix, image_grid
 from ..eval.sweep import best_cell, save_heatmap, save_json, sweep_grid
 from .data import load_emoji_dataset
+from .finetune import recipe_from_dict
 from .train import (WEIGHTS_DIR, BlenderConfig, MiniatureConfig, dataset_prompts, encode_tokens, load_miniature,
                     load_miniature_blenders, progress_bar)
 
@@ -94,11 +95,12 @@ class MiniatureRun:
         return decode_tokens(model, tokens)
 
     def nll_result(self, prompts, tokens, daid: DAiDConfig | None = None, blenders=None, model=None,
-                   prefix_tokens=None):
-        """:func:`image_nll` (per image and position) of one method (arguments as :meth:`sample`)."""
+                   prefix_tokens=None, zero_retrieved: bool = False):
+        """:func:`image_nll` (per image and position) of one method (arguments as :meth:`sample`;
+        ``zero_retrieved``: FAiD's ablation, as :func:`image_nll`)."""
         db = self.db if daid is not None or blenders is not None else None
         return image_nll(self.model if model is None else model, prompts, tokens, db, daid, blenders=blenders,
-                         prefix_tokens=prefix_tokens)
+                         prefix_tokens=prefix_tokens, zero_retrieved=zero_retrieved)
 
     def nll(self, prompts, tokens, daid: DAiDConfig | None = None, blenders=None) -> dict:
         return self.nll_result(prompts, tokens, daid, blenders).summary()
@@ -237,6 +239,42 @@ def ra_cm3_own_grid(run: MiniatureRun, val, test, lrs=RA_CM3_LRS, step_budgets=R
                      "gain_vs_plain_retrieval_sem": paired_sem(plain_ret, m_ret),
                      **sample_metrics(run, real, real_f, fake), "train_s": train_s},
             "wall_s": time.perf_counter() - t0}
+
+
+def faid_zero_retrieval(run: MiniatureRun, test, recipe, seeds=(0, 1, 2)) -> dict:
+    """FAiD trained by ``recipe`` (a :class:`.finetune.RecipeConfig`, e.g. the paper recipe's chosen one) for
+    each training seed, scored on test with its retrieval and with zero retrieved features at every
+    position (``image_nll(zero_retrieved=True)``): how much of the trained model's NLL comes from the
+    retrieved content rather than from the blenders' context term. NLL averaged over the seeds per image;
+    gains with paired standard errors over the test images."""
+    from ..eval.nll import paired_sem
+    from .finetune import finetune
+
+    t0 = time.perf_counter()
+    prompts, _, tokens, _ = test
+    plain = run.nll_result(prompts, tokens)
+    r = plain.retrieval
+    per_image = lambda res: (res.nll.mean(1), res.nll[:, r].mean(1))  # noqa: E731
+    rows, real, zero = [], [], []
+    for seed in seeds:
+        ft = finetune(run.model, run.classifier, run.ds, dataclasses.replace(recipe, method="faid", seed=seed),
+                      progress=run.progress)
+        real.append(per_image(run.nll_result(prompts, tokens, None, ft.blenders, model=ft.model)))
+        zero.append(per_image(run.nll_result(prompts, tokens, None, ft.blenders, model=ft.model, zero_retrieved=True)))
+        rows.append({"seed": seed, "nll_all": float(real[-1][0].mean()), "nll_all_zero_retrieved": float(zero[-1][0].mean()),
+                     "train_s": ft.train_s})
+    out = {"recipe": {k: v for k, v in recipe.to_dict().items() if k not in ("method", "seed")}, "seeds": rows,
+           "plain": {"nll_all": float(per_image(plain)[0].mean()), "nll_retrieval": float(per_image(plain)[1].mean())}}
+    for i, where in enumerate(("all", "retrieval")):
+        a = torch.stack([x[i] for x in real]).mean(0)
+        z = torch.stack([x[i] for x in zero]).mean(0)
+        p = per_image(plain)[i]
+        out[where] = {"nll": float(a.mean()), "nll_zero_retrieved": float(z.mean()),
+                      "retrieval_gain": float((z - a).mean()), "retrieval_gain_sem": paired_sem(z, a),
+                      "zero_retrieved_gain_vs_plain": float((p - z).mean()),
+                      "zero_retrieved_gain_vs_plain_sem": paired_sem(p, z)}
+    out["wall_s"] = time.perf_counter() - t0
+    return out
 
 
 def paper_recipe(run: MiniatureRun, val, test, lrs=RECIPE_LRS, step_budgets=RECIPE_STEPS, seeds=(0, 1, 2),
@@ -417,6 +455,8 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
                                                cfg=cfg, out=out)
         results["ra_cm3_own_grid"] = ra_cm3_own_grid(run, (val_p, val_x, val_t, val_f), split, seed=recipe_seeds[0],
                                                      cfg=cfg)
+        results["faid_zero_retrieval"] = faid_zero_retrieval(
+            run, split, recipe_from_dict(results["paper_recipe"]["recipe"]), tuple(recipe_seeds))
         save_json(results, out / "results.json")
     if faid_hops is not None or faid_blenders is not None:
         results["faid_sweep"] = faid_sweep(run, (val_p, val_x, val_t, val_f), (test_p, test_x, test_t, test_f),
@@ -429,7 +469,8 @@ def evaluate_miniature(out: str | Path = "eval_out", weights=None, seeds=(0, 1, 
 
 # Studies that scripts compute on their own, each writing a JSON file: results.json key -> the script.
 STUDY_SCRIPTS = {"daid_gate": "scripts/daid_gate_curve.py", "daid_sweep": "scripts/daid_sweep.py",
-                 "paper_recipe": "scripts/paper_recipe.py", "ra_cm3_own_grid": "scripts/paper_recipe.py --ra-cm3-grid"}
+                 "paper_recipe": "scripts/paper_recipe.py", "ra_cm3_own_grid": "scripts/paper_recipe.py --ra-cm3-grid",
+                 "faid_zero_retrieval": "scripts/paper_recipe.py --zero-retrieval"}
 
 
 def add_studies(results: dict, studies: dict) -> dict:

@@ -71,6 +71,12 @@ class RecipeConfig:
         return dataclasses.asdict(self)
 
 
+def recipe_from_dict(d: dict) -> RecipeConfig:
+    """Inverse of :meth:`RecipeConfig.to_dict` (missing fields: the defaults; e.g. a results.json ``recipe``,
+    which leaves out method and seed)."""
+    return RecipeConfig(**{**d, "blenders": BlenderConfig(**d.get("blenders", {}))})
+
+
 class ImageRetrieval:
     """RA-CM3's text-to-image retrieval on the miniature: the database image that the emoji classifier
     finds most likely to show the prompt's subgroup (the stand-in for CLIP caption-image similarity).
