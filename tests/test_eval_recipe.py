@@ -115,3 +115,26 @@ def test_eval_missing_studies_stops_before_any_work(tmp_path, monkeypatch, capsy
     assert cli.main(["eval", "--out", str(tmp_path / "out"), "--studies", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("arrag-kernels eval: error: daid_gate:") and "daid_gate_curve.py" in err[0]
+
+
+def test_zero_retrieved_is_faid_without_its_retrieved_features(tiny_model, tiny_images):
+    """image_nll(zero_retrieved=True): the blenders' output with every retrieved feature zero, so it does not
+    depend on what the database holds, unlike FAiD with retrieval."""
+    import arrag_kernels as ak
+    from arrag_kernels.faid import FAiDBlenders, FAiDConfig
+
+    torch.manual_seed(0)
+    blenders = FAiDBlenders.for_model(tiny_model, FAiDConfig(k=4))
+    with torch.no_grad():
+        for p in blenders.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # blenders that matter
+    prompts, tokens = tiny_prompt_ids(2), _tokens(2)
+    dbs = [ak.PatchDatabase.build(tiny_images[i : i + 4], tiny_model, progress=False) for i in (0, 8)]
+    real = [image_nll(tiny_model, prompts, tokens, db, blenders=blenders).nll for db in dbs]
+    zero = [image_nll(tiny_model, prompts, tokens, db, blenders=blenders, zero_retrieved=True).nll for db in dbs]
+    assert not torch.allclose(real[0], real[1])  # retrieval matters for FAiD ...
+    torch.testing.assert_close(zero[0], zero[1], rtol=0, atol=0)  # ... and is gone in the ablation
+    assert not torch.allclose(zero[0], real[0])
+    assert not torch.allclose(zero[0], image_nll(tiny_model, prompts, tokens).nll)  # the blenders still act
+    with pytest.raises(ValueError, match="pass blenders too"):
+        image_nll(tiny_model, prompts, tokens, zero_retrieved=True)

@@ -152,8 +152,8 @@ def test_quick_paper_recipe(quick_run):
     seeds, the paired errors; the grid's checkpoint at a budget is that budget's own run."""
     pytest.importorskip("pytorchfwd")
     pytest.importorskip("peft")
-    from arrag_kernels.miniature.evaluate import MiniatureRun, paper_recipe, ra_cm3_own_grid
-    from arrag_kernels.miniature.finetune import RecipeConfig, finetune
+    from arrag_kernels.miniature.evaluate import MiniatureRun, faid_zero_retrieval, paper_recipe, ra_cm3_own_grid
+    from arrag_kernels.miniature.finetune import RecipeConfig, finetune, recipe_from_dict
     from arrag_kernels.miniature.train import BlenderConfig
 
     root, _, _ = quick_run
@@ -183,6 +183,13 @@ def test_quick_paper_recipe(quick_run):
     assert own["grid"]["chosen_by_val_nll"]["val_nll"] == min(c["val_nll"] for c in own["grid"]["cells"])
     assert own["test"]["gain_vs_plain_all"] == pytest.approx(test["plain"]["nll_all"] - own["test"]["nll_all"], abs=1e-5)
     assert own["test"]["fd"] > 0 and own["test"]["gain_vs_plain_all_sem"] > 0
+    # the retrieval ablation retrains the chosen FAiD: the same models as the recipe's (seeded), then zeroes
+    ablation = faid_zero_retrieval(run, splits[1], recipe_from_dict(r["recipe"]), seeds=(0, 1))
+    for row, faid_row in zip(ablation["seeds"], test["faid"]["seeds"]):
+        assert row["nll_all"] == pytest.approx(faid_row["nll_all"], rel=1e-6)
+    assert ablation["all"]["retrieval_gain"] == pytest.approx(
+        ablation["all"]["nll_zero_retrieved"] - ablation["all"]["nll"], abs=1e-6)
+    assert ablation["all"]["retrieval_gain_sem"] > 0
 
     # the state after step 1 of a 3-step run is a 1-step run's (the schedule ignores the budget)
     seen = {}
