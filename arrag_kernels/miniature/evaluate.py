@@ -598,6 +598,16 @@ def format_recipe(results: dict) -> str:
         lines.append(f"| RA-CM3, its own val grid (lr {c['lr']:g}, {c['steps']} steps, training seed "
                      f"{own['grid']['seed']}) | {_gains(m)} | {m['fd']:.2f} | {m['fwd']:.3f} | {m['precision']:.3f} | "
                      f"{m['recall']:.3f} |")
+    zero = results.get("faid_zero_retrieval")
+    if zero is not None:
+        a, r = zero["all"], zero["retrieval"]
+        lines.append(f"| FAiD with its retrieved features zeroed at test (the same models retrained) | "
+                     f"{a['nll_zero_retrieved']:.3f} | {a['zero_retrieved_gain_vs_plain']:.3f} ± "
+                     f"{a['zero_retrieved_gain_vs_plain_sem']:.3f} | {r['nll_zero_retrieved']:.3f} | "
+                     f"{r['zero_retrieved_gain_vs_plain']:.3f} ± {r['zero_retrieved_gain_vs_plain_sem']:.3f} | - | - | - | - |")
+        lines.append(f"| FAiD: retrieval's part (gain = zeroed - with retrieval) | - | {a['retrieval_gain']:.3f} ± "
+                     f"{a['retrieval_gain_sem']:.3f} | - | {r['retrieval_gain']:.3f} ± {r['retrieval_gain_sem']:.3f} | - | "
+                     "- | - | - |")
     v = t["faid_vs_control"]
     lines.append(f"| FAiD vs control (gain = control - FAiD) | - | {v['gain_all']:.3f} ± {v['gain_all_sem']:.3f} | - | "
                  f"{v['gain_retrieval']:.3f} ± {v['gain_retrieval_sem']:.3f} | - | - | - | - |")
