@@ -1,11 +1,11 @@
-"""Fold studies run on their own (gate.json, daid_sweep.json, paper_recipe.json) into an evaluation's results.json.
+"""Fold studies run on their own (gate, DAiD sweep, paper recipe, RA-CM3 grid, FAiD ablation) into a results.json.
 
 ``arrag-kernels eval --paper-recipe 0,1,2 --studies docs/miniature`` writes one results.json with everything;
 this is for a results.json whose studies were computed apart (``arrag_kernels.miniature.evaluate.add_studies``:
 each file's content under its key, and the command that wrote it under ``provenance``)::
 
-    python scripts/merge_studies.py docs/miniature/results.json daid_gate=docs/miniature/gate.json \\
-        daid_sweep=docs/miniature/daid_sweep.json paper_recipe=docs/miniature/paper_recipe.json
+    python scripts/merge_studies.py docs/miniature/results.json paper_recipe=docs/miniature/paper_recipe.json \\
+        ra_cm3_own_grid=docs/miniature/ra_cm3_grid.json faid_zero_retrieval=docs/miniature/faid_zero_retrieval.json
 """
 
 from __future__ import annotations
