@@ -76,8 +76,8 @@ def add_subcommands(sub) -> None:
                    "(trains blenders for each cell: ~13 min more on 2 cores)")
     e.add_argument("--paper-recipe", type=_number_list(int, "integers like 0,1,2"), default=None, metavar="SEEDS",
                    help="also FAiD fine-tuned the paper's way (LoRA q/v + blenders + head; lr and steps chosen on "
-                   "val), its no-retrieval control and the RA-CM3 baseline, for these training seeds (trains 10 "
-                   "models for 0,1,2)")
+                   "val), its no-retrieval control, the RA-CM3 baseline (also on its own val grid) and FAiD's retrieval "
+                   "ablation, for these training seeds (trains 16 models for 0,1,2)")
     e.add_argument("--studies", default=None, metavar="DIR", help="directory holding gate.json and daid_sweep.json "
                    "(scripts/daid_gate_curve.py, scripts/daid_sweep.py), copied into results.json")
     e.set_defaults(func=_cmd_eval)
