@@ -17,14 +17,8 @@ import time
 import torch
 
 from arrag_kernels.config import DAiDConfig
-from arrag_kernels.eval.nll import image_nll
+from arrag_kernels.eval.nll import image_nll, paired_sem
 from arrag_kernels.miniature.evaluate import MiniatureRun
-
-
-def paired_sem(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Standard error of the mean of the per-image differences a - b."""
-    d = (a - b).double()
-    return float(d.std() / d.numel() ** 0.5)
 
 
 def gate_curve(run: MiniatureRun, prompts, tokens, daid: DAiDConfig, gates) -> dict:

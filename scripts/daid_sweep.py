@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from arrag_kernels.eval.nll import merge_hits, teacher_forced_logits
+from arrag_kernels.eval.nll import merge_hits, paired_sem, teacher_forced_logits
 from arrag_kernels.models import TeacherForcingAdapter, get_adapter
 from arrag_kernels.retrieval.query import Retriever, on_device
 
@@ -74,12 +74,6 @@ def sweep_nll(model, db, prompts: torch.Tensor, tokens: torch.Tensor, cells: dic
 
 def _token_nll(probs: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return -probs.gather(-1, t.unsqueeze(-1)).squeeze(-1).clamp_min(1e-30).log().cpu()  # as image_nll
-
-
-def paired_sem(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Standard error of the mean of the per-image differences a - b."""
-    d = (a - b).double()
-    return float(d.std() / d.numel() ** 0.5)
 
 
 def score(nll: torch.Tensor, plain: torch.Tensor, retrieval: torch.Tensor) -> dict:

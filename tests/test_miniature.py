@@ -144,3 +144,63 @@ def test_evaluation_reports_progress_for_every_long_phase(quick_run, capsys):
     assert "sweep lam x tau" in err
     assert "test metrics" in err and "sampling seed 1" in err and "teacher-forced NLL" in err
     assert "Fig. 6 retrieval accuracy" in err
+
+
+@needs_emoji
+def test_quick_paper_recipe(quick_run):
+    """FAiD the paper's way, its no-retrieval control and RA-CM3 (issue 24 items 1, 5): the val grid, the
+    seeds, the paired errors; the grid's checkpoint at a budget is that budget's own run."""
+    pytest.importorskip("pytorchfwd")
+    pytest.importorskip("peft")
+    from arrag_kernels.miniature.evaluate import MiniatureRun, faid_zero_retrieval, paper_recipe, ra_cm3_own_grid
+    from arrag_kernels.miniature.finetune import RecipeConfig, finetune, recipe_from_dict
+    from arrag_kernels.miniature.train import BlenderConfig
+
+    root, _, _ = quick_run
+    run = MiniatureRun(root / "w", progress=False, cache_dir=root / "cache")
+    splits = [(*run.split(name), run.features(run.split(name)[1])) for name in ("val", "test")]
+    recipe = RecipeConfig(batch=4, lora_rank=2, warmup_steps=1, blenders=BlenderConfig(k=4, seed=1))
+    r = paper_recipe(run, *splits, lrs=(1e-3, 1e-2), step_budgets=(1, 3), seeds=(0, 1), recipe=recipe,
+                     out=root)
+    cells = r["grid"]["cells"]
+    assert [(c["lr"], c["steps"]) for c in cells] == [(1e-3, 1), (1e-3, 3), (1e-2, 1), (1e-2, 3)]
+    chosen = r["grid"]["chosen_by_val_nll"]
+    assert chosen["val_nll"] == min(c["val_nll"] for c in cells)
+    assert (r["recipe"]["lr"], r["recipe"]["steps"]) == (chosen["lr"], chosen["steps"])
+    test = r["test"]
+    for method in ("faid", "control", "ra-cm3"):
+        m = test[method]
+        assert [row["seed"] for row in m["seeds"]] == [0, 1]
+        assert m["nll_all"] == pytest.approx(sum(row["nll_all"] for row in m["seeds"]) / 2, rel=1e-5)
+        assert m["gain_vs_plain_all"] == pytest.approx(test["plain"]["nll_all"] - m["nll_all"], abs=1e-5)
+        assert m["gain_vs_plain_all_sem"] > 0 and m["fd"]["std"] >= 0 and len(m["fd"]["values"]) == 2
+    vs = test["faid_vs_control"]
+    assert vs["gain_all"] == pytest.approx(test["control"]["nll_all"] - test["faid"]["nll_all"], abs=1e-5)
+    assert len(vs["per_seed"]) == 2 and vs["gain_all_sem"] > 0
+    assert (root / "samples_racm3_recipe.png").stat().st_size > 0
+    own = ra_cm3_own_grid(run, *splits, lrs=(1e-3,), step_budgets=(1, 2), recipe=recipe)
+    assert [c["steps"] for c in own["grid"]["cells"]] == [1, 2]
+    assert own["grid"]["chosen_by_val_nll"]["val_nll"] == min(c["val_nll"] for c in own["grid"]["cells"])
+    assert own["test"]["gain_vs_plain_all"] == pytest.approx(test["plain"]["nll_all"] - own["test"]["nll_all"], abs=1e-5)
+    assert own["test"]["fd"] > 0 and own["test"]["gain_vs_plain_all_sem"] > 0
+    # the retrieval ablation retrains the chosen FAiD: the same models as the recipe's (seeded), then zeroes
+    ablation = faid_zero_retrieval(run, splits[1], recipe_from_dict(r["recipe"]), seeds=(0, 1))
+    for row, faid_row in zip(ablation["seeds"], test["faid"]["seeds"]):
+        assert row["nll_all"] == pytest.approx(faid_row["nll_all"], rel=1e-6)
+    assert ablation["all"]["retrieval_gain"] == pytest.approx(
+        ablation["all"]["nll_zero_retrieved"] - ablation["all"]["nll"], abs=1e-6)
+    assert ablation["all"]["retrieval_gain_sem"] > 0
+
+    # the state after step 1 of a 3-step run is a 1-step run's (the schedule ignores the budget)
+    seen = {}
+    longer = finetune(run.model, run.classifier, run.ds, RecipeConfig(method="control", steps=3, batch=4, lora_rank=2,
+                      warmup_steps=1), checkpoints=(1,), on_checkpoint=lambda s, ft: seen.setdefault(
+                      s, [p.detach().clone() for p in ft.model.parameters()]), progress=False)
+    short = finetune(run.model, run.classifier, run.ds, RecipeConfig(method="control", steps=1, batch=4, lora_rank=2,
+                     warmup_steps=1), progress=False)
+    for a, b in zip(seen[1], short.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(seen[3], longer.model.parameters()))  # the last step's state
+    assert not all(torch.equal(a, b) for a, b in zip(seen[1], seen[3]))
+    # the base model is untouched by fine-tuning (each run trains a copy)
+    assert not any("lora_" in n for n, _ in run.model.named_parameters())

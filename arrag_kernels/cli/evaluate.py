@@ -36,7 +36,8 @@ def _cmd_eval(args):
     results = evaluate_miniature(out=args.out, weights=args.weights, seeds=args.seeds, lams=args.lams,
                                  taus=args.taus, k=args.k, cfg=args.cfg,
                                  faid_hops=((1,), (1, 2)) if args.faid_sweep else None,
-                                 faid_blenders=(1, 2) if args.faid_sweep else None)
+                                 faid_blenders=(1, 2) if args.faid_sweep else None,
+                                 recipe_seeds=args.paper_recipe, studies_dir=args.studies)
     sweep = results["sweep"]
     print(f"DAiD chosen on val (FD): lam={sweep['chosen_by_val_fd']['lam']}, tau={sweep['chosen_by_val_fd']['tau']}; "
           f"by val NLL: lam={sweep['chosen_by_val_nll']['lam']}, tau={sweep['chosen_by_val_nll']['tau']}")
@@ -46,6 +47,11 @@ def _cmd_eval(args):
         c, t = fs["chosen_by_val_fd"], fs["test"]
         print(f"FAiD sweep: chosen on val FD: hops {c['hops']}, {c['blenders']} blenders; test NLL "
               f"{t['nll']['nll_all']:.3f}, FD {t['fd']['mean']:.2f} ± {t['fd']['std']:.2f}")
+    if "paper_recipe" in results:
+        t = results["paper_recipe"]["test"]
+        print("paper recipe (test NLL, gain vs plain): " + "; ".join(
+            f"{m} {t[m]['nll_all']:.3f} ({t[m]['gain_vs_plain_all']:+.3f} ± {t[m]['gain_vs_plain_all_sem']:.3f})"
+            for m in ("faid", "control", "ra-cm3")))
     f6 = results["fig6"]
     for name, c in f6.items():
         print(f"Fig. 6 ({name}): l2 at k=1 {c['l2'][0]:.3f}, k={c['k'][-1]} {c['l2'][-1]:.3f}, random {c['random_l2']:.3f}")
@@ -68,4 +74,10 @@ def add_subcommands(sub) -> None:
                    help="classifier-free guidance scale, >= 1 (default 5)")
     e.add_argument("--faid-sweep", action="store_true", help="also the FAiD hops (1 | 1+2) x blenders (1 | 2) sweep "
                    "(trains blenders for each cell: ~13 min more on 2 cores)")
+    e.add_argument("--paper-recipe", type=_number_list(int, "integers like 0,1,2"), default=None, metavar="SEEDS",
+                   help="also FAiD fine-tuned the paper's way (LoRA q/v + blenders + head; lr and steps chosen on "
+                   "val), its no-retrieval control, the RA-CM3 baseline (also on its own val grid) and FAiD's retrieval "
+                   "ablation, for these training seeds (trains 16 models for 0,1,2)")
+    e.add_argument("--studies", default=None, metavar="DIR", help="directory holding gate.json and daid_sweep.json "
+                   "(scripts/daid_gate_curve.py, scripts/daid_sweep.py), copied into results.json")
     e.set_defaults(func=_cmd_eval)

@@ -27,11 +27,24 @@ from ..config import DAiDConfig, KeyLayout
 from ..models import TeacherForcingAdapter, base, get_adapter
 
 
-def teacher_forced_logits(model, prompt_ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def teacher_forced_logits(model, prompt_ids: torch.Tensor, tokens: torch.Tensor,
+                          prefix_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """(B, P) prompts and (B, N) ground-truth image tokens -> (B, N, V) image-head logits of ``model``
     (:func:`arrag_kernels.models.base.teacher_forced_logits` through the family's
-    :class:`arrag_kernels.models.TeacherForcingAdapter`)."""
-    return base.teacher_forced_logits(get_adapter(model, TeacherForcingAdapter), prompt_ids, tokens)
+    :class:`arrag_kernels.models.TeacherForcingAdapter`).
+
+    ``prefix_tokens`` (B, Q): image tokens placed before the prompt, embedded like generated image
+    tokens (``embed_image_tokens``; the RA-CM3 baseline's retrieved image, paper appendix B.1)."""
+    adapter = get_adapter(model, TeacherForcingAdapter)
+    if prefix_tokens is None:
+        return base.teacher_forced_logits(adapter, prompt_ids, tokens)
+    if prefix_tokens.dim() != 2 or prefix_tokens.shape[0] != tokens.shape[0]:
+        raise ValueError(f"prefix_tokens: expected (B, Q) image tokens with B = {tokens.shape[0]}, got "
+                         f"{tuple(prefix_tokens.shape)}")
+    start = prefix_tokens.shape[1] + prompt_ids.shape[1] - 1  # the hidden state there predicts token 0
+    embeds = torch.cat([adapter.embed_image_tokens(prefix_tokens), adapter.embed_prompt(prompt_ids),
+                        adapter.embed_image_tokens(tokens[:, :-1])], dim=1)
+    return adapter.image_logits(adapter.hidden_states(embeds)[:, start : start + tokens.shape[1]])
 
 
 @dataclass
@@ -63,6 +76,15 @@ def _sem(x: torch.Tensor) -> float:
     return float(x.std() / math.sqrt(x.numel())) if x.numel() > 1 else 0.0
 
 
+def paired_sem(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Standard error of the mean of the paired differences ``a - b`` (per-image scores of two methods on the
+    same images)."""
+    if a.shape != b.shape:
+        raise ValueError(f"paired_sem: expected two scores of the same images, got shapes {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    return _sem((a - b).double())
+
+
 def merge_hits(probs: torch.Tensor, dist: torch.Tensor, ids: torch.Tensor, active: torch.Tensor, lam: float,
                tau: float, dedup: str) -> torch.Tensor:
     """:func:`arrag_kernels.ops.daid_mix` over every position of a batch at once: (b, N, V) model
@@ -78,7 +100,7 @@ def merge_hits(probs: torch.Tensor, dist: torch.Tensor, ids: torch.Tensor, activ
 @torch.no_grad()
 def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, daid: DAiDConfig | None = None,
               guidance_scale: float | None = None, generation_config=None, batch_size: int = 64,
-              blenders=None) -> NLLResult:
+              blenders=None, prefix_tokens: torch.Tensor | None = None, zero_retrieved: bool = False) -> NLLResult:
     """Teacher-forced NLL of ``tokens`` (B, N) after ``prompt_ids`` (B, P), plain, under DAiD or with FAiD.
 
     Args:
@@ -91,6 +113,10 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
         guidance_scale: None scores the conditional distribution; w applies CFG, the unconditional
             prompt being the adapter's ``unconditional_prompt`` with the special token ids of
             ``generation_config`` (default: ``model.generation_config``).
+        prefix_tokens: (B, Q) image tokens before each prompt (RA-CM3's retrieved image, see
+            :func:`teacher_forced_logits`); the unconditional CFG row gets none. Not with ``blenders``.
+        zero_retrieved: with ``blenders``, an ablation: every position blends zero retrieved features
+            (no search; what the blenders add without retrieval, their context term and biases).
     """
     from ..decoding import DAiDSampler
     from ..faid.train import TeacherForcedFAiD
@@ -110,6 +136,11 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
     if (db is None) != (daid is None and blenders is None):
         raise ValueError("DAiD / FAiD NLL needs db together with daid (a DAiDConfig) and/or blenders (FAiDBlenders); "
                          "pass none of them for plain NLL")
+    if zero_retrieved and blenders is None:
+        raise ValueError("zero_retrieved is an ablation of FAiD: pass blenders too")
+    if prefix_tokens is not None and blenders is not None:
+        raise ValueError("prefix_tokens (RA-CM3) and blenders (FAiD) cannot be combined: the FAiD forward has no "
+                         "prefix; pass one of them")
     if db is not None:  # one device copy for DAiD and FAiD
         db = on_device(db, adapter.device)
     sampler = DAiDSampler(db, daid, adapter) if daid is not None else None
@@ -121,7 +152,16 @@ def image_nll(model, prompt_ids: torch.Tensor, tokens: torch.Tensor, db=None, da
     for start in range(0, tokens.shape[0], batch_size):
         t = tokens[start : start + batch_size].to(device)
         p = prompt_ids[start : start + batch_size].to(device)
-        logits = (faid.logits(p, t) if faid is not None else teacher_forced_logits(model, p, t)).float()
+        prefix = prefix_tokens[start : start + batch_size].to(device) if prefix_tokens is not None else None
+        if faid is None:
+            logits = teacher_forced_logits(model, p, t, prefix)
+        elif zero_retrieved:  # padding ids and no position retrieving: every retrieved feature masked to zero
+            k = blenders.config.k
+            logits = faid.logits(p, t, (torch.full((*t.shape, k), -1, dtype=torch.long, device=device),
+                                        torch.zeros(t.shape, dtype=torch.bool, device=device)))
+        else:
+            logits = faid.logits(p, t)
+        logits = logits.float()
         if guidance_scale is not None:
             uncond = teacher_forced_logits(model, adapter.unconditional_prompt(p, generation_config), t).float()
             logits = uncond + guidance_scale * (logits - uncond)

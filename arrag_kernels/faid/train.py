@@ -109,13 +109,7 @@ class FAiDTrainer(TeacherForcedFAiD):
     def __init__(self, model, db, blenders: FAiDBlenders, lr: float = 2e-4, lora_rank: int = 0,
                  train_head: bool = False, formulation: str = "dense", activation_checkpointing: bool = False):
         super().__init__(model, db, blenders, formulation, activation_checkpointing)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        params = list(blenders.parameters())
-        if lora_rank > 0:
-            params += add_lora(self.adapter, lora_rank)
-        if train_head:
-            params += list(self.adapter.image_head().parameters())
+        params = list(blenders.parameters()) + base_finetune_params(model, lora_rank, train_head)
         for p in params:
             p.requires_grad_(True)
         self.params = params
@@ -135,6 +129,22 @@ class FAiDTrainer(TeacherForcedFAiD):
         loss.backward()
         self.optimizer.step()
         return float(loss.detach())
+
+
+def base_finetune_params(model, lora_rank: int = 0, train_head: bool = False) -> list:
+    """Freeze every parameter of ``model``, then return (with ``requires_grad`` on) what FAiD's recipe trains
+    in the base model: LoRA q/v adapters of rank ``lora_rank`` (> 0; added through peft) and, with
+    ``train_head``, the image head. :class:`FAiDTrainer` adds the blenders; a no-retrieval control trains
+    these alone."""
+    adapter = get_adapter(model, FAiDAdapter)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = add_lora(adapter, lora_rank) if lora_rank > 0 else []
+    if train_head:
+        params += list(adapter.image_head().parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 @contextlib.contextmanager
