@@ -10,6 +10,7 @@ import arrag_kernels as ak
 from arrag_kernels.decoding.daid import gate_open
 from arrag_kernels.eval.nll import image_nll
 from arrag_kernels.models import get_adapter, tiny_prompt_ids
+from tests.utils import daid_graph_decode_without_host_sync
 
 # the tiny model's post-CFG max probabilities lie in ~[0.0024, 0.0027] (512 codes): this one gates about half
 MID_GATE = ("max_prob", 0.0025)
@@ -135,15 +136,5 @@ def test_masked_decoding_refuses_a_gate():
 @pytest.mark.parametrize("overlap", [False, True], ids=["inline", "overlap"])
 def test_gated_cuda_graph_decode_steps_never_synchronise(tiny_images, overlap):
     """The gate reads p_model on the device only: replays run with torch's sync debug mode set to error."""
-    from arrag_kernels.decoding import StaticImageDecoder
-    from arrag_kernels.models import tiny_janus
-    from tests.utils import replay_without_host_sync
-
-    model = tiny_janus(seed=0).cuda()
-    adapter = get_adapter(model)
-    db = ak.PatchDatabase.build(tiny_images, model, progress=False)
-    daid = ak.DAiDSampler(db, ak.DAiDConfig(lam=0.5, k=16, gate=MID_GATE), adapter)
-    loop = StaticImageDecoder(adapter, process_logits=None, fused_cfg=(5.0, 1.0), daid=daid, cuda_graph=True,
-                              overlap_retrieval=overlap)
-    tokens = replay_without_host_sync(loop, model, tiny_prompt_ids(2, seed=3).cuda())
+    tokens = daid_graph_decode_without_host_sync(tiny_images, ak.DAiDConfig(lam=0.5, k=16, gate=MID_GATE), overlap)
     assert (tokens >= 0).all()

@@ -33,7 +33,7 @@ from arrag_kernels.retrieval.ivfpq_build import work_dir
 from arrag_kernels.retrieval.search import DeviceIVFPQSearch, make_search
 
 from .oracles import assert_topk, candidate_distances, exact_distances, recall
-from .utils import CUDA, OPCHECK_KWARGS, op_backends, record_launches
+from .utils import CUDA, OPCHECK_KWARGS, assert_plan_pins_run, op_backends, record_launches
 
 try:
     import faiss
@@ -221,12 +221,7 @@ def test_triton_ivfpq_plan_pins_launches_and_scratch(monkeypatch):
     launches, scratch = _recorded(monkeypatch)
     args, max_candidates = integer_scan()
     _scan_triton(args, 100, max_candidates)
-    plan = ivfpq_plan(3, 100, max_candidates, 5)
-    assert plan["launches"] == len(launches) == 4
-    assert [(f"_ivfpq_{kn['name']}_kernel", kn["grid"]) for kn in plan["kernels"]] == launches
-    assert plan["scratch"] == {name: t.nbytes for name, t in scratch.items()}
-    assert plan["scratch_bytes"] == sum(t.nbytes for t in scratch.values())
-    assert plan["sample"] == scratch["sample_keys"].shape[1] and plan["capacity"] == scratch["keys"].shape[1]
+    assert_plan_pins_run(ivfpq_plan(3, 100, max_candidates, 5), launches, scratch, "_ivfpq_", 4, "sample_keys", "keys")
 
 
 @pytest.mark.parametrize("entries", [100_000_000, 506_000_000])

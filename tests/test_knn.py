@@ -24,7 +24,7 @@ from arrag_kernels.ops.knn import knn_dispatcher
 
 from .oracles import assert_topk, candidate_distances, exact_distances, knn_atol, tie_order
 from .utils import (CUDA, OPCHECK_KWARGS, TOLERANCES, TRITON_DTYPES, UNAVAILABLE, assert_close, backend_device,
-                    forbid_host_reads, op_backends, record_launches)
+                    assert_plan_pins_run, forbid_host_reads, op_backends, record_launches)
 
 needs_triton = pytest.mark.skipif(UNAVAILABLE["triton"] is not None, reason=UNAVAILABLE["triton"] or "")
 needs_ext = pytest.mark.skipif(not _ext.HAS_EXT, reason=f"C++ extension unavailable: {_ext.EXT_ERROR}")
@@ -298,12 +298,7 @@ def test_triton_knn_plan_pins_launches_and_scratch(monkeypatch):
     launches, scratch = _recorded(monkeypatch)
     queries, keys = _knn_inputs(3, 3001, 20, 100, torch.float16, backend_device("triton"))
     _triton().knn_search(queries, keys, 100)
-    plan = knn_plan(3001, 20, 100, 3, torch.float16)
-    assert plan["launches"] == len(launches) == 4
-    assert [(f"_knn_{kn['name']}_kernel", kn["grid"]) for kn in plan["kernels"]] == launches
-    assert plan["scratch"] == {name: t.nbytes for name, t in scratch.items()}
-    assert plan["scratch_bytes"] == sum(t.nbytes for t in scratch.values())
-    assert plan["sample"] == scratch["sample_bits"].shape[1] and plan["capacity"] == scratch["bits"].shape[1]
+    assert_plan_pins_run(knn_plan(3001, 20, 100, 3, torch.float16), launches, scratch, "_knn_", 4, "sample_bits", "bits")
 
 
 @pytest.mark.parametrize("n_keys", [10_000_000, 1_000_000])
@@ -392,7 +387,7 @@ def compile_launch(kernel, grid, *args, num_warps=4, num_stages=3, **constexprs)
     triton.compile(ASTSource(kernel, {n: signature[n] for n in names}, constexprs), target=GPUTarget("cuda", 90, 32),
                    options=dict(num_warps=num_warps, num_stages=num_stages))
     print(kernel.__name__, flush=True)
-triton_knn._launch = compile_launch
+triton_knn.launch = compile_launch
 dtype = getattr(torch, sys.argv[1])
 triton_knn.knn_search(torch.zeros(16, 32), torch.zeros(200_000, 32, dtype=dtype), 256)
 """

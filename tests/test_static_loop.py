@@ -8,7 +8,7 @@ import arrag_kernels as ak
 from arrag_kernels.decoding import StaticKVCache
 from arrag_kernels.models import tiny_prompt_ids
 from tests.janus_reference import teacher_forced_cfg_probs
-from tests.utils import replay_without_host_sync
+from tests.utils import daid_graph_decode_without_host_sync
 
 
 def _gen(do_sample, **kw):
@@ -138,15 +138,5 @@ def test_cuda_graph_replay_equals_static_without_host_sync(tiny_images):
 @pytest.mark.parametrize("overlap", [False, True], ids=["inline", "overlap"])
 def test_cuda_graph_decode_steps_never_synchronise(tiny_images, overlap):
     """Replays run with torch's sync debug mode set to error: any host synchronisation raises."""
-    from arrag_kernels.decoding import StaticImageDecoder
-    from arrag_kernels.models import get_adapter, tiny_janus
-
-    model = tiny_janus(seed=0).cuda()
-    adapter = get_adapter(model)
-    db = ak.PatchDatabase.build(tiny_images, model, progress=False)
-    daid = ak.DAiDSampler(db, ak.DAiDConfig(lam=0.5, k=16), adapter)
-    ids = tiny_prompt_ids(2, seed=3).cuda()
-    loop = StaticImageDecoder(adapter, process_logits=None, fused_cfg=(5.0, 1.0), daid=daid, cuda_graph=True,
-                              overlap_retrieval=overlap)
-    tokens = replay_without_host_sync(loop, model, ids)
+    tokens = daid_graph_decode_without_host_sync(tiny_images, ak.DAiDConfig(lam=0.5, k=16), overlap)
     assert (tokens >= 0).all()

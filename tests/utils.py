@@ -160,6 +160,22 @@ def replay_without_host_sync(loop, model, ids: torch.Tensor, num_tokens: int = 6
         torch.cuda.set_sync_debug_mode("default")
 
 
+def daid_graph_decode_without_host_sync(images, config, overlap: bool) -> torch.Tensor:
+    """A tiny Janus on CUDA with DAiD (``config``) in a CUDA-graph ``StaticImageDecoder`` (CFG 5, ``overlap``
+    retrieval), over a database of ``images``: the tokens of :func:`replay_without_host_sync`."""
+    import arrag_kernels as ak
+    from arrag_kernels.decoding import StaticImageDecoder
+    from arrag_kernels.models import get_adapter, tiny_janus, tiny_prompt_ids
+
+    model = tiny_janus(seed=0).cuda()
+    adapter = get_adapter(model)
+    db = ak.PatchDatabase.build(images, model, progress=False)
+    daid = ak.DAiDSampler(db, config, adapter)
+    loop = StaticImageDecoder(adapter, process_logits=None, fused_cfg=(5.0, 1.0), daid=daid, cuda_graph=True,
+                              overlap_retrieval=overlap)
+    return replay_without_host_sync(loop, model, tiny_prompt_ids(2, seed=3).cuda())
+
+
 class CollectingStreamer:
     """A ``transformers`` streamer that keeps every chunk ``generate`` hands it (None marks the end)."""
 
@@ -194,10 +210,10 @@ def assert_tokens_among_retrieved(cells: torch.Tensor, codebook: torch.Tensor, d
 def record_launches(monkeypatch, kernels_module) -> tuple[list, dict]:
     """Records what a Triton op module launches: ``(launches, scratch)``, filled as the op runs, with
     (kernel name, grid) per launch and the scratch buffers its ``_scratch(shape, device)`` allocated.
-    For the modules that launch through ``_launch`` and allocate through ``_scratch`` (knn, ivfpq, faid),
+    For the modules that launch through ``launch`` and allocate through ``_scratch`` (knn, ivfpq, faid),
     so their plans can be pinned against what actually runs."""
     launches, scratch = [], {}
-    launch, allocate = kernels_module._launch, kernels_module._scratch
+    launch, allocate = kernels_module.launch, kernels_module._scratch
 
     def recording_launch(kernel, grid, *args, **meta):
         launches.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, tuple(grid)))
@@ -207,9 +223,21 @@ def record_launches(monkeypatch, kernels_module) -> tuple[list, dict]:
         scratch.update(allocate(shape, device))
         return scratch
 
-    monkeypatch.setattr(kernels_module, "_launch", recording_launch)
+    monkeypatch.setattr(kernels_module, "launch", recording_launch)
     monkeypatch.setattr(kernels_module, "_scratch", recording_scratch)
     return launches, scratch
+
+
+def assert_plan_pins_run(plan: dict, launches: list, scratch: dict, kernel_prefix: str, launch_count: int,
+                         sample_buffer: str, survivor_buffer: str) -> None:
+    """A sample / bound / filter / select plan (``knn_plan``, ``ivfpq_plan``) against what its search launched
+    and allocated (:func:`record_launches`): launch count, kernels and grids in order, every scratch buffer's
+    bytes, and the sample and survivor widths."""
+    assert plan["launches"] == len(launches) == launch_count
+    assert [(f"{kernel_prefix}{kn['name']}_kernel", kn["grid"]) for kn in plan["kernels"]] == launches
+    assert plan["scratch"] == {name: t.nbytes for name, t in scratch.items()}
+    assert plan["scratch_bytes"] == sum(t.nbytes for t in scratch.values())
+    assert plan["sample"] == scratch[sample_buffer].shape[1] and plan["capacity"] == scratch[survivor_buffer].shape[1]
 
 
 def forbid_host_reads(monkeypatch, what: str) -> None:

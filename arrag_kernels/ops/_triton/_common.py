@@ -1,4 +1,5 @@
-"""Shared helpers of the Triton backend: availability checks and launch constants."""
+"""Shared helpers of the Triton backend: availability checks, launch constants, the one launcher and the
+scratch of the two sample-bound-filter-select top-k searches."""
 
 from __future__ import annotations
 
@@ -39,3 +40,21 @@ def dtype_reason(name: str, t: torch.Tensor, allowed: tuple) -> str | None:
     if t.dtype not in allowed:
         return f"{name} dtype {t.dtype} is not supported (expected one of {', '.join(str(d) for d in allowed)})"
     return None
+
+
+def launch(kernel, grid, *args, **meta):
+    """Every Triton launch of the ops goes through here (the launch-plan tests record it, the sm_90 compile
+    test replaces it)."""
+    torch.library.wrap_triton(kernel)[grid](*args, **meta)
+
+
+def select_scratch(shape, device, sample: tuple[str, str], survivors: tuple[str, str]) -> dict[str, torch.Tensor]:
+    """The buffers of a sample / bound / filter / select top-k (the exact search, the IVF-PQ scan; their
+    plans' ``scratch``; none needs initialising), for ``shape``'s batch Q, sample S and capacity C: the
+    (Q, S) int32 pair named ``sample``, the (Q,) int64 bound, one counter per query 128 B apart (see the
+    filters' atomics) and the (Q, C) int32 pair named ``survivors``."""
+    Q, S, C = shape.batch, shape.sample, shape.capacity
+    i32 = dict(dtype=torch.int32, device=device)
+    return {sample[0]: torch.empty(Q, S, **i32), sample[1]: torch.empty(Q, S, **i32),
+            "bound": torch.empty(Q, dtype=torch.int64, device=device), "counts": torch.empty(Q, 32, **i32),
+            survivors[0]: torch.empty(Q, C, **i32), survivors[1]: torch.empty(Q, C, **i32)}

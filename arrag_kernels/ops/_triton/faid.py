@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ..faid import faid_blend_dispatcher
 from ..faid_plan import BLOCK_N, BlendShape, blend_shape
-from ._common import FLOAT_DTYPES, INTERPRETED, device_reason
+from ._common import FLOAT_DTYPES, INTERPRETED, device_reason, launch
 
 MAX_K = 64  # the mean kernel holds a (next_pow2(K), BLOCK_N) tile
 
@@ -131,11 +131,6 @@ def _faid_mean_kernel(hhat, score, b2, out, K, BK, D, NB,
     tl.store(out + b * D + cols, res.to(out.dtype.element_ty), mask=col_ok)
 
 
-def _launch(kernel, grid, *args, **meta):
-    """Every launch of the blend goes through here (the launch-plan test counts them)."""
-    torch.library.wrap_triton(kernel)[grid](*args, **meta)
-
-
 def _scratch(shape: BlendShape, device) -> dict[str, torch.Tensor]:
     """The blend's fp32 partial sums (``faid_blend_plan``'s ``scratch``; every element is written before
     it is read)."""
@@ -163,13 +158,13 @@ def faid_blend_op(
     shape = blend_shape(B, n, K, D, cells.element_size())
     scratch = _scratch(shape, cells.device)
     grids, tiles = shape.grids, dict(BLOCK_N=BLOCK_N, BLOCK_D=shape.block_d, UPCAST=upcast)
-    _launch(_faid_context_kernel, grids["context"], cells, taps_t, scratch["context"], B, D, n * D, shape.chunk,
+    launch(_faid_context_kernel, grids["context"], cells, taps_t, scratch["context"], B, D, n * D, shape.chunk,
             BLOCK_B=shape.block_b, **tiles)
-    _launch(_faid_candidates_kernel, grids["candidates"], retrieved, center_t, scratch["context"], bias, hhat,
+    launch(_faid_candidates_kernel, grids["candidates"], retrieved, center_t, scratch["context"], bias, hhat,
             B, K, D, shape.split, BLOCK_M=shape.block_m, **tiles)
-    _launch(_faid_score_kernel, grids["score"], hhat, w1_t, b1, w2, scratch["score"], B * K, D,
+    launch(_faid_score_kernel, grids["score"], hhat, w1_t, b1, w2, scratch["score"], B * K, D,
             BLOCK_M=shape.block_m, **tiles)
-    _launch(_faid_mean_kernel, grids["mean"], hhat, scratch["score"], b2, out, K, B * K, D, shape.col_blocks,
+    launch(_faid_mean_kernel, grids["mean"], hhat, scratch["score"], b2, out, K, B * K, D, shape.col_blocks,
             KP=shape.kp, BLOCK_N=BLOCK_N)
     return out, hhat
 

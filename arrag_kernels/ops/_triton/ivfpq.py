@@ -35,7 +35,7 @@ import triton.language as tl
 from ..ivfpq import ivfpq_dispatcher, slots
 from ..ivfpq_plan import BLOCK_SLOTS, MAX_SLOTS, ScanShape, scan_shape
 from ..knn_plan import RADIX_BITS, SAFETY_SIGMAS, SELECT_TILE
-from ._common import device_reason
+from ._common import device_reason, launch, select_scratch
 from .knn import _append_survivors, _keep_smallest, _kth_smallest, _load_entries
 
 
@@ -200,21 +200,9 @@ def _ivfpq_select_kernel(
     tl.store(out_ids_ptr + out, tl.where(real, tl.load(ids_ptr + pos, mask=real, other=0), -1), mask=j < k)
 
 
-def _launch(kernel, grid, *args, **meta):
-    """Every launch of the scan goes through here (the launch-plan test counts them)."""
-    torch.library.wrap_triton(kernel)[grid](*args, **meta)
-
-
 def _scratch(shape: ScanShape, device) -> dict[str, torch.Tensor]:
     """The scan's buffers (``ivfpq_plan``'s ``scratch``; none needs initialising)."""
-    Q, S, C = shape.batch, shape.sample, shape.capacity
-    i32 = dict(dtype=torch.int32, device=device)
-    return dict(
-        sample_keys=torch.empty(Q, S, **i32), sample_slots=torch.empty(Q, S, **i32),
-        bound=torch.empty(Q, dtype=torch.int64, device=device),
-        counts=torch.empty(Q, 32, **i32),  # one counter per query, 128 B apart: see the filter's atomics
-        keys=torch.empty(Q, C, **i32), slots=torch.empty(Q, C, **i32),
-    )
+    return select_scratch(shape, device, ("sample_keys", "sample_slots"), ("keys", "slots"))
 
 
 def ivfpq_scan_search(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates,
@@ -235,14 +223,14 @@ def ivfpq_scan_search(lists, dis0, term2, term1, codes, ids, offsets, k, max_can
     steps = nprobe.bit_length()
     grids = s.grids
     dims = dict(M=m, KSUB=ksub)
-    _launch(_ivfpq_sample_kernel, grids["sample"], *probes, buf["sample_keys"], buf["sample_slots"],
+    launch(_ivfpq_sample_kernel, grids["sample"], *probes, buf["sample_keys"], buf["sample_slots"],
             nprobe, max_candidates, s.sample, steps, **dims, BLOCK=BLOCK_SLOTS, num_warps=4)
-    _launch(_ivfpq_bound_kernel, grids["bound"], buf["sample_keys"], buf["sample_slots"], ends, buf["bound"],
+    launch(_ivfpq_bound_kernel, grids["bound"], buf["sample_keys"], buf["sample_slots"], ends, buf["bound"],
             buf["counts"], nprobe, max_candidates, s.sample, k, 32, SIGMAS=float(SAFETY_SIGMAS),
             TILE=SELECT_TILE, RADIX=RADIX_BITS, num_warps=8)
-    _launch(_ivfpq_filter_kernel, grids["filter"], *probes, buf["bound"], buf["keys"], buf["slots"], buf["counts"],
+    launch(_ivfpq_filter_kernel, grids["filter"], *probes, buf["bound"], buf["keys"], buf["slots"], buf["counts"],
             nprobe, max_candidates, s.capacity, s.tiles, steps, 32, **dims, BLOCK=BLOCK_SLOTS, num_warps=4)
-    _launch(_ivfpq_select_kernel, grids["select"], *probes, ids.contiguous(), buf["keys"], buf["slots"],
+    launch(_ivfpq_select_kernel, grids["select"], *probes, ids.contiguous(), buf["keys"], buf["slots"],
             buf["counts"], dist, out_ids, nprobe, max_candidates, s.capacity, k, steps, 32,
             **dims, KB=s.kb, BLOCK=BLOCK_SLOTS, TILE=SELECT_TILE, RADIX=RADIX_BITS, num_warps=8)
     return dist, out_ids

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from ..knn import MAX_K, knn_dispatcher
 from ..knn_plan import MAX_DIM, MAX_KEYS, MIN_BLOCK_Q, RADIX_BITS, SELECT_TILE, SearchShape, search_shape
-from ._common import FLOAT_DTYPES, device_reason, dtype_reason
+from ._common import FLOAT_DTYPES, device_reason, dtype_reason, launch, select_scratch
 
 # sm_90, fp16 keys, D = 32, 16 queries: 108 registers with 8 warps (2 programs, 16 warps per SM), 150
 # with 4 (3 programs, 12 warps); no spills either way. From ptxas, not yet timed on a GPU.
@@ -305,21 +305,9 @@ def _knn_select_kernel(
     tl.store(out_ids_ptr + out, x & 0xFFFFFFFF, mask=j < k)
 
 
-def _launch(kernel, grid, *args, **meta):
-    """Every launch of the search goes through here (the launch-plan test counts them)."""
-    torch.library.wrap_triton(kernel)[grid](*args, **meta)
-
-
 def _scratch(shape: SearchShape, device) -> dict[str, torch.Tensor]:
     """The search's buffers (``knn_plan``'s ``scratch``; none needs initialising)."""
-    Q, S, C = shape.batch, shape.sample, shape.capacity
-    i32 = dict(dtype=torch.int32, device=device)
-    return dict(
-        sample_bits=torch.empty(Q, S, **i32), sample_ids=torch.empty(Q, S, **i32),
-        bound=torch.empty(Q, dtype=torch.int64, device=device),
-        counts=torch.empty(Q, 32, **i32),  # one counter per query, 128 B apart: see the filter's atomics
-        bits=torch.empty(Q, C, **i32), ids=torch.empty(Q, C, **i32),
-    )
+    return select_scratch(shape, device, ("sample_bits", "sample_ids"), ("bits", "ids"))
 
 
 def knn_search(queries: torch.Tensor, keys: torch.Tensor, k: int, shape: SearchShape | None = None):
@@ -335,14 +323,14 @@ def knn_search(queries: torch.Tensor, keys: torch.Tensor, k: int, shape: SearchS
     buf = _scratch(s, keys.device)
     grids = s.grids
     dims = dict(BLOCK_N=s.block_n, BLOCK_Q=s.block_q, BLOCK_D=s.block_d)
-    _launch(_knn_sample_kernel, grids["sample"], queries, keys, buf["sample_bits"], buf["sample_ids"],
+    launch(_knn_sample_kernel, grids["sample"], queries, keys, buf["sample_bits"], buf["sample_ids"],
             Q, N, D, s.sample, s.sample_step, queries.stride(0), keys.stride(0), s.sample, **dims)
-    _launch(_knn_bound_kernel, grids["bound"], buf["sample_bits"], buf["sample_ids"], buf["bound"], buf["counts"],
+    launch(_knn_bound_kernel, grids["bound"], buf["sample_bits"], buf["sample_ids"], buf["bound"], buf["counts"],
             s.sample, s.rank, s.sample, 32, TILE=SELECT_TILE, RADIX=RADIX_BITS, num_warps=8)
-    _launch(_knn_filter_kernel, grids["filter"], queries, keys, buf["bound"], buf["bits"], buf["ids"], buf["counts"],
+    launch(_knn_filter_kernel, grids["filter"], queries, keys, buf["bound"], buf["bits"], buf["ids"], buf["counts"],
             Q, N, D, s.capacity, s.tiles, queries.stride(0), keys.stride(0), s.capacity, 32,
             **dims, num_warps=_FILTER_WARPS, num_stages=3)
-    _launch(_knn_select_kernel, grids["select"], queries, keys, buf["bits"], buf["ids"], buf["counts"], dist, ids,
+    launch(_knn_select_kernel, grids["select"], queries, keys, buf["bits"], buf["ids"], buf["counts"], dist, ids,
             N, D, s.capacity, k, queries.stride(0), keys.stride(0), s.capacity, 32, k,
             KB=s.kb, BLOCK_N=s.block_n, BLOCK_Q=MIN_BLOCK_Q, BLOCK_D=s.block_d, TILE=SELECT_TILE, RADIX=RADIX_BITS,
             num_warps=8)
