@@ -207,3 +207,31 @@ def test_import_official_reports_facts_and_assumptions(official_dir, capsys):
     assert "grid 8 x 8 (so about 14 images)" in capsys.readouterr().out  # 600 entries // 42 keyed cells of 8 x 8
     db = ak.PatchDatabase.from_official(official_dir, codebook_size=64, grid=(8, 8))
     assert db.meta.grid == (8, 8) and db.meta.num_images == 14
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq", "ivfpq-sharded"])
+def test_retrieve_gathers_tokens_inside_the_search(kind, db, official_dir, monkeypatch):
+    """db.retrieve on the device search: the token gather is the select kernel's (GATHER=True), the
+    search's 4 launches are all there is, and the tokens are values[ids] of db.search's ids (sharded
+    IVF-PQ merges first and gathers after: the same tokens)."""
+    from arrag_kernels.ops._triton import ivfpq as triton_ivfpq, knn as triton_knn
+
+    if kind != "flat":
+        db = ak.PatchDatabase.from_official(official_dir, codebook_size=64, nprobe=2)
+        db = db.shard(["cpu", "cpu"]) if kind == "ivfpq-sharded" else db
+    module = triton_knn if kind == "flat" else triton_ivfpq
+    queries = torch.from_numpy(np.random.default_rng(3).standard_normal((5, db.meta.key_dim)).astype(np.float32))
+    launched, launch = [], module.launch  # (kernel name, its GATHER flag) per launch
+
+    def recording(kernel, grid, *args, **meta):
+        launched.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, meta.get("GATHER")))
+        launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(module, "launch", recording)
+    with ak.use_backend("triton"):  # the device search (the interpreter on CPU)
+        dist, ids = db.search(queries, 9)
+        searched = len(launched)
+        got_dist, tokens = db.retrieve(queries, 9)
+    assert torch.equal(got_dist, dist) and torch.equal(tokens, torch.where(ids >= 0, db.values[ids.clamp_min(0)], -1))
+    selects = [gather for name, gather in launched[searched:] if name.endswith("_select_kernel")]
+    assert len(launched) == 2 * searched and selects == ([False, False] if kind == "ivfpq-sharded" else [True])

@@ -153,10 +153,10 @@ def scan_inputs(a, queries, nprobe):
     return [lists, dis0, term2, a["term1"], a["codes"], a["ids"], a["offsets"]], int(sizes[:nprobe].sum())
 
 
-def integer_scan(q=3, nlist=12, nprobe=5, max_size=2000, seed=0):
+def integer_scan(q=3, nlist=12, nprobe=5, max_size=2000, seed=0, id_shift=1 << 33):
     """Scan inputs whose tables hold small integers (every distance exact in fp32, in any summation
-    order, with many ties and negative distances), list 3 empty, ids shifted past 2^32; and
-    max_candidates."""
+    order, with many ties and negative distances), list 3 empty, ids shifted by ``id_shift`` (past
+    2^32 by default); and max_candidates."""
     g = torch.Generator().manual_seed(seed)
     m = 8
     sizes = torch.randint(0, max_size, (nlist,), generator=g)
@@ -167,14 +167,16 @@ def integer_scan(q=3, nlist=12, nprobe=5, max_size=2000, seed=0):
     args = [lists, torch.randint(-5, 5, (q, nprobe), generator=g).float(),
             torch.randint(-3, 4, (q, m, 256), generator=g).float(),
             torch.randint(-3, 4, (nlist, m, 256), generator=g).float(),
-            torch.randint(0, 4, (n, m), generator=g, dtype=torch.uint8), torch.randperm(n, generator=g) + (1 << 33),
+            torch.randint(0, 4, (n, m), generator=g, dtype=torch.uint8), torch.randperm(n, generator=g) + id_shift,
             offsets]
     return args, int(sizes.sort(descending=True).values[:nprobe].sum())
 
 
-def _scan_triton(args, k, max_candidates, shape=None):
+def _scan_triton(args, k, max_candidates, shape=None, values=None):
+    """(dist, ids) of the Triton scan, and the gathered values with ``values``."""
     with use_backend("triton"):
-        return triton_ivfpq.ivfpq_scan_search(*args, k, max_candidates, shape=shape)
+        dist, ids, tokens = triton_ivfpq.ivfpq_scan_search(*args, k, max_candidates, values, shape=shape)
+    return (dist, ids) if values is None else (dist, ids, tokens)
 
 
 @pytest.mark.parametrize("k", [10, 37, 300])
@@ -211,6 +213,26 @@ def test_triton_scan_fewer_candidates_than_k():
     assert torch.equal(dist, ref[0]) and torch.equal(ids, ref[1])
 
 
+@pytest.mark.parametrize("case", ["sampled", "fallback", "padded"])
+@pytest.mark.parametrize("values_dtype", [torch.int32, torch.int64], ids=str)
+def test_triton_scan_gathers_values(case, values_dtype):
+    """values[id] of each hit, gathered in the select kernel, equal the reference's gather: after a sampled
+    bound, after the fallback's own scan, and -1 in padded slots (the first query probes the empty list)."""
+    args, max_candidates = integer_scan(nprobe=1 if case == "padded" else 5, max_size=300 if case == "padded" else 2000,
+                                        id_shift=0)
+    k, shape = (400 if case == "padded" else 37), None
+    if case == "padded":
+        args[0][0] = 3
+    if case == "fallback":
+        shape = dataclasses.replace(scan_shape(3, k, max_candidates, 5, 8, 256), sample=16, capacity=k + BLOCK_SLOTS)
+    values = torch.randint(0, 1 << 14, (len(args[5]),), generator=torch.Generator().manual_seed(2), dtype=values_dtype)
+    dist, ids, tokens = _scan_triton(args, k, max_candidates, shape, values)
+    ref = ivfpq_scan_ref(*args, k, max_candidates, values)
+    assert torch.equal(dist, ref[0]) and torch.equal(ids, ref[1]) and tokens.dtype == torch.int64
+    assert torch.equal(tokens, ref[2]) and torch.equal(tokens == -1, ids == -1)
+    assert (case != "padded") or (tokens[0] == -1).all()
+
+
 def _recorded(monkeypatch):
     """Records the scan's launches (kernel name, grid) and its scratch buffers."""
     return record_launches(monkeypatch, triton_ivfpq)
@@ -219,9 +241,11 @@ def _recorded(monkeypatch):
 def test_triton_ivfpq_plan_pins_launches_and_scratch(monkeypatch):
     """ivfpq_plan's kernels, grids and scratch are exactly what the scan launches and allocates."""
     launches, scratch = _recorded(monkeypatch)
-    args, max_candidates = integer_scan()
-    _scan_triton(args, 100, max_candidates)
-    assert_plan_pins_run(ivfpq_plan(3, 100, max_candidates, 5), launches, scratch, "_ivfpq_", 4, "sample_keys", "keys")
+    args, max_candidates = integer_scan(id_shift=0)
+    _scan_triton(args, 100, max_candidates, values=torch.arange(len(args[5])))  # the gather: no launch, no scratch
+    plan = ivfpq_plan(3, 100, max_candidates, 5, values=torch.int64)
+    assert_plan_pins_run(plan, launches, scratch, "_ivfpq_", 4, "sample_keys", "keys")
+    assert plan["bytes_read"] - ivfpq_plan(3, 100, max_candidates, 5)["bytes_read"] == 3 * 100 * 8
 
 
 @pytest.mark.parametrize("entries", [100_000_000, 506_000_000])
@@ -229,7 +253,7 @@ def test_ivfpq_plan_released_configuration(entries):
     """nlist 800, M 8, nprobe 32, k 2048, batch 16 (balanced lists): every candidate's codes and table
     entries read once plus a few %, <= 64 MB of scratch, 4 launches."""
     max_candidates = 32 * -(-entries // 800)
-    plan = ivfpq_plan(16, 2048, max_candidates, 32)
+    plan = ivfpq_plan(16, 2048, max_candidates, 32, values="int64")  # as db.retrieve searches
     assert plan["candidate_bytes"] == 16 * max_candidates * 8 * 5
     assert plan["bytes_read"] <= 1.1 * plan["candidate_bytes"]
     assert plan["scratch_bytes"] <= 64 << 20
@@ -241,6 +265,8 @@ def test_ivfpq_plan_bad_input():
         ivfpq_plan(1, 2049, 100, 1)
     with pytest.raises(ValueError, match=r"every size must be >= 1"):
         ivfpq_plan(1, 10, 0, 1)
+    with pytest.raises(ValueError, match=r"values must be torch.int32 or torch.int64"):
+        ivfpq_plan(1, 10, 100, 1, values=torch.float32)
 
 
 def test_one_program_scans_several_tiles(index, queries):
@@ -576,6 +602,10 @@ def test_device_search_input_errors(index, queries):
     scan_args, max_candidates = scan_inputs(a, queries, 2)
     with pytest.raises(ValueError, match=r"term2 \(Q, 8, 256\) from ivfpq_probe, got \(7, 2\), \(7, 2\) and \(6, 8"):
         ivfpq_scan(*scan_args[:2], scan_args[2][:6], *scan_args[3:], 10, max_candidates)
+    with pytest.raises(TypeError, match=r"values must be a 1-D integer tensor \(a token id per entry\), got torch.float32"):
+        ivfpq_scan(*scan_args, 10, max_candidates, torch.zeros(len(a["ids"])))
+    with pytest.raises(ValueError, match="values on meta but the index on cpu"):
+        ivfpq_search(queries, *args, 1, 10, 500, torch.zeros(len(a["ids"]), dtype=torch.long, device="meta"))
 
 
 @needs_faiss
@@ -695,8 +725,8 @@ def test_cuda_fallback(cuda_arrays, cuda_queries, k):
     args = [lists, dis0, term2, a["term1"], a["codes"], a["ids"], a["offsets"]]
     shape = dataclasses.replace(scan_shape(len(cuda_queries), k, max_candidates, 6, M, 256), sample=16,
                                 capacity=k + BLOCK_SLOTS)
-    out = triton_ivfpq.ivfpq_scan_search(*args, k, max_candidates, shape=shape)
-    assert_topk(*out, scan_truth(args, max_candidates), atol=1e-4, rtol=0, what=f"fallback k={k}")
+    dist, ids, _ = triton_ivfpq.ivfpq_scan_search(*args, k, max_candidates, shape=shape)
+    assert_topk(dist, ids, scan_truth(args, max_candidates), atol=1e-4, rtol=0, what=f"fallback k={k}")
 
 
 @needs_cuda

@@ -73,6 +73,11 @@ def _knn_inputs(Q, N, D, k, dtype, device="cpu"):
     return queries, torch.randn(N, D, generator=g).to(dtype).to(device)
 
 
+def _values(N, dtype, device="cpu"):
+    """Token ids of N database entries: random, so a gather at the wrong id shows."""
+    return torch.randint(0, 1 << 14, (N,), generator=_gen(N), dtype=dtype).to(device)
+
+
 @pytest.mark.parametrize("Q,N,D,k", KNN_CASES, ids=[f"q{q}-n{n}-d{d}-k{k}" for q, n, d, k in KNN_CASES])
 @pytest.mark.parametrize("backend,dtype", op_backends(knn_dispatcher, dtypes=KEY_DTYPES))
 def test_knn(backend, dtype, Q, N, D, k):
@@ -184,6 +189,24 @@ def test_knn_agrees_with_faiss():
     assert torch.equal(i, fi)
 
 
+@pytest.mark.parametrize("values_dtype", [torch.int32, torch.int64, torch.int16], ids=str)
+@pytest.mark.parametrize("backend", op_backends(knn_dispatcher))
+def test_knn_gathers_values(backend, values_dtype):
+    """``values=``: every backend returns values[ids] as int64 beside the same distances and ids (the
+    Triton kernel gathers int32 / int64 values; it refuses others, which "auto" then sends elsewhere)."""
+    queries, keys = _knn_inputs(3, 1025, 13, 7, torch.float32, backend_device(backend))
+    values = _values(1025, values_dtype, keys.device)
+    with use_backend(backend):
+        if backend == "triton" and values_dtype == torch.int16:
+            with pytest.raises(BackendUnavailable, match="values dtype torch.int16"):
+                knn(queries, keys, 7, values)
+            return
+        dist, ids, tokens = knn(queries, keys, 7, values)
+        want = knn(queries, keys, 7)
+    assert torch.equal(dist, want[0]) and torch.equal(ids, want[1])
+    assert tokens.dtype == torch.int64 and torch.equal(tokens, values[ids].long())
+
+
 def test_knn_bad_inputs():
     keys = torch.randn(10, 4)
     with pytest.raises(ValueError, match="k must be in"):
@@ -194,6 +217,13 @@ def test_knn_bad_inputs():
         knn(torch.randn(1, 5), keys, 3)
     with pytest.raises(TypeError, match="floating point"):
         knn(torch.ones(1, 4, dtype=torch.long), keys, 3)
+    for bad in (torch.zeros(10), torch.zeros(10, 1, dtype=torch.long), torch.zeros(10, dtype=torch.bool), [0] * 10):
+        with pytest.raises(TypeError, match="values must be a 1-D integer tensor"):
+            knn(torch.randn(1, 4), keys, 3, bad)
+    with pytest.raises(ValueError, match="one entry per key"):
+        knn(torch.randn(1, 4), keys, 3, torch.arange(9))
+    with pytest.raises(ValueError, match="values on meta"):
+        knn(torch.randn(1, 4), keys, 3, torch.arange(10, device="meta"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,10 +250,13 @@ SEARCH_CASES = [  # (Q, N, D, k)
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 @pytest.mark.parametrize("Q,N,D,k", SEARCH_CASES, ids=[f"q{q}-n{n}-d{d}-k{k}" for q, n, d, k in SEARCH_CASES])
 def test_triton_knn_search(Q, N, D, k, dtype):
-    """The four kernels against the oracle, with the bound from every key (S = N) or from a sample."""
+    """The four kernels against the oracle, with the bound from every key (S = N) or from a sample, and
+    the token values gathered in the select (int32 values with fp32 keys, int64 otherwise)."""
     queries, keys = _knn_inputs(Q, N, D, k, dtype, backend_device("triton"))
-    dist, ids = _triton().knn_search(queries, keys, k)
+    values = _values(N, torch.int32 if dtype == torch.float32 else torch.int64, keys.device)
+    dist, ids, tokens = _triton().knn_search(queries, keys, k, values)
     assert_knn(dist, ids, queries, keys, what="triton search")
+    assert tokens.dtype == torch.int64 and torch.equal(tokens, values[ids].long()), "gathered values"
 
 
 @needs_triton
@@ -233,7 +266,7 @@ def test_triton_knn_two_query_blocks():
     triton_knn = _triton()
     queries, keys = _knn_inputs(33, 1100, 16, 40, torch.float16, backend_device("triton"))
     assert triton_knn.search_shape(1100, 16, 40, 33, 2).query_blocks == 2
-    dist, ids = triton_knn.knn_search(queries, keys, 40)
+    dist, ids, _ = triton_knn.knn_search(queries, keys, 40)
     assert_knn(dist, ids, queries, keys, what="two query blocks")
 
 
@@ -258,7 +291,8 @@ def test_triton_knn_ties_and_fallback(dtype, bound, monkeypatch):
     """40 distinct keys repeated over 1500 rows (small integers: exact arithmetic): the bound, the k-th
     distance and every compaction fall inside runs of equal distances, split by id; results equal the
     tie-ordered truth exactly, whether the survivors are selected or the select's fallback streams every
-    key (forced by a bound made too tight or too loose: the counters show the fallback's condition)."""
+    key (forced by a bound made too tight or too loose: the counters show the fallback's condition); the
+    token values are gathered after either path."""
     triton_knn = _triton()
     g = _gen(3)
     base = torch.randint(-1, 2, (40, 32), generator=g).float()
@@ -268,11 +302,14 @@ def test_triton_knn_ties_and_fallback(dtype, bound, monkeypatch):
     shape = triton_knn.search_shape(1500, 32, k, 3, torch.empty(0, dtype=dtype).element_size())
     assert shape.sample < 1500
     _, scratch = _recorded(monkeypatch)
-    dist, ids = triton_knn.knn_search(queries.to(device), keys.to(dtype).to(device), k, bound and bound(shape))
+    values = _values(1500, torch.int32, device)
+    dist, ids, tokens = triton_knn.knn_search(queries.to(device), keys.to(dtype).to(device), k, values,
+                                              bound and bound(shape))
     truth = exact_distances(queries, keys)
     assert_topk(dist, ids, truth, atol=0, rtol=0, what="triton ties")
     want_dist, want_ids = tie_order(truth, k)
     assert torch.equal(dist.cpu(), want_dist) and torch.equal(ids.cpu(), want_ids)
+    assert torch.equal(tokens.cpu(), values[want_ids].long())
     counts = scratch["counts"][:, 0].cpu()
     if bound is None:
         assert ((counts >= k) & (counts <= shape.capacity)).all()
@@ -288,7 +325,7 @@ def test_triton_knn_fallback_distinct_distances():
     k smallest several times while 3001 keys stream through."""
     triton_knn = _triton()
     queries, keys = _knn_inputs(3, 3001, 13, 64, torch.float16, backend_device("triton"))
-    dist, ids = triton_knn.knn_search(queries, keys, 64, _too_loose(triton_knn.search_shape(3001, 13, 64, 3, 2)))
+    dist, ids, _ = triton_knn.knn_search(queries, keys, 64, shape=_too_loose(triton_knn.search_shape(3001, 13, 64, 3, 2)))
     assert_knn(dist, ids, queries, keys, what="fallback")
 
 
@@ -297,8 +334,11 @@ def test_triton_knn_plan_pins_launches_and_scratch(monkeypatch):
     """knn_plan's kernels, grids and scratch are exactly what the search launches and allocates."""
     launches, scratch = _recorded(monkeypatch)
     queries, keys = _knn_inputs(3, 3001, 20, 100, torch.float16, backend_device("triton"))
-    _triton().knn_search(queries, keys, 100)
-    assert_plan_pins_run(knn_plan(3001, 20, 100, 3, torch.float16), launches, scratch, "_knn_", 4, "sample_bits", "bits")
+    _triton().knn_search(queries, keys, 100, _values(3001, torch.int64, keys.device))  # the gather: no launch, no scratch
+    plan = knn_plan(3001, 20, 100, 3, torch.float16, values=torch.int64)
+    assert_plan_pins_run(plan, launches, scratch, "_knn_", 4, "sample_bits", "bits")
+    plain = knn_plan(3001, 20, 100, 3, torch.float16)
+    assert plan["bytes_read"] - plain["bytes_read"] == 3 * 100 * 8  # one int64 value per hit
 
 
 @pytest.mark.parametrize("n_keys", [10_000_000, 1_000_000])
@@ -306,7 +346,7 @@ def test_triton_knn_plan_pins_launches_and_scratch(monkeypatch):
 def test_knn_plan_meets_the_targets(n_keys, batch):
     """Issue 22's targets for 32-d fp16 keys, k = 2048: <= 1.25x the keys' bytes read, <= 64 MB of
     scratch, <= 8 launches."""
-    plan = knn_plan(n_keys, 32, 2048, batch, "float16")
+    plan = knn_plan(n_keys, 32, 2048, batch, "float16", values="int64")  # as db.retrieve searches
     assert plan["key_bytes"] == n_keys * 32 * 2
     assert plan["bytes_read"] <= 1.25 * plan["key_bytes"]
     assert plan["scratch_bytes"] <= 64 << 20
@@ -320,6 +360,8 @@ def test_knn_plan_bad_input():
         knn_plan(100, 8, 101, 1, torch.float32)
     with pytest.raises(ValueError, match="the Triton search takes"):
         knn_plan(10_000, 257, 10, 1, torch.float16)
+    with pytest.raises(ValueError, match="values must be torch.int32 or torch.int64"):
+        knn_plan(100, 8, 4, 1, torch.float16, values="int16")
 
 
 @needs_triton
@@ -330,8 +372,9 @@ def test_triton_knn_reads_nothing_back_to_the_host(monkeypatch):
 
     queries, keys = _knn_inputs(3, 1025, 13, 7, torch.float32, backend_device("triton"))
     forbid_host_reads(monkeypatch, "the search")
-    dist, ids = _triton().knn_search(queries, keys, 7)
+    dist, ids, tokens = _triton().knn_search(queries, keys, 7, _values(1025, torch.int64, keys.device))
     monkeypatch.undo()
+    assert tokens.shape == (3, 7)
     assert_knn(dist, ids, queries, keys, what="no host reads")
 
 
@@ -339,8 +382,8 @@ def test_triton_knn_reads_nothing_back_to_the_host(monkeypatch):
 def test_triton_knn_no_queries(monkeypatch):
     """No queries: empty results and nothing launched (a grid of 0 programs is an error on CUDA)."""
     launches, _ = _recorded(monkeypatch)
-    dist, ids = _triton().knn_search(torch.zeros(0, 8), torch.randn(50, 8), 3)
-    assert dist.shape == ids.shape == (0, 3) and launches == []
+    dist, ids, tokens = _triton().knn_search(torch.zeros(0, 8), torch.randn(50, 8), 3, torch.arange(50))
+    assert dist.shape == ids.shape == tokens.shape == (0, 3) and launches == []
 
 
 @needs_triton
@@ -355,21 +398,23 @@ def test_triton_knn_refuses_two_billion_keys():
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_triton_knn_cuda_graph():
-    """The search at 2^18 keys, under torch.library.opcheck and replayed from a CUDA graph: no host
-    synchronisation, launches fixed by shapes."""
+    """The search at 2^18 keys with its value gather, under torch.library.opcheck and replayed from a
+    CUDA graph: no host synchronisation, launches fixed by shapes."""
     triton_knn = _triton()
     g = _gen(5)
     queries = torch.randn(16, 32, generator=g).cuda()
     keys = torch.randn(1 << 18, 32, generator=g).half().cuda()
+    values = _values(1 << 18, torch.int32, "cuda")
     k = 256
-    torch.library.opcheck(triton_knn.knn_op, (queries, keys, k))
-    triton_knn.knn_op(queries, keys, k)  # compile outside the capture
+    torch.library.opcheck(triton_knn.knn_op, (queries, keys, k, values))
+    triton_knn.knn_op(queries, keys, k, values)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        dist, ids = triton_knn.knn_op(queries, keys, k)
+        dist, ids, tokens = triton_knn.knn_op(queries, keys, k, values)
     queries.copy_(torch.randn(16, 32, generator=g).cuda())
     graph.replay()
     assert_knn(dist, ids, queries, keys, what="CUDA-graph replay")
+    assert torch.equal(tokens, values[ids].long())
 
 
 # Compiles the search's kernels for sm_90 exactly as knn_search launches them (the same arguments, with
@@ -536,6 +581,7 @@ def test_opcheck_triton():
     device = backend_device("triton")
     q, keys = torch.randn(2, 32, generator=g).to(device), torch.randn(200, 32, generator=g).to(device)
     torch.library.opcheck(_triton().knn_op, (q, keys, 5), **OPCHECK_KWARGS)
+    torch.library.opcheck(_triton().knn_op, (q, keys, 5, torch.arange(200, device=device)), **OPCHECK_KWARGS)
 
 
 @needs_ext

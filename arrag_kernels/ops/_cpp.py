@@ -20,7 +20,7 @@ import torch
 from .._ext import _C, CUDA_EXT_ERROR, EXT_ERROR, HAS_CUDA_EXT, HAS_EXT
 from ._dispatch import TensorCache
 from .daid import daid_sample_dispatcher
-from .knn import knn_dispatcher
+from .knn import knn_dispatcher, with_values
 from .neighborhood import neighbor_keys_dispatcher
 
 
@@ -80,7 +80,7 @@ def neighbor_keys_cpp(tokens, codebook, positions, grid, layout):
     return keys, valid
 
 
-def _check_knn(queries, keys, k):
+def _check_knn(queries, keys, k, values=None):
     reason = _unavailable(queries, keys)
     if reason is None and keys.dtype not in (torch.float32, torch.float16):
         reason = f"keys are {keys.dtype}; the C++ kernel takes float32 or float16"
@@ -107,8 +107,8 @@ def _(queries, keys, k):
 
 
 @knn_dispatcher.register("cpp", check=_check_knn)
-def knn_cpp(queries, keys, k):
-    return _call(_knn_op, _knn_impl, queries, keys, k)
+def knn_cpp(queries, keys, k, values=None):
+    return with_values(*_call(_knn_op, _knn_impl, queries, keys, k), values)
 
 
 def _check_daid_sample(logits, dist, tokens, active, uniforms, *, guidance_scale, temperature, lam, tau, dedup,

@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import OpDispatcher
+from .knn import check_values, with_values
 
 MAX_K = 2048
 MAX_NPROBE = 2048
@@ -82,8 +83,9 @@ def unpack_dist(packed: torch.Tensor) -> torch.Tensor:
     return (key ^ ((key >> 31) & 0x7FFFFFFF)).view(torch.float32)
 
 
-def finish(packed, lists, offsets, ids, k):
-    """The k first of ascending packed candidates (Q, >= k) -> (Q, k) distances and entry ids, padded."""
+def finish(packed, lists, offsets, ids, k, values=None):
+    """The k first of ascending packed candidates (Q, >= k) -> (Q, k) distances and entry ids, padded
+    (and their ``values``, -1 in padding, when given)."""
     packed = packed[:, :k]
     empty = packed == EMPTY
     dist = torch.where(empty, FLT_MAX, unpack_dist(packed))
@@ -91,10 +93,10 @@ def finish(packed, lists, offsets, ids, k):
     start, slot0, ends = slots(lists, offsets)
     j = torch.searchsorted(ends, slot, right=True).clamp_max_(lists.shape[1] - 1)  # probe of each slot
     pos = torch.gather(start - slot0, 1, j) + slot
-    return dist, torch.where(empty, -1, ids[torch.where(empty, 0, pos)])
+    return with_values(dist, torch.where(empty, -1, ids[torch.where(empty, 0, pos)]), values)
 
 
-def ivfpq_scan_ref(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates):
+def ivfpq_scan_ref(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates, values=None):
     """Pure PyTorch reference of :func:`ivfpq_scan` (vectorised over a (Q, C, M) gather, then ``torch.topk``)."""
     q, nprobe = lists.shape
     start, slot0, ends = slots(lists, offsets)
@@ -110,13 +112,14 @@ def ivfpq_scan_ref(lists, dis0, term2, term1, codes, ids, offsets, k, max_candid
     top = torch.topk(cand, min(k, max_candidates), dim=1, largest=False, sorted=True).values
     if top.shape[1] < k:
         top = torch.cat([top, top.new_full((q, k - top.shape[1]), EMPTY)], 1)
-    return finish(top, lists, offsets, ids, k)
+    return finish(top, lists, offsets, ids, k, values)
 
 
-def ivfpq_search_ref(queries, rotation, centroids, codebooks, term1, codes, ids, offsets, nprobe, k, max_candidates):
+def ivfpq_search_ref(queries, rotation, centroids, codebooks, term1, codes, ids, offsets, nprobe, k, max_candidates,
+                     values=None):
     """Pure PyTorch reference of :func:`ivfpq_search`."""
     lists, dis0, term2 = probe(queries, rotation, centroids, codebooks, nprobe)
-    return ivfpq_scan_ref(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates)
+    return ivfpq_scan_ref(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates, values)
 
 
 # Dispatches the scan: the probe is the same torch code for every backend.
@@ -168,7 +171,8 @@ def ivfpq_scan(
     offsets: torch.Tensor,
     k: int,
     max_candidates: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    values: torch.Tensor | None = None,
+):
     """Second stage of :func:`ivfpq_search`: the k nearest entries of the probed lists.
 
     ``lists``, ``dis0`` and ``term2`` come from :func:`ivfpq_probe` (possibly on another device,
@@ -178,10 +182,13 @@ def ivfpq_scan(
     Args:
         max_candidates: candidate slots per query, 1 <= max_candidates < 2^32; must be >= the sum of
             the nprobe largest list sizes (computed once per nprobe from the index, on the host).
+        values: optional 1-D integer tensor indexed by entry id (a database's token ids), on the
+            probes' device: also return ``values[ids]``, gathered in the scan's last kernel on Triton.
 
     Returns:
         dist: (Q, k) float32 ADC squared L2 distances, ascending (FLT_MAX in padded slots).
         ids: (Q, k) int64 entry ids (-1 in padded slots).
+        With ``values``, a third tensor: (Q, k) int64 ``values[ids]`` (-1 in padded slots).
     """
     nlist, m, ksub = term1.shape
     if lists.dim() != 2 or dis0.shape != lists.shape or term2.shape != (lists.shape[0], m, ksub):
@@ -208,7 +215,9 @@ def ivfpq_scan(
         raise ValueError(f"ivfpq_scan: k must be in [1, {MAX_K}], got {k}")
     if not 1 <= max_candidates < MAX_CANDIDATES:
         raise ValueError(f"ivfpq_scan: max_candidates must be in [1, 2^32), got {max_candidates}")
-    return ivfpq_dispatcher(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates)
+    if values is not None:
+        check_values("ivfpq_scan", values, lists.device)
+    return ivfpq_dispatcher(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates, values)
 
 
 def ivfpq_search(
@@ -223,7 +232,8 @@ def ivfpq_search(
     nprobe: int,
     k: int,
     max_candidates: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    values: torch.Tensor | None = None,
+):
     """IVF-PQ k-NN search, FAISS semantics (see the module docstring for the array layout):
     :func:`ivfpq_probe` then :func:`ivfpq_scan`.
 
@@ -233,11 +243,13 @@ def ivfpq_search(
         k: neighbours per query, 1 <= k <= 2048.
         max_candidates: candidate slots per query; must be >= the sum of the nprobe largest list
             sizes (computed once per nprobe from the index, on the host).
+        values: optional 1-D integer tensor indexed by entry id (see :func:`ivfpq_scan`).
 
     Returns:
         dist: (Q, k) float32 ADC squared L2 distances, ascending (FLT_MAX in padded slots); equal
             distances in the order the entries are stored in the lists.
         ids: (Q, k) int64 entry ids (-1 in padded slots).
+        With ``values``, a third tensor: (Q, k) int64 ``values[ids]`` (-1 in padded slots).
     """
     lists, dis0, term2 = ivfpq_probe(queries, rotation, centroids, codebooks, nprobe)
-    return ivfpq_scan(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates)
+    return ivfpq_scan(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates, values)

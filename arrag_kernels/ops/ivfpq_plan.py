@@ -13,8 +13,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from .ivfpq import MAX_K
-from .knn_plan import CAPACITY_FACTOR, MIN_SAMPLE, SAFETY_SIGMAS, SAMPLE_HITS, SELECT_BYTES_PER_ENTRY, next_pow2
+from .knn_plan import (CAPACITY_FACTOR, MIN_SAMPLE, SAFETY_SIGMAS, SAMPLE_HITS, SELECT_BYTES_PER_ENTRY, next_pow2,
+                       value_itemsize)
 
 # Slots are int32 in the kernels (the select's entries are 32-bit distance keys + 32-bit slots); larger
 # candidate sets go to the reference scan.
@@ -82,7 +85,7 @@ def scan_shape(batch: int, k: int, max_candidates: int, nprobe: int, m: int, ksu
     return ScanShape(batch, k, max_candidates, nprobe, m, ksub, tiles, programs, sample, rank, capacity, next_pow2(k))
 
 
-def _plan_of(s: ScanShape) -> dict:
+def _plan_of(s: ScanShape, value_bytes: int) -> dict:
     Q, T, S, C, E, M, k = s.batch, s.max_candidates, s.sample, s.capacity, s.expected_survivors, s.m, s.k
     entry = 8  # a sample or survivor entry: int32 distance key + int32 slot
     probes = Q * s.nprobe * (8 + 4 + 8) + Q * M * s.ksub * 4  # lists, dis0, end slots; term2
@@ -98,11 +101,11 @@ def _plan_of(s: ScanShape) -> dict:
              bytes_written=Q * (8 + 4)),
         dict(name="filter", grid=grids["filter"], bytes_read=Q * T * per_slot + probes + Q * 8,
              bytes_written=Q * E * entry),
-        # the radix select and compaction over the survivors, the k to sort and their ids; out: fp32
-        # distances, int64 ids
+        # the radix select and compaction over the survivors, the k to sort, their ids (and values); out:
+        # fp32 distances, int64 ids (and int64 values)
         dict(name="select", grid=grids["select"],
-             bytes_read=Q * 4 + Q * E * (SELECT_BYTES_PER_ENTRY + entry) + Q * k * (entry + 8) + probes,
-             bytes_written=Q * k * 12),
+             bytes_read=Q * 4 + Q * E * (SELECT_BYTES_PER_ENTRY + entry) + Q * k * (entry + 8 + value_bytes) + probes,
+             bytes_written=Q * k * (12 + (8 if value_bytes else 0))),
     ]
     scratch = {  # name -> bytes, as the scan allocates them
         "sample_keys": Q * S * 4, "sample_slots": Q * S * 4, "bound": Q * 8, "counts": Q * 32 * 4,
@@ -115,10 +118,12 @@ def _plan_of(s: ScanShape) -> dict:
     )
 
 
-def ivfpq_plan(batch: int, k: int, max_candidates: int, nprobe: int, m: int = 8, ksub: int = 256) -> dict:
+def ivfpq_plan(batch: int, k: int, max_candidates: int, nprobe: int, m: int = 8, ksub: int = 256,
+               values: torch.dtype | str | None = None) -> dict:
     """Launches, bytes and scratch of the Triton IVF-PQ scan of ``batch`` queries with at most
     ``max_candidates`` candidate slots each (the sum of the nprobe largest lists), k neighbours, M
-    sub-quantizers of ``ksub`` centroids, exactly as it is dispatched on CUDA.
+    sub-quantizers of ``ksub`` centroids, exactly as it is dispatched on CUDA; ``values``: the dtype of
+    the token values gathered with the hits (``ivfpq_scan(..., values=)``), if any.
 
     Returns a dict: ``launches``; ``kernels`` (per kernel in launch order: ``name``, ``grid``,
     ``bytes_read``, ``bytes_written``); ``bytes_read`` (all kernels' global loads, each query at
@@ -134,4 +139,5 @@ def ivfpq_plan(batch: int, k: int, max_candidates: int, nprobe: int, m: int = 8,
     if k > MAX_K or max_candidates >= MAX_SLOTS:
         raise ValueError(f"ivfpq_plan: the Triton scan takes k <= {MAX_K} and fewer than {MAX_SLOTS} candidates "
                          f"per query (other shapes go to the reference); got k={k}, max_candidates={max_candidates}")
-    return _plan_of(scan_shape(batch, k, max_candidates, nprobe, m, ksub))
+    value_bytes = value_itemsize(values, "ivfpq_plan")
+    return _plan_of(scan_shape(batch, k, max_candidates, nprobe, m, ksub), value_bytes)

@@ -21,7 +21,7 @@ _REF_CANDIDATES = 1 << 20
 _MAX_KEYS = 1 << 32
 
 
-def _check_knn(queries, keys, k):
+def _check_knn(queries, keys, k, values=None):
     if queries.dim() != 2 or keys.dim() != 2:
         raise ValueError(f"knn: queries and keys must be 2-D (Q, D) and (N, D), got {tuple(queries.shape)} and {tuple(keys.shape)}")
     if queries.shape[1] != keys.shape[1]:
@@ -37,6 +37,29 @@ def _check_knn(queries, keys, k):
         raise ValueError(f"knn: at most 2^32 keys are supported (ids are packed into 32 bits), got {keys.shape[0]}")
     if not 1 <= k <= min(MAX_K, keys.shape[0]):
         raise ValueError(f"knn: k must be in [1, min({MAX_K}, number of keys = {keys.shape[0]})], got {k}")
+    if values is not None:
+        check_values("knn", values, keys.device)
+        if values.shape[0] != keys.shape[0]:
+            raise ValueError(f"knn: values must hold one entry per key ({keys.shape[0]}), got {values.shape[0]}")
+
+
+def check_values(op: str, values, device: torch.device) -> None:
+    """``values`` of a search that gathers them: a 1-D integer tensor on the index's device."""
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"{op}: values must be a 1-D integer tensor (a token id per entry), got {type(values).__name__}")
+    if values.dim() != 1 or values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+        raise TypeError(f"{op}: values must be a 1-D integer tensor (a token id per entry), got {values.dtype} "
+                        f"{tuple(values.shape)}")
+    if values.device != device:
+        raise ValueError(f"{op}: values on {values.device} but the index on {device}; move them to one device")
+
+
+def with_values(dist: torch.Tensor, ids: torch.Tensor, values: torch.Tensor | None):
+    """``(dist, ids)``, and ``values[ids]`` as int64 (-1 where ``ids`` is -1, padding) when ``values`` is
+    given: the gather of the searches that do not fuse it into their kernels."""
+    if values is None:
+        return dist, ids
+    return dist, ids, torch.where(ids >= 0, values[ids.clamp_min(0)].long(), -1)
 
 
 # Squared norms of each keys tensor in fp32, kept while it lives: a database's keys are searched at
@@ -44,9 +67,10 @@ def _check_knn(queries, keys, k):
 _key_norms = TensorCache(lambda keys: torch.cat([(y * y).sum(1) for y in keys.float().split(_REF_BLOCK)]))
 
 
-def knn_ref(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def knn_ref(queries: torch.Tensor, keys: torch.Tensor, k: int, values: torch.Tensor | None = None):
     """Pure PyTorch reference of :func:`knn`: blocked distances, then ``torch.topk`` of (distance, id)
-    packed into one int64 per candidate, which orders ties by id exactly (no full sort)."""
+    packed into one int64 per candidate, which orders ties by id exactly (no full sort); ``values``
+    gathered after the search."""
     q = queries.float()
     q_norm = (q * q).sum(1, keepdim=True)
     key_norms = _key_norms(keys)
@@ -62,27 +86,32 @@ def knn_ref(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Te
         if best is not None:
             cand = torch.cat([best, cand], 1)
         best = torch.topk(cand, min(k, cand.shape[1]), dim=1, largest=False, sorted=True).values
-    return (best >> 32).int().view(torch.float32), best & 0xFFFFFFFF
+    dist, ids = (best >> 32).int().view(torch.float32), best & 0xFFFFFFFF
+    return with_values(dist, ids, values)
 
 
 knn_dispatcher = OpDispatcher("knn")
 knn_dispatcher.register("reference")(knn_ref)
 
 
-def knn(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def knn(queries: torch.Tensor, keys: torch.Tensor, k: int, values: torch.Tensor | None = None):
     """Exact k-NN.
 
     Args:
         queries: (Q, D) float.
         keys: (N, D) float (fp32, fp16 or bf16); distances are accumulated in fp32.
         k: neighbours per query, 1 <= k <= min(2048, N).
+        values: optional (N,) integer tensor on the keys' device (a database's token ids): also return
+            ``values[ids]``, gathered inside the search's last kernel on the Triton backend.
 
     Returns:
         dist: (Q, k) float32 squared L2 distances, ascending.
         ids: (Q, k) int64 row indices into ``keys``; equal distances are ordered by id.
+        With ``values``, a third tensor: (Q, k) int64 ``values[ids]``.
 
-    On CUDA the Triton search runs four launches fixed by the shapes, without host synchronisation
-    (CUDA-graph capturable); :func:`arrag_kernels.ops.knn_plan` gives their grids, bytes and scratch.
+    On CUDA the Triton search runs four launches fixed by the shapes (the value gather included),
+    without host synchronisation (CUDA-graph capturable); :func:`arrag_kernels.ops.knn_plan` gives
+    their grids, bytes and scratch.
     """
-    _check_knn(queries, keys, k)
-    return knn_dispatcher(queries, keys, k)
+    _check_knn(queries, keys, k, values)
+    return knn_dispatcher(queries, keys, k, values)

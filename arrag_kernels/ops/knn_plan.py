@@ -115,7 +115,17 @@ def search_shape(n: int, dim: int, k: int, batch: int, key_itemsize: int) -> Sea
                        rank, capacity, next_pow2(k))
 
 
-def _plan_of(shape: SearchShape) -> dict:
+def value_itemsize(values, plan: str) -> int:
+    """Bytes per gathered value of a plan's ``values`` argument (a torch integer dtype or its name; None: 0)."""
+    if values is None:
+        return 0
+    dtype = getattr(torch, values, None) if isinstance(values, str) else values
+    if dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{plan}: values must be torch.int32 or torch.int64 (or None), got {values!r}")
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _plan_of(shape: SearchShape, value_bytes: int) -> dict:
     Q, N, D, k, isz = shape.batch, shape.n, shape.dim, shape.k, shape.key_itemsize
     S, C, E = shape.sample, shape.capacity, shape.expected_survivors
     entry = 8  # a survivor or sample entry: int32 distance bits + int32 id
@@ -129,9 +139,11 @@ def _plan_of(shape: SearchShape) -> dict:
         # Q <= 32); survivors: expected counts.
         dict(name="filter", grid=grids["filter"], bytes_read=shape.query_blocks * N * D * isz + queries + Q * 8,
              bytes_written=Q * E * entry),
-        # the radix select and the compaction over the survivors, the k to sort; out: fp32 distances, int64 ids
-        dict(name="select", grid=grids["select"], bytes_read=Q * 4 + Q * E * (SELECT_BYTES_PER_ENTRY + entry) + Q * k * entry,
-             bytes_written=Q * k * entry + Q * k * 12),
+        # the radix select and the compaction over the survivors, the k to sort (and their values); out:
+        # fp32 distances, int64 ids (and int64 values)
+        dict(name="select", grid=grids["select"],
+             bytes_read=Q * 4 + Q * E * (SELECT_BYTES_PER_ENTRY + entry) + Q * k * (entry + value_bytes),
+             bytes_written=Q * k * entry + Q * k * (12 + (8 if value_bytes else 0))),
     ]
     scratch = {  # name -> bytes, as the search allocates them
         "sample_bits": Q * S * 4, "sample_ids": Q * S * 4, "bound": Q * 8, "counts": Q * 32 * 4,
@@ -146,9 +158,11 @@ def _plan_of(shape: SearchShape) -> dict:
     )
 
 
-def knn_plan(n_keys: int, dim: int, k: int, batch: int, dtype: torch.dtype | str = torch.float16) -> dict:
+def knn_plan(n_keys: int, dim: int, k: int, batch: int, dtype: torch.dtype | str = torch.float16,
+             values: torch.dtype | str | None = None) -> dict:
     """Launches, bytes and scratch of the Triton exact search of ``batch`` queries over ``n_keys`` keys of
-    ``dim`` dims and ``dtype``, k neighbours, exactly as it is dispatched on CUDA.
+    ``dim`` dims and ``dtype``, k neighbours, exactly as it is dispatched on CUDA; ``values``: the dtype of
+    the token values gathered with the hits (``knn(..., values=)``, ``PatchDatabase.retrieve``: int64), if any.
 
     Returns a dict: ``launches``; ``kernels`` (per kernel in launch order: ``name``, ``grid``,
     ``bytes_read``, ``bytes_written``); ``bytes_read`` (all kernels' global loads, the survivors' at
@@ -169,4 +183,5 @@ def knn_plan(n_keys: int, dim: int, k: int, batch: int, dtype: torch.dtype | str
     if k > MAX_K or dim > MAX_DIM or n_keys >= MAX_KEYS:
         raise ValueError(f"knn_plan: the Triton search takes k <= {MAX_K}, dim <= {MAX_DIM} and fewer than "
                          f"{MAX_KEYS} keys (other shapes go to the reference); got n_keys={n_keys}, dim={dim}, k={k}")
-    return _plan_of(search_shape(n_keys, dim, k, batch, torch.empty(0, dtype=dtype).element_size()))
+    value_bytes = value_itemsize(values, "knn_plan")
+    return _plan_of(search_shape(n_keys, dim, k, batch, torch.empty(0, dtype=dtype).element_size()), value_bytes)

@@ -194,8 +194,10 @@ class PatchDatabase:
 
         return DistributedDatabase.from_database(self, group)
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q, key_dim) queries -> ((Q, k) float32 squared L2 distances, (Q, k) int64 entry ids)."""
+    def search(self, queries: torch.Tensor, k: int, return_tokens: bool = False):
+        """(Q, key_dim) queries -> ((Q, k) float32 squared L2 distances, (Q, k) int64 entry ids); with
+        ``return_tokens`` also the entries' (Q, k) int64 token ids (-1 for padding), gathered inside the
+        search's last kernel by the device searches."""
         if queries.dim() != 2 or queries.shape[1] != self.meta.key_dim:
             raise ValueError(f"queries must be (Q, {self.meta.key_dim}), got {tuple(queries.shape)}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -204,12 +206,10 @@ class PatchDatabase:
             raise ValueError(f"k = {k} is larger than the database ({len(self)} entries); use k <= {len(self)}")
         if self._search is None:
             self._search = make_search(self.meta.index, self.keys, self.index, self.nprobe, self._shards)
-        return self._search.search(queries, k)
+        # values follow the queries (a copy per call when the database was not moved to their device)
+        return self._search.search(queries, k, self.values.to(queries.device) if return_tokens else None)
 
     def retrieve(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Like :meth:`search` but returns the entries' token ids (-1 for padding) instead of row ids."""
-        dist, ids = self.search(queries, k)
-        # IVF-PQ pads missing neighbours with id -1; they come back as token -1, which the DAiD and
-        # FAiD steps ignore.
-        tokens = self.values.to(ids.device)[ids.clamp_min(0)].long()  # int32 for on-disk databases
-        return dist, torch.where(ids >= 0, tokens, -1)
+        dist, _, tokens = self.search(queries, k, return_tokens=True)
+        return dist, tokens

@@ -303,10 +303,8 @@ class DistributedDatabase:
             raise ValueError(f"k = {k} is larger than the database ({self.total} entries); use k <= {self.total}")
         q, world = queries.shape[0], self.world_size
         found = min(k, len(self.shard))  # a shard smaller than k pads its list
-        dist_, ids = self.shard.search(queries, found)
-        real = ids >= 0
-        tokens = torch.where(real, self.shard.values.to(ids.device)[ids.clamp_min(0)], -1)
-        ids = torch.where(real, ids + self.first_id, -1)
+        dist_, ids, tokens = self.shard.search(queries, found, return_tokens=True)
+        ids = torch.where(ids >= 0, ids + self.first_id, -1)
         if found < k:
             pad = (0, k - found)
             dist_ = torch.nn.functional.pad(dist_, pad, value=FLT_MAX)
@@ -328,14 +326,14 @@ class DistributedDatabase:
         first, ids = hits[..., 0], hits[..., 1]
         return merge_topk((first >> 32).int().view(torch.float32), ids, (first << 32) >> 32, k)
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k: int, return_tokens: bool = False):
         """(Q, key_dim) queries -> ((Q, k) float32 squared L2 distances, (Q, k) int64 global ids), the
-        unsharded database's result; collective (every rank calls it with the same queries and k)."""
-        dist_, ids, _ = self._hits(queries, k)
-        return dist_, ids
+        unsharded database's result, and with ``return_tokens`` the entries' token ids (-1 for padding),
+        each from the rank that holds the entry; collective (every rank calls it with the same queries and k)."""
+        dist_, ids, tokens = self._hits(queries, k)
+        return (dist_, ids, tokens) if return_tokens else (dist_, ids)
 
     def retrieve(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like :meth:`search` but returns the entries' token ids (-1 for padding), each from the rank
-        that holds the entry."""
+        """Like :meth:`search` but returns the entries' token ids (-1 for padding) instead of the ids."""
         dist_, _, tokens = self._hits(queries, k)
         return dist_, tokens

@@ -1,6 +1,9 @@
-"""Search backends behind one interface: ``search(queries, k) -> (dist, ids)``.
+"""Search backends behind one interface: ``search(queries, k, values=None) -> (dist, ids[, tokens])``.
 
-All backends return float32 squared L2 distances (ascending) and int64 ids on the queries' device.
+All backends return float32 squared L2 distances (ascending) and int64 ids on the queries' device;
+given ``values`` (a database's token ids, indexed by entry id), also ``values[ids]`` as int64 (-1
+for padding), gathered inside the search's last kernel by the device searches (exact and IVF-PQ
+on one device) and after it by the others.
 IVF-PQ search pads missing neighbours (fewer than k entries in the probed lists) with distance
 FLT_MAX and id -1, like FAISS; the device IVF-PQ search can shard its inverted lists over several
 devices (:class:`DeviceIVFPQSearch`).
@@ -14,6 +17,7 @@ import torch
 
 from ..ops import current_backend, knn
 from ..ops.ivfpq import ivfpq_probe, ivfpq_scan, pack
+from ..ops.knn import with_values
 from .ondisk import lists_on_disk, refuse_device
 
 INDEX_TYPES = ("flat", "faiss-flat", "ivfpq")
@@ -25,8 +29,8 @@ class ExactSearch:
     def __init__(self, keys: torch.Tensor):
         self.keys = keys
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return knn(queries.to(self.keys.dtype), self.keys, k)
+    def search(self, queries: torch.Tensor, k: int, values: torch.Tensor | None = None):
+        return knn(queries.to(self.keys.dtype), self.keys, k, values)
 
 
 class FaissFlatSearch:
@@ -41,13 +45,13 @@ class FaissFlatSearch:
         self.index = faiss.IndexFlatL2(keys.shape[1])
         self.index.add(keys.detach().float().cpu().contiguous().numpy())
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k: int, values: torch.Tensor | None = None):
         if queries.shape[1] != self.index.d:
             raise ValueError(f"query dimension {queries.shape[1]} does not match index dimension {self.index.d}")
         if not 1 <= k <= self.index.ntotal:
             raise ValueError(f"k must be in [1, {self.index.ntotal}], got {k}")
         d, i = self.index.search(queries.detach().float().cpu().contiguous().numpy(), k)
-        return torch.from_numpy(d).to(queries.device), torch.from_numpy(i).to(queries.device)
+        return with_values(torch.from_numpy(d).to(queries.device), torch.from_numpy(i).to(queries.device), values)
 
 
 class FaissIVFPQSearch:
@@ -74,10 +78,10 @@ class FaissIVFPQSearch:
             self._gpu_index = self.faiss.index_cpu_to_gpu(self._res, device.index or 0, self.index)
         return self._gpu_index
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k: int, values: torch.Tensor | None = None):
         index = self._index_for(queries.device)
         d, i = index.search(queries.detach().float().cpu().contiguous().numpy(), k)
-        return torch.from_numpy(d).to(queries.device), torch.from_numpy(i).to(queries.device)
+        return with_values(torch.from_numpy(d).to(queries.device), torch.from_numpy(i).to(queries.device), values)
 
 
 def check_shard_devices(devices, queries_device: torch.device | None = None) -> list[torch.device]:
@@ -120,8 +124,8 @@ class _ListShard:
         offsets = arrays["offsets"].cpu()
         first, last = int(offsets[lo]), int(offsets[hi])
         local = (offsets - first).clamp(0, last - first)
-        self.device = device
         self.term1 = arrays["term1"].to(device)
+        self.device = self.term1.device  # with its index ("cuda:0" for "cuda"): compared with the values' device
         self.codes = arrays["codes"][first:last].to(device)
         self.ids = arrays["ids"][first:last].to(device)
         self.offsets = local.to(device)
@@ -132,13 +136,14 @@ class _ListShard:
         """Candidate slots per query: the sum of the nprobe largest lists this shard holds."""
         return max(1, self._largest_cumsum[nprobe - 1])
 
-    def search(self, lists, dis0, term2, k: int, nprobe: int, out_device: torch.device):
+    def search(self, lists, dis0, term2, k: int, nprobe: int, out_device: torch.device, values=None):
+        """The shard's top k (and ``values[ids]`` with ``values``, on this shard's device) on ``out_device``."""
         # Triton launches on the current CUDA device, not on the tensors' device.
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             probes = [t.to(self.device, non_blocking=True) for t in (lists, dis0, term2)]
-            dist, ids = ivfpq_scan(*probes, self.term1, self.codes, self.ids, self.offsets, k,
-                                   self.max_candidates(nprobe))
-        return dist.to(out_device, non_blocking=True), ids.to(out_device, non_blocking=True)
+            found = ivfpq_scan(*probes, self.term1, self.codes, self.ids, self.offsets, k,
+                               self.max_candidates(nprobe), values)
+        return tuple(t.to(out_device, non_blocking=True) for t in found)
 
 
 class DeviceIVFPQSearch:
@@ -177,17 +182,19 @@ class DeviceIVFPQSearch:
             raise ValueError(f"nprobe must be in [1, nlist = {nlist}], got {nprobe}")
         self.nprobe = nprobe
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k: int, values: torch.Tensor | None = None):
         lists, dis0, term2 = ivfpq_probe(queries, self.rotation, self.centroids, self.codebooks, self.nprobe)
+        if len(self.shards) == 1 and self.shards[0].device == getattr(values, "device", None):
+            return self.shards[0].search(lists, dis0, term2, k, self.nprobe, queries.device, values)  # fused gather
         parts = [shard.search(lists, dis0, term2, k, self.nprobe, queries.device) for shard in self.shards]
         if len(parts) == 1:
-            return parts[0]
+            return with_values(*parts[0], values)
         dist, ids = (torch.cat(t, 1) for t in zip(*parts))
         # Shards hold ascending list ranges and each returns (distance, slot) order, so (distance,
         # column) is the unsharded (distance, slot) order.
         column = torch.arange(dist.shape[1], device=dist.device)
         order = torch.topk(pack(dist, column), k, dim=1, largest=False, sorted=True).indices
-        return torch.gather(dist, 1, order), torch.gather(ids, 1, order)
+        return with_values(torch.gather(dist, 1, order), torch.gather(ids, 1, order), values)
 
 
 class IVFPQSearch:
@@ -215,11 +222,11 @@ class IVFPQSearch:
                 backend.set_nprobe(nprobe)
         self.nprobe = nprobe
 
-    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k: int, values: torch.Tensor | None = None):
         if queries.device.type == "cpu" and current_backend() in ("auto", "reference"):
             if self._faiss is None:
                 self._faiss = FaissIVFPQSearch(self.index, self.nprobe)
-            return self._faiss.search(queries, k)
+            return self._faiss.search(queries, k, values)
         if self.on_disk:
             raise refuse_device(f"a search with queries on {queries.device} under the {current_backend()!r} backend")
         if queries.device not in self._device:
@@ -227,7 +234,7 @@ class IVFPQSearch:
 
             self._device[queries.device] = DeviceIVFPQSearch(ivfpq_arrays(self.index), self.nprobe, queries.device,
                                                              self.shard_devices)
-        return self._device[queries.device].search(queries, k)
+        return self._device[queries.device].search(queries, k, values)
 
 
 def make_search(index: str, keys: torch.Tensor | None, faiss_index=None, nprobe: int = 1, shards=None):

@@ -16,7 +16,7 @@ distances. Four launches whose sizes follow from the shapes alone
 4. ``_ivfpq_select_kernel`` (one program per query): if min(k, T_q) <= count_q <= C the buffer
    holds every candidate with (distance, slot) <= tau_q, hence the exact top k; a radix select, a
    compaction and a sort of next_pow2(k) entries order them, and each slot's entry id is gathered
-   (int64 positions and ids). Otherwise the program scans the query's candidates itself through its
+   (int64 positions and ids), then, when the scan is given values, the entry's value (token id). Otherwise the program scans the query's candidates itself through its
    C slots, shrinking them to the k smallest whenever they fill: exact, no extra memory, slow, only
    for the queries whose bound failed, detected on the device.
 
@@ -35,7 +35,7 @@ import triton.language as tl
 from ..ivfpq import ivfpq_dispatcher, slots
 from ..ivfpq_plan import BLOCK_SLOTS, MAX_SLOTS, ScanShape, scan_shape
 from ..knn_plan import RADIX_BITS, SAFETY_SIGMAS, SELECT_TILE
-from ._common import device_reason, launch, select_scratch
+from ._common import INDEX_DTYPES, device_reason, dtype_reason, launch, select_scratch
 from .knn import _append_survivors, _keep_smallest, _kth_smallest, _load_entries
 
 
@@ -168,9 +168,9 @@ def _scan_all_slots(keys_ptr, slots_ptr, total, k, C, lists_row, dis0_row, ends_
 @triton.jit(do_not_specialize=["nprobe", "max_candidates", "C", "k", "search_steps"])
 def _ivfpq_select_kernel(
     lists_ptr, dis0_ptr, ends_ptr, term1_ptr, term2_ptr, codes_ptr, offsets_ptr, ids_ptr, keys_ptr, slots_ptr,
-    count_ptr, dist_ptr, out_ids_ptr, nprobe, max_candidates, C, k, search_steps, count_stride,
-    M: tl.constexpr, KSUB: tl.constexpr, KB: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
-    RADIX: tl.constexpr,
+    count_ptr, values_ptr, dist_ptr, out_ids_ptr, out_values_ptr, nprobe, max_candidates, C, k, search_steps,
+    count_stride, M: tl.constexpr, KSUB: tl.constexpr, KB: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr,
+    RADIX: tl.constexpr, GATHER: tl.constexpr,
 ):
     qi = tl.program_id(0)
     row = qi.to(tl.int64) * nprobe
@@ -197,7 +197,11 @@ def _ivfpq_select_kernel(
     pos, _, _ = _entry_of(x & 0xFFFFFFFF, lists_ptr + row, ends_ptr + row, offsets_ptr, nprobe, search_steps)
     out = qi.to(tl.int64) * k + j
     tl.store(dist_ptr + out, tl.where(real, dist, 3.4028234663852886e38), mask=j < k)
-    tl.store(out_ids_ptr + out, tl.where(real, tl.load(ids_ptr + pos, mask=real, other=0), -1), mask=j < k)
+    entry = tl.where(real, tl.load(ids_ptr + pos, mask=real, other=0), -1)
+    tl.store(out_ids_ptr + out, entry, mask=j < k)
+    if GATHER:  # the entries' values (token ids) as int64, -1 in padded slots
+        v = tl.load(values_ptr + entry, mask=real, other=0)
+        tl.store(out_values_ptr + out, tl.where(real, v.to(tl.int64), -1), mask=j < k)
 
 
 def _scratch(shape: ScanShape, device) -> dict[str, torch.Tensor]:
@@ -205,16 +209,18 @@ def _scratch(shape: ScanShape, device) -> dict[str, torch.Tensor]:
     return select_scratch(shape, device, ("sample_keys", "sample_slots"), ("keys", "slots"))
 
 
-def ivfpq_scan_search(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates,
+def ivfpq_scan_search(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates, values=None,
                       shape: ScanShape | None = None):
-    """The Triton scan (contract of :func:`arrag_kernels.ops.ivfpq.ivfpq_scan`); ``shape`` overrides
-    the sizes of :func:`scan_shape` (tests force the fallback with it)."""
+    """The Triton scan (contract of :func:`arrag_kernels.ops.ivfpq.ivfpq_scan`), returning (dist, ids,
+    values[ids]) (the last empty without ``values``); ``shape`` overrides the sizes of :func:`scan_shape`
+    (tests force the fallback with it)."""
     q, nprobe = lists.shape
     _, m, ksub = term1.shape
     dist = torch.empty(q, k, dtype=torch.float32, device=lists.device)
     out_ids = torch.empty(q, k, dtype=torch.int64, device=lists.device)
+    gathered = torch.empty(q if values is not None else 0, k, dtype=torch.int64, device=lists.device)
     if q == 0:
-        return dist, out_ids
+        return dist, out_ids, gathered
     s = shape or scan_shape(q, k, max_candidates, nprobe, m, ksub)
     buf = _scratch(s, lists.device)
     _, _, ends = slots(lists, offsets)
@@ -231,9 +237,11 @@ def ivfpq_scan_search(lists, dis0, term2, term1, codes, ids, offsets, k, max_can
     launch(_ivfpq_filter_kernel, grids["filter"], *probes, buf["bound"], buf["keys"], buf["slots"], buf["counts"],
             nprobe, max_candidates, s.capacity, s.tiles, steps, 32, **dims, BLOCK=BLOCK_SLOTS, num_warps=4)
     launch(_ivfpq_select_kernel, grids["select"], *probes, ids.contiguous(), buf["keys"], buf["slots"],
-            buf["counts"], dist, out_ids, nprobe, max_candidates, s.capacity, k, steps, 32,
-            **dims, KB=s.kb, BLOCK=BLOCK_SLOTS, TILE=SELECT_TILE, RADIX=RADIX_BITS, num_warps=8)
-    return dist, out_ids
+            buf["counts"], out_ids if values is None else values, dist, out_ids, gathered,  # placeholder: never read
+            nprobe, max_candidates, s.capacity, k, steps, 32,
+            **dims, KB=s.kb, BLOCK=BLOCK_SLOTS, TILE=SELECT_TILE, RADIX=RADIX_BITS, GATHER=values is not None,
+            num_warps=8)
+    return dist, out_ids, gathered
 
 
 # A torch.library op, so torch.compile and CUDA graphs see one opaque, shape-static operation.
@@ -248,21 +256,24 @@ def ivfpq_scan_op(
     offsets: torch.Tensor,
     k: int,
     max_candidates: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bound, filter and select, then the slots' ids (same contract as :func:`arrag_kernels.ops.ivfpq.ivfpq_scan`)."""
-    return ivfpq_scan_search(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates)
+    values: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bound, filter and select, then the slots' ids and values (contract of
+    :func:`arrag_kernels.ops.ivfpq.ivfpq_scan`; the values (0, k) without ``values``)."""
+    return ivfpq_scan_search(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates, values)
 
 
-def _check(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates):
+def _check(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates, values=None):
     m = term1.shape[1]
     if m & (m - 1):
         return f"M = {m} sub-quantizers is not a power of two (Triton block shapes)"
     if max_candidates >= MAX_SLOTS:
         return f"{max_candidates} candidates per query exceed the Triton scan's limit of {MAX_SLOTS} (int32 slots)"
-    return device_reason(lists)
+    return device_reason(lists) or (None if values is None else dtype_reason("values", values, INDEX_DTYPES))
 
 
 @ivfpq_dispatcher.register("triton", check=_check)
-def ivfpq_scan_triton(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates):
+def ivfpq_scan_triton(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates, values=None):
     """Triton implementation of :func:`arrag_kernels.ops.ivfpq.ivfpq_scan` (same contract)."""
-    return ivfpq_scan_op(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates)
+    dist, out_ids, gathered = ivfpq_scan_op(lists, dis0, term2, term1, codes, ids, offsets, k, max_candidates, values)
+    return (dist, out_ids) if values is None else (dist, out_ids, gathered)

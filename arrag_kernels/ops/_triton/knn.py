@@ -19,7 +19,8 @@ no host synchronisation: the search is CUDA-graph capturable):
 4. ``_knn_select_kernel`` (one program per query): if k <= count_q <= C the buffer holds every key
    with (distance, id) <= tau_q, at least k of them, hence the exact top k whatever tau_q was; a
    radix select finds the k-th smallest, a compaction keeps the k entries up to it, and a sort of
-   next_pow2(k) orders them (the public contract; distances ascending, ties by id).
+   next_pow2(k) orders them (the public contract; distances ascending, ties by id), and, when the
+   search is given values (a database's token ids), ``values[id]`` of each is gathered there too.
    Otherwise (the sample was unlike the data: fewer than k survivors, or more than C) the same
    program streams every key itself through its C slots, shrinking them to the k smallest by the
    same radix select whenever they fill: exact, no extra memory, slow (one program reads all keys),
@@ -45,7 +46,7 @@ import triton.language as tl
 
 from ..knn import MAX_K, knn_dispatcher
 from ..knn_plan import MAX_DIM, MAX_KEYS, MIN_BLOCK_Q, RADIX_BITS, SELECT_TILE, SearchShape, search_shape
-from ._common import FLOAT_DTYPES, device_reason, dtype_reason, launch, select_scratch
+from ._common import FLOAT_DTYPES, INDEX_DTYPES, device_reason, dtype_reason, launch, select_scratch
 
 # sm_90, fp16 keys, D = 32, 16 queries: 108 registers with 8 warps (2 programs, 16 warps per SM), 150
 # with 4 (3 programs, 12 warps); no spills either way. From ptxas, not yet timed on a GPU.
@@ -281,10 +282,10 @@ def _stream_all_keys(q_ptr, k_ptr, qi, bits_ptr, ids_ptr, N, D, C, k, q_stride, 
 
 @triton.jit(do_not_specialize=["N", "C", "k"])
 def _knn_select_kernel(
-    q_ptr, k_ptr, bits_ptr, ids_ptr, count_ptr, dist_ptr, out_ids_ptr,
+    q_ptr, k_ptr, bits_ptr, ids_ptr, count_ptr, values_ptr, dist_ptr, out_ids_ptr, out_values_ptr,
     N, D, C, k, q_stride, k_stride, buf_stride, count_stride, out_stride,
     KB: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
-    RADIX: tl.constexpr,
+    RADIX: tl.constexpr, GATHER: tl.constexpr,
 ):
     qi = tl.program_id(0)
     bits_row = bits_ptr + qi.to(tl.int64) * buf_stride
@@ -303,6 +304,9 @@ def _knn_select_kernel(
     out = qi.to(tl.int64) * out_stride + j
     tl.store(dist_ptr + out, (x >> 32).to(tl.int32).to(tl.float32, bitcast=True), mask=j < k)
     tl.store(out_ids_ptr + out, x & 0xFFFFFFFF, mask=j < k)
+    if GATHER:  # the entries' values (token ids), as int64
+        v = tl.load(values_ptr + (x & 0xFFFFFFFF), mask=j < k, other=0)
+        tl.store(out_values_ptr + out, v.to(tl.int64), mask=j < k)
 
 
 def _scratch(shape: SearchShape, device) -> dict[str, torch.Tensor]:
@@ -310,15 +314,18 @@ def _scratch(shape: SearchShape, device) -> dict[str, torch.Tensor]:
     return select_scratch(shape, device, ("sample_bits", "sample_ids"), ("bits", "ids"))
 
 
-def knn_search(queries: torch.Tensor, keys: torch.Tensor, k: int, shape: SearchShape | None = None):
-    """(Q, D) queries, (N, D) keys -> (Q, k) fp32 distances ascending, (Q, k) int64 ids (ties by id).
-    ``shape`` overrides the sizes of :func:`search_shape` (tests force the fallback with it)."""
+def knn_search(queries: torch.Tensor, keys: torch.Tensor, k: int, values: torch.Tensor | None = None,
+               shape: SearchShape | None = None):
+    """(Q, D) queries, (N, D) keys -> (Q, k) fp32 distances ascending, (Q, k) int64 ids (ties by id) and
+    (Q, k) int64 ``values[ids]`` (empty without ``values``). ``shape`` overrides the sizes of
+    :func:`search_shape` (tests force the fallback with it)."""
     Q, D = queries.shape
     N = keys.shape[0]
     dist = torch.empty(Q, k, dtype=torch.float32, device=keys.device)
     ids = torch.empty(Q, k, dtype=torch.int64, device=keys.device)
+    gathered = torch.empty(Q if values is not None else 0, k, dtype=torch.int64, device=keys.device)
     if Q == 0:
-        return dist, ids
+        return dist, ids, gathered
     s = shape or search_shape(N, D, k, Q, keys.element_size())
     buf = _scratch(s, keys.device)
     grids = s.grids
@@ -330,20 +337,23 @@ def knn_search(queries: torch.Tensor, keys: torch.Tensor, k: int, shape: SearchS
     launch(_knn_filter_kernel, grids["filter"], queries, keys, buf["bound"], buf["bits"], buf["ids"], buf["counts"],
             Q, N, D, s.capacity, s.tiles, queries.stride(0), keys.stride(0), s.capacity, 32,
             **dims, num_warps=_FILTER_WARPS, num_stages=3)
-    launch(_knn_select_kernel, grids["select"], queries, keys, buf["bits"], buf["ids"], buf["counts"], dist, ids,
+    launch(_knn_select_kernel, grids["select"], queries, keys, buf["bits"], buf["ids"], buf["counts"],
+            ids if values is None else values, dist, ids, gathered,  # without values, a placeholder never read
             N, D, s.capacity, k, queries.stride(0), keys.stride(0), s.capacity, 32, k,
             KB=s.kb, BLOCK_N=s.block_n, BLOCK_Q=MIN_BLOCK_Q, BLOCK_D=s.block_d, TILE=SELECT_TILE, RADIX=RADIX_BITS,
-            num_warps=8)
-    return dist, ids
+            GATHER=values is not None, num_warps=8)
+    return dist, ids, gathered
 
 
 @torch.library.triton_op("arrag_kernels::knn_triton", mutates_args=())
-def knn_op(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q, D) queries, (N, D) keys -> (Q, k) fp32 distances ascending, (Q, k) int64 ids."""
-    return knn_search(queries, keys, k)
+def knn_op(queries: torch.Tensor, keys: torch.Tensor, k: int,
+           values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q, D) queries, (N, D) keys -> (Q, k) fp32 distances ascending, (Q, k) int64 ids, (Q, k) int64
+    ``values[ids]`` ((0, k) without values)."""
+    return knn_search(queries, keys, k, values)
 
 
-def _check(queries, keys, k):
+def _check(queries, keys, k, values=None):
     if k > MAX_K:
         return f"k = {k} exceeds the maximum {MAX_K}"
     if keys.shape[0] >= MAX_KEYS:
@@ -355,10 +365,12 @@ def _check(queries, keys, k):
         or dtype_reason("queries", queries, FLOAT_DTYPES)
         or dtype_reason("keys", keys, FLOAT_DTYPES)
         or (None if keys.stride(1) == 1 and queries.stride(1) == 1 else "queries and keys need unit stride in the last dim")
+        or (None if values is None else dtype_reason("values", values, INDEX_DTYPES))
     )
 
 
 @knn_dispatcher.register("triton", check=_check)
-def knn_triton(queries, keys, k):
+def knn_triton(queries, keys, k, values=None):
     """Triton implementation of :func:`arrag_kernels.ops.knn` (same contract)."""
-    return knn_op(queries, keys, k)
+    dist, ids, gathered = knn_op(queries, keys, k, values)
+    return (dist, ids) if values is None else (dist, ids, gathered)
