@@ -16,7 +16,9 @@ same rounds. Rows, batch 16 + CFG then batch 1:
 * ``daid-10M-overlap`` / ``daid-1M-overlap``: the search on the side stream, below the forward's
   priority, concurrent with the model step;
 * ``faid``: FAiD, K = 10 from the 10M keys, hops 1+2, 2 blenders with random weights (their taps
-  composed once when the runtime is built, never inside a timed call).
+  composed once when the runtime is built, never inside a timed call), its search on the main stream;
+* ``faid-overlap``: the same with the search on the side stream, joined at the first blender layer
+  (layer 0: it can hide behind the embedding and layer 0's attention only).
 
 The model is ``shapes.JANUS_PRO_1B`` (built on the meta device, filled on the GPU, bf16). On CPU
 (plumbing only, numbers meaningless): the tiny model at batch 2, 20k / 10k keys, K = 64, eager
@@ -56,7 +58,8 @@ BIG, SMALL = (_label(n) for n in DB_SIZES)
 # variant -> (database: "big", "small" or None, DAiD?, overlap?, FAiD?)
 VARIANTS = {"plain": (None, False, False, False), "plain-again": (None, False, False, False),
             f"daid-{BIG}": ("big", True, False, False), f"daid-{BIG}-overlap": ("big", True, True, False),
-            f"daid-{SMALL}-overlap": ("small", True, True, False), "faid": ("big", False, False, True)}
+            f"daid-{SMALL}-overlap": ("small", True, True, False), "faid": ("big", False, False, True),
+            "faid-overlap": ("big", False, True, True)}
 
 
 def cfg_embeds(adapter, batch: int, device):
@@ -142,8 +145,10 @@ def parked_steps(model, databases, batch: int) -> dict[str, ParkedStep]:
             steps[name] = ParkedStep(adapter, embeds, mask, daid=daid[db] if use_daid else None, overlap=overlap, **kw)
     torch.manual_seed(0)
     handle = PatchHandle(model, databases["big"], FAID, blender_weights=FAiDBlenders.for_model(model, FAID))
-    try:  # FAiD's layer hooks exist only while its step is recorded: the other graphs are already made
-        steps["faid"] = ParkedStep(adapter, embeds, mask, faid=handle.faid, **kw)
+    try:  # FAiD's layer hooks exist only while its steps are recorded: the other graphs are already made
+        for name, (_, _, overlap, use_faid) in VARIANTS.items():
+            if use_faid:
+                steps[name] = ParkedStep(adapter, embeds, mask, faid=handle.faid, overlap=overlap, **kw)
     finally:
         handle.faid.remove()
     _parked[batch] = steps

@@ -3,8 +3,9 @@
     pytest benchmarks/bench_search_floor.py --benchmark-only
     ARRAG_BENCH_PROFILE=table.txt pytest ...   # also one profiled replay of 10M keys at batch 16
 
-DAiD's search as the decode step runs it (:func:`arrag_kernels.ops.knn`, ``auto`` backend, fp32
-queries, official 32-d keys; ``shapes.py``'s retrieval shapes): on CUDA 10M fp16 keys at batch 1
+DAiD's search as the decode step runs it (:func:`arrag_kernels.ops.knn` with the entries' int64 token
+values, gathered in the search as ``PatchDatabase.retrieve`` has it; ``auto`` backend, fp32 queries,
+official 32-d keys; ``shapes.py``'s retrieval shapes): on CUDA 10M fp16 keys at batch 1
 and 16 and 1M at 16, k = 2048. The search is captured in a CUDA graph; a timed call is ``REPLAYS``
 replays between two CUDA events (``timing.run(device_events=True)``). Keys that would fit in L2
 three times over are copied, one graph per copy, and the replays rotate among them
@@ -44,12 +45,13 @@ REPLAYS = 20 if CUDA else 2
 _keys: dict[str, torch.Tensor] = {}
 
 
-def keys_of(shape: RetrievalShape) -> torch.Tensor:
-    """The shape's database keys (one key set on the device at a time)."""
+def keys_of(shape: RetrievalShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shape's database keys and int64 token values (one set on the device at a time)."""
     key = f"{shape.db_size}-{shape.key_dtype}-{shape.key_dim}"
     if key not in _keys:
         _keys.clear()
-        _keys[key] = official_keys(shape.db_size, DEVICE, getattr(torch, shape.key_dtype), cells=shape.key_dim // 8)
+        keys = official_keys(shape.db_size, DEVICE, getattr(torch, shape.key_dtype), cells=shape.key_dim // 8)
+        _keys[key] = keys, torch.randint(0, 16384, (shape.db_size,), device=DEVICE)
     return _keys[key]
 
 
@@ -58,7 +60,7 @@ def search_plan(shape: RetrievalShape) -> dict:
     plan = getattr(ak_ops, "knn_plan", None)
     if plan is None:
         return {"unavailable": "arrag_kernels.ops.knn_plan is not in this tree (issue 22, item 7)"}
-    result = plan(shape.db_size, shape.key_dim, shape.k, shape.batch, getattr(torch, shape.key_dtype))
+    result = plan(shape.db_size, shape.key_dim, shape.k, shape.batch, getattr(torch, shape.key_dtype), values=torch.int64)
     return json.loads(json.dumps(result, default=str))  # JSON values only (extra_info is written as JSON)
 
 
@@ -79,7 +81,7 @@ class RotatedReplays:
     times, at most 4); each call replays the next graph of the rotation. Holds the copies, which the
     graphs read, and the graphs' outputs."""
 
-    def __init__(self, queries, keys, k):
+    def __init__(self, queries, keys, values, k):
         l2 = torch.cuda.get_device_properties(keys.device).L2_cache_size
         self.copies = min(4, max(1, -(-3 * l2 // (keys.numel() * keys.element_size()))))
         self.key_sets = [keys] + [keys.clone() for _ in range(self.copies - 1)]
@@ -87,7 +89,7 @@ class RotatedReplays:
         for copy_keys in self.key_sets:
             self.graphs.append(torch.cuda.CUDAGraph())
             with torch.cuda.graph(self.graphs[-1]):
-                self.outputs.append(ak_ops.knn(queries, copy_keys, k))
+                self.outputs.append(ak_ops.knn(queries, copy_keys, k, values))
         self._turns = itertools.cycle(self.graphs)
 
     def __call__(self):
@@ -106,13 +108,13 @@ def write_profile(replay, path: Path) -> None:
 
 @pytest.mark.parametrize("shape", CASES, ids=[s.name for s in CASES])
 def test_search_floor(benchmark, shape):
-    keys = keys_of(shape)
+    keys, values = keys_of(shape)
     queries = official_keys(shape.batch, DEVICE, torch.float32, seed=1, cells=shape.key_dim // 8)
-    search = lambda: ak_ops.knn(queries, keys, shape.k)  # noqa: E731
+    search = lambda: ak_ops.knn(queries, keys, shape.k, values)  # noqa: E731
     search()  # compile, allocate
     peak = peak_extra_bytes(search)
     if CUDA:
-        replay = RotatedReplays(queries, keys, shape.k)
+        replay = RotatedReplays(queries, keys, values, shape.k)
         outputs, copies = replay.outputs, replay.copies
     else:
         replay, outputs, copies = search, [search()], 1
@@ -138,5 +140,6 @@ def test_search_floor(benchmark, shape):
     if profile_path and CUDA and shape.name == PROFILED:
         write_profile(replay, Path(profile_path))
     ref_dist, _ = ak_ops.knn_ref(queries, keys, shape.k)
-    for dist, _ in outputs:
+    for dist, ids, tokens in outputs:
         torch.testing.assert_close(dist, ref_dist, atol=1e-4, rtol=1e-4)
+        assert torch.equal(tokens, values[ids]), "gathered token values"

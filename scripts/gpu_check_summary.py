@@ -35,6 +35,7 @@ RESULTS = {
     "search_peak_extra_mb_b16": ("search", "test_search_floor[janus1b-b16-db10M]", "peak_extra_bytes", 2.0 ** -20),
     "daid_10m_overlapped_overhead_b16": ("decode-step", "test_decode_step[b16-daid-10M-overlap]", "overhead_vs_plain", 1),
     "faid_overhead_b16": ("decode-step", "test_decode_step[b16-faid]", "overhead_vs_plain", 1),
+    "faid_overlapped_overhead_b16": ("decode-step", "test_decode_step[b16-faid-overlap]", "overhead_vs_plain", 1),
     "plain_vs_hf_generate_per_image": ("generate", "test_decode[janus-pro-1b-b16-cuda-graph-plain]",
                                        "ratio_to_hf_generate", 1),
     "ivfpq_100m_b16_ms": ("ivfpq", "test_gpu_ivfpq[N100M-nlist800-triton-nprobe32]", "median_s", 1e3),

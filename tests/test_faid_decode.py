@@ -336,9 +336,10 @@ def test_failed_patch_leaves_no_hooks(tiny_model, db):
 @pytest.mark.parametrize("semantics", ["train", "inference-script"])
 @pytest.mark.parametrize("daid", [False, True], ids=["faid", "daid+faid"])
 def test_cuda_graph_with_faid_equals_static_without_host_sync(tiny_images, daid, semantics):
-    """FAiD steps recorded in the CUDA graph (DAiD retrieval inline or overlapped): same tokens as the
-    eager static loop, and the replays run with torch's sync debug mode set to error (any host
-    synchronisation raises); both FAiDConfig semantics."""
+    """FAiD steps recorded in the CUDA graph (retrieval inline or overlapped: FAiD's, or the search shared
+    with DAiD, on the side stream joined at the first blender layer): same tokens as the eager static
+    loop, and the replays run with torch's sync debug mode set to error (any host synchronisation
+    raises); both FAiDConfig semantics."""
     from arrag_kernels.decoding import StaticImageDecoder
     from arrag_kernels.models import tiny_janus
 
@@ -359,10 +360,11 @@ def test_cuda_graph_with_faid_equals_static_without_host_sync(tiny_images, daid,
                 graphed = model.generate(ids, loop="cuda-graph", overlap_retrieval=overlap, **kw)
                 assert torch.equal(graphed, static), f"do_sample={do_sample} overlap={overlap}"
 
-        loop = StaticImageDecoder(h.adapter, process_logits=None, fused_cfg=(5.0, 1.0), daid=h.daid, faid=h.faid,
-                                  cuda_graph=True)
-        tokens = replay_without_host_sync(loop, model, ids)
-    assert (tokens >= 0).all()
+        for overlap in (False, True):
+            loop = StaticImageDecoder(h.adapter, process_logits=None, fused_cfg=(5.0, 1.0), daid=h.daid,
+                                      faid=h.faid, cuda_graph=True, overlap_retrieval=overlap)
+            tokens = replay_without_host_sync(loop, model, ids)
+            assert (tokens >= 0).all(), f"overlap={overlap}"
 
 
 @pytest.mark.parametrize("loop", ["dynamic", "static"])

@@ -22,7 +22,7 @@ from shapes import BY_NAME, JANUS_PRO_1B, build_model  # noqa: E402
 
 RESULT_KEYS = ["card", "commit", "date", "search_10m_b1_x_floor", "search_10m_b16_x_floor", "search_1m_b16_x_floor",
                "search_peak_extra_mb_b16", "daid_10m_overlapped_overhead_b16", "faid_overhead_b16",
-               "plain_vs_hf_generate_per_image", "ivfpq_100m_b16_ms", "gpu_check_wall_s", "compiled_suite"]
+               "faid_overlapped_overhead_b16", "plain_vs_hf_generate_per_image", "ivfpq_100m_b16_ms", "gpu_check_wall_s", "compiled_suite"]
 
 
 def test_dry_run_returns_few_files(tmp_path):
@@ -104,6 +104,7 @@ def test_results_format(tmp_path):
     rows = {
         "decode-step": [row("test_decode_step[b16-daid-10M-overlap]", overhead_vs_plain=0.021),
                         row("test_decode_step[b16-faid]", overhead_vs_plain=0.07),
+                        row("test_decode_step[b16-faid-overlap]", overhead_vs_plain=0.06),
                         row("test_decode_step[b1-faid]", overhead_vs_plain=0.5)],
         "generate": [row("test_decode[janus-pro-1b-b16-cuda-graph-plain]", ratio_to_hf_generate=0.2)],
         "search": [row("test_search_floor[janus1b-b1-db10M]", x_floor=1.4),
@@ -120,7 +121,7 @@ def test_results_format(tmp_path):
     assert list(out) == RESULT_KEYS and set(RESULTS) <= set(out)
     assert out == {"card": "h100", "commit": "abc", "date": "2026-12-07", "search_10m_b1_x_floor": 1.4,
                    "search_10m_b16_x_floor": 1.3, "search_1m_b16_x_floor": 2.5, "search_peak_extra_mb_b16": 48.0,
-                   "daid_10m_overlapped_overhead_b16": 0.021, "faid_overhead_b16": 0.07,
+                   "daid_10m_overlapped_overhead_b16": 0.021, "faid_overhead_b16": 0.07, "faid_overlapped_overhead_b16": 0.06,
                    "plain_vs_hf_generate_per_image": 0.2, "ivfpq_100m_b16_ms": None, "gpu_check_wall_s": 280.0,
                    "compiled_suite": {"passed": 2, "failed": 2}}
     assert json.loads((tmp_path / "summary.json").read_text())["ok"] is True
@@ -173,12 +174,12 @@ def test_search_plan_hook(monkeypatch):
     assert "knn_plan" in bench_search_floor.search_plan(shape)["unavailable"]
     calls = []
 
-    def fake_plan(n_keys, dim, k, batch, dtype):
-        calls.append((n_keys, dim, k, batch, dtype))
+    def fake_plan(n_keys, dim, k, batch, dtype, values=None):
+        calls.append((n_keys, dim, k, batch, dtype, values))
         return {"launches": 4, "kernels": [{"name": "filter", "grid": (16, 132)}], "dtype": dtype}
 
     monkeypatch.setattr(bench_search_floor.ak_ops, "knn_plan", fake_plan, raising=False)
     plan = bench_search_floor.search_plan(shape)
-    assert calls == [(10_000_000, 32, 2048, 16, torch.float16)]
+    assert calls == [(10_000_000, 32, 2048, 16, torch.float16, torch.int64)]
     assert plan == {"launches": 4, "kernels": [{"name": "filter", "grid": [16, 132]}], "dtype": "torch.float16"}
     assert json.loads(json.dumps(plan)) == plan

@@ -76,6 +76,7 @@ class FAiDRuntime:
         self._steps = torch.arange(H * W, device=self._slots.device)
         self._write_slots = (self._steps - 1) % self.ring_size  # step s writes cell s - 1 here
         self._armed: set[int] = set()
+        self._join = None  # the side stream of an overlapped step's retrieval, until the first blend joins it
         self._rings: dict[int, torch.Tensor] = {}
         self.prefill = False
         self._hooks = []
@@ -104,7 +105,7 @@ class FAiDRuntime:
         self._armed.clear()
 
     @torch.no_grad()
-    def begin_step(self, tokens: torch.Tensor, step, hits=None) -> None:
+    def begin_step(self, tokens: torch.Tensor, step, hits=None, stream=None) -> None:
         """Prepare the model step that predicts token ``step``: retrieval (needs tokens < step only).
 
         ``step`` is an int (step 0, the prefill, must come first: it allocates the ring buffers), or a
@@ -117,6 +118,10 @@ class FAiDRuntime:
         ``hits``: the step's :class:`~arrag_kernels.retrieval.query.Hits` of a retriever that
         :meth:`~arrag_kernels.retrieval.query.Retriever.covers` ``self.retriever`` (DAiD's search,
         shared by the decode step); their first ``k`` are used instead of searching again.
+
+        ``stream``: a CUDA side stream (an overlapped decode's) to run the retrieval and the hits' feature
+        lookup on, after the current stream's work so far (``hits`` must be made there too), concurrently
+        with the forward until the first blender layer's attention output, whose hook joins it.
         """
         B = tokens.shape[0]
         on_device = isinstance(step, torch.Tensor)
@@ -130,16 +135,31 @@ class FAiDRuntime:
         self.write_slot = self._write_slots.index_select(0, at)  # (1,)
         self.window_slots = self._slots.index_select(0, at)[0]  # (n,)
         self.window_present = self._present.index_select(0, at)[0]
-        if on_device or self.retrieves_at[step]:
+        self._armed = set(self.blenders.layer_ids)
+        self._join = stream
+        if stream is None:
+            self._retrieve(tokens, step, at, hits)
+            return
+        main = torch.cuda.current_stream(stream.device)
+        stream.wait_stream(main)
+        with torch.cuda.stream(stream):  # its temporaries allocated on the side stream
+            self._retrieve(tokens, step, at, hits)
+        for t in (self.features, self.keep, self.keep_chained):  # read on the main stream: not reused before
+            t.record_stream(main)
+
+    def _retrieve(self, tokens, step, at, hits) -> None:
+        """The step's hits (searched, shared, or none where a host step has no key) -> the blend's inputs:
+        ``features`` (B, K, D) aligner(embeddings(ids)) and the ``keep`` masks."""
+        B = tokens.shape[0]
+        if isinstance(step, torch.Tensor) or self.retrieves_at[step]:
             _, ids, valid = self.retriever.retrieve(tokens, at) if hits is None else hits
             ids = ids[..., : self.retriever.k]  # shared hits come nearest first: the k nearest (a view)
         else:
             ids = torch.full((B, self.blenders.config.k), -1, dtype=torch.long, device=tokens.device)
             valid = torch.zeros(B, dtype=torch.bool, device=tokens.device)
-        # (B, K, D) aligner(embeddings(ids)); padding (-1) looks up token 0, masked in the blend
+        # padding (-1) looks up token 0, masked in the blend
         self.features = self.adapter.embed_image_tokens(ids.clamp_min(0))
         self.keep, self.keep_chained = retrieved_masks(ids, valid, self.features.dtype, self.blenders.config.semantics)
-        self._armed = set(self.blenders.layer_ids)
 
     def _capture_hook(self, i):
         def hook(module, args, output):
@@ -156,6 +176,9 @@ class FAiDRuntime:
             if i not in self._armed:
                 return None
             self._armed.discard(i)
+            if self._join is not None:  # the first blender layer: the side stream's retrieval joins here
+                torch.cuda.current_stream(self._join.device).wait_stream(self._join)
+                self._join = None
             layer = self.blenders.layer(i)
             ring = self._rings[i]
             with torch.no_grad():

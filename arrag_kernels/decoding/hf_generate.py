@@ -41,8 +41,8 @@ def hf_image_generate(
     ``loop="dynamic"`` (default) samples with ``torch.multinomial`` exactly like HF; ``"static"``
     and ``"cuda-graph"`` run :class:`StaticImageDecoder` (pre-allocated buffers, inverse-CDF
     sampling with up-front uniforms; the latter records one step in a CUDA graph and replays it).
-    ``overlap_retrieval=True`` (static loops, CUDA) runs DAiD retrieval on a side stream
-    concurrently with the model forward; the tokens are the same.
+    ``overlap_retrieval=True`` (static loops, CUDA) runs DAiD and FAiD retrieval on a side stream
+    concurrently with the model forward (FAiD's until its first blender layer); the tokens are the same.
     """
     if loop not in LOOPS:
         raise ValueError(f"loop: expected one of {LOOPS}, got {loop!r}")

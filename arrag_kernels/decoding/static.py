@@ -11,13 +11,13 @@ Sampling uses the inverse CDF of the (DAiD-merged) distribution with those expli
 is deterministic for a seed but not the same random stream as HF's ``torch.multinomial``.
 
 FAiD's per-step work (retrieval, ring-buffer write, window gather, blend) runs inside the step with
-the device step counter, so it is recorded in the graph too. DAiD retrieval for step i needs only
+the device step counter, so it is recorded in the graph too. Retrieval for step i needs only
 tokens < i, so with ``overlap_retrieval`` it runs on a side stream concurrently with the model
-forward of step i and joins the main stream before sampling (FAiD's retrieval cannot: layer 0 of
-the forward reads it); the forward then runs on a stream of higher priority than the search's
-(:func:`arrag_kernels.decoding.step.overlap_streams`), the CUDA graph captured on it. When one search
-serves DAiD and FAiD (:func:`arrag_kernels.decoding.step.shared_search`) it runs before the forward
-on the main stream and ``overlap_retrieval`` has nothing left to overlap.
+forward of step i: DAiD's joins the main stream before sampling, FAiD's (and a search shared by both,
+:func:`arrag_kernels.decoding.step.shared_search`) at the first blender layer's attention output
+(layer 0 in the official placement: only the embedding and that layer's attention overlap it). The
+forward then runs on a stream of higher priority than the search's
+(:func:`arrag_kernels.decoding.step.overlap_streams`), the CUDA graph captured on it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import contextlib
 
 import torch
 
-from .step import DecodeStep, FusedSelect, overlap_streams, shared_search, timing
+from .step import DecodeStep, FusedSelect, overlap_streams, timing
 
 
 class StaticKVCache:
@@ -92,9 +92,9 @@ class StaticImageDecoder:
         faid: optional :class:`arrag_kernels.decoding.FAiDRuntime` (or any state with its ``begin_step``
             accepting a device step tensor).
         cuda_graph: capture one decode step and replay it (CUDA only).
-        overlap_retrieval: on CUDA, run DAiD retrieval on a side stream concurrently with the model
-            forward of the same step; a no-op elsewhere (same tokens either way) and where the search
-            is shared with FAiD (:func:`arrag_kernels.decoding.step.shared_search`).
+        overlap_retrieval: on CUDA, run DAiD and FAiD retrieval on a side stream concurrently with the
+            model forward of the same step (FAiD's up to its first blender layer); a no-op elsewhere
+            (same tokens either way).
     """
 
     def __init__(self, decoder, process_logits, fused_cfg=None, daid=None, faid=None, cuda_graph: bool = False,
@@ -178,8 +178,7 @@ class StaticImageDecoder:
         B, L = rows // 2, S + num_tokens
         if self.cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA tensors, got {device}")
-        use_side = (self.overlap_retrieval and self.daid is not None and device.type == "cuda"
-                    and not shared_search(self.daid, self.faid))
+        use_side = self.overlap_retrieval and (self.daid is not None or self.faid is not None) and device.type == "cuda"
         self.forward_stream, side = overlap_streams(device) if use_side else (None, None)
         with self.on_forward_stream():
             layers, kv_heads, head_dim = self.decoder.kv_spec()
@@ -189,8 +188,9 @@ class StaticImageDecoder:
             uniforms = torch.rand(num_tokens, B, device=device) if do_sample else None
             # the graph cannot time its retrieval: only whole replays are timed
             select = FusedSelect(self.process_logits, self.fused, uniforms, B, device, daid=self.daid,
-                                 side_stream=side, stats=None if self.cuda_graph else stats)
-            self.decode_step = DecodeStep(self.decoder, select, self.faid)
+                                 side_stream=side if self.daid is not None else None,
+                                 stats=None if self.cuda_graph else stats)
+            self.decode_step = DecodeStep(self.decoder, select, self.faid, side_stream=side if self.faid is not None else None)
             self.embeds = torch.empty(rows, 1, inputs_embeds.shape[-1], dtype=dtype, device=device)
             neg = torch.finfo(dtype).min
             pad = attention_mask.bool()

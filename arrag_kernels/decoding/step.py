@@ -111,8 +111,8 @@ def shared_search(daid, faid) -> bool:
     """Whether one DAiD search per step serves FAiD too: both run and DAiD's retriever
     :meth:`~arrag_kernels.retrieval.query.Retriever.covers` FAiD's (same database object and tokenizer,
     FAiD's k <= DAiD's k; :func:`arrag_kernels.patch_model` builds them so). The decode step then
-    searches once, before the model step and on the main stream (FAiD's layer-0 hook reads the hits, so
-    an overlapped decode has no side stream left to use), and hands FAiD the first K hits."""
+    searches once, before the model step (on the side stream of an overlapped decode, joined by FAiD's
+    first blender hook, which reads the hits), and hands FAiD the first K hits."""
     retriever = getattr(faid, "retriever", None)
     return daid is not None and isinstance(retriever, Retriever) and daid.covers(retriever)
 
@@ -178,8 +178,8 @@ class FusedSelect:
             that (see :func:`arrag_kernels.decoding.static.fusable_cfg`): the op applies them to the raw logits.
         uniforms: (num_tokens, B) sampling uniforms, or None for argmax.
         daid: optional :class:`arrag_kernels.decoding.DAiDSampler`.
-        side_stream: a CUDA stream to run the DAiD search on, concurrently with the model step (not
-            with a search shared with FAiD, :func:`shared_search`).
+        side_stream: a CUDA stream to run the DAiD search on, concurrently with the model step (a search
+            shared with FAiD, :func:`shared_search`, is joined earlier, by FAiD's first blender hook).
         stats: optional :class:`DecodeStats` (retrieval timed only without a side stream).
     """
 
@@ -197,7 +197,7 @@ class FusedSelect:
 
         With a side stream the search is only enqueued there, after the main stream's work so far (the
         tokens < step it reads); :meth:`select` joins it before sampling. ``shared``: FAiD reads the hits
-        before the model step; the decode then has no side stream (``shared_search``).
+        too (``shared_search``), from the same stream.
         """
         if self.daid is None:
             return self.no_hits
@@ -243,12 +243,15 @@ class DecodeStep:
         select: :class:`MultinomialSelect` or :class:`FusedSelect`.
         faid: optional FAiD step state (:class:`arrag_kernels.decoding.FAiDRuntime`, or any object with
             its ``begin_step(tokens, step)``; with a ``retriever`` that DAiD's covers, also ``hits=``:
-            :func:`shared_search`).
+            :func:`shared_search`; with ``side_stream``, also ``stream=``).
+        side_stream: an overlapped decode's CUDA side stream for FAiD's retrieval (joined by its first
+            blender hook); DAiD's is ``select``'s.
     """
 
-    def __init__(self, decoder, select, faid=None):
+    def __init__(self, decoder, select, faid=None, side_stream=None):
         self.decoder, self.select, self.faid = decoder, select, faid
         self.shared = shared_search(select.daid, faid)
+        self.faid_stream = {} if side_stream is None else {"stream": side_stream}
 
     def __call__(self, tokens: torch.Tensor, step, embeds: torch.Tensor, mask: torch.Tensor, cache,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -256,10 +259,10 @@ class DecodeStep:
         next input embeddings (2B, 1, D)."""
         if self.shared:  # one search: DAiD's k, its first K to FAiD
             hits = self.select.fork(tokens, step, shared=True)
-            self.faid.begin_step(tokens, step, hits)
+            self.faid.begin_step(tokens, step, hits, **self.faid_stream)
         else:
-            if self.faid is not None:
-                self.faid.begin_step(tokens, step)
+            if self.faid is not None:  # first: its hits are read sooner (layer 0's hook) than DAiD's
+                self.faid.begin_step(tokens, step, **self.faid_stream)
             hits = self.select.fork(tokens, step)
         hidden = self.decoder.step(embeds, mask, cache, position_ids=position_ids)
         next_token = self.select.select(self.decoder.image_logits(hidden), hits, tokens, step)
