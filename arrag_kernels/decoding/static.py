@@ -190,7 +190,8 @@ class StaticImageDecoder:
             select = FusedSelect(self.process_logits, self.fused, uniforms, B, device, daid=self.daid,
                                  side_stream=side if self.daid is not None else None,
                                  stats=None if self.cuda_graph else stats)
-            self.decode_step = DecodeStep(self.decoder, select, self.faid, side_stream=side if self.faid is not None else None)
+            self.decode_step = DecodeStep(self.decoder, select, self.faid,
+                                          side_stream=side if self.faid is not None else None)
             self.embeds = torch.empty(rows, 1, inputs_embeds.shape[-1], dtype=dtype, device=device)
             neg = torch.finfo(dtype).min
             pad = attention_mask.bool()

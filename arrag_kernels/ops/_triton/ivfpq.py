@@ -16,9 +16,10 @@ distances. Four launches whose sizes follow from the shapes alone
 4. ``_ivfpq_select_kernel`` (one program per query): if min(k, T_q) <= count_q <= C the buffer
    holds every candidate with (distance, slot) <= tau_q, hence the exact top k; a radix select, a
    compaction and a sort of next_pow2(k) entries order them, and each slot's entry id is gathered
-   (int64 positions and ids), then, when the scan is given values, the entry's value (token id). Otherwise the program scans the query's candidates itself through its
-   C slots, shrinking them to the k smallest whenever they fill: exact, no extra memory, slow, only
-   for the queries whose bound failed, detected on the device.
+   (int64 positions and ids), then, when the scan is given values, the entry's value (token id).
+   Otherwise the program scans the query's candidates itself through its C slots, shrinking them
+   to the k smallest whenever they fill: exact, no extra memory, slow, only for the queries whose
+   bound failed, detected on the device.
 
 Distance keys are int32 that order like the ADC distances (negative ones included:
 ``bits ^ ((bits >> 31) & 0x7FFFFFFF)``); every kernel computes them with ``_slot_keys``. Ties go to
