@@ -211,3 +211,41 @@ def test_truncated_or_mismatched_lists_file_is_an_error_not_a_crash(built, tmp_p
     (out / "meta.json").write_text(json.dumps(raw))
     with pytest.raises(DatabaseError, match=r"token ids 0\.\.16384 recorded"):
         ak.PatchDatabase.load(out, verify="none")
+
+
+@pytest.mark.parametrize("on_disk", [True, False], ids=["on-disk", "in-memory"])
+def test_merge_db_command(built, tmp_path, capsys, on_disk):
+    """``arrag-kernels merge-db PARTS --out DIR [--on-disk]``: the merged database has the one-piece index's
+    hits; bad input (no parts there, a missing part, the parts' own directory) is one line, exit 2, nothing
+    written."""
+    from arrag_kernels.cli import main
+
+    parts_dir, _, index, _ = built
+    out = tmp_path / "merged"
+    flags = ["--on-disk"] if on_disk else []
+    assert main(["merge-db", str(parts_dir), "--out", str(out), "--verify", "full", *flags]) == 0
+    assert f"to {out}" in capsys.readouterr().out
+    db = ak.PatchDatabase.load(out)
+    assert ondisk.lists_on_disk(db.index) == on_disk and len(db) == CFG.entries
+    q = _queries()
+    db.set_nprobe(4)
+    faiss.extract_index_ivf(index).nprobe = 4
+    want_dist, want_ids = index.search(q.numpy(), CFG.k)
+    dist, ids = db.search(q, CFG.k)
+    np.testing.assert_array_equal(ids.numpy(), want_ids)
+    np.testing.assert_array_equal(dist.numpy(), want_dist)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(parts_dir, broken)
+    shutil.rmtree(broken / parts.part_dir_name(1))
+    for argv, message in [([str(tmp_path / "nothing")], "parts.json"), ([str(broken)], "part 1"),
+                          ([str(parts_dir), "--verify", "some"], "invalid choice")]:
+        target = tmp_path / "not-written"
+        assert main(["merge-db", *argv, "--out", str(target), *flags]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err and not target.exists(), (argv, err)
+    for inside in (parts_dir, parts_dir / parts.part_dir_name(0)):  # the parts, or one of them, replaced
+        assert main(["merge-db", str(parts_dir), "--out", str(inside), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "another directory than the parts" in err
+    parts.check_parts(parts_dir, "full")  # untouched

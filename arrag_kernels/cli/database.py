@@ -1,11 +1,12 @@
-"""Database commands: ``build-db`` (encode a folder of images) and ``import-official`` (a released AR-RAG
-database)."""
+"""Database commands: ``build-db`` (encode a folder of images), ``merge-db`` (one database from a
+partitioned build's parts) and ``import-official`` (a released AR-RAG database)."""
 
 from __future__ import annotations
 
 import argparse
 
 from arrag_kernels.cli.common import check_model_spec, int_at_least, load_model, output_dir
+from arrag_kernels.retrieval.integrity import VERIFY_MODES
 
 
 def _cmd_build_db(args):
@@ -40,6 +41,21 @@ def _cmd_build_db(args):
         print(f"skipped {len(bad)} unreadable of {len(files)} images (--stop-on-bad-image stops instead):")
         for path, why in bad:
             print(f"  {path}: {why}")
+
+
+def _cmd_merge_db(args):
+    from arrag_kernels.retrieval.ondisk import merge_parts
+    from arrag_kernels.retrieval.parts import check_merge_target, merge_in_memory
+
+    check_merge_target(args.parts, args.out)
+    if args.on_disk:  # one part in memory at a time; faiss-cpu searches it (lists memory-mapped)
+        import arrag_kernels as ak
+
+        path = merge_parts(args.parts, args.out, verify=args.verify)
+        print(f"wrote {ak.PatchDatabase.load(path, verify='none')} (on-disk inverted lists) to {path}")
+    else:
+        db = merge_in_memory(args.parts, verify=args.verify)
+        print(f"wrote {db} to {db.save(args.out)}")
 
 
 def _cmd_import_official(args):
@@ -78,6 +94,17 @@ def add_subcommands(sub) -> None:
     b.add_argument("--stop-on-bad-image", action="store_true",
                    help="stop at an unreadable image (default: skip it; the skipped files are listed at the end)")
     b.set_defaults(func=_cmd_build_db)
+
+    m = sub.add_parser("merge-db", help="merge a partitioned database (the parts of a torchrun or Ray build) into one")
+    m.add_argument("parts", help="the partitioned database directory (parts.json, trained.index, part-*/)")
+    m.add_argument("--out", type=output_dir, required=True, help="merged database directory to write (atomically)")
+    m.add_argument("--on-disk", action="store_true",
+                   help="merge into faiss on-disk inverted lists, one part in memory at a time (for databases larger "
+                        "than memory; searched by faiss-cpu); default: merged in memory and saved")
+    m.add_argument("--verify", choices=VERIFY_MODES, default="quick",
+                   help="checks of the parts' files first: quick (sizes and page digests, default), full (hash every "
+                        "file) or none")
+    m.set_defaults(func=_cmd_merge_db)
 
     o = sub.add_parser("import-official", help="validate a released AR-RAG database (faiss_ivf_pq_opq.index + "
                        "next_codes.npy) and optionally save it as a database directory")

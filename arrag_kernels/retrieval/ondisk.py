@@ -215,13 +215,11 @@ def merge_parts(parts_path: str | os.PathLike, path: str | os.PathLike, verify: 
     directory is removed. Returns ``path``. Raises DatabaseError (a ValueError) for bad parts.
     """
     from .database import PatchDatabase
-    from .parts import check_parts
+    from .parts import check_merge_target, check_parts
     from .storage import atomic_directory, read_faiss_index, write_meta
 
     parts_path, path = Path(parts_path), Path(path)
-    if path.resolve() == parts_path.resolve():
-        raise ValueError(f"merge_parts: the merged database must go to another directory than the parts "
-                         f"({str(path)!r}); pass a new path")
+    check_merge_target(parts_path, path)
     parts = check_parts(parts_path, verify)
     index = read_faiss_index(parts_path / TRAINED_FILE)
     ivf = inner_ivfpq(index)

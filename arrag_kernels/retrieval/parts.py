@@ -216,6 +216,15 @@ def check_parts(path: str | os.PathLike, verify: str = "quick") -> list[PartInfo
     return parts
 
 
+def check_merge_target(parts_path: str | os.PathLike, path: str | os.PathLike) -> None:
+    """ValueError if the merged database's ``path`` is the partitioned database at ``parts_path`` or lies
+    inside it (writing there would replace the parts, or one of them, being merged)."""
+    parts_path, path = Path(parts_path).resolve(), Path(path).resolve()
+    if path == parts_path or parts_path in path.parents:
+        raise ValueError(f"the merged database must go to another directory than the parts ({str(parts_path)!r}), "
+                         f"not {str(path)!r}; pass a path outside it")
+
+
 def merge_in_memory(path: str | os.PathLike, verify: str = "quick"):
     """One :class:`~arrag_kernels.retrieval.PatchDatabase` from the parts at ``path`` (checked first), merged
     in memory in id order: the whole index in this process, so for small databases only (larger ones:
