@@ -62,7 +62,7 @@ def test_every_command_module_adds_its_commands():
     from arrag_kernels.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert list(sub.choices) == ["demo", "build-db", "import-official", "generate", "train-faid", "convert", "eval"]
+    assert list(sub.choices) == ["demo", "build-db", "merge-db", "import-official", "generate", "train-faid", "convert", "eval"]
     assert {p.get_default("func").__module__ for p in sub.choices.values()} == {
         f"arrag_kernels.cli.{m}" for m in ("demo", "database", "generate", "faid", "evaluate")}
 

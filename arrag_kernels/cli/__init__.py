@@ -1,6 +1,6 @@
 """Command line: ``arrag-kernels <command>`` or ``python -m arrag_kernels <command>``.
 
-Commands: ``demo`` (the embedded default job), ``build-db``, ``import-official``, ``generate``, ``train-faid``,
+Commands: ``demo`` (the embedded default job), ``build-db``, ``merge-db``, ``import-official``, ``generate``, ``train-faid``,
 ``convert``, ``eval``; each module in ``_COMMAND_MODULES`` adds its own through ``add_subcommands(subparsers)``
 and loads models through :func:`arrag_kernels.cli.common.load_model`.
 
