@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..daid import daid_sample_dispatcher
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, INTERPRETED, device_reason, dtype_reason, next_pow2
+from ._common import FLOAT_DTYPES, INDEX_DTYPES, INTERPRETED, device_reason, dtype_reason, launch, next_pow2
 
 MAX_HITS = 4096
 
@@ -194,14 +194,13 @@ def daid_sample_op(
     workspace = torch.empty(B, V, dtype=torch.float32, device=logits.device)
     sample = uniforms is not None
     if B:
-        torch.library.wrap_triton(_daid_sample_kernel)[(B,)](
-            logits, dist, tokens, active, uniforms if sample else dist, workspace, out,
-            B, V, K, logits.stride(0), dist.stride(0), tokens.stride(0),
-            1.0 if guidance_scale is None else guidance_scale, temperature, lam, tau, float(top_k), top_p,
-            HAS_CFG=guidance_scale is not None, SAMPLE=sample, DEDUP_SUM=dedup_sum,
-            HAS_TOPK=0 < top_k < V, HAS_TOPP=top_p < 1.0,
-            BLOCK_V=min(next_pow2(V), 1024 if INTERPRETED else 2048), BLOCK_K=max(next_pow2(K), 2),
-        )
+        launch(_daid_sample_kernel, (B,),
+               logits, dist, tokens, active, uniforms if sample else dist, workspace, out,
+               B, V, K, logits.stride(0), dist.stride(0), tokens.stride(0),
+               1.0 if guidance_scale is None else guidance_scale, temperature, lam, tau, float(top_k), top_p,
+               HAS_CFG=guidance_scale is not None, SAMPLE=sample, DEDUP_SUM=dedup_sum,
+               HAS_TOPK=0 < top_k < V, HAS_TOPP=top_p < 1.0,
+               BLOCK_V=min(next_pow2(V), 1024 if INTERPRETED else 2048), BLOCK_K=max(next_pow2(K), 2))
     return out
 
 

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ..neighborhood import neighbor_keys_dispatcher
-from ._common import FLOAT_DTYPES, INDEX_DTYPES, device_reason, dtype_reason, next_pow2
+from ._common import FLOAT_DTYPES, INDEX_DTYPES, device_reason, dtype_reason, launch, next_pow2
 
 
 @triton.jit
@@ -67,12 +67,11 @@ def neighbor_keys_op(
     keys = torch.empty(B, P, ncell * D, dtype=codebook.dtype, device=codebook.device)
     valid = torch.empty(B, P, dtype=torch.int8, device=codebook.device)
     if B * P:
-        torch.library.wrap_triton(_neighbor_keys_kernel)[(B * P,)](
-            tokens, codebook, positions.contiguous(), keys, valid,
-            P, H, W, V, D, tokens.stride(0), codebook.stride(0),
-            RADIUS=radius, CAUSAL=causal, SKIP=skip,
-            NCELL=ncell, BLOCK_C=next_pow2(ncell), BLOCK_D=max(next_pow2(D), 2),
-        )
+        launch(_neighbor_keys_kernel, (B * P,),
+               tokens, codebook, positions.contiguous(), keys, valid,
+               P, H, W, V, D, tokens.stride(0), codebook.stride(0),
+               RADIUS=radius, CAUSAL=causal, SKIP=skip,
+               NCELL=ncell, BLOCK_C=next_pow2(ncell), BLOCK_D=max(next_pow2(D), 2))
     return keys, valid.bool()
 
 
