@@ -57,8 +57,17 @@ def _tolerance(values: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
     return atol + rtol * values.abs()
 
 
-def _first_bad(bad: torch.Tensor) -> tuple[int, ...]:
-    return tuple(int(i) for i in bad.nonzero()[0])
+def _fail_at_first(bad: torch.Tensor, message) -> None:
+    """Raise ``AssertionError(message(q, j))`` naming the first query ``q`` and position ``j`` set in ``bad``, if any."""
+    if bad.any():
+        raise AssertionError(message(*(int(i) for i in bad.nonzero()[0])))
+
+
+def _out_of_tolerance(dist: torch.Tensor, expected: torch.Tensor, real: torch.Tensor, atol: float, rtol: float):
+    """(error, bad) of ``dist`` against ``expected`` at the ``real`` positions: ``bad`` where the error exceeds
+    the tolerance of ``expected``, a NaN on either side included (equal infinities are no error)."""
+    err = (dist - expected).abs().where(real & (dist != expected), 0.0)
+    return err, real & ~(err <= _tolerance(expected, atol, rtol))
 
 
 def assert_topk(dist: torch.Tensor, ids: torch.Tensor, truth: torch.Tensor, *, atol: float, rtol: float = 1e-5,
@@ -74,34 +83,25 @@ def assert_topk(dist: torch.Tensor, ids: torch.Tensor, truth: torch.Tensor, *, a
     best = truth.sort(dim=1).values[:, :k]  # (Q, k) the k smallest true distances (NaN sorts last)
     padding = best.isnan()
     got_padding = ids == -1
-    if not torch.equal(got_padding, padding):
-        q, j = _first_bad(got_padding != padding)
-        raise AssertionError(f"{what}: query {q} position {j}: id {ids[q, j].item()} but the row has "
-                             f"{int((~padding[q]).sum())} candidates (positions beyond them are padding, id -1)")
+    _fail_at_first(got_padding != padding, lambda q, j: (
+        f"{what}: query {q} position {j}: id {ids[q, j].item()} but the row has {int((~padding[q]).sum())} "
+        "candidates (positions beyond them are padding, id -1)"))
     assert bool((dist[padding] == FLT_MAX).all()), f"{what}: padded positions must have distance FLT_MAX"
     real = ~padding
-    err = (dist - best).abs().where(real & (dist != best), 0.0)  # equal infinities: no error
-    bad = real & ~(err <= _tolerance(best, atol, rtol))  # NaN (an unwritten output) is bad too
-    if bad.any():
-        q, j = _first_bad(bad)
-        raise AssertionError(
-            f"{what}: {int(bad.sum())}/{int(real.sum())} distances differ from the true k smallest (atol={atol:.3g}, "
-            f"rtol={rtol}); max error {err.max().item():.3g}; first at query {q} position {j}: got "
-            f"{dist[q, j].item()!r}, true {best[q, j].item()!r}")
-    outside = real & ((ids < 0) | (ids >= truth.shape[1]))
-    if outside.any():
-        q, j = _first_bad(outside)
-        raise AssertionError(f"{what}: query {q} position {j}: id {ids[q, j].item()} outside [0, {truth.shape[1]})")
+    err, bad = _out_of_tolerance(dist, best, real, atol, rtol)  # NaN (an unwritten output) is bad too
+    _fail_at_first(bad, lambda q, j: (
+        f"{what}: {int(bad.sum())}/{int(real.sum())} distances differ from the true k smallest (atol={atol:.3g}, "
+        f"rtol={rtol}); max error {err.max().item():.3g}; first at query {q} position {j}: got "
+        f"{dist[q, j].item()!r}, true {best[q, j].item()!r}"))
+    _fail_at_first(real & ((ids < 0) | (ids >= truth.shape[1])), lambda q, j: (
+        f"{what}: query {q} position {j}: id {ids[q, j].item()} outside [0, {truth.shape[1]})"))
     safe_ids = ids.clamp_min(0)
     of_ids = truth.gather(1, safe_ids)  # true distance of each returned id
-    err = (dist - of_ids).abs().where(real & (dist != of_ids), 0.0)
-    bad = real & ~(err <= _tolerance(of_ids, atol, rtol))  # NaN (not a candidate) is bad too
-    if bad.any():
-        q, j = _first_bad(bad)
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} returned ids are not at their reported distance; first at query {q} "
-            f"position {j}: id {ids[q, j].item()} reported at {dist[q, j].item()!r}, true distance "
-            f"{of_ids[q, j].item()!r} (ids may differ only among equal distances)")
+    _, bad = _out_of_tolerance(dist, of_ids, real, atol, rtol)  # NaN (not a candidate) is bad too
+    _fail_at_first(bad, lambda q, j: (
+        f"{what}: {int(bad.sum())} returned ids are not at their reported distance; first at query {q} "
+        f"position {j}: id {ids[q, j].item()} reported at {dist[q, j].item()!r}, true distance "
+        f"{of_ids[q, j].item()!r} (ids may differ only among equal distances)"))
     for q, row in enumerate(ids.tolist()):
         row = [i for i in row if i >= 0]
         assert len(set(row)) == len(row), f"{what}: query {q} returns an id twice"

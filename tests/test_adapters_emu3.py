@@ -11,7 +11,7 @@ from transformers import Emu3Config, Emu3ForConditionalGeneration
 import arrag_kernels as ak
 from arrag_kernels.models import Emu3Adapter, ImageTokenizer, get_adapter
 
-from .utils import CollectingStreamer, assert_tokens_among_retrieved
+from .utils import CollectingStreamer, assert_tokens_among_retrieved, latent_database_setup, seeded_model
 
 CODES, GRID = 32, (4, 5)  # a non-square grid: Emu3 picks H x W per call
 BOS, EOS, PAD, BOI, WRAP, EOL, EOF, EOI = 1, 2, 0, 3, 4, 5, 6, 7
@@ -23,27 +23,20 @@ def tiny_emu3():
     vocab = {"<|endoftext|>": PAD, "<|bos|>": BOS, "<|eos|>": EOS, "<|image start|>": BOI, "<|image token|>": WRAP,
              "<|extra_200|>": EOL, "<|extra_201|>": EOF, "<|image end|>": EOI, "<image>": 8, "4": 9, "*": 10, "5": 11}
     vocab.update({f"<|visual token{i:06d}|>": VISUAL0 + i for i in range(CODES)})
-    config = Emu3Config(
+    return seeded_model(Emu3ForConditionalGeneration, Emu3Config(
         vq_config=dict(codebook_size=CODES, embed_dim=4, latent_channels=4, base_channels=32, channel_multiplier=[1, 2],
                        num_res_blocks=1, attn_resolutions=[], temporal_downsample_factor=2, hidden_size=64),
         text_config=dict(vocab_size=VISUAL0 + CODES, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD,
                          bos_token_id=BOS, eos_token_id=EOS),
         vocabulary_map=vocab,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return Emu3ForConditionalGeneration(config).eval()
+    ))
 
 
 @pytest.fixture(scope="module")
 def setup():
     model = tiny_emu3()
-    adapter = Emu3Adapter(model, grid=GRID)
-    pixels = torch.rand(10, 3, GRID[0] * 2, GRID[1] * 2, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    latents, tokens = adapter.encode(pixels)
-    db = ak.PatchDatabase.from_latents(latents, tokens, adapter.codebook(), fingerprint=adapter.fingerprint())
-    return model, adapter, db, pixels
+    return latent_database_setup(model, Emu3Adapter(model, grid=GRID), (10, 3, GRID[0] * 2, GRID[1] * 2))
 
 
 def _allowed(batch_id, input_ids):

@@ -10,7 +10,8 @@ import arrag_kernels as ak
 from arrag_kernels.models import GlmImageAdapter, LogitsProcessorAdapter, check_protocol, get_adapter
 from arrag_kernels.models.glm_image import DEFAULT_KEY_DIM, key_projection
 
-from .utils import CollectingStreamer, assert_tokens_among_retrieved
+from .utils import (CollectingStreamer, assert_tokens_among_retrieved, latent_database_setup, plain_and_patched,
+                    seeded_model)
 
 CODES, WIDTH, PATCH = 64, 128, 4
 KEY_DIM = DEFAULT_KEY_DIM  # what the registered adapter (patch_model) projects to: 64 of 128
@@ -21,7 +22,7 @@ CELLS = GRID[0] * GRID[1]
 
 
 def tiny_glm_image():
-    config = GlmImageConfig(
+    return seeded_model(GlmImageForConditionalGeneration, GlmImageConfig(
         text_config=dict(vocab_size=CODES + 40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, vision_vocab_size=CODES + 2, pad_token_id=PAD,
                          eos_token_id=END, max_position_embeddings=256,
@@ -29,20 +30,13 @@ def tiny_glm_image():
         vision_config=dict(depth=1, hidden_size=32, num_heads=4, image_size=32, patch_size=PATCH, intermediate_size=64),
         vq_config=dict(embed_dim=WIDTH, num_embeddings=CODES, latent_channels=32),
         image_token_id=IMAGE, image_start_token_id=START, image_end_token_id=END,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return GlmImageForConditionalGeneration(config).eval()
+    ))
 
 
 @pytest.fixture(scope="module")
 def setup():
     model = tiny_glm_image()
-    adapter = GlmImageAdapter(model, grid=GRID)
-    pixels = torch.rand(10, 3, GRID[0] * PATCH, GRID[1] * PATCH, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    latents, tokens = adapter.encode(pixels)
-    db = ak.PatchDatabase.from_latents(latents, tokens, adapter.codebook(), fingerprint=adapter.fingerprint())
-    return model, adapter, db, pixels
+    return latent_database_setup(model, GlmImageAdapter(model, grid=GRID), (10, 3, GRID[0] * PATCH, GRID[1] * PATCH))
 
 
 def _t2i_inputs(batch=2):
@@ -127,24 +121,18 @@ def test_call_layout_text_to_image_and_image_to_image(setup):
 def test_patched_lam_zero_equals_hf_generate_and_unpatch_restores(setup, do_sample, filters):
     model, _, db, _ = setup
     check_protocol(GlmImageAdapter(model), LogitsProcessorAdapter)
-    plain = _generate(model, do_sample=do_sample, **filters)
-    with ak.patched(model, db, ak.DAiDConfig(lam=0.0, k=6)):
-        ours = _generate(model, do_sample=do_sample, **filters)
+    plain, ours = plain_and_patched(model, db, ak.DAiDConfig(lam=0.0, k=6),
+                                    lambda: _generate(model, do_sample=do_sample, **filters))
     assert torch.equal(ours, plain) and ours.shape == (2, TARGET0 + CELLS)
-    assert "generate" not in model.__dict__ and model.generate.__func__ is type(model).generate
-    assert torch.equal(_generate(model, do_sample=do_sample, **filters), plain)
 
 
 def test_patched_lam_one_draws_retrieved_tokens_on_the_target_grid_only(setup):
     model, adapter, db, _ = setup
-    plain = _generate(model)
-    with ak.patched(model, db, ak.DAiDConfig(lam=1.0, k=4)):
-        out = _generate(model)
+    plain, out = plain_and_patched(model, db, ak.DAiDConfig(lam=1.0, k=4), lambda: _generate(model))
     target = out[:, TARGET0:]
     assert assert_tokens_among_retrieved(target, adapter.codebook(), db, GRID, 4) == 2 * (GRID[0] - 1) * (GRID[1] - 2)
     assert torch.equal(out[:, :TARGET0], plain[:, :TARGET0])  # the preview is the model's own (same seed)
     assert not torch.equal(target, plain[:, TARGET0:])
-    assert torch.equal(_generate(model), plain)  # unpatched again
 
 
 def test_patched_image_to_image_targets_the_only_generated_grid(setup):

@@ -8,7 +8,7 @@ from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 import arrag_kernels as ak
 from arrag_kernels.models import ImageGPTAdapter, LogitsProcessorAdapter, check_protocol, get_adapter
 
-from .utils import CollectingStreamer, assert_tokens_among_retrieved
+from .utils import CollectingStreamer, assert_tokens_among_retrieved, plain_and_patched
 
 CODES, SIDE = 16, 5  # 16 colour clusters, 5 x 5 pixels
 SOS = CODES  # ImageGPT's start token: the last vocabulary id
@@ -63,22 +63,16 @@ def test_adapter_is_registered_and_encodes_like_the_image_processor(setup):
                          ids=["greedy", "sampled", "sampled-top-k-top-p"])
 def test_patched_lam_zero_equals_hf_generate_and_unpatch_restores(setup, do_sample, filters):
     model, _, db, _ = setup
-    plain = _generate(model, do_sample=do_sample, **filters)
-    with ak.patched(model, db, ak.DAiDConfig(lam=0.0, k=6)):
-        ours = _generate(model, do_sample=do_sample, **filters)
+    plain, ours = plain_and_patched(model, db, ak.DAiDConfig(lam=0.0, k=6),
+                                    lambda: _generate(model, do_sample=do_sample, **filters))
     assert torch.equal(ours, plain) and ours.shape == (2, SIDE * SIDE)
-    assert "generate" not in model.__dict__ and model.generate.__func__ is type(model).generate
-    assert torch.equal(_generate(model, do_sample=do_sample, **filters), plain)
 
 
 def test_patched_lam_one_draws_retrieved_tokens(setup):
     model, adapter, db, _ = setup
-    plain = _generate(model)
-    with ak.patched(model, db, ak.DAiDConfig(lam=1.0, k=4)):
-        out = _generate(model)
+    plain, out = plain_and_patched(model, db, ak.DAiDConfig(lam=1.0, k=4), lambda: _generate(model))
     assert assert_tokens_among_retrieved(out, adapter.codebook(), db, GRID, 4) == 2 * (SIDE - 1) * (SIDE - 2)
     assert not torch.equal(out, plain)
-    assert torch.equal(_generate(model), plain)  # unpatched again
 
 
 def test_patched_completion_reads_the_prompts_pixels(setup):

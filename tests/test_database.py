@@ -8,6 +8,8 @@ import arrag_kernels as ak
 from arrag_kernels.demo import procedural_images
 from arrag_kernels.models import get_adapter, tiny_janus
 
+from .utils import write_released_database
+
 
 @pytest.fixture(scope="module")
 def db(tiny_model, tiny_images):
@@ -162,17 +164,8 @@ def test_meta_json_is_readable(db, tmp_path):
 def official_dir(tmp_path_factory):
     """A released-layout database: OPQ + IVF-PQ (4 lists, 4 sub-quantizers of 8 bits) over 600 32-d
     keys, token ids in [3, 60]."""
-    faiss = pytest.importorskip("faiss")
-    from arrag_kernels.retrieval.faiss_index import make_ivfpq_index
-
-    rng = np.random.default_rng(0)
-    keys = rng.standard_normal((600, 32)).astype(np.float32)
-    index = make_ivfpq_index(32, 4, m=4, nbits=8, opq=True)
-    index.train(keys)
-    index.add(keys)
     folder = tmp_path_factory.mktemp("official")
-    faiss.write_index(index, str(folder / "faiss_ivf_pq_opq.index"))
-    np.save(folder / "next_codes.npy", rng.integers(3, 61, 600).astype(np.int32))
+    write_released_database(folder, nbits=8, token_range=(3, 61))
     return folder
 
 

@@ -32,8 +32,9 @@ from transformers import DynamicCache
 import arrag_kernels as ak
 from arrag_kernels.faid import FAiDConfig
 from arrag_kernels.faid.train import TeacherForcedFAiD
-from arrag_kernels.models import tiny_janus, tiny_prompt_ids
-from tests.test_faid_official import (BLENDERS, K, NUM_LAYERS, decode_recording_logits, max_errors, official_logits,
+from arrag_kernels.models import tiny_prompt_ids
+# db and model are that module's module-scoped fixtures: pytest finds them here too, one instance per module
+from tests.test_faid_official import (BLENDERS, K, db, decode_recording_logits, max_errors, model, official_logits,
                                       official_parts, official_state_dict, pad_some_slots, uncond_prompts)
 
 RTOL = 2e-5
@@ -163,16 +164,6 @@ def script_logits_batch(model, parts, prompts, tokens, codes):
 
 
 # ---- tests ------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model():
-    return tiny_janus(seed=0, num_layers=NUM_LAYERS)
-
-
-@pytest.fixture(scope="module")
-def db(model, tiny_images):
-    return ak.PatchDatabase.build(tiny_images, model, progress=False)
-
-
 @pytest.mark.parametrize("hops", [(1,), (1, 2)], ids=["hops1", "hops12"])
 def test_logits_equal_inference_script_every_step(model, db, hops):
     """The dynamic loop (host steps) and the static loop (device-tensor steps, what the CUDA graph

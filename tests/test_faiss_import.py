@@ -9,22 +9,14 @@ import torch
 import arrag_kernels as ak
 from arrag_kernels.cli import USER_ERROR, main
 
+from .utils import write_released_database
+
 
 @pytest.fixture(scope="module")
 def small_official(tmp_path_factory):
     """A small released-layout database: OPQ + IVF-PQ (4 lists, m 4, 4 bits) over 600 keys, 64 codes."""
-    faiss = pytest.importorskip("faiss")
-    from arrag_kernels.retrieval.faiss_index import make_ivfpq_index
-
-    rng = np.random.default_rng(0)
-    keys = rng.standard_normal((600, 32)).astype(np.float32)
-    index = make_ivfpq_index(32, 4, m=4, nbits=4, opq=True)
-    index.train(keys)
-    index.add(keys)
     folder = tmp_path_factory.mktemp("official")
-    faiss.write_index(index, str(folder / "faiss_ivf_pq_opq.index"))
-    np.save(folder / "next_codes.npy", rng.integers(0, 64, 600).astype(np.int32))
-    return folder, index
+    return folder, write_released_database(folder, nbits=4, token_range=(0, 64))
 
 
 def _write_case(folder, tmp_path, index_bytes, name):

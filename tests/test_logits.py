@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 
 import arrag_kernels as ak
 
-from .utils import assert_tokens_among_retrieved
+from .utils import assert_tokens_among_retrieved, seeded_model
 
 BOS, EOS, BOI, CODE0, CODES, GRID, D = 1, 2, 3, 32, 64, (5, 6), 8
 EOL = CODE0 + CODES
@@ -19,12 +19,10 @@ def setup():
     g = torch.Generator().manual_seed(0)
     codebook = torch.nn.functional.normalize(torch.randn(CODES, D, generator=g), dim=-1)
     db = ak.PatchDatabase.from_tokens(torch.randint(0, CODES, (12, *GRID), generator=g), codebook)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=EOL + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0,
-        )).eval()
+    model = seeded_model(LlamaForCausalLM, LlamaConfig(
+        vocab_size=EOL + 1, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=0,
+    ))
     return model, db, codebook
 
 

@@ -1,6 +1,8 @@
 """Test helpers: the one list of backends (``op_backends``), one tolerance table per dtype
 (``TOLERANCES``: direct and error-relative comparisons with informative failure messages), NaN-poisoned
-output buffers, and checks shared by decode tests. The top-k oracle is in tests/oracles.py."""
+output buffers, checks shared by decode tests, and the set-ups the model-family and released-database tests
+share (seeded tiny models, latent databases, unpatched/patched generate, a released-layout folder). The
+top-k oracle is in tests/oracles.py."""
 
 from __future__ import annotations
 
@@ -174,6 +176,59 @@ def daid_graph_decode_without_host_sync(images, config, overlap: bool) -> torch.
     loop = StaticImageDecoder(adapter, process_logits=None, fused_cfg=(5.0, 1.0), daid=daid, cuda_graph=True,
                               overlap_retrieval=overlap)
     return replay_without_host_sync(loop, model, tiny_prompt_ids(2, seed=3).cuda())
+
+
+def seeded_model(model_class, config, seed: int = 0):
+    """``model_class(config).eval()`` with the weights drawn under ``torch.manual_seed(seed)``, leaving the
+    global random state as it was (the tiny random HF models of the adapter tests)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return model_class(config).eval()
+
+
+def latent_database_setup(model, adapter, pixels_shape) -> tuple:
+    """``(model, adapter, db, pixels)`` of an adapter test module: random images of ``pixels_shape`` (N, 3, H, W)
+    in [-1, 1) (seed 1) and the database of the adapter's latents and tokens of them, with its fingerprint."""
+    import arrag_kernels as ak
+
+    pixels = torch.rand(pixels_shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    latents, tokens = adapter.encode(pixels)
+    db = ak.PatchDatabase.from_latents(latents, tokens, adapter.codebook(), fingerprint=adapter.fingerprint())
+    return model, adapter, db, pixels
+
+
+def plain_and_patched(model, db, config, generate) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens of ``generate()`` (one call of the model's own HF generate) unpatched and inside
+    ``ak.patched(model, db, config)``; asserts that leaving the patch restores the class's ``generate``,
+    which then gives the unpatched tokens again."""
+    import arrag_kernels as ak
+
+    plain = generate()
+    with ak.patched(model, db, config):
+        patched = generate()
+    assert "generate" not in model.__dict__ and model.generate.__func__ is type(model).generate
+    assert torch.equal(generate(), plain), "unpatched again, generate gives other tokens"
+    return plain, patched
+
+
+def write_released_database(folder, nbits: int, token_range: tuple[int, int]):
+    """A released-layout (official AR-RAG) database in ``folder``: OPQ + IVF-PQ (4 lists, 4 sub-quantizers of
+    ``nbits`` bits) over 600 random 32-d keys, token ids drawn from [low, high) (all seeded 0). Returns the
+    faiss index; skips the test without faiss."""
+    import numpy as np
+
+    faiss = pytest.importorskip("faiss")
+    from arrag_kernels.retrieval.faiss_index import make_ivfpq_index
+
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((600, 32)).astype(np.float32)
+    index = make_ivfpq_index(32, 4, m=4, nbits=nbits, opq=True)
+    index.train(keys)
+    index.add(keys)
+    # the release's own file names, spelled out (not the library's constants) so a renamed constant fails
+    faiss.write_index(index, str(folder / "faiss_ivf_pq_opq.index"))
+    np.save(folder / "next_codes.npy", rng.integers(*token_range, 600).astype(np.int32))
+    return index
 
 
 class CollectingStreamer:
