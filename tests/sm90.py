@@ -3,6 +3,7 @@ launch configurations the GPU check (scripts/gpu_check.sh) runs: what the interp
 (the compiler's refusals, register spills, shared memory) is seen before a GPU session is spent on it.
 
     python -m tests.sm90 [--cases knn-b16,faid-b16] [--json out.json]
+    python -m tests.sm90 --warm [--workers 12]   # on the GPU machine: fill the Triton cache in parallel
 
 Each case calls an op's Triton entry point with CPU tensors of the GPU shapes (nothing runs: every
 module's ``launch`` is replaced by a recorder), then each distinct kernel specialisation is bound
@@ -10,6 +11,12 @@ by Triton's own JIT binder for an sm_90 target (the signature, constexprs and al
 GPU launch would get) and compiled. ptxas reports registers and spills of the kernels in ``PTXAS``.
 Run without TRITON_INTERPRET (the interpreter is chosen when kernels are defined): tests/test_sm90.py
 runs this in a subprocess.
+
+``--warm`` compiles every case in worker processes into the Triton cache (``TRITON_CACHE_DIR``) of this
+machine, without reports: the GPU check runs it in the background while its first stage sets up, so the
+stages' first launches find their kernels compiled (an sm_90 GPU's launch binds the same source,
+signature, constants, attributes and options, hence the same cache key). It only adds cache entries: a
+failed or slow warm-up leaves every launch compiling as before.
 """
 
 from __future__ import annotations
@@ -47,9 +54,12 @@ def _empty(*shape, dtype=torch.float32):
     return torch.empty(*shape, dtype=dtype)  # never touched: untouched pages cost no memory
 
 
-def _knn(batch, k, dtype=torch.float16, values=True):
-    keys = _empty(KEYS, DIM, dtype=dtype)
-    return lambda: knn.knn_search(_empty(batch, DIM), keys, k, _empty(KEYS, dtype=torch.int64) if values else None)
+def _knn(batch, k, dtype=torch.float16, values=True, queries=torch.float32, keys=KEYS):
+    """fp32 queries: ``knn`` as the search benchmark calls it; ``queries=dtype``: ``PatchDatabase.retrieve`` (its
+    exact search casts the queries to the keys' dtype)."""
+    table = _empty(keys, DIM, dtype=dtype)
+    return lambda: knn.knn_search(_empty(batch, DIM, dtype=queries), table, k,
+                                  _empty(keys, dtype=torch.int64) if values else None)
 
 
 def _ivfpq(batch, values):
@@ -84,8 +94,11 @@ def _neighbors(batch, radius):
 
 
 CASES = {
-    "knn-b16": _knn(16, K_DAID), "knn-b1": _knn(1, K_DAID), "knn-b16-faid": _knn(16, K_FAID),
-    "knn-b1-faid": _knn(1, K_FAID), "knn-b16-plain": _knn(16, K_DAID, values=False),
+    "knn-b16": _knn(16, K_DAID), "knn-b1": _knn(1, K_DAID), "knn-b16-1M": _knn(16, K_DAID, keys=KEYS // 10),
+    "knn-b16-decode": _knn(16, K_DAID, queries=torch.float16), "knn-b1-decode": _knn(1, K_DAID, queries=torch.float16),
+    "knn-b16-1M-decode": _knn(16, K_DAID, queries=torch.float16, keys=KEYS // 10),
+    "knn-b16-faid": _knn(16, K_FAID, queries=torch.float16), "knn-b1-faid": _knn(1, K_FAID, queries=torch.float16),
+    "knn-b16-plain": _knn(16, K_DAID, values=False),
     "knn-b16-bf16": _knn(16, K_DAID, torch.bfloat16), "knn-b16-fp32": _knn(16, K_DAID, torch.float32),
     "ivfpq-b16": _ivfpq(16, False), "ivfpq-b16-values": _ivfpq(16, True),
     "faid-b16": _faid(16), "faid-b1": _faid(1), "faid-b16-fp16": _faid(16, torch.float16),
@@ -156,10 +169,21 @@ def compile_cases(names) -> list[dict]:
     return rows
 
 
+def warm(name: str) -> tuple[str, float]:
+    """Compile case ``name``'s kernels into this process's Triton cache (a worker of ``--warm``)."""
+    t0 = time.perf_counter()
+    for kernel, args, meta in record(CASES[name]):
+        _, src, options = bind(kernel, args, meta)
+        triton_compile(src, target=TARGET, options=options.__dict__)
+    return name, time.perf_counter() - t0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of: {', '.join(CASES)}")
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--warm", action="store_true", help="compile into the Triton cache in parallel, no reports")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 4), help="processes of --warm")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         p.error("unset TRITON_INTERPRET: the kernels must be defined for the compiler, not the interpreter")
@@ -167,6 +191,17 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CASES]
     if unknown:
         p.error(f"unknown cases {unknown}")
+    if args.warm:
+        import concurrent.futures
+        import multiprocessing
+
+        t0 = time.perf_counter()
+        # spawn: the workers must not inherit a process that may have touched the CUDA driver
+        with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for name, seconds in pool.map(warm, names):
+                print(f"warm: {name} {seconds:.1f} s", flush=True)
+        print(f"warm: {len(names)} cases in {time.perf_counter() - t0:.0f} s into {knobs.cache.dir}", flush=True)
+        return 0
     knobs.cache.dir = tempfile.mkdtemp(prefix="sm90-cache-")  # cold compiles, nothing reused between runs
     rows = compile_cases(names)
     if args.json:
