@@ -1,7 +1,7 @@
 """Every kind of Triton kernel the library launches compiles for sm_90 (H100 / H200) at the GPU check's
 shapes, without spilling in the bandwidth-bound ones, within sm_90's shared memory: tests/sm90.py in a
 subprocess (no GPU needed). The default suite compiles one case per op (each kernel once, ~1 minute of
-ptxas); ``python -m tests.sm90`` compiles all of them (38 specialisations) before a GPU session."""
+ptxas); ``python -m tests.sm90`` compiles all of them (44 specialisations) before a GPU session."""
 
 import json
 import os
