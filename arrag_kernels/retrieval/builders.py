@@ -21,7 +21,7 @@ from ..ops import feature_neighbor_keys, retrieval_positions
 from . import ivfpq_build, parts
 from .faiss_index import INDEX_FILE, VALUES_FILE, import_faiss, inner_ivfpq
 from .images import iter_image_batches, normalise_image_source
-from .meta import KEY_SOURCES, META_FILE, OFFICIAL_FINGERPRINT, DatabaseError, DatabaseMeta
+from .meta import KEY_SOURCES, OFFICIAL_FINGERPRINT, DatabaseError, DatabaseMeta
 from .search import INDEX_TYPES
 from .storage import read_faiss_index, read_values
 
@@ -308,16 +308,13 @@ def _build_ivfpq(cls, path, meta, count, source, encode, params, nprobe, train_s
     """The chunked, resumable, optionally distributed IVF-PQ build (see :mod:`.ivfpq_build`)."""
     import torch.distributed as dist
 
-    if chunk_images < 1:
-        raise ValueError(f"chunk_images must be >= 1, got {chunk_images}")
-    if path.exists() and not ((path / META_FILE).is_file() or parts.is_partitioned(path)):
-        raise FileExistsError(f"{str(path)!r} exists and is not a database directory; refusing to overwrite it")
+    ivfpq_build.check_target(path, chunk_images)
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     num_chunks = -(-count // chunk_images)
     plan = ivfpq_build.plan_parts(num_chunks, world)  # every rank fails alike when there are too few chunks
-    manifest = {"meta": meta.to_dict(), "source": ivfpq_build.source_fingerprint(source),
-                "chunk_images": chunk_images, "train_size": train_size, **params}
+    manifest = ivfpq_build.build_manifest(meta, ivfpq_build.source_fingerprint(source), chunk_images, train_size,
+                                          params)
     work = ivfpq_build.prepare_work_dir(path, manifest, resume, rank)
     if distributed:
         dist.barrier()

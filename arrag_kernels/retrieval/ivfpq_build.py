@@ -83,6 +83,23 @@ def source_fingerprint(source) -> str:
     return h.hexdigest()
 
 
+def check_target(path: Path, chunk_images: int) -> None:
+    """What every front end of the build checks before any work: ``chunk_images`` >= 1, and ``path`` absent
+    or a database (one piece or partitioned) that the build may replace."""
+    from .meta import META_FILE
+
+    if chunk_images < 1:
+        raise ValueError(f"chunk_images must be >= 1, got {chunk_images}")
+    if path.exists() and not ((path / META_FILE).is_file() or parts.is_partitioned(path)):
+        raise FileExistsError(f"{str(path)!r} exists and is not a database directory; refusing to overwrite it")
+
+
+def build_manifest(meta, source: str | None, chunk_images: int, train_size: int | None, params: dict) -> dict:
+    """The inputs a work directory records (:func:`prepare_work_dir` resumes only a build of the same ones)."""
+    return {"meta": meta.to_dict(), "source": source, "chunk_images": chunk_images, "train_size": train_size,
+            **params}
+
+
 def prepare_work_dir(path: Path, manifest: dict, resume: bool, rank: int) -> Path:
     """Rank 0 creates (or checks, or resets) the work directory; callers barrier before other ranks use it."""
     work = work_dir(path)

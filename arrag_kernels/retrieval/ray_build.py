@@ -30,7 +30,7 @@ from ..models import MemberUnavailable, as_tokenizer
 from . import ivfpq_build
 from .builders import ImageEncoder, resolve_keep_keys
 from .images import normalise_image_source
-from .parts import check_parts, is_partitioned
+from .parts import check_parts
 
 _CHUNK = "__arrag_chunk"
 
@@ -191,25 +191,20 @@ def build_with_ray(
     """
     ray = _import_ray()
     from .database import PatchDatabase
-    from .meta import META_FILE
 
     if not ray.is_initialized():
         raise RuntimeError("build_with_ray: call ray.init(...) first (e.g. ray.init(address='auto') on a cluster)")
-    if chunk_images < 1:
-        raise ValueError(f"chunk_images must be >= 1, got {chunk_images}")
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1 encoder actors, got {concurrency}")
     path = Path(path)
-    if path.exists() and not ((path / META_FILE).is_file() or is_partitioned(path)):
-        raise FileExistsError(f"{str(path)!r} exists and is not a database directory; refusing to overwrite it")
+    ivfpq_build.check_target(path, chunk_images)
     layout = KeyLayout(neighborhood=neighborhood, hops=hops, border=border)
     source, count, fingerprint = _dataset(images, id_column, image_column)
     meta = _encoder(adapter_factory, layout, key_source, batch_size).meta(count, "ivfpq")
     num_chunks = -(-count // chunk_images)
     plan = ivfpq_build.plan_parts(num_chunks, parts or concurrency)
     params = dict(nlist=nlist, m=m, nbits=nbits, opq=opq)
-    manifest = {"meta": meta.to_dict(), "source": fingerprint, "chunk_images": chunk_images,
-                "train_size": train_size, **params}
+    manifest = ivfpq_build.build_manifest(meta, fingerprint, chunk_images, train_size, params)
     work = ivfpq_build.prepare_work_dir(path, manifest, resume and fingerprint is not None, rank=0)
 
     todo = set(ivfpq_build.missing_chunks(work, range(num_chunks)))
